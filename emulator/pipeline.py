@@ -1,0 +1,302 @@
+"""The whole pipeline on one machine: emulators, a local SMTP server, publisher and subscriber.
+
+Used by ``mailpipe up`` and by the end-to-end tests, so both run exactly what a user runs: the
+services are started as their own processes (``python -m publisher``, ``python -m subscriber``)
+configured only through environment variables, as on Cloud Run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from emulator.errors import EmulatorError
+from emulator.process import free_port
+from emulator.smtp import LocalSmtpServer
+from emulator.stack import DEFAULT_LOCAL_PROJECT, EmulatorStack, run_emulators
+from mailpipe.topology import Topology, load_topology
+
+SubscriberMode = Literal["pull", "push"]
+PULL_READY_MARKER = "pulling from"  # logged by subscriber.main.run_pull once it is receiving
+
+
+class ServiceStartError(EmulatorError):
+    """A local service process exited or did not become healthy; carries its log's tail."""
+
+
+@dataclass
+class ServiceProcess:
+    """A service running as its own process group, with its output in a log file."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    health_url: str | None = None
+    ready_marker: str | None = None
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _ready(self) -> bool:
+        if self.ready_marker is not None:
+            return self.ready_marker in self.log_tail(200)
+        if self.health_url is None:
+            return True
+        try:
+            with urllib.request.urlopen(self.health_url, timeout=1) as response:  # noqa: S310 - loopback URL we built
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Poll the health URL, or the log for ``ready_marker``, until the service is ready."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise ServiceStartError(
+                    f"{self.name} exited with {self.process.returncode}; log {self.log_path}:\n"
+                    f"{self.log_tail()}"
+                )
+            if self._ready():
+                return
+            if time.monotonic() > deadline:
+                raise ServiceStartError(
+                    f"{self.name} was not ready ({self.health_url or self.ready_marker!r}) "
+                    f"within {timeout:g} s; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+
+    def signal(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM the group (graceful), SIGKILL after ``timeout``; return the exit code."""
+        if self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.process.returncode
+
+
+def start_service(
+    name: str,
+    args: list[str],
+    *,
+    env: Mapping[str, str],
+    log_dir: Path,
+    health_url: str | None = None,
+    ready_marker: str | None = None,
+) -> ServiceProcess:
+    """Start ``python -m <args>`` in its own process group, logging to ``log_dir/<name>.log``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    log = log_path.open("ab")
+    process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", *args],
+        env=dict(env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return ServiceProcess(name, process, log_path, health_url, ready_marker, log)
+
+
+@dataclass
+class LocalPipeline:
+    """A running local pipeline and how to reach each part."""
+
+    emulators: EmulatorStack
+    smtp: LocalSmtpServer
+    publisher: ServiceProcess
+    subscriber: ServiceProcess
+    publisher_url: str
+    subscriber_mode: SubscriberMode
+    state_dir: Path
+    service_env: dict[str, str]
+    subscriber_url: str | None = None
+
+    @property
+    def trace_file(self) -> Path:
+        return Path(self.service_env["MAILPIPE_TRACE_FILE"])
+
+    def post_mail(self, mail: Mapping[str, Any], *, timeout: float = 30.0) -> dict[str, Any]:
+        """POST a mail to the publisher; return the JSON answer (raises on non-2xx)."""
+        request = urllib.request.Request(  # noqa: S310 - loopback URL we built
+            f"{self.publisher_url}/v1/messages",
+            data=json.dumps(mail).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            result: dict[str, Any] = json.loads(response.read())
+            return result
+
+    def get_record(self, mail_id: str) -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(  # noqa: S310 - loopback URL we built
+                f"{self.publisher_url}/v1/messages/{mail_id}", timeout=10
+            ) as response:
+                result: dict[str, Any] = json.loads(response.read())
+                return result
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise
+
+    def wait_for_status(
+        self, mail_id: str, statuses: set[str], *, timeout: float = 60.0
+    ) -> dict[str, Any]:
+        """Poll the status API until the mail reaches one of ``statuses``."""
+        deadline = time.monotonic() + timeout
+        record: dict[str, Any] | None = None
+        while time.monotonic() < deadline:
+            record = self.get_record(mail_id)
+            if record is not None and record["status"] in statuses:
+                return record
+            time.sleep(0.1)
+        raise TimeoutError(
+            f"mail {mail_id} did not reach {sorted(statuses)} within {timeout:g} s; "
+            f"last record: {record}"
+        )
+
+
+def service_env(
+    stack: EmulatorStack,
+    *,
+    smtp_port: int,
+    state_dir: Path,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment both local services run with (everything else is the embedded default)."""
+    topology = stack.topology
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        # Services must see only this stack's settings, not the caller's MAILPIPE_* overrides.
+        if not key.startswith("MAILPIPE_")
+    }
+    env.update(stack.env)
+    env.update(
+        {
+            "MAILPIPE_TOPIC": topology.mail_topic.name,
+            "MAILPIPE_SUBSCRIPTION": topology.delivery_subscription.name,
+            "MAILPIPE_DEAD_LETTER_TOPIC": topology.dead_letter_topic.name,
+            "MAILPIPE_DEAD_LETTER_SUBSCRIPTION": topology.dead_letter_subscription.name,
+            "MAILPIPE_SMTP_HOST": "127.0.0.1",
+            "MAILPIPE_SMTP_PORT": str(smtp_port),
+            "MAILPIPE_SMTP_TLS": "none",  # the local server is plain SMTP on loopback
+            "MAILPIPE_RECORD": f"sqlite:///{state_dir / 'record.sqlite3'}",
+            "MAILPIPE_TRACES": "file",
+            "MAILPIPE_TRACE_FILE": str(state_dir / "traces.jsonl"),
+            "MAILPIPE_MESSAGE_ID_DOMAIN": "mailpipe.local",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+@contextmanager
+def run_local_pipeline(
+    *,
+    state_dir: Path,
+    subscriber_mode: SubscriberMode = "pull",
+    publisher_port: int | None = None,
+    smtp_port: int | None = None,
+    project: str = DEFAULT_LOCAL_PROJECT,
+    topology: Topology | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    reuse_env: bool = True,
+    smtp_server: LocalSmtpServer | None = None,
+) -> Iterator[LocalPipeline]:
+    """Start everything, yield the running pipeline, stop everything (also on errors/Ctrl-C)."""
+    state_dir = state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = state_dir / "logs"
+    topology = topology or load_topology()
+    publisher_port = publisher_port or free_port()
+    subscriber_port = free_port() if subscriber_mode == "push" else None
+    push_endpoints: dict[str, str] = {}
+    if subscriber_port is not None:
+        base = f"http://127.0.0.1:{subscriber_port}"
+        push_endpoints = {
+            sub.key: base + sub.push_path
+            for sub in topology.subscriptions.values()
+            if sub.delivery == "push"
+        }
+    with ExitStack() as stack:
+        emulators = stack.enter_context(
+            run_emulators(
+                project=project,
+                topology=topology,
+                push_endpoints=push_endpoints,
+                log_dir=log_dir,
+                reuse_env=reuse_env,
+            )
+        )
+        if smtp_server is None:
+            smtp_server = LocalSmtpServer(port=smtp_port or 0, maildir=state_dir / "maildir")
+            smtp_server.start()
+            stack.callback(smtp_server.stop)
+        env = service_env(
+            emulators, smtp_port=smtp_server.port, state_dir=state_dir, extra=extra_env
+        )
+        publisher_url = f"http://127.0.0.1:{publisher_port}"
+        publisher = start_service(
+            "publisher",
+            ["publisher"],
+            env={**env, "PORT": str(publisher_port)},
+            log_dir=log_dir,
+            health_url=f"{publisher_url}/healthz",
+        )
+        stack.callback(publisher.stop)
+        subscriber_url = f"http://127.0.0.1:{subscriber_port}" if subscriber_port else None
+        subscriber_env = {**env, "PORT": str(subscriber_port)} if subscriber_port else env
+        subscriber = start_service(
+            "subscriber",
+            ["subscriber", subscriber_mode],
+            env=subscriber_env,
+            log_dir=log_dir,
+            health_url=f"{subscriber_url}/healthz" if subscriber_url else None,
+            # The pull worker serves no HTTP: it is ready once its streams are open.
+            ready_marker=None if subscriber_url else PULL_READY_MARKER,
+        )
+        stack.callback(subscriber.stop)
+        publisher.wait_healthy()
+        subscriber.wait_healthy()
+        yield LocalPipeline(
+            emulators=emulators,
+            smtp=smtp_server,
+            publisher=publisher,
+            subscriber=subscriber,
+            publisher_url=publisher_url,
+            subscriber_mode=subscriber_mode,
+            state_dir=state_dir,
+            service_env=env,
+            subscriber_url=subscriber_url,
+        )

@@ -1,0 +1,546 @@
+"""A local SMTP server (aiosmtpd) that keeps what it receives, with scripted faults for tests.
+
+Used by ``mailpipe up`` as the relay the subscriber delivers to, and by the tests as a real SMTP
+server on loopback. It runs aiosmtpd's :class:`~aiosmtpd.controller.Controller` in its own
+thread; every mail it accepts is kept in :attr:`LocalSmtpServer.messages` and, when a maildir is
+given, written to ``maildir/new`` (:class:`mailbox.Maildir`) so another program can read it.
+
+Faults are scripted per SMTP step (``connect``, ``ehlo``, ``mail``, ``rcpt``, ``data``)::
+
+    server.fail("rcpt", 451, "4.3.0 try again", times=3)   # then recover
+    server.hang("data", 5.0)                               # answer late
+    server.drop_connection("data")                         # close the socket before replying
+    server.refuse_connections(); server.accept_connections()
+    server.close_connections()                             # like an idle timeout on the relay
+    server.clear_faults()
+
+Errors::
+
+    EmulatorError (emulator.errors)
+    └── LocalSmtpServerError   the server could not start; the message says how to fix it
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email
+import errno
+import mailbox
+import secrets
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from email import policy
+from email.message import EmailMessage
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from emulator.errors import EmulatorError
+
+Step = Literal["connect", "ehlo", "mail", "rcpt", "data"]
+STEPS: tuple[Step, ...] = ("connect", "ehlo", "mail", "rcpt", "data")
+
+# Replies (RFC 5321 § 4.2 with RFC 3463 enhanced status codes).
+SENDER_OK = "250 2.1.0 Sender OK"
+RECIPIENT_OK = "250 2.1.5 Recipient OK"
+AUTH_SUCCESSFUL = "235 2.7.0 Authentication successful"
+AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+
+_START_TIMEOUT = 30.0  # the machine may be busy with other tests; start-up is normally ~10 ms
+_T = TypeVar("_T")
+
+
+class LocalSmtpServerError(EmulatorError):
+    """The local SMTP server could not start or be controlled."""
+
+
+@dataclass(frozen=True)
+class ReceivedMail:
+    """One mail the server accepted (250 after DATA)."""
+
+    mail_from: str
+    recipients: tuple[str, ...]
+    raw: bytes
+    message: EmailMessage
+    tls: bool
+    login: str | None
+    peer: str
+
+
+@dataclass
+class _Fault:
+    step: Step
+    action: Literal["reply", "hang", "drop"]
+    code: int = 0
+    text: str = ""
+    seconds: float = 0.0
+    times: int | None = None
+    address: str | None = None
+
+    def matches(self, step: str, address: str | None) -> bool:
+        if self.step != step:
+            return False
+        return self.address is None or (address or "").lower() == self.address.lower()
+
+
+class _Session(SMTP):
+    """aiosmtpd's SMTP protocol, counting connections and applying faults at connect."""
+
+    def __init__(self, handler: Any, *, owner: LocalSmtpServer, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._owner = owner
+        self._counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if not self._counted:  # called again after STARTTLS, on the same connection
+            self._counted = True
+            self._owner._opened(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._counted:
+            self._counted = False
+            self._owner._closed(self)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        status = await self._owner._scripted("connect", self)
+        if status is not None:
+            await self.push(status)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+
+class _Handler:
+    """The aiosmtpd handler: faults first, then the normal behaviour; keeps accepted mails."""
+
+    def __init__(self, owner: LocalSmtpServer) -> None:
+        self._owner = owner
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        status = await self._owner._scripted("ehlo", server)
+        if status is not None:
+            return [status]
+        session.host_name = hostname
+        return responses
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        status = await self._owner._scripted("mail", server, address)
+        if status is not None:
+            return status
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return SENDER_OK
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        status = await self._owner._scripted("rcpt", server, address)
+        if status is not None:
+            return status
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return RECIPIENT_OK
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        status = await self._owner._scripted("data", server)
+        if status is not None:
+            return status
+        queue_id = self._owner._store(server, session, envelope)
+        return f"250 2.0.0 OK: queued as {queue_id}"
+
+
+class _Controller(Controller):
+    """aiosmtpd's Controller, serving on a socket bound beforehand (so port 0 works)."""
+
+    def __init__(
+        self, handler: _Handler, *, sock: socket.socket, owner: LocalSmtpServer, **kwargs: Any
+    ) -> None:
+        host, port = sock.getsockname()[:2]
+        super().__init__(handler, hostname=host, port=port, **kwargs)
+        self._sock = sock
+        self._owner = owner
+
+    def factory(self) -> SMTP:
+        return _Session(self.handler, owner=self._owner, **self.SMTP_kwargs)
+
+    def _create_server(self) -> Coroutine[Any, Any, asyncio.AbstractServer]:
+        return self.loop.create_server(self._factory_invoker, sock=self._sock, ssl=self.ssl_context)
+
+
+class LocalSmtpServer:
+    """A real SMTP server on loopback. ``port=0`` picks a free port (see :attr:`port`)."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        maildir: Path | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        implicit_tls_context: ssl.SSLContext | None = None,
+        auth: dict[str, str] | None = None,
+        hostname: str = "localhost",
+    ) -> None:
+        if tls_context is not None and implicit_tls_context is not None:
+            raise ValueError("give tls_context (STARTTLS) or implicit_tls_context, not both")
+        self.host = host
+        self.port = port
+        self.maildir = maildir
+        self.tls_context = tls_context
+        self.implicit_tls_context = implicit_tls_context
+        self._auth = dict(auth) if auth else None
+        self._hostname = hostname
+        self._controller: _Controller | None = None
+        self._maildir: mailbox.Maildir | None = None
+        self._cond = threading.Condition()
+        self._messages: list[ReceivedMail] = []
+        self._faults: list[_Fault] = []
+        self._sessions: set[_Session] = set()
+        self._ready = False
+        self._connections_total = 0
+        self._max_open = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> LocalSmtpServer:
+        """Listen and serve in a background thread; return once the server answers."""
+        if self._controller is not None:
+            raise LocalSmtpServerError("the local SMTP server is already running")
+        if self.maildir is not None:
+            self._maildir = mailbox.Maildir(self.maildir, create=True)
+        sock = self._bind()
+        self.port = sock.getsockname()[1]
+        kwargs: dict[str, Any] = {
+            "server_hostname": self._hostname,  # avoids socket.getfqdn(), a DNS lookup
+            "ready_timeout": _START_TIMEOUT,
+            "enable_SMTPUTF8": True,
+        }
+        if self.implicit_tls_context is not None:
+            kwargs["ssl_context"] = self.implicit_tls_context
+        if self.tls_context is not None:
+            kwargs["tls_context"] = self.tls_context
+        if self._auth is not None:
+            kwargs["authenticator"] = self._authenticate
+            kwargs["auth_required"] = True
+            # With STARTTLS, AUTH is only offered after it; with implicit TLS the whole session
+            # is encrypted already; without TLS (loopback only) AUTH is allowed in clear.
+            kwargs["auth_require_tls"] = self.tls_context is not None
+        controller = _Controller(_Handler(self), sock=sock, owner=self, **kwargs)
+        try:
+            controller.start()
+        except Exception as exc:
+            sock.close()
+            raise LocalSmtpServerError(
+                f"the local SMTP server on {self.address} did not start: {exc}"
+            ) from exc
+        self._controller = controller
+        # Controller.start() opens one connection to check the server answers; forget it.
+        with self._cond:
+            self._cond.wait_for(lambda: not self._sessions, timeout=_START_TIMEOUT)
+            self._connections_total = 0
+            self._max_open = 0
+            self._ready = True
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close every connection. Received mails are kept."""
+        if self._controller is None:
+            return
+        self._ready = False
+        # Close the sessions while the loop still runs: Controller.stop() cancels their tasks
+        # and closes the loop, which would leave the sockets of hanging sessions open.
+        with contextlib.suppress(TimeoutError):
+            self.close_connections(timeout=5.0)
+        controller, self._controller = self._controller, None
+        controller.stop()
+
+    def __enter__(self) -> LocalSmtpServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _bind(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise LocalSmtpServerError(
+                    f"cannot listen on {self.address}: the port is already in use. Stop the "
+                    f"program using it (`ss -ltnp 'sport = :{self.port}'` shows which one) or "
+                    "choose another port (port 0 picks a free one)."
+                ) from exc
+            raise LocalSmtpServerError(
+                f"cannot listen on {self.address}: {exc.strerror}. Use an address of this "
+                "machine, such as 127.0.0.1."
+            ) from exc
+        return sock
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._controller is not None
+
+    # -- what was received -------------------------------------------------------------------
+
+    @property
+    def messages(self) -> list[ReceivedMail]:
+        """A snapshot of the mails received so far, oldest first."""
+        with self._cond:
+            return list(self._messages)
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[ReceivedMail]:
+        """Wait until at least ``count`` mails were received; return them all."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._messages) >= count, timeout=timeout):
+                raise TimeoutError(
+                    f"the local SMTP server received {len(self._messages)} mail(s) in "
+                    f"{timeout} s, expected {count}"
+                )
+            return list(self._messages)
+
+    def clear_messages(self) -> None:
+        with self._cond:
+            self._messages.clear()
+
+    # -- connections -------------------------------------------------------------------------
+
+    @property
+    def open_connections(self) -> int:
+        with self._cond:
+            return len(self._sessions)
+
+    @property
+    def max_open_connections(self) -> int:
+        """The most connections that were open at the same time since start."""
+        with self._cond:
+            return self._max_open
+
+    @property
+    def connections_total(self) -> int:
+        """Connections accepted since start."""
+        with self._cond:
+            return self._connections_total
+
+    def wait_for_connections(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until exactly ``count`` connections are open (e.g. 0 after clients quit)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._sessions) == count, timeout=timeout):
+                raise TimeoutError(
+                    f"{len(self._sessions)} connection(s) open after {timeout} s, expected {count}"
+                )
+
+    def close_connections(self, timeout: float = 10.0) -> None:
+        """Close every client connection now, without a reply (as a relay's idle timeout does)."""
+
+        def close_all() -> None:
+            for session in list(self._sessions):
+                if session.transport is not None:
+                    session.transport.close()
+
+        self._call_in_loop(close_all)
+        self.wait_for_connections(0, timeout)
+
+    def refuse_connections(self) -> None:
+        """Stop listening: new connections are refused; open ones carry on."""
+        controller = self._running_controller()
+
+        def stop_listening() -> None:
+            if controller.server is not None:
+                controller.server.close()
+
+        self._call_in_loop(stop_listening)
+
+    def accept_connections(self) -> None:
+        """Listen again on the same port after :meth:`refuse_connections`."""
+        controller = self._running_controller()
+        sock = self._bind()
+
+        async def listen() -> None:
+            controller.server = await controller.loop.create_server(
+                controller._factory_invoker, sock=sock, ssl=controller.ssl_context
+            )
+
+        asyncio.run_coroutine_threadsafe(listen(), controller.loop).result(_START_TIMEOUT)
+
+    # -- faults ------------------------------------------------------------------------------
+
+    def fail(
+        self,
+        step: Step,
+        code: int,
+        message: str,
+        times: int | None = None,
+        *,
+        address: str | None = None,
+    ) -> None:
+        """Answer ``code message`` at ``step`` (``times`` times, or until cleared).
+
+        ``address`` limits a ``mail`` or ``rcpt`` fault to that address. At ``connect`` the
+        reply replaces the greeting and the connection is closed.
+        """
+        if not 200 <= code <= 599:
+            raise ValueError(f"an SMTP reply code is 200..599, got {code}")
+        if "\r" in message or "\n" in message:
+            raise ValueError("the reply text must be one line")
+        self._add(
+            _Fault(_step(step), "reply", code=code, text=message, times=times, address=address)
+        )
+
+    def hang(self, step: Step, seconds: float, times: int | None = None) -> None:
+        """Wait ``seconds`` before answering at ``step`` (a slow or stuck relay)."""
+        self._add(_Fault(_step(step), "hang", seconds=seconds, times=times))
+
+    def drop_connection(self, step: Step, times: int | None = None) -> None:
+        """Close the connection instead of answering at ``step``.
+
+        At ``data`` the whole message has been received when the connection is closed, and the
+        mail is not kept: the sender cannot know whether it was accepted.
+        """
+        self._add(_Fault(_step(step), "drop", times=times))
+
+    def clear_faults(self) -> None:
+        with self._cond:
+            self._faults.clear()
+
+    def _add(self, fault: _Fault) -> None:
+        if fault.times is not None and fault.times < 1:
+            raise ValueError("times must be at least 1 (or None for until cleared)")
+        with self._cond:
+            self._faults.append(fault)
+
+    def _take_fault(self, step: str, address: str | None) -> _Fault | None:
+        with self._cond:
+            if not self._ready:
+                return None
+            for fault in self._faults:
+                if fault.matches(step, address):
+                    if fault.times is not None:
+                        fault.times -= 1
+                        if fault.times == 0:
+                            self._faults.remove(fault)
+                    return fault
+            return None
+
+    # -- called in the server's event loop ---------------------------------------------------
+
+    async def _scripted(self, step: Step, session: SMTP, address: str | None = None) -> str | None:
+        """The scripted reply for ``step``, or None to carry on normally."""
+        fault = self._take_fault(step, address)
+        if fault is None:
+            return None
+        if fault.action == "hang":
+            await asyncio.sleep(fault.seconds)
+            return None
+        if fault.action == "drop":
+            assert session.transport is not None
+            session.transport.close()
+            # connection_lost() cancels this session's task; wait for it without replying.
+            await asyncio.Event().wait()
+        return f"{fault.code} {fault.text}"
+
+    def _opened(self, session: _Session) -> None:
+        with self._cond:
+            self._sessions.add(session)
+            self._connections_total += 1
+            self._max_open = max(self._max_open, len(self._sessions))
+            self._cond.notify_all()
+
+    def _closed(self, session: _Session) -> None:
+        with self._cond:
+            self._sessions.discard(session)
+            self._cond.notify_all()
+
+    def _store(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content or b""
+        transport = server.transport
+        tls = transport is not None and transport.get_extra_info("ssl_object") is not None
+        auth_data = session.auth_data  # a LoginPassword once AUTH PLAIN/LOGIN succeeded
+        login = auth_data.login if isinstance(auth_data, LoginPassword) else None
+        mail = ReceivedMail(
+            mail_from=envelope.mail_from or "",
+            recipients=tuple(envelope.rcpt_tos),
+            raw=raw,
+            message=email.message_from_bytes(raw, policy=policy.default),
+            tls=tls,
+            login=login.decode("utf-8", "replace") if login is not None else None,
+            peer=str(session.peer),
+        )
+        queue_id = secrets.token_hex(6)
+        if self._maildir is not None:
+            queue_id = self._maildir.add(raw)
+        with self._cond:
+            self._messages.append(mail)
+            self._cond.notify_all()
+        return queue_id
+
+    def _authenticate(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        mechanism: str,
+        auth_data: Any,
+    ) -> AuthResult:
+        assert self._auth is not None
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        login = auth_data.login.decode("utf-8", "replace")
+        expected = self._auth.get(login)
+        given = auth_data.password.decode("utf-8", "replace")
+        if expected is not None and secrets.compare_digest(expected.encode(), given.encode()):
+            return AuthResult(success=True, auth_data=auth_data)
+        return AuthResult(success=False, handled=False, message=AUTH_INVALID)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _running_controller(self) -> _Controller:
+        if self._controller is None:
+            raise LocalSmtpServerError("the local SMTP server is not running; call start() first")
+        return self._controller
+
+    def _call_in_loop(self, func: Callable[[], _T]) -> _T:
+        controller = self._running_controller()
+
+        async def call() -> _T:
+            return func()
+
+        return asyncio.run_coroutine_threadsafe(call(), controller.loop).result(_START_TIMEOUT)
+
+
+def _step(step: str) -> Step:
+    if step not in STEPS:
+        raise ValueError(f"step must be one of {', '.join(STEPS)}; got {step!r}")
+    return step

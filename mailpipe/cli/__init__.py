@@ -1,0 +1,55 @@
+"""The ``mailpipe`` command line.
+
+Each sub-command lives in its own module exposing ``register(subparsers)``, which adds a parser
+and sets ``handler`` (a function taking the parsed ``argparse.Namespace`` and returning an exit
+code). Human output by default (rich), ``--json`` for scripts.
+
+Exit codes: 0 success, 1 the operation failed (e.g. a mail was not delivered), 2 usage or
+configuration error, 3 a dependency is missing (emulator not installed), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_MISSING_DEPENDENCY = 3
+EXIT_INTERRUPTED = 130
+
+# Order is the order of `mailpipe --help`.
+COMMAND_MODULES = (
+    "mailpipe.cli.up",
+    "mailpipe.cli.emulator",
+    "mailpipe.cli.send",
+    "mailpipe.cli.trace",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailpipe",
+        description="Asynchronous mail pipeline on Google Cloud: HTTP → Pub/Sub → SMTP, one trace.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

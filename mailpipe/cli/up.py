@@ -1,0 +1,178 @@
+"""``mailpipe up``: the whole pipeline locally, a sample mail through it, and its trace.
+
+Starts Google's Pub/Sub emulator with the topology applied, a local SMTP server that keeps what it
+receives (a Maildir under ``--state-dir``), the publisher and the subscriber as their own
+processes; sends a sample mail, waits until the SMTP server has it, shows the received mail and
+the trace from the HTTP request to the SMTP server's reply, then keeps running until Ctrl-C
+(``--once`` stops right away).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import threading
+import time
+import urllib.error
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from mailpipe.cli import EXIT_FAILED, EXIT_MISSING_DEPENDENCY, EXIT_OK
+
+SAMPLE_MAIL: dict[str, Any] = {
+    "from": "mailpipe <noreply@example.com>",
+    "to": ["Ada Lovelace <ada@example.com>"],
+    "subject": "Hello from mailpipe ✉",
+    "text": "This mail went HTTP → Pub/Sub → SMTP, in one trace.\n",
+    "html": "<p>This mail went <b>HTTP → Pub/Sub → SMTP</b>, in one trace.</p>",
+    "metadata": {"sample": True},
+}
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "up",
+        help="run the whole pipeline locally and send a sample mail through it",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("pull", "push"),
+        default="pull",
+        help="how the subscriber receives: streaming pull or push (default: pull)",
+    )
+    parser.add_argument("--port", type=int, default=8080, help="publisher port (default 8080)")
+    parser.add_argument(
+        "--smtp-port", type=int, default=2525, help="local SMTP server port (default 2525)"
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".mailpipe"),
+        help="where the record, traces, maildir and logs go (default .mailpipe)",
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="stop after the sample mail instead of running until Ctrl-C",
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON summary instead")
+    parser.set_defaults(handler=run)
+
+
+def _received_table(message: Any) -> Table:
+    table = Table(title="Received by the local SMTP server", show_header=False, box=None)
+    parsed = message.message
+    for name in ("From", "To", "Subject", "Message-ID", "traceparent", "Date"):
+        if parsed[name] is not None:
+            table.add_row(f"[bold]{name}[/]", str(parsed[name]))
+    table.add_row("[bold]envelope[/]", f"{message.mail_from} → {', '.join(message.recipients)}")
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    from emulator.errors import EmulatorError, EmulatorNotInstalled
+    from emulator.pipeline import run_local_pipeline
+    from mailpipe.tracefile import find_trace, read_spans, render_waterfall
+
+    console = Console(stderr=args.json)
+    resources = ExitStack()
+    try:
+        with console.status(
+            "starting the Pub/Sub emulator, SMTP server, publisher and subscriber…"
+        ):
+            pipeline = resources.enter_context(
+                run_local_pipeline(
+                    state_dir=args.state_dir,
+                    subscriber_mode=args.mode,
+                    publisher_port=args.port,
+                    smtp_port=args.smtp_port,
+                )
+            )
+    except EmulatorNotInstalled as exc:
+        console.print(f"[red]{exc}[/]")
+        return EXIT_MISSING_DEPENDENCY
+    except (EmulatorError, OSError) as exc:
+        console.print(f"[red]could not start the local pipeline:[/] {exc}")
+        return EXIT_FAILED
+    with resources:
+        try:
+            return _demo(args, console, pipeline, find_trace, read_spans, render_waterfall)
+        except KeyboardInterrupt:
+            console.print("stopping…")
+            return EXIT_OK
+
+
+def _demo(
+    args: argparse.Namespace,
+    console: Console,
+    pipeline: Any,
+    find_trace: Any,
+    read_spans: Any,
+    render_waterfall: Any,
+) -> int:
+    console.print(
+        f"[green]✓[/] publisher {pipeline.publisher_url}"
+        f"  ·  subscriber ({pipeline.subscriber_mode})"
+        f"  ·  SMTP 127.0.0.1:{pipeline.smtp.port}  ·  Pub/Sub emulator "
+        f"{pipeline.emulators.pubsub.host}"
+    )
+    try:
+        accepted = pipeline.post_mail(SAMPLE_MAIL)
+    except urllib.error.HTTPError as exc:
+        console.print(f"[red]the publisher refused the sample mail ({exc.code}):[/] {exc.read()!r}")
+        return EXIT_FAILED
+    mail_id = accepted["mail_id"]
+    console.print(f"[green]✓[/] 202 accepted: mail_id={mail_id} trace_id={accepted['trace_id']}")
+    record = pipeline.wait_for_status(mail_id, {"delivered", "bounced", "dead_lettered"})
+    received = [m for m in pipeline.smtp.messages if mail_id in str(m.message["Message-ID"])]
+    spans: list[Any] = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the services export spans in batches
+        spans = find_trace(read_spans(pipeline.trace_file), accepted["trace_id"])
+        if any(s.name == "smtp data" for s in spans) and any(
+            s.name.startswith("POST") for s in spans
+        ):
+            break
+        time.sleep(0.2)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "mail_id": mail_id,
+                    "trace_id": accepted["trace_id"],
+                    "status": record["status"],
+                    "received": len(received),
+                    "spans": len(spans),
+                    "publisher_url": pipeline.publisher_url,
+                    "trace_file": str(pipeline.trace_file),
+                }
+            )
+        )
+    else:
+        console.print(f"[green]✓[/] record status: [bold]{record['status']}[/]")
+        if received:
+            console.print(_received_table(received[0]))
+        console.print(render_waterfall(spans))
+        trace_file = shlex.quote(str(pipeline.trace_file))
+        console.print(
+            "\nTry it:\n"
+            f"  mailpipe send --url {pipeline.publisher_url} --to you@example.com "
+            "--subject hi --text hello\n"
+            f"  mailpipe trace {mail_id} --file {trace_file}\n"
+            f"  curl -s {pipeline.publisher_url}/v1/messages/{mail_id}\n"
+            f"  received mail: {pipeline.state_dir / 'maildir' / 'new'}\n"
+        )
+    if record["status"] != "delivered" or not received:
+        return EXIT_FAILED
+    if args.once:
+        return EXIT_OK
+    console.print("[bold]running[/] — Ctrl-C to stop")
+    threading.Event().wait()
+    return EXIT_OK

@@ -1,0 +1,333 @@
+"""Configuration: read once from the environment into frozen dataclasses.
+
+Every service builds its config with ``XConfig.from_env(os.environ)`` at start-up and passes it to
+its factory. Reading fails fast and reports **every** bad variable at once::
+
+    ConfigError
+    └── (one exception carrying {VARIABLE: what is wrong with it, ...})
+
+Names are an interface (deploy configs set them): see README's table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar, cast
+
+from mailpipe.topology import Topology, load_topology
+
+DEFAULT_PROJECT = "mailpipe-local"
+
+SmtpTls = Literal["starttls", "implicit", "none"]
+TraceMode = Literal["gcp", "otlp", "file", "none"]
+AddressLogging = Literal["full", "domain", "hashed"]
+
+_T = TypeVar("_T")
+
+
+class ConfigError(ValueError):
+    """One or more environment variables are missing or invalid.
+
+    ``problems`` maps each variable name to a sentence saying what to fix.
+    """
+
+    def __init__(self, problems: Mapping[str, str]) -> None:
+        self.problems = dict(problems)
+        lines = "\n".join(f"  {name}: {why}" for name, why in sorted(self.problems.items()))
+        super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class _EnvReader:
+    """Reads typed values from an environment mapping, collecting every problem."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        self.problems: dict[str, str] = {}
+
+    def raw(self, name: str) -> str | None:
+        value = self.environ.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def string(self, name: str, default: str | None = None, *, required: bool = False) -> str:
+        value = self.raw(name)
+        if value is None:
+            if required and default is None:
+                self.problems[name] = "is required"
+            return default or ""
+        return value
+
+    def optional(self, name: str) -> str | None:
+        return self.raw(name)
+
+    def _convert(self, name: str, default: _T, convert: Callable[[str], _T], kind: str) -> _T:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            return convert(value)
+        except ValueError:
+            self.problems[name] = f"must be {kind}, got {value!r}"
+            return default
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
+        result = self._convert(name, default, int, "an integer")
+        if name not in self.problems and not minimum <= result <= maximum:
+            self.problems[name] = f"must be between {minimum} and {maximum}, got {result}"
+        return result
+
+    def number(self, name: str, default: float, *, minimum: float, maximum: float) -> float:
+        result = self._convert(name, default, float, "a number")
+        if name not in self.problems and not (
+            math.isfinite(result) and minimum <= result <= maximum
+        ):
+            self.problems[name] = f"must be between {minimum} and {maximum}, got {result}"
+        return result
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = (self.raw(name) or default).lower()
+        if value not in choices:
+            self.problems[name] = f"must be one of {', '.join(choices)}; got {value!r}"
+            return default
+        return value
+
+    def path(self, name: str, *, must_exist: bool = False) -> Path | None:
+        value = self.raw(name)
+        if value is None:
+            return None
+        path = Path(value)
+        if must_exist and not path.is_file():
+            self.problems[name] = f"names a file that does not exist: {value}"
+        return path
+
+    def finish(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems)
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """Where traces and metrics go (``MAILPIPE_TRACES`` and friends)."""
+
+    service_name: str
+    traces: TraceMode = "none"
+    trace_file: Path | None = None
+    sample_ratio: float = 1.0
+    otlp_endpoint: str | None = None
+    metrics_port: int | None = None
+    log_addresses: AddressLogging = "domain"
+
+    @classmethod
+    def read(cls, env: _EnvReader, service_name: str) -> TelemetryConfig:
+        traces = cast(
+            TraceMode, env.choice("MAILPIPE_TRACES", "none", ("gcp", "otlp", "file", "none"))
+        )
+        trace_file = env.path("MAILPIPE_TRACE_FILE")
+        if traces == "file" and trace_file is None:
+            env.problems["MAILPIPE_TRACE_FILE"] = "is required when MAILPIPE_TRACES=file"
+        metrics_port_text = env.optional("MAILPIPE_METRICS_PORT")
+        metrics_port = (
+            env.integer("MAILPIPE_METRICS_PORT", 0, minimum=1, maximum=65535)
+            if metrics_port_text
+            else None
+        )
+        return cls(
+            service_name=service_name,
+            traces=traces,
+            trace_file=trace_file,
+            sample_ratio=env.number("MAILPIPE_TRACE_SAMPLE_RATIO", 1.0, minimum=0.0, maximum=1.0),
+            otlp_endpoint=env.optional("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            metrics_port=metrics_port,
+            log_addresses=cast(
+                AddressLogging,
+                env.choice("MAILPIPE_LOG_ADDRESSES", "domain", ("full", "domain", "hashed")),
+            ),
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], service_name: str) -> TelemetryConfig:
+        env = _EnvReader(environ)
+        config = cls.read(env, service_name)
+        env.finish()
+        return config
+
+
+@dataclass(frozen=True)
+class PubSubConfig:
+    """Which project, topic and subscriptions this process talks to."""
+
+    project: str
+    topic: str
+    subscription: str
+    dead_letter_topic: str
+    dead_letter_subscription: str
+    emulator_host: str | None = None
+
+    @property
+    def topic_path(self) -> str:
+        return f"projects/{self.project}/topics/{self.topic}"
+
+    @property
+    def subscription_path(self) -> str:
+        return f"projects/{self.project}/subscriptions/{self.subscription}"
+
+    @property
+    def dead_letter_subscription_path(self) -> str:
+        return f"projects/{self.project}/subscriptions/{self.dead_letter_subscription}"
+
+    @classmethod
+    def read(cls, env: _EnvReader, topology: Topology) -> PubSubConfig:
+        return cls(
+            project=env.string("GOOGLE_CLOUD_PROJECT", DEFAULT_PROJECT),
+            topic=env.string("MAILPIPE_TOPIC", topology.mail_topic.name),
+            subscription=env.string("MAILPIPE_SUBSCRIPTION", topology.delivery_subscription.name),
+            dead_letter_topic=env.string(
+                "MAILPIPE_DEAD_LETTER_TOPIC", topology.dead_letter_topic.name
+            ),
+            dead_letter_subscription=env.string(
+                "MAILPIPE_DEAD_LETTER_SUBSCRIPTION", topology.dead_letter_subscription.name
+            ),
+            emulator_host=env.optional("PUBSUB_EMULATOR_HOST"),
+        )
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    """The relay the subscriber delivers to. The password never appears in ``repr``."""
+
+    host: str = "127.0.0.1"
+    port: int = 587
+    tls: SmtpTls = "starttls"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: Path | None = None
+    timeout: float = 30.0
+    pool_size: int = 4
+    message_id_domain: str = "mailpipe.local"
+    helo_name: str | None = None
+
+    @classmethod
+    def read(cls, env: _EnvReader) -> SmtpConfig:
+        tls = cast(
+            SmtpTls, env.choice("MAILPIPE_SMTP_TLS", "starttls", ("starttls", "implicit", "none"))
+        )
+        username = env.optional("MAILPIPE_SMTP_USERNAME")
+        password = env.raw("MAILPIPE_SMTP_PASSWORD")
+        if (username is None) != (password is None):
+            env.problems["MAILPIPE_SMTP_USERNAME"] = (
+                "MAILPIPE_SMTP_USERNAME and MAILPIPE_SMTP_PASSWORD must be set together"
+            )
+        if (
+            username is not None
+            and tls == "none"
+            and not env.raw("MAILPIPE_SMTP_ALLOW_PLAINTEXT_AUTH")
+        ):
+            env.problems["MAILPIPE_SMTP_TLS"] = (
+                "is 'none' but SMTP AUTH is configured: the password would cross the network in "
+                "clear; use starttls or implicit (or set MAILPIPE_SMTP_ALLOW_PLAINTEXT_AUTH=1 "
+                "on loopback)"
+            )
+        default_port = {"starttls": 587, "implicit": 465, "none": 25}[tls]
+        return cls(
+            host=env.string("MAILPIPE_SMTP_HOST", "127.0.0.1"),
+            port=env.integer("MAILPIPE_SMTP_PORT", default_port, minimum=1, maximum=65535),
+            tls=tls,
+            username=username,
+            password=password,
+            ca_file=env.path("MAILPIPE_SMTP_CA_FILE", must_exist=True),
+            timeout=env.number("MAILPIPE_SMTP_TIMEOUT", 30.0, minimum=0.1, maximum=600.0),
+            pool_size=env.integer("MAILPIPE_SMTP_POOL_SIZE", 4, minimum=1, maximum=256),
+            message_id_domain=env.string("MAILPIPE_MESSAGE_ID_DOMAIN", "mailpipe.local"),
+            helo_name=env.optional("MAILPIPE_SMTP_HELO_NAME"),
+        )
+
+
+def _read_record(env: _EnvReader, default: str) -> str:
+    record = env.string("MAILPIPE_RECORD", default)
+    if not (record.startswith("sqlite:///") or record.startswith("firestore://")):
+        env.problems["MAILPIPE_RECORD"] = (
+            f"must be sqlite:///PATH or firestore://DATABASE, got {record!r}"
+        )
+    return record
+
+
+DEFAULT_RECORD = "sqlite:///.mailpipe/record.sqlite3"
+
+
+@dataclass(frozen=True)
+class PublisherConfig:
+    """Everything the publisher service needs."""
+
+    pubsub: PubSubConfig
+    telemetry: TelemetryConfig
+    record: str = DEFAULT_RECORD
+    host: str = "127.0.0.1"
+    port: int = 8080
+    publish_timeout: float = 30.0
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str], topology: Topology | None = None
+    ) -> PublisherConfig:
+        env = _EnvReader(environ)
+        topology = topology or load_topology()
+        config = cls(
+            pubsub=PubSubConfig.read(env, topology),
+            telemetry=TelemetryConfig.read(env, "mailpipe-publisher"),
+            record=_read_record(env, DEFAULT_RECORD),
+            host=env.string("MAILPIPE_HTTP_HOST", "127.0.0.1"),
+            port=env.integer("PORT", 8080, minimum=1, maximum=65535),
+            publish_timeout=env.number(
+                "MAILPIPE_PUBLISH_TIMEOUT", 30.0, minimum=0.1, maximum=600.0
+            ),
+        )
+        env.finish()
+        return config
+
+
+@dataclass(frozen=True)
+class SubscriberConfig:
+    """Everything the subscriber service (push endpoint or pull worker) needs."""
+
+    pubsub: PubSubConfig
+    smtp: SmtpConfig
+    telemetry: TelemetryConfig
+    record: str = DEFAULT_RECORD
+    push_audience: str | None = None
+    push_service_account: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    pull_max_messages: int = 100
+
+    @property
+    def local_mode(self) -> bool:
+        """True when talking to the Pub/Sub emulator, which never sends an OIDC token."""
+        return self.pubsub.emulator_host is not None
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str], topology: Topology | None = None
+    ) -> SubscriberConfig:
+        env = _EnvReader(environ)
+        topology = topology or load_topology()
+        pubsub = PubSubConfig.read(env, topology)
+        push_audience = env.optional("MAILPIPE_PUSH_AUDIENCE")
+        config = cls(
+            pubsub=pubsub,
+            smtp=SmtpConfig.read(env),
+            telemetry=TelemetryConfig.read(env, "mailpipe-subscriber"),
+            record=_read_record(env, DEFAULT_RECORD),
+            push_audience=push_audience,
+            push_service_account=env.optional("MAILPIPE_PUSH_SERVICE_ACCOUNT"),
+            host=env.string("MAILPIPE_HTTP_HOST", "127.0.0.1"),
+            port=env.integer("PORT", 8080, minimum=1, maximum=65535),
+            pull_max_messages=env.integer(
+                "MAILPIPE_PULL_MAX_MESSAGES", 100, minimum=1, maximum=10_000
+            ),
+        )
+        env.finish()
+        return config

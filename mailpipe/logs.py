@@ -1,0 +1,236 @@
+"""Structured logs in Cloud Logging's JSON format, joined to traces, with secrets kept out.
+
+``configure_logging(config, project=...)`` sends every log record to ``stream`` as one JSON object
+per line, which Cloud Run's logging agent parses into a structured entry::
+
+    {"severity": "WARNING", "message": "delivery deferred", "time": "2026-01-01T12:00:00.000000Z",
+     "logger": "subscriber.delivery",
+     "logging.googleapis.com/trace": "projects/P/traces/4bf92f3577b34da6a3ce929d0e0e4736",
+     "logging.googleapis.com/spanId": "00f067aa0ba902b7",
+     "logging.googleapis.com/trace_sampled": true,
+     "serviceContext": {"service": "mailpipe-subscriber"},
+     "mailpipe.mail_id": "…", "smtp.reply.code": 451}
+
+The trace fields come from the current span, so a log line written inside ``mail deliver`` opens
+that trace in the console (cloud.google.com/trace/docs/trace-log-integration). Extra fields go in
+``extra={"json_fields": {...}}``.
+
+Secrets: :func:`register_secret` (the SMTP password, tokens) adds a value that is replaced by
+``[REDACTED]`` everywhere in every line: message, arguments, extra fields and tracebacks. Bodies
+are never logged; addresses only through :func:`redact_address`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any, Literal, TextIO
+
+from opentelemetry import trace
+
+from mailpipe.config import AddressLogging, TelemetryConfig
+
+REDACTED = "[REDACTED]"
+TRACE_KEY = "logging.googleapis.com/trace"
+SPAN_ID_KEY = "logging.googleapis.com/spanId"
+TRACE_SAMPLED_KEY = "logging.googleapis.com/trace_sampled"
+SOURCE_LOCATION_KEY = "logging.googleapis.com/sourceLocation"
+HASH_HEX_DIGITS = 12
+
+Severity = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+# --- secrets -------------------------------------------------------------------------------------
+
+_secrets_lock = threading.Lock()
+_secrets: tuple[str, ...] = ()
+
+
+def register_secret(value: str | None) -> None:
+    """Never let ``value`` appear in a log line from now on (empty values are ignored)."""
+    global _secrets  # noqa: PLW0603 - a process-wide registry, read on every log line
+    if not value:
+        return
+    with _secrets_lock:
+        if value not in _secrets:
+            # Longest first, so a secret containing another is replaced whole.
+            _secrets = tuple(sorted({*_secrets, value}, key=len, reverse=True))
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with every registered secret replaced by ``[REDACTED]``."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_secrets(value)
+    if isinstance(value, Mapping):
+        return {redact_secrets(str(k)): _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_redact_value(v) for v in value]
+    if isinstance(value, int | float | bool) or value is None:
+        return value
+    return redact_secrets(str(value))
+
+
+class SecretFilter(logging.Filter):
+    """Replaces registered secrets in a record's message and ``json_fields``.
+
+    :func:`configure_logging` applies it to every record as it is created (a record factory), so
+    every handler sees a redacted message whatever the handlers' order (gunicorn's, a test's
+    caplog). ``extra`` fields are attached after creation: the mailpipe handler's copy of this
+    filter covers them, and :class:`CloudLoggingFormatter` redacts its whole output once more
+    (tracebacks included).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _secrets:
+            record.msg = redact_secrets(record.getMessage())
+            record.args = None
+            fields = getattr(record, "json_fields", None)
+            if isinstance(fields, Mapping):
+                record.json_fields = _redact_value(fields)
+        return True
+
+
+# --- addresses -----------------------------------------------------------------------------------
+
+
+def redact_address(address: str, style: AddressLogging) -> str:
+    """An address as logs and spans may show it.
+
+    ``full`` keeps it, ``domain`` keeps ``@example.com``, ``hashed`` gives ``sha256:`` and 12 hex
+    digits of the lower-cased address: the same recipient always maps to the same value, so its
+    deliveries can be followed without its name. (An unkeyed hash of a guessable address can be
+    brute-forced: ``hashed`` hides addresses from casual readers, not from a determined one.)
+    """
+    address = address.strip()
+    if style == "full":
+        return address
+    if style == "domain":
+        _, at, domain = address.rpartition("@")
+        return f"@{domain.lower()}" if at else "@"
+    digest = hashlib.sha256(address.lower().encode()).hexdigest()
+    return f"sha256:{digest[:HASH_HEX_DIGITS]}"
+
+
+# --- formatting ----------------------------------------------------------------------------------
+
+_SEVERITY: dict[int, Severity] = {
+    logging.DEBUG: "DEBUG",
+    logging.INFO: "INFO",
+    logging.WARNING: "WARNING",
+    logging.ERROR: "ERROR",
+    logging.CRITICAL: "CRITICAL",
+}
+
+
+def _severity(levelno: int) -> Severity:
+    for level in (logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO):
+        if levelno >= level:
+            return _SEVERITY[level]
+    return "DEBUG"
+
+
+class CloudLoggingFormatter(logging.Formatter):
+    """Formats a record as one line of Cloud Logging structured JSON."""
+
+    def __init__(self, *, project: str | None, service_name: str | None = None) -> None:
+        super().__init__()
+        self.project = project
+        self.service_name = service_name
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            # Cloud Error Reporting groups errors by a traceback inside the message.
+            message = f"{message}\n{self.formatException(record.exc_info)}"
+        elif record.stack_info:
+            message = f"{message}\n{self.formatStack(record.stack_info)}"
+        created = dt.datetime.fromtimestamp(record.created, tz=dt.UTC)
+        payload: dict[str, Any] = {
+            "severity": _severity(record.levelno),
+            "message": message,
+            "time": created.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "logger": record.name,
+            SOURCE_LOCATION_KEY: {
+                "file": record.pathname,
+                "line": str(record.lineno),
+                "function": record.funcName,
+            },
+        }
+        if self.service_name:
+            payload["serviceContext"] = {"service": self.service_name}
+        payload.update(self._trace_fields())
+        fields = getattr(record, "json_fields", None)
+        if isinstance(fields, Mapping):
+            for key, value in fields.items():
+                payload.setdefault(str(key), value)
+        line = json.dumps(_redact_value(payload), default=str, ensure_ascii=False)
+        # Belt and braces: whatever slipped into the serialised text (an escaped form aside).
+        return redact_secrets(line)
+
+    def _trace_fields(self) -> dict[str, Any]:
+        context = trace.get_current_span().get_span_context()
+        if not context.is_valid:
+            return {}
+        trace_id = trace.format_trace_id(context.trace_id)
+        return {
+            TRACE_KEY: f"projects/{self.project}/traces/{trace_id}" if self.project else trace_id,
+            SPAN_ID_KEY: trace.format_span_id(context.span_id),
+            TRACE_SAMPLED_KEY: context.trace_flags.sampled,
+        }
+
+
+_HANDLER_MARK = "_mailpipe_handler"
+_FACTORY_MARK = "_mailpipe_redacting"
+
+
+def _install_redacting_record_factory() -> None:
+    """Wrap the current log record factory so every new record is redacted (once per process)."""
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, _FACTORY_MARK, False):
+        return
+    secret_filter = SecretFilter()
+
+    def redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        secret_filter.filter(record)
+        return record
+
+    setattr(redacting_factory, _FACTORY_MARK, True)
+    logging.setLogRecordFactory(redacting_factory)
+
+
+def configure_logging(
+    config: TelemetryConfig,
+    *,
+    stream: TextIO | None = None,
+    level: str | int = "INFO",
+    project: str | None = None,
+) -> logging.Handler:
+    """Send the root logger's records to ``stream`` (stdout) as Cloud Logging JSON lines.
+
+    ``project`` is the Google Cloud project (``GOOGLE_CLOUD_PROJECT``) used in the trace field.
+    Calling it again replaces the handler it installed before, so tests can reconfigure. Returns
+    the handler.
+    """
+    _install_redacting_record_factory()
+    handler = logging.StreamHandler(sys.stdout if stream is None else stream)
+    handler.setFormatter(CloudLoggingFormatter(project=project, service_name=config.service_name))
+    handler.addFilter(SecretFilter())
+    setattr(handler, _HANDLER_MARK, True)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    return handler

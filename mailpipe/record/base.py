@@ -1,0 +1,292 @@
+"""The delivery record's model and interface.
+
+Errors::
+
+    RecordError                 base of everything the record raises
+    ├── RecordUnavailable       the backend cannot be reached or timed out (callers retry / nack)
+    ├── IdempotencyConflict     an idempotency key is held by a request still being published
+    ├── MailNotFound            the operation needs a record that does not exist
+    └── AlreadyFinal            the mail was delivered or bounced: replaying it is refused
+
+Lifecycle of a mail's status::
+
+    accepting ─publish ok─▶ queued ─claim─▶ sending ─250─▶ delivered
+        │                     ▲   │            ├─4xx/timeout─▶ deferred ─claim─▶ sending …
+        └─publish failed─▶ (released: the key is free again)   └─5xx─▶ bounced
+    deferred/queued/sending ─dead-letter consumer─▶ dead_lettered ─dlq replay─▶ replayed
+    replayed ─claim─▶ sending …
+
+``claim`` is atomic: of two concurrent deliveries of the same mail only one gets ``CLAIMED``;
+a mail already delivered or bounced is never claimed again (at-least-once made effectively once).
+Rules every backend follows (the shared suite tests them on each):
+
+- A claim holds a lease (``lease_until``); while it is unexpired every other claim gets
+  ``IN_PROGRESS``, whatever the status. ``finish`` ends the lease; an expired lease (a crashed
+  worker) lets the next claim proceed with the next attempt number.
+- Every non-final status is claimable (``accepting`` too: the publisher's ``mark_queued`` may lag
+  behind the first delivery). A claim for a mail without a record creates it in ``sending``.
+- Statuses never leave ``delivered`` or ``bounced``; ``mark_queued`` and ``mark_dead_lettered``
+  never move a record backwards (they only fill in fields when it has moved on).
+- ``release`` deletes only a record still ``accepting``; ``mark_replayed`` raises
+  :class:`AlreadyFinal` for a delivered or bounced mail, so a replay never sends twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+class RecordError(Exception):
+    """Base class of the delivery record's errors."""
+
+
+class RecordUnavailable(RecordError):
+    """The record backend could not be reached; the operation may be retried."""
+
+
+class IdempotencyConflict(RecordError):
+    """The idempotency key belongs to a request whose publish is still in progress."""
+
+
+class MailNotFound(RecordError):
+    """The operation needs the mail's record, and there is none."""
+
+
+class AlreadyFinal(RecordError):
+    """The mail was delivered or bounced; the operation would send it again."""
+
+
+class MailStatus(enum.StrEnum):
+    ACCEPTING = "accepting"
+    QUEUED = "queued"
+    SENDING = "sending"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    DEAD_LETTERED = "dead_lettered"
+    REPLAYED = "replayed"
+
+    @property
+    def final(self) -> bool:
+        return self in (MailStatus.DELIVERED, MailStatus.BOUNCED)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One delivery attempt: when, by whom, and what the SMTP server answered."""
+
+    number: int
+    started_at: dt.datetime
+    finished_at: dt.datetime | None = None
+    outcome: str | None = None  # delivered | deferred | bounced
+    reply_code: int | None = None
+    enhanced_status: str | None = None
+    reply_message: str | None = None
+    failed_step: str | None = None  # e.g. "rcpt to", "data", "connect"
+    trace_id: str | None = None
+    message_id: str | None = None  # the Pub/Sub message id of this delivery
+
+
+@dataclass(frozen=True)
+class MailRecord:
+    """Everything known about one mail."""
+
+    mail_id: str
+    status: MailStatus
+    accepted_at: dt.datetime
+    updated_at: dt.datetime
+    trace_id: str | None = None
+    message_id: str | None = None  # Pub/Sub message id of the original publish
+    idempotency_key: str | None = None
+    recipient_domains: tuple[str, ...] = ()
+    attempts: tuple[Attempt, ...] = ()
+    last_error: str | None = None
+    replays: tuple[str, ...] = ()  # trace ids of replays
+    delivered_at: dt.datetime | None = None
+    attempt_count: int = 0  # claims so far = the number of the latest attempt, finished or not
+    lease_until: dt.datetime | None = None  # the current claim's lease; None once finished
+
+    def to_json(self) -> dict[str, object]:
+        def iso(value: dt.datetime | None) -> str | None:
+            return value.isoformat() if value else None
+
+        return {
+            "mail_id": self.mail_id,
+            "status": str(self.status),
+            "accepted_at": iso(self.accepted_at),
+            "updated_at": iso(self.updated_at),
+            "delivered_at": iso(self.delivered_at),
+            "trace_id": self.trace_id,
+            "message_id": self.message_id,
+            "recipient_domains": list(self.recipient_domains),
+            "last_error": self.last_error,
+            "replays": list(self.replays),
+            "attempts": [
+                {
+                    "number": a.number,
+                    "started_at": iso(a.started_at),
+                    "finished_at": iso(a.finished_at),
+                    "outcome": a.outcome,
+                    "reply_code": a.reply_code,
+                    "enhanced_status": a.enhanced_status,
+                    "reply_message": a.reply_message,
+                    "failed_step": a.failed_step,
+                    "trace_id": a.trace_id,
+                    "message_id": a.message_id,
+                }
+                for a in self.attempts
+            ],
+        }
+
+
+class ClaimResult(enum.StrEnum):
+    CLAIMED = "claimed"  # go ahead and send
+    ALREADY_FINAL = "already_final"  # delivered or bounced before: ack without sending
+    IN_PROGRESS = "in_progress"  # another delivery holds an unexpired lease: nack, retry later
+
+
+@dataclass(frozen=True)
+class Claim:
+    result: ClaimResult
+    attempt_number: int = 0
+    record: MailRecord | None = None
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Answer of :meth:`DeliveryRecord.reserve`: ``created`` False means the key was seen before."""
+
+    created: bool
+    record: MailRecord
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[MailRecord]
+    next_page_token: str | None = None
+
+
+@runtime_checkable
+class DeliveryRecord(Protocol):
+    """The delivery record. Implementations are safe to share between threads."""
+
+    def reserve(
+        self,
+        *,
+        mail_id: str,
+        accepted_at: dt.datetime,
+        recipient_domains: tuple[str, ...],
+        idempotency_key: str | None,
+    ) -> Reservation:
+        """Create the record in status ``accepting``, atomically claiming ``idempotency_key``.
+
+        If the key is already held, return ``Reservation(created=False, record=<the holder>)``
+        (the caller answers with the original mail) and create nothing. The holder may still be
+        ``accepting``: raising :class:`IdempotencyConflict` for that case is the caller's choice.
+        A second reserve of an existing ``mail_id`` also returns ``created=False`` with it.
+        """
+        ...
+
+    def mark_queued(self, mail_id: str, *, message_id: str, trace_id: str | None) -> None:
+        """The publish succeeded: ``accepting`` → ``queued`` with Pub/Sub's message id.
+
+        If a delivery already moved the record on, only ``message_id``/``trace_id`` are filled
+        in. Raises :class:`MailNotFound` if there is no record.
+        """
+        ...
+
+    def release(self, mail_id: str) -> None:
+        """The publish failed: forget the reservation so a retry with the same key can succeed.
+
+        Deletes the record only while it is ``accepting`` (a record a delivery has claimed shows
+        the publish did go through); otherwise, or without a record, does nothing.
+        """
+        ...
+
+    def claim(
+        self,
+        mail_id: str,
+        *,
+        message_id: str | None,
+        trace_id: str | None,
+        lease_seconds: float,
+        accepted_at: dt.datetime | None = None,
+        recipient_domains: tuple[str, ...] = (),
+    ) -> Claim:
+        """Atomically start a delivery attempt (see the module docstring).
+
+        ``CLAIMED`` carries the new attempt number (pass it to :meth:`finish` in
+        ``Attempt.number``) and the record as written. ``accepted_at`` and
+        ``recipient_domains`` (from the queued mail) are used only when the claim has to create
+        the record; without them it is created as accepted now, with no domains.
+        """
+        ...
+
+    def finish(self, mail_id: str, attempt: Attempt) -> MailRecord:
+        """Record the attempt's outcome and set the status from it.
+
+        ``attempt.outcome`` must be ``delivered``, ``deferred`` or ``bounced`` (else ValueError).
+        Appends the attempt, sets ``last_error`` (``None`` when delivered) and ``delivered_at``,
+        and ends the lease. A final status is kept; a stale ``deferred`` (from a claim whose lease
+        expired and was taken over) does not override the newer claim. Creates the record if it
+        is missing.
+        """
+        ...
+
+    def mark_dead_lettered(self, mail_id: str, *, last_error: str | None) -> MailRecord | None:
+        """The dead-letter consumer saw the mail; ``None`` if it has no record.
+
+        A delivered or bounced record is returned unchanged.
+        """
+        ...
+
+    def mark_replayed(self, mail_id: str, *, trace_id: str | None) -> MailRecord:
+        """``mailpipe dlq replay`` republishes it: status ``replayed``, ``trace_id`` appended to
+        ``replays``; the next claim moves it to ``sending``.
+
+        Call it *before* republishing: it raises :class:`AlreadyFinal` for a delivered or bounced
+        mail (never send twice) and :class:`MailNotFound` without a record.
+        """
+        ...
+
+    def get(self, mail_id: str) -> MailRecord | None: ...
+
+    def get_by_idempotency_key(self, key: str) -> MailRecord | None: ...
+
+    def list(
+        self,
+        *,
+        status: MailStatus | None = None,
+        since: dt.datetime | None = None,
+        limit: int = 100,
+        page_token: str | None = None,
+    ) -> Page:
+        """Records, oldest first, optionally by status and accepted at or after ``since``.
+
+        Ordered by ``(accepted_at, mail_id)``; ``next_page_token`` is an opaque cursor (stable
+        under concurrent inserts), ``None`` on the last page. ``limit`` is 1..1000 (else
+        ValueError); a malformed ``page_token`` raises ValueError.
+        """
+        ...
+
+    def oldest_undelivered(self) -> MailRecord | None:
+        """The oldest mail still queued, sending or deferred (drives the lag alert)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_record(url: str) -> DeliveryRecord:
+    """Open the backend named by ``MAILPIPE_RECORD`` (``sqlite:///PATH`` or ``firestore://DB``)."""
+    if url.startswith("sqlite:///"):
+        from mailpipe.record.sqlite import SqliteRecord
+
+        return SqliteRecord(url.removeprefix("sqlite:///"))
+    if url.startswith("firestore://"):
+        from mailpipe.record.firestore import FirestoreRecord
+
+        return FirestoreRecord(database=url.removeprefix("firestore://") or "(default)")
+    raise ValueError(f"unknown record backend {url!r}: use sqlite:///PATH or firestore://DATABASE")

@@ -1,0 +1,322 @@
+"""The status rules of the delivery record, as pure functions shared by every backend.
+
+A backend reads the current :class:`MailRecord` (or ``None``) inside its own atomic section
+(an SQLite ``BEGIN IMMEDIATE`` transaction, a Firestore transaction), asks a function here
+what the record becomes, and writes that. So both backends follow the rules of
+:mod:`mailpipe.record.base` by construction, and only storage differs between them.
+
+It also holds what both backends need around the rules: UTC normalisation, the field
+mapping of a record (:func:`to_fields` / :func:`from_fields`), page tokens and key hashing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from mailpipe.record.base import (
+    AlreadyFinal,
+    Attempt,
+    Claim,
+    ClaimResult,
+    MailNotFound,
+    MailRecord,
+    MailStatus,
+)
+
+MAX_PAGE_SIZE = 1000
+UNDELIVERED = (MailStatus.QUEUED, MailStatus.SENDING, MailStatus.DEFERRED)
+_OUTCOMES = {
+    "delivered": MailStatus.DELIVERED,
+    "deferred": MailStatus.DEFERRED,
+    "bounced": MailStatus.BOUNCED,
+}
+
+Clock = Callable[[], dt.datetime]
+
+
+def utc_now() -> dt.datetime:
+    """The default clock of the backends."""
+    return dt.datetime.now(dt.UTC)
+
+
+def utc(value: dt.datetime) -> dt.datetime:
+    """``value`` as an aware UTC datetime (naive values are taken to be UTC already)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)
+
+
+def key_hash(idempotency_key: str) -> str:
+    """The stored form of an idempotency key: fixed length, safe as a document id."""
+    return hashlib.sha256(idempotency_key.encode("utf-8")).hexdigest()
+
+
+# --- transitions -------------------------------------------------------------------------
+
+
+def reserved(
+    *,
+    mail_id: str,
+    accepted_at: dt.datetime,
+    recipient_domains: tuple[str, ...],
+    idempotency_key: str | None,
+    now: dt.datetime,
+) -> MailRecord:
+    """A new record in ``accepting``."""
+    return MailRecord(
+        mail_id=mail_id,
+        status=MailStatus.ACCEPTING,
+        accepted_at=utc(accepted_at),
+        updated_at=now,
+        idempotency_key=idempotency_key,
+        recipient_domains=tuple(recipient_domains),
+    )
+
+
+def queued(
+    record: MailRecord | None,
+    mail_id: str,
+    *,
+    message_id: str,
+    trace_id: str | None,
+    now: dt.datetime,
+) -> MailRecord:
+    """``accepting`` → ``queued``; a record already moved on only gets the missing ids."""
+    if record is None:
+        raise MailNotFound(f"no record for mail {mail_id}")
+    status = MailStatus.QUEUED if record.status is MailStatus.ACCEPTING else record.status
+    return dataclasses.replace(
+        record,
+        status=status,
+        message_id=record.message_id or message_id,
+        trace_id=record.trace_id or trace_id,
+        updated_at=now,
+    )
+
+
+def releasable(record: MailRecord | None) -> bool:
+    """Whether :meth:`release` deletes this record (only while the publish is pending)."""
+    return record is not None and record.status is MailStatus.ACCEPTING
+
+
+def claimed(
+    record: MailRecord | None,
+    mail_id: str,
+    *,
+    message_id: str | None,
+    trace_id: str | None,
+    lease_seconds: float,
+    now: dt.datetime,
+    accepted_at: dt.datetime | None = None,
+    recipient_domains: tuple[str, ...] = (),
+) -> tuple[Claim, MailRecord | None]:
+    """The claim's answer and the record to write (``None``: write nothing)."""
+    if lease_seconds <= 0:
+        raise ValueError("lease_seconds must be positive")
+    if record is None:
+        # The mail reached the subscriber without a record (the publisher's write lagged or
+        # failed, or the mail predates the record): deliver it anyway, and record it from here.
+        record = MailRecord(
+            mail_id=mail_id,
+            status=MailStatus.QUEUED,
+            accepted_at=utc(accepted_at) if accepted_at is not None else now,
+            updated_at=now,
+            trace_id=trace_id,
+            message_id=message_id,
+            recipient_domains=tuple(recipient_domains),
+        )
+    if record.status.final:
+        return Claim(ClaimResult.ALREADY_FINAL, record.attempt_count, record), None
+    if record.lease_until is not None and record.lease_until > now:
+        return Claim(ClaimResult.IN_PROGRESS, record.attempt_count, record), None
+    number = record.attempt_count + 1
+    new = dataclasses.replace(
+        record,
+        status=MailStatus.SENDING,
+        attempt_count=number,
+        lease_until=now + dt.timedelta(seconds=lease_seconds),
+        updated_at=now,
+    )
+    return Claim(ClaimResult.CLAIMED, number, new), new
+
+
+def describe_error(attempt: Attempt) -> str:
+    """``last_error`` for a failed attempt, e.g. ``"451 4.3.0 at rcpt to: try later"``."""
+    parts = [str(attempt.reply_code) if attempt.reply_code is not None else attempt.outcome or "?"]
+    if attempt.enhanced_status:
+        parts.append(attempt.enhanced_status)
+    if attempt.failed_step:
+        parts.append(f"at {attempt.failed_step}")
+    text = " ".join(parts)
+    if attempt.reply_message:
+        text += f": {attempt.reply_message}"
+    return text
+
+
+def finished(
+    record: MailRecord | None, mail_id: str, attempt: Attempt, *, now: dt.datetime
+) -> MailRecord:
+    """The record after ``attempt`` ended (see :meth:`DeliveryRecord.finish`)."""
+    try:
+        outcome = _OUTCOMES[attempt.outcome or ""]
+    except KeyError:
+        raise ValueError(
+            f"attempt outcome must be delivered, deferred or bounced, got {attempt.outcome!r}"
+        ) from None
+    if attempt.finished_at is None:
+        attempt = dataclasses.replace(attempt, finished_at=now)
+    if record is None:
+        record = MailRecord(
+            mail_id=mail_id,
+            status=MailStatus.SENDING,
+            accepted_at=utc(attempt.started_at),
+            updated_at=now,
+            trace_id=attempt.trace_id,
+            message_id=attempt.message_id,
+            attempt_count=attempt.number,
+        )
+    attempts = (*record.attempts, attempt)
+    count = max(record.attempt_count, attempt.number)
+    if record.status.final:
+        # Never leave delivered/bounced; keep the late attempt for the history.
+        return dataclasses.replace(record, attempts=attempts, attempt_count=count, updated_at=now)
+    superseded = (
+        attempt.number < record.attempt_count
+        and record.lease_until is not None
+        and record.lease_until > now
+    )
+    if superseded and not outcome.final:
+        # This attempt's lease expired and a newer claim is running: do not end its lease.
+        return dataclasses.replace(record, attempts=attempts, attempt_count=count, updated_at=now)
+    assert attempt.finished_at is not None
+    return dataclasses.replace(
+        record,
+        status=outcome,
+        attempts=attempts,
+        attempt_count=count,
+        lease_until=None,
+        last_error=None if outcome is MailStatus.DELIVERED else describe_error(attempt),
+        delivered_at=utc(attempt.finished_at) if outcome is MailStatus.DELIVERED else None,
+        updated_at=now,
+    )
+
+
+def dead_lettered(record: MailRecord, *, last_error: str | None, now: dt.datetime) -> MailRecord:
+    """``… → dead_lettered``; a final record is returned unchanged."""
+    if record.status.final:
+        return record
+    return dataclasses.replace(
+        record,
+        status=MailStatus.DEAD_LETTERED,
+        last_error=last_error if last_error is not None else record.last_error,
+        updated_at=now,
+    )
+
+
+def replayed(
+    record: MailRecord | None, mail_id: str, *, trace_id: str | None, now: dt.datetime
+) -> MailRecord:
+    """``… → replayed`` with the replay's trace noted; refused for a final record."""
+    if record is None:
+        raise MailNotFound(f"no record for mail {mail_id}")
+    if record.status.final:
+        raise AlreadyFinal(f"mail {mail_id} is {record.status}: not replayed")
+    replays = (*record.replays, trace_id) if trace_id else record.replays
+    return dataclasses.replace(record, status=MailStatus.REPLAYED, replays=replays, updated_at=now)
+
+
+# --- field mapping -----------------------------------------------------------------------
+
+TimeOut = Callable[[dt.datetime], Any]
+TimeIn = Callable[[Any], dt.datetime]
+
+
+def _opt(value: Any, convert: Callable[[Any], Any]) -> Any:
+    return None if value is None else convert(value)
+
+
+def to_fields(record: MailRecord, time_out: TimeOut) -> dict[str, Any]:
+    """The record as a flat mapping of plain values; ``time_out`` converts each datetime."""
+    return {
+        "mail_id": record.mail_id,
+        "status": str(record.status),
+        "accepted_at": time_out(record.accepted_at),
+        "updated_at": time_out(record.updated_at),
+        "trace_id": record.trace_id,
+        "message_id": record.message_id,
+        "idempotency_key": record.idempotency_key,
+        "recipient_domains": list(record.recipient_domains),
+        "attempts": [
+            {
+                **dataclasses.asdict(a),
+                "started_at": time_out(a.started_at),
+                "finished_at": _opt(a.finished_at, time_out),
+            }
+            for a in record.attempts
+        ],
+        "last_error": record.last_error,
+        "replays": list(record.replays),
+        "delivered_at": _opt(record.delivered_at, time_out),
+        "attempt_count": record.attempt_count,
+        "lease_until": _opt(record.lease_until, time_out),
+    }
+
+
+def from_fields(fields: Mapping[str, Any], time_in: TimeIn) -> MailRecord:
+    """The inverse of :func:`to_fields`; ``time_in`` returns aware datetimes."""
+    attempt_names = {f.name for f in dataclasses.fields(Attempt)}
+    attempts = []
+    for raw in fields.get("attempts") or ():
+        values = {k: v for k, v in raw.items() if k in attempt_names}
+        values["started_at"] = utc(time_in(values["started_at"]))
+        values["finished_at"] = _opt(values.get("finished_at"), lambda v: utc(time_in(v)))
+        attempts.append(Attempt(**values))
+    return MailRecord(
+        mail_id=fields["mail_id"],
+        status=MailStatus(fields["status"]),
+        accepted_at=utc(time_in(fields["accepted_at"])),
+        updated_at=utc(time_in(fields["updated_at"])),
+        trace_id=fields.get("trace_id"),
+        message_id=fields.get("message_id"),
+        idempotency_key=fields.get("idempotency_key"),
+        recipient_domains=tuple(fields.get("recipient_domains") or ()),
+        attempts=tuple(attempts),
+        last_error=fields.get("last_error"),
+        replays=tuple(fields.get("replays") or ()),
+        delivered_at=_opt(fields.get("delivered_at"), lambda v: utc(time_in(v))),
+        attempt_count=int(fields.get("attempt_count") or 0),
+        lease_until=_opt(fields.get("lease_until"), lambda v: utc(time_in(v))),
+    )
+
+
+# --- pages -------------------------------------------------------------------------------
+
+
+def check_limit(limit: int) -> None:
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}, got {limit}")
+
+
+def page_token(record: MailRecord) -> str:
+    """An opaque cursor just after ``record`` in ``(accepted_at, mail_id)`` order."""
+    raw = json.dumps([record.accepted_at.isoformat(), record.mail_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def parse_page_token(token: str) -> tuple[dt.datetime, str]:
+    """``(accepted_at, mail_id)`` of the last record of the previous page."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        accepted, mail_id = json.loads(raw)
+        if not isinstance(mail_id, str):
+            raise TypeError(mail_id)
+        return utc(dt.datetime.fromisoformat(accepted)), mail_id
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise ValueError("malformed page token") from exc

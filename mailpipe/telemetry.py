@@ -1,0 +1,454 @@
+"""One telemetry set-up for both services: traces, metrics and the W3C propagator.
+
+``setup_telemetry(config)`` builds a tracer provider and a meter provider for the mode in
+``MAILPIPE_TRACES``::
+
+    gcp   Cloud Trace (CloudTraceSpanExporter, batched) + Cloud Monitoring (periodic reader), with
+          the GCP resource detector so Cloud Run's service, revision and region are on every span
+    otlp  OTLP/HTTP spans + metrics (OTEL_EXPORTER_OTLP_ENDPOINT or the exporter's defaults)
+    file  JSON lines in MAILPIPE_TRACE_FILE (mailpipe.tracefile), batched every 200 ms so
+          ``mailpipe trace`` sees a mail's spans about a second after it happens
+    none  a real provider without an exporter: spans still have ids, so trace ids appear in
+          responses and logs
+
+``MAILPIPE_METRICS_PORT`` adds a Prometheus endpoint on 127.0.0.1 in any mode. Sampling is
+``ParentBased(TraceIdRatioBased(MAILPIPE_TRACE_SAMPLE_RATIO))``. Nothing happens at import time.
+
+Errors (translated in ``_translate``, the originals chained)::
+
+    TelemetryError
+    ├── the Prometheus port cannot be bound (OSError)
+    ├── gcp mode without Google credentials or project (google.auth DefaultCredentialsError)
+    └── any other exporter construction failure
+
+Exporting itself never raises: the SDK logs failed exports and drops the batch.
+
+The Google exporters (opentelemetry-exporter-gcp-trace / -gcp-monitoring 1.15) now warn that they
+are deprecated in favour of Google's OTLP endpoint (telemetry.googleapis.com); they still work and
+are what this mode uses. Moving gcp mode to OTLP with Google auth is a later change.
+
+The global tracer provider, and why it is not simply ours
+---------------------------------------------------------
+The google-cloud-pubsub client creates its spans (``<topic> create``, ``<sub> subscribe``...) with
+the *global* tracer provider, and the OpenTelemetry API lets the global provider be set only once
+per process. A process may build several Telemetry objects (tests build one app after another;
+``mailpipe up`` can run both services in one process) and each one may be shut down before the
+next starts. So:
+
+* Each ``Telemetry`` has its **own** ``TracerProvider`` (its service name, sampler and exporter);
+  the services take their tracers from it (``telemetry.tracer(...)``, and pass
+  ``telemetry.tracer_provider`` to the Flask instrumentation).
+* The global slot gets one process-wide *hub* provider, created by the first
+  ``setup_telemetry(set_global=True)`` with that call's resource and sampler and never shut down
+  by a Telemetry. Its only processor is a router that hands the library's spans to the span
+  processor of the most recently set-up Telemetry that is still running. In production a process
+  runs one service, so that is simply "the service's exporter"; in one process running both, the
+  library's spans go to one exporter only (no duplicates), labelled with the hub's service name.
+* If the global provider is already an SDK provider that mailpipe did not create (the test
+  fixture in tests/fixtures/telemetry.py), the router is attached to it instead, and a Telemetry
+  whose exporter that provider already feeds is skipped (its spans are exported once, not twice).
+  A warning is logged once per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import metrics as metrics_api
+from opentelemetry import trace as trace_api
+from opentelemetry.context import Context
+from opentelemetry.propagate import set_global_textmap
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.trace import Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from mailpipe.config import TelemetryConfig
+from mailpipe.metrics import MailMetrics
+
+_log = logging.getLogger(__name__)
+
+METER_NAME = "mailpipe"
+FILE_SCHEDULE_DELAY_MILLIS = 200
+GCP_DETECTION_TIMEOUT_SECONDS = 3.0
+# Resource attributes copied onto every Cloud Trace span as labels (Cloud Trace keeps 32 per span).
+CLOUD_TRACE_RESOURCE_REGEX = (
+    r"^(service\.name|cloud\.(platform|region)|faas\.(name|version|instance))$"
+)
+
+
+class TelemetryError(RuntimeError):
+    """Telemetry could not be set up; the message says which setting to change."""
+
+
+@dataclass
+class Telemetry:
+    """The providers one service uses. Build it with :func:`setup_telemetry`."""
+
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+    metrics: MailMetrics
+    _on_shutdown: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    _closed: bool = field(default=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def tracer(self, name: str) -> Tracer:
+        """A tracer from this service's provider (not the global one)."""
+        return self.tracer_provider.get_tracer(name)
+
+    def force_flush(self, timeout_millis: int = 5000) -> None:
+        """Export buffered spans and metrics now (Cloud Run push handlers: before returning)."""
+        self.tracer_provider.force_flush(timeout_millis)
+        self.meter_provider.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        """Flush and stop exporting spans and metrics; stop the Prometheus endpoint. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for hook in self._on_shutdown:
+            hook()
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+def setup_telemetry(
+    config: TelemetryConfig,
+    *,
+    span_exporter: SpanExporter | None = None,
+    metric_readers: Sequence[MetricReader] = (),
+    set_global: bool = True,
+    resource_attributes: Mapping[str, str] | None = None,
+    project_id: str | None = None,
+    cloud_trace_client: Any = None,
+    cloud_monitoring_client: Any = None,
+) -> Telemetry:
+    """Build the providers for ``config.traces`` and return them as a :class:`Telemetry`.
+
+    ``span_exporter`` replaces the mode's span exporter and is fed synchronously
+    (``SimpleSpanProcessor``), so a test sees a span as soon as it ends; it stays the caller's:
+    ``Telemetry.shutdown()`` does not shut it down (a session-wide test exporter outlives apps).
+    ``metric_readers``, when given, likewise replace the mode's metric exporter (they are shut
+    down with the meter provider). ``project_id`` and the two ``*_client``
+    arguments reach the Google exporters (gcp mode): without them the exporters find the project
+    and credentials themselves (``google.auth.default()``); tests pass recording clients there
+    because Google's APIs are unreachable from tests.
+    """
+    resource = build_resource(config, resource_attributes)
+    sampler: Sampler = ParentBased(TraceIdRatioBased(config.sample_ratio))
+    on_shutdown: list[Callable[[], None]] = []
+    processor: SpanProcessor | None = None
+    exporter: SpanExporter | None = span_exporter
+    try:
+        if span_exporter is not None:
+            processor = SimpleSpanProcessor(_Borrowed(span_exporter))
+        else:
+            exporter = _span_exporter_for(config, project_id, cloud_trace_client)
+            processor = _batch_processor(config, exporter) if exporter is not None else None
+        readers: list[MetricReader] = list(metric_readers)
+        if not readers:
+            readers.extend(_metric_readers_for(config, project_id, cloud_monitoring_client))
+        if config.metrics_port is not None:
+            readers.append(_start_prometheus(config.metrics_port, on_shutdown))
+    except Exception as exc:
+        for stop in on_shutdown:
+            stop()
+        if processor is not None:
+            processor.shutdown()  # its worker thread, its exporter
+        raise _translate(exc, config) from exc
+
+    tracer_provider = TracerProvider(resource=resource, sampler=sampler)
+    if processor is not None:
+        tracer_provider.add_span_processor(processor)
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    if set_global:
+        set_global_textmap(TraceContextTextMapPropagator())
+        target = _ROUTER.register(processor, exporter, sampler=sampler, resource=resource)
+        on_shutdown.insert(0, lambda: _ROUTER.unregister(target))
+        if not isinstance(metrics_api.get_meter_provider(), MeterProvider):
+            metrics_api.set_meter_provider(meter_provider)
+
+    return Telemetry(
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+        metrics=MailMetrics(meter_provider.get_meter(METER_NAME)),
+        _on_shutdown=on_shutdown,
+    )
+
+
+def _batch_processor(config: TelemetryConfig, exporter: SpanExporter) -> SpanProcessor:
+    if config.traces == "file":
+        # The local viewer polls the file: export every 200 ms instead of every 5 s.
+        return BatchSpanProcessor(exporter, schedule_delay_millis=FILE_SCHEDULE_DELAY_MILLIS)
+    return BatchSpanProcessor(exporter)
+
+
+def _translate(exc: Exception, config: TelemetryConfig) -> TelemetryError:
+    """The one place where exporter and endpoint failures become TelemetryError."""
+    if isinstance(exc, OSError) and config.metrics_port is not None:
+        return TelemetryError(
+            f"cannot serve Prometheus metrics on 127.0.0.1:{config.metrics_port} ({exc}); "
+            "choose another MAILPIPE_METRICS_PORT or unset it"
+        )
+    if type(exc).__name__ == "DefaultCredentialsError":  # google.auth, imported lazily
+        return TelemetryError(
+            "MAILPIPE_TRACES=gcp needs Google credentials and a project (run on GCP, or "
+            f"`gcloud auth application-default login` and GOOGLE_CLOUD_PROJECT): {exc}"
+        )
+    return TelemetryError(f"cannot set up MAILPIPE_TRACES={config.traces}: {exc}")
+
+
+# --- resource ------------------------------------------------------------------------------------
+
+
+def build_resource(
+    config: TelemetryConfig,
+    resource_attributes: Mapping[str, str] | None = None,
+    *,
+    detection_timeout: float = GCP_DETECTION_TIMEOUT_SECONDS,
+) -> Resource:
+    """``service.name`` (+ extra attributes); in gcp mode merged over the detected GCP resource."""
+    base = Resource.create({**(resource_attributes or {}), SERVICE_NAME: config.service_name})
+    if config.traces != "gcp":
+        return base
+    return detect_gcp_resource(timeout=detection_timeout).merge(base)
+
+
+def detect_gcp_resource(
+    *, timeout: float = GCP_DETECTION_TIMEOUT_SECONDS, environ: Mapping[str, str] | None = None
+) -> Resource:
+    """The GCP resource (Cloud Run: ``cloud.platform``, ``faas.name``, ``faas.version``...).
+
+    GoogleCloudResourceDetector asks the metadata server (``metadata.google.internal``, request
+    timeouts of 2 s to connect and 5 s to read, but name resolution itself is not bounded) and
+    returns an *empty* resource when it cannot reach it, even on Cloud Run. So it runs in a daemon
+    thread that we wait for at most ``timeout`` seconds, and when it finds nothing while Cloud
+    Run's variables (``K_CONFIGURATION``, ``K_SERVICE``, ``K_REVISION``) are set, the service and
+    revision come from them (region and instance need the metadata server).
+    """
+    from opentelemetry.resourcedetector.gcp_resource_detector import GoogleCloudResourceDetector
+
+    env = os.environ if environ is None else environ
+    found: list[Resource] = []
+
+    def detect() -> None:
+        try:
+            found.append(GoogleCloudResourceDetector().detect())
+        except Exception:  # any failure of detection means "not detected", never a crash
+            _log.warning("GCP resource detection failed", exc_info=True)
+
+    worker = threading.Thread(target=detect, name="mailpipe-gcp-detector", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        _log.warning("GCP resource detection took longer than %.1f s; skipped", timeout)
+    detected = found[0] if found else Resource.get_empty()
+    if detected.attributes or "K_CONFIGURATION" not in env:
+        return detected
+    attributes = {"cloud.provider": "gcp", "cloud.platform": "gcp_cloud_run"}
+    if env.get("K_SERVICE"):
+        attributes["faas.name"] = env["K_SERVICE"]
+    if env.get("K_REVISION"):
+        attributes["faas.version"] = env["K_REVISION"]
+    return Resource(attributes)
+
+
+# --- exporters -----------------------------------------------------------------------------------
+
+
+def _span_exporter_for(
+    config: TelemetryConfig, project_id: str | None, client: Any
+) -> SpanExporter | None:
+    if config.traces == "gcp":
+        from opentelemetry.exporter.cloud_trace import CloudTraceSpanExporter
+
+        return CloudTraceSpanExporter(
+            project_id=project_id, client=client, resource_regex=CLOUD_TRACE_RESOURCE_REGEX
+        )
+    if config.traces == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        # An explicit endpoint is used as-is; only the env variable gets /v1/traces appended.
+        endpoint = _otlp_url(config.otlp_endpoint, "v1/traces")
+        return OTLPSpanExporter(endpoint=endpoint) if endpoint else OTLPSpanExporter()
+    if config.traces == "file":
+        from mailpipe.tracefile import JsonLinesSpanExporter
+
+        if config.trace_file is None:  # TelemetryConfig.read rejects this; guard direct builds
+            raise ValueError("MAILPIPE_TRACES=file needs MAILPIPE_TRACE_FILE")
+        return JsonLinesSpanExporter(config.trace_file)
+    return None
+
+
+def _metric_readers_for(
+    config: TelemetryConfig, project_id: str | None, client: Any
+) -> list[MetricReader]:
+    if config.traces == "gcp":
+        from opentelemetry.exporter.cloud_monitoring import CloudMonitoringMetricsExporter
+
+        return [
+            PeriodicExportingMetricReader(
+                CloudMonitoringMetricsExporter(project_id=project_id, client=client),
+                export_interval_millis=60_000,  # Cloud Monitoring: ≥ 10 s between points
+            )
+        ]
+    if config.traces == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        endpoint = _otlp_url(config.otlp_endpoint, "v1/metrics")
+        exporter = OTLPMetricExporter(endpoint=endpoint) if endpoint else OTLPMetricExporter()
+        return [PeriodicExportingMetricReader(exporter)]
+    return []
+
+
+def _otlp_url(base: str | None, path: str) -> str | None:
+    if not base:
+        return None
+    return f"{base.rstrip('/')}/{path}"
+
+
+def _start_prometheus(port: int, on_shutdown: list[Callable[[], None]]) -> MetricReader:
+    """A Prometheus reader on its own registry, served on 127.0.0.1:port until shutdown."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    # A registry per Telemetry: the process-wide default would refuse a second reader's metrics.
+    registry = CollectorRegistry(auto_describe=True)
+    # No otel_scope_* labels: every instrument comes from the one "mailpipe" meter.
+    reader = PrometheusMetricReader(scope_info_enabled=False, registry=registry)
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    on_shutdown.append(stop)
+    return reader
+
+
+class _Borrowed(SpanExporter):
+    """A caller's exporter, used but not shut down (its owner does that)."""
+
+    def __init__(self, exporter: SpanExporter) -> None:
+        self.exporter = exporter
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self.exporter.export(spans)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.exporter.force_flush(timeout_millis)
+
+
+# --- the global provider -------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Target:
+    processor: SpanProcessor | None  # None: this Telemetry exports nothing (MAILPIPE_TRACES=none)
+    skip: bool  # the global provider already exports to this target's exporter
+
+
+class _LibrarySpanRouter(SpanProcessor):
+    """Hands spans made with the global provider to the newest running Telemetry's processor."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._targets: list[_Target] = []
+        self._attached_to: trace_api.TracerProvider | None = None
+        self._warned = False
+
+    def register(
+        self,
+        processor: SpanProcessor | None,
+        exporter: SpanExporter | None,
+        *,
+        sampler: Sampler,
+        resource: Resource,
+    ) -> _Target:
+        with self._lock:
+            provider = self._ensure_attached(sampler, resource)
+            skip = exporter is not None and exporter in _exporters_of(provider)
+            target = _Target(processor, skip)
+            self._targets.append(target)
+            return target
+
+    def unregister(self, target: _Target) -> None:
+        with self._lock:
+            if target in self._targets:
+                self._targets.remove(target)
+
+    def _ensure_attached(self, sampler: Sampler, resource: Resource) -> trace_api.TracerProvider:
+        current = trace_api.get_tracer_provider()
+        if current is self._attached_to:
+            return current
+        if isinstance(current, TracerProvider):
+            # Someone else (the test fixture) set an SDK provider first: route through it.
+            if not self._warned:
+                _log.warning(
+                    "a global tracer provider is already set; the Pub/Sub client's spans are "
+                    "also routed to mailpipe's exporter through it"
+                )
+                self._warned = True
+            current.add_span_processor(self)
+        elif isinstance(current, trace_api.ProxyTracerProvider):
+            current = TracerProvider(sampler=sampler, resource=resource, shutdown_on_exit=False)
+            current.add_span_processor(self)
+            trace_api.set_tracer_provider(current)
+        else:
+            _log.warning(
+                "the global tracer provider is %r, not an SDK provider: the Pub/Sub client's "
+                "spans are not exported by mailpipe",
+                type(current).__name__,
+            )
+        self._attached_to = current
+        return current
+
+    def _current(self) -> _Target | None:
+        with self._lock:
+            return self._targets[-1] if self._targets else None
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        target = self._current()
+        if target is not None and target.processor is not None and not target.skip:
+            target.processor.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        target = self._current()
+        if target is not None and target.processor is not None and not target.skip:
+            target.processor.on_end(span)
+
+    def shutdown(self) -> None:
+        """The hub outlives every Telemetry; each one shuts its own processor down."""
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        target = self._current()
+        if target is None or target.processor is None:
+            return True
+        return target.processor.force_flush(timeout_millis)
+
+
+def _exporters_of(provider: trace_api.TracerProvider) -> list[object]:
+    """Exporters an SDK provider's processors feed (private SDK attributes; [] if they moved)."""
+    multi = getattr(provider, "_active_span_processor", None)
+    processors = getattr(multi, "_span_processors", ())
+    exporters = [getattr(p, "span_exporter", None) for p in processors]
+    return [getattr(e, "exporter", e) for e in exporters]  # see through _Borrowed
+
+
+_ROUTER = _LibrarySpanRouter()

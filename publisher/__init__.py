@@ -1,0 +1,1 @@
+"""The publisher service: accepts mail requests over HTTP and publishes them to Pub/Sub."""

@@ -1,0 +1,315 @@
+"""The publisher's HTTP API (Flask): accept a mail, publish it, answer 202 with its ids.
+
+A mail is answered 202 only after Pub/Sub has confirmed the publish; every failure before that
+answers with a JSON error and leaves nothing half-accepted (the record's reservation is released).
+
+Errors are JSON: ``{"error": {"code": "...", "message": "...", "fields": {...}}}``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from opentelemetry import trace
+from opentelemetry.instrumentation.flask import FlaskInstrumentor
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from mailpipe.config import PublisherConfig
+from mailpipe.mail import MailRequest, QueuedMail
+from mailpipe.metrics import MailMetrics
+from mailpipe.record import DeliveryRecord, MailStatus, RecordError, RecordUnavailable
+from publisher.openapi import openapi_document
+from publisher.pubsub import MailPublisher, MailTooLarge, PublishError
+
+log = logging.getLogger(__name__)
+
+# Big enough for Pub/Sub's 10 MB message limit plus JSON framing; the exact limit is checked on
+# the encoded mail (413 either way).
+MAX_REQUEST_BYTES = 10 * 1024 * 1024
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+class ApiError(Exception):
+    """An error answered to the client as JSON with ``status``."""
+
+    def __init__(
+        self, status: int, code: str, message: str, fields: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.fields = dict(fields or {})
+
+
+def error_response(
+    status: int, code: str, message: str, fields: Mapping[str, str] | None = None
+) -> Response:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if fields:
+        body["fields"] = dict(fields)
+    response = jsonify({"error": body})
+    response.status_code = status
+    return response
+
+
+def _field_errors(exc: ValidationError) -> dict[str, str]:
+    """``{"to.0": "is not a valid email address: …"}`` from pydantic's errors."""
+    fields: dict[str, str] = {}
+    for error in exc.errors(include_url=False, include_input=False):
+        location = ".".join(str(part) for part in error["loc"]) or "body"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        fields.setdefault(location, message)
+    return fields
+
+
+def _accepted_body(mail_id: str, message_id: str | None, trace_id: str | None) -> dict[str, Any]:
+    return {"mail_id": mail_id, "message_id": message_id, "trace_id": trace_id, "status": "queued"}
+
+
+def _current_trace_id() -> str | None:
+    context = trace.get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else None
+
+
+def _parse_json_body() -> Any:
+    if request.mimetype != "application/json":
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"send the mail as JSON with 'Content-Type: application/json' "
+            f"(got {request.mimetype or 'no content type'!r})",
+        )
+    raw = request.get_data(cache=False)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ApiError(
+            400, "invalid_encoding", f"the body is not valid UTF-8: {exc.reason}"
+        ) from exc
+    except json.JSONDecodeError as exc:
+        raise ApiError(
+            400, "invalid_json", f"the body is not valid JSON: {exc.msg} at line {exc.lineno}"
+        ) from exc
+
+
+def create_app(
+    config: PublisherConfig,
+    *,
+    publisher: MailPublisher,
+    record: DeliveryRecord,
+    metrics: MailMetrics | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
+) -> Flask:
+    """Build the publisher app. Collaborators are injected; nothing global is touched."""
+    app = Flask("mailpipe.publisher")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["mailpipe"] = {"publisher": publisher, "record": record, "config": config}
+    FlaskInstrumentor().instrument_app(app, tracer_provider=tracer_provider)
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> Response:
+        return error_response(exc.status, exc.code, exc.message, exc.fields)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(_: RequestEntityTooLarge) -> Response:
+        return error_response(
+            413,
+            "request_too_large",
+            f"the request body is larger than {MAX_REQUEST_BYTES:,} bytes; Pub/Sub messages are "
+            "limited to 10 MB: send fewer or smaller attachments",
+        )
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return error_response(exc.code or 500, code, exc.description or exc.name or "error")
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error while handling %s %s", request.method, request.path)
+        return error_response(500, "internal", "an unexpected error occurred; it has been logged")
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify({"status": "ok"})
+
+    @app.get("/openapi.json")
+    def openapi() -> Response:
+        return jsonify(openapi_document())
+
+    @app.post("/v1/messages")
+    def send_message() -> tuple[Response, int] | Response:
+        payload = _parse_json_body()
+        if not isinstance(payload, dict):
+            raise ApiError(
+                400, "invalid_request", "the body must be a JSON object describing a mail"
+            )
+        header_key = request.headers.get(IDEMPOTENCY_HEADER)
+        if header_key is not None:
+            body_key = payload.get("idempotency_key")
+            if body_key is not None and body_key != header_key:
+                raise ApiError(
+                    400,
+                    "invalid_request",
+                    f"the {IDEMPOTENCY_HEADER} header and idempotency_key differ; send one or the "
+                    "same value in both",
+                    {"idempotency_key": "differs from the Idempotency-Key header"},
+                )
+            payload = {**payload, "idempotency_key": header_key}
+        try:
+            mail_request = MailRequest.model_validate(payload)
+        except ValidationError as exc:
+            fields = _field_errors(exc)
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"the mail request is invalid ({len(fields)} problem(s)): fix the fields listed",
+                fields,
+            ) from exc
+
+        mail = QueuedMail.accept(mail_request)
+        try:
+            reservation = record.reserve(
+                mail_id=mail.mail_id,
+                accepted_at=mail.accepted_at,
+                recipient_domains=mail_request.recipient_domains,
+                idempotency_key=mail_request.idempotency_key,
+            )
+        except RecordError as exc:
+            log.error("delivery record unavailable, refusing the mail: %s", exc)
+            raise ApiError(
+                503, "record_unavailable", "the delivery record is unavailable; retry later"
+            ) from exc
+        if not reservation.created:
+            return _idempotent_replay(reservation.record)
+
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attribute("mailpipe.mail_id", mail.mail_id)
+        try:
+            message_id = publisher.publish(mail)
+        except PublishError as exc:
+            _release(record, mail.mail_id)
+            if isinstance(exc, MailTooLarge):
+                raise ApiError(413, "mail_too_large", str(exc)) from exc
+            log.error("publish failed for mail %s: %s", mail.mail_id, exc)
+            raise ApiError(
+                503,
+                "publish_failed",
+                f"the mail was not accepted because Pub/Sub did not take it ({exc}); "
+                "retry later (with the same idempotency_key to be safe)",
+            ) from exc
+        trace_id = _current_trace_id()
+        try:
+            record.mark_queued(mail.mail_id, message_id=message_id, trace_id=trace_id)
+        except RecordError:
+            # The mail IS on Pub/Sub: the subscriber's claim creates or completes the record, so
+            # answering 202 is right. Failing here would make the client send it twice.
+            log.warning("could not mark mail %s queued; the subscriber will", mail.mail_id)
+        if metrics is not None:
+            metrics.accepted()
+        log.info(
+            "mail accepted",
+            extra={"json_fields": {"mail_id": mail.mail_id, "message_id": message_id}},
+        )
+        response = jsonify(_accepted_body(mail.mail_id, message_id, trace_id))
+        response.headers["Location"] = f"/v1/messages/{mail.mail_id}"
+        return response, 202
+
+    def _idempotent_replay(held: Any) -> tuple[Response, int]:
+        if held.status == MailStatus.ACCEPTING:
+            raise ApiError(
+                409,
+                "idempotency_conflict",
+                "a request with this idempotency_key is still being published; retry in a moment",
+            )
+        response = jsonify(_accepted_body(held.mail_id, held.message_id, held.trace_id))
+        response.headers["Idempotent-Replayed"] = "true"
+        response.headers["Location"] = f"/v1/messages/{held.mail_id}"
+        return response, 202
+
+    @app.get("/v1/messages/<mail_id>")
+    def get_message(mail_id: str) -> Response:
+        found = _record_call(lambda: record.get(mail_id))
+        if found is None:
+            raise ApiError(404, "not_found", f"no mail with id {mail_id!r} is in the record")
+        return jsonify(found.to_json())
+
+    @app.get("/v1/messages")
+    def list_messages() -> Response:
+        status_text = request.args.get("status")
+        status = None
+        fields: dict[str, str] = {}
+        if status_text:
+            try:
+                status = MailStatus(status_text)
+            except ValueError:
+                fields["status"] = "must be one of " + ", ".join(s.value for s in MailStatus)
+        since = None
+        if request.args.get("since"):
+            try:
+                since = dt.datetime.fromisoformat(request.args["since"])
+                if since.tzinfo is None:
+                    since = since.replace(tzinfo=dt.UTC)
+            except ValueError:
+                fields["since"] = "must be an ISO 8601 time such as 2026-11-23T10:00:00Z"
+        try:
+            limit = int(request.args.get("limit", "100"))
+            if not 1 <= limit <= 1000:
+                raise ValueError
+        except ValueError:
+            fields["limit"] = "must be an integer from 1 to 1000"
+        if fields:
+            raise ApiError(
+                400, "invalid_query", "the query is invalid: fix the fields listed", fields
+            )
+        page = _record_call(
+            lambda: record.list(
+                status=status, since=since, limit=limit, page_token=request.args.get("page_token")
+            )
+        )
+        return jsonify(
+            {
+                "items": [item.to_json() for item in page.items],
+                "next_page_token": page.next_page_token,
+            }
+        )
+
+    @app.get("/v1/stats")
+    def stats() -> Response:
+        oldest = _record_call(record.oldest_undelivered)
+        age = None
+        if oldest is not None:
+            age = (dt.datetime.now(dt.UTC) - oldest.accepted_at).total_seconds()
+        return jsonify(
+            {
+                "oldest_undelivered_mail_id": oldest.mail_id if oldest else None,
+                "oldest_undelivered_age_seconds": age,
+            }
+        )
+
+    return app
+
+
+def _record_call(call: Any) -> Any:
+    try:
+        return call()
+    except RecordUnavailable as exc:
+        raise ApiError(
+            503, "record_unavailable", "the delivery record is unavailable; retry later"
+        ) from exc
+
+
+def _release(record: DeliveryRecord, mail_id: str) -> None:
+    try:
+        record.release(mail_id)
+    except RecordError:
+        log.exception("could not release the reservation of unpublished mail %s", mail_id)

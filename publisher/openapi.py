@@ -1,0 +1,240 @@
+"""The OpenAPI 3.1 document served at ``/openapi.json``.
+
+The request schema is generated from :class:`mailpipe.mail.MailRequest`, the same model that
+validates requests, so the document cannot drift from what the service accepts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from mailpipe import __version__
+from mailpipe.mail import MailRequest
+from mailpipe.record import MailStatus
+
+_REF = "#/components/schemas/{model}"
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def _json(ref: str, description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
+    }
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    request_schema = MailRequest.model_json_schema(by_alias=True, ref_template=_REF)
+    definitions = request_schema.pop("$defs", {})
+    schemas: dict[str, Any] = {
+        **definitions,
+        "MailRequest": request_schema,
+        "Accepted": {
+            "type": "object",
+            "required": ["mail_id", "message_id", "trace_id", "status"],
+            "properties": {
+                "mail_id": {"type": "string", "description": "UUIDv7 assigned to the mail"},
+                "message_id": {"type": ["string", "null"], "description": "Pub/Sub message id"},
+                "trace_id": {"type": ["string", "null"], "description": "W3C trace id (32 hex)"},
+                "status": {"type": "string", "enum": ["queued"]},
+            },
+        },
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["code", "message"],
+                    "properties": {
+                        "code": {"type": "string"},
+                        "message": {"type": "string", "description": "What to fix"},
+                        "fields": {
+                            "type": "object",
+                            "additionalProperties": {"type": "string"},
+                            "description": "Each invalid field (dotted path) and what is wrong",
+                        },
+                    },
+                }
+            },
+        },
+        "MailRecord": {
+            "type": "object",
+            "required": ["mail_id", "status", "attempts"],
+            "properties": {
+                "mail_id": {"type": "string"},
+                "status": {"type": "string", "enum": [s.value for s in MailStatus]},
+                "accepted_at": {"type": ["string", "null"], "format": "date-time"},
+                "updated_at": {"type": ["string", "null"], "format": "date-time"},
+                "delivered_at": {"type": ["string", "null"], "format": "date-time"},
+                "trace_id": {"type": ["string", "null"]},
+                "message_id": {"type": ["string", "null"]},
+                "recipient_domains": {"type": "array", "items": {"type": "string"}},
+                "last_error": {"type": ["string", "null"]},
+                "replays": {"type": "array", "items": {"type": "string"}},
+                "attempts": {"type": "array", "items": {"type": "object"}},
+            },
+        },
+    }
+    json_only = {
+        "415": _error("The body is not application/json"),
+        "413": _error("The body or the encoded mail exceeds Pub/Sub's 10 MB message limit"),
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "mailpipe publisher",
+            "version": __version__,
+            "description": "Accepts mails and queues them on Pub/Sub for SMTP delivery.",
+        },
+        "paths": {
+            "/v1/messages": {
+                "post": {
+                    "operationId": "sendMessage",
+                    "summary": "Queue a mail for delivery",
+                    "parameters": [
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "required": False,
+                            "schema": {
+                                "type": "string",
+                                "minLength": 1,
+                                "maxLength": 200,
+                                "pattern": r"^[\x21-\x7e]+$",
+                            },
+                            "description": "Same as the body's idempotency_key",
+                        }
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/MailRequest"}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "202": _json("Accepted", "Queued: Pub/Sub has the mail"),
+                        "400": _error("Invalid request; `fields` names every bad field"),
+                        "409": _error("The idempotency key's first request is still in flight"),
+                        **json_only,
+                        "503": _error("Pub/Sub or the delivery record is unavailable; retry"),
+                    },
+                },
+                "get": {
+                    "operationId": "listMessages",
+                    "summary": "List delivery records, oldest first",
+                    "parameters": [
+                        {
+                            "name": "status",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "enum": [s.value for s in MailStatus]},
+                        },
+                        {
+                            "name": "since",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "format": "date-time"},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        },
+                        {
+                            "name": "page_token",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "A page of records",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {
+                                            "items": {
+                                                "type": "array",
+                                                "items": {
+                                                    "$ref": "#/components/schemas/MailRecord"
+                                                },
+                                            },
+                                            "next_page_token": {"type": ["string", "null"]},
+                                        },
+                                    }
+                                }
+                            },
+                        },
+                        "400": _error("Invalid query"),
+                        "503": _error("The delivery record is unavailable"),
+                    },
+                },
+            },
+            "/v1/messages/{mail_id}": {
+                "get": {
+                    "operationId": "getMessage",
+                    "summary": "The delivery record of one mail",
+                    "parameters": [
+                        {
+                            "name": "mail_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": _json("MailRecord", "The record"),
+                        "404": _error("No such mail"),
+                        "503": _error("The delivery record is unavailable"),
+                    },
+                }
+            },
+            "/v1/stats": {
+                "get": {
+                    "operationId": "stats",
+                    "summary": "Delivery lag: the oldest mail not yet delivered",
+                    "responses": {
+                        "200": {
+                            "description": "Lag",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {
+                                            "oldest_undelivered_mail_id": {
+                                                "type": ["string", "null"]
+                                            },
+                                            "oldest_undelivered_age_seconds": {
+                                                "type": ["number", "null"]
+                                            },
+                                        },
+                                    }
+                                }
+                            },
+                        }
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "operationId": "healthz",
+                    "responses": {"200": {"description": "The process is serving"}},
+                }
+            },
+        },
+        "components": {"schemas": schemas},
+    }

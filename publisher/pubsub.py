@@ -1,0 +1,117 @@
+"""Publishing mails to Pub/Sub with the client library's own OpenTelemetry tracing.
+
+``enable_open_telemetry_tracing=True`` makes the client start the ``<topic> create`` PRODUCER span
+as a child of the current span (the Flask request) and put its context in the
+``googclient_traceparent`` attribute; we do not hand-roll propagation on top of it.
+
+Errors (google-api-core and client exceptions are translated in one place,
+:meth:`PubSubMailPublisher.publish`)::
+
+    PublishError                  base: the mail was NOT accepted (HTTP 503 / 413)
+    ├── PublishUnavailable        Pub/Sub unreachable, timed out or refused the request
+    └── MailTooLarge              the encoded mail exceeds Pub/Sub's 10 MB message limit
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Protocol
+
+import google.cloud.pubsub_v1 as pubsub_v1
+import grpc
+from google.api_core import exceptions as api_exceptions
+from google.cloud.pubsub_v1.publisher import exceptions as publisher_exceptions
+from google.cloud.pubsub_v1.types import BatchSettings, PublisherOptions
+from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
+
+from mailpipe.config import PubSubConfig
+from mailpipe.mail import MAX_PUBSUB_DATA_BYTES, QueuedMail
+
+
+class PublishError(Exception):
+    """The mail could not be published; nothing was accepted."""
+
+
+class PublishUnavailable(PublishError):
+    """Pub/Sub did not take the message (unreachable, timeout, permission, quota)."""
+
+
+class MailTooLarge(PublishError):
+    """The encoded mail is larger than a Pub/Sub message may be."""
+
+    def __init__(self, size: int, limit: int = MAX_PUBSUB_DATA_BYTES) -> None:
+        super().__init__(
+            f"the encoded mail is {size:,} bytes; Pub/Sub messages are limited to {limit:,} bytes "
+            "(attachments are base64-encoded: send fewer or smaller attachments)"
+        )
+        self.size = size
+        self.limit = limit
+
+
+class MailPublisher(Protocol):
+    """What the publisher app needs: publish one mail, get its Pub/Sub message id."""
+
+    def publish(self, mail: QueuedMail) -> str: ...
+
+    def close(self) -> None: ...
+
+
+def emulator_channel(host: str) -> grpc.Channel:
+    """An insecure gRPC channel to the emulator without gRPC's 4 MiB receive cap.
+
+    The client's own emulator channel keeps the cap, so messages over ~4 MiB would fail (and
+    streaming pull would silently get nothing): see shared/emulators.md, "Receiving large messages".
+    """
+    return grpc.insecure_channel(
+        host,
+        options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
+    )
+
+
+class PubSubMailPublisher:
+    """Publishes :class:`QueuedMail` to the mail topic and waits until Pub/Sub has it."""
+
+    def __init__(
+        self,
+        config: PubSubConfig,
+        *,
+        timeout: float = 30.0,
+        client: pubsub_v1.PublisherClient | None = None,
+    ) -> None:
+        self._topic_path = config.topic_path
+        self._timeout = timeout
+        if client is None:
+            options = PublisherOptions(enable_open_telemetry_tracing=True)
+            # Requests wait for their publish future, so a short batch window only groups
+            # concurrent requests; it never delays a lone one by more than 5 ms.
+            batch = BatchSettings(max_latency=0.005, max_messages=100)
+            if config.emulator_host:
+                transport = PublisherGrpcTransport(channel=emulator_channel(config.emulator_host))
+                client = pubsub_v1.PublisherClient(
+                    batch_settings=batch, publisher_options=options, transport=transport
+                )
+            else:
+                client = pubsub_v1.PublisherClient(batch_settings=batch, publisher_options=options)
+        self._client = client
+
+    def publish(self, mail: QueuedMail) -> str:
+        data, attributes = mail.to_pubsub()
+        if len(data) > MAX_PUBSUB_DATA_BYTES:
+            raise MailTooLarge(len(data))
+        try:
+            future = self._client.publish(self._topic_path, data, **attributes)
+            return str(future.result(timeout=self._timeout))
+        except publisher_exceptions.MessageTooLargeError as exc:
+            raise MailTooLarge(len(data)) from exc
+        except (concurrent.futures.TimeoutError, TimeoutError) as exc:
+            raise PublishUnavailable(
+                f"Pub/Sub did not confirm the publish within {self._timeout:g} s"
+            ) from exc
+        except api_exceptions.GoogleAPICallError as exc:
+            raise PublishUnavailable(f"Pub/Sub refused the publish: {exc.message}") from exc
+        except api_exceptions.RetryError as exc:
+            raise PublishUnavailable("Pub/Sub could not be reached (retries exhausted)") from exc
+
+    def close(self) -> None:
+        """Send what is batched and stop the client (called on SIGTERM)."""
+        self._client.stop()

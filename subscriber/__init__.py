@@ -1,0 +1,1 @@
+"""The subscriber service: receives mails from Pub/Sub (push or pull), delivers them over SMTP."""

@@ -1,0 +1,308 @@
+"""The delivery core, shared by the push endpoint and the streaming-pull worker.
+
+For each Pub/Sub message: claim the attempt in the record → SMTP transaction → outcome. The
+ack/nack decision lives in :func:`decide` and nowhere else::
+
+    outcome      reason                                   ack?   push answer
+    delivered    250 after DATA                           yes    204
+    bounced      5xx, or the message can never be sent    yes    204
+    duplicate    the record says delivered/bounced        yes    204
+    deferred     4xx, timeout, connection/TLS failure,    no     503   (Pub/Sub retries with
+                 record unavailable, claimed elsewhere                  backoff, then dead-letters)
+    undecodable  not a mailpipe mail                      no     503   (ends on the dead-letter
+                                                                        topic, where it is visible)
+
+Retry timing and dead-lettering come from the subscription's policies (topology.json), not from
+loops in this code.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.propagators.textmap import DefaultGetter
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from mailpipe.mail import MailDecodeError, QueuedMail
+from mailpipe.metrics import MailMetrics
+from mailpipe.record import Attempt, ClaimResult, DeliveryRecord, RecordError
+from subscriber.errors import DeliveryError
+from subscriber.message import build_message, envelope, message_bytes
+from subscriber.smtp import SmtpReceipt
+
+log = logging.getLogger(__name__)
+
+TRACEPARENT_ATTRIBUTE = "googclient_traceparent"
+_propagator = TraceContextTextMapPropagator()
+
+
+class Outcome(enum.StrEnum):
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    BOUNCED = "bounced"
+    DUPLICATE = "duplicate"
+    UNDECODABLE = "undecodable"
+
+
+def decide(outcome: Outcome) -> bool:
+    """Whether the Pub/Sub message is acknowledged (True) or handed back for a retry (False)."""
+    return outcome in (Outcome.DELIVERED, Outcome.BOUNCED, Outcome.DUPLICATE)
+
+
+class MailSender(Protocol):
+    """Sends one SMTP transaction (see :class:`subscriber.smtp.SmtpSender`)."""
+
+    def send(self, *, mail_from: str, recipients: Sequence[str], message: bytes) -> SmtpReceipt: ...
+
+
+@dataclass(frozen=True)
+class ReceivedMessage:
+    """A Pub/Sub message as either receive path sees it."""
+
+    data: bytes
+    attributes: Mapping[str, str]
+    message_id: str
+    delivery_attempt: int | None = None  # absent in the emulator's push body
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    outcome: Outcome
+    mail_id: str | None = None
+    detail: str = ""
+    reply_code: int | None = None
+    enhanced_status: str | None = None
+    trace_id: str | None = None
+    links: tuple[Link, ...] = field(default=(), repr=False)
+
+    @property
+    def ack(self) -> bool:
+        return decide(self.outcome)
+
+
+def publisher_context(attributes: Mapping[str, str]) -> otel_context.Context | None:
+    """The publisher's trace context from the ``googclient_traceparent`` attribute, if valid."""
+    traceparent = attributes.get(TRACEPARENT_ATTRIBUTE)
+    if not traceparent:
+        return None
+    ctx = _propagator.extract({"traceparent": traceparent}, getter=DefaultGetter())
+    if not trace.get_current_span(ctx).get_span_context().is_valid:
+        return None
+    return ctx
+
+
+class DeliveryService:
+    """Delivers one Pub/Sub message and says whether to ack it."""
+
+    def __init__(
+        self,
+        *,
+        sender: MailSender,
+        record: DeliveryRecord,
+        tracer: trace.Tracer,
+        message_id_domain: str,
+        metrics: MailMetrics | None = None,
+        lease_seconds: float = 120.0,
+        server: str | None = None,
+    ) -> None:
+        self._sender = sender
+        self._record = record
+        self._tracer = tracer
+        self._message_id_domain = message_id_domain
+        self._metrics = metrics
+        self._lease_seconds = lease_seconds
+        self._server = server
+
+    def deliver(
+        self,
+        message: ReceivedMessage,
+        *,
+        parent: otel_context.Context | None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        links: Sequence[Link] = (),
+    ) -> DeliveryResult:
+        """Run one delivery attempt inside a ``mail deliver`` span parented on ``parent``."""
+        # An explicit parent (never the thread's current context): the pull callback has no current
+        # span and the push request's own context belongs to Cloud Run's unrelated trace.
+        parent = parent if parent is not None else otel_context.Context()
+        with self._tracer.start_as_current_span(
+            "mail deliver",
+            context=parent,
+            kind=kind,
+            links=list(links),
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            span.set_attribute("messaging.system", "gcp_pubsub")
+            span.set_attribute("messaging.message.id", message.message_id)
+            if message.delivery_attempt:
+                span.set_attribute(
+                    "messaging.gcp_pubsub.message.delivery_attempt", message.delivery_attempt
+                )
+            result = self._deliver_in_span(message, span)
+            span.set_attribute("mailpipe.outcome", str(result.outcome))
+            if result.reply_code is not None:
+                span.set_attribute("smtp.reply.code", result.reply_code)
+            if result.enhanced_status:
+                span.set_attribute("smtp.reply.enhanced_status", result.enhanced_status)
+            if result.outcome in (Outcome.DEFERRED, Outcome.BOUNCED, Outcome.UNDECODABLE):
+                span.set_status(Status(StatusCode.ERROR, result.detail[:200]))
+            trace_id = format(span.get_span_context().trace_id, "032x")
+        log.info(
+            "mail %s",
+            result.outcome,
+            extra={
+                "json_fields": {
+                    "mail_id": result.mail_id,
+                    "message_id": message.message_id,
+                    "outcome": str(result.outcome),
+                    "reply_code": result.reply_code,
+                    "detail": result.detail,
+                }
+            },
+        )
+        return DeliveryResult(
+            outcome=result.outcome,
+            mail_id=result.mail_id,
+            detail=result.detail,
+            reply_code=result.reply_code,
+            enhanced_status=result.enhanced_status,
+            trace_id=trace_id,
+        )
+
+    def _deliver_in_span(self, message: ReceivedMessage, span: trace.Span) -> DeliveryResult:
+        try:
+            mail = QueuedMail.from_pubsub(message.data, dict(message.attributes))
+        except MailDecodeError as exc:
+            log.error("undecodable message %s: %s", message.message_id, exc)
+            return DeliveryResult(Outcome.UNDECODABLE, detail=str(exc))
+        span.set_attribute("mailpipe.mail_id", mail.mail_id)
+        trace_id = format(span.get_span_context().trace_id, "032x")
+
+        try:
+            claim = self._record.claim(
+                mail.mail_id,
+                message_id=message.message_id,
+                trace_id=trace_id,
+                lease_seconds=self._lease_seconds,
+                # Used only if the record is missing (its write failed): the lag stays right.
+                accepted_at=mail.accepted_at,
+                recipient_domains=mail.request.recipient_domains,
+            )
+        except RecordError as exc:
+            return DeliveryResult(
+                Outcome.DEFERRED, mail.mail_id, detail=f"delivery record unavailable: {exc}"
+            )
+        if claim.result is ClaimResult.ALREADY_FINAL:
+            span.set_attribute("mailpipe.duplicate", True)
+            status = claim.record.status if claim.record else "final"
+            return DeliveryResult(
+                Outcome.DUPLICATE, mail.mail_id, detail=f"already {status}: not sent again"
+            )
+        if claim.result is ClaimResult.IN_PROGRESS:
+            return DeliveryResult(
+                Outcome.DEFERRED,
+                mail.mail_id,
+                detail="another delivery of this mail is in progress",
+            )
+        return self._send(mail, claim.attempt_number, message.message_id, trace_id)
+
+    def _send(
+        self, mail: QueuedMail, attempt_number: int, message_id: str, trace_id: str
+    ) -> DeliveryResult:
+        started = dt.datetime.now(dt.UTC)
+        carrier: dict[str, str] = {}
+        _propagator.inject(carrier)  # the current span is `mail deliver`
+        mail_from, recipients = envelope(mail)
+        data = message_bytes(
+            build_message(
+                mail,
+                message_id_domain=self._message_id_domain,
+                traceparent=carrier.get("traceparent"),
+            )
+        )
+        try:
+            receipt = self._sender.send(mail_from=mail_from, recipients=recipients, message=data)
+        except DeliveryError as exc:
+            outcome = Outcome.DEFERRED if exc.transient else Outcome.BOUNCED
+            self._finish(
+                mail,
+                Attempt(
+                    number=attempt_number,
+                    started_at=started,
+                    finished_at=dt.datetime.now(dt.UTC),
+                    outcome=str(outcome),
+                    reply_code=exc.reply_code,
+                    enhanced_status=exc.enhanced_status,
+                    reply_message=exc.reply_message or str(exc),
+                    failed_step=exc.step,
+                    trace_id=trace_id,
+                    message_id=message_id,
+                ),
+            )
+            if self._metrics is not None:
+                if outcome is Outcome.DEFERRED:
+                    self._metrics.deferred(
+                        reply_code=exc.reply_code, enhanced_status=exc.enhanced_status
+                    )
+                else:
+                    self._metrics.bounced(
+                        reply_code=exc.reply_code, enhanced_status=exc.enhanced_status
+                    )
+                    self._metrics.delivery_attempts(attempt_number)
+            return DeliveryResult(
+                outcome,
+                mail.mail_id,
+                detail=exc.summary(),
+                reply_code=exc.reply_code,
+                enhanced_status=exc.enhanced_status,
+            )
+
+        refused = "; ".join(f"{rcpt}: {code}" for rcpt, (code, _) in receipt.refused.items())
+        self._finish(
+            mail,
+            Attempt(
+                number=attempt_number,
+                started_at=started,
+                finished_at=dt.datetime.now(dt.UTC),
+                outcome=str(Outcome.DELIVERED),
+                reply_code=receipt.reply_code,
+                enhanced_status=receipt.enhanced_status,
+                reply_message=(receipt.reply_message or "")
+                + (f" (refused: {refused})" if refused else ""),
+                trace_id=trace_id,
+                message_id=message_id,
+            ),
+        )
+        if self._metrics is not None:
+            latency = (dt.datetime.now(dt.UTC) - mail.accepted_at).total_seconds()
+            self._metrics.delivered(latency_seconds=max(latency, 0.0), attempt=attempt_number)
+            self._metrics.delivery_attempts(attempt_number)
+        return DeliveryResult(
+            Outcome.DELIVERED,
+            mail.mail_id,
+            detail=receipt.reply_message or "",
+            reply_code=receipt.reply_code,
+            enhanced_status=receipt.enhanced_status,
+        )
+
+    def _finish(self, mail: QueuedMail, attempt: Attempt) -> None:
+        # After a 250 the mail is out: a record failure here must not nack (that would send it
+        # again). The claim's lease expires and a redelivery would find the mail `sending`.
+        for delay in (0.0, 0.2, 1.0):
+            time.sleep(delay)
+            try:
+                self._record.finish(mail.mail_id, attempt)
+                return
+            except RecordError as exc:
+                last = exc
+        log.error("could not record attempt %s of mail %s: %s", attempt.number, mail.mail_id, last)

@@ -1,0 +1,71 @@
+"""The dead-letter consumer: marks each dead-lettered mail in the delivery record.
+
+Pub/Sub forwards a message to the dead-letter topic after ``max_delivery_attempts``; the copy keeps
+the original attributes (``mail_id``, ``googclient_traceparent``) and gains
+``CloudPubSubDeadLetterSourceDeliveryCount``. This consumer reads the ``dead_letter_record``
+subscription; the ``dead_letter`` subscription keeps the data for ``mailpipe dlq replay``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from mailpipe.metrics import MailMetrics
+from mailpipe.record import DeliveryRecord, RecordError
+from subscriber.delivery import ReceivedMessage
+
+log = logging.getLogger(__name__)
+
+DELIVERY_COUNT_ATTRIBUTE = "CloudPubSubDeadLetterSourceDeliveryCount"
+
+
+class DeadLetterRecorder:
+    """Handles one dead-lettered message; returns whether to ack it."""
+
+    def __init__(
+        self, *, record: DeliveryRecord, tracer: trace.Tracer, metrics: MailMetrics | None = None
+    ) -> None:
+        self._record = record
+        self._tracer = tracer
+        self._metrics = metrics
+
+    def handle(
+        self,
+        message: ReceivedMessage,
+        *,
+        parent: otel_context.Context | None,
+        kind: SpanKind = SpanKind.CONSUMER,
+    ) -> bool:
+        with self._tracer.start_as_current_span(
+            "mail dead-letter", context=parent or otel_context.Context(), kind=kind
+        ) as span:
+            span.set_attribute("messaging.system", "gcp_pubsub")
+            span.set_attribute("messaging.message.id", message.message_id)
+            mail_id = message.attributes.get("mail_id")
+            if not mail_id:
+                # Not a mailpipe mail; its data stays on the dead-letter subscription to inspect.
+                log.warning("dead-lettered message %s has no mail_id", message.message_id)
+                return True
+            span.set_attribute("mailpipe.mail_id", mail_id)
+            attempts = message.attributes.get(DELIVERY_COUNT_ATTRIBUTE)
+            if attempts and attempts.isdigit():
+                span.set_attribute("messaging.gcp_pubsub.message.delivery_attempt", int(attempts))
+            try:
+                updated = self._record.mark_dead_lettered(mail_id, last_error=None)
+            except RecordError as exc:
+                log.error("could not mark mail %s dead-lettered: %s", mail_id, exc)
+                return False
+            span.set_attribute("mailpipe.outcome", "dead_lettered")
+            if updated is None:
+                log.warning("dead-lettered mail %s has no delivery record", mail_id)
+            if self._metrics is not None:
+                self._metrics.dead_lettered()
+            log.warning(
+                "mail dead-lettered",
+                extra={"json_fields": {"mail_id": mail_id, "delivery_count": attempts}},
+            )
+            return True

@@ -1,0 +1,160 @@
+"""The subscriber's entry points: ``python -m subscriber push`` (Cloud Run) or ``pull`` (a worker).
+
+Both build the same :class:`~subscriber.delivery.DeliveryService` from the config.
+
+- ``push``: gunicorn serves :func:`subscriber.push.create_push_app` on ``$PORT``: the mail
+  subscription pushes to ``/``, the dead-letter record subscription to ``/dead-letter``.
+- ``pull``: streaming pull on the mail subscription and on the dead-letter record subscription,
+  until SIGTERM or SIGINT; deliveries in flight finish before it exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import FrameType
+
+from flask import Flask
+
+from mailpipe.config import SubscriberConfig
+from mailpipe.logs import configure_logging, register_secret
+from mailpipe.record import DeliveryRecord, open_record
+from mailpipe.serving import serve_wsgi
+from mailpipe.telemetry import Telemetry, setup_telemetry
+from mailpipe.topology import load_topology
+from subscriber.auth import PushAuthenticator
+from subscriber.delivery import DeliveryService
+from subscriber.dlq import DeadLetterRecorder
+from subscriber.pull import PullWorker, make_subscriber_client
+from subscriber.push import create_push_app
+from subscriber.smtp import SmtpSender
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """The subscriber's wired collaborators and how to close them."""
+
+    delivery: DeliveryService
+    dead_letters: DeadLetterRecorder
+    sender: SmtpSender
+    record: DeliveryRecord
+    telemetry: Telemetry
+
+    def close(self) -> None:
+        self.sender.close()
+        self.record.close()
+        self.telemetry.shutdown()
+
+
+def build_services(config: SubscriberConfig, *, telemetry: Telemetry | None = None) -> Services:
+    telemetry = telemetry or setup_telemetry(config.telemetry)
+    configure_logging(config.telemetry, project=config.pubsub.project)
+    if config.smtp.password:
+        register_secret(config.smtp.password)
+    tracer = telemetry.tracer("mailpipe.subscriber")
+    sender = SmtpSender(config.smtp, tracer=tracer, address_style=config.telemetry.log_addresses)
+    record = open_record(config.record)
+    topology = load_topology()
+    delivery = DeliveryService(
+        sender=sender,
+        record=record,
+        tracer=tracer,
+        message_id_domain=config.smtp.message_id_domain,
+        metrics=telemetry.metrics,
+        # A claim outlives the longest SMTP transaction; after that a redelivery may retry.
+        lease_seconds=float(topology.delivery_subscription.ack_deadline_seconds),
+    )
+    dead_letters = DeadLetterRecorder(record=record, tracer=tracer, metrics=telemetry.metrics)
+    return Services(delivery, dead_letters, sender, record, telemetry)
+
+
+def build_push_app(config: SubscriberConfig) -> tuple[Flask, Callable[[], None]]:
+    services = build_services(config)
+    authenticator = (
+        PushAuthenticator(
+            audience=config.push_audience, service_account_email=config.push_service_account
+        )
+        if config.push_audience
+        else None
+    )
+    topology = load_topology()
+    flush = None
+    if config.telemetry.traces in ("gcp", "otlp"):
+
+        def flush() -> None:
+            services.telemetry.force_flush(timeout_millis=2000)
+
+    app = create_push_app(
+        config,
+        delivery=services.delivery,
+        dead_letters=services.dead_letters,
+        authenticator=authenticator,
+        push_path=topology.delivery_subscription.push_path,
+        dead_letter_path=topology.dead_letter_record_subscription.push_path,
+        flush=flush,
+    )
+    return app, services.close
+
+
+def serve_push(config: SubscriberConfig) -> None:
+    serve_wsgi(lambda: build_push_app(config), host=config.host, port=config.port)
+
+
+def run_pull(config: SubscriberConfig, *, stop: threading.Event | None = None) -> None:
+    """Deliver with streaming pull until ``stop`` is set or SIGTERM/SIGINT arrives."""
+    services = build_services(config)
+    client = make_subscriber_client(config.pubsub)
+    dead_letter_path = client.subscription_path(
+        config.pubsub.project, load_topology().dead_letter_record_subscription.name
+    )
+    workers = [
+        PullWorker(
+            subscription_path=config.pubsub.subscription_path,
+            handler=lambda message, parent: services.delivery.deliver(message, parent=parent).ack,
+            client=client,
+            max_messages=config.pull_max_messages,
+            max_workers=max(config.smtp.pool_size * 2, 4),
+        ),
+        PullWorker(
+            subscription_path=dead_letter_path,
+            handler=lambda message, parent: services.dead_letters.handle(message, parent=parent),
+            client=client,
+            max_messages=10,
+            max_workers=2,
+        ),
+    ]
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("received signal %s: stopping after deliveries in flight", signum)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    for worker in workers:
+        worker.start()
+    log.info("pulling from %s", config.pubsub.subscription_path)
+    try:
+        while not stop.wait(0.5):
+            for worker in workers:
+                worker.check()
+    finally:
+        for worker in workers:
+            worker.stop()
+        client.close()
+        services.close()
+
+
+def main(mode: str, environ: Mapping[str, str] | None = None) -> None:
+    config = SubscriberConfig.from_env(os.environ if environ is None else environ)
+    if mode == "push":
+        serve_push(config)
+    else:
+        run_pull(config)

@@ -1,0 +1,127 @@
+"""The streaming-pull worker: the same delivery core, fed by ``SubscriberClient.subscribe``.
+
+The client's own OpenTelemetry option (``enable_open_telemetry_tracing=True``) makes its
+``<subscription> subscribe`` CONSUMER span a child of the publisher's ``create`` span. Inside the
+callback there is no current span (google-cloud-pubsub 2.44 detaches it), so ``mail deliver`` is
+parented explicitly on that subscribe span.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent import futures
+
+import google.cloud.pubsub_v1 as pubsub_v1
+from google.cloud.pubsub_v1.subscriber.message import Message
+from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
+from google.cloud.pubsub_v1.types import FlowControl, SubscriberOptions
+from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from mailpipe.config import PubSubConfig
+from subscriber.delivery import ReceivedMessage, publisher_context
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[ReceivedMessage, otel_context.Context | None], bool]
+"""Handles one message with the given parent context; returns True to ack, False to nack."""
+
+
+def make_subscriber_client(config: PubSubConfig) -> pubsub_v1.SubscriberClient:
+    """A subscriber client with OpenTelemetry on; against the emulator, without the 4 MiB cap."""
+    options = SubscriberOptions(enable_open_telemetry_tracing=True)
+    if config.emulator_host:
+        # Imported here so the publisher's module stays the one owner of the channel recipe.
+        import grpc
+
+        channel = grpc.insecure_channel(
+            config.emulator_host,
+            options=[
+                ("grpc.max_receive_message_length", -1),
+                ("grpc.max_send_message_length", -1),
+            ],
+        )
+        return pubsub_v1.SubscriberClient(
+            transport=SubscriberGrpcTransport(channel=channel), subscriber_options=options
+        )
+    return pubsub_v1.SubscriberClient(subscriber_options=options)
+
+
+def delivery_parent(message: Message) -> otel_context.Context | None:
+    """The parent of ``mail deliver``: the library's subscribe span, else the publisher's."""
+    otel_data = getattr(message, "opentelemetry_data", None)
+    subscribe_span = getattr(otel_data, "subscribe_span", None) if otel_data else None
+    if subscribe_span is not None and subscribe_span.get_span_context().is_valid:
+        return trace.set_span_in_context(subscribe_span)
+    return publisher_context(message.attributes)
+
+
+class PullWorker:
+    """Receives from one subscription with streaming pull until :meth:`stop`."""
+
+    def __init__(
+        self,
+        *,
+        subscription_path: str,
+        handler: Handler,
+        client: pubsub_v1.SubscriberClient,
+        max_messages: int = 100,
+        max_workers: int = 16,
+    ) -> None:
+        self._subscription_path = subscription_path
+        self._handler = handler
+        self._client = client
+        self._flow_control = FlowControl(max_messages=max_messages)
+        self._executor = futures.ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="mailpipe-deliver"
+        )
+        self._future: pubsub_v1.subscriber.futures.StreamingPullFuture | None = None
+        self._stopped = threading.Event()
+
+    def _callback(self, message: Message) -> None:
+        received = ReceivedMessage(
+            data=message.data,
+            attributes=dict(message.attributes),
+            message_id=message.message_id,
+            delivery_attempt=message.delivery_attempt,
+        )
+        try:
+            ack = self._handler(received, delivery_parent(message))
+        except Exception:
+            # Never let a bug drop a message: nack it so Pub/Sub retries (and dead-letters).
+            log.exception("handler crashed for message %s; nacking", message.message_id)
+            message.nack()
+            return
+        if ack:
+            message.ack()
+        else:
+            message.nack()
+
+    def start(self) -> None:
+        self._future = self._client.subscribe(
+            self._subscription_path,
+            callback=self._callback,
+            flow_control=self._flow_control,
+            scheduler=ThreadScheduler(self._executor),
+            await_callbacks_on_shutdown=True,
+        )
+
+    def check(self) -> None:
+        """Raise the stream's error if it ended on its own (e.g. the subscription is missing)."""
+        if self._future is not None and self._future.done() and not self._stopped.is_set():
+            self._future.result()  # raises the stream's exception
+            raise RuntimeError(f"streaming pull on {self._subscription_path} ended unexpectedly")
+
+    def stop(self) -> None:
+        """Stop receiving, let running deliveries finish, and release the stream."""
+        self._stopped.set()
+        if self._future is not None:
+            self._future.cancel()
+            try:
+                self._future.result(timeout=30)
+            except Exception:  # cancelled streams raise; nothing to do
+                log.debug("streaming pull ended", exc_info=True)
+        self._executor.shutdown(wait=True)

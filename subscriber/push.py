@@ -1,0 +1,199 @@
+"""The push endpoint: Pub/Sub (or Eventarc) POSTs each message here.
+
+Accepted bodies:
+
+- the Pub/Sub push envelope ``{"message": {"data", "attributes", "messageId", …},
+  "subscription", "deliveryAttempt"}`` (``deliveryAttempt`` is absent in the emulator);
+- a CloudEvent of type ``google.cloud.pubsub.topic.v1.messagePublished``, binary (``ce-*``
+  headers) or structured (``application/cloudevents+json``), whose data is that envelope.
+
+Answers: 204 = ack (delivered, bounced, duplicate); 503 = nack (deferred: Pub/Sub retries with the
+subscription's backoff); 400 = the body is not a push message (also a nack: it ends on the
+dead-letter topic, where it can be inspected); 401 = not from our push subscription. 202 is not
+used: the emulator treats it as a nack.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from cloudevents.http import from_http
+from flask import Flask, Request, Response, jsonify, request
+from opentelemetry import trace
+from opentelemetry.propagators.textmap import DefaultGetter
+from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from mailpipe.config import SubscriberConfig
+from subscriber.auth import PushAuthenticator, PushAuthError
+from subscriber.delivery import DeliveryService, ReceivedMessage, publisher_context
+from subscriber.dlq import DeadLetterRecorder
+
+log = logging.getLogger(__name__)
+
+PUBSUB_EVENT_TYPE = "google.cloud.pubsub.topic.v1.messagePublished"
+_propagator = TraceContextTextMapPropagator()
+
+
+class MalformedPush(ValueError):
+    """The request body is not a Pub/Sub push message; the text says what is wrong."""
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    response = jsonify({"error": {"code": code, "message": message}})
+    response.status_code = status
+    return response
+
+
+def _envelope_from_request(req: Request) -> dict[str, Any]:
+    """The push envelope, from either the plain push body or a CloudEvent."""
+    is_cloudevent = (
+        "ce-specversion" in req.headers or req.mimetype == "application/cloudevents+json"
+    )
+    raw = req.get_data(cache=True)
+    if is_cloudevent:
+        try:
+            event = from_http(dict(req.headers), raw)
+        except Exception as exc:  # the cloudevents SDK raises many unrelated types
+            raise MalformedPush(f"not a valid CloudEvent: {exc}") from exc
+        if event["type"] != PUBSUB_EVENT_TYPE:
+            raise MalformedPush(
+                f"CloudEvent type must be {PUBSUB_EVENT_TYPE}, got {event['type']!r}"
+            )
+        data = event.data
+        if isinstance(data, bytes | str):
+            try:
+                data = json.loads(data)
+            except ValueError as exc:
+                raise MalformedPush("CloudEvent data is not JSON") from exc
+        if not isinstance(data, dict):
+            raise MalformedPush("CloudEvent data must be an object holding 'message'")
+        return data
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise MalformedPush("body is not JSON (expected a Pub/Sub push envelope)") from exc
+    if not isinstance(body, dict):
+        raise MalformedPush("body must be a JSON object (a Pub/Sub push envelope)")
+    return body
+
+
+def parse_push(req: Request) -> ReceivedMessage:
+    """Decode a push request into a :class:`ReceivedMessage` or raise :class:`MalformedPush`."""
+    envelope = _envelope_from_request(req)
+    message = envelope.get("message")
+    if not isinstance(message, dict):
+        raise MalformedPush("envelope has no 'message' object")
+    message_id = message.get("messageId") or message.get("message_id")
+    if not isinstance(message_id, str) or not message_id:
+        raise MalformedPush("message has no 'messageId'")
+    attributes = message.get("attributes") or {}
+    if not isinstance(attributes, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()
+    ):
+        raise MalformedPush("message 'attributes' must map strings to strings")
+    encoded = message.get("data", "")
+    if not isinstance(encoded, str):
+        raise MalformedPush("message 'data' must be a base64 string")
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MalformedPush("message 'data' is not valid base64") from exc
+    attempt = envelope.get("deliveryAttempt")
+    return ReceivedMessage(
+        data=data,
+        attributes=attributes,
+        message_id=message_id,
+        delivery_attempt=attempt if isinstance(attempt, int) and attempt > 0 else None,
+    )
+
+
+def _request_link(req: Request) -> list[Link]:
+    """A link to the HTTP request's own trace (Cloud Run's), kept for correlation only."""
+    ctx = _propagator.extract(dict(req.headers), getter=DefaultGetter())
+    span_context = trace.get_current_span(ctx).get_span_context()
+    if not span_context.is_valid:
+        return []
+    return [Link(span_context, {"mailpipe.link": "cloud_run_request"})]
+
+
+def create_push_app(
+    config: SubscriberConfig,
+    *,
+    delivery: DeliveryService,
+    dead_letters: DeadLetterRecorder,
+    authenticator: PushAuthenticator | None,
+    push_path: str = "/",
+    dead_letter_path: str = "/dead-letter",
+    flush: Callable[[], None] | None = None,
+) -> Flask:
+    """Build the push endpoint.
+
+    ``authenticator`` may be ``None`` only in local mode (the emulator sends no token); outside
+    it, refusing to start is safer than an endpoint anyone could POST mail to. ``flush`` runs
+    before each answer: with request-based billing Cloud Run throttles the CPU once the response
+    is sent, so spans must be exported before it is.
+    """
+    if authenticator is None and not config.local_mode:
+        raise ValueError(
+            "the push endpoint needs MAILPIPE_PUSH_AUDIENCE outside local mode "
+            "(PUBSUB_EMULATOR_HOST unset): Pub/Sub's OIDC token must be verified"
+        )
+    app = Flask("mailpipe.subscriber.push")
+    app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024  # base64 of a 10 MB message + envelope
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify({"status": "ok"})
+
+    def authenticate() -> Response | None:
+        if authenticator is None:
+            return None
+        try:
+            authenticator.verify(request.headers.get("Authorization"))
+        except PushAuthError as exc:
+            log.warning("rejected push request: %s", exc)
+            return _error(401, "unauthenticated", str(exc))
+        return None
+
+    @app.post(dead_letter_path)
+    def dead_letter() -> Response:
+        if (denied := authenticate()) is not None:
+            return denied
+        try:
+            received = parse_push(request)
+        except MalformedPush as exc:
+            return _error(400, "malformed_push", str(exc))
+        ack = dead_letters.handle(received, parent=publisher_context(received.attributes))
+        if flush is not None:
+            flush()
+        if ack:
+            return Response(status=204)
+        return _error(503, "record_unavailable", "the delivery record is unavailable; retry")
+
+    @app.post(push_path)
+    def push() -> Response:
+        if (denied := authenticate()) is not None:
+            return denied
+        try:
+            received = parse_push(request)
+        except MalformedPush as exc:
+            return _error(400, "malformed_push", str(exc))
+        result = delivery.deliver(
+            received,
+            parent=publisher_context(received.attributes),
+            kind=SpanKind.CONSUMER,
+            links=_request_link(request),
+        )
+        if flush is not None:
+            flush()
+        if result.ack:
+            return Response(status=204)
+        return _error(503, f"mail_{result.outcome}", result.detail or str(result.outcome))
+
+    return app

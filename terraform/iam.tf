@@ -1,0 +1,139 @@
+# One service account per service, plus one that only exists to sign Pub/Sub push requests.
+# Every role is granted on the narrowest resource that has it; project-level grants are the roles
+# that exist only at project level (trace and metric writing) or are narrowed by an IAM condition.
+
+resource "google_service_account" "publisher" {
+  project      = var.project_id
+  account_id   = "mailpipe-publisher"
+  display_name = "mailpipe publisher (Cloud Run)"
+  description  = "Runs the publisher: publishes mails to the mail topic, keeps the delivery record."
+
+  depends_on = [google_project_service.enabled]
+}
+
+resource "google_service_account" "subscriber" {
+  project      = var.project_id
+  account_id   = "mailpipe-subscriber"
+  display_name = "mailpipe subscriber (Cloud Run)"
+  description  = "Runs the subscriber: delivers pushed mails over SMTP, keeps the delivery record."
+
+  depends_on = [google_project_service.enabled]
+}
+
+resource "google_service_account" "push_invoker" {
+  project      = var.project_id
+  account_id   = "mailpipe-push-invoker"
+  display_name = "mailpipe Pub/Sub push invoker"
+  description  = "Identity in the OIDC token of Pub/Sub push requests to the subscriber; may only invoke it."
+
+  depends_on = [google_project_service.enabled]
+}
+
+# --- Publisher -------------------------------------------------------------------------------------
+
+# Publish accepted mails to the mail topic, and to nothing else.
+resource "google_pubsub_topic_iam_member" "publisher_publishes_mail" {
+  project = var.project_id
+  topic   = google_pubsub_topic.topic["mail"].name
+  role    = "roles/pubsub.publisher"
+  member  = google_service_account.publisher.member
+}
+
+# --- Both services ---------------------------------------------------------------------------------
+
+locals {
+  runtime_members = {
+    publisher  = google_service_account.publisher.member
+    subscriber = google_service_account.subscriber.member
+  }
+
+  # Firestore grants are limited to the mailpipe database with an IAM condition on its resource name
+  # (Firestore "per-database access", cloud.google.com/firestore/docs/manage-databases).
+  firestore_database_name = "projects/${var.project_id}/databases/${var.firestore_database}"
+}
+
+# Read and write the delivery record: the publisher reserves idempotency keys, marks mails queued
+# and answers the status API; the subscriber claims attempts and records outcomes. roles/datastore.user
+# is the smallest predefined role with entity read/write (no index or database administration).
+resource "google_project_iam_member" "runtime_record_access" {
+  for_each = local.runtime_members
+
+  project = var.project_id
+  role    = "roles/datastore.user"
+  member  = each.value
+
+  condition {
+    title       = "mailpipe-record-only"
+    description = "Only the mailpipe Firestore database."
+    expression  = "resource.name == \"${local.firestore_database_name}\""
+  }
+}
+
+# Write spans to Cloud Trace (MAILPIPE_TRACES=gcp). Project-level: the role has no narrower scope.
+resource "google_project_iam_member" "runtime_trace_writer" {
+  for_each = local.runtime_members
+
+  project = var.project_id
+  role    = "roles/cloudtrace.agent"
+  member  = each.value
+}
+
+# Write the OpenTelemetry metrics (mailpipe.mails.*) that drive the error-ratio alert. Project-level
+# only; write-only, cannot read or change metrics or alerts.
+resource "google_project_iam_member" "runtime_metric_writer" {
+  for_each = local.runtime_members
+
+  project = var.project_id
+  role    = "roles/monitoring.metricWriter"
+  member  = each.value
+}
+
+# Logs need no grant: Cloud Run collects stdout/stderr itself.
+
+# --- Subscriber ------------------------------------------------------------------------------------
+
+# Read the SMTP password, and only that secret, when Cloud Run starts an instance.
+data "google_secret_manager_secret" "smtp_password" {
+  count = local.smtp_auth ? 1 : 0
+
+  project   = var.project_id
+  secret_id = var.smtp_password_secret_id
+}
+
+resource "google_secret_manager_secret_iam_member" "subscriber_reads_smtp_password" {
+  count = local.smtp_auth ? 1 : 0
+
+  project   = var.project_id
+  secret_id = data.google_secret_manager_secret.smtp_password[0].secret_id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = google_service_account.subscriber.member
+}
+
+# --- Push path -------------------------------------------------------------------------------------
+
+# The Pub/Sub service agent mints OIDC tokens for the invoker account (required for authenticated
+# push, cloud.google.com/pubsub/docs/authenticate-push-subscriptions). Granted on that one account,
+# not project-wide.
+resource "google_service_account_iam_member" "pubsub_agent_mints_invoker_tokens" {
+  service_account_id = google_service_account.push_invoker.name
+  role               = "roles/iam.serviceAccountTokenCreator"
+  member             = local.pubsub_service_agent
+}
+
+# The invoker may call the subscriber service and nothing else (see run.tf).
+
+# --- Operators (mailpipe status / dlq) -------------------------------------------------------------
+
+resource "google_project_iam_member" "operators_record_access" {
+  for_each = toset(var.operators)
+
+  project = var.project_id
+  role    = "roles/datastore.user"
+  member  = each.value
+
+  condition {
+    title       = "mailpipe-record-only"
+    description = "Only the mailpipe Firestore database."
+    expression  = "resource.name == \"${local.firestore_database_name}\""
+  }
+}

@@ -1,0 +1,118 @@
+# Alert policies. Each one's documentation says what it means and what to do first.
+
+locals {
+  delivery_subscription_filter    = "resource.type = \"pubsub_subscription\" AND resource.labels.subscription_id = \"${local.delivery_subscription_name}\""
+  dead_letter_subscription_filter = "resource.type = \"pubsub_subscription\" AND resource.labels.subscription_id = \"${local.dead_letter_subscription_name}\""
+
+  # OpenTelemetry counters exported by the Cloud Monitoring exporter become metric types
+  # workload.googleapis.com/mailpipe.mails.<outcome>; in PromQL the first "/" maps to ":" and every
+  # other "." or "/" to "_" (cloud.google.com/monitoring/promql/promql-mapping).
+  outcome_rate = {
+    for outcome in ["delivered", "deferred", "bounced"] :
+    outcome => "(sum(rate(workload_googleapis_com:mailpipe_mails_${outcome}[10m])) or vector(0))"
+  }
+}
+
+resource "google_monitoring_alert_policy" "delivery_lag" {
+  project               = var.project_id
+  display_name          = "mailpipe: mails waiting too long for delivery"
+  combiner              = "OR"
+  notification_channels = var.notification_channels
+  user_labels           = local.labels
+
+  conditions {
+    display_name = "oldest unacked message on ${local.delivery_subscription_name} older than ${var.oldest_unacked_age_threshold_seconds}s"
+
+    condition_threshold {
+      filter          = "metric.type = \"pubsub.googleapis.com/subscription/oldest_unacked_message_age\" AND ${local.delivery_subscription_filter}"
+      comparison      = "COMPARISON_GT"
+      threshold_value = var.oldest_unacked_age_threshold_seconds
+      duration        = "60s"
+
+      aggregations {
+        alignment_period   = "60s"
+        per_series_aligner = "ALIGN_MAX"
+      }
+    }
+  }
+
+  documentation {
+    mime_type = "text/markdown"
+    content   = <<-EOT
+      The oldest mail on `${local.delivery_subscription_name}` has waited more than
+      ${var.oldest_unacked_age_threshold_seconds} s. Either the relay keeps deferring (check the
+      error-ratio alert and `mailpipe.outcome` on `mail deliver` spans in Cloud Trace), or the
+      subscriber is failing or scaled to its maximum (Cloud Run metrics of `${local.subscriber_service_name}`).
+    EOT
+  }
+
+  depends_on = [google_project_service.enabled]
+}
+
+resource "google_monitoring_alert_policy" "dead_letters" {
+  project               = var.project_id
+  display_name          = "mailpipe: mails in the dead-letter subscription"
+  combiner              = "OR"
+  notification_channels = var.notification_channels
+  user_labels           = local.labels
+
+  conditions {
+    display_name = "undelivered messages on the dead-letter subscription > 0"
+
+    condition_threshold {
+      filter          = "metric.type = \"pubsub.googleapis.com/subscription/num_undelivered_messages\" AND ${local.dead_letter_subscription_filter}"
+      comparison      = "COMPARISON_GT"
+      threshold_value = 0
+      duration        = "0s"
+
+      aggregations {
+        alignment_period   = "60s"
+        per_series_aligner = "ALIGN_MAX"
+      }
+    }
+  }
+
+  documentation {
+    mime_type = "text/markdown"
+    content   = <<-EOT
+      At least one mail exhausted its delivery attempts and was dead-lettered to
+      `${local.dead_letter_topic_name}`. Inspect with `mailpipe dlq list`, fix the cause, then
+      `mailpipe dlq replay`.
+    EOT
+  }
+
+  depends_on = [google_project_service.enabled]
+}
+
+resource "google_monitoring_alert_policy" "delivery_error_ratio" {
+  project               = var.project_id
+  display_name          = "mailpipe: high delivery error ratio"
+  combiner              = "OR"
+  notification_channels = var.notification_channels
+  user_labels           = local.labels
+
+  conditions {
+    display_name = "(deferred + bounced) / all outcomes > ${var.delivery_error_ratio_threshold} over 10 min"
+
+    condition_prometheus_query_language {
+      # No traffic gives 0/0 = NaN, which never fires.
+      query               = "(${local.outcome_rate.deferred} + ${local.outcome_rate.bounced}) / (${local.outcome_rate.delivered} + ${local.outcome_rate.deferred} + ${local.outcome_rate.bounced}) > ${var.delivery_error_ratio_threshold}"
+      duration            = "300s"
+      evaluation_interval = "60s"
+      # The metrics only exist once the subscriber has delivered something; without this the policy
+      # cannot be created on a fresh project.
+      disable_metric_validation = true
+    }
+  }
+
+  documentation {
+    mime_type = "text/markdown"
+    content   = <<-EOT
+      More than ${var.delivery_error_ratio_threshold * 100}% of delivery attempts in the last 10 minutes were
+      deferred (4xx, timeouts, connection errors) or bounced (5xx). Filter `mail deliver` spans by
+      `mailpipe.outcome` and `smtp.reply.code` in Cloud Trace to see what the relay answers.
+    EOT
+  }
+
+  depends_on = [google_project_service.enabled]
+}

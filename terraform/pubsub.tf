@@ -1,0 +1,120 @@
+# Topics and subscriptions, one resource per entry of mailpipe/topology.json (see topology.tf).
+
+resource "google_pubsub_topic" "topic" {
+  #checkov:skip=CKV_GCP_83:Messages are encrypted at rest with Google-managed keys; CMEK is an organisation policy choice (add kms_key_name plus the Pub/Sub agent's encrypter grant where required).
+  for_each = local.topics
+
+  project                    = var.project_id
+  name                       = each.value.name
+  message_retention_duration = each.value.message_retention_duration
+  labels                     = local.labels
+
+  depends_on = [google_project_service.enabled]
+}
+
+resource "google_pubsub_subscription" "subscription" {
+  for_each = local.subscriptions
+
+  project                    = var.project_id
+  name                       = each.value.name
+  topic                      = google_pubsub_topic.topic[each.value.topic].id
+  ack_deadline_seconds       = each.value.ack_deadline_seconds
+  message_retention_duration = each.value.message_retention_duration
+  labels                     = local.labels
+
+  # Never expire: an idle mail pipeline (a quiet weekend) must not lose its subscription.
+  expiration_policy {
+    ttl = ""
+  }
+
+  # Exponential backoff between redeliveries of a deferred (nacked) mail.
+  dynamic "retry_policy" {
+    for_each = each.value.retry_policy == null ? [] : [each.value.retry_policy]
+    content {
+      minimum_backoff = retry_policy.value.minimum_backoff
+      maximum_backoff = retry_policy.value.maximum_backoff
+    }
+  }
+
+  # After max_delivery_attempts deferrals the mail moves to the dead-letter topic. The Pub/Sub service
+  # agent needs publisher on that topic and subscriber on this subscription (see below).
+  dynamic "dead_letter_policy" {
+    for_each = each.value.dead_letter == null ? [] : [each.value.dead_letter]
+    content {
+      dead_letter_topic     = google_pubsub_topic.topic[dead_letter_policy.value.topic].id
+      max_delivery_attempts = coalesce(var.max_delivery_attempts, dead_letter_policy.value.max_delivery_attempts)
+    }
+  }
+
+  # Push to the subscriber's Cloud Run URL with a Google-signed OIDC token minted for the dedicated
+  # invoker service account. Cloud Run checks the token (run.invoker + custom audience) before the
+  # request reaches the container, and the subscriber checks audience and email again.
+  dynamic "push_config" {
+    for_each = each.value.delivery == "push" ? [each.value] : []
+    content {
+      push_endpoint = "${google_cloud_run_v2_service.subscriber.uri}${push_config.value.push_path}"
+
+      oidc_token {
+        service_account_email = google_service_account.push_invoker.email
+        audience              = local.push_audience
+      }
+    }
+  }
+
+  lifecycle {
+    precondition {
+      condition     = each.value.dead_letter == null || try(coalesce(var.max_delivery_attempts, each.value.dead_letter.max_delivery_attempts) >= 5 && coalesce(var.max_delivery_attempts, each.value.dead_letter.max_delivery_attempts) <= 100, false)
+      error_message = "max_delivery_attempts (topology.json or the variable) must be 5..100."
+    }
+  }
+
+  depends_on = [
+    # The agent must be able to mint the invoker's token before the first push.
+    google_service_account_iam_member.pubsub_agent_mints_invoker_tokens,
+    # ...and the invoker must be allowed to call the subscriber, or the first pushes get 403.
+    google_cloud_run_v2_service_iam_member.push_invoker_calls_subscriber,
+  ]
+}
+
+# --- What the Pub/Sub service agent needs for dead-lettering -------------------------------------
+# Documented requirement (cloud.google.com/pubsub/docs/handling-failures): without these grants
+# messages are never forwarded and the subscription shows a dead-letter permission warning.
+
+# Publish the failed message to the subscription's dead-letter topic.
+resource "google_pubsub_topic_iam_member" "pubsub_agent_publishes_dead_letters" {
+  for_each = local.dead_letter_subscriptions
+
+  project = var.project_id
+  topic   = google_pubsub_topic.topic[each.value.dead_letter.topic].name
+  role    = "roles/pubsub.publisher"
+  member  = local.pubsub_service_agent
+}
+
+# Acknowledge the forwarded message on the source subscription.
+resource "google_pubsub_subscription_iam_member" "pubsub_agent_acks_dead_letters" {
+  for_each = local.dead_letter_subscriptions
+
+  project      = var.project_id
+  subscription = google_pubsub_subscription.subscription[each.key].name
+  role         = "roles/pubsub.subscriber"
+  member       = local.pubsub_service_agent
+}
+
+# --- Operators: `mailpipe dlq list` pulls the dead-letter subscription, `dlq replay` republishes ---
+resource "google_pubsub_subscription_iam_member" "operators_pull" {
+  for_each = { for pair in setproduct(keys(local.pull_subscriptions), var.operators) : "${pair[0]} ${pair[1]}" => { subscription = pair[0], member = pair[1] } }
+
+  project      = var.project_id
+  subscription = google_pubsub_subscription.subscription[each.value.subscription].name
+  role         = "roles/pubsub.subscriber"
+  member       = each.value.member
+}
+
+resource "google_pubsub_topic_iam_member" "operators_replay" {
+  for_each = toset(var.operators)
+
+  project = var.project_id
+  topic   = google_pubsub_topic.topic["mail"].name
+  role    = "roles/pubsub.publisher"
+  member  = each.value
+}

@@ -1,0 +1,348 @@
+# Inputs. Topic and subscription names, ack deadlines, retry and dead-letter settings are NOT
+# variables: they come from mailpipe/topology.json (see topology.tf), so the emulator and GCP agree.
+
+# ---------------------------------------------------------------------------------------------
+# Where
+# ---------------------------------------------------------------------------------------------
+variable "project_id" {
+  type        = string
+  description = "ID of the Google Cloud project to deploy into (must already exist, with billing)."
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{4,28}[a-z0-9]$", var.project_id))
+    error_message = "project_id must be a project ID (6-30 chars: lowercase letters, digits, hyphens), not a project number or name."
+  }
+}
+
+variable "region" {
+  type        = string
+  description = "Region for Cloud Run, Artifact Registry and (by default) Firestore, e.g. \"europe-west1\"."
+
+  validation {
+    condition     = can(regex("^[a-z]+-[a-z]+[0-9]+$", var.region))
+    error_message = "region must be a Google Cloud region such as \"us-central1\" or \"europe-west1\" (not a zone)."
+  }
+}
+
+variable "labels" {
+  type        = map(string)
+  description = "Labels added to every resource that takes labels."
+  default     = {}
+}
+
+# ---------------------------------------------------------------------------------------------
+# Images (built from publisher/Dockerfile and subscriber/Dockerfile, pushed to the repository this
+# module creates: see the artifact_registry_repository output and docs/deploy.md)
+# ---------------------------------------------------------------------------------------------
+variable "publisher_image" {
+  type        = string
+  description = "Container image of the publisher, e.g. \"europe-west1-docker.pkg.dev/PROJECT/mailpipe/publisher:v1\" (a @sha256 digest is best)."
+
+  validation {
+    condition     = can(regex("^[a-z0-9.-]+(:[0-9]+)?/[^ ]+(:[A-Za-z0-9_.-]+|@sha256:[a-f0-9]{64})$", var.publisher_image))
+    error_message = "publisher_image must be a full image reference with a tag or @sha256 digest."
+  }
+}
+
+variable "subscriber_image" {
+  type        = string
+  description = "Container image of the subscriber, e.g. \"europe-west1-docker.pkg.dev/PROJECT/mailpipe/subscriber:v1\" (a @sha256 digest is best)."
+
+  validation {
+    condition     = can(regex("^[a-z0-9.-]+(:[0-9]+)?/[^ ]+(:[A-Za-z0-9_.-]+|@sha256:[a-f0-9]{64})$", var.subscriber_image))
+    error_message = "subscriber_image must be a full image reference with a tag or @sha256 digest."
+  }
+}
+
+variable "artifact_registry_repository_id" {
+  type        = string
+  description = "ID of the Artifact Registry Docker repository created for the images."
+  default     = "mailpipe"
+
+  validation {
+    condition     = can(regex("^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", var.artifact_registry_repository_id))
+    error_message = "artifact_registry_repository_id must be lowercase letters, digits and hyphens, starting with a letter."
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# Delivery policy
+# ---------------------------------------------------------------------------------------------
+variable "max_delivery_attempts" {
+  type        = number
+  description = "Override of dead_letter.max_delivery_attempts from mailpipe/topology.json (null = use the declaration, which keeps GCP identical to the emulator). Pub/Sub accepts 5..100."
+  default     = null
+
+  validation {
+    condition     = var.max_delivery_attempts == null || try(var.max_delivery_attempts >= 5 && var.max_delivery_attempts <= 100 && floor(var.max_delivery_attempts) == var.max_delivery_attempts, false)
+    error_message = "max_delivery_attempts must be a whole number from 5 to 100 (Pub/Sub's limits), or null."
+  }
+}
+
+variable "subscriber_request_timeout_seconds" {
+  type        = number
+  description = "Cloud Run request timeout of the subscriber (null = the push subscription's ack deadline). Must not exceed the ack deadline, or Pub/Sub re-pushes a mail while its first delivery is still running."
+  default     = null
+
+  validation {
+    condition     = var.subscriber_request_timeout_seconds == null || try(var.subscriber_request_timeout_seconds >= 10 && var.subscriber_request_timeout_seconds <= 600, false)
+    error_message = "subscriber_request_timeout_seconds must be 10..600 (it is further capped by the ack deadline)."
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# SMTP relay (MAILPIPE_SMTP_*)
+# ---------------------------------------------------------------------------------------------
+variable "smtp_host" {
+  type        = string
+  description = "Host name of the SMTP relay the subscriber delivers to (MAILPIPE_SMTP_HOST)."
+
+  validation {
+    condition     = length(trimspace(var.smtp_host)) > 0
+    error_message = "smtp_host must not be empty."
+  }
+}
+
+variable "smtp_port" {
+  type        = number
+  description = "SMTP port (MAILPIPE_SMTP_PORT); null = the default for smtp_tls (587 starttls, 465 implicit, 25 none)."
+  default     = null
+
+  validation {
+    condition     = var.smtp_port == null || try(var.smtp_port >= 1 && var.smtp_port <= 65535, false)
+    error_message = "smtp_port must be 1..65535 or null."
+  }
+}
+
+variable "smtp_tls" {
+  type        = string
+  description = "TLS mode towards the relay (MAILPIPE_SMTP_TLS): starttls, implicit or none."
+  default     = "starttls"
+
+  validation {
+    condition     = contains(["starttls", "implicit", "none"], var.smtp_tls)
+    error_message = "smtp_tls must be starttls, implicit or none."
+  }
+}
+
+variable "smtp_username" {
+  type        = string
+  description = "SMTP AUTH user name (MAILPIPE_SMTP_USERNAME); null = no AUTH. Set together with smtp_password_secret_id."
+  default     = null
+}
+
+variable "smtp_password_secret_id" {
+  type        = string
+  description = "ID of an existing Secret Manager secret in project_id holding the SMTP password (MAILPIPE_SMTP_PASSWORD). Create it yourself (docs/deploy.md) so the password never passes through Terraform variables or state; null = no AUTH."
+  default     = null
+
+  validation {
+    condition     = var.smtp_password_secret_id == null || can(regex("^[A-Za-z0-9_-]{1,255}$", var.smtp_password_secret_id))
+    error_message = "smtp_password_secret_id must be a secret ID (not a full resource name, not the password)."
+  }
+}
+
+variable "smtp_password_secret_version" {
+  type        = string
+  description = "Version of the SMTP password secret to mount (\"latest\" or a number; pin a number for reproducible revisions)."
+  default     = "latest"
+
+  validation {
+    condition     = can(regex("^(latest|[1-9][0-9]*)$", var.smtp_password_secret_version))
+    error_message = "smtp_password_secret_version must be \"latest\" or a version number."
+  }
+}
+
+variable "smtp_timeout_seconds" {
+  type        = number
+  description = "Timeout of each SMTP network operation (MAILPIPE_SMTP_TIMEOUT); must stay below the subscriber's request timeout."
+  default     = 30
+
+  validation {
+    condition     = var.smtp_timeout_seconds >= 1 && var.smtp_timeout_seconds <= 600
+    error_message = "smtp_timeout_seconds must be 1..600."
+  }
+}
+
+variable "smtp_pool_size" {
+  type        = number
+  description = "SMTP connections kept open per subscriber instance (MAILPIPE_SMTP_POOL_SIZE)."
+  default     = 4
+
+  validation {
+    condition     = var.smtp_pool_size >= 1 && var.smtp_pool_size <= 256
+    error_message = "smtp_pool_size must be 1..256."
+  }
+}
+
+variable "message_id_domain" {
+  type        = string
+  description = "Domain part of the Message-ID header of delivered mail (MAILPIPE_MESSAGE_ID_DOMAIN), usually your sending domain."
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+$", var.message_id_domain))
+    error_message = "message_id_domain must be a domain name such as \"mail.example.com\"."
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# Cloud Run
+# ---------------------------------------------------------------------------------------------
+variable "publisher_ingress" {
+  type        = string
+  description = "Ingress of the publisher. INGRESS_TRAFFIC_ALL still requires IAM (run.invoker, granted only to publisher_invokers): reachable from your laptop with an identity token. INGRESS_TRAFFIC_INTERNAL_ONLY: only from VPCs of this project."
+  default     = "INGRESS_TRAFFIC_ALL"
+
+  validation {
+    condition     = contains(["INGRESS_TRAFFIC_ALL", "INGRESS_TRAFFIC_INTERNAL_ONLY", "INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER"], var.publisher_ingress)
+    error_message = "publisher_ingress must be INGRESS_TRAFFIC_ALL, INGRESS_TRAFFIC_INTERNAL_ONLY or INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER."
+  }
+}
+
+variable "publisher_invokers" {
+  type        = list(string)
+  description = "IAM members allowed to call the publisher (roles/run.invoker), e.g. [\"user:you@example.com\", \"serviceAccount:app@P.iam.gserviceaccount.com\"]. Public access is not allowed."
+  default     = []
+
+  validation {
+    condition     = alltrue([for m in var.publisher_invokers : can(regex("^(user|serviceAccount|group|domain|principal|principalSet):.+", m)) && !contains(["allUsers", "allAuthenticatedUsers"], m)])
+    error_message = "publisher_invokers must be IAM members such as user:x@example.com; allUsers and allAuthenticatedUsers are refused."
+  }
+}
+
+variable "operators" {
+  type        = list(string)
+  description = "IAM members who run `mailpipe status` / `mailpipe dlq list|replay` against this deployment: read and write the delivery record, pull the dead-letter subscription, republish to the mail topic."
+  default     = []
+
+  validation {
+    condition     = alltrue([for m in var.operators : can(regex("^(user|serviceAccount|group|domain|principal|principalSet):.+", m)) && !contains(["allUsers", "allAuthenticatedUsers"], m)])
+    error_message = "operators must be IAM members such as user:x@example.com; allUsers and allAuthenticatedUsers are refused."
+  }
+}
+
+variable "publisher_scaling" {
+  type = object({
+    min_instances = optional(number, 0)
+    max_instances = optional(number, 10)
+    concurrency   = optional(number, 16)
+    cpu           = optional(string, "1")
+    memory        = optional(string, "512Mi")
+    timeout       = optional(number, 60)
+  })
+  description = "Publisher Cloud Run sizing: instances, requests per instance (at most the 16 gunicorn threads of mailpipe/serving.py, or requests queue inside the instance), CPU, memory, request timeout (seconds)."
+  default     = {}
+
+  validation {
+    condition = (
+      var.publisher_scaling.min_instances >= 0 &&
+      var.publisher_scaling.max_instances >= max(1, var.publisher_scaling.min_instances) &&
+      var.publisher_scaling.concurrency >= 1 && var.publisher_scaling.concurrency <= 1000 &&
+      var.publisher_scaling.timeout >= 1 && var.publisher_scaling.timeout <= 3600
+    )
+    error_message = "publisher_scaling: need 0 <= min_instances <= max_instances (>= 1), concurrency 1..1000, timeout 1..3600."
+  }
+}
+
+variable "subscriber_scaling" {
+  type = object({
+    min_instances = optional(number, 0)
+    max_instances = optional(number, 10)
+    concurrency   = optional(number, 8)
+    cpu           = optional(string, "1")
+    memory        = optional(string, "512Mi")
+  })
+  description = "Subscriber Cloud Run sizing. concurrency = push requests handled at once per instance; keep it near smtp_pool_size so requests do not queue for an SMTP connection. The request timeout comes from subscriber_request_timeout_seconds."
+  default     = {}
+
+  validation {
+    condition = (
+      var.subscriber_scaling.min_instances >= 0 &&
+      var.subscriber_scaling.max_instances >= max(1, var.subscriber_scaling.min_instances) &&
+      var.subscriber_scaling.concurrency >= 1 && var.subscriber_scaling.concurrency <= 1000
+    )
+    error_message = "subscriber_scaling: need 0 <= min_instances <= max_instances (>= 1) and concurrency 1..1000."
+  }
+}
+
+variable "push_audience" {
+  type        = string
+  description = "Audience of the OIDC token Pub/Sub attaches to each push (MAILPIPE_PUSH_AUDIENCE). Registered as a Cloud Run custom audience of the subscriber. null = \"mailpipe-push:PROJECT:SUBSCRIPTION\"."
+  default     = null
+}
+
+# ---------------------------------------------------------------------------------------------
+# Delivery record (Firestore) and telemetry
+# ---------------------------------------------------------------------------------------------
+variable "firestore_database" {
+  type        = string
+  description = "Name of the Firestore (native mode) database created for the delivery record (MAILPIPE_RECORD=firestore://NAME)."
+  default     = "mailpipe"
+
+  validation {
+    condition     = var.firestore_database == "(default)" || can(regex("^[a-z][a-z0-9-]{2,61}[a-z0-9]$", var.firestore_database))
+    error_message = "firestore_database must be 4-63 chars of lowercase letters, digits and hyphens (or \"(default)\")."
+  }
+}
+
+variable "firestore_location" {
+  type        = string
+  description = "Firestore location (a region such as \"europe-west1\" or a multi-region such as \"nam5\"); null = region."
+  default     = null
+}
+
+variable "trace_sample_ratio" {
+  type        = number
+  description = "Fraction of new traces sampled by the publisher (MAILPIPE_TRACE_SAMPLE_RATIO); the subscriber follows the publisher's decision. 1.0 shows every test mail in Cloud Trace; lower it for volume (Cloud Trace quota)."
+  default     = 1.0
+
+  validation {
+    condition     = var.trace_sample_ratio >= 0 && var.trace_sample_ratio <= 1
+    error_message = "trace_sample_ratio must be between 0 and 1."
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# Alerts
+# ---------------------------------------------------------------------------------------------
+variable "notification_channels" {
+  type        = list(string)
+  description = "Cloud Monitoring notification channel IDs (projects/P/notificationChannels/N) the alert policies notify."
+  default     = []
+
+  validation {
+    condition     = alltrue([for c in var.notification_channels : can(regex("^projects/[^/]+/notificationChannels/[^/]+$", c))])
+    error_message = "notification_channels must be full IDs: projects/PROJECT/notificationChannels/ID."
+  }
+}
+
+variable "oldest_unacked_age_threshold_seconds" {
+  type        = number
+  description = "Alert when the oldest undelivered mail on the delivery subscription is older than this (seconds)."
+  default     = 600
+
+  validation {
+    condition     = var.oldest_unacked_age_threshold_seconds >= 60
+    error_message = "oldest_unacked_age_threshold_seconds must be at least 60."
+  }
+}
+
+variable "delivery_error_ratio_threshold" {
+  type        = number
+  description = "Alert when (deferred + bounced) / all delivery outcomes over 10 minutes exceeds this fraction."
+  default     = 0.1
+
+  validation {
+    condition     = var.delivery_error_ratio_threshold > 0 && var.delivery_error_ratio_threshold < 1
+    error_message = "delivery_error_ratio_threshold must be between 0 and 1 (exclusive)."
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# Lifecycle
+# ---------------------------------------------------------------------------------------------
+variable "deletion_protection" {
+  type        = bool
+  description = "Protect the Cloud Run services and the Firestore database from deletion. Set to false and apply before `terraform destroy`."
+  default     = true
+}

@@ -1,0 +1,725 @@
+"""One suite for every delivery-record backend, run against real servers.
+
+SQLite: a real file under ``tmp_path`` (and, for the cross-process test, two real processes).
+Firestore: Google's Firestore emulator over gRPC (``FIRESTORE_EMULATOR_HOST``), each test in its
+own uniquely named collections. Time is an injected clock, so lease expiry needs no sleeping.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import multiprocessing
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from google.cloud import firestore
+
+from mailpipe.record.base import (
+    AlreadyFinal,
+    Attempt,
+    ClaimResult,
+    DeliveryRecord,
+    MailNotFound,
+    MailStatus,
+    RecordError,
+    RecordUnavailable,
+    open_record,
+)
+from mailpipe.record.firestore import FirestoreRecord
+from mailpipe.record.lifecycle import key_hash
+from mailpipe.record.sqlite import SCHEMA_VERSION, SqliteRecord
+
+T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+LEASE = 60.0
+
+
+class FakeClock:
+    """The records' clock: stands still unless a test moves it."""
+
+    def __init__(self, now: dt.datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(T0 + dt.timedelta(minutes=5))
+
+
+@pytest.fixture(params=["sqlite", "firestore"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def make_record(
+    request: pytest.FixtureRequest, backend: str, tmp_path: Path, clock: FakeClock
+) -> Iterator[Callable[[], DeliveryRecord]]:
+    """Factory: another handle on the same store (as a second service would open it)."""
+    opened: list[DeliveryRecord] = []
+    suffix = uuid.uuid4().hex[:10]
+    if backend == "firestore":
+        emulator = request.getfixturevalue("firestore_emulator")
+        project = request.getfixturevalue("pubsub_project")
+
+    def make() -> DeliveryRecord:
+        record: DeliveryRecord
+        if backend == "sqlite":
+            record = SqliteRecord(tmp_path / "state" / "record.sqlite3", clock=clock)
+        else:
+            record = FirestoreRecord(
+                project=project,
+                collection=f"mails-{suffix}",
+                idempotency_collection=f"keys-{suffix}",
+                clock=clock,
+            )
+            assert emulator.host  # the client reads FIRESTORE_EMULATOR_HOST, set by the fixture
+        opened.append(record)
+        return record
+
+    yield make
+    for record in opened:
+        record.close()
+
+
+@pytest.fixture
+def record(make_record: Callable[[], DeliveryRecord]) -> DeliveryRecord:
+    return make_record()
+
+
+def reserve(
+    record: DeliveryRecord,
+    mail_id: str | None = None,
+    *,
+    key: str | None = None,
+    minutes: float = 0,
+    domains: tuple[str, ...] = ("example.org",),
+) -> str:
+    """Reserve a mail accepted ``minutes`` after T0 and return its id."""
+    mail_id = mail_id or f"mail-{uuid.uuid4().hex}"
+    reservation = record.reserve(
+        mail_id=mail_id,
+        accepted_at=T0 + dt.timedelta(minutes=minutes),
+        recipient_domains=domains,
+        idempotency_key=key,
+    )
+    assert reservation.created
+    return mail_id
+
+
+def queue(record: DeliveryRecord, **kwargs: object) -> str:
+    mail_id = reserve(record, **kwargs)  # type: ignore[arg-type]
+    record.mark_queued(mail_id, message_id=f"msg-{mail_id}", trace_id="a" * 32)
+    return mail_id
+
+
+def attempt(number: int, outcome: str, code: int | None = None, **kwargs: object) -> Attempt:
+    return Attempt(
+        number=number,
+        started_at=T0 + dt.timedelta(minutes=5),
+        finished_at=T0 + dt.timedelta(minutes=5, seconds=2),
+        outcome=outcome,
+        reply_code=code,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def in_threads(count: int, action: Callable[[int], object]) -> list[object]:
+    """Run ``action(i)`` in ``count`` threads released together; their results in order."""
+    barrier = threading.Barrier(count)
+    results: list[object] = [None] * count
+
+    def run(i: int) -> None:
+        barrier.wait(timeout=30)
+        try:
+            results[i] = action(i)
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return results
+
+
+# --- reserve / mark_queued / release -------------------------------------------------------
+
+
+def test_reserve_creates_an_accepting_record(record: DeliveryRecord) -> None:
+    mail_id = reserve(record, key="order-1", domains=("example.org", "example.net"))
+
+    stored = record.get(mail_id)
+    assert stored is not None
+    assert stored.status is MailStatus.ACCEPTING
+    assert stored.accepted_at == T0
+    assert stored.recipient_domains == ("example.org", "example.net")
+    assert stored.idempotency_key == "order-1"
+    assert stored.attempts == ()
+    assert record.get_by_idempotency_key("order-1") == stored
+    assert record.get_by_idempotency_key("order-2") is None
+    assert record.get("no-such-mail") is None
+
+
+def test_a_second_reserve_with_the_same_key_returns_the_holder(record: DeliveryRecord) -> None:
+    first = reserve(record, key="order-1")
+
+    again = record.reserve(
+        mail_id="mail-second",
+        accepted_at=T0,
+        recipient_domains=("example.org",),
+        idempotency_key="order-1",
+    )
+
+    assert not again.created
+    assert again.record.mail_id == first
+    assert record.get("mail-second") is None
+
+
+def test_reserve_without_key_and_of_an_existing_mail_id(record: DeliveryRecord) -> None:
+    a = reserve(record)
+    b = reserve(record)
+    assert a != b
+    assert record.get(a) is not None
+    assert record.get(b) is not None
+
+    again = record.reserve(
+        mail_id=a, accepted_at=T0, recipient_domains=(), idempotency_key="fresh-key"
+    )
+    assert not again.created
+    assert again.record.mail_id == a
+    assert record.get_by_idempotency_key("fresh-key") is None
+
+
+def test_mark_queued_sets_status_and_ids(record: DeliveryRecord) -> None:
+    mail_id = reserve(record)
+
+    record.mark_queued(mail_id, message_id="42", trace_id="t" * 32)
+
+    stored = record.get(mail_id)
+    assert stored is not None
+    assert (stored.status, stored.message_id, stored.trace_id) == (
+        MailStatus.QUEUED,
+        "42",
+        "t" * 32,
+    )
+
+
+def test_mark_queued_after_the_first_claim_does_not_move_the_record_back(
+    record: DeliveryRecord,
+) -> None:
+    mail_id = reserve(record)
+    assert record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE).result is (
+        ClaimResult.CLAIMED
+    )
+
+    record.mark_queued(mail_id, message_id="42", trace_id="t" * 32)
+
+    stored = record.get(mail_id)
+    assert stored is not None
+    assert stored.status is MailStatus.SENDING
+    assert (stored.message_id, stored.trace_id) == ("42", "t" * 32)
+
+
+def test_mark_queued_without_record_raises(record: DeliveryRecord) -> None:
+    with pytest.raises(MailNotFound):
+        record.mark_queued("no-such-mail", message_id="1", trace_id=None)
+
+
+def test_release_deletes_the_reservation_and_frees_the_key(record: DeliveryRecord) -> None:
+    first = reserve(record, key="order-1")
+
+    record.release(first)
+
+    assert record.get(first) is None
+    assert record.get_by_idempotency_key("order-1") is None
+    second = reserve(record, key="order-1")  # the client's retry now succeeds
+    holder = record.get_by_idempotency_key("order-1")
+    assert holder is not None
+    assert holder.mail_id == second
+
+
+def test_release_leaves_a_queued_record_and_ignores_a_missing_one(record: DeliveryRecord) -> None:
+    mail_id = queue(record, key="order-1")
+
+    record.release(mail_id)
+    record.release("no-such-mail")
+
+    stored = record.get(mail_id)
+    assert stored is not None
+    assert stored.status is MailStatus.QUEUED
+    assert record.get_by_idempotency_key("order-1") == stored
+
+
+# --- claim / finish ------------------------------------------------------------------------
+
+
+def test_claim_starts_an_attempt_with_a_lease(record: DeliveryRecord, clock: FakeClock) -> None:
+    mail_id = queue(record)
+
+    claim = record.claim(mail_id, message_id="42", trace_id="t" * 32, lease_seconds=LEASE)
+
+    assert claim.result is ClaimResult.CLAIMED
+    assert claim.attempt_number == 1
+    stored = record.get(mail_id)
+    assert stored is not None
+    assert stored.status is MailStatus.SENDING
+    assert stored.attempt_count == 1
+    assert stored.lease_until == clock.now + dt.timedelta(seconds=LEASE)
+    assert claim.record == stored
+
+
+def test_a_second_claim_during_the_lease_is_in_progress(
+    record: DeliveryRecord, clock: FakeClock
+) -> None:
+    mail_id = queue(record)
+    record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+
+    clock.advance(LEASE - 1)
+    second = record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+
+    assert second.result is ClaimResult.IN_PROGRESS
+    stored = record.get(mail_id)
+    assert stored is not None
+    assert stored.attempt_count == 1
+
+
+def test_an_expired_lease_lets_a_later_claim_proceed(
+    record: DeliveryRecord, clock: FakeClock
+) -> None:
+    mail_id = queue(record)
+    record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+
+    clock.advance(LEASE + 1)  # the first worker died without finishing
+    later = record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+
+    assert later.result is ClaimResult.CLAIMED
+    assert later.attempt_number == 2
+
+
+def test_delivered_records_the_attempt_and_is_final(record: DeliveryRecord) -> None:
+    mail_id = queue(record)
+    claim = record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+
+    done = record.finish(
+        mail_id, attempt(claim.attempt_number, "delivered", 250, reply_message="2.0.0 Ok")
+    )
+
+    assert done.status is MailStatus.DELIVERED
+    assert done.delivered_at == T0 + dt.timedelta(minutes=5, seconds=2)
+    assert done.last_error is None
+    assert done.lease_until is None
+    assert [(a.number, a.outcome, a.reply_code) for a in done.attempts] == [(1, "delivered", 250)]
+    assert record.get(mail_id) == done
+    again = record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+    assert again.result is ClaimResult.ALREADY_FINAL
+    assert again.record == done
+
+
+def test_bounced_records_the_reply_and_is_final(record: DeliveryRecord) -> None:
+    mail_id = queue(record)
+    record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+
+    done = record.finish(
+        mail_id,
+        attempt(
+            1,
+            "bounced",
+            550,
+            enhanced_status="5.1.1",
+            failed_step="rcpt to",
+            reply_message="no such user",
+        ),
+    )
+
+    assert done.status is MailStatus.BOUNCED
+    assert done.last_error == "550 5.1.1 at rcpt to: no such user"
+    assert done.delivered_at is None
+    result = record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE).result
+    assert result is ClaimResult.ALREADY_FINAL
+
+
+def test_deferred_then_delivered_keeps_every_attempt(record: DeliveryRecord) -> None:
+    mail_id = queue(record)
+    record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+    deferred = record.finish(
+        mail_id, attempt(1, "deferred", 451, enhanced_status="4.3.0", reply_message="try later")
+    )
+    assert deferred.status is MailStatus.DEFERRED
+    assert deferred.last_error == "451 4.3.0: try later"
+    assert deferred.lease_until is None
+
+    retry = record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+    assert retry.result is ClaimResult.CLAIMED
+    assert retry.attempt_number == 2
+    done = record.finish(mail_id, attempt(2, "delivered", 250))
+
+    assert done.status is MailStatus.DELIVERED
+    assert [a.outcome for a in done.attempts] == ["deferred", "delivered"]
+
+
+def test_finish_rejects_an_unknown_outcome(record: DeliveryRecord) -> None:
+    mail_id = queue(record)
+    record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+
+    with pytest.raises(ValueError, match="outcome"):
+        record.finish(mail_id, attempt(1, "sent"))
+
+    stored = record.get(mail_id)
+    assert stored is not None
+    assert stored.status is MailStatus.SENDING
+
+
+def test_a_late_deferral_does_not_end_the_newer_claim(
+    record: DeliveryRecord, clock: FakeClock
+) -> None:
+    mail_id = queue(record)
+    record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+    clock.advance(LEASE + 1)
+    assert record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE).result is (
+        ClaimResult.CLAIMED
+    )
+
+    record.finish(mail_id, attempt(1, "deferred", 421))  # the slow first worker gives up
+
+    stored = record.get(mail_id)
+    assert stored is not None
+    assert stored.status is MailStatus.SENDING
+    assert [a.number for a in stored.attempts] == [1]
+    third = record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+    assert third.result is ClaimResult.IN_PROGRESS
+
+
+def test_claim_without_a_record_creates_it(record: DeliveryRecord, clock: FakeClock) -> None:
+    claim = record.claim("mail-unknown", message_id="77", trace_id="t" * 32, lease_seconds=LEASE)
+
+    assert claim.result is ClaimResult.CLAIMED
+    assert claim.attempt_number == 1
+    stored = record.get("mail-unknown")
+    assert stored is not None
+    assert stored.status is MailStatus.SENDING
+    assert (stored.message_id, stored.trace_id, stored.accepted_at) == ("77", "t" * 32, clock.now)
+    done = record.finish("mail-unknown", attempt(1, "delivered", 250))
+    assert done.status is MailStatus.DELIVERED
+
+
+def test_claim_without_a_record_takes_the_mails_own_facts(record: DeliveryRecord) -> None:
+    claim = record.claim(
+        "mail-unknown",
+        message_id="77",
+        trace_id=None,
+        lease_seconds=LEASE,
+        accepted_at=T0,
+        recipient_domains=("example.org",),
+    )
+
+    assert claim.result is ClaimResult.CLAIMED
+    stored = record.get("mail-unknown")
+    assert stored is not None
+    assert (stored.accepted_at, stored.recipient_domains) == (T0, ("example.org",))
+    oldest = record.oldest_undelivered()
+    assert oldest is not None
+    assert oldest.mail_id == "mail-unknown"
+
+
+def test_claim_while_the_publisher_has_not_marked_it_queued(record: DeliveryRecord) -> None:
+    mail_id = reserve(record)  # still accepting: mark_queued lags behind the first delivery
+
+    claim = record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+
+    assert claim.result is ClaimResult.CLAIMED
+
+
+# --- dead letters and replay ---------------------------------------------------------------
+
+
+def test_dead_letter_then_replay_then_delivery(record: DeliveryRecord) -> None:
+    mail_id = queue(record)
+    record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+    record.finish(mail_id, attempt(1, "deferred", 451))
+
+    dead = record.mark_dead_lettered(mail_id, last_error="451 4.3.0: mailbox busy")
+    assert dead is not None
+    assert dead.status is MailStatus.DEAD_LETTERED
+    assert dead.last_error == "451 4.3.0: mailbox busy"
+    assert record.get(mail_id) == dead
+
+    replayed = record.mark_replayed(mail_id, trace_id="r" * 32)
+    assert replayed.status is MailStatus.REPLAYED
+    assert replayed.replays == ("r" * 32,)
+
+    claim = record.claim(mail_id, message_id="99", trace_id="r" * 32, lease_seconds=LEASE)
+    assert claim.result is ClaimResult.CLAIMED
+    assert claim.attempt_number == 2
+    done = record.finish(mail_id, attempt(2, "delivered", 250))
+    assert done.status is MailStatus.DELIVERED
+    assert done.replays == ("r" * 32,)
+
+
+def test_a_delivered_mail_is_never_replayed_nor_dead_lettered(record: DeliveryRecord) -> None:
+    mail_id = queue(record)
+    record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+    done = record.finish(mail_id, attempt(1, "delivered", 250))
+
+    assert record.mark_dead_lettered(mail_id, last_error="late copy") == done
+    with pytest.raises(AlreadyFinal):
+        record.mark_replayed(mail_id, trace_id="r" * 32)
+
+    assert record.get(mail_id) == done
+
+
+def test_dead_letter_and_replay_of_an_unknown_mail(record: DeliveryRecord) -> None:
+    assert record.mark_dead_lettered("no-such-mail", last_error="x") is None
+    with pytest.raises(MailNotFound):
+        record.mark_replayed("no-such-mail", trace_id=None)
+
+
+# --- list / oldest_undelivered -------------------------------------------------------------
+
+
+def test_list_is_oldest_first_and_pages_stably(record: DeliveryRecord) -> None:
+    # Accepted out of order, two at the same instant (ties broken by mail id).
+    minutes = [5, 1, 3, 3, 0, 4, 2]
+    ids = [reserve(record, f"mail-{i}", minutes=m) for i, m in enumerate(minutes)]
+    expected = [mail for _, mail in sorted(zip(minutes, ids, strict=True))]
+
+    seen: list[str] = []
+    token: str | None = None
+    pages = 0
+    while True:
+        page = record.list(limit=3, page_token=token)
+        seen += [r.mail_id for r in page.items]
+        pages += 1
+        if pages == 1:
+            reserve(record, "mail-late", minutes=60)  # arrives while the client pages
+        token = page.next_page_token
+        if token is None:
+            break
+
+    assert seen == [*expected, "mail-late"]
+    assert pages == 3
+
+
+def test_list_filters_by_status_and_since(record: DeliveryRecord) -> None:
+    old_queued = queue(record, minutes=0)
+    new_queued = queue(record, minutes=10)
+    accepting = reserve(record, minutes=20)
+    dead = queue(record, minutes=30)
+    record.mark_dead_lettered(dead, last_error="451")
+
+    def ids(**kwargs: object) -> list[str]:
+        return [r.mail_id for r in record.list(**kwargs).items]  # type: ignore[arg-type]
+
+    assert ids(status=MailStatus.QUEUED) == [old_queued, new_queued]
+    assert ids(status=MailStatus.DEAD_LETTERED) == [dead]
+    assert ids(since=T0 + dt.timedelta(minutes=10)) == [new_queued, accepting, dead]
+    assert ids(status=MailStatus.QUEUED, since=T0 + dt.timedelta(minutes=5)) == [new_queued]
+    assert ids(status=MailStatus.BOUNCED) == []
+    page = record.list(status=MailStatus.QUEUED, limit=1)
+    assert [r.mail_id for r in page.items] == [old_queued]
+    rest = record.list(status=MailStatus.QUEUED, limit=1, page_token=page.next_page_token)
+    assert [r.mail_id for r in rest.items] == [new_queued]
+    assert rest.next_page_token is None
+
+
+def test_list_rejects_bad_arguments(record: DeliveryRecord) -> None:
+    with pytest.raises(ValueError, match="limit"):
+        record.list(limit=0)
+    with pytest.raises(ValueError, match="page token"):
+        record.list(page_token="not a token")
+
+
+def test_oldest_undelivered(record: DeliveryRecord) -> None:
+    assert record.oldest_undelivered() is None
+    reserve(record, minutes=0)  # accepting: not published yet
+    delivered = queue(record, minutes=1)
+    record.claim(delivered, message_id="1", trace_id=None, lease_seconds=LEASE)
+    record.finish(delivered, attempt(1, "delivered", 250))
+    dead = queue(record, minutes=2)
+    record.mark_dead_lettered(dead, last_error="451")
+    assert record.oldest_undelivered() is None
+
+    newer = queue(record, minutes=4)
+    deferred = queue(record, minutes=3)
+    record.claim(deferred, message_id="2", trace_id=None, lease_seconds=LEASE)
+    record.finish(deferred, attempt(1, "deferred", 451))
+
+    oldest = record.oldest_undelivered()
+    assert oldest is not None
+    assert oldest.mail_id == deferred
+    record.claim(deferred, message_id="2", trace_id=None, lease_seconds=LEASE)
+    oldest = record.oldest_undelivered()
+    assert oldest is not None
+    assert oldest.mail_id == deferred  # sending still counts as undelivered
+    record.finish(deferred, attempt(2, "delivered", 250))
+    oldest = record.oldest_undelivered()
+    assert oldest is not None
+    assert oldest.mail_id == newer
+
+
+# --- concurrency ---------------------------------------------------------------------------
+
+THREADS = 8
+
+
+def test_concurrent_reserves_of_one_key_create_one_mail(
+    make_record: Callable[[], DeliveryRecord],
+) -> None:
+    records = [make_record() for _ in range(2)]  # two handles, as two publisher instances
+
+    results = in_threads(
+        THREADS,
+        lambda i: records[i % 2].reserve(
+            mail_id=f"mail-{i}", accepted_at=T0, recipient_domains=(), idempotency_key="order-1"
+        ),
+    )
+
+    assert not [r for r in results if isinstance(r, Exception)], results
+    created = [r for r in results if r.created]  # type: ignore[union-attr]
+    assert len(created) == 1
+    winner = created[0].record.mail_id  # type: ignore[union-attr]
+    assert {r.record.mail_id for r in results} == {winner}  # type: ignore[union-attr]
+    assert [r.mail_id for r in records[0].list().items] == [winner]
+
+
+def test_concurrent_claims_of_one_mail_claim_it_once(
+    make_record: Callable[[], DeliveryRecord],
+) -> None:
+    records = [make_record() for _ in range(2)]  # two handles, as two subscriber instances
+    mail_id = queue(records[0])
+
+    results = in_threads(
+        THREADS,
+        lambda i: (
+            records[i % 2]
+            .claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+            .result
+        ),
+    )
+
+    assert sorted(map(str, results)) == ["claimed"] + ["in_progress"] * (THREADS - 1)
+    stored = records[1].get(mail_id)
+    assert stored is not None
+    assert stored.attempt_count == 1
+
+
+# --- SQLite only ---------------------------------------------------------------------------
+
+
+def _claim_all(path: str, mail_ids: list[str], barrier: object, results: object) -> None:
+    """In a child process: open the record and claim every mail (lease long enough)."""
+    record = SqliteRecord(path)
+    barrier.wait(timeout=60)  # type: ignore[attr-defined]
+    outcomes = {
+        m: str(record.claim(m, message_id=None, trace_id=None, lease_seconds=600).result)
+        for m in mail_ids
+    }
+    results.put(outcomes)  # type: ignore[attr-defined]
+    record.close()
+
+
+def test_sqlite_two_processes_claim_each_mail_once(tmp_path: Path) -> None:
+    path = tmp_path / "record.sqlite3"
+    record = SqliteRecord(path)
+    mail_ids = [reserve(record, minutes=i) for i in range(20)]
+    for mail_id in mail_ids:
+        record.mark_queued(mail_id, message_id="1", trace_id=None)
+    ctx = multiprocessing.get_context("spawn")  # no sqlite connection crosses a fork
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    processes = [
+        ctx.Process(target=_claim_all, args=(str(path), mail_ids, barrier, results))
+        for _ in range(2)
+    ]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+
+    for mail_id in mail_ids:
+        assert sorted(o[mail_id] for o in outcomes) == ["claimed", "in_progress"]
+        stored = record.get(mail_id)
+        assert stored is not None
+        assert (stored.status, stored.attempt_count) == (MailStatus.SENDING, 1)
+    record.close()
+
+
+def test_sqlite_creates_parent_directories_and_a_versioned_schema(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "record.sqlite3"
+
+    record = open_record(f"sqlite:///{path}")
+    reserve(record)
+    record.close()
+
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "record.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+
+    with pytest.raises(RecordError, match="upgrade mailpipe"):
+        SqliteRecord(path)
+
+
+def test_sqlite_a_lock_held_too_long_is_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "record.sqlite3"
+    record = SqliteRecord(path, busy_timeout=0.05)
+    mail_id = reserve(record)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        with pytest.raises(RecordUnavailable, match="locked"):
+            record.claim(mail_id, message_id=None, trace_id=None, lease_seconds=LEASE)
+        stored = record.get(mail_id)  # readers are not blocked in WAL mode
+        assert stored is not None
+        assert stored.status is MailStatus.ACCEPTING
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert record.claim(mail_id, message_id=None, trace_id=None, lease_seconds=LEASE).result is (
+        ClaimResult.CLAIMED
+    )
+    record.close()
+
+
+# --- Firestore only ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["firestore"], indirect=True)
+def test_firestore_documents_carry_expiry_and_the_hashed_key(
+    record: DeliveryRecord, firestore_emulator: object, pubsub_project: str
+) -> None:
+    assert isinstance(record, FirestoreRecord)
+    mail_id = reserve(record, key="order-1")
+    client = firestore.Client(project=pubsub_project)
+    try:
+        mail = client.collection(record.collection).document(mail_id).get().to_dict()
+        key = (
+            client.collection(record.idempotency_collection)
+            .document(key_hash("order-1"))
+            .get()
+            .to_dict()
+        )
+    finally:
+        client.close()
+
+    assert mail is not None
+    assert key is not None
+    # Terraform's TTL policy deletes documents after expire_at; the emulator never does.
+    assert mail["expire_at"] == T0 + dt.timedelta(days=30)
+    assert key == {"mail_id": mail_id, "expire_at": T0 + dt.timedelta(days=30)}
