@@ -207,6 +207,9 @@ def service_env(
             "MAILPIPE_SUBSCRIPTION": topology.delivery_subscription.name,
             "MAILPIPE_DEAD_LETTER_TOPIC": topology.dead_letter_topic.name,
             "MAILPIPE_DEAD_LETTER_SUBSCRIPTION": topology.dead_letter_subscription.name,
+            "MAILPIPE_DEAD_LETTER_RECORD_SUBSCRIPTION": (
+                topology.dead_letter_record_subscription.name
+            ),
             "MAILPIPE_SMTP_HOST": "127.0.0.1",
             "MAILPIPE_SMTP_PORT": str(smtp_port),
             "MAILPIPE_SMTP_TLS": "none",  # the local server is plain SMTP on loopback
@@ -233,8 +236,14 @@ def run_local_pipeline(
     extra_env: Mapping[str, str] | None = None,
     reuse_env: bool = True,
     smtp_server: LocalSmtpServer | None = None,
+    publisher_env: Mapping[str, str] | None = None,
+    subscriber_env: Mapping[str, str] | None = None,
 ) -> Iterator[LocalPipeline]:
-    """Start everything, yield the running pipeline, stop everything (also on errors/Ctrl-C)."""
+    """Start everything, yield the running pipeline, stop everything (also on errors/Ctrl-C).
+
+    ``extra_env`` goes to both services; ``publisher_env`` / ``subscriber_env`` to one only
+    (settings that must differ per process, such as ``MAILPIPE_METRICS_PORT``).
+    """
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     log_dir = state_dir / "logs"
@@ -270,17 +279,17 @@ def run_local_pipeline(
         publisher = start_service(
             "publisher",
             ["publisher"],
-            env={**env, "PORT": str(publisher_port)},
+            env={**env, **(publisher_env or {}), "PORT": str(publisher_port)},
             log_dir=log_dir,
             health_url=f"{publisher_url}/healthz",
         )
         stack.callback(publisher.stop)
         subscriber_url = f"http://127.0.0.1:{subscriber_port}" if subscriber_port else None
-        subscriber_env = {**env, "PORT": str(subscriber_port)} if subscriber_port else env
+        subscriber_port_env = {"PORT": str(subscriber_port)} if subscriber_port else {}
         subscriber = start_service(
             "subscriber",
             ["subscriber", subscriber_mode],
-            env=subscriber_env,
+            env={**env, **(subscriber_env or {}), **subscriber_port_env},
             log_dir=log_dir,
             health_url=f"{subscriber_url}/healthz" if subscriber_url else None,
             # The pull worker serves no HTTP: it is ready once its streams are open.

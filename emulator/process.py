@@ -62,6 +62,9 @@ def free_port() -> int:
 def port_is_free(port: int) -> bool:
     """Whether ``port`` can be bound on 127.0.0.1 right now."""
     with socket.socket() as sock:
+        # As the emulators' servers do (Java sets it on every server socket): connections of a
+        # previous server on this port left in TIME_WAIT must not make the port look taken.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

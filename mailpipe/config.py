@@ -165,6 +165,7 @@ class PubSubConfig:
     subscription: str
     dead_letter_topic: str
     dead_letter_subscription: str
+    dead_letter_record_subscription: str = ""
     emulator_host: str | None = None
 
     @property
@@ -179,6 +180,10 @@ class PubSubConfig:
     def dead_letter_subscription_path(self) -> str:
         return f"projects/{self.project}/subscriptions/{self.dead_letter_subscription}"
 
+    @property
+    def dead_letter_record_subscription_path(self) -> str:
+        return f"projects/{self.project}/subscriptions/{self.dead_letter_record_subscription}"
+
     @classmethod
     def read(cls, env: _EnvReader, topology: Topology) -> PubSubConfig:
         return cls(
@@ -190,6 +195,10 @@ class PubSubConfig:
             ),
             dead_letter_subscription=env.string(
                 "MAILPIPE_DEAD_LETTER_SUBSCRIPTION", topology.dead_letter_subscription.name
+            ),
+            dead_letter_record_subscription=env.string(
+                "MAILPIPE_DEAD_LETTER_RECORD_SUBSCRIPTION",
+                topology.dead_letter_record_subscription.name,
             ),
             emulator_host=env.optional("PUBSUB_EMULATOR_HOST"),
         )

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from collections.abc import Callable, Mapping
 
@@ -12,11 +13,26 @@ from flask import Flask
 
 from mailpipe.config import PublisherConfig
 from mailpipe.logs import configure_logging
-from mailpipe.record import open_record
+from mailpipe.record import DeliveryRecord, open_record
 from mailpipe.serving import serve_wsgi
 from mailpipe.telemetry import setup_telemetry
 from publisher.app import create_app
 from publisher.pubsub import PubSubMailPublisher
+
+
+def oldest_undelivered_age(
+    record: DeliveryRecord,
+    *,
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+) -> Callable[[], float | None]:
+    """The source of the ``mailpipe.oldest_undelivered_age`` gauge: seconds since the oldest
+    undelivered mail was accepted, ``None`` when every mail is delivered (or given up on)."""
+
+    def age() -> float | None:
+        oldest = record.oldest_undelivered()
+        return None if oldest is None else (clock() - oldest.accepted_at).total_seconds()
+
+    return age
 
 
 def build_app(config: PublisherConfig) -> tuple[Flask, Callable[[], None]]:
@@ -25,6 +41,8 @@ def build_app(config: PublisherConfig) -> tuple[Flask, Callable[[], None]]:
     configure_logging(config.telemetry, project=config.pubsub.project)
     publisher = PubSubMailPublisher(config.pubsub, timeout=config.publish_timeout)
     record = open_record(config.record)
+    # The lag alert's metric (delivery lagging > 10 min); read at each metric collection.
+    telemetry.metrics.set_oldest_undelivered_source(oldest_undelivered_age(record))
     app = create_app(
         config,
         publisher=publisher,
@@ -35,6 +53,7 @@ def build_app(config: PublisherConfig) -> tuple[Flask, Callable[[], None]]:
 
     def close() -> None:
         publisher.close()
+        telemetry.metrics.set_oldest_undelivered_source(None)  # the last export must not read it
         record.close()
         telemetry.shutdown()
 

@@ -157,19 +157,20 @@ class DeliveryService:
             if result.outcome in (Outcome.DEFERRED, Outcome.BOUNCED, Outcome.UNDECODABLE):
                 span.set_status(Status(StatusCode.ERROR, result.detail[:200]))
             trace_id = format(span.get_span_context().trace_id, "032x")
-        log.info(
-            "mail %s",
-            result.outcome,
-            extra={
-                "json_fields": {
-                    "mail_id": result.mail_id,
-                    "message_id": message.message_id,
-                    "outcome": str(result.outcome),
-                    "reply_code": result.reply_code,
-                    "detail": result.detail,
-                }
-            },
-        )
+            # Inside the span: the line carries logging.googleapis.com/trace and spanId.
+            log.info(
+                "mail %s",
+                result.outcome,
+                extra={
+                    "json_fields": {
+                        "mail_id": result.mail_id,
+                        "message_id": message.message_id,
+                        "outcome": str(result.outcome),
+                        "reply_code": result.reply_code,
+                        "detail": result.detail,
+                    }
+                },
+            )
         return DeliveryResult(
             outcome=result.outcome,
             mail_id=result.mail_id,

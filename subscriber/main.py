@@ -30,7 +30,7 @@ from subscriber.auth import PushAuthenticator
 from subscriber.delivery import DeliveryService
 from subscriber.dlq import DeadLetterRecorder
 from subscriber.pull import PullWorker, make_subscriber_client
-from subscriber.push import create_push_app
+from subscriber.push import PushHandler, create_push_app
 from subscriber.smtp import SmtpSender
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,12 @@ def build_services(config: SubscriberConfig, *, telemetry: Telemetry | None = No
     if config.smtp.password:
         register_secret(config.smtp.password)
     tracer = telemetry.tracer("mailpipe.subscriber")
-    sender = SmtpSender(config.smtp, tracer=tracer, address_style=config.telemetry.log_addresses)
+    sender = SmtpSender(
+        config.smtp,
+        tracer=tracer,
+        address_style=config.telemetry.log_addresses,
+        metrics=telemetry.metrics,
+    )
     record = open_record(config.record)
     topology = load_topology()
     delivery = DeliveryService(
@@ -74,8 +79,8 @@ def build_services(config: SubscriberConfig, *, telemetry: Telemetry | None = No
     return Services(delivery, dead_letters, sender, record, telemetry)
 
 
-def build_push_app(config: SubscriberConfig) -> tuple[Flask, Callable[[], None]]:
-    services = build_services(config)
+def build_push_handler(config: SubscriberConfig, services: Services) -> PushHandler:
+    """The push handler with the OIDC check (on whenever an audience is configured)."""
     authenticator = (
         PushAuthenticator(
             audience=config.push_audience, service_account_email=config.push_service_account
@@ -83,21 +88,29 @@ def build_push_app(config: SubscriberConfig) -> tuple[Flask, Callable[[], None]]
         if config.push_audience
         else None
     )
-    topology = load_topology()
     flush = None
     if config.telemetry.traces in ("gcp", "otlp"):
 
         def flush() -> None:
             services.telemetry.force_flush(timeout_millis=2000)
 
-    app = create_push_app(
+    return PushHandler(
         config,
         delivery=services.delivery,
         dead_letters=services.dead_letters,
         authenticator=authenticator,
+        flush=flush,
+    )
+
+
+def build_push_app(config: SubscriberConfig) -> tuple[Flask, Callable[[], None]]:
+    services = build_services(config)
+    handler = build_push_handler(config, services)
+    topology = load_topology()
+    app = create_push_app(
+        handler,
         push_path=topology.delivery_subscription.push_path,
         dead_letter_path=topology.dead_letter_record_subscription.push_path,
-        flush=flush,
     )
     return app, services.close
 
@@ -110,9 +123,6 @@ def run_pull(config: SubscriberConfig, *, stop: threading.Event | None = None) -
     """Deliver with streaming pull until ``stop`` is set or SIGTERM/SIGINT arrives."""
     services = build_services(config)
     client = make_subscriber_client(config.pubsub)
-    dead_letter_path = client.subscription_path(
-        config.pubsub.project, load_topology().dead_letter_record_subscription.name
-    )
     workers = [
         PullWorker(
             subscription_path=config.pubsub.subscription_path,
@@ -122,7 +132,7 @@ def run_pull(config: SubscriberConfig, *, stop: threading.Event | None = None) -
             max_workers=max(config.smtp.pool_size * 2, 4),
         ),
         PullWorker(
-            subscription_path=dead_letter_path,
+            subscription_path=config.pubsub.dead_letter_record_subscription_path,
             handler=lambda message, parent: services.dead_letters.handle(message, parent=parent),
             client=client,
             max_messages=10,

@@ -70,11 +70,17 @@ class PullWorker:
         client: pubsub_v1.SubscriberClient,
         max_messages: int = 100,
         max_workers: int = 16,
+        lease_extension_seconds: int = 20,
     ) -> None:
         self._subscription_path = subscription_path
         self._handler = handler
         self._client = client
-        self._flow_control = FlowControl(max_messages=max_messages)
+        # Each lease extension (and the stream's ack deadline) lasts at most this long, so the
+        # messages a stopped or killed worker held come back to the others within it, instead of
+        # the client's 60 s default. Running deliveries keep being extended.
+        self._flow_control = FlowControl(
+            max_messages=max_messages, max_duration_per_lease_extension=lease_extension_seconds
+        )
         self._executor = futures.ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="mailpipe-deliver"
         )
@@ -115,13 +121,26 @@ class PullWorker:
             self._future.result()  # raises the stream's exception
             raise RuntimeError(f"streaming pull on {self._subscription_path} ended unexpectedly")
 
-    def stop(self) -> None:
-        """Stop receiving, let running deliveries finish, and release the stream."""
+    def stop(self, grace_seconds: float = 5.0) -> None:
+        """Stop receiving, let running deliveries finish, and release the stream.
+
+        Messages received but not yet handed to a delivery are not acked and come back after the
+        ack deadline; nothing is lost. The wait is bounded because google-cloud-pubsub 2.44 with
+        OpenTelemetry on can fail inside its own shutdown thread (it asserts on a process span
+        that never started when it nacks such messages), leaving the future unresolved.
+        """
         self._stopped.set()
         if self._future is not None:
             self._future.cancel()
             try:
-                self._future.result(timeout=30)
+                self._future.result(timeout=grace_seconds)
+            except futures.TimeoutError:
+                log.warning(
+                    "streaming pull on %s did not shut down within %.0f s; undelivered messages "
+                    "will be redelivered after their ack deadline",
+                    self._subscription_path,
+                    grace_seconds,
+                )
             except Exception:  # cancelled streams raise; nothing to do
                 log.debug("streaming pull ended", exc_info=True)
         self._executor.shutdown(wait=True)

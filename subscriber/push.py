@@ -122,28 +122,88 @@ def _request_link(req: Request) -> list[Link]:
     return [Link(span_context, {"mailpipe.link": "cloud_run_request"})]
 
 
-def create_push_app(
-    config: SubscriberConfig,
-    *,
-    delivery: DeliveryService,
-    dead_letters: DeadLetterRecorder,
-    authenticator: PushAuthenticator | None,
-    push_path: str = "/",
-    dead_letter_path: str = "/dead-letter",
-    flush: Callable[[], None] | None = None,
-) -> Flask:
-    """Build the push endpoint.
+class PushHandler:
+    """Answers push requests (from any WSGI framework's request object) with the delivery core.
 
     ``authenticator`` may be ``None`` only in local mode (the emulator sends no token); outside
     it, refusing to start is safer than an endpoint anyone could POST mail to. ``flush`` runs
     before each answer: with request-based billing Cloud Run throttles the CPU once the response
     is sent, so spans must be exported before it is.
     """
-    if authenticator is None and not config.local_mode:
-        raise ValueError(
-            "the push endpoint needs MAILPIPE_PUSH_AUDIENCE outside local mode "
-            "(PUBSUB_EMULATOR_HOST unset): Pub/Sub's OIDC token must be verified"
+
+    def __init__(
+        self,
+        config: SubscriberConfig,
+        *,
+        delivery: DeliveryService,
+        dead_letters: DeadLetterRecorder,
+        authenticator: PushAuthenticator | None,
+        flush: Callable[[], None] | None = None,
+    ) -> None:
+        if authenticator is None and not config.local_mode:
+            raise ValueError(
+                "the push endpoint needs MAILPIPE_PUSH_AUDIENCE outside local mode "
+                "(PUBSUB_EMULATOR_HOST unset): Pub/Sub's OIDC token must be verified"
+            )
+        self._delivery = delivery
+        self._dead_letters = dead_letters
+        self._authenticator = authenticator
+        self._flush = flush
+
+    def _authenticate(self, req: Request) -> Response | None:
+        if self._authenticator is None:
+            return None
+        try:
+            self._authenticator.verify(req.headers.get("Authorization"))
+        except PushAuthError as exc:
+            log.warning("rejected push request: %s", exc)
+            return _error(401, "unauthenticated", str(exc))
+        return None
+
+    def deliver(self, req: Request) -> Response:
+        """A message of the mail subscription: deliver it; 204 acks, 503 asks for a retry."""
+        if (denied := self._authenticate(req)) is not None:
+            return denied
+        try:
+            received = parse_push(req)
+        except MalformedPush as exc:
+            return _error(400, "malformed_push", str(exc))
+        result = self._delivery.deliver(
+            received,
+            parent=publisher_context(received.attributes),
+            kind=SpanKind.CONSUMER,
+            links=_request_link(req),
         )
+        if self._flush is not None:
+            self._flush()
+        if result.ack:
+            return Response(status=204)
+        return _error(503, f"mail_{result.outcome}", result.detail or str(result.outcome))
+
+    def dead_letter(self, req: Request) -> Response:
+        """A message of the dead-letter record subscription: mark the mail dead-lettered."""
+        if (denied := self._authenticate(req)) is not None:
+            return denied
+        try:
+            received = parse_push(req)
+        except MalformedPush as exc:
+            return _error(400, "malformed_push", str(exc))
+        ack = self._dead_letters.handle(received, parent=publisher_context(received.attributes))
+        if self._flush is not None:
+            self._flush()
+        if ack:
+            return Response(status=204)
+        return _error(503, "record_unavailable", "the delivery record is unavailable; retry")
+
+
+def create_push_app(
+    handler: PushHandler,
+    *,
+    push_path: str = "/",
+    dead_letter_path: str = "/dead-letter",
+) -> Flask:
+    """Build the push endpoint: the mail subscription POSTs to ``push_path``, the dead-letter
+    record subscription to ``dead_letter_path`` (both from topology.json)."""
     app = Flask("mailpipe.subscriber.push")
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024  # base64 of a 10 MB message + envelope
 
@@ -151,49 +211,12 @@ def create_push_app(
     def healthz() -> Response:
         return jsonify({"status": "ok"})
 
-    def authenticate() -> Response | None:
-        if authenticator is None:
-            return None
-        try:
-            authenticator.verify(request.headers.get("Authorization"))
-        except PushAuthError as exc:
-            log.warning("rejected push request: %s", exc)
-            return _error(401, "unauthenticated", str(exc))
-        return None
-
     @app.post(dead_letter_path)
     def dead_letter() -> Response:
-        if (denied := authenticate()) is not None:
-            return denied
-        try:
-            received = parse_push(request)
-        except MalformedPush as exc:
-            return _error(400, "malformed_push", str(exc))
-        ack = dead_letters.handle(received, parent=publisher_context(received.attributes))
-        if flush is not None:
-            flush()
-        if ack:
-            return Response(status=204)
-        return _error(503, "record_unavailable", "the delivery record is unavailable; retry")
+        return handler.dead_letter(request)
 
     @app.post(push_path)
     def push() -> Response:
-        if (denied := authenticate()) is not None:
-            return denied
-        try:
-            received = parse_push(request)
-        except MalformedPush as exc:
-            return _error(400, "malformed_push", str(exc))
-        result = delivery.deliver(
-            received,
-            parent=publisher_context(received.attributes),
-            kind=SpanKind.CONSUMER,
-            links=_request_link(request),
-        )
-        if flush is not None:
-            flush()
-        if result.ack:
-            return Response(status=204)
-        return _error(503, f"mail_{result.outcome}", result.detail or str(result.outcome))
+        return handler.deliver(request)
 
     return app

@@ -42,21 +42,23 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import smtplib
 import socket
 import ssl
 import threading
+import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
-from mailpipe.config import SmtpConfig
+from mailpipe.config import AddressLogging, SmtpConfig
+from mailpipe.logs import redact_address
+from mailpipe.metrics import MailMetrics
 from subscriber.errors import (
     DeliveryError,
     SmtpConnectionError,
@@ -69,7 +71,7 @@ from subscriber.errors import (
     parse_enhanced_status,
 )
 
-AddressStyle = Literal["full", "domain", "hashed"]
+AddressStyle = AddressLogging  # one format for logs and spans: mailpipe.logs.redact_address
 
 # Reply codes (RFC 5321 § 4.2.3) this module acts on.
 SERVICE_READY = 220
@@ -88,15 +90,6 @@ ATTR_REPLY_CODE = "smtp.reply.code"
 ATTR_ENHANCED_STATUS = "smtp.reply.enhanced_status"
 ATTR_RECIPIENT = "smtp.recipient"
 ATTR_CONNECTION_REUSED = "smtp.connection.reused"
-
-
-def describe_address(address: str, style: AddressStyle) -> str:
-    """A recipient as it may appear in telemetry: ``full``, only its ``domain``, or ``hashed``."""
-    if style == "full":
-        return address
-    if style == "domain":
-        return address.rpartition("@")[2].lower()
-    return hashlib.sha256(address.strip().lower().encode("utf-8")).hexdigest()[:16]
 
 
 def _text(reply: bytes | str | None) -> str:
@@ -303,8 +296,10 @@ class _Step:
 
     def __init__(self, span: Span) -> None:
         self.span = span
+        self.code: int | None = None  # for the step-duration metric
 
     def reply(self, code: int, message: bytes | str | None) -> None:
+        self.code = int(code)
         if self.span.is_recording():
             self.span.set_attribute(ATTR_REPLY_CODE, int(code))
             enhanced = parse_enhanced_status(_text(message))
@@ -322,9 +317,11 @@ class SmtpSender:
         tracer: Tracer | None = None,
         ssl_context: ssl.SSLContext | None = None,
         address_style: AddressStyle = "domain",
+        metrics: MailMetrics | None = None,
     ) -> None:
         self._config = config
         self._tracer = tracer or trace.get_tracer(__name__)
+        self._metrics = metrics
         self._address_style = address_style
         self._ssl_context = ssl_context
         if ssl_context is None and config.tls != "none":
@@ -419,13 +416,22 @@ class SmtpSender:
                 span.set_attribute(ATTR_SERVER_PORT, self._config.port)
                 for key, value in attributes.items():
                     span.set_attribute(key, value)
+            step = _Step(span)
+            started = time.perf_counter()
             try:
                 with translate_errors(name, server=self.server, secrets=self._secrets):
-                    yield _Step(span)
+                    yield step
             except Exception as exc:
                 if recording:
                     self._record_error(span, exc)
+                if isinstance(exc, DeliveryError) and exc.reply_code is not None:
+                    step.code = exc.reply_code
                 raise
+            finally:
+                if self._metrics is not None:
+                    # Inside the span, so the measurement's exemplar points at this step.
+                    elapsed = time.perf_counter() - started
+                    self._metrics.smtp_step(name, elapsed, reply_code=step.code)
 
     def _record_error(self, span: Span, exc: Exception) -> None:
         if isinstance(exc, DeliveryError) and exc.reply_code is not None:
@@ -522,7 +528,7 @@ class SmtpSender:
         accepted: list[str] = []
         refused: dict[str, tuple[int, str]] = {}
         for recipient in recipients:
-            described = describe_address(recipient, self._address_style)
+            described = redact_address(recipient, self._address_style)
             with self._step("rcpt to", **{ATTR_RECIPIENT: described}) as step:
                 code, reply = conn.client.rcpt(recipient)
                 step.reply(code, reply)

@@ -75,3 +75,21 @@ output "alert_policies" {
     delivery_error_ratio = google_monitoring_alert_policy.delivery_error_ratio.id
   }
 }
+
+output "canary_job" {
+  description = "Name of the canary's Cloud Run job (run it now: gcloud run jobs execute NAME --region REGION), or null without a canary."
+  value       = local.canary_enabled ? google_cloud_run_v2_job.canary[0].name : null
+}
+
+output "canary_env" {
+  description = "Environment of the canary job, without the secret-backed variables (see canary_secret_env); export it to run `mailpipe canary` against this deployment from your machine."
+  value       = local.canary_env
+}
+
+output "canary_secret_env" {
+  description = "Secret-backed variables of the canary job: name => Secret Manager secret and version (references only, never values)."
+  value = {
+    for name, ref in local.canary_secret_env :
+    name => "projects/${var.project_id}/secrets/${ref.secret}/versions/${ref.version}"
+  }
+}

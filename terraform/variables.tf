@@ -346,3 +346,52 @@ variable "deletion_protection" {
   description = "Protect the Cloud Run services and the Firestore database from deletion. Set to false and apply before `terraform destroy`."
   default     = true
 }
+
+# ---------------------------------------------------------------------------------------------
+# Canary (canary.tf, docs/canary.md): a probe mail through the whole pipeline to a real mailbox
+# ---------------------------------------------------------------------------------------------
+variable "canary" {
+  type = object({
+    imap_host                    = string
+    imap_user                    = string
+    imap_password_secret_id      = string
+    imap_password_secret_version = optional(string, "latest")
+    imap_port                    = optional(number)
+    imap_tls                     = optional(string, "imaps")
+    mailbox                      = optional(string, "INBOX")
+    to                           = optional(string)
+    schedule                     = optional(string, "*/5 * * * *")
+    deadline_seconds             = optional(number, 600)
+    poll_interval_seconds        = optional(number, 5)
+    image                        = optional(string)
+  })
+  description = "The canary job (null = no canary). imap_*: the mailbox it reads (MAILPIPE_CANARY_IMAP_*; port null = 993 for imaps, 143 for starttls); imap_password_secret_id: an existing Secret Manager secret in project_id holding the IMAP password (create it yourself, as for the SMTP password); to: the mailbox's address (null = imap_user); schedule: cron in UTC for Cloud Scheduler; deadline_seconds: how long a run waits for the probe; image: null = publisher_image (it contains the canary)."
+  default     = null
+
+  validation {
+    condition = var.canary == null || try(
+      length(trimspace(var.canary.imap_host)) > 0 &&
+      length(trimspace(var.canary.imap_user)) > 0 &&
+      can(regex("^[A-Za-z0-9_-]{1,255}$", var.canary.imap_password_secret_id)) &&
+      can(regex("^(latest|[1-9][0-9]*)$", var.canary.imap_password_secret_version)) &&
+      contains(["imaps", "starttls"], var.canary.imap_tls) &&
+      (var.canary.imap_port == null || try(var.canary.imap_port >= 1 && var.canary.imap_port <= 65535, false)) &&
+      var.canary.deadline_seconds >= 30 && var.canary.deadline_seconds <= 3000 &&
+      var.canary.poll_interval_seconds >= 1 && var.canary.poll_interval_seconds <= 60 &&
+      length(split(" ", trimspace(var.canary.schedule))) == 5,
+      false
+    )
+    error_message = "canary: imap_host and imap_user must be set; imap_password_secret_id must be a secret ID (not the password) and its version \"latest\" or a number; imap_tls must be imaps or starttls (never plain IMAP across a network); imap_port 1..65535 or null; deadline_seconds 30..3000 (the job's timeout is this plus 120 s); poll_interval_seconds 1..60; schedule a 5-field cron expression."
+  }
+}
+
+variable "canary_time_to_inbox_threshold_seconds" {
+  type        = number
+  description = "Alert when the canary's mean time from the probe request to the probe visible in the mailbox, over 30 minutes, exceeds this (seconds). Keep it below canary.deadline_seconds: a probe slower than the deadline counts as a failed run instead."
+  default     = 300
+
+  validation {
+    condition     = var.canary_time_to_inbox_threshold_seconds >= 10
+    error_message = "canary_time_to_inbox_threshold_seconds must be at least 10."
+  }
+}

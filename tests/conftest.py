@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.smtp",
     "tests.fixtures.telemetry",
     "tests.fixtures.pipeline",
+    "tests.fixtures.imap",
 ]

@@ -27,6 +27,8 @@ COMMAND_MODULES = (
     "mailpipe.cli.emulator",
     "mailpipe.cli.send",
     "mailpipe.cli.trace",
+    "mailpipe.cli.canary",
+    "mailpipe.cli.dlq",
 )
 
 

@@ -6,10 +6,12 @@ These tests start their own emulators (not the session's) because they are about
 from __future__ import annotations
 
 import os
+import queue
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,13 +187,19 @@ def cli_up(tmp_path) -> Iterator[subprocess.Popen[str]]:
 
 
 def read_exports(process: subprocess.Popen[str]) -> dict[str, str]:
+    """The ``export NAME=value`` lines the CLI prints, read until GOOGLE_CLOUD_PROJECT's."""
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(
+        target=lambda: [lines.put(line) for line in process.stdout], daemon=True
+    )
+    reader.start()
     exports: dict[str, str] = {}
     deadline = time.monotonic() + DEADLINE
     while "GOOGLE_CLOUD_PROJECT" not in exports:
-        ready, _, _ = select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        line = process.stdout.readline() if ready else ""
-        if not line:
-            pytest.fail(f"no export lines from the CLI; stderr:\n{process.stderr.read()}")
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            pytest.fail(f"no export lines from the CLI within {DEADLINE:g} s")
         if line.startswith("export "):
             name, _, value = line.removeprefix("export ").strip().partition("=")
             exports[name] = value

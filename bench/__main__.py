@@ -1,0 +1,71 @@
+"""``python -m bench [--quick] [--only NAME ...]``: run the benchmark, print tables, write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from bench.plan import PROFILES, tiny
+from bench.report import markdown, print_tables
+from bench.run import RESULTS_DIR, run_bench, write_result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="the ~2 minute profile")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a few mails through one scenario (checks the harness)"
+    )
+    parser.add_argument(
+        "--only", nargs="+", metavar="SCENARIO", help="run only these scenarios (see --list)"
+    )
+    parser.add_argument("--no-baselines", action="store_true", help="skip the raw baselines")
+    parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON goes")
+    parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
+    args = parser.parse_args(argv)
+
+    profile = tiny() if args.tiny else PROFILES["quick" if args.quick else "full"]
+    console = Console()
+    if args.list:
+        for scenario in profile.scenarios:
+            console.print(f"{scenario.name:24} {scenario.group:9} {scenario.label}")
+        return 0
+    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def update(label: str, done: int, total: int) -> None:
+            progress.update(task, description=label, completed=done, total=total or None)
+
+        result = run_bench(
+            profile,
+            command=command.strip(),
+            only=set(args.only) if args.only else None,
+            baselines=not args.no_baselines,
+            update=update,
+        )
+    path = write_result(result, args.out)
+    print_tables(result, console)
+    for scenario in result["scenarios"]:
+        if "error" in scenario:
+            console.print(f"[red]{scenario['name']} failed:[/] {scenario['error']}")
+    if args.markdown:
+        console.print(markdown(result), markup=False, highlight=False)
+    console.print(f"raw numbers: {path}")
+    return 1 if any("error" in s for s in result["scenarios"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

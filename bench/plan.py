@@ -1,0 +1,109 @@
+"""Which scenarios a run has: ``full`` (under ~10 minutes) or ``quick`` (under ~2 minutes).
+
+The reference configuration is pull mode, 1 KiB mails, tracing to a file at 100 % sampling, SMTP
+pool 4, one worker: the issue's targets are stated for it. Every other scenario changes one thing
+from it, so each ratio compares runs of the same benchmark on the same machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from bench.pipeline import Scenario
+
+REFERENCE = "pull-1k"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    smtp_mails: int
+    smtp_new_connection_mails: int
+    pubsub_messages: int
+    scenarios: tuple[Scenario, ...]
+
+
+def _scenarios(
+    mails: int, big_mails: int, warmup: int, latency_seconds: float, quick: bool
+) -> tuple[Scenario, ...]:
+    ref = Scenario(
+        name=REFERENCE,
+        group="pipeline",
+        mails=mails,
+        warmup=warmup,
+        latency_fractions=(0.5, 0.9),
+        latency_seconds=latency_seconds,
+        stages=True,
+    )
+    big = replace(
+        ref,
+        stages=False,
+        name="pull-100k",
+        body_bytes=100 * 1024,
+        mails=big_mails,
+        warmup=warmup // 3,
+        latency_fractions=(),
+    )
+    push = replace(
+        ref,
+        name="push-1k",
+        mode="push",
+        stages=False,  # a stopped push endpoint would only measure the emulator's retries
+        latency_fractions=() if quick else (0.5, 0.9),
+    )
+    push_big = replace(big, name="push-100k", mode="push")
+    scaled = replace(ref, latency_fractions=(), stages=False)
+    tracing = [
+        replace(scaled, name="pull-1k-trace-off", group="tracing", traces="none"),
+        replace(scaled, name="pull-1k-trace-0.1", group="tracing", sample_ratio=0.1),
+    ]
+    if quick:  # the quick profile keeps one scenario per question
+        return (
+            ref,
+            big,
+            push,
+            *tracing,
+            replace(scaled, name="pull-1k-2-workers", group="workers", subscribers=2),
+        )
+    workers = [
+        replace(scaled, name=f"pull-1k-{n}-workers", group="workers", subscribers=n)
+        for n in ((2,) if quick else (2, 4))
+    ]
+    pools = [
+        replace(scaled, name=f"pull-1k-pool-{n}", group="pool", pool_size=n)
+        for n in ((1,) if quick else (1, 16))
+    ]
+    return (ref, big, push, push_big, *tracing, *workers, *pools)
+
+
+PROFILES = {
+    "full": Profile(
+        name="full",
+        smtp_mails=3000,
+        smtp_new_connection_mails=300,
+        pubsub_messages=20_000,
+        scenarios=_scenarios(
+            mails=1200, big_mails=250, warmup=200, latency_seconds=8.0, quick=False
+        ),
+    ),
+    "quick": Profile(
+        name="quick",
+        smtp_mails=800,
+        smtp_new_connection_mails=100,
+        pubsub_messages=4000,
+        scenarios=_scenarios(mails=300, big_mails=60, warmup=80, latency_seconds=3.0, quick=True),
+    ),
+}
+
+
+def tiny(name: str = REFERENCE, mails: int = 20) -> Profile:
+    """A few mails through one scenario: checks the harness works (the smoke test)."""
+    base = {s.name: s for s in PROFILES["quick"].scenarios}[name]
+    scenario = replace(base, mails=mails, warmup=5, latency_fractions=(0.5,), latency_seconds=1.0)
+    return Profile(
+        name="tiny",
+        smtp_mails=mails,
+        smtp_new_connection_mails=mails,
+        pubsub_messages=mails * 10,
+        scenarios=(scenario,),
+    )

@@ -1,0 +1,45 @@
+"""The push endpoint as functions-framework targets (Cloud Run functions, or any FaaS host).
+
+    functions-framework --source subscriber/function.py --target deliver --port 8080
+    functions-framework --source subscriber/function.py --target dead_letter --port 8081
+
+Same handler as ``python -m subscriber push`` (:class:`subscriber.push.PushHandler`): the Pub/Sub
+push envelope or its CloudEvent form, the same OIDC check, the same ack/nack answers. The
+collaborators are built from the environment on the first request, not at import.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import functions_framework
+from flask import Request, Response
+
+from mailpipe.config import SubscriberConfig
+from subscriber.main import build_push_handler, build_services
+from subscriber.push import PushHandler
+
+_handler: PushHandler | None = None
+_lock = threading.Lock()
+
+
+def _push_handler() -> PushHandler:
+    global _handler  # noqa: PLW0603 - the FaaS model: one handler per instance, built lazily
+    with _lock:
+        if _handler is None:
+            config = SubscriberConfig.from_env(os.environ)
+            _handler = build_push_handler(config, build_services(config))
+        return _handler
+
+
+@functions_framework.http
+def deliver(request: Request) -> Response:
+    """Deliver one pushed mail (the mail subscription's push endpoint)."""
+    return _push_handler().deliver(request)
+
+
+@functions_framework.http
+def dead_letter(request: Request) -> Response:
+    """Record one dead-lettered mail (the dead-letter record subscription's push endpoint)."""
+    return _push_handler().dead_letter(request)

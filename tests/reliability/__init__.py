@@ -1,0 +1,1 @@
+"""Fault-injection, crash, restart and soak tests of the whole pipeline on loopback."""

@@ -1,0 +1,151 @@
+"""The subscriber killed with SIGKILL at random points of delivery, again and again, under load.
+
+The services run as real processes (``emulator.pipeline.run_local_pipeline``); the pull worker is
+killed without warning while it is delivering and restarted, as Cloud Run or a supervisor would.
+Every accepted mail must end delivered exactly once; a second copy is allowed only for a mail whose
+250 came back and whose record was not written before the kill (the unavoidable window between the
+SMTP server's 250 and the record of it), and that window is measured.
+
+A killed worker leaves the mails it had claimed ``sending`` with a lease; the next claim waits for
+the lease (the delivery subscription's ack deadline, 120 s) to expire, so this test runs for more
+than two minutes: that delay is part of what it proves (the mail is late, not lost, not doubled).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from emulator import RunningEmulator, delete_topology
+from emulator.pipeline import ServiceProcess, run_local_pipeline, start_service
+from mailpipe.topology import DeadLetterPolicy, RetryPolicy
+from tests.reliability.harness import (
+    PostResult,
+    StampedSmtpServer,
+    describe_windows,
+    mail,
+    post,
+    print_counts,
+    record_window_ms,
+    reliability_topology,
+    tally,
+    wait_settled,
+)
+
+TOTAL = 200
+KILLS = 5
+POST_RATE = 10.0  # mails/s: the load lasts ~20 s, long enough for every kill to land mid-stream
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_subscriber_sigkilled_repeatedly_under_load_delivers_every_mail_once(
+    tmp_path: Path, pubsub_emulator: RunningEmulator, pubsub_project: str
+) -> None:
+    seed = int(os.environ.get("MAILPIPE_RELIABILITY_SEED", time.time_ns() % 100_000))
+    rng = random.Random(seed)
+    # The production ack deadline (120 s = the subscriber's claim lease) with fast retries and
+    # room for the many redeliveries a held lease causes, so nothing is dead-lettered by waiting.
+    topology = reliability_topology(
+        ack_deadline_seconds=120,
+        retry_policy=RetryPolicy("1s", "5s"),
+        dead_letter=DeadLetterPolicy("dead_letter", 100),
+    )
+    smtp = StampedSmtpServer().start()
+    restarted: list[ServiceProcess] = []
+    results: list[PostResult] = []
+    kills: list[float] = []
+    try:
+        with run_local_pipeline(
+            state_dir=tmp_path / "state",
+            subscriber_mode="pull",
+            project=pubsub_project,
+            topology=topology,
+            smtp_server=smtp,
+            extra_env={"MAILPIPE_SMTP_TIMEOUT": "5"},
+        ) as pipeline:
+
+            def load() -> None:
+                def one(i: int) -> PostResult:
+                    time.sleep(max(0.0, start + i / POST_RATE - time.monotonic()))
+                    return post(pipeline.publisher_url, mail(f"#{i}"))
+
+                start = time.monotonic()
+                with ThreadPoolExecutor(8) as pool:
+                    results.extend(pool.map(one, range(TOTAL)))
+
+            loader = threading.Thread(target=load, name="load")
+            loader.start()
+            subscriber = pipeline.subscriber
+            for n in range(KILLS):
+                # Kill after a random number of further deliveries: mid-stream, at a random step.
+                target = len(smtp.messages) + rng.randint(1, 12)
+                deadline = time.monotonic() + 30
+                while len(smtp.messages) < target and time.monotonic() < deadline:
+                    time.sleep(0.002)
+                time.sleep(rng.uniform(0, 0.03))
+                subscriber.signal(signal.SIGKILL)
+                subscriber.process.wait(10)
+                kills.append(time.time())
+                subscriber = start_service(
+                    f"subscriber-restart-{n + 1}",
+                    ["subscriber", "pull"],
+                    env=pipeline.service_env,
+                    log_dir=pipeline.state_dir / "logs",
+                    ready_marker="pulling from",
+                )
+                restarted.append(subscriber)
+                subscriber.wait_healthy(timeout=60)
+            loader.join(timeout=120)
+            assert not loader.is_alive(), "the load did not finish"
+
+            accepted = [r.mail_id for r in results if r.status == 202 and r.mail_id]
+            record_path = pipeline.state_dir / "record.sqlite3"
+            # Mails a killed worker had claimed wait for their lease (120 s) before a retry.
+            records = wait_settled(record_path, accepted, timeout=240)
+            # Let a late duplicate (if any) arrive before counting.
+            time.sleep(1.0)
+            receipts = smtp.receipts()
+    finally:
+        for process in restarted:
+            process.stop()
+        smtp.stop()
+        delete_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)
+
+    counts = tally(accepted, receipts, records, not_accepted=TOTAL - len(accepted))
+    windows = [
+        w
+        for mail_id, stamps in receipts.items()
+        if (w := record_window_ms(records.get(mail_id), stamps[-1])) is not None
+    ]
+    abandoned = {
+        mail_id: r.attempt_count - len(r.attempts)
+        for mail_id, r in records.items()
+        if r is not None and r.attempt_count > len(r.attempts)
+    }
+    counts.notes.update(
+        seed=seed,
+        kills=len(kills),
+        claims_abandoned_by_kills=sum(abandoned.values()),
+        **describe_windows(windows),
+    )
+    print_counts("subscriber SIGKILL x5 under load", counts)
+
+    assert counts.not_accepted == 0, [r for r in results if r.status != 202][:5]
+    assert counts.lost == 0, counts.lost_ids
+    assert counts.dead_lettered == counts.bounced == 0
+    assert counts.delivered == TOTAL
+    assert len(kills) == KILLS
+    # A duplicate is only possible for a mail whose 250 was never recorded: the SMTP server took
+    # it, the worker was killed before writing the record, and a later claim sent it again.
+    for mail_id in counts.duplicate_ids:
+        first, *later = receipts[mail_id]
+        assert mail_id in abandoned, f"{mail_id} sent twice without an abandoned claim"
+        assert any(first <= k <= later[0] for k in kills), f"{mail_id}: no kill between copies"
