@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in scenario:
             console.print(f"[red]{scenario['name']} failed:[/] {scenario['error']}")
     if args.markdown:
-        console.print(markdown(result), markup=False, highlight=False)
+        print(markdown(result))  # plain: a console would wrap the table rows
     console.print(f"raw numbers: {path}")
     return 1 if any("error" in s for s in result["scenarios"]) else 0
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from bench.pipeline import Scenario
 
 REFERENCE = "pull-1k"
+TRACE_ON = "pull-1k-trace-1.0"
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ def _scenarios(
     scaled = replace(ref, latency_fractions=(), stages=False)
     tracing = [
         replace(scaled, name="pull-1k-trace-off", group="tracing", traces="none"),
+        # The reference configuration again, right next to "off": the cost is the mean of both.
+        replace(scaled, name=TRACE_ON, group="tracing"),
         replace(scaled, name="pull-1k-trace-0.1", group="tracing", sample_ratio=0.1),
     ]
     if quick:  # the quick profile keeps one scenario per question

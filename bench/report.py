@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.plan import REFERENCE
+from bench.plan import REFERENCE, TRACE_ON
 
 TARGET_RATE = 500.0  # mails/s end to end, 1 KiB, tracing at 100 %
 TARGET_BASELINE_FRACTION = 0.5
@@ -39,6 +39,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     }
     known = {k: v for k, v in depends.items() if v}
     slowest = min(known.items(), key=lambda kv: kv[1]) if known else None
+    on_rates = [r for r in (ref_rate, _rate(result, TRACE_ON)) if r]
+    on_rate = sum(on_rates) / len(on_rates) if on_rates else None
     off = _rate(result, "pull-1k-trace-off")
     tenth = _rate(result, "pull-1k-trace-0.1")
     reference = _scenario(result, REFERENCE)
@@ -58,11 +60,13 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         per_mail = scenario["throughput"]["cpu_ms_per_mail"]
         return round(sum(per_mail.get(part, 0.0) for part in parts), 2)
 
-    ref_cpu, off_cpu = cpu_per_mail(REFERENCE), cpu_per_mail("pull-1k-trace-off")
+    on_cpus = [c for c in (cpu_per_mail(REFERENCE), cpu_per_mail(TRACE_ON)) if c]
+    ref_cpu = round(sum(on_cpus) / len(on_cpus), 2) if on_cpus else None
+    off_cpu = cpu_per_mail("pull-1k-trace-off")
     all_cpu = cpu_per_mail(REFERENCE, (*SERVICES, "emulator_java", "smtp", "client"))
     nproc = result.get("machine", {}).get("nproc") or 1
     fraction = ref_rate / slowest[1] if ref_rate and slowest else None
-    cost = 1 - ref_rate / off if ref_rate and off else None
+    cost = 1 - on_rate / off if on_rate and off else None
     cost_tenth = 1 - tenth / off if tenth and off else None
     return {
         "reference_scenario": REFERENCE,

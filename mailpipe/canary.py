@@ -404,8 +404,13 @@ class PublisherClient:
                 f"the publisher answered HTTP {response.status_code} instead of 202: "
                 f"{_clip(response.text)}"
             )
-        body = response.json()
-        return Accepted(mail_id=str(body["mail_id"]), trace_id=body.get("trace_id"))
+        try:
+            body = response.json()
+            return Accepted(mail_id=str(body["mail_id"]), trace_id=body.get("trace_id"))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PublishFailed(
+                f"the publisher's 202 has no mail_id: {_clip(response.text)}"
+            ) from exc
 
     def record(self, mail_id: str) -> dict[str, Any] | None:
         """The delivery record as JSON, or None when it cannot be read (never raises)."""

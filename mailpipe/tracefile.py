@@ -329,41 +329,65 @@ def _tree_order(spans: list[SpanRecord]) -> list[tuple[str, SpanRecord]]:
 
 def render_waterfall(spans: Sequence[SpanRecord]) -> Any:
     """A rich renderable: one table per trace, every span as a tree row with its service,
-    offset from the trace's start, duration, status, SMTP reply and links, and a timeline bar."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
+    offset from the trace's start, duration, status, SMTP reply and links, and — when the
+    terminal is wide enough — a timeline bar."""
+    return _Waterfall(list(spans))
 
-    tables: list[Any] = []
-    for trace_id, trace_spans in group_by_trace(spans).items():
-        start = min(s.start for s in trace_spans)
-        end = max(s.end for s in trace_spans)
-        mail_ids = sorted(
-            {str(m) for s in trace_spans if (m := s.attributes.get(MAIL_ID_ATTRIBUTE))}
-        )
-        title = f"trace {trace_id}"
-        if mail_ids:
-            title += f" · mail {', '.join(mail_ids)}"
-        title += f" · {len(trace_spans)} spans · {format_duration(end - start)}"
-        table = Table(title=title, title_justify="left", expand=False, pad_edge=False)
-        table.add_column("span", no_wrap=True)
-        table.add_column("service", no_wrap=True)
-        table.add_column("offset", justify="right", no_wrap=True)
-        table.add_column("duration", justify="right", no_wrap=True)
-        table.add_column("status", no_wrap=True)
-        table.add_column("timeline", no_wrap=True)
-        table.add_column("details")
-        for prefix, span in _tree_order(trace_spans):
-            name = Text(prefix, style="dim")
-            name.append(span.name, style="bold" if not prefix else "")
-            table.add_row(
-                name,
-                span.service or "?",
-                "+" + format_duration(span.start - start),
-                format_duration(span.duration_ns),
-                Text(span.status_code, style=_STATUS_STYLE.get(span.status_code, "")),
-                _bar(span, start, end - start),
-                _details(span),
+
+# Below this width the timeline column is left out, so the details (SMTP replies, outcome) fit.
+TIMELINE_MIN_WIDTH = 150
+
+
+class _Waterfall:
+    def __init__(self, spans: list[SpanRecord]) -> None:
+        self.spans = spans
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from rich.console import Group
+
+        yield Group(*self._tables(with_timeline=options.max_width >= TIMELINE_MIN_WIDTH))
+
+    def _tables(self, *, with_timeline: bool) -> list[Any]:
+        from rich.table import Table
+        from rich.text import Text
+
+        tables: list[Any] = []
+        for trace_id, trace_spans in group_by_trace(self.spans).items():
+            start = min(s.start for s in trace_spans)
+            end = max(s.end for s in trace_spans)
+            mail_ids = sorted(
+                {str(m) for s in trace_spans if (m := s.attributes.get(MAIL_ID_ATTRIBUTE))}
             )
-        tables.append(table)
-    return Group(*tables)
+            title = f"trace {trace_id}"
+            if mail_ids:
+                title += f" · mail {', '.join(mail_ids)}"
+            title += f" · {len(trace_spans)} spans · {format_duration(end - start)}"
+            table = Table(title=title, title_justify="left", expand=False, pad_edge=False)
+            table.add_column("span", no_wrap=True, overflow="ellipsis")
+            table.add_column("service", no_wrap=True)
+            table.add_column("offset", justify="right", no_wrap=True)
+            table.add_column("duration", justify="right", no_wrap=True)
+            table.add_column("status", no_wrap=True)
+            if with_timeline:
+                table.add_column("timeline", no_wrap=True)
+            table.add_column("details")
+            for prefix, span in _tree_order(trace_spans):
+                name = Text(prefix, style="dim")
+                name.append(span.name, style="bold" if not prefix else "")
+                cells: list[Any] = [
+                    name,
+                    span.service or "?",
+                    "+" + format_duration(span.start - start),
+                    format_duration(span.duration_ns),
+                    # UNSET is the norm for successful spans: show only what was decided.
+                    Text(
+                        "" if span.status_code == "UNSET" else span.status_code,
+                        style=_STATUS_STYLE.get(span.status_code, ""),
+                    ),
+                ]
+                if with_timeline:
+                    cells.append(_bar(span, start, end - start))
+                cells.append(_details(span))
+                table.add_row(*cells)
+            tables.append(table)
+        return tables

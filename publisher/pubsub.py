@@ -20,12 +20,25 @@ from typing import Protocol
 import google.cloud.pubsub_v1 as pubsub_v1
 import grpc
 from google.api_core import exceptions as api_exceptions
+from google.api_core import retry as api_retry
 from google.cloud.pubsub_v1.publisher import exceptions as publisher_exceptions
 from google.cloud.pubsub_v1.types import BatchSettings, PublisherOptions
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 
 from mailpipe.config import PubSubConfig
 from mailpipe.mail import MAX_PUBSUB_DATA_BYTES, QueuedMail
+
+# What the client library retries by default (google.pubsub_v1 publisher transport).
+_RETRYABLE: tuple[type[Exception], ...] = (
+    api_exceptions.Aborted,
+    api_exceptions.Cancelled,
+    api_exceptions.DeadlineExceeded,
+    api_exceptions.InternalServerError,
+    api_exceptions.ResourceExhausted,
+    api_exceptions.ServiceUnavailable,
+    api_exceptions.Unknown,
+)
+_RESULT_MARGIN_SECONDS = 5.0
 
 
 class PublishError(Exception):
@@ -80,6 +93,17 @@ class PubSubMailPublisher:
     ) -> None:
         self._topic_path = config.topic_path
         self._timeout = timeout
+        # The client library's default retries a failed publish for up to 600 s, long after we
+        # answered 503: a mail the client was told to send again would then be sent twice. The
+        # retries and the last RPC end within ``timeout``, before we answer.
+        self._rpc_timeout = max(timeout / 3, 0.05)
+        self._retry = api_retry.Retry(
+            initial=0.1,
+            maximum=max(timeout / 6, 0.1),
+            multiplier=2,
+            predicate=api_retry.if_exception_type(*_RETRYABLE),
+            timeout=timeout - self._rpc_timeout,
+        )
         if client is None:
             options = PublisherOptions(enable_open_telemetry_tracing=True)
             # Requests wait for their publish future, so a short batch window only groups
@@ -99,8 +123,11 @@ class PubSubMailPublisher:
         if len(data) > MAX_PUBSUB_DATA_BYTES:
             raise MailTooLarge(len(data))
         try:
-            future = self._client.publish(self._topic_path, data, **attributes)
-            return str(future.result(timeout=self._timeout))
+            future = self._client.publish(
+                self._topic_path, data, retry=self._retry, timeout=self._rpc_timeout, **attributes
+            )
+            # The retries end within the timeout; the margin covers batching and callbacks.
+            return str(future.result(timeout=self._timeout + _RESULT_MARGIN_SECONDS))
         except publisher_exceptions.MessageTooLargeError as exc:
             raise MailTooLarge(len(data)) from exc
         except (concurrent.futures.TimeoutError, TimeoutError) as exc:

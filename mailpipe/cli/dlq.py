@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
@@ -246,12 +247,14 @@ def run_list(
         config = read_config(os.environ if environ is None else environ)
         record = open_existing_record(record_url(args.record, config.record))
     except UsageError as exc:
-        err.print(f"[red]mailpipe dlq list:[/] {exc}")
+        err.print(f"[red]mailpipe dlq list:[/] {escape(str(exc))}")
         return EXIT_USAGE
     try:
         entries = list_dead_letters(record, since=since, limit=args.limit, now=now)
     except RecordError as exc:
-        err.print(f"[red]mailpipe dlq list:[/] the delivery record is unavailable: {exc}")
+        err.print(
+            f"[red]mailpipe dlq list:[/] the delivery record is unavailable: {escape(str(exc))}"
+        )
         return EXIT_FAILED
     finally:
         record.close()
@@ -262,14 +265,15 @@ def run_list(
     if not entries:
         console.print("no dead-lettered mails" + (f" since {since.isoformat()}" if since else ""))
         return EXIT_OK
-    table = Table(
-        "mail id", "domains", "last reply", "attempts", "age", title="Dead-lettered mails"
-    )
+    table = Table(title="Dead-lettered mails")
+    table.add_column("mail id", no_wrap=True)  # copied into `dlq replay --id`
+    for name in ("domains", "last reply", "attempts", "age"):
+        table.add_column(name)
     for entry in entries:
         table.add_row(
-            entry.mail_id,
-            ", ".join(entry.recipient_domains),
-            entry.last_reply or "",
+            escape(entry.mail_id),
+            escape(", ".join(entry.recipient_domains)),
+            escape(entry.last_reply or ""),
             str(entry.attempts),
             _age(entry.age_seconds),
         )
@@ -337,7 +341,7 @@ def run_replay(
         if services is None:
             services = open_replay_services(args, os.environ if environ is None else environ)
     except UsageError as exc:
-        err.print(f"[red]mailpipe dlq replay:[/] {exc}")
+        err.print(f"[red]mailpipe dlq replay:[/] {escape(str(exc))}")
         return EXIT_USAGE
     try:
         with _progress(not args.json, len(selection.mail_ids) or None) as on_outcome:
@@ -345,7 +349,7 @@ def run_replay(
                 selection, dry_run=args.dry_run, on_outcome=on_outcome
             )
     except (DeadLetterUnavailable, RecordError) as exc:
-        err.print(f"[red]mailpipe dlq replay:[/] {exc}")
+        err.print(f"[red]mailpipe dlq replay:[/] {escape(str(exc))}")
         return EXIT_FAILED
     finally:
         if owned:
@@ -360,10 +364,17 @@ def _print_report(report: ReplayReport, *, as_json: bool) -> None:
         return
     console = Console()
     if report.outcomes:
-        table = Table("mail id", "result", "detail", "new trace")
+        # Ids stay on one line so they can be copied into the next command.
+        table = Table()
+        table.add_column("mail id", no_wrap=True)
+        table.add_column("result", no_wrap=True)
+        table.add_column("detail")
+        table.add_column("new trace", no_wrap=True)
         for outcome in report.outcomes:
             label = _HUMAN_STATUS[outcome.status].format(record=outcome.record_status or "final")
-            table.add_row(outcome.mail_id, label, outcome.detail, outcome.trace_id or "")
+            table.add_row(
+                escape(outcome.mail_id), label, escape(outcome.detail), outcome.trace_id or ""
+            )
         console.print(table)
     counts = report.counts()
     summary = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in counts.items())

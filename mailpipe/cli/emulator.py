@@ -15,20 +15,17 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from emulator import (
-    DEFAULT_LOCAL_PROJECT,
-    EmulatorError,
-    EmulatorNotInstalled,
-    EmulatorStack,
-    run_emulators,
-)
-from emulator.process import read_log_tail
 from mailpipe.cli import EXIT_FAILED, EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE
+from mailpipe.config import DEFAULT_PROJECT as DEFAULT_LOCAL_PROJECT
 from mailpipe.topology import TopologyError, load_topology
+
+if TYPE_CHECKING:
+    # `emulator` is a development package (not in the service images): imported when run.
+    from emulator import EmulatorStack
 
 _HEALTH_INTERVAL = 1.0
 
@@ -134,6 +131,8 @@ def _wait_until_interrupted(stack: EmulatorStack) -> int:
         for e in stack.emulators():
             code = e.exit_code()
             if code is not None:
+                from emulator.process import read_log_tail
+
                 tail = read_log_tail(e.log_path) if e.log_path else ""
                 print(
                     f"error: the {e.kind} emulator exited with status {code}\n{tail}",
@@ -144,6 +143,8 @@ def _wait_until_interrupted(stack: EmulatorStack) -> int:
 
 
 def run_up(args: argparse.Namespace) -> int:
+    from emulator import EmulatorError, EmulatorNotInstalled, run_emulators
+
     console = Console(stderr=True)
     try:
         topology = load_topology(args.topology)

@@ -31,7 +31,8 @@ from mailpipe.record.base import (
 )
 
 MAX_PAGE_SIZE = 1000
-UNDELIVERED = (MailStatus.QUEUED, MailStatus.SENDING, MailStatus.DEFERRED)
+# Replayed mails are back on the mail topic: until delivered they count toward the lag alert.
+UNDELIVERED = (MailStatus.QUEUED, MailStatus.SENDING, MailStatus.DEFERRED, MailStatus.REPLAYED)
 _OUTCOMES = {
     "delivered": MailStatus.DELIVERED,
     "deferred": MailStatus.DEFERRED,

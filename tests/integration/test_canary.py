@@ -20,8 +20,16 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from emulator.smtp import LocalSmtpServer
-from mailpipe.canary import Canary, CanaryConfig, CanaryResult, Outcome, build_canary
+from mailpipe.canary import (
+    Canary,
+    CanaryConfig,
+    CanaryResult,
+    Outcome,
+    build_canary,
+    parse_duration,
+)
 from mailpipe.cli import main as mailpipe_main
+from mailpipe.config import ConfigError
 from mailpipe.telemetry import setup_telemetry
 from tests.fixtures.imap import Dovecot, free_port
 from tests.fixtures.pipeline import Pipeline
@@ -245,8 +253,6 @@ def test_cli_human_output_and_exit_code(
     ok = capsys.readouterr().out
     assert ok.startswith("ok probe ")
     assert "accepted" in ok and "SMTP 250" in ok and "in inbox" in ok
-    with capsys.disabled():
-        print(ok)
 
     monkeypatch.setenv("MAILPIPE_CANARY_IMAP_PASSWORD", "wrong")
     assert mailpipe_main(["canary", "--imap-port", str(dovecot.port)]) == 13
@@ -332,3 +338,58 @@ def test_probe_not_delivered_reports_the_record(
     runs = metric_points(metric_reader)["mailpipe.canary.runs"]
     assert {p.attributes["mailpipe.canary.outcome"]: p.value for p in runs} == {"not_delivered": 1}
     assert "mailpipe.canary.time_to_inbox" not in metric_points(metric_reader)
+
+
+def test_bounced_probe_ends_the_wait_early(pipeline: Pipeline, make_canary: MakeCanary) -> None:
+    pipeline.smtp.fail("rcpt", 550, "5.1.1 no such mailbox")
+    # A deadline the test would notice: the bounce must end the run long before it.
+    canary = make_canary(pipeline.url, MAILPIPE_CANARY_DEADLINE="120")
+
+    result = canary.run()
+
+    assert result.outcome == Outcome.NOT_DELIVERED
+    assert result.record_status == "bounced"
+    assert "was bounced" in result.message and "550 5.1.1" in result.message
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+def test_config_lists_every_problem_and_refuses_plain_imap_across_a_network() -> None:
+    with pytest.raises(ConfigError) as caught:
+        CanaryConfig.from_env(
+            {
+                "MAILPIPE_CANARY_IMAP_HOST": "imap.example.com",
+                "MAILPIPE_CANARY_IMAP_TLS": "none",
+                "MAILPIPE_CANARY_DEADLINE": "soon",
+            }
+        )
+    assert set(caught.value.problems) == {
+        "MAILPIPE_CANARY_IMAP_USER",
+        "MAILPIPE_CANARY_IMAP_PASSWORD",
+        "MAILPIPE_CANARY_TO",
+        "MAILPIPE_CANARY_IMAP_TLS",
+        "MAILPIPE_CANARY_DEADLINE",
+    }
+
+
+def test_config_defaults_and_password_kept_out_of_repr() -> None:
+    config = CanaryConfig.from_env(
+        {
+            "MAILPIPE_CANARY_IMAP_HOST": "imap.example.com",
+            "MAILPIPE_CANARY_IMAP_USER": "probe@example.com",
+            "MAILPIPE_CANARY_IMAP_PASSWORD": "s3cret-canary",
+        }
+    )
+    assert (config.imap_tls, config.imap_port, config.mailbox) == ("imaps", 993, "INBOX")
+    assert config.to == "probe@example.com"
+    assert config.deadline == 300
+    assert "s3cret-canary" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("60s", 60.0), ("5m", 300.0), ("1h", 3600.0), ("90", 90.0), ("250ms", 0.25)],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,8 +30,10 @@ from google.cloud.pubsub_v1.types import PublisherOptions
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client.parser import text_string_to_metric_families
 
 from emulator import RunningEmulator, publisher_client, subscriber_client
+from emulator.process import free_port
 from mailpipe.cli import EXIT_FAILED, EXIT_OK, build_parser, main
 from mailpipe.cli.dlq import ReplayServices
 from mailpipe.config import PublisherConfig
@@ -99,13 +105,15 @@ def replay_services(pipeline: Pipeline, pubsub_emulator: RunningEmulator) -> Ite
 def replay(
     replay_services: ReplayServices, capsys: pytest.CaptureFixture[str]
 ) -> Callable[..., CliResult]:
-    """``replay("--id", X)``: ``mailpipe dlq replay ... --json`` with the injected services."""
+    """``replay("--id", X)``: ``mailpipe dlq replay ... --json`` with the injected services;
+    with ``human=True`` the report is the printed text (``{"text": ...}``)."""
 
-    def run(*argv: str) -> CliResult:
-        args = build_parser().parse_args(["dlq", "replay", *argv, "--json"])
+    def run(*argv: str, human: bool = False) -> CliResult:
+        args = build_parser().parse_args(["dlq", "replay", *argv, *([] if human else ["--json"])])
         capsys.readouterr()
         code = args.handler(args, services=replay_services)
-        return code, json.loads(capsys.readouterr().out)
+        out = capsys.readouterr().out
+        return code, {"text": out} if human else json.loads(out)
 
     return run
 
@@ -333,6 +341,9 @@ def test_dry_run_changes_nothing_and_replay_selects_by_mail_id(
     assert copies_on_dead_letter_subscription(pipeline, pubsub_emulator) == sorted(
         [first.mail_id, second.mail_id]
     )
+    code, printed = replay("--id", second.mail_id, "--dry-run", human=True)
+    assert code == EXIT_OK
+    assert "would replay" in printed["text"] and "without --dry-run" in printed["text"]
 
     code, report = replay("--id", first.mail_id)
 
@@ -365,6 +376,9 @@ def test_a_copy_without_a_record_is_refused_and_left_in_place(
 
     assert code == EXIT_FAILED
     assert outcome_of(report, orphan.mail_id)["status"] == "no_record"
+    code, printed = replay("--id", orphan.mail_id, human=True)
+    assert code == EXIT_FAILED
+    assert "no record" in printed["text"]
     assert outcome_of(report, missing)["status"] == "not_found"
     assert copies_on_dead_letter_subscription(pipeline, pubsub_emulator) == [orphan.mail_id]
     assert pipeline.smtp.messages == []
@@ -425,3 +439,57 @@ def test_an_undelivered_mail_shows_a_growing_lag(
     )
     assert metric_points(metric_reader).get("mailpipe.oldest_undelivered_age", []) == []
     assert httpx.get(f"{url}/v1/stats").json()["oldest_undelivered_mail_id"] is None
+
+
+def test_the_publisher_process_exports_the_lag_gauge(
+    mail_topology: Topology, pubsub_emulator: RunningEmulator, pubsub_project: str, tmp_path: Path
+) -> None:
+    """``python -m publisher`` as deployed: the gauge is on its Prometheus endpoint."""
+    record_file = tmp_path / "record.sqlite3"
+    http_port, metrics_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        **pipeline_env(pubsub_emulator, pubsub_project, mail_topology, record_file, 25),
+        "PORT": str(http_port),
+        "MAILPIPE_METRICS_PORT": str(metrics_port),
+        "MAILPIPE_TRACES": "none",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "publisher"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "publisher.log").open("wb"),
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{http_port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return process.poll() is not None  # stop waiting if it died
+
+        assert wait_until(up, timeout=60) and process.poll() is None, (
+            tmp_path / "publisher.log"
+        ).read_text()
+        accepted = httpx.post(
+            f"{url}/v1/messages",
+            json={"from": "a@example.com", "to": ["b@example.org"], "text": "queued"},
+            timeout=30,
+        )
+        assert accepted.status_code == 202  # nobody consumes the topology: it stays queued
+
+        def gauge() -> float | None:
+            text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name.startswith("mailpipe_oldest_undelivered_age"):
+                        return float(sample.value)
+            return None
+
+        age = gauge()  # Prometheus collects on each scrape: the queued mail is already there
+        assert age is not None and age > 0
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)

@@ -239,7 +239,11 @@ def _tamper(token: str) -> str:
 @pytest.mark.parametrize("case", sorted(BAD_TOKENS))
 @pytest.mark.parametrize("path", ["/", "/dead-letter"])
 def test_a_bad_token_gets_401_and_nothing_is_sent(
-    keys: tuple[Keys, str], endpoint: PushEndpoint, case: str, path: str
+    keys: tuple[Keys, str],
+    endpoint: PushEndpoint,
+    case: str,
+    path: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     authorization = BAD_TOKENS[case](keys[0])
     response, mail_id = endpoint.post(authorization, path)
@@ -249,7 +253,8 @@ def test_a_bad_token_gets_401_and_nothing_is_sent(
     assert response.json()["error"]["code"] == "unauthenticated"
     token = (authorization or "").partition(" ")[2].strip()
     if token:
-        assert token not in response.text  # the token is never echoed back
+        assert token not in response.text  # the token is never echoed back, nor logged
+        assert token not in caplog.text
     assert endpoint.smtp.messages == []
     record = open_record(f"sqlite:///{endpoint.record_path}")
     try:

@@ -566,6 +566,12 @@ def test_oldest_undelivered(record: DeliveryRecord) -> None:
     assert oldest is not None
     assert oldest.mail_id == newer
 
+    # A replayed mail is back on the topic: it counts until delivered, so the lag alert sees it.
+    record.mark_replayed(dead, trace_id=None)
+    oldest = record.oldest_undelivered()
+    assert oldest is not None
+    assert oldest.mail_id == dead
+
 
 # --- concurrency ---------------------------------------------------------------------------
 

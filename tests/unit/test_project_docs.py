@@ -11,7 +11,8 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 def _env_names_read_in(path: Path) -> set[str]:
     text = path.read_text(encoding="utf-8")
-    return set(re.findall(r'"((?:MAILPIPE|GOOGLE_CLOUD|PUBSUB|FIRESTORE|OTEL)_[A-Z_]+|PORT)"', text))
+    pattern = r'"((?:MAILPIPE|GOOGLE_CLOUD|PUBSUB|FIRESTORE|OTEL)_[A-Z_]+|PORT)"'
+    return set(re.findall(pattern, text))
 
 
 def test_readme_has_the_two_fresh_machine_commands() -> None:

@@ -1,0 +1,218 @@
+"""Malformed push envelopes and CloudEvents sent to the real push endpoint over HTTP.
+
+Anything that is not a Pub/Sub push message gets 400 with a JSON error (never 500, never an
+ack), and nothing reaches the SMTP server. A well-formed message whose data is not a mailpipe
+mail is not acked either (503: it ends on the dead-letter topic, where it is visible). Unknown
+attributes and fields are ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from opentelemetry.sdk.trace import TracerProvider
+
+from emulator.smtp import LocalSmtpServer
+from mailpipe.config import SubscriberConfig
+from mailpipe.mail import MailRequest, QueuedMail
+from mailpipe.record import open_record
+from subscriber.delivery import DeliveryService
+from subscriber.dlq import DeadLetterRecorder
+from subscriber.push import PUBSUB_EVENT_TYPE, PushHandler, create_push_app
+from subscriber.smtp import SmtpSender
+from tests.fixtures.http import serve_app
+from tests.fixtures.smtp import make_smtp_config
+
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@pytest.fixture(scope="module")
+def relay() -> Iterator[LocalSmtpServer]:
+    with LocalSmtpServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def push_url(relay: LocalSmtpServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The push endpoint in local mode (no token), with the real delivery core behind it."""
+    record_path: Path = tmp_path_factory.mktemp("push-fuzz") / "record.sqlite3"
+    config = SubscriberConfig.from_env(
+        {"PUBSUB_EMULATOR_HOST": "127.0.0.1:1", "MAILPIPE_RECORD": f"sqlite:///{record_path}"}
+    )
+    record = open_record(config.record)
+    tracer = TracerProvider().get_tracer("test")
+    sender = SmtpSender(make_smtp_config(relay), tracer=tracer)
+    handler = PushHandler(
+        config,
+        delivery=DeliveryService(
+            sender=sender, record=record, tracer=tracer, message_id_domain="mailpipe.test"
+        ),
+        dead_letters=DeadLetterRecorder(record=record, tracer=tracer),
+        authenticator=None,
+    )
+    try:
+        with serve_app(create_push_app(handler)) as url:
+            yield url
+    finally:
+        sender.close()
+        record.close()
+
+
+@pytest.fixture(scope="module")
+def http(push_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=push_url, timeout=30) as client:
+        yield client
+
+
+def check_refused(response: httpx.Response) -> None:
+    assert response.status_code != 500, response.text
+    assert response.status_code in (400, 503), (response.status_code, response.text[:300])
+    assert response.headers["Content-Type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["code"] and error["message"]
+
+
+def valid_envelope(**message: Any) -> dict[str, Any]:
+    mail = QueuedMail.accept(
+        MailRequest.model_validate(
+            {"from": "a@example.com", "to": ["b@example.org"], "subject": "s", "text": "t"}
+        )
+    )
+    data, attributes = mail.to_pubsub()
+    return {
+        "message": {
+            "data": base64.b64encode(data).decode(),
+            "attributes": attributes,
+            "messageId": "42",
+            **message,
+        },
+        "subscription": "projects/p/subscriptions/s",
+    }
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=15,
+)
+messages = st.fixed_dictionaries(
+    {},
+    optional={
+        "data": json_values | st.binary(max_size=30).map(lambda b: base64.b64encode(b).decode()),
+        "attributes": json_values | st.dictionaries(st.text(max_size=8), st.text(max_size=8)),
+        "messageId": json_values,
+        "message_id": json_values,
+        "publishTime": json_values,
+    },
+)
+envelopes = st.one_of(
+    json_values,
+    st.fixed_dictionaries(
+        {"message": messages | json_values},
+        optional={"subscription": json_values, "deliveryAttempt": json_values},
+    ),
+)
+
+
+@FUZZ
+@given(body=envelopes)
+def test_random_envelopes_are_refused_cleanly(
+    http: httpx.Client, relay: LocalSmtpServer, body: Any
+) -> None:
+    sent_before = len(relay.messages)
+    response = http.post("/", json=body)
+    # Random data can never decode to a mailpipe mail, so nothing may be acked or sent.
+    check_refused(response)
+    assert len(relay.messages) == sent_before
+
+
+@FUZZ
+@given(raw=st.binary(max_size=200), content_type=st.sampled_from(
+    ["application/json", "application/cloudevents+json", "text/plain", "application/octet-stream"]
+))
+def test_random_bytes_are_refused_cleanly(http: httpx.Client, raw: bytes, content_type: str) -> None:
+    response = http.post("/", content=raw, headers={"Content-Type": content_type})
+    check_refused(response)
+
+
+@FUZZ
+@given(
+    headers=st.fixed_dictionaries(
+        {"ce-specversion": st.sampled_from(["1.0", "0.3", "", "9"])},
+        optional={
+            "ce-type": st.sampled_from([PUBSUB_EVENT_TYPE, "other.type", ""]),
+            "ce-id": st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126)),
+            "ce-source": st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126)),
+        },
+    ),
+    body=json_values,
+)
+def test_malformed_binary_cloudevents_are_refused_cleanly(
+    http: httpx.Client, headers: dict[str, str], body: Any
+) -> None:
+    response = http.post(
+        "/",
+        content=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **headers},
+    )
+    check_refused(response)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"specversion": "1.0"},
+        {"specversion": "1.0", "type": PUBSUB_EVENT_TYPE, "source": "s", "id": "1"},
+        {"specversion": "1.0", "type": "not.pubsub", "source": "s", "id": "1", "data": {}},
+        {"specversion": "1.0", "type": PUBSUB_EVENT_TYPE, "source": "s", "id": "1", "data": "x"},
+        {"specversion": "1.0", "type": PUBSUB_EVENT_TYPE, "source": "s", "id": "1", "data": []},
+        [],
+        "text",
+    ],
+)
+def test_malformed_structured_cloudevents_get_400(http: httpx.Client, event: Any) -> None:
+    response = http.post(
+        "/",
+        content=json.dumps(event).encode(),
+        headers={"Content-Type": "application/cloudevents+json"},
+    )
+    check_refused(response)
+    assert response.status_code == 400
+
+
+@pytest.mark.parametrize("path", ["/", "/dead-letter"])
+def test_unknown_attributes_and_fields_are_ignored(
+    http: httpx.Client, relay: LocalSmtpServer, path: str
+) -> None:
+    envelope = valid_envelope()
+    envelope["message"]["attributes"]["x-unknown"] = "whatever\r\nInjected: yes"
+    envelope["message"]["orderingKey"] = "k"
+    envelope["unexpected"] = {"nested": [1, 2]}
+    sent_before = len(relay.messages)
+
+    response = http.post(path, json=envelope)
+
+    assert response.status_code == 204, response.text
+    if path == "/":
+        [*_, received] = relay.wait_for(sent_before + 1)
+        assert received.message["Injected"] is None  # attributes never become mail headers
+
+
+def test_a_valid_message_that_is_not_a_mail_is_not_acked(http: httpx.Client) -> None:
+    envelope = valid_envelope(data=base64.b64encode(b"not a mail").decode())
+    response = http.post("/", json=envelope)
+    check_refused(response)
+    assert response.status_code == 503  # nacked: it ends on the dead-letter topic, visible
