@@ -213,6 +213,9 @@ def service_env(
             "MAILPIPE_SMTP_HOST": "127.0.0.1",
             "MAILPIPE_SMTP_PORT": str(smtp_port),
             "MAILPIPE_SMTP_TLS": "none",  # the local server is plain SMTP on loopback
+            "MAILPIPE_DELIVERY_LEASE_SECONDS": str(
+                topology.delivery_subscription.ack_deadline_seconds
+            ),
             "MAILPIPE_RECORD": f"sqlite:///{state_dir / 'record.sqlite3'}",
             "MAILPIPE_TRACES": "file",
             "MAILPIPE_TRACE_FILE": str(state_dir / "traces.jsonl"),

@@ -311,6 +311,7 @@ class SubscriberConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     pull_max_messages: int = 100
+    delivery_lease_seconds: float = 120.0
 
     @property
     def local_mode(self) -> bool:
@@ -336,6 +337,14 @@ class SubscriberConfig:
             port=env.integer("PORT", 8080, minimum=1, maximum=65535),
             pull_max_messages=env.integer(
                 "MAILPIPE_PULL_MAX_MESSAGES", 100, minimum=1, maximum=10_000
+            ),
+            # How long a delivery's claim keeps others away: the ack deadline, after which
+            # Pub/Sub may hand the message to another delivery anyway.
+            delivery_lease_seconds=env.number(
+                "MAILPIPE_DELIVERY_LEASE_SECONDS",
+                float(topology.delivery_subscription.ack_deadline_seconds),
+                minimum=1.0,
+                maximum=600.0,
             ),
         )
         env.finish()

@@ -26,6 +26,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import re
 import sys
 import threading
 from collections.abc import Mapping
@@ -122,6 +123,18 @@ def redact_address(address: str, style: AddressLogging) -> str:
     return f"sha256:{digest[:HASH_HEX_DIGITS]}"
 
 
+# Addresses inside free text: SMTP replies ("550 5.1.1 <bob@example.org>: no such user"),
+# exception messages. Good enough to find them; not an RFC 5322 parser.
+_ADDRESS_IN_TEXT = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+
+
+def redact_addresses(text: str, style: AddressLogging) -> str:
+    """``text`` with every address in it shown as ``style`` allows (see :func:`redact_address`)."""
+    if style == "full" or "@" not in text:
+        return text
+    return _ADDRESS_IN_TEXT.sub(lambda match: redact_address(match.group(0), style), text)
+
+
 # --- formatting ----------------------------------------------------------------------------------
 
 _SEVERITY: dict[int, Severity] = {
@@ -143,10 +156,17 @@ def _severity(levelno: int) -> Severity:
 class CloudLoggingFormatter(logging.Formatter):
     """Formats a record as one line of Cloud Logging structured JSON."""
 
-    def __init__(self, *, project: str | None, service_name: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        project: str | None,
+        service_name: str | None = None,
+        address_style: AddressLogging = "full",
+    ) -> None:
         super().__init__()
         self.project = project
         self.service_name = service_name
+        self.address_style = address_style
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
@@ -176,7 +196,7 @@ class CloudLoggingFormatter(logging.Formatter):
                 payload.setdefault(str(key), value)
         line = json.dumps(_redact_value(payload), default=str, ensure_ascii=False)
         # Belt and braces: whatever slipped into the serialised text (an escaped form aside).
-        return redact_secrets(line)
+        return redact_addresses(redact_secrets(line), self.address_style)
 
     def _trace_fields(self) -> dict[str, Any]:
         context = trace.get_current_span().get_span_context()
@@ -225,7 +245,13 @@ def configure_logging(
     """
     _install_redacting_record_factory()
     handler = logging.StreamHandler(sys.stdout if stream is None else stream)
-    handler.setFormatter(CloudLoggingFormatter(project=project, service_name=config.service_name))
+    handler.setFormatter(
+        CloudLoggingFormatter(
+            project=project,
+            service_name=config.service_name,
+            address_style=config.log_addresses,
+        )
+    )
     handler.addFilter(SecretFilter())
     setattr(handler, _HANDLER_MARK, True)
     root = logging.getLogger()

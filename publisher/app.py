@@ -271,11 +271,22 @@ def create_app(
             raise ApiError(
                 400, "invalid_query", "the query is invalid: fix the fields listed", fields
             )
-        page = _record_call(
-            lambda: record.list(
-                status=status, since=since, limit=limit, page_token=request.args.get("page_token")
+        try:
+            page = _record_call(
+                lambda: record.list(
+                    status=status,
+                    since=since,
+                    limit=limit,
+                    page_token=request.args.get("page_token"),
+                )
             )
-        )
+        except ValueError as exc:  # the record's answer to a page_token it never issued
+            raise ApiError(
+                400,
+                "invalid_query",
+                "the query is invalid: fix the fields listed",
+                {"page_token": "is not a page token this API returned"},
+            ) from exc
         return jsonify(
             {
                 "items": [item.to_json() for item in page.items],

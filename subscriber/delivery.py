@@ -23,7 +23,7 @@ import enum
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from opentelemetry import context as otel_context
@@ -32,6 +32,8 @@ from opentelemetry.propagators.textmap import DefaultGetter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from mailpipe.config import AddressLogging
+from mailpipe.logs import redact_addresses
 from mailpipe.mail import MailDecodeError, QueuedMail
 from mailpipe.metrics import MailMetrics
 from mailpipe.record import Attempt, ClaimResult, DeliveryRecord, RecordError
@@ -82,7 +84,6 @@ class DeliveryResult:
     reply_code: int | None = None
     enhanced_status: str | None = None
     trace_id: str | None = None
-    links: tuple[Link, ...] = field(default=(), repr=False)
 
     @property
     def ack(self) -> bool:
@@ -112,7 +113,7 @@ class DeliveryService:
         message_id_domain: str,
         metrics: MailMetrics | None = None,
         lease_seconds: float = 120.0,
-        server: str | None = None,
+        address_style: AddressLogging = "domain",
     ) -> None:
         self._sender = sender
         self._record = record
@@ -120,7 +121,7 @@ class DeliveryService:
         self._message_id_domain = message_id_domain
         self._metrics = metrics
         self._lease_seconds = lease_seconds
-        self._server = server
+        self._address_style = address_style
 
     def deliver(
         self,
@@ -155,7 +156,12 @@ class DeliveryService:
             if result.enhanced_status:
                 span.set_attribute("smtp.reply.enhanced_status", result.enhanced_status)
             if result.outcome in (Outcome.DEFERRED, Outcome.BOUNCED, Outcome.UNDECODABLE):
-                span.set_status(Status(StatusCode.ERROR, result.detail[:200]))
+                span.set_status(
+                    Status(
+                        StatusCode.ERROR,
+                        redact_addresses(result.detail, self._address_style)[:200],
+                    )
+                )
             trace_id = format(span.get_span_context().trace_id, "032x")
             # Inside the span: the line carries logging.googleapis.com/trace and spanId.
             log.info(

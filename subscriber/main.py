@@ -65,15 +65,14 @@ def build_services(config: SubscriberConfig, *, telemetry: Telemetry | None = No
         metrics=telemetry.metrics,
     )
     record = open_record(config.record)
-    topology = load_topology()
     delivery = DeliveryService(
         sender=sender,
         record=record,
         tracer=tracer,
         message_id_domain=config.smtp.message_id_domain,
         metrics=telemetry.metrics,
-        # A claim outlives the longest SMTP transaction; after that a redelivery may retry.
-        lease_seconds=float(topology.delivery_subscription.ack_deadline_seconds),
+        lease_seconds=config.delivery_lease_seconds,
+        address_style=config.telemetry.log_addresses,
     )
     dead_letters = DeadLetterRecorder(record=record, tracer=tracer, metrics=telemetry.metrics)
     return Services(delivery, dead_letters, sender, record, telemetry)

@@ -57,7 +57,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from mailpipe.config import AddressLogging, SmtpConfig
-from mailpipe.logs import redact_address
+from mailpipe.logs import redact_address, redact_addresses
 from mailpipe.metrics import MailMetrics
 from subscriber.errors import (
     DeliveryError,
@@ -99,9 +99,11 @@ def _text(reply: bytes | str | None) -> str:
 
 
 class _Redactor:
-    """Removes secrets (and their base64 forms, as sent in AUTH) from text."""
+    """Removes secrets (and their base64 forms, as sent in AUTH) from text, and shows addresses
+    only as configured (replies often quote the recipient)."""
 
-    def __init__(self, secrets: Sequence[str]) -> None:
+    def __init__(self, secrets: Sequence[str], address_style: AddressLogging = "full") -> None:
+        self._address_style = address_style
         forms: set[str] = set()
         for secret in secrets:
             if secret:
@@ -112,7 +114,7 @@ class _Redactor:
     def __call__(self, text: str) -> str:
         for form in self._forms:
             text = text.replace(form, "[redacted]")
-        return text
+        return redact_addresses(text, self._address_style)
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
@@ -332,7 +334,7 @@ class SmtpSender:
         host = f"[{config.host}]" if ":" in config.host else config.host
         self.server = f"{host}:{config.port}"
         self._secrets = [config.password] if config.password else []
-        self._redact = _Redactor(self._secrets)
+        self._redact = _Redactor(self._secrets, address_style)
         self._pool = _Pool(config.pool_size)
 
     # -- public API --------------------------------------------------------------------------

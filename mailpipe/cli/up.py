@@ -43,9 +43,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument(
         "--mode",
-        choices=("pull", "push"),
-        default="pull",
-        help="how the subscriber receives: streaming pull or push (default: pull)",
+        choices=("push", "pull"),
+        default="push",
+        # Push is production's shape (Cloud Run), and the emulator retries pushes; a pull worker
+        # that dies strands its messages on the emulator (docs/local-vs-gcp.md).
+        help="how the subscriber receives: push, as on Cloud Run (default), or streaming pull",
     )
     parser.add_argument("--port", type=int, default=8080, help="publisher port (default 8080)")
     parser.add_argument(

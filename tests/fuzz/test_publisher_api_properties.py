@@ -58,8 +58,9 @@ def post_json(http: httpx.Client, payload: Any) -> httpx.Response:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
     max_leaves=20,
 )
 # Every kind of character, with the dangerous ones made likely.
@@ -134,9 +135,7 @@ def test_random_strings_in_every_field_get_a_documented_answer(
 def test_invalid_utf8_and_random_bytes_get_a_documented_answer(
     http: httpx.Client, raw: bytes
 ) -> None:
-    response = http.post(
-        "/v1/messages", content=raw, headers={"Content-Type": "application/json"}
-    )
+    response = http.post("/v1/messages", content=raw, headers={"Content-Type": "application/json"})
     check(response)
     try:
         raw.decode("utf-8")
@@ -173,9 +172,7 @@ def test_wrong_content_types(http: httpx.Client, content_type: str, status: int)
 
 def test_an_oversized_body_gets_413(http: httpx.Client) -> None:
     body = b'{"text": "' + b"x" * (11 * 1024 * 1024) + b'"}'
-    response = http.post(
-        "/v1/messages", content=body, headers={"Content-Type": "application/json"}
-    )
+    response = http.post("/v1/messages", content=body, headers={"Content-Type": "application/json"})
     check(response)
     assert response.status_code == 413
 
@@ -189,3 +186,14 @@ def test_header_injection_through_the_idempotency_header(http: httpx.Client) -> 
     )
     check(response)
     assert response.status_code == 400
+
+
+@pytest.mark.parametrize("token", ["é", "not base64!", "Zm9v", "%00"])
+def test_a_page_token_the_api_never_issued_is_a_400(http: httpx.Client, token: str) -> None:
+    """Regression: a malformed page_token used to escape as a 500 (found by schemathesis)."""
+    response = http.get("/v1/messages", params={"page_token": token})
+
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["fields"] == {
+        "page_token": "is not a page token this API returned"
+    }

@@ -103,9 +103,14 @@ def valid_envelope(**message: Any) -> dict[str, Any]:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=15,
 )
 messages = st.fixed_dictionaries(
@@ -140,10 +145,20 @@ def test_random_envelopes_are_refused_cleanly(
 
 
 @FUZZ
-@given(raw=st.binary(max_size=200), content_type=st.sampled_from(
-    ["application/json", "application/cloudevents+json", "text/plain", "application/octet-stream"]
-))
-def test_random_bytes_are_refused_cleanly(http: httpx.Client, raw: bytes, content_type: str) -> None:
+@given(
+    raw=st.binary(max_size=200),
+    content_type=st.sampled_from(
+        [
+            "application/json",
+            "application/cloudevents+json",
+            "text/plain",
+            "application/octet-stream",
+        ]
+    ),
+)
+def test_random_bytes_are_refused_cleanly(
+    http: httpx.Client, raw: bytes, content_type: str
+) -> None:
     response = http.post("/", content=raw, headers={"Content-Type": content_type})
     check_refused(response)
 

@@ -225,3 +225,23 @@ def test_exhausted_retries_land_on_the_dead_letter_topic(pipeline: Pipeline) -> 
     assert all(a.reply_code == 452 for a in record.attempts)
     assert "Mailbox full" in (record.last_error or "")
     assert pipeline.smtp.messages == []
+
+
+def test_addresses_in_smtp_replies_are_shown_only_as_configured(pipeline: Pipeline) -> None:
+    # Relays quote the recipient; with the default `domain` style no full address is kept.
+    pipeline.smtp.fail("rcpt", 550, "5.1.1 <nobody@example.org>: Recipient address rejected")
+
+    accepted = pipeline.send(to=["nobody@example.org"]).json()
+    record = pipeline.wait_for_record(accepted["mail_id"], lambda r: r.status.final)
+    spans = pipeline.wait_for_spans(accepted["trace_id"], {"mail deliver"})
+
+    assert record.status is MailStatus.BOUNCED
+    assert "Recipient address rejected" in (record.last_error or "")
+    assert "nobody@example.org" not in (record.last_error or "")
+    assert "@example.org" in (record.last_error or "")
+    texts = []
+    for span in spans:
+        texts += [str(v) for v in span.attributes.values()]
+        texts.append(span.status.description or "")
+        texts += [str(v) for event in span.events for v in event.attributes.values()]
+    assert not [t for t in texts if "nobody@example.org" in t]

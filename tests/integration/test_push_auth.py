@@ -189,8 +189,14 @@ def _forged_hs256(keys: Keys) -> str:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     header = {"alg": "HS256", "kid": KID, "typ": "JWT"}
-    claims = {"aud": AUDIENCE, "iss": ISSUER, "iat": int(time.time()),
-              "exp": int(time.time()) + 600, "email": SERVICE_ACCOUNT, "email_verified": True}
+    claims = {
+        "aud": AUDIENCE,
+        "iss": ISSUER,
+        "iat": int(time.time()),
+        "exp": int(time.time()) + 600,
+        "email": SERVICE_ACCOUNT,
+        "email_verified": True,
+    }
     import hashlib
     import hmac
 
@@ -217,8 +223,11 @@ BAD_TOKENS = {
     "bad signature": lambda k: f"Bearer {k.sign(key=k.other)}",
     "tampered claims": lambda k: "Bearer " + _tamper(k.sign()),
     "unknown kid": lambda k: f"Bearer {k.sign(kid='not-a-key-we-publish')}",
-    "alg none": lambda k: "Bearer " + jwt.encode(
-        {"aud": AUDIENCE, "iss": ISSUER, "email": SERVICE_ACCOUNT}, key=None, algorithm="none"
+    "alg none": lambda k: (
+        "Bearer "
+        + jwt.encode(
+            {"aud": AUDIENCE, "iss": ISSUER, "email": SERVICE_ACCOUNT}, key=None, algorithm="none"
+        )
     ),
     "alg confusion HS256": lambda k: f"Bearer {_forged_hs256(k)}",
     "missing header": lambda k: None,
@@ -292,9 +301,13 @@ def test_the_push_service_process_exits_without_an_audience(tmp_path: Path) -> N
         MAILPIPE_SMTP_TLS="none",
         PORT=str(free_port()),
     )
-    result = subprocess.run(  # noqa: S603 - our own service
+    result = subprocess.run(
         [sys.executable, "-m", "subscriber", "push"],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
     assert result.returncode != 0

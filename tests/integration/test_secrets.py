@@ -23,6 +23,7 @@ import pytest
 from emulator import RunningEmulator, delete_topology
 from emulator.pipeline import run_local_pipeline
 from emulator.smtp import LocalSmtpServer
+from mailpipe.config import ConfigError, SubscriberConfig
 from mailpipe.topology import Topology, load_topology
 from tests.fixtures.emulators import FAST_DELIVERY_SETTINGS
 
@@ -106,7 +107,7 @@ def test_the_smtp_password_appears_nowhere(
             f"{pipeline.publisher_url}/v1/messages/{accepted['mail_id']}",
             f"{pipeline.publisher_url}/v1/messages",
         ):
-            with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
+            with urllib.request.urlopen(url, timeout=10) as response:
                 answers.append(response.read())
         answers.append(json.dumps(accepted).encode())
     # The services have stopped (their last spans and log lines are flushed): scan it all.
@@ -118,3 +119,22 @@ def test_the_smtp_password_appears_nowhere(
     assert '"smtp auth"' in spans  # the AUTH step ran and was traced: the scan is meaningful
 
     assert scan(written, secret_forms(password)) == []
+
+
+def test_auth_in_clear_needs_an_explicit_opt_in_and_errors_never_show_the_password() -> None:
+    password = f"pw-{secrets.token_hex(12)}"
+    env = {
+        "MAILPIPE_SMTP_TLS": "none",
+        "MAILPIPE_SMTP_USERNAME": USERNAME,
+        "MAILPIPE_SMTP_PASSWORD": password,
+        "MAILPIPE_SMTP_PORT": "not-a-port",  # a second problem: the error lists both
+    }
+    with pytest.raises(ConfigError) as raised:
+        SubscriberConfig.from_env(env)
+
+    assert set(raised.value.problems) == {"MAILPIPE_SMTP_TLS", "MAILPIPE_SMTP_PORT"}
+    assert password not in str(raised.value)
+    config = SubscriberConfig.from_env(
+        {**env, "MAILPIPE_SMTP_PORT": "2525", "MAILPIPE_SMTP_ALLOW_PLAINTEXT_AUTH": "1"}
+    )
+    assert config.smtp.tls == "none" and password not in repr(config)

@@ -6,7 +6,6 @@ loopback); nothing is mocked. Every wait is bounded by a deadline.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import statistics
 import threading
@@ -40,9 +39,7 @@ def reliability_topology(**delivery: Any) -> Topology:
         **delivery,
     }
     return (
-        load_topology()
-        .with_suffix(uuid.uuid4().hex[:8])
-        .with_subscription("delivery", **settings)
+        load_topology().with_suffix(uuid.uuid4().hex[:8]).with_subscription("delivery", **settings)
     )
 
 
@@ -106,14 +103,14 @@ class PostResult:
 def post(base_url: str, body: Mapping[str, Any], *, timeout: float = 30.0) -> PostResult:
     """POST one mail on a fresh connection (no keep-alive, so each request stands alone)."""
     tag = str(body.get("subject", ""))
-    request = urllib.request.Request(  # noqa: S310 - loopback URL
+    request = urllib.request.Request(
         f"{base_url}/v1/messages",
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json", "Connection": "close"},
         method="POST",
     )
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             payload = json.loads(response.read())
             return PostResult(tag, response.status, payload.get("mail_id"), payload)
     except urllib.error.HTTPError as exc:
@@ -253,10 +250,6 @@ def describe_windows(windows: list[float]) -> dict[str, str]:
         "window_ms_p99": f"{p99:.1f}",
         "window_ms_max": f"{ordered[-1]:.1f}",
     }
-
-
-def utc(ts: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ts, dt.UTC)
 
 
 # -- process probes (/proc, no psutil) ---------------------------------------------------------

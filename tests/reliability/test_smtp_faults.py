@@ -74,21 +74,18 @@ def stack(
 
 @pytest.fixture
 def relay(stack: Stack) -> Iterator[StampedSmtpServer]:
-    """The stack's SMTP server, healthy again after the test whatever it scripted."""
+    """The stack's SMTP server; its scripted faults are cleared after the test."""
     yield stack.smtp
     stack.smtp.clear_faults()
-    if stack.smtp.running:
-        try:
-            stack.smtp.accept_connections()
-        except Exception:  # already listening: nothing to restore
-            pass
 
 
 def send(stack: Stack, count: int, tag: str, **overrides: object) -> list[str]:
     with ThreadPoolExecutor(4) as pool:
         results = list(
-            pool.map(lambda i: post(stack.pipeline.publisher_url, mail(f"{tag}-{i}", **overrides)),
-                     range(count))
+            pool.map(
+                lambda i: post(stack.pipeline.publisher_url, mail(f"{tag}-{i}", **overrides)),
+                range(count),
+            )
         )
     assert [r.status for r in results] == [202] * count, [r.body for r in results]
     return [r.mail_id for r in results if r.mail_id]
@@ -98,9 +95,7 @@ def settle(stack: Stack, ids: list[str], name: str, timeout: float = 60) -> tupl
     records = wait_settled(stack.record_path, ids, timeout=timeout)
     time.sleep(0.3)  # a late extra copy would arrive now
     counts = tally(ids, stack.smtp.receipts(), records)
-    deferred = sum(
-        1 for r in records.values() if r for a in r.attempts if a.outcome == "deferred"
-    )
+    deferred = sum(1 for r in records.values() if r for a in r.attempts if a.outcome == "deferred")
     counts.notes["deferred_attempts"] = deferred
     print_counts(name, counts)
     return counts, records
@@ -151,8 +146,13 @@ def test_relay_hanging_times_out_and_is_retried(stack: Stack, relay: StampedSmtp
     assert counts.lost == 0 and counts.duplicated == 0
     assert counts.delivered == 10
     assert counts.notes["deferred_attempts"] >= 1
-    assert any("timed out" in (a.reply_message or "").lower() or a.failed_step
-               for r in records.values() if r for a in r.attempts if a.outcome == "deferred")
+    assert any(
+        "timed out" in (a.reply_message or "").lower() or a.failed_step
+        for r in records.values()
+        if r
+        for a in r.attempts
+        if a.outcome == "deferred"
+    )
 
 
 def test_relay_hanging_after_the_data_is_an_ambiguous_timeout(

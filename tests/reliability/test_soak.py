@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from emulator import RunningEmulator, delete_topology
+from emulator.pipeline import run_local_pipeline
 from tests.reliability.harness import (
     PostResult,
     StampedSmtpServer,
@@ -44,7 +45,6 @@ from tests.reliability.harness import (
     tcp_connections,
     wait_settled,
 )
-from emulator.pipeline import run_local_pipeline
 
 SOAK_SECONDS = float(os.environ.get("MAILPIPE_SOAK_SECONDS", "60"))
 SOAK_RATE = float(os.environ.get("MAILPIPE_SOAK_RATE", "10"))

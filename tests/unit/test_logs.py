@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from mailpipe import logs
 from mailpipe.config import TelemetryConfig
-from mailpipe.logs import configure_logging, redact_address, register_secret
+from mailpipe.logs import configure_logging, redact_address, redact_addresses, register_secret
 
 CONFIG = TelemetryConfig(service_name="mailpipe-subscriber")
 
@@ -173,3 +173,20 @@ def test_reconfiguring_replaces_the_handler() -> None:
 
     assert first.getvalue() == ""
     assert [line["message"] for line in _lines(second)] == ["once"]
+
+
+@pytest.mark.parametrize(
+    ("style", "expected"),
+    [
+        ("full", "550 5.1.1 <bob@example.org>: no such user"),
+        ("domain", "550 5.1.1 <@example.org>: no such user"),
+    ],
+)
+def test_addresses_inside_text_follow_the_configured_style(style: str, expected: str) -> None:
+    assert redact_addresses("550 5.1.1 <bob@example.org>: no such user", style) == expected  # type: ignore[arg-type]
+
+
+def test_hashed_style_hides_the_address_but_keeps_it_recognisable() -> None:
+    text = redact_addresses("refused bob@example.org and bob@example.org", "hashed")
+    assert "bob@" not in text
+    assert text.count("sha256:") == 2 and len(set(text.split()[1::2])) == 1
