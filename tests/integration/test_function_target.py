@@ -35,6 +35,12 @@ def function_client(
     )
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    # create_app sets FUNCTION_TARGET and FUNCTION_NAME for the process; registering them with
+    # monkeypatch undoes that afterwards, so later tests (GCP resource detection) do not think
+    # they run on Cloud Functions.
+    for name in ("FUNCTION_TARGET", "FUNCTION_NAME"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     app = functions_framework.create_app(target="deliver", source=str(SOURCE))
     yield app.test_client()
 
