@@ -9,14 +9,12 @@ from __future__ import annotations
 import os
 
 import google.cloud.pubsub_v1 as pubsub_v1
-import grpc
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
 from emulator.errors import EmulatorError
 from emulator.process import PUBSUB_HOST_VAR
-
-_UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+from mailpipe.grpc_channel import emulator_channel
 
 
 def resolve_pubsub_host(emulator_host: str | None) -> str:
@@ -28,11 +26,6 @@ def resolve_pubsub_host(emulator_host: str | None) -> str:
             "(this code never talks to the real Pub/Sub service)"
         )
     return host
-
-
-def emulator_channel(host: str) -> grpc.Channel:
-    """An insecure gRPC channel to the emulator without message size limits."""
-    return grpc.insecure_channel(host, options=_UNLIMITED)
 
 
 def publisher_client(

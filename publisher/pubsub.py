@@ -18,7 +18,6 @@ import concurrent.futures
 from typing import Protocol
 
 import google.cloud.pubsub_v1 as pubsub_v1
-import grpc
 from google.api_core import exceptions as api_exceptions
 from google.api_core import retry as api_retry
 from google.cloud.pubsub_v1.publisher import exceptions as publisher_exceptions
@@ -26,6 +25,7 @@ from google.cloud.pubsub_v1.types import BatchSettings, PublisherOptions
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 
 from mailpipe.config import PubSubConfig
+from mailpipe.grpc_channel import emulator_channel
 from mailpipe.mail import MAX_PUBSUB_DATA_BYTES, QueuedMail
 
 # What the client library retries by default (google.pubsub_v1 publisher transport).
@@ -67,18 +67,6 @@ class MailPublisher(Protocol):
     def publish(self, mail: QueuedMail) -> str: ...
 
     def close(self) -> None: ...
-
-
-def emulator_channel(host: str) -> grpc.Channel:
-    """An insecure gRPC channel to the emulator without gRPC's 4 MiB receive cap.
-
-    The client's own emulator channel keeps the cap, so messages over ~4 MiB would fail (and
-    streaming pull would silently get nothing): see shared/emulators.md, "Receiving large messages".
-    """
-    return grpc.insecure_channel(
-        host,
-        options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
-    )
 
 
 class PubSubMailPublisher:

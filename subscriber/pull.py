@@ -22,6 +22,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from mailpipe.config import PubSubConfig
+from mailpipe.grpc_channel import emulator_channel
 from subscriber.delivery import ReceivedMessage, publisher_context
 
 log = logging.getLogger(__name__)
@@ -34,16 +35,7 @@ def make_subscriber_client(config: PubSubConfig) -> pubsub_v1.SubscriberClient:
     """A subscriber client with OpenTelemetry on; against the emulator, without the 4 MiB cap."""
     options = SubscriberOptions(enable_open_telemetry_tracing=True)
     if config.emulator_host:
-        # Imported here so the publisher's module stays the one owner of the channel recipe.
-        import grpc
-
-        channel = grpc.insecure_channel(
-            config.emulator_host,
-            options=[
-                ("grpc.max_receive_message_length", -1),
-                ("grpc.max_send_message_length", -1),
-            ],
-        )
+        channel = emulator_channel(config.emulator_host)
         return pubsub_v1.SubscriberClient(
             transport=SubscriberGrpcTransport(channel=channel), subscriber_options=options
         )

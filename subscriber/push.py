@@ -150,24 +150,24 @@ class PushHandler:
         self._authenticator = authenticator
         self._flush = flush
 
-    def _authenticate(self, req: Request) -> Response | None:
-        if self._authenticator is None:
-            return None
+    def _receive(self, req: Request) -> ReceivedMessage | Response:
+        """The authenticated, decoded message, or the error answer (401, 400) to send instead."""
+        if self._authenticator is not None:
+            try:
+                self._authenticator.verify(req.headers.get("Authorization"))
+            except PushAuthError as exc:
+                log.warning("rejected push request: %s", exc)
+                return _error(401, "unauthenticated", str(exc))
         try:
-            self._authenticator.verify(req.headers.get("Authorization"))
-        except PushAuthError as exc:
-            log.warning("rejected push request: %s", exc)
-            return _error(401, "unauthenticated", str(exc))
-        return None
+            return parse_push(req)
+        except MalformedPush as exc:
+            return _error(400, "malformed_push", str(exc))
 
     def deliver(self, req: Request) -> Response:
         """A message of the mail subscription: deliver it; 204 acks, 503 asks for a retry."""
-        if (denied := self._authenticate(req)) is not None:
-            return denied
-        try:
-            received = parse_push(req)
-        except MalformedPush as exc:
-            return _error(400, "malformed_push", str(exc))
+        received = self._receive(req)
+        if isinstance(received, Response):
+            return received
         result = self._delivery.deliver(
             received,
             parent=publisher_context(received.attributes),
@@ -182,12 +182,9 @@ class PushHandler:
 
     def dead_letter(self, req: Request) -> Response:
         """A message of the dead-letter record subscription: mark the mail dead-lettered."""
-        if (denied := self._authenticate(req)) is not None:
-            return denied
-        try:
-            received = parse_push(req)
-        except MalformedPush as exc:
-            return _error(400, "malformed_push", str(exc))
+        received = self._receive(req)
+        if isinstance(received, Response):
+            return received
         ack = self._dead_letters.handle(received, parent=publisher_context(received.attributes))
         if self._flush is not None:
             self._flush()

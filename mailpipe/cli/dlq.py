@@ -196,10 +196,18 @@ def open_replay_services(args: argparse.Namespace, environ: Mapping[str, str]) -
     options = PublisherOptions(enable_open_telemetry_tracing=True)
     host = config.pubsub.emulator_host
     if host:
-        from emulator.clients import publisher_client, subscriber_client
+        from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
+        from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
-        publisher = publisher_client(host, publisher_options=options)
-        subscriber = subscriber_client(host)
+        from mailpipe.grpc_channel import emulator_channel
+
+        publisher = pubsub_v1.PublisherClient(
+            publisher_options=options,
+            transport=PublisherGrpcTransport(channel=emulator_channel(host)),
+        )
+        subscriber = pubsub_v1.SubscriberClient(
+            transport=SubscriberGrpcTransport(channel=emulator_channel(host))
+        )
     else:
         publisher = pubsub_v1.PublisherClient(publisher_options=options)
         subscriber = pubsub_v1.SubscriberClient()
