@@ -334,8 +334,11 @@ def render_waterfall(spans: Sequence[SpanRecord]) -> Any:
     return _Waterfall(list(spans))
 
 
-# Below this width the timeline column is left out, so the details (SMTP replies, outcome) fit.
+# Narrower terminals drop columns so the details (SMTP replies, outcome) always fit: below
+# TIMELINE_MIN_WIDTH the timeline goes; below SERVICE_MIN_WIDTH the service and status columns go
+# too (an ERROR status then leads the details).
 TIMELINE_MIN_WIDTH = 150
+SERVICE_MIN_WIDTH = 120
 
 
 class _Waterfall:
@@ -345,9 +348,14 @@ class _Waterfall:
     def __rich_console__(self, console: Any, options: Any) -> Any:
         from rich.console import Group
 
-        yield Group(*self._tables(with_timeline=options.max_width >= TIMELINE_MIN_WIDTH))
+        width = options.max_width
+        yield Group(
+            *self._tables(
+                with_timeline=width >= TIMELINE_MIN_WIDTH, with_service=width >= SERVICE_MIN_WIDTH
+            )
+        )
 
-    def _tables(self, *, with_timeline: bool) -> list[Any]:
+    def _tables(self, *, with_timeline: bool, with_service: bool) -> list[Any]:
         from rich.table import Table
         from rich.text import Text
 
@@ -364,30 +372,38 @@ class _Waterfall:
             title += f" · {len(trace_spans)} spans · {format_duration(end - start)}"
             table = Table(title=title, title_justify="left", expand=False, pad_edge=False)
             table.add_column("span", no_wrap=True, overflow="ellipsis")
-            table.add_column("service", no_wrap=True)
+            if with_service:
+                table.add_column("service", no_wrap=True)
             table.add_column("offset", justify="right", no_wrap=True)
             table.add_column("duration", justify="right", no_wrap=True)
-            table.add_column("status", no_wrap=True)
+            if with_service:
+                table.add_column("status", no_wrap=True)
             if with_timeline:
                 table.add_column("timeline", no_wrap=True)
             table.add_column("details")
             for prefix, span in _tree_order(trace_spans):
                 name = Text(prefix, style="dim")
                 name.append(span.name, style="bold" if not prefix else "")
-                cells: list[Any] = [
-                    name,
-                    span.service or "?",
+                # UNSET is the norm for successful spans: show only what was decided.
+                status = Text(
+                    "" if span.status_code == "UNSET" else span.status_code,
+                    style=_STATUS_STYLE.get(span.status_code, ""),
+                )
+                details: Text | str = _details(span)
+                cells: list[Any] = [name]
+                if with_service:
+                    cells.append(span.service or "?")
+                cells += [
                     "+" + format_duration(span.start - start),
                     format_duration(span.duration_ns),
-                    # UNSET is the norm for successful spans: show only what was decided.
-                    Text(
-                        "" if span.status_code == "UNSET" else span.status_code,
-                        style=_STATUS_STYLE.get(span.status_code, ""),
-                    ),
                 ]
+                if with_service:
+                    cells.append(status)
+                elif status.plain:
+                    details = Text.assemble(status, " ", details)
                 if with_timeline:
                     cells.append(_bar(span, start, end - start))
-                cells.append(_details(span))
+                cells.append(details)
                 table.add_row(*cells)
             tables.append(table)
         return tables

@@ -194,3 +194,17 @@ def test_waterfall_shows_every_span_with_service_timing_status_and_replies(
 )
 def test_format_duration(nanoseconds: int, text: str) -> None:
     assert format_duration(nanoseconds) == text
+
+
+@pytest.mark.parametrize("width", [80, 100, 130])
+def test_waterfall_keeps_the_smtp_replies_on_narrow_terminals(
+    trace_file: Path, sample: str, width: int
+) -> None:
+    console = Console(record=True, width=width)
+
+    console.print(render_waterfall(find_trace(read_spans(trace_file), MAIL_ID)))
+    text = console.export_text()
+
+    assert all(len(line) <= width for line in text.splitlines())
+    assert "smtp 451 4.3.0" in text  # the reply a reader came for survives every width
+    assert ("mailpipe-subscriber" in text) == (width >= 120)
