@@ -230,6 +230,18 @@ def _install_redacting_record_factory() -> None:
     logging.setLogRecordFactory(redacting_factory)
 
 
+class _KnownLibraryNoise(logging.Filter):
+    """Drops one known, harmless warning: google-cloud-pubsub 2.44 with OpenTelemetry on ends
+    its subscribe span twice per acked message, and the SDK logs "Calling end() on an ended
+    span." each time (python-pubsub PR #1513, unmerged). Once per mail, it drowns real warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Calling end() on an ended span."
+
+
+_NOISE_FILTER = _KnownLibraryNoise()
+
+
 def configure_logging(
     config: TelemetryConfig,
     *,
@@ -259,4 +271,7 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    sdk_logger = logging.getLogger("opentelemetry.sdk.trace")
+    if _NOISE_FILTER not in sdk_logger.filters:
+        sdk_logger.addFilter(_NOISE_FILTER)
     return handler

@@ -190,3 +190,14 @@ def test_hashed_style_hides_the_address_but_keeps_it_recognisable() -> None:
     text = redact_addresses("refused bob@example.org and bob@example.org", "hashed")
     assert "bob@" not in text
     assert text.count("sha256:") == 2 and len(set(text.split()[1::2])) == 1
+
+
+def test_the_pubsub_clients_double_end_warning_is_not_logged() -> None:
+    stream = io.StringIO()
+    configure_logging(TelemetryConfig(service_name="t"), stream=stream)
+
+    logging.getLogger("opentelemetry.sdk.trace").warning("Calling end() on an ended span.")
+    logging.getLogger("opentelemetry.sdk.trace").warning("a real warning")
+
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and "a real warning" in lines[0]
