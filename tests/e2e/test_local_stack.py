@@ -10,20 +10,17 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from emulator import RunningEmulator, delete_topology, sync_topology
+from emulator import RunningEmulator, sync_topology
 from emulator.pipeline import LocalPipeline, run_local_pipeline, start_service
 from emulator.process import free_port
-from mailpipe.topology import Topology, load_topology
+from mailpipe.topology import Topology
 from mailpipe.tracefile import find_trace, read_spans
-from tests.fixtures.emulators import FAST_DELIVERY_SETTINGS
 
 MAIL: dict[str, Any] = {
     "from": "Ada Lovelace <ada@example.com>",
@@ -43,14 +40,8 @@ MAIL: dict[str, Any] = {
 
 
 @pytest.fixture
-def topology(pubsub_emulator: RunningEmulator, pubsub_project: str) -> Iterator[Topology]:
-    topology = (
-        load_topology()
-        .with_suffix(uuid.uuid4().hex[:8])
-        .with_subscription("delivery", **FAST_DELIVERY_SETTINGS)
-    )
-    yield topology
-    delete_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)
+def topology(stack_topology: Topology) -> Topology:
+    return stack_topology
 
 
 def local_pipeline(tmp_path: Path, topology: Topology, project: str, mode: str) -> Any:

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from emulator import RunningEmulator, delete_topology
 from emulator.pipeline import LocalPipeline, run_local_pipeline
 from emulator.smtp import LocalSmtpServer
-from mailpipe.topology import Topology, load_topology
-from tests.fixtures.emulators import FAST_DELIVERY_SETTINGS
+from mailpipe.topology import Topology
 
 SMTP_USER = "mailer"
 SMTP_PASSWORD = "pw-marker-2c7a41"  # the local server's test login
@@ -31,14 +27,8 @@ SAMPLED = "logging.googleapis.com/trace_sampled"
 
 
 @pytest.fixture
-def topology(pubsub_emulator: RunningEmulator, pubsub_project: str) -> Iterator[Topology]:
-    topology = (
-        load_topology()
-        .with_suffix(uuid.uuid4().hex[:8])
-        .with_subscription("delivery", **FAST_DELIVERY_SETTINGS)
-    )
-    yield topology
-    delete_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)
+def topology(stack_topology: Topology) -> Topology:
+    return stack_topology
 
 
 def json_lines(path: Path) -> list[dict[str, Any]]:

@@ -10,8 +10,6 @@ connection, so every count below is exact: one delivered on the first try, one d
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +17,17 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from emulator import RunningEmulator, delete_topology
 from emulator.pipeline import run_local_pipeline
 from emulator.process import free_port
 from emulator.smtp import LocalSmtpServer
-from mailpipe.topology import Topology, load_topology
-from tests.fixtures.emulators import FAST_DELIVERY_SETTINGS
+from mailpipe.topology import Topology
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 @pytest.fixture
-def topology(pubsub_emulator: RunningEmulator, pubsub_project: str) -> Iterator[Topology]:
-    topology = (
-        load_topology()
-        .with_suffix(uuid.uuid4().hex[:8])
-        .with_subscription("delivery", **FAST_DELIVERY_SETTINGS)
-    )
-    yield topology
-    delete_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)
+def topology(stack_topology: Topology) -> Topology:
+    return stack_topology
 
 
 def scrape(port: int) -> Samples:

@@ -14,18 +14,14 @@ import json
 import secrets
 import time
 import urllib.request
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from emulator import RunningEmulator, delete_topology
 from emulator.pipeline import run_local_pipeline
 from emulator.smtp import LocalSmtpServer
 from mailpipe.config import ConfigError, SubscriberConfig
-from mailpipe.topology import Topology, load_topology
-from tests.fixtures.emulators import FAST_DELIVERY_SETTINGS
+from mailpipe.topology import Topology
 
 USERNAME = "mailpipe-relay-user"
 
@@ -51,14 +47,8 @@ def scan(paths: list[Path], forms: set[str]) -> list[str]:
 
 
 @pytest.fixture
-def topology(pubsub_emulator: RunningEmulator, pubsub_project: str) -> Iterator[Topology]:
-    topology = (
-        load_topology()
-        .with_suffix(uuid.uuid4().hex[:8])
-        .with_subscription("delivery", **FAST_DELIVERY_SETTINGS)
-    )
-    yield topology
-    delete_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)
+def topology(stack_topology: Topology) -> Topology:
+    return stack_topology
 
 
 @pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")  # loopback
