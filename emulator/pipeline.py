@@ -8,6 +8,7 @@ configured only through environment variables, as on Cloud Run.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ from emulator.stack import DEFAULT_LOCAL_PROJECT, EmulatorStack, run_emulators
 from mailpipe.topology import Topology, load_topology
 
 SubscriberMode = Literal["pull", "push"]
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 PULL_READY_MARKER = "pulling from"  # logged by subscriber.main.run_pull once it is receiving
 
 
@@ -103,6 +105,16 @@ class ServiceProcess:
         return self.process.returncode
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the process that started us dies.
+
+    The services run in their own sessions (so Ctrl-C in the terminal reaches only the owner,
+    which stops them in order); this covers an owner killed outright, which could not.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def start_service(
     name: str,
     args: list[str],
@@ -122,6 +134,7 @@ def start_service(
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
     )
     return ServiceProcess(name, process, log_path, health_url, ready_marker, log)
 

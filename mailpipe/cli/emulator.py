@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from mailpipe.cli import EXIT_FAILED, EXIT_MISSING_DEPENDENCY, EXIT_OK, EXIT_USAGE
+from mailpipe.cli import (
+    EXIT_FAILED,
+    EXIT_MISSING_DEPENDENCY,
+    EXIT_OK,
+    EXIT_USAGE,
+    sigterm_as_interrupt,
+)
 from mailpipe.config import DEFAULT_PROJECT as DEFAULT_LOCAL_PROJECT
 from mailpipe.topology import TopologyError, load_topology
 
@@ -71,23 +74,6 @@ def register(subparsers: Any) -> None:
     )
     up.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     up.set_defaults(handler=run_up)
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C so that the emulators are stopped on the way out."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _describe(stack: EmulatorStack) -> dict[str, Any]:
@@ -153,7 +139,7 @@ def run_up(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     push_endpoints = {"delivery": args.push_endpoint} if args.push_endpoint else None
     try:
-        with _sigterm_as_interrupt(), ExitStack() as running:
+        with sigterm_as_interrupt(), ExitStack() as running:
             with console.status("starting the emulators…"):
                 stack = running.enter_context(
                     run_emulators(

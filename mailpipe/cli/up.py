@@ -22,7 +22,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from mailpipe.cli import EXIT_FAILED, EXIT_MISSING_DEPENDENCY, EXIT_OK
+from mailpipe.cli import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_MISSING_DEPENDENCY,
+    EXIT_OK,
+    sigterm_as_interrupt,
+)
 
 SAMPLE_MAIL: dict[str, Any] = {
     "from": "mailpipe <noreply@example.com>",
@@ -84,26 +90,28 @@ def run(args: argparse.Namespace) -> int:
     from mailpipe.tracefile import find_trace, read_spans, render_waterfall
 
     console = Console(stderr=args.json)
-    resources = ExitStack()
-    try:
-        with console.status(
-            "starting the Pub/Sub emulator, SMTP server, publisher and subscriber…"
-        ):
-            pipeline = resources.enter_context(
-                run_local_pipeline(
-                    state_dir=args.state_dir,
-                    subscriber_mode=args.mode,
-                    publisher_port=args.port,
-                    smtp_port=args.smtp_port,
+    # SIGTERM too (timeout, kill): the services run in their own sessions and must be stopped.
+    with sigterm_as_interrupt(), ExitStack() as resources:
+        try:
+            with console.status(
+                "starting the Pub/Sub emulator, SMTP server, publisher and subscriber…"
+            ):
+                pipeline = resources.enter_context(
+                    run_local_pipeline(
+                        state_dir=args.state_dir,
+                        subscriber_mode=args.mode,
+                        publisher_port=args.port,
+                        smtp_port=args.smtp_port,
+                    )
                 )
-            )
-    except EmulatorNotInstalled as exc:
-        console.print(f"[red]{exc}[/]")
-        return EXIT_MISSING_DEPENDENCY
-    except (EmulatorError, OSError) as exc:
-        console.print(f"[red]could not start the local pipeline:[/] {exc}")
-        return EXIT_FAILED
-    with resources:
+        except EmulatorNotInstalled as exc:
+            console.print(f"[red]{exc}[/]")
+            return EXIT_MISSING_DEPENDENCY
+        except (EmulatorError, OSError) as exc:
+            console.print(f"[red]could not start the local pipeline:[/] {exc}")
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
         try:
             return _demo(args, console, pipeline, find_trace, read_spans, render_waterfall)
         except KeyboardInterrupt:

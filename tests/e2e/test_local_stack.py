@@ -204,7 +204,16 @@ def test_mailpipe_up_once_runs_the_sample_and_leaves_nothing_running(tmp_path: P
     assert _processes_in(workdir) == []  # emulator (java), publisher, subscriber all stopped
 
 
-def test_mailpipe_up_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("stop", "exit_code"),
+    [(signal.SIGINT, 0), (signal.SIGTERM, 0), (signal.SIGKILL, -signal.SIGKILL)],
+    ids=["ctrl-c", "sigterm", "sigkill"],
+)
+def test_mailpipe_up_leaves_nothing_running_however_it_is_stopped(
+    tmp_path: Path, stop: signal.Signals, exit_code: int
+) -> None:
+    """Ctrl-C and SIGTERM stop everything in order; even SIGKILL of `mailpipe up` takes the
+    emulator and the services with it."""
     env = {k: v for k, v in os.environ.items() if k != "PUBSUB_EMULATOR_HOST"}
     process = subprocess.Popen(
         [
@@ -232,11 +241,14 @@ def test_mailpipe_up_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
             output.append(line)
             if "Ctrl-C to stop" in line or time.monotonic() > deadline:
                 break
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         process.wait(timeout=60)
+        deadline = time.monotonic() + 30  # after SIGKILL the children stop on their own
+        while _processes_in(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.2)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert "Ctrl-C to stop" in "".join(output), "".join(output)[-3000:]
-    assert process.returncode == 0
+    assert process.returncode == exit_code
     assert _processes_in(tmp_path) == []
