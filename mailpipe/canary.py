@@ -229,7 +229,7 @@ class CanaryConfig:
         if password is None:
             missing = "is required (on GCP it comes from Secret Manager)"
             env.problems["MAILPIPE_CANARY_IMAP_PASSWORD"] = missing
-        to = env.optional("MAILPIPE_CANARY_TO") or (user if "@" in user else "")
+        to = env.raw("MAILPIPE_CANARY_TO") or (user if "@" in user else "")
         if not to:
             env.problems["MAILPIPE_CANARY_TO"] = (
                 "is required: the address of the mailbox the canary reads (it defaults to "
@@ -253,7 +253,7 @@ class CanaryConfig:
             imap_password=password or "",
             to=to,
             publisher_url=publisher_url,
-            sender=env.optional("MAILPIPE_CANARY_FROM") or to,  # to itself by default
+            sender=env.raw("MAILPIPE_CANARY_FROM") or to,  # to itself by default
             imap_port=env.integer(
                 "MAILPIPE_CANARY_IMAP_PORT", DEFAULT_PORTS[tls], minimum=1, maximum=65535
             ),

@@ -61,9 +61,6 @@ class _EnvReader:
             return default or ""
         return value
 
-    def optional(self, name: str) -> str | None:
-        return self.raw(name)
-
     def _convert(self, name: str, default: _T, convert: Callable[[str], _T], kind: str) -> _T:
         value = self.raw(name)
         if value is None:
@@ -129,7 +126,7 @@ class TelemetryConfig:
         trace_file = env.path("MAILPIPE_TRACE_FILE")
         if traces == "file" and trace_file is None:
             env.problems["MAILPIPE_TRACE_FILE"] = "is required when MAILPIPE_TRACES=file"
-        metrics_port_text = env.optional("MAILPIPE_METRICS_PORT")
+        metrics_port_text = env.raw("MAILPIPE_METRICS_PORT")
         metrics_port = (
             env.integer("MAILPIPE_METRICS_PORT", 0, minimum=1, maximum=65535)
             if metrics_port_text
@@ -140,7 +137,7 @@ class TelemetryConfig:
             traces=traces,
             trace_file=trace_file,
             sample_ratio=env.number("MAILPIPE_TRACE_SAMPLE_RATIO", 1.0, minimum=0.0, maximum=1.0),
-            otlp_endpoint=env.optional("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            otlp_endpoint=env.raw("OTEL_EXPORTER_OTLP_ENDPOINT"),
             metrics_port=metrics_port,
             log_addresses=cast(
                 AddressLogging,
@@ -200,7 +197,7 @@ class PubSubConfig:
                 "MAILPIPE_DEAD_LETTER_RECORD_SUBSCRIPTION",
                 topology.dead_letter_record_subscription.name,
             ),
-            emulator_host=env.optional("PUBSUB_EMULATOR_HOST"),
+            emulator_host=env.raw("PUBSUB_EMULATOR_HOST"),
         )
 
 
@@ -224,7 +221,7 @@ class SmtpConfig:
         tls = cast(
             SmtpTls, env.choice("MAILPIPE_SMTP_TLS", "starttls", ("starttls", "implicit", "none"))
         )
-        username = env.optional("MAILPIPE_SMTP_USERNAME")
+        username = env.raw("MAILPIPE_SMTP_USERNAME")
         password = env.raw("MAILPIPE_SMTP_PASSWORD")
         if (username is None) != (password is None):
             env.problems["MAILPIPE_SMTP_USERNAME"] = (
@@ -251,7 +248,7 @@ class SmtpConfig:
             timeout=env.number("MAILPIPE_SMTP_TIMEOUT", 30.0, minimum=0.1, maximum=600.0),
             pool_size=env.integer("MAILPIPE_SMTP_POOL_SIZE", 4, minimum=1, maximum=256),
             message_id_domain=env.string("MAILPIPE_MESSAGE_ID_DOMAIN", "mailpipe.local"),
-            helo_name=env.optional("MAILPIPE_SMTP_HELO_NAME"),
+            helo_name=env.raw("MAILPIPE_SMTP_HELO_NAME"),
         )
 
 
@@ -325,14 +322,14 @@ class SubscriberConfig:
         env = _EnvReader(environ)
         topology = topology or load_topology()
         pubsub = PubSubConfig.read(env, topology)
-        push_audience = env.optional("MAILPIPE_PUSH_AUDIENCE")
+        push_audience = env.raw("MAILPIPE_PUSH_AUDIENCE")
         config = cls(
             pubsub=pubsub,
             smtp=SmtpConfig.read(env),
             telemetry=TelemetryConfig.read(env, "mailpipe-subscriber"),
             record=_read_record(env, DEFAULT_RECORD),
             push_audience=push_audience,
-            push_service_account=env.optional("MAILPIPE_PUSH_SERVICE_ACCOUNT"),
+            push_service_account=env.raw("MAILPIPE_PUSH_SERVICE_ACCOUNT"),
             host=env.string("MAILPIPE_HTTP_HOST", "127.0.0.1"),
             port=env.integer("PORT", 8080, minimum=1, maximum=65535),
             pull_max_messages=env.integer(

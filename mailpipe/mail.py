@@ -220,9 +220,6 @@ class QueuedMail(BaseModel):
     mail_id: str
     accepted_at: dt.datetime
     request: MailRequest
-    replay_of: str | None = Field(
-        default=None, description="Trace id of the original attempt when this is a DLQ replay"
-    )
 
     @classmethod
     def accept(cls, request: MailRequest, *, mail_id: str | None = None) -> QueuedMail:
