@@ -176,20 +176,23 @@ def create_app(
             ) from exc
 
         mail = QueuedMail.accept(mail_request)
-        try:
-            reservation = record.reserve(
-                mail_id=mail.mail_id,
-                accepted_at=mail.accepted_at,
-                recipient_domains=mail_request.recipient_domains,
-                idempotency_key=mail_request.idempotency_key,
-            )
-        except RecordError as exc:
-            log.error("delivery record unavailable, refusing the mail: %s", exc)
-            raise ApiError(
-                503, "record_unavailable", "the delivery record is unavailable; retry later"
-            ) from exc
-        if not reservation.created:
-            return _idempotent_replay(reservation.record)
+        if mail_request.idempotency_key is not None:
+            # Only a key needs claiming before the publish (so a retry never publishes twice);
+            # a mail without one gets its record in one write after the publish.
+            try:
+                reservation = record.reserve(
+                    mail_id=mail.mail_id,
+                    accepted_at=mail.accepted_at,
+                    recipient_domains=mail_request.recipient_domains,
+                    idempotency_key=mail_request.idempotency_key,
+                )
+            except RecordError as exc:
+                log.error("delivery record unavailable, refusing the mail: %s", exc)
+                raise ApiError(
+                    503, "record_unavailable", "the delivery record is unavailable; retry later"
+                ) from exc
+            if not reservation.created:
+                return _idempotent_replay(reservation.record)
 
         span = trace.get_current_span()
         if span.is_recording():
@@ -197,7 +200,8 @@ def create_app(
         try:
             message_id = publisher.publish(mail)
         except PublishError as exc:
-            _release(record, mail.mail_id)
+            if mail_request.idempotency_key is not None:
+                _release(record, mail.mail_id)
             if isinstance(exc, MailTooLarge):
                 raise ApiError(413, "mail_too_large", str(exc)) from exc
             log.error("publish failed for mail %s: %s", mail.mail_id, exc)
@@ -209,7 +213,13 @@ def create_app(
             ) from exc
         trace_id = _current_trace_id()
         try:
-            record.mark_queued(mail.mail_id, message_id=message_id, trace_id=trace_id)
+            record.mark_queued(
+                mail.mail_id,
+                message_id=message_id,
+                trace_id=trace_id,
+                accepted_at=mail.accepted_at,
+                recipient_domains=mail_request.recipient_domains,
+            )
         except RecordError:
             # The mail IS on Pub/Sub: the subscriber's claim creates or completes the record, so
             # answering 202 is right. Failing here would make the client send it twice.

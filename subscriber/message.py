@@ -27,7 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from email import policy
-from email.headerregistry import Address
+from email.headerregistry import Address, BaseHeader, HeaderRegistry
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
 
@@ -35,9 +35,35 @@ from email_validator import EmailNotValidError, validate_email
 
 from mailpipe.mail import QueuedMail, addr_spec
 
+
+class _CachedHeaderRegistry(HeaderRegistry):
+    """The standard header registry, creating each header class once instead of per header.
+
+    ``HeaderRegistry.__getitem__`` builds a new class with ``type()`` on every lookup (CPython
+    3.11-3.13), twice per header set: a third of the time it takes to build a message. Keyed by
+    the registered class, not the header name: mails may carry any custom header name, so the
+    cache stays as small as the registry. Two threads racing to fill it store equivalent classes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._classes: dict[type, type[BaseHeader]] = {}
+
+    def map_to_type(self, name: str, cls: type) -> None:
+        super().map_to_type(name, cls)
+        self._classes.clear()
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        registered = self.registry.get(name.lower(), self.default_class)
+        cached = self._classes.get(registered)
+        if cached is None:
+            cached = self._classes[registered] = super().__getitem__(name)
+        return cached
+
+
 # Bodies are encoded 7-bit clean when they are set, and headers are folded with RFC 2047: the
 # message then crosses any relay, whether or not it offers 8BITMIME.
-SMTP_7BIT = policy.SMTP.clone(cte_type="7bit")
+SMTP_7BIT = policy.SMTP.clone(cte_type="7bit", header_factory=_CachedHeaderRegistry())
 _ADDRESS_HEADERS = ("From", "Sender", "To", "Cc", "Reply-To")
 _DOMAIN = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"

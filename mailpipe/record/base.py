@@ -13,6 +13,7 @@ Lifecycle of a mail's status::
     accepting ─publish ok─▶ queued ─claim─▶ sending ─250─▶ delivered
         │                     ▲   │            ├─4xx/timeout─▶ deferred ─claim─▶ sending …
         └─publish failed─▶ (released: the key is free again)   └─5xx─▶ bounced
+    (no idempotency key) ─publish ok─▶ queued: nothing to reserve, one write after the publish
     deferred/queued/sending ─dead-letter consumer─▶ dead_lettered ─dlq replay─▶ replayed
     replayed ─claim─▶ sending …
 
@@ -190,11 +191,21 @@ class DeliveryRecord(Protocol):
         """
         ...
 
-    def mark_queued(self, mail_id: str, *, message_id: str, trace_id: str | None) -> None:
+    def mark_queued(
+        self,
+        mail_id: str,
+        *,
+        message_id: str,
+        trace_id: str | None,
+        accepted_at: dt.datetime | None = None,
+        recipient_domains: tuple[str, ...] = (),
+    ) -> None:
         """The publish succeeded: ``accepting`` → ``queued`` with Pub/Sub's message id.
 
         If a delivery already moved the record on, only ``message_id``/``trace_id`` are filled
-        in. Raises :class:`MailNotFound` if there is no record.
+        in. If there is no record: with ``accepted_at`` (a mail published without
+        :meth:`reserve`, which only a mail with an idempotency key needs) it is created in
+        ``queued``; without it :class:`MailNotFound` is raised.
         """
         ...
 

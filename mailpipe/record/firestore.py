@@ -192,7 +192,15 @@ class FirestoreRecord:
 
         return self._transact("reserve", body)
 
-    def mark_queued(self, mail_id: str, *, message_id: str, trace_id: str | None) -> None:
+    def mark_queued(
+        self,
+        mail_id: str,
+        *,
+        message_id: str,
+        trace_id: str | None,
+        accepted_at: dt.datetime | None = None,
+        recipient_domains: tuple[str, ...] = (),
+    ) -> None:
         def body(transaction: Any) -> None:
             record = lifecycle.queued(
                 self._read(transaction, mail_id),
@@ -200,6 +208,8 @@ class FirestoreRecord:
                 message_id=message_id,
                 trace_id=trace_id,
                 now=self._clock(),
+                accepted_at=accepted_at,
+                recipient_domains=recipient_domains,
             )
             transaction.set(self._mails.document(mail_id), self._fields(record))
 

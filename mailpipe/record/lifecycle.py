@@ -88,10 +88,24 @@ def queued(
     message_id: str,
     trace_id: str | None,
     now: dt.datetime,
+    accepted_at: dt.datetime | None = None,
+    recipient_domains: tuple[str, ...] = (),
 ) -> MailRecord:
-    """``accepting`` → ``queued``; a record already moved on only gets the missing ids."""
+    """``accepting`` → ``queued``; a record already moved on only gets the missing ids.
+
+    Without a record: created in ``queued`` when ``accepted_at`` is given (a mail published
+    without a reservation), else :class:`MailNotFound`.
+    """
     if record is None:
-        raise MailNotFound(f"no record for mail {mail_id}")
+        if accepted_at is None:
+            raise MailNotFound(f"no record for mail {mail_id}")
+        record = reserved(
+            mail_id=mail_id,
+            accepted_at=accepted_at,
+            recipient_domains=recipient_domains,
+            idempotency_key=None,
+            now=now,
+        )
     status = MailStatus.QUEUED if record.status is MailStatus.ACCEPTING else record.status
     return dataclasses.replace(
         record,

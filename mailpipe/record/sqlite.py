@@ -210,7 +210,15 @@ class SqliteRecord:
 
         return self._write("reserve", body)
 
-    def mark_queued(self, mail_id: str, *, message_id: str, trace_id: str | None) -> None:
+    def mark_queued(
+        self,
+        mail_id: str,
+        *,
+        message_id: str,
+        trace_id: str | None,
+        accepted_at: dt.datetime | None = None,
+        recipient_domains: tuple[str, ...] = (),
+    ) -> None:
         def body(conn: sqlite3.Connection) -> None:
             record = lifecycle.queued(
                 self._load(conn, mail_id),
@@ -218,6 +226,8 @@ class SqliteRecord:
                 message_id=message_id,
                 trace_id=trace_id,
                 now=self._clock(),
+                accepted_at=accepted_at,
+                recipient_domains=recipient_domains,
             )
             self._store(conn, record)
 

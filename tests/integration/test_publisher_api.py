@@ -124,6 +124,8 @@ def test_accepted_mail_is_on_pubsub_with_its_ids(api: Api) -> None:
     assert record.status is MailStatus.QUEUED
     assert record.message_id == body["message_id"]
     assert record.trace_id == body["trace_id"]
+    assert record.accepted_at == published.accepted_at
+    assert record.recipient_domains == ("example.org",)
 
 
 def test_every_field_is_carried_to_pubsub(api: Api) -> None:
@@ -356,6 +358,9 @@ def test_publish_failure_is_503_and_frees_the_idempotency_key(
         assert "retry" in error["message"]
         assert record.get_by_idempotency_key("k1") is None
         assert record.list().items == []
+        keyless = http.post("/v1/messages", json=VALID)
+        assert_json_error(keyless, 503, "publish_failed")
+        assert record.list().items == []  # nothing recorded for a mail that was never queued
     publisher.close()
     record.close()
     delete_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)

@@ -231,6 +231,53 @@ def test_mark_queued_after_the_first_claim_does_not_move_the_record_back(
     assert (stored.message_id, stored.trace_id) == ("42", "t" * 32)
 
 
+def test_mark_queued_creates_the_record_of_a_mail_published_without_reservation(
+    record: DeliveryRecord,
+) -> None:
+    # The publisher reserves only mails with an idempotency key; the others get one write.
+    record.mark_queued(
+        "keyless",
+        message_id="42",
+        trace_id="t" * 32,
+        accepted_at=T0,
+        recipient_domains=("example.org",),
+    )
+
+    stored = record.get("keyless")
+    assert stored is not None
+    assert (stored.status, stored.message_id, stored.trace_id) == (
+        MailStatus.QUEUED,
+        "42",
+        "t" * 32,
+    )
+    assert (stored.accepted_at, stored.recipient_domains) == (T0, ("example.org",))
+    assert stored.idempotency_key is None
+    oldest = record.oldest_undelivered()
+    assert oldest is not None
+    assert oldest.mail_id == "keyless"  # counts toward the lag alert like any queued mail
+
+
+def test_mark_queued_of_an_unreserved_mail_the_subscriber_claimed_first_keeps_its_progress(
+    record: DeliveryRecord,
+) -> None:
+    claim = record.claim(
+        "keyless", message_id="42", trace_id=None, lease_seconds=LEASE, accepted_at=T0
+    )
+    assert claim.result is ClaimResult.CLAIMED
+
+    record.mark_queued(
+        "keyless", message_id="42", trace_id="t" * 32, accepted_at=T0, recipient_domains=()
+    )
+
+    stored = record.get("keyless")
+    assert stored is not None
+    assert (stored.status, stored.attempt_count, stored.trace_id) == (
+        MailStatus.SENDING,
+        1,
+        "t" * 32,
+    )
+
+
 def test_mark_queued_without_record_raises(record: DeliveryRecord) -> None:
     with pytest.raises(MailNotFound):
         record.mark_queued("no-such-mail", message_id="1", trace_id=None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import email
+import re
 from email import policy
 from email.message import EmailMessage
 from email.utils import parsedate_to_datetime
@@ -12,6 +13,7 @@ from email.utils import parsedate_to_datetime
 import pytest
 
 from mailpipe.mail import MailRequest, QueuedMail
+from subscriber import message as message_module
 from subscriber.message import (
     build_message,
     envelope,
@@ -189,3 +191,31 @@ def test_international_domains_are_written_in_ascii() -> None:
 def test_an_invalid_message_id_domain_is_refused(domain: str) -> None:
     with pytest.raises(ValueError, match="MAILPIPE_MESSAGE_ID_DOMAIN"):
         message_id("id", domain)
+
+
+def test_the_cached_header_registry_writes_what_the_standard_one_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # subscriber.message caches header classes for speed; the bytes on the wire must not change.
+    mail = queued(
+        **{"from": "Zoë Ünal <zoe@exämple.com>"},
+        to=["Bob, Jr. <bob@example.com>", "u@bücher.de"],
+        cc=["Carol <carol@example.org>"],
+        reply_to="support@example.com",
+        subject="Grüße — a long subject that has to be folded " * 3,
+        text="Hallo Zoë\n",
+        html="<p>Hallo</p>",
+        headers={"X-Note": "naïve", "X-Campaign-Id": "c-42"},
+        attachments=[
+            {
+                "filename": "notes ü.txt",
+                "content_type": "text/plain",
+                "content": base64.b64encode(b"line 1\r\n").decode(),
+            }
+        ],
+    )
+    cached, _ = roundtrip(mail)
+    monkeypatch.setattr(message_module, "SMTP_7BIT", policy.SMTP.clone(cte_type="7bit"))
+    standard, _ = roundtrip(mail)
+    random_boundary = re.compile(rb"={15}\d+==")
+    assert random_boundary.sub(b"B", cached) == random_boundary.sub(b"B", standard)
