@@ -1,4 +1,5 @@
-"""``python -m bench [--quick] [--only NAME ...]``: run the benchmark, print tables, write JSON."""
+"""``python -m bench [--quick] [--only NAME ...] [--profile]``: run the benchmark, print tables,
+write JSON."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench.plan import PROFILES, tiny
-from bench.report import markdown, print_tables
-from bench.run import RESULTS_DIR, run_bench, write_result
+from bench.report import markdown, print_tables, profile_errors
+from bench.run import RESULTS_DIR, new_stamp, run_bench, write_result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON goes")
     parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each scenario's runs, one more under py-spy: where the services' CPU goes "
+        "(.folded stacks next to the JSON; see bench/profile.py)",
+    )
     args = parser.parse_args(argv)
 
     profile = tiny() if args.tiny else PROFILES["quick" if args.quick else "full"]
@@ -36,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"{scenario.name:24} {scenario.group:9} {scenario.label}")
         return 0
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    stamp = new_stamp()  # the JSON and the profiles' files share it
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -55,12 +63,16 @@ def main(argv: list[str] | None = None) -> int:
             only=set(args.only) if args.only else None,
             baselines=not args.no_baselines,
             update=update,
+            profile_dir=args.out if args.profile else None,
+            stamp=stamp,
         )
-    path = write_result(result, args.out)
+    path = write_result(result, args.out, stamp)
     print_tables(result, console)
     for scenario in result["scenarios"]:
         if "error" in scenario:
             console.print(f"[red]{scenario['name']} failed:[/] {scenario['error']}")
+        for service, why in profile_errors(scenario):
+            console.print(f"[yellow]{scenario['name']}: no profile of {service}:[/] {why}")
     if args.markdown:
         print(markdown(result))  # plain: a console would wrap the table rows
     console.print(f"raw numbers: {path}")

@@ -8,7 +8,8 @@ subscription.
 
 Per scenario: warm-up (not measured) → closed-loop throughput run (``mails`` requests,
 ``concurrency`` in flight; e2e rate = delivered / (last SMTP 250 - first request start)) →
-open-loop latency runs at fractions of that rate → peak RSS of every process.
+open-loop latency runs at fractions of that rate → peak RSS of every process → with ``--profile``,
+one more closed-loop run under py-spy (:mod:`bench.profile`), last so it disturbs no number.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Literal
 
 from bench.load import LoadResult, MailTemplate, closed_loop, open_loop
 from bench.procstats import GroupSample, sample_group, sample_pid
+from bench.profile import record, worker_pids
 from bench.smtp_sink import SmtpSink
 from emulator.pipeline import (
     PULL_READY_MARKER,
@@ -36,6 +38,7 @@ from emulator.pipeline import (
 from emulator.smtp import LocalSmtpServer
 
 Update = Callable[[str, int, int], None]  # (label, completed, total)
+PROFILE_SECONDS = 20.0  # the profile run's mails are capped to about this long at the measured rate
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,16 @@ class _Processes:
         }
         return result
 
+    def workers(self) -> dict[str, int]:
+        """The Python processes doing the services' work, by name: the publisher's gunicorn
+        worker (not its master), each subscriber (its worker in push mode)."""
+        found = {}
+        for service in (self.pipe.publisher, self.pipe.subscriber, *self.extra):
+            pids = worker_pids(service.process.pid)
+            for number, pid in enumerate(pids, 1):
+                found[service.name if len(pids) == 1 else f"{service.name}-worker-{number}"] = pid
+        return found
+
 
 def _cpu(samples: dict[str, GroupSample]) -> dict[str, float]:
     return {name: sample.cpu_seconds for name, sample in samples.items()}
@@ -154,10 +167,22 @@ class _Run:
 class ScenarioRunner:
     """Runs a :class:`Scenario` and returns its JSON-ready result."""
 
-    def __init__(self, scenario: Scenario, *, work_dir: Path, update: Update | None = None) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        *,
+        work_dir: Path,
+        update: Update | None = None,
+        profile_dir: Path | None = None,
+        profile_prefix: str = "",
+    ) -> None:
+        """``profile_dir``: also profile the services (``<profile_prefix><scenario>-<service>
+        .folded`` files there); None: no profile run."""
         self.s = scenario
         self.work_dir = work_dir
         self.update = update or (lambda label, done, total: None)
+        self.profile_dir = profile_dir
+        self.profile_prefix = profile_prefix
         self._expected = 0
 
     def run(self) -> dict[str, Any]:
@@ -201,6 +226,10 @@ class ScenarioRunner:
                 }
                 for name, sample in samples.items()
             }
+            if self.profile_dir is not None:
+                result["profile"], result["profile_run"] = self._profile(
+                    url, template, processes, rate, self.profile_dir
+                )
         result["loadavg_end"] = list(os.getloadavg())
         return result
 
@@ -280,7 +309,14 @@ class ScenarioRunner:
         )
 
     def _closed(
-        self, url: str, template: MailTemplate, count: int, processes: _Processes, *, label: str
+        self,
+        url: str,
+        template: MailTemplate,
+        count: int,
+        processes: _Processes,
+        *,
+        label: str,
+        max_seconds: float | None = None,
     ) -> _Run:
         return self._measure(
             processes,
@@ -290,7 +326,7 @@ class ScenarioRunner:
                 template,
                 count=count,
                 concurrency=self.s.concurrency,
-                max_seconds=self.s.max_seconds,
+                max_seconds=self.s.max_seconds if max_seconds is None else max_seconds,
                 first_index=self._expected,
                 client=self.s.client,
                 on_done=on_done,
@@ -311,6 +347,43 @@ class ScenarioRunner:
                 on_done=on_done,
             ),
         )
+
+    def _profile(
+        self,
+        url: str,
+        template: MailTemplate,
+        processes: _Processes,
+        rate: float,
+        directory: Path,
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """One more closed-loop run with py-spy on every service worker: (profile, the run).
+
+        As many mails as the throughput run, fewer if they would take more than
+        ``PROFILE_SECONDS`` at its ``rate``. py-spy's own failures come back as errors in the
+        profile; so does a failure of this run (the scenario's numbers are already taken).
+        """
+        s = self.s
+        count = min(s.mails, max(1, int(rate * PROFILE_SECONDS))) if rate > 0 else s.mails
+        send_seconds = min(s.max_seconds, PROFILE_SECONDS)
+        try:
+            with record(
+                processes.workers(),
+                directory,
+                prefix=f"{self.profile_prefix}{s.name}-",
+                # The run's own bound; py-spy is stopped when the run ends, normally well before.
+                max_seconds=send_seconds + self._drain_timeout(count) + 5,
+            ) as recording:
+                run = self._closed(
+                    url, template, count, processes, label="profile", max_seconds=send_seconds
+                )
+        except Exception as exc:
+            return {"error": f"the profile run failed: {type(exc).__name__}: {exc}"}, None
+        return recording.to_json(), {
+            "mails_accepted": run.load.accepted,
+            "mails_delivered": len(run.records),
+            "drained": run.drained,
+            "window_seconds": round(run.window_seconds, 3),
+        }
 
     def _stages(self, url: str, template: MailTemplate, processes: _Processes) -> dict[str, Any]:
         """Each side's own capacity: publish with the subscribers stopped, then let them drain.

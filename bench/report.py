@@ -5,15 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from bench.plan import REFERENCE, TRACE_ON
+from bench.plan import REFERENCE, TRACE_OFF_RUNS, TRACE_ON_RUNS
 
 TARGET_RATE = 500.0  # mails/s end to end, 1 KiB, tracing at 100 %
 TARGET_BASELINE_FRACTION = 0.5
 TARGET_TRACING_COST = 0.10
 TARGET_P99_MS = 1000.0
 SERVICES = ("publisher", "subscriber")
+PROFILE_TOP_INCLUSIVE = 12
+PROFILE_TOP_SELF = 8
 
 
 def _scenario(result: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -28,6 +31,12 @@ def _rate(result: dict[str, Any], name: str) -> float | None:
     return scenario["throughput"]["e2e_rate"] if scenario else None
 
 
+def _mean(values: list[float | None]) -> float | None:
+    """The mean of the values that were measured (None: none was)."""
+    known = [v for v in values if v]
+    return round(sum(known) / len(known), 2) if known else None
+
+
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     """Headline numbers and each target: value, goal and whether it was met (None: not run)."""
     baselines = result.get("baselines", {})
@@ -39,9 +48,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     }
     known = {k: v for k, v in depends.items() if v}
     slowest = min(known.items(), key=lambda kv: kv[1]) if known else None
-    on_rates = [r for r in (ref_rate, _rate(result, TRACE_ON)) if r]
-    on_rate = sum(on_rates) / len(on_rates) if on_rates else None
-    off = _rate(result, "pull-1k-trace-off")
+    on_rate = _mean([_rate(result, name) for name in TRACE_ON_RUNS])
+    off = _mean([_rate(result, name) for name in TRACE_OFF_RUNS])
     tenth = _rate(result, "pull-1k-trace-0.1")
     reference = _scenario(result, REFERENCE)
     p99_half = None
@@ -60,9 +68,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         per_mail = scenario["throughput"]["cpu_ms_per_mail"]
         return round(sum(per_mail.get(part, 0.0) for part in parts), 2)
 
-    on_cpus = [c for c in (cpu_per_mail(REFERENCE), cpu_per_mail(TRACE_ON)) if c]
-    ref_cpu = round(sum(on_cpus) / len(on_cpus), 2) if on_cpus else None
-    off_cpu = cpu_per_mail("pull-1k-trace-off")
+    ref_cpu = _mean([cpu_per_mail(name) for name in TRACE_ON_RUNS])
+    off_cpu = _mean([cpu_per_mail(name) for name in TRACE_OFF_RUNS])
     all_cpu = cpu_per_mail(REFERENCE, (*SERVICES, "emulator_java", "smtp", "client"))
     nproc = result.get("machine", {}).get("nproc") or 1
     fraction = ref_rate / slowest[1] if ref_rate and slowest else None
@@ -264,6 +271,33 @@ def findings(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def profile_errors(scenario: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(service, why)`` for each profile a scenario asked for and did not get."""
+    profile = scenario.get("profile") or {}
+    if "error" in profile:
+        return [("the services", str(profile["error"]))]
+    return [(service, p["error"]) for service, p in profile.items() if "error" in p]
+
+
+def _profile_tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, headers, rows): per profiled service, top functions by inclusive and self share."""
+    tables = []
+    for s in result.get("scenarios", []):
+        for service, p in (s.get("profile") or {}).items():
+            if not isinstance(p, dict) or "samples" not in p:
+                continue  # an error: listed after the tables, not as one
+            where = f"Profile {s['name']} / {service} ({p['samples']:,} GIL samples)"
+            for key, kind, top in (
+                ("top_inclusive", "inclusive", PROFILE_TOP_INCLUSIVE),
+                ("top_self", "self", PROFILE_TOP_SELF),
+            ):
+                rows = [[f"{share:.1%}", function] for share, function in p[key][:top]]
+                # bench.profile leaves wrappers out of the inclusive list: say so where it shows.
+                function = "function" if kind == "self" else "function (pass-throughs left out)"
+                tables.append((f"{where}: top by {kind} share", [kind, function], rows))
+    return tables
+
+
 def print_tables(result: dict[str, Any], console: Console) -> None:
     m = result["machine"]
     console.print(
@@ -282,6 +316,14 @@ def print_tables(result: dict[str, Any], console: Console) -> None:
         console.print(table)
     for line in findings(result):
         console.print(line)
+    for title, headers, rows in _profile_tables(result):
+        # As wide as its title: rich would wrap a title wider than the table's columns.
+        table = Table(title=title, title_justify="left", min_width=len(title))
+        table.add_column(headers[0], justify="right")
+        table.add_column(headers[1])
+        for share, function in rows:
+            table.add_row(share, escape(function))  # a function name is text, not rich markup
+        console.print(table)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -292,7 +334,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['duration_s']:.0f} s.",
         f"Machine: {m['nproc']} vCPU ({m['cpu_model']}), {m['ram_gib']} GiB RAM, Python "
         f"{m['python']}, {m['platform']}; load average (1 min) {m['loadavg'][0]:.2f} at start, "
-        f"{result['loadavg_end'][0]:.2f} at end (other sessions were running tests).",
+        f"{result['loadavg_end'][0]:.2f} at end (the benchmark's own processes count in it).",
         "",
     ]
     for key, rows in _rows(result).items():
@@ -304,4 +346,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
         lines.append("")
     lines += [f"- {line}" for line in findings(result)]
+    for title, headers, rows in _profile_tables(result):
+        # In backticks: "<module>" would otherwise be read as an HTML tag.
+        lines += ["", f"**{title}**", "", "| " + " | ".join(headers) + " |", "|---:|---|"]
+        lines += [f"| {share} | `{function.replace('|', '/')}` |" for share, function in rows]
     return "\n".join(lines)

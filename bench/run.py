@@ -45,6 +45,11 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def new_stamp() -> str:
+    """The UTC time that names a run's files: ``<stamp>-<profile>.json`` and its profiles."""
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
 def run_bench(
     profile: Profile,
     *,
@@ -53,8 +58,14 @@ def run_bench(
     baselines: bool = True,
     work_dir: Path | None = None,
     update: Update | None = None,
+    profile_dir: Path | None = None,
+    stamp: str | None = None,
 ) -> dict[str, Any]:
-    """Run ``profile`` and return the result (see README's JSON keys); nothing is written."""
+    """Run ``profile`` and return the result (see README's JSON keys).
+
+    Only with ``profile_dir`` is anything written: each scenario's py-spy stacks, as
+    ``<stamp>-<scenario>-<service>.folded`` there (see :mod:`bench.profile`).
+    """
     update = update or (lambda label, done, total: None)
     started = time.monotonic()
     result: dict[str, Any] = {
@@ -75,7 +86,13 @@ def run_bench(
             if only and scenario.name not in only:
                 continue
             try:
-                runner = ScenarioRunner(scenario, work_dir=work, update=update)
+                runner = ScenarioRunner(
+                    scenario,
+                    work_dir=work,
+                    update=update,
+                    profile_dir=profile_dir,
+                    profile_prefix=f"{stamp or new_stamp()}-",
+                )
                 result["scenarios"].append(runner.run())
             except Exception as exc:  # one broken scenario must not lose the others' numbers
                 result["scenarios"].append(
@@ -117,9 +134,11 @@ def _baselines(profile: Profile, work: Path, update: Update) -> dict[str, Any]:
     return found
 
 
-def write_result(result: dict[str, Any], directory: Path = RESULTS_DIR) -> Path:
+def write_result(
+    result: dict[str, Any], directory: Path = RESULTS_DIR, stamp: str | None = None
+) -> Path:
+    """Write ``<stamp>-<profile>.json`` (``stamp``: now unless given) and return its path."""
     directory.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = directory / f"{stamp}-{result['profile']}.json"
+    path = directory / f"{stamp or new_stamp()}-{result['profile']}.json"
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return path

@@ -14,7 +14,7 @@ from bench.__main__ import main
 
 
 def test_tiny_bench_run_writes_the_expected_json(tmp_path: Path) -> None:
-    exit_code = main(["--tiny", "--out", str(tmp_path)])
+    exit_code = main(["--tiny", "--profile", "--out", str(tmp_path)])
 
     assert exit_code == 0
     (path,) = tmp_path.glob("*-tiny.json")
@@ -52,3 +52,16 @@ def test_tiny_bench_run_writes_the_expected_json(tmp_path: Path) -> None:
     assert {"publisher_alone", "subscriber_alone"} <= set(scenario["stages"])
     assert scenario["stages"]["subscriber_alone"]["mails"] == 20
     assert [t["target"] for t in result["summary"]["targets"]]
+
+    # --profile: one more run (20 mails, ~1 s) under py-spy, its stacks next to the JSON.
+    stamp = path.name.removesuffix("-tiny.json")
+    profile = scenario["profile"]
+    assert set(profile) == {"publisher", "subscriber"}, profile
+    for service, found in profile.items():
+        assert "error" not in found, found
+        assert found["file"] == f"{stamp}-pull-1k-{service}.folded"
+        assert (tmp_path / found["file"]).is_file()
+        assert isinstance(found["samples"], int)
+    # A few samples each at 100 Hz: either may draw none; both none means nothing was sampled.
+    assert profile["publisher"]["samples"] + profile["subscriber"]["samples"] > 0
+    assert scenario["profile_run"]["mails_delivered"] == 20
