@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bench.load import LoadResult, MailTemplate, closed_loop, open_loop
-from bench.procstats import GroupSample, sample_group, sample_pid
+from bench.procstats import GroupSample, machine_cpu, sample_group, sample_pid
 from bench.profile import record, worker_pids
 from bench.smtp_sink import SmtpSink
 from emulator.pipeline import (
@@ -162,6 +162,7 @@ class _Run:
     cpu_cores: dict[str, float]
     cpu_ms_per_mail: dict[str, float]
     drained: bool
+    machine_cores: dict[str, float]  # the whole machine: busy, idle, steal
 
 
 class ScenarioRunner:
@@ -286,6 +287,7 @@ class ScenarioRunner:
                 self.update(f"{self.s.name}: {label} (sending)", first + sent, 0)
 
         cpu_before = _cpu(processes.samples())
+        machine_before = machine_cpu()
         wall = time.monotonic()
         load = start_load(on_done)
         self._expected += load.accepted
@@ -295,6 +297,7 @@ class ScenarioRunner:
             on_progress=lambda n: self.update(f"{self.s.name}: {label} (delivering)", n, 0),
         )
         window = time.monotonic() - wall
+        machine_cores = machine_cpu().cores_since(machine_before, window)
         cpu_after = _cpu(processes.samples())
         return _Run(
             load=load,
@@ -306,6 +309,7 @@ class ScenarioRunner:
                 "client": round(load.client_cpu_seconds * 1000 / max(load.accepted, 1), 2),
             },
             drained=count >= self._expected,
+            machine_cores=machine_cores,
         )
 
     def _closed(
@@ -457,6 +461,7 @@ class ScenarioRunner:
             "client": run.load.to_json(),
             "cpu_cores": run.cpu_cores,
             "cpu_ms_per_mail": run.cpu_ms_per_mail,
+            "machine_cores": run.machine_cores,
             "window_seconds": round(run.window_seconds, 3),
         }
 
@@ -475,4 +480,5 @@ class ScenarioRunner:
             "client_lag_p99_ms": round((percentile(lags, 99) or 0.0) * 1000, 2),
             "client": run.load.to_json(),
             "cpu_cores": run.cpu_cores,
+            "machine_cores": run.machine_cores,
         }

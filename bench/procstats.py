@@ -101,6 +101,38 @@ def sample_pid(pid: int) -> GroupSample:
     return GroupSample((info,) if info else ())
 
 
+@dataclass(frozen=True)
+class MachineCpu:
+    """The whole machine's CPU time so far, all cores, in seconds (``/proc/stat``'s cpu line)."""
+
+    busy: float
+    idle: float  # idle and waiting for I/O
+    steal: float  # taken by the hypervisor for other guests: this machine was slower meanwhile
+
+    def cores_since(self, earlier: MachineCpu, seconds: float) -> dict[str, float]:
+        """Average cores busy, idle and stolen between ``earlier`` and this sample."""
+        if seconds <= 0:
+            return {"busy": 0.0, "idle": 0.0, "steal": 0.0}
+        return {
+            "busy": round((self.busy - earlier.busy) / seconds, 3),
+            "idle": round((self.idle - earlier.idle) / seconds, 3),
+            "steal": round((self.steal - earlier.steal) / seconds, 3),
+        }
+
+
+def machine_cpu() -> MachineCpu:
+    """The machine's CPU time now (all zero where ``/proc/stat`` cannot be read)."""
+    line = (_read(PROC / "stat") or "cpu").splitlines()[0].split()
+    # cpu user nice system idle iowait irq softirq steal ... (guest time is inside user)
+    ticks = [int(value) for value in line[1:9]] + [0] * (8 - len(line[1:9]))
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks
+    return MachineCpu(
+        busy=(user + nice + system + irq + softirq) / _TICKS,
+        idle=(idle + iowait) / _TICKS,
+        steal=steal / _TICKS,
+    )
+
+
 def machine() -> dict[str, object]:
     """This machine as the results table describes it."""
     cpu_model = "unknown"

@@ -16,6 +16,7 @@ TARGET_TRACING_COST = 0.10
 TARGET_P99_MS = 1000.0
 SERVICES = ("publisher", "subscriber")
 PROFILE_TOP_INCLUSIVE = 12
+STEAL_WORTH_NOTING = 0.05  # cores of steal time in a throughput run
 PROFILE_TOP_SELF = 8
 
 
@@ -267,6 +268,16 @@ def findings(result: dict[str, Any]) -> list[str]:
         dep = summary["slowest_dependency"]
         lines.append(
             f"Slowest raw baseline the pipeline depends on: {dep['name']} {dep['rate']:,.0f}/s."
+        )
+    stolen = [
+        f"{s['name']} {s['throughput']['machine_cores']['steal']:.2f}"
+        for s in result.get("scenarios", [])
+        if s.get("throughput", {}).get("machine_cores", {}).get("steal", 0) >= STEAL_WORTH_NOTING
+    ]
+    if stolen:
+        lines.append(
+            "CPU taken by the hypervisor during the throughput run (cores; those runs had a "
+            f"slower machine): {', '.join(stolen)}."
         )
     return lines
 

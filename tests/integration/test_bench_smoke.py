@@ -53,6 +53,12 @@ def test_tiny_bench_run_writes_the_expected_json(tmp_path: Path) -> None:
     assert scenario["stages"]["subscriber_alone"]["mails"] == 20
     assert [t["target"] for t in result["summary"]["targets"]]
 
+    # The whole machine's CPU during the run: the benchmark itself kept it busy.
+    machine_cores = scenario["throughput"]["machine_cores"]
+    assert set(machine_cores) == {"busy", "idle", "steal"}
+    assert machine_cores["busy"] > 0
+    assert min(machine_cores.values()) >= 0
+
     # --profile: one more run (20 mails, ~1 s) under py-spy, its stacks next to the JSON.
     stamp = path.name.removesuffix("-tiny.json")
     profile = scenario["profile"]
