@@ -12,11 +12,10 @@ from dataclasses import dataclass, replace
 from bench.pipeline import Scenario
 
 REFERENCE = "pull-1k"
-TRACE_ON = "pull-1k-trace-1.0"
 # Tracing on and off alternate as off, on, on, off (ABBA) in the full profile: the mean of each
 # then cancels a steady drift of the machine's speed, which on a shared machine is as large as
 # the effect measured. The quick profile runs one pair.
-TRACE_ON_RUNS = (TRACE_ON, f"{TRACE_ON}-2")
+TRACE_ON_RUNS = ("pull-1k-trace-1.0", "pull-1k-trace-1.0-2")
 TRACE_OFF_RUNS = ("pull-1k-trace-off", "pull-1k-trace-off-2")
 
 
@@ -62,32 +61,13 @@ def _scenarios(
     off = replace(scaled, name=TRACE_OFF_RUNS[0], group="tracing", traces="none")
     on = replace(scaled, name=TRACE_ON_RUNS[0], group="tracing")  # the reference's configuration
     tenth = replace(scaled, name="pull-1k-trace-0.1", group="tracing", sample_ratio=0.1)
-    tracing = [off, on, tenth]
-    if not quick:  # ABBA: off, on, on, off
-        tracing = [
-            off,
-            on,
-            replace(on, name=TRACE_ON_RUNS[1]),
-            replace(off, name=TRACE_OFF_RUNS[1]),
-            tenth,
-        ]
-    if quick:  # the quick profile keeps one scenario per question
-        return (
-            ref,
-            big,
-            push,
-            *tracing,
-            replace(scaled, name="pull-1k-2-workers", group="workers", subscribers=2),
-        )
-    workers = [
-        replace(scaled, name=f"pull-1k-{n}-workers", group="workers", subscribers=n)
-        for n in ((2,) if quick else (2, 4))
-    ]
-    pools = [
-        replace(scaled, name=f"pull-1k-pool-{n}", group="pool", pool_size=n)
-        for n in ((1,) if quick else (1, 16))
-    ]
-    return (ref, big, push, push_big, *tracing, *workers, *pools)
+    two_workers = replace(scaled, name="pull-1k-2-workers", group="workers", subscribers=2)
+    if quick:  # one scenario per question
+        return (ref, big, push, off, on, tenth, two_workers)
+    tracing = [off, on, replace(on, name=TRACE_ON_RUNS[1]), replace(off, name=TRACE_OFF_RUNS[1])]
+    four_workers = replace(two_workers, name="pull-1k-4-workers", subscribers=4)
+    pools = [replace(scaled, name=f"pull-1k-pool-{n}", group="pool", pool_size=n) for n in (1, 16)]
+    return (ref, big, push, push_big, *tracing, tenth, two_workers, four_workers, *pools)
 
 
 PROFILES = {
