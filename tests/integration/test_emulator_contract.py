@@ -40,15 +40,22 @@ WAIT = (
 )
 
 
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    """Poll ``condition`` until it returns a truthy value; at the deadline, fail naming ``what``."""
+def wait_until(
+    condition: Callable[[], Any],
+    what: str,
+    timeout: float = WAIT,
+    detail: Callable[[], str] | None = None,
+) -> Any:
+    """Poll ``condition`` until it returns a truthy value; at the deadline, fail naming ``what``
+    (and what ``detail`` says then)."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
         if result:
             return result
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+            found = f": {detail()}" if detail is not None else ""
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}{found}")
         time.sleep(0.05)
 
 
@@ -237,6 +244,7 @@ class PushRequest:
     headers: dict[str, str]
     body: dict[str, Any]
     status: int
+    at: float = field(default_factory=time.monotonic)
 
     @property
     def attributes(self) -> dict[str, str]:
@@ -255,6 +263,17 @@ class PushServer:
     def for_mail(self, mail_id: str) -> list[PushRequest]:
         with self.lock:
             return [r for r in self.requests if r.attributes.get("mail_id") == mail_id]
+
+    def timeline(self) -> str:
+        """Every POST so far as ``mail_id:status@seconds``, for a failure message."""
+        with self.lock:
+            if not self.requests:
+                return "no POST at all"
+            start = self.requests[0].at
+            return ", ".join(
+                f"{r.attributes.get('mail_id')}:{r.status}@{r.at - start:.1f}s"
+                for r in self.requests
+            )
 
 
 @pytest.fixture
@@ -319,10 +338,21 @@ def test_push_delivers_the_documented_envelope_and_acks_only_on_success(
         for status, mail_id in {**acked, **retried}.items()
     }
 
-    # A retried message is POSTed again about 1 s after each failure. Waiting for two retries of
-    # every failing message gives the acked ones the same time to be (wrongly) redelivered.
+    # A retried message is POSTed again about 1 s after each failure. Every failing message must
+    # be retried, and waiting until one of them has two retries gives the acked ones that time to
+    # be (wrongly) redelivered. Not "two retries of each": under CPU load the emulator sometimes
+    # stops retrying a message after its second POST (seen for 503; a deviation of its own).
     for mail_id in retried.values():
-        wait_until(lambda m=mail_id: len(push_server.for_mail(m)) >= 3, f"3 POSTs of {mail_id}")
+        wait_until(
+            lambda m=mail_id: len(push_server.for_mail(m)) >= 2,
+            f"a retry of {mail_id}",
+            detail=push_server.timeline,
+        )
+    wait_until(
+        lambda: max(len(push_server.for_mail(m)) for m in retried.values()) >= 3,
+        "a second retry of any failing message",
+        detail=push_server.timeline,
+    )
     counts = {mail_id: len(push_server.for_mail(mail_id)) for mail_id in acked.values()}
     assert counts == {"m-200": 1, "m-204": 1}
 
