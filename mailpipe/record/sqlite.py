@@ -20,6 +20,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -120,13 +121,30 @@ class SqliteRecord:
                 check_same_thread=False,  # only so close() may close it from another thread
             )
             conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            self._enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")  # durable across crashes in WAL mode
             holder = _Holder(conn)
             self._local.holder = holder
             with self._lock:
                 self._holders.add(holder)
         return holder.conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch to WAL, retrying within the busy timeout while another process holds the lock.
+
+        Turning a new database file to WAL takes an exclusive lock, and SQLite answers "database
+        is locked" at once instead of waiting on the busy handler: the publisher and the
+        subscriber opening the same new record at the same moment hit it.
+        """
+        deadline = time.monotonic() + self._busy_ms / 1000
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")

@@ -708,6 +708,38 @@ def test_sqlite_two_processes_claim_each_mail_once(tmp_path: Path) -> None:
     record.close()
 
 
+def _open_new_records(directory: str, trials: int, barrier: object, results: object) -> None:
+    """In a child process: per trial, open the same new record file as the others, at once."""
+    errors = []
+    for trial in range(trials):
+        barrier.wait(timeout=60)  # type: ignore[attr-defined]
+        try:
+            SqliteRecord(f"{directory}/record-{trial}.sqlite3").close()
+        except RecordError as exc:
+            errors.append(str(exc))
+    results.put(errors)  # type: ignore[attr-defined]
+
+
+def test_sqlite_processes_opening_the_same_new_record_at_once_all_succeed(tmp_path: Path) -> None:
+    # The publisher and the subscriber start together on a new record: turning the file to WAL
+    # answered "database is locked" to one of them (about one open in twenty, before the fix).
+    processes_count, trials = 6, 25
+    ctx = multiprocessing.get_context("fork")  # nothing of sqlite is open in this process yet
+    barrier, results = ctx.Barrier(processes_count), ctx.Queue()
+    processes = [
+        ctx.Process(target=_open_new_records, args=(str(tmp_path), trials, barrier, results))
+        for _ in range(processes_count)
+    ]
+    for process in processes:
+        process.start()
+    errors = [error for _ in processes for error in results.get(timeout=120)]
+    for process in processes:
+        process.join(timeout=30)
+
+    assert errors == []
+    assert len(list(tmp_path.glob("record-*.sqlite3"))) == trials
+
+
 def test_sqlite_creates_parent_directories_and_a_versioned_schema(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "record.sqlite3"
 
