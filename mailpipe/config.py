@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar, cast
 
+from mailpipe.mail import ascii_domain
 from mailpipe.topology import Topology, load_topology
 
 DEFAULT_PROJECT = "mailpipe-local"
@@ -264,6 +265,27 @@ def _read_record(env: _EnvReader, default: str) -> str:
 DEFAULT_RECORD = "sqlite:///.mailpipe/record.sqlite3"
 
 
+def _read_sender_domains(env: _EnvReader) -> frozenset[str] | None:
+    """``MAILPIPE_ALLOWED_SENDER_DOMAINS``: ASCII (IDNA) domains, or None (unset: any sender)."""
+    name = "MAILPIPE_ALLOWED_SENDER_DOMAINS"
+    raw = env.raw(name)
+    if raw is None:
+        return None
+    domains: set[str] = set()
+    bad: list[str] = []
+    for item in raw.split(","):
+        try:
+            domains.add(ascii_domain(item.strip()))
+        except ValueError:
+            bad.append(repr(item.strip()))
+    if bad:
+        env.problems[name] = (
+            "must be domains separated by commas, such as example.com,mail.example.org (each "
+            f"domain exactly, no wildcards); not a domain: {', '.join(bad)}"
+        )
+    return frozenset(domains)
+
+
 @dataclass(frozen=True)
 class PublisherConfig:
     """Everything the publisher service needs."""
@@ -274,6 +296,14 @@ class PublisherConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     publish_timeout: float = 30.0
+    # The domains a mail's From may use (ASCII form); None: any (MAILPIPE_ALLOWED_SENDER_DOMAINS).
+    allowed_sender_domains: frozenset[str] | None = None
+
+    def sender_allowed(self, domain: str) -> bool:
+        """Whether a From address at ``domain`` may be sent (a valid domain, any form)."""
+        if self.allowed_sender_domains is None:
+            return True
+        return ascii_domain(domain) in self.allowed_sender_domains
 
     @classmethod
     def from_env(
@@ -290,6 +320,7 @@ class PublisherConfig:
             publish_timeout=env.number(
                 "MAILPIPE_PUBLISH_TIMEOUT", 30.0, minimum=0.1, maximum=600.0
             ),
+            allowed_sender_domains=_read_sender_domains(env),
         )
         env.finish()
         return config

@@ -6,10 +6,25 @@ The Pub/Sub message is ``data`` = ``QueuedMail`` as JSON, attributes ``mail_id``
 ``schema_version`` (plus ``googclient_traceparent``, added by the client library). Both services
 import this module; it is the only contract between them besides the delivery record.
 
+Mailboxes are parsed once, here, at the boundary: from then on a mailbox is a :class:`Mailbox`
+(display name, addr-spec) and nothing downstream parses text again. Header-bound text (display
+names, subject, custom header names and values, attachment file names) is refused when it holds
+a control character or a line boundary (every ``str.splitlines()`` boundary); what the ``email``
+package would otherwise decode as an RFC 2047 encoded word is either refused (local parts, file
+names) or encoded by the message builder so that it round-trips (display names, subject, header
+values). docs/headers.md gives the choice per field.
+
+Schema versions on Pub/Sub::
+
+    1   mailboxes as text ("Ada <ada@example.com>"): still decoded, with the same parser
+    2   mailboxes as objects {"name": ..., "address": ...} (published since issue 16)
+
 Errors::
 
     pydantic.ValidationError   a request or a queued mail is invalid (HTTP 400 / dead on arrival)
     MailDecodeError            a Pub/Sub message is not a mailpipe mail of a known schema version
+    └── UnsendableMail         it is a mailpipe mail (its id is readable) that this version
+                               refuses, e.g. one published before a rule tightened: bounce it
 """
 
 from __future__ import annotations
@@ -17,8 +32,8 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import json
 import re
-from email.headerregistry import Address
 from typing import Annotated, Any
 
 from email_validator import EmailNotValidError, validate_email
@@ -28,21 +43,33 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationError,
     field_validator,
     model_validator,
 )
 from uuid6 import uuid7
 
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2})
 
 # Pub/Sub's hard limit is 10,000,000 bytes per publish request; the client library counts the
 # request envelope too, so keep a margin for attributes and framing.
 MAX_PUBSUB_DATA_BYTES = 9_990_000
 MAX_RECIPIENTS = 100
 MAX_SUBJECT_CHARS = 998
+# A display name must fit one header line (998) even as a single encoded word of 4-byte
+# characters: 128 * 4 bytes of UTF-8 → 684 characters of base64.
+MAX_DISPLAY_NAME_CHARS = 128
 
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 field name: printable ASCII but ':'
+# Control characters (but TAB), every str.splitlines() boundary (\n \r \v \f \x1c-\x1e \x85
+# \u2028 \u2029) and lone surrogates: the email package splits a header on the former, and the
+# latter cannot be encoded at all.
+_FORBIDDEN_IN_HEADERS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_BLANKS = re.compile("[ \t]+")
+# How an RFC 2047 encoded word starts: the email package decodes one wherever it finds it.
+ENCODED_WORD_START = "=?"
 # Headers mailpipe sets itself, or that change who receives the mail: a client may not set them.
 RESERVED_HEADERS = frozenset(
     h.lower()
@@ -70,12 +97,26 @@ RESERVED_HEADERS = frozenset(
         "Resent-From",
         "Resent-Sender",
         "DKIM-Signature",
+        # Parsed as dates by the email package (a client's text would be dropped or refused).
+        "Orig-Date",
+        "Resent-Date",
     )
 )
+RESERVED_HEADER_PREFIXES = ("resent-",)  # RFC 5322 resent blocks are added by whoever resends
 
 
 class MailDecodeError(ValueError):
     """A Pub/Sub message that is not a decodable mailpipe mail (retrying cannot help)."""
+
+
+class UnsendableMail(MailDecodeError):
+    """A mailpipe mail this version refuses to build (``reason`` says why): bounce, not retry."""
+
+    def __init__(self, mail_id: str, accepted_at: dt.datetime, reason: str) -> None:
+        super().__init__(f"mail {mail_id} cannot be sent: {reason}")
+        self.mail_id = mail_id
+        self.accepted_at = accepted_at
+        self.reason = reason
 
 
 def new_mail_id() -> str:
@@ -83,43 +124,205 @@ def new_mail_id() -> str:
     return str(uuid7())
 
 
-def _no_line_breaks(value: str) -> str:
-    if "\r" in value or "\n" in value or "\x00" in value:
-        raise ValueError("must not contain CR, LF or NUL characters (header injection)")
+def header_text(value: str) -> str:
+    """``value`` if it may go into a header: no control character, line boundary or surrogate."""
+    found = _FORBIDDEN_IN_HEADERS.search(value)
+    if found:
+        raise ValueError(
+            "must not contain control characters or line breaks (header injection): found "
+            f"U+{ord(found.group()):04X} at position {found.start()}"
+        )
     return value
 
 
-def _mailbox(value: Any) -> str:
-    """Validate ``addr@example.com`` or ``Name <addr@example.com>``; return it normalised."""
-    if not isinstance(value, str):
-        raise ValueError("must be a string such as 'Ada <ada@example.com>' or 'ada@example.com'")
-    _no_line_breaks(value)
-    text = value.strip()
-    name = ""
-    match = re.fullmatch(r"\s*(?:\"?([^\"<>]*?)\"?\s*)?<([^<>]+)>\s*", text)
-    address = text
-    if match:
-        name, address = (match.group(1) or "").strip(), match.group(2).strip()
-    elif "<" in text or ">" in text:
+def valid_unicode(value: str) -> str:
+    """``value`` if it can be encoded as UTF-8 (JSON allows lone surrogates; Pub/Sub does not)."""
+    found = _SURROGATE.search(value)
+    if found:
         raise ValueError(
-            "is not a valid mailbox: use 'Name <addr@example.com>' or 'addr@example.com'"
+            f"is not valid Unicode: lone surrogate U+{ord(found.group()):04X} at position "
+            f"{found.start()}"
         )
+    return value
+
+
+def _no_encoded_word(value: str) -> str:
+    if ENCODED_WORD_START in value:
+        raise ValueError(
+            f"must not contain {ENCODED_WORD_START!r}: mail programs would decode it as an "
+            "RFC 2047 encoded word and show something else"
+        )
+    return value
+
+
+def display_name(value: str) -> str:
+    """A display name as the recipient will see it: each run of spaces and tabs made one space,
+    none around it (mail programs, Python's parser among them, show an encoded name so)."""
+    name = _BLANKS.sub(" ", header_text(value)).strip(" ")
+    if len(name) > MAX_DISPLAY_NAME_CHARS:
+        raise ValueError(
+            f"display name is longer than {MAX_DISPLAY_NAME_CHARS} characters ({len(name)})"
+        )
+    return name
+
+
+def addr_spec(value: str) -> str:
+    """A validated, normalised address (``local@domain``; the domain lower-case, IDN as Unicode).
+
+    Refused: quoted local parts, domain literals, display names, and a local part holding
+    ``=?`` (a mail program would decode it as an encoded word: the address shown would differ).
+    """
+    header_text(value)
     try:
-        checked = validate_email(address, check_deliverability=False)
+        checked = validate_email(
+            value.strip(" \t"),
+            check_deliverability=False,
+            allow_smtputf8=True,
+            allow_quoted_local=False,
+            allow_domain_literal=False,
+            allow_display_name=False,
+        )
     except EmailNotValidError as exc:
         raise ValueError(f"is not a valid email address: {exc}") from exc
-    normalized = checked.normalized
-    return str(Address(display_name=name, addr_spec=normalized)) if name else normalized
+    if ENCODED_WORD_START in checked.local_part:
+        raise ValueError(
+            f"is not a valid email address: its local part contains {ENCODED_WORD_START!r}, "
+            "which mail programs decode as an RFC 2047 encoded word"
+        )
+    return checked.normalized
 
 
-Mailbox = Annotated[str, BeforeValidator(_mailbox)]
-HeaderText = Annotated[str, AfterValidator(_no_line_breaks)]
+def ascii_domain(domain: str) -> str:
+    """``bücher.de`` → ``xn--bcher-kva.de`` (lower-case); raises ValueError for a bad domain."""
+    try:
+        checked = validate_email(f"postmaster@{domain}", check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise ValueError(f"{domain!r} is not a valid domain: {exc}") from exc
+    return checked.ascii_domain
 
 
-def addr_spec(mailbox: str) -> str:
-    """The bare address of a validated mailbox (``Ada <a@x>`` → ``a@x``)."""
-    match = re.search(r"<([^<>]+)>\s*$", mailbox)
-    return match.group(1) if match else mailbox
+def _unquote(quoted: str) -> str:
+    """The text of an RFC 5322 quoted-string (``"Bob \\"B\\" Smith"`` → ``Bob "B" Smith``)."""
+    if len(quoted) < 2 or not quoted.endswith('"'):
+        raise ValueError("has a display name with an opening '\"' but no closing one")
+    text: list[str] = []
+    escaped = False
+    for char in quoted[1:-1]:
+        if escaped:
+            text.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            raise ValueError("has a '\"' inside a quoted display name: escape it as '\\\"'")
+        else:
+            text.append(char)
+    if escaped:
+        raise ValueError("has a quoted display name ending in a lone backslash")
+    return "".join(text)
+
+
+def split_mailbox(text: str) -> tuple[str, str]:
+    """``(display name, address)`` of ``addr@example.com``, ``Name <addr@example.com>`` or
+    ``"Quoted, Name" <addr@example.com>`` (backslash escapes as in RFC 5322).
+
+    The one place mailbox text is parsed; the parts are validated by :class:`Mailbox`.
+    """
+    header_text(text)  # before stripping: a line boundary is refused, not trimmed away
+    text = text.strip(" \t")
+    if not text.endswith(">"):
+        if "<" in text or ">" in text:
+            raise ValueError(
+                "is not a valid mailbox: use 'Name <addr@example.com>' or 'addr@example.com'"
+            )
+        return "", text
+    start = text.rfind("<")
+    if start < 0:
+        raise ValueError("is not a valid mailbox: '>' without '<'")
+    name = text[:start].strip(" \t")
+    if name.startswith('"'):
+        name = _unquote(name)
+    elif any(c in name for c in '"<>'):
+        raise ValueError(
+            """has '"', '<' or '>' in its display name: quote the name """
+            """("Name <x>" <addr@example.com>) or send {"name": ..., "address": ...}"""
+        )
+    return name, text[start + 1 : -1]
+
+
+class Mailbox(BaseModel):
+    """A mailbox, parsed once at the API: the display name and the address, kept apart."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        default="",
+        description=(
+            "Display name, shown exactly as given (runs of spaces and tabs become one space, "
+            "none around it); at most "
+            f"{MAX_DISPLAY_NAME_CHARS} characters, no control characters or line breaks. Any "
+            "other text is allowed (quotes, commas, '<>', non-ASCII, even '=?...?='): mailpipe "
+            "sends it as an RFC 2047 encoded word when it is not plain ASCII"
+        ),
+    )
+    address: str = Field(
+        description=(
+            "The address (addr-spec). Non-ASCII domains are sent in their ASCII (IDNA) form; a "
+            "non-ASCII local part makes the mail need SMTPUTF8. No quoted local parts, no "
+            "domain literals, no '=?' in the local part"
+        )
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        return display_name(value)
+
+    @field_validator("address")
+    @classmethod
+    def _valid_address(cls, value: str) -> str:
+        return addr_spec(value)
+
+    @property
+    def local_part(self) -> str:
+        return self.address.rsplit("@", 1)[0]
+
+    @property
+    def domain(self) -> str:
+        return self.address.rsplit("@", 1)[1]
+
+    def __str__(self) -> str:
+        return f"{self.name} <{self.address}>" if self.name else self.address
+
+
+def _mailbox_input(value: Any) -> Any:
+    """The text form of a mailbox, parsed into a :class:`Mailbox` (errors at the field itself);
+    an object is left to Mailbox's own validation (errors at ``.name`` / ``.address``)."""
+    if isinstance(value, str):
+        name, address = split_mailbox(value)
+        return Mailbox.model_construct(name=display_name(name), address=addr_spec(address))
+    if value is None or not isinstance(value, dict | Mailbox):
+        raise ValueError(
+            "must be a string such as 'Ada <ada@example.com>' or 'ada@example.com', or an "
+            'object {"name": "Ada", "address": "ada@example.com"}'
+        )
+    return value
+
+
+MailboxText = Annotated[
+    str,
+    Field(
+        description=(
+            "'addr@example.com', 'Name <addr@example.com>' or '\"Quoted, Name\" "
+            "<addr@example.com>' (a name holding '\"', '<' or '>' must be quoted)"
+        )
+    ),
+]
+MailboxField = Annotated[
+    Mailbox, BeforeValidator(_mailbox_input, json_schema_input_type=MailboxText | Mailbox)
+]
+HeaderText = Annotated[str, AfterValidator(header_text)]
+UnicodeText = Annotated[str, AfterValidator(valid_unicode)]
 
 
 class Attachment(BaseModel):
@@ -127,12 +330,41 @@ class Attachment(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    filename: HeaderText = Field(min_length=1, max_length=255)
+    filename: HeaderText = Field(
+        min_length=1,
+        max_length=255,
+        description=(
+            "No control characters, line breaks or '=?' (refused, not encoded); surrounding "
+            "spaces are removed"
+        ),
+    )
     content_type: str = Field(
         default="application/octet-stream",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$",
+        description="A leaf MIME type: multipart/* and message/* are refused",
     )
     content: str = Field(description="Base64-encoded bytes")
+
+    @field_validator("filename")
+    @classmethod
+    def _filename(cls, value: str) -> str:
+        # A file name is a MIME parameter: the email package writes ASCII as a quoted string, in
+        # which readers (Python's among them) decode encoded words. Refused rather than encoded.
+        # Readers drop the spaces around a parameter value: so does the API, visibly.
+        name = _no_encoded_word(value).strip(" \t")
+        if not name:
+            raise ValueError("must not be empty or only spaces")
+        return name
+
+    @field_validator("content_type")
+    @classmethod
+    def _leaf_type(cls, value: str) -> str:
+        if value.split("/", 1)[0].lower() in ("multipart", "message"):
+            raise ValueError(
+                "must be a leaf type: a multipart/* or message/* attachment cannot be built from "
+                "bytes (send a mail as application/octet-stream)"
+            )
+        return value
 
     @field_validator("content")
     @classmethod
@@ -155,37 +387,71 @@ class MailRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
-    from_: Mailbox = Field(alias="from")
-    to: list[Mailbox] = Field(min_length=1, max_length=MAX_RECIPIENTS)
-    cc: list[Mailbox] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
-    bcc: list[Mailbox] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
-    reply_to: list[Mailbox] = Field(default_factory=list, max_length=10)
-    subject: HeaderText = Field(default="", max_length=MAX_SUBJECT_CHARS)
-    text: str | None = None
-    html: str | None = None
-    headers: dict[str, HeaderText] = Field(default_factory=dict, max_length=50)
+    from_: MailboxField = Field(alias="from")
+    to: list[MailboxField] = Field(min_length=1, max_length=MAX_RECIPIENTS)
+    cc: list[MailboxField] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    bcc: list[MailboxField] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    reply_to: list[MailboxField] = Field(default_factory=list, max_length=10)
+    subject: HeaderText = Field(
+        default="",
+        max_length=MAX_SUBJECT_CHARS,
+        description=(
+            "Sent exactly as given: no control characters or line breaks; text that is not plain "
+            "ASCII, or holds '=?', is sent as RFC 2047 encoded words"
+        ),
+    )
+    text: UnicodeText | None = None
+    html: UnicodeText | None = None
+    headers: dict[str, HeaderText] = Field(
+        default_factory=dict,
+        max_length=50,
+        description=(
+            "Extra headers, sent as unstructured text. Names: RFC 5322 field names, unique "
+            "ignoring case, not one mailpipe sets (From, To, Subject, Date, Message-ID, "
+            "Content-*, Resent-*, ...). Values: as the subject"
+        ),
+    )
     attachments: list[Attachment] = Field(default_factory=list, max_length=100)
     idempotency_key: str | None = Field(
         default=None, min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$"
     )
-    metadata: dict[str, MetadataValue] = Field(default_factory=dict, max_length=50)
+    metadata: dict[UnicodeText, MetadataValue] = Field(default_factory=dict, max_length=50)
 
     @field_validator("reply_to", mode="before")
     @classmethod
     def _reply_to_as_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
+        return [value] if isinstance(value, str | dict) else value
 
     @field_validator("headers")
     @classmethod
     def _header_names(cls, headers: dict[str, str]) -> dict[str, str]:
+        seen: dict[str, str] = {}
         for name, value in headers.items():
             if not _HEADER_NAME.match(name):
                 raise ValueError(f"header name {name!r} is not a valid RFC 5322 field name")
-            if name.lower() in RESERVED_HEADERS:
+            folded = name.lower()
+            if folded in RESERVED_HEADERS or folded.startswith(RESERVED_HEADER_PREFIXES):
                 raise ValueError(f"header {name!r} is set by mailpipe or its own field; remove it")
+            if folded in seen:
+                raise ValueError(
+                    f"headers {seen[folded]!r} and {name!r} are the same header (names ignore "
+                    "case): send it once"
+                )
+            seen[folded] = name
             if len(value) > 998:
                 raise ValueError(f"header {name!r} is longer than 998 characters")
         return headers
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_text(cls, metadata: dict[str, MetadataValue]) -> dict[str, MetadataValue]:
+        for key, value in metadata.items():
+            if isinstance(value, str):
+                try:
+                    valid_unicode(value)
+                except ValueError as exc:
+                    raise ValueError(f"value of {key!r} {exc}") from None
+        return metadata
 
     @model_validator(mode="after")
     def _has_body_and_recipients(self) -> MailRequest:
@@ -202,13 +468,33 @@ class MailRequest(BaseModel):
         """Every envelope recipient (to, cc, bcc), bare addresses, de-duplicated, in order."""
         seen: dict[str, None] = {}
         for mailbox in (*self.to, *self.cc, *self.bcc):
-            seen.setdefault(addr_spec(mailbox), None)
+            seen.setdefault(mailbox.address, None)
         return list(seen)
 
     @property
     def recipient_domains(self) -> tuple[str, ...]:
         """The recipients' domains, lower-case and sorted (what the record keeps: no addresses)."""
         return tuple(sorted({r.rsplit("@", 1)[-1].lower() for r in self.recipients}))
+
+
+class _MailIdentity(BaseModel):
+    """What identifies a queued mail, readable even when its request no longer validates."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    mail_id: str = Field(min_length=1, max_length=200)
+    accepted_at: dt.datetime
+    request: dict[str, Any]
+
+
+def _problems(exc: ValidationError) -> str:
+    """``"request.subject: must not contain …; request.to.0: …"``: no input values (addresses)."""
+    return "; ".join(
+        ".".join(str(part) for part in error["loc"])
+        + ": "
+        + error["msg"].removeprefix("Value error, ")
+        for error in exc.errors(include_url=False, include_input=False, include_context=False)
+    )
 
 
 class QueuedMail(BaseModel):
@@ -236,11 +522,22 @@ class QueuedMail(BaseModel):
 
     @classmethod
     def from_pubsub(cls, data: bytes, attributes: dict[str, str] | None = None) -> QueuedMail:
-        """Decode a Pub/Sub message; raise :class:`MailDecodeError` if it is not a known mail."""
+        """Decode a Pub/Sub message of any supported schema version.
+
+        Raises :class:`UnsendableMail` for a mailpipe mail whose request this version refuses
+        (bounce it), :class:`MailDecodeError` for anything else that is not a known mail.
+        """
         version = (attributes or {}).get("schema_version", str(SCHEMA_VERSION))
         if version not in {str(v) for v in SUPPORTED_SCHEMA_VERSIONS}:
             raise MailDecodeError(f"unsupported schema_version {version!r}")
         try:
             return cls.model_validate_json(data)
         except ValueError as exc:
-            raise MailDecodeError(f"message data is not a valid mailpipe mail: {exc}") from exc
+            problem = _problems(exc) if isinstance(exc, ValidationError) else str(exc)
+            try:
+                identity = _MailIdentity.model_validate(json.loads(data))
+            except ValueError:
+                raise MailDecodeError(
+                    f"message data is not a valid mailpipe mail: {problem}"
+                ) from exc
+            raise UnsendableMail(identity.mail_id, identity.accepted_at, problem) from exc

@@ -175,6 +175,15 @@ def create_app(
                 fields,
             ) from exc
 
+        if not config.sender_allowed(mail_request.from_.domain):
+            allowed = ", ".join(sorted(config.allowed_sender_domains or ()))
+            raise ApiError(
+                403,
+                "sender_not_allowed",
+                f"this service sends only from {allowed}: use a 'from' address at one of them",
+                {"from": f"the domain {mail_request.from_.domain} is not an allowed sender domain"},
+            )
+
         mail = QueuedMail.accept(mail_request)
         if mail_request.idempotency_key is not None:
             # Only a key needs claiming before the publish (so a retry never publishes twice);

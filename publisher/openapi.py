@@ -125,6 +125,9 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "202": _json("Accepted", "Queued: Pub/Sub has the mail"),
                         "400": _error("Invalid request; `fields` names every bad field"),
+                        "403": _error(
+                            "The `from` domain is not in MAILPIPE_ALLOWED_SENDER_DOMAINS"
+                        ),
                         "409": _error("The idempotency key's first request is still in flight"),
                         **json_only,
                         "503": _error("Pub/Sub or the delivery record is unavailable; retry"),

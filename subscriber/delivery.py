@@ -5,7 +5,9 @@ ack/nack decision lives in :func:`decide` and nowhere else::
 
     outcome      reason                                   ack?   push answer
     delivered    250 after DATA                           yes    204
-    bounced      5xx, or the message can never be sent    yes    204
+    bounced      5xx, or the message can never be sent    yes    204   (a mail this version
+                 (it cannot be built, or needs SMTPUTF8                  refuses or cannot build
+                 that the relay lacks)                                   included: recorded)
     duplicate    the record says delivered/bounced        yes    204
     deferred     4xx, timeout, connection/TLS failure,    no     503   (Pub/Sub retries with
                  record unavailable, claimed elsewhere                  backoff, then dead-letters)
@@ -34,10 +36,10 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from mailpipe.config import AddressLogging
 from mailpipe.logs import redact_addresses
-from mailpipe.mail import MailDecodeError, QueuedMail
+from mailpipe.mail import MailDecodeError, QueuedMail, UnsendableMail
 from mailpipe.metrics import MailMetrics
 from mailpipe.record import Attempt, ClaimResult, DeliveryRecord, RecordError
-from subscriber.errors import DeliveryError
+from subscriber.errors import DeliveryError, UndeliverableMail
 from subscriber.message import build_message, envelope, message_bytes
 from subscriber.smtp import SmtpReceipt
 
@@ -189,6 +191,8 @@ class DeliveryService:
     def _deliver_in_span(self, message: ReceivedMessage, span: trace.Span) -> DeliveryResult:
         try:
             mail = QueuedMail.from_pubsub(message.data, dict(message.attributes))
+        except UnsendableMail as exc:
+            return self._bounce_unsendable(exc, message.message_id, span)
         except MailDecodeError as exc:
             log.error("undecodable message %s: %s", message.message_id, exc)
             return DeliveryResult(Outcome.UNDECODABLE, detail=str(exc))
@@ -229,15 +233,17 @@ class DeliveryService:
         started = dt.datetime.now(dt.UTC)
         carrier: dict[str, str] = {}
         _propagator.inject(carrier)  # the current span is `mail deliver`
-        mail_from, recipients = envelope(mail)
-        data = message_bytes(
-            build_message(
-                mail,
-                message_id_domain=self._message_id_domain,
-                traceparent=carrier.get("traceparent"),
-            )
-        )
         try:
+            # Inside the try: a mail that cannot be built bounces (UndeliverableMail, step
+            # "build"), recorded and acked, instead of failing the same way on every redelivery.
+            mail_from, recipients = envelope(mail)
+            data = message_bytes(
+                build_message(
+                    mail,
+                    message_id_domain=self._message_id_domain,
+                    traceparent=carrier.get("traceparent"),
+                )
+            )
             receipt = self._sender.send(mail_from=mail_from, recipients=recipients, message=data)
         except DeliveryError as exc:
             outcome = Outcome.DEFERRED if exc.transient else Outcome.BOUNCED
@@ -301,6 +307,62 @@ class DeliveryService:
             reply_code=receipt.reply_code,
             enhanced_status=receipt.enhanced_status,
         )
+
+    def _bounce_unsendable(
+        self, unsendable: UnsendableMail, message_id: str, span: trace.Span
+    ) -> DeliveryResult:
+        """Bounce a mailpipe mail this version refuses (published before a rule tightened, or
+        replayed): claimed and recorded like any attempt, then acked. Never sent."""
+        mail_id = unsendable.mail_id
+        span.set_attribute("mailpipe.mail_id", mail_id)
+        trace_id = format(span.get_span_context().trace_id, "032x")
+        try:
+            claim = self._record.claim(
+                mail_id,
+                message_id=message_id,
+                trace_id=trace_id,
+                lease_seconds=self._lease_seconds,
+                accepted_at=unsendable.accepted_at,
+                recipient_domains=(),
+            )
+        except RecordError as exc:
+            return DeliveryResult(
+                Outcome.DEFERRED, mail_id, detail=f"delivery record unavailable: {exc}"
+            )
+        if claim.result is ClaimResult.ALREADY_FINAL:
+            status = claim.record.status if claim.record else "final"
+            return DeliveryResult(
+                Outcome.DUPLICATE, mail_id, detail=f"already {status}: not sent again"
+            )
+        if claim.result is ClaimResult.IN_PROGRESS:
+            return DeliveryResult(
+                Outcome.DEFERRED, mail_id, detail="another delivery of this mail is in progress"
+            )
+        error = UndeliverableMail(str(unsendable), step="decode")
+        log.error("bouncing mail %s: %s", mail_id, unsendable.reason)
+        now = dt.datetime.now(dt.UTC)
+        try:
+            self._record.finish(
+                mail_id,
+                Attempt(
+                    number=claim.attempt_number,
+                    started_at=now,
+                    finished_at=now,
+                    outcome=str(Outcome.BOUNCED),
+                    reply_message=str(error),
+                    failed_step=error.step,
+                    trace_id=trace_id,
+                    message_id=message_id,
+                ),
+            )
+        except RecordError as exc:  # nothing was sent: a retry is safe and records the bounce
+            return DeliveryResult(
+                Outcome.DEFERRED, mail_id, detail=f"delivery record unavailable: {exc}"
+            )
+        if self._metrics is not None:
+            self._metrics.bounced(reply_code=None, enhanced_status=None)
+            self._metrics.delivery_attempts(claim.attempt_number)
+        return DeliveryResult(Outcome.BOUNCED, mail_id, detail=error.summary())
 
     def _finish(self, mail: QueuedMail, attempt: Attempt) -> None:
         # After a 250 the mail is out: a record failure here must not nack (that would send it

@@ -506,11 +506,16 @@ class SmtpSender:
         client = conn.client
         with self._step("mail from") as step:
             options: list[str] = []
-            if not (mail_from.isascii() and all(r.isascii() for r in recipients)):
+            # RFC 6531/6532: a non-ASCII envelope address, or UTF-8 in a header (a non-ASCII
+            # local part in From, To, Cc or Reply-To), needs a relay that offers SMTPUTF8.
+            end_of_headers = message.find(b"\r\n\r\n")
+            headers = message[:end_of_headers] if end_of_headers >= 0 else message
+            envelope_ascii = mail_from.isascii() and all(r.isascii() for r in recipients)
+            if not (envelope_ascii and headers.isascii()):
                 if not client.has_extn("smtputf8"):
                     raise UndeliverableMail(
-                        "the mail has an internationalised address but the relay does not "
-                        "support SMTPUTF8",
+                        "the mail has an internationalised address (envelope or header) but the "
+                        "relay does not support SMTPUTF8",
                         step="mail from",
                         server=self.server,
                     )

@@ -14,7 +14,7 @@ import pytest
 
 from emulator import RunningEmulator, delete_topology, subscriber_client, sync_topology
 from mailpipe.config import PublisherConfig
-from mailpipe.mail import QueuedMail
+from mailpipe.mail import Mailbox, QueuedMail
 from mailpipe.record import MailStatus, open_record
 from mailpipe.telemetry import setup_telemetry
 from mailpipe.topology import load_topology
@@ -119,7 +119,7 @@ def test_accepted_mail_is_on_pubsub_with_its_ids(api: Api) -> None:
     assert response.headers["Location"] == f"/v1/messages/{body['mail_id']}"
     [published] = api.published(expect=1)
     assert published.mail_id == body["mail_id"]
-    assert published.request.to == ["bob@example.org"]
+    assert published.request.to == [Mailbox(address="bob@example.org")]
     record = api.record.get(body["mail_id"])
     assert record.status is MailStatus.QUEUED
     assert record.message_id == body["message_id"]
@@ -152,8 +152,13 @@ def test_every_field_is_carried_to_pubsub(api: Api) -> None:
     assert response.status_code == 202, response.text
     [published] = api.published(expect=1)
     request = published.request
-    assert request.cc == ["dave@example.org"] and request.bcc == ["eve@example.org"]
-    assert request.reply_to == ["support@example.com"]
+    assert request.to == [
+        Mailbox(name="Bob", address="bob@example.org"),
+        Mailbox(address="carol@example.org"),
+    ]
+    assert request.cc == [Mailbox(address="dave@example.org")]
+    assert request.bcc == [Mailbox(address="eve@example.org")]
+    assert request.reply_to == [Mailbox(address="support@example.com")]
     assert request.subject == "Grüße, 世界"
     assert request.attachments[0].decoded() == b"attached"
     assert request.metadata == {"customer": 42, "vip": True}
