@@ -72,6 +72,7 @@ class ReceivedMail:
     tls: bool
     login: str | None
     peer: str
+    smtputf8: bool = False  # the client declared SMTPUTF8 (RFC 6531) at MAIL FROM
 
 
 @dataclass
@@ -199,6 +200,7 @@ class LocalSmtpServer:
         implicit_tls_context: ssl.SSLContext | None = None,
         auth: dict[str, str] | None = None,
         hostname: str = "localhost",
+        smtputf8: bool = True,
     ) -> None:
         if tls_context is not None and implicit_tls_context is not None:
             raise ValueError("give tls_context (STARTTLS) or implicit_tls_context, not both")
@@ -209,6 +211,7 @@ class LocalSmtpServer:
         self.implicit_tls_context = implicit_tls_context
         self._auth = dict(auth) if auth else None
         self._hostname = hostname
+        self._smtputf8 = smtputf8  # offer SMTPUTF8 in the EHLO reply (a relay may not)
         self._controller: _Controller | None = None
         self._maildir: mailbox.Maildir | None = None
         self._cond = threading.Condition()
@@ -232,7 +235,7 @@ class LocalSmtpServer:
         kwargs: dict[str, Any] = {
             "server_hostname": self._hostname,  # avoids socket.getfqdn(), a DNS lookup
             "ready_timeout": _START_TIMEOUT,
-            "enable_SMTPUTF8": True,
+            "enable_SMTPUTF8": self._smtputf8,
         }
         if self.implicit_tls_context is not None:
             kwargs["ssl_context"] = self.implicit_tls_context
@@ -499,6 +502,7 @@ class LocalSmtpServer:
             tls=tls,
             login=login.decode("utf-8", "replace") if login is not None else None,
             peer=str(session.peer),
+            smtputf8=bool(envelope.smtp_utf8),
         )
         queue_id = secrets.token_hex(6)
         if self._maildir is not None:

@@ -45,7 +45,19 @@ ROUND_TRIP = settings(
 )
 
 # Every boundary str.splitlines() knows, and the other controls.
-LINE_BOUNDARIES = ("\n", "\r", "\r\n", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")
+LINE_BOUNDARIES = (
+    "\n",
+    "\r",
+    "\r\n",
+    "\v",
+    "\f",
+    "\x1c",
+    "\x1d",
+    "\x1e",
+    "\x85",
+    "\u2028",
+    "\u2029",
+)
 CONTROLS = ("\x00", "\x01", "\x08", "\x1b", "\x1f", "\x7f", "\x9b")
 PUNCTUATION = ('"', ",", "\\", ";", "<", ">", "(", ")", ":", "@", ".", "[", "]", "'", "?", "=")
 WORDS = ("Ada", "Lovelace", "Zoë", "Ünal", "東京", "Bob,", "Jr.", "O'Brien", "日本語", "x", "=?")
@@ -69,7 +81,11 @@ def encoded_word(text: str, encoding: str, upper: bool) -> str:
         word = base64mime.header_encode(data, "utf-8")
     else:
         word = quoprimime.header_encode(data, "utf-8")
-    return word.replace("=?utf-8?b?", "=?UTF-8?B?").replace("=?utf-8?q?", "=?UTF-8?Q?") if upper else word
+    return (
+        word.replace("=?utf-8?b?", "=?UTF-8?B?").replace("=?utf-8?q?", "=?UTF-8?Q?")
+        if upper
+        else word
+    )
 
 
 encoded_words = st.builds(
@@ -102,7 +118,15 @@ hostile_local_parts = local_parts | st.sampled_from(
     ("=?utf-8?q?evil=40attacker.example?=", "a=?b?=", "=?x?q?y?=")
 )
 domains = st.sampled_from(
-    ("example.com", "example.org", "Example.NET", "bücher.de", "例え.jp", "münchen.de", "xn--bcher-kva.de")
+    (
+        "example.com",
+        "example.org",
+        "Example.NET",
+        "bücher.de",
+        "例え.jp",
+        "münchen.de",
+        "xn--bcher-kva.de",
+    )
 )
 
 
@@ -211,8 +235,9 @@ def requests(draw: st.DrawFn, *, hostile: bool) -> tuple[dict[str, Any], dict[st
 
 def built(request: MailRequest) -> bytes:
     """The bytes the subscriber sends, after the mail crossed Pub/Sub as JSON."""
-    queued = QueuedMail(mail_id="0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b", accepted_at=ACCEPTED_AT,
-                        request=request)
+    queued = QueuedMail(
+        mail_id="0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b", accepted_at=ACCEPTED_AT, request=request
+    )
     data, attributes = queued.to_pubsub()
     received = QueuedMail.from_pubsub(data, attributes)
     return message_bytes(
@@ -228,9 +253,7 @@ def _utf8(text: str) -> str:
 def mailboxes_in(message: EmailMessage, name: str) -> list[tuple[str, str]]:
     values = message.get_all(name) or []
     return [
-        (_utf8(a.display_name), _utf8(a.addr_spec))
-        for value in values
-        for a in value.addresses
+        (_utf8(a.display_name), _utf8(a.addr_spec)) for value in values for a in value.addresses
     ]
 
 
