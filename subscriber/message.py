@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import email.errors
 import itertools
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from email import base64mime, policy
@@ -56,6 +56,8 @@ from email_validator import EmailNotValidError, validate_email
 
 from mailpipe.mail import ENCODED_WORD_START, Mailbox, QueuedMail
 from subscriber.errors import UndeliverableMail
+
+log = logging.getLogger(__name__)
 
 
 class _CachedHeaderRegistry(HeaderRegistry):
@@ -236,10 +238,17 @@ def message_id(mail_id: str, domain: str) -> str:
 
 @contextlib.contextmanager
 def _unbuildable() -> Iterator[None]:
-    """The one place the ``email`` package's failures become :class:`UndeliverableMail`."""
+    """The one place a failure to build becomes :class:`UndeliverableMail` (a bounce).
+
+    Building is a pure function of the mail: what fails once fails on every redelivery, so any
+    exception means the mail can never be sent. The ``email`` package raises more than its own
+    errors (ValueError, TypeError, even AttributeError for some content types), hence the
+    broad catch; the reason is recorded with the exception's type.
+    """
     try:
         yield
-    except (ValueError, TypeError, LookupError, UnicodeError, email.errors.MessageError) as exc:
+    except Exception as exc:
+        log.exception("a mail could not be built")
         raise UndeliverableMail(
             f"the message cannot be built: {type(exc).__name__}: {exc}", step="build"
         ) from exc

@@ -12,8 +12,9 @@ from email.utils import parsedate_to_datetime
 
 import pytest
 
-from mailpipe.mail import MailRequest, QueuedMail
+from mailpipe.mail import Attachment, MailRequest, QueuedMail
 from subscriber import message as message_module
+from subscriber.errors import UndeliverableMail
 from subscriber.message import (
     build_message,
     envelope,
@@ -219,3 +220,79 @@ def test_the_cached_header_registry_writes_what_the_standard_one_writes(
     standard, _ = roundtrip(mail)
     random_boundary = re.compile(rb"={15}\d+==")
     assert random_boundary.sub(b"B", cached) == random_boundary.sub(b"B", standard)
+
+
+def addresses(msg: EmailMessage, name: str) -> list[tuple[str, str]]:
+    return [(a.display_name, a.addr_spec) for a in msg[name].addresses]
+
+
+def test_encoded_words_in_display_names_and_subject_reach_the_reader_as_text() -> None:
+    """Issue 16: what the client wrote is what a reader sees; nothing is decoded into headers."""
+    spoof = "=?utf-8?q?ceo=40bank.example_=3Cceo=40bank.example=3E?="
+    injection = "=?utf-8?q?Invoice=0D=0AReply-To:_evil=40attacker.example?="
+    mail = queued(
+        **{"from": f"{spoof} <ada@example.com>"},
+        to=[{"name": "=?utf-8?b?YUBldmlsLmV4YW1wbGUsIGJAZXZpbC5leGFtcGxl?=", "address": "b@x.org"}],
+        subject=injection,
+        headers={"X-Note": "=?utf-8?q?a=0ABcc:_x=40evil.example?="},
+    )
+    raw, msg = roundtrip(mail)
+
+    assert addresses(msg, "From") == [(spoof, "ada@example.com")]
+    assert addresses(msg, "To") == [
+        ("=?utf-8?b?YUBldmlsLmV4YW1wbGUsIGJAZXZpbC5leGFtcGxl?=", "b@x.org")
+    ]
+    assert msg["Subject"] == injection
+    assert msg["X-Note"] == "=?utf-8?q?a=0ABcc:_x=40evil.example?="
+    assert "Reply-To" not in msg and "Bcc" not in msg
+    assert raw.isascii()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        'Bob "The Builder", Jr. <b@evil.example>; \\ (x)',
+        "Zoë Ünal",
+        "東京 =?utf-8?q?x?= Smith",
+        "Jürgen Müller-Lüdenscheidt, Customer Success Manager EMEA",
+        "株式会社東京海上日動火災保険カスタマーセンター営業部門",  # one long encoded word
+    ],
+)
+def test_display_names_read_back_exactly(name: str) -> None:
+    _, msg = roundtrip(queued(to=[{"name": name, "address": "bob@example.com"}]))
+    assert addresses(msg, "To") == [(name, "bob@example.com")]
+
+
+@pytest.mark.parametrize("subject", ["  leading and trailing  ", "tab\there", "a" * 990, "ü" * 500])
+def test_subjects_read_back_exactly_and_fit_the_line_limit(subject: str) -> None:
+    raw, msg = roundtrip(queued(subject=subject))
+    assert msg["Subject"] == subject
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+
+
+def test_a_non_ascii_local_part_anywhere_in_the_headers_needs_smtputf8() -> None:
+    mail = queued(reply_to="zoë@example.org")
+    msg = build_message(mail, message_id_domain="x.example", traceparent=None)
+
+    assert requires_smtputf8(msg)
+    assert envelope(mail) == ("ada@example.com", ["bob@example.com"])  # the envelope is ASCII
+    parsed = email.message_from_bytes(message_bytes(msg), policy=policy.default)
+    [address] = parsed["Reply-To"].addresses
+    assert address.addr_spec.encode("utf-8", "surrogateescape").decode() == "zoë@example.org"
+
+
+def test_a_mail_that_cannot_be_built_is_undeliverable_at_the_build_step() -> None:
+    # A request no validation would let through (as a future bug might): the email package's
+    # error is translated, so the delivery core bounces the mail instead of crashing.
+    good = queued()
+    attachment = Attachment(filename="report", content="eA==")
+    container = attachment.model_copy(update={"content_type": "message/delivery-status"})
+    bad = good.model_copy(
+        update={"request": good.request.model_copy(update={"attachments": [container]})}
+    )
+
+    with pytest.raises(UndeliverableMail) as caught:
+        message_bytes(build_message(bad, message_id_domain="x.example", traceparent=None))
+
+    assert caught.value.step == "build"
+    assert not caught.value.transient
