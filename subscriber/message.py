@@ -23,8 +23,8 @@ as is. What any reader decodes from it is exactly what the client sent:
   plain ASCII or holds ``=?`` as encoded words, each covering a run of such words (never two
   encoded words side by side: Python's parser keeps the space between them, RFC 2047 drops it);
 * subject and custom header values — plain ASCII as is (folded at spaces); anything else
-  (non-ASCII, ``=?``, tabs, surrounding or repeated spaces that a reader could trim) as encoded
-  words, which decode to the exact text;
+  (non-ASCII, ``=?``, tabs, surrounding spaces that a reader would trim, a word too long for a
+  line) as encoded words, which decode to the exact text;
 * addresses — the local part as is (UTF-8 when non-ASCII: the mail then needs SMTPUTF8), the
   domain in its ASCII (IDNA) form.
 
@@ -101,7 +101,7 @@ ENCODED_WORD_LENGTH = 75  # RFC 2047 2
 
 
 class _WrittenHeader(str):
-    """A header written here from structured parts; ``str()`` is what a reader decodes.
+    """A header written here from structured parts; ``str()`` is its decoded text (for logs).
 
     The ``email`` package stores a value that has a ``name`` as it is (``header_store_parse``)
     and writes it with the value's own ``fold`` (``EmailPolicy.fold``): never parsed, never
@@ -140,7 +140,8 @@ def _fold(name: str, pieces: Sequence[str]) -> list[str]:
 
 
 def _encoded_words(text: str, first_room: int) -> list[str]:
-    """``text`` as RFC 2047 encoded words (UTF-8, base64) of at most 75 characters each."""
+    """``text`` as RFC 2047 encoded words (UTF-8; B or Q, whichever is shorter) of at most 75
+    characters each."""
     rooms = itertools.chain([max(first_room, 24)], itertools.repeat(ENCODED_WORD_LENGTH))
     return [word for word in _UTF8.header_encode_lines(text, rooms) if word]
 
