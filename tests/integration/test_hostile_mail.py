@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from emulator import RunningEmulator, publisher_client, subscriber_client
 from emulator.smtp import LocalSmtpServer, ReceivedMail
-from mailpipe.config import PublisherConfig
+from mailpipe.config import PublisherConfig, SubscriberConfig
 from mailpipe.dlq import DeadLetterReplayer, ReplayStatus, Selection
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.record import MailStatus, open_record
@@ -39,6 +39,8 @@ from mailpipe.topology import Topology
 from publisher.app import create_app
 from publisher.pubsub import PubSubMailPublisher
 from subscriber.delivery import DeliveryService, Outcome, ReceivedMessage
+from subscriber.dlq import DeadLetterRecorder
+from subscriber.push import PushHandler, create_push_app
 from subscriber.smtp import SmtpSender
 from tests.fixtures.http import serve_app
 from tests.fixtures.pipeline import Pipeline, PipelineFactory, pipeline_env
@@ -216,6 +218,59 @@ def test_mails_already_on_the_topic_are_delivered_or_bounced_never_stuck(
     assert outcomes(pipeline, poison) == ["bounced", "duplicate"]
     assert len(pipeline.record.get(poison).attempts) == 1  # type: ignore[union-attr]
     assert len(pipeline.smtp.messages) == 1
+
+
+@pytest.fixture
+def push_endpoint(smtp_server: LocalSmtpServer, tmp_path: Path) -> Iterator[tuple[str, Any]]:
+    """The push endpoint in local mode over HTTP, the real delivery core, SMTP server and record."""
+    config = SubscriberConfig.from_env(
+        {
+            "PUBSUB_EMULATOR_HOST": "127.0.0.1:1",
+            "MAILPIPE_RECORD": f"sqlite:///{tmp_path / 'record.sqlite3'}",
+        }
+    )
+    record = open_record(config.record)
+    tracer = TracerProvider().get_tracer("test")
+    sender = SmtpSender(make_smtp_config(smtp_server), tracer=tracer)
+    handler = PushHandler(
+        config,
+        delivery=DeliveryService(
+            sender=sender, record=record, tracer=tracer, message_id_domain="mailpipe.test"
+        ),
+        dead_letters=DeadLetterRecorder(record=record, tracer=tracer),
+        authenticator=None,
+    )
+    try:
+        with serve_app(create_push_app(handler)) as url:
+            yield url, record
+    finally:
+        sender.close()
+        record.close()
+
+
+def test_the_push_endpoint_acks_a_mail_that_cannot_be_built_with_204_not_500(
+    push_endpoint: tuple[str, Any], smtp_server: LocalSmtpServer
+) -> None:
+    url, record = push_endpoint
+    mail_id = str(uuid.uuid4())
+    data = v1_data(mail_id, subject="Hello\u2028there")
+    envelope = {
+        "message": {
+            "data": base64.b64encode(data).decode(),
+            "attributes": {"mail_id": mail_id, "schema_version": "1"},
+            "messageId": "7",
+        },
+        "subscription": "projects/p/subscriptions/s",
+    }
+
+    answers = [httpx.post(f"{url}/", json=envelope, timeout=30) for _ in range(2)]
+
+    assert [a.status_code for a in answers] == [204, 204], [a.text for a in answers]
+    bounced = record.get(mail_id)
+    assert bounced.status is MailStatus.BOUNCED
+    assert [(a.outcome, a.failed_step) for a in bounced.attempts] == [("bounced", "decode")]
+    assert "request.subject" in (bounced.last_error or "")
+    assert smtp_server.messages == []
 
 
 def test_replaying_a_dead_lettered_mail_that_cannot_be_built_bounces_it(
