@@ -194,9 +194,7 @@ class PushHandler:
             received = self._receive(req)
             if isinstance(received, Response):
                 return received
-            ack = self._dead_letters.handle(
-                received, parent=publisher_context(received.attributes)
-            )
+            ack = self._dead_letters.handle(received, parent=publisher_context(received.attributes))
         if ack:
             return Response(status=204)
         return _error(503, "record_unavailable", "the delivery record is unavailable; retry")
