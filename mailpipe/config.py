@@ -22,6 +22,7 @@ from mailpipe.topology import Topology, load_topology
 DEFAULT_PROJECT = "mailpipe-local"
 
 SmtpTls = Literal["starttls", "implicit", "none"]
+PushAuth = Literal["cloud-run", "signature"]
 TraceMode = Literal["gcp", "otlp", "file", "none"]
 AddressLogging = Literal["full", "domain", "hashed"]
 
@@ -305,6 +306,8 @@ class SubscriberConfig:
     record: str = DEFAULT_RECORD
     push_audience: str | None = None
     push_service_account: str | None = None
+    # Who verifies the push token's signature: Cloud Run IAM in front ("cloud-run") or the app.
+    push_auth: PushAuth = "signature"
     host: str = "127.0.0.1"
     port: int = 8080
     pull_max_messages: int = 100
@@ -317,12 +320,27 @@ class SubscriberConfig:
 
     @classmethod
     def from_env(
-        cls, environ: Mapping[str, str], topology: Topology | None = None
+        cls, environ: Mapping[str, str], topology: Topology | None = None, *, push: bool = False
     ) -> SubscriberConfig:
+        """``push=True`` for the push endpoint: outside local mode it then requires the push
+        token's audience and service account."""
         env = _EnvReader(environ)
         topology = topology or load_topology()
         pubsub = PubSubConfig.read(env, topology)
         push_audience = env.raw("MAILPIPE_PUSH_AUDIENCE")
+        push_auth = cast(
+            PushAuth, env.choice("MAILPIPE_PUSH_AUTH", "signature", ("cloud-run", "signature"))
+        )
+        if push and pubsub.emulator_host is None:
+            # Only the emulator sends pushes without a token; anywhere else the endpoint must know
+            # which token to let in.
+            for name in ("MAILPIPE_PUSH_AUDIENCE", "MAILPIPE_PUSH_SERVICE_ACCOUNT"):
+                if env.raw(name) is None:
+                    env.problems[name] = (
+                        "is required for the push endpoint outside local mode "
+                        "(PUBSUB_EMULATOR_HOST unset): the push subscription's OIDC token is "
+                        "checked against it"
+                    )
         config = cls(
             pubsub=pubsub,
             smtp=SmtpConfig.read(env),
@@ -330,6 +348,7 @@ class SubscriberConfig:
             record=_read_record(env, DEFAULT_RECORD),
             push_audience=push_audience,
             push_service_account=env.raw("MAILPIPE_PUSH_SERVICE_ACCOUNT"),
+            push_auth=push_auth,
             host=env.string("MAILPIPE_HTTP_HOST", "127.0.0.1"),
             port=env.integer("PORT", 8080, minimum=1, maximum=65535),
             pull_max_messages=env.integer(

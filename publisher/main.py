@@ -15,7 +15,7 @@ from mailpipe.config import PublisherConfig
 from mailpipe.logs import configure_logging
 from mailpipe.record import DeliveryRecord, open_record
 from mailpipe.serving import serve_wsgi
-from mailpipe.telemetry import setup_telemetry
+from mailpipe.telemetry import Telemetry, idle_span_flush, setup_telemetry
 from publisher.app import create_app
 from publisher.pubsub import PubSubMailPublisher
 
@@ -35,9 +35,15 @@ def oldest_undelivered_age(
     return age
 
 
-def build_app(config: PublisherConfig) -> tuple[Flask, Callable[[], None]]:
-    """Wire the production collaborators; returns the app and its ``close()``."""
-    telemetry = setup_telemetry(config.telemetry)
+def build_app(
+    config: PublisherConfig, *, telemetry: Telemetry | None = None
+) -> tuple[Flask, Callable[[], None]]:
+    """Wire the production collaborators; returns the app and its ``close()``.
+
+    ``telemetry`` replaces the one built from the config (tests pass stand-ins for Google's
+    exporters' clients there).
+    """
+    telemetry = telemetry or setup_telemetry(config.telemetry)
     configure_logging(config.telemetry, project=config.pubsub.project)
     publisher = PubSubMailPublisher(config.pubsub, timeout=config.publish_timeout)
     record = open_record(config.record)
@@ -50,6 +56,12 @@ def build_app(config: PublisherConfig) -> tuple[Flask, Callable[[], None]]:
         metrics=telemetry.metrics,
         tracer_provider=telemetry.tracer_provider,
     )
+    span_flush = idle_span_flush(config.telemetry, telemetry)
+    if span_flush is not None:
+        # Outside the Flask instrumentation: the request's server span has ended (Flask's
+        # teardown) when the flush runs, and the flush runs before the server writes the answer,
+        # so the root span is exported before Cloud Run can throttle an idle instance.
+        app.wsgi_app = span_flush.wsgi(app.wsgi_app)  # type: ignore[method-assign]
 
     def close() -> None:
         publisher.close()
