@@ -275,6 +275,13 @@ class PublisherConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     publish_timeout: float = 30.0
+    # How long an idempotency key's reservation holds it while its publish is in progress; a
+    # reservation older than this was left by a crash and is released (longer than the publish
+    # timeout, so a publish still running never loses its key).
+    idempotency_reservation_seconds: float = 300.0
+    # How long past its lease a `sending` record may stay before reconcile calls it stalled: more
+    # than Pub/Sub's longest retry backoff (600 s), so a redelivery on its way claims it first.
+    reconcile_grace_seconds: float = 900.0
 
     @classmethod
     def from_env(
@@ -282,14 +289,27 @@ class PublisherConfig:
     ) -> PublisherConfig:
         env = _EnvReader(environ)
         topology = topology or load_topology()
+        publish_timeout = env.number("MAILPIPE_PUBLISH_TIMEOUT", 30.0, minimum=0.1, maximum=600.0)
+        reservation = env.number(
+            "MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS", 300.0, minimum=1.0, maximum=86_400.0
+        )
+        if "MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS" not in env.problems and not (
+            reservation > publish_timeout
+        ):
+            env.problems["MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS"] = (
+                f"must be longer than MAILPIPE_PUBLISH_TIMEOUT ({publish_timeout:g} s), or a "
+                f"publish still in progress could lose its key; got {reservation:g}"
+            )
         config = cls(
             pubsub=PubSubConfig.read(env, topology),
             telemetry=TelemetryConfig.read(env, "mailpipe-publisher"),
             record=_read_record(env, DEFAULT_RECORD),
             host=env.string("MAILPIPE_HTTP_HOST", "127.0.0.1"),
             port=env.integer("PORT", 8080, minimum=1, maximum=65535),
-            publish_timeout=env.number(
-                "MAILPIPE_PUBLISH_TIMEOUT", 30.0, minimum=0.1, maximum=600.0
+            publish_timeout=publish_timeout,
+            idempotency_reservation_seconds=reservation,
+            reconcile_grace_seconds=env.number(
+                "MAILPIPE_RECONCILE_GRACE_SECONDS", 900.0, minimum=0.0, maximum=604_800.0
             ),
         )
         env.finish()

@@ -13,6 +13,7 @@ from flask import Flask
 
 from mailpipe.config import PublisherConfig
 from mailpipe.logs import configure_logging
+from mailpipe.reconcile import stuck_counts
 from mailpipe.record import DeliveryRecord, open_record
 from mailpipe.serving import serve_wsgi
 from mailpipe.telemetry import Telemetry, idle_span_flush, setup_telemetry
@@ -49,6 +50,10 @@ def build_app(
     record = open_record(config.record)
     # The lag alert's metric (delivery lagging > 10 min); read at each metric collection.
     telemetry.metrics.set_oldest_undelivered_source(oldest_undelivered_age(record))
+    # What `mailpipe reconcile --fix` would settle, for an alert on stuck records.
+    telemetry.metrics.set_stuck_source(
+        stuck_counts(record, grace_seconds=config.reconcile_grace_seconds)
+    )
     app = create_app(
         config,
         publisher=publisher,
@@ -66,6 +71,7 @@ def build_app(
     def close() -> None:
         publisher.close()
         telemetry.metrics.set_oldest_undelivered_source(None)  # the last export must not read it
+        telemetry.metrics.set_stuck_source(None)
         record.close()
         telemetry.shutdown()
 
