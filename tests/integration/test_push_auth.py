@@ -41,10 +41,13 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from emulator.process import free_port
 from emulator.smtp import LocalSmtpServer
-from mailpipe.config import ConfigError, SubscriberConfig
+from mailpipe.config import ConfigError, PublisherConfig, SubscriberConfig
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.oidc import PushAuthMode, TokenError, identify_caller
 from mailpipe.record import open_record
+from publisher.app import create_app
+from publisher.main import caller_identity
+from publisher.pubsub import PubSubMailPublisher
 from subscriber.auth import PushAuthenticator
 from subscriber.delivery import DeliveryService
 from subscriber.dlq import DeadLetterRecorder
@@ -53,6 +56,7 @@ from subscriber.push import PushHandler, create_push_app
 from subscriber.smtp import SmtpSender
 from tests.fixtures.cloud_run import CloudRunFront, cloud_run_front, strip_signature
 from tests.fixtures.http import serve_app
+from tests.fixtures.pipeline import pipeline_env
 from tests.fixtures.smtp import make_smtp_config
 
 AUDIENCE = "https://mailpipe-subscriber-abc123-ew.a.run.app/"
@@ -680,3 +684,73 @@ def test_the_caller_identity_is_the_invoker_cloud_run_verified(keys: tuple[Keys,
             )
     # ...and in local mode there is no caller to name.
     assert identify_caller({}, local_mode=True) is None
+
+
+def test_behind_cloud_run_the_publisher_scopes_idempotency_keys_to_the_verified_invoker(
+    keys: tuple[Keys, str],
+    pubsub_emulator: Any,
+    pubsub_project: str,
+    mail_topology: Any,
+    tmp_path: Path,
+) -> None:
+    # The real publisher app as `python -m publisher` wires it (caller_identity, not local mode),
+    # the real Pub/Sub client against the emulator, behind the stand-in for Cloud Run's IAM front.
+    env = pipeline_env(pubsub_emulator, pubsub_project, mail_topology, tmp_path / "r.sqlite3", 25)
+    config = PublisherConfig.from_env(env, mail_topology)
+    record = open_record(config.record)
+    publisher = PubSubMailPublisher(config.pubsub, timeout=30)
+    app = create_app(
+        config,
+        publisher=publisher,
+        record=record,
+        identify_caller=caller_identity(local_mode=False, jwks_url=keys[1]),
+    )
+    mail = {
+        "from": "ada@example.com",
+        "to": ["bob@example.org"],
+        "subject": "hi",
+        "text": "hello",
+        "idempotency_key": "invoice-42",
+    }
+    try:
+        with (
+            serve_app(app) as backend,
+            cloud_run_front(
+                backend_url=backend,
+                jwks_url=keys[1],
+                audiences=(SERVICE_URL,),
+                invokers=frozenset({SERVICE_ACCOUNT, OTHER_INVOKER}),
+            ) as (url, _),
+        ):
+
+            def post(invoker: str) -> httpx.Response:
+                token = keys[0].sign({"aud": SERVICE_URL, "email": invoker})
+                return httpx.post(
+                    f"{url}/v1/messages",
+                    json=mail,
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=30,
+                )
+
+            first, other, again = post(SERVICE_ACCOUNT), post(OTHER_INVOKER), post(SERVICE_ACCOUNT)
+            assert [r.status_code for r in (first, other, again)] == [202, 202, 202]
+            # Another caller reusing the key gets a mail of its own, not the first caller's ids.
+            assert other.json()["mail_id"] != first.json()["mail_id"]
+            assert again.json() == first.json()
+            assert again.headers["Idempotent-Replayed"] == "true"
+
+            # Straight to the container (no front) with a forged stripped token: the claims are
+            # checked, an expired one is refused with a JSON 401 and nothing is accepted.
+            forged = _unsigned(_claims(aud=SERVICE_URL, email=OTHER_INVOKER, exp=1))
+            refused = httpx.post(
+                f"{backend}/v1/messages",
+                json={**mail, "idempotency_key": "invoice-43"},
+                headers={"Authorization": f"Bearer {forged}"},
+                timeout=30,
+            )
+            assert refused.status_code == 401
+            assert refused.json()["error"]["code"] == "unauthenticated"
+            assert record.get_by_idempotency_key("invoice-43", scope=OTHER_INVOKER) is None
+    finally:
+        publisher.close()
+        record.close()
