@@ -185,7 +185,7 @@ class BufferingThreadWorker(ThreadWorker):
         conn.data_ready = True  # skip gthread's own wait for a first byte
         sock.raw.setblocking(True)
         conn.init()
-        conn.parser.unreader.unread(bytes(sock.pending))
+        conn.parser.unreader.unread(sock.pending)  # copied into the parser's buffer
         sock.pending = bytearray()
         try:
             return super().handle(conn)
@@ -200,20 +200,22 @@ class BufferingThreadWorker(ThreadWorker):
         if sock.pending and sock.deadline is None:
             sock.deadline = time.monotonic() + self.read_timeout
         sock.raw.setblocking(False)
-        while not _request_complete(sock.pending) and len(sock.pending) < self.buffer_bytes:
+        complete = _request_complete(sock.pending)
+        while not complete and len(sock.pending) < self.buffer_bytes:
             try:
-                chunk = sock.raw.recv(min(65536, self.buffer_bytes - len(sock.pending)))
+                chunk = sock.raw.recv(min(262144, self.buffer_bytes - len(sock.pending)))
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 return "closed"
             if not chunk:
-                return "complete" if _request_complete(sock.pending) else "closed"
+                return "closed"  # the client left before its request was complete
             if sock.deadline is None:
                 sock.deadline = time.monotonic() + self.read_timeout
             sock.pending += chunk
             self._expect_continue(sock)
-        if _request_complete(sock.pending) or len(sock.pending) >= self.buffer_bytes:
+            complete = _request_complete(sock.pending)
+        if complete or len(sock.pending) >= self.buffer_bytes:
             return "complete"
         if sock.deadline is not None and time.monotonic() >= sock.deadline:
             return "expired"

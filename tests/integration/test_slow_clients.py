@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -214,3 +215,46 @@ def test_a_kept_alive_connection_serves_requests_until_it_idles_out(publisher_ur
     assert answers.count(b"HTTP/1.1 200 OK") == 3
     assert closed
     assert rest == b""
+
+
+def read_answers(sock: socket.socket, count: int) -> bytes:
+    """Read until ``count`` complete JSON answers (each ends with a newline) have arrived."""
+    data = b""
+    sock.settimeout(LIVENESS)
+    while data.count(b"}\n") < count:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed early: {data[:300]!r}"
+        data += chunk
+    return data
+
+
+def test_a_client_waiting_for_100_continue_gets_it_once_and_then_its_answer(
+    publisher_url: str,
+) -> None:
+    sock = connect(publisher_url)
+    try:
+        sock.sendall(HEAD.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"))
+        sock.settimeout(LIVENESS)
+        interim = sock.recv(65536)
+        sock.sendall(BODY)  # only now, as a client that waits for "100 Continue" does
+        answer = read_answers(sock, 1)
+    finally:
+        sock.close()
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert b"100 Continue" not in answer
+    assert answer.startswith(b"HTTP/1.1 202 "), answer[:300]
+
+
+def test_pipelined_requests_are_each_answered_in_order(publisher_url: str) -> None:
+    sock = connect(publisher_url)
+    try:
+        sock.sendall(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            + HEAD
+            + BODY
+            + b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        answers = read_answers(sock, 3)
+    finally:
+        sock.close()
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answers) == [b"200", b"202", b"404"]
