@@ -70,6 +70,9 @@ def _translate_errors(operation: str) -> Iterator[None]:
         yield
     except _TRANSIENT as exc:
         raise RecordUnavailable(f"firestore record: {operation} failed: {exc}") from exc
+    except UnicodeEncodeError as exc:
+        # A string Firestore cannot carry (a lone surrogate): no retry can store it.
+        raise RecordError(f"firestore record: {operation} failed: {exc}") from exc
     except ValueError as exc:
         # The client reports a transaction that kept aborting as ValueError("Failed to commit
         # transaction in N attempts") caused by Aborted: contention, so retryable.

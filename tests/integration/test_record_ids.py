@@ -159,3 +159,21 @@ def page_token_for(accepted: str, mail_id: str) -> str:
 def test_page_token_for_matches_the_records_own_tokens() -> None:
     record = MailRecord(mail_id="m-1", status=MailStatus.QUEUED, accepted_at=NOW, updated_at=NOW)
     assert page_token_for(NOW.isoformat(), "m-1") == page_token(record)
+
+
+def test_a_value_firestore_cannot_encode_is_a_record_error(
+    firestore_emulator: object, pubsub_project: str
+) -> None:
+    """A lone surrogate in a recorded value (an SMTP reply, say) cannot be sent to Firestore: the
+    client's UnicodeEncodeError becomes a RecordError, which the callers handle."""
+    suffix = uuid.uuid4().hex[:10]
+    record = FirestoreRecord(
+        project=pubsub_project, collection=f"ids-{suffix}", idempotency_collection=f"k-{suffix}"
+    )
+    try:
+        reserve(record, "m-1")
+        attempt = Attempt(number=1, started_at=NOW, outcome="deferred", reply_message="\ud800")
+        with pytest.raises(RecordError):
+            record.finish("m-1", attempt)
+    finally:
+        record.close()
