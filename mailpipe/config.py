@@ -253,6 +253,25 @@ class SmtpConfig:
         )
 
 
+@dataclass(frozen=True)
+class HttpConfig:
+    """How gunicorn treats slow and idle clients (both services; see mailpipe.serving)."""
+
+    read_timeout: float = 30.0  # from a request's first byte to its last
+    keepalive_timeout: int = 5  # an idle kept-alive (or silent new) connection is closed after
+
+    @classmethod
+    def read(cls, env: _EnvReader) -> HttpConfig:
+        return cls(
+            read_timeout=env.number(
+                "MAILPIPE_HTTP_READ_TIMEOUT", 30.0, minimum=0.5, maximum=3600.0
+            ),
+            keepalive_timeout=env.integer(
+                "MAILPIPE_HTTP_KEEPALIVE_TIMEOUT", 5, minimum=1, maximum=3600
+            ),
+        )
+
+
 def _read_record(env: _EnvReader, default: str) -> str:
     record = env.string("MAILPIPE_RECORD", default)
     if not (record.startswith("sqlite:///") or record.startswith("firestore://")):
@@ -282,6 +301,7 @@ class PublisherConfig:
     # How long past its lease a `sending` record may stay before reconcile calls it stalled: more
     # than Pub/Sub's longest retry backoff (600 s), so a redelivery on its way claims it first.
     reconcile_grace_seconds: float = 900.0
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     @classmethod
     def from_env(
@@ -311,6 +331,7 @@ class PublisherConfig:
             reconcile_grace_seconds=env.number(
                 "MAILPIPE_RECONCILE_GRACE_SECONDS", 900.0, minimum=0.0, maximum=604_800.0
             ),
+            http=HttpConfig.read(env),
         )
         env.finish()
         return config
@@ -332,6 +353,7 @@ class SubscriberConfig:
     port: int = 8080
     pull_max_messages: int = 100
     delivery_lease_seconds: float = 120.0
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     @property
     def local_mode(self) -> bool:
@@ -382,6 +404,7 @@ class SubscriberConfig:
                 minimum=1.0,
                 maximum=600.0,
             ),
+            http=HttpConfig.read(env),
         )
         env.finish()
         return config

@@ -10,8 +10,8 @@ Errors are JSON: ``{"error": {"code": "...", "message": "...", "fields": {...}}}
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,9 +19,10 @@ from flask import Flask, Response, jsonify, request
 from opentelemetry import trace
 from opentelemetry.instrumentation.flask import FlaskInstrumentor
 from pydantic import ValidationError
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from mailpipe.config import PublisherConfig
+from mailpipe.httpjson import JsonBodyError, error_response, install_json_errors, parse_json
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.metrics import MailMetrics
 from mailpipe.reconcile import diagnose, survey
@@ -40,7 +41,7 @@ from publisher.idempotency import (
     header_key,
     request_fingerprint,
 )
-from publisher.openapi import openapi_document
+from publisher.openapi import MAIL_ID_PATTERN, openapi_document
 from publisher.pubsub import MailPublisher, MailTooLarge, PublishError
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 # the encoded mail (413 either way).
 MAX_REQUEST_BYTES = 10 * 1024 * 1024
 STATS_STUCK_MAILS = 20  # stuck mails /v1/stats lists (all are counted); the CLI lists them all
+_MAIL_ID = re.compile(MAIL_ID_PATTERN)
 
 
 class ApiError(Exception):
@@ -62,17 +64,6 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.fields = dict(fields or {})
-
-
-def error_response(
-    status: int, code: str, message: str, fields: Mapping[str, str] | None = None
-) -> Response:
-    body: dict[str, Any] = {"code": code, "message": message}
-    if fields:
-        body["fields"] = dict(fields)
-    response = jsonify({"error": body})
-    response.status_code = status
-    return response
 
 
 def _field_errors(exc: ValidationError) -> dict[str, str]:
@@ -102,16 +93,25 @@ def _parse_json_body() -> Any:
             f"send the mail as JSON with 'Content-Type: application/json' "
             f"(got {request.mimetype or 'no content type'!r})",
         )
-    raw = request.get_data(cache=False)
     try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ApiError(
-            400, "invalid_encoding", f"the body is not valid UTF-8: {exc.reason}"
-        ) from exc
-    except json.JSONDecodeError as exc:
-        raise ApiError(
-            400, "invalid_json", f"the body is not valid JSON: {exc.msg} at line {exc.lineno}"
+        return parse_json(request.get_data(cache=False))
+    except JsonBodyError as exc:
+        raise ApiError(400, exc.code, exc.message, exc.fields) from exc
+
+
+def _since(text: str) -> dt.datetime:
+    """``since`` as an aware UTC time; ValueError names what is wrong."""
+    try:
+        since = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise ValueError("must be an ISO 8601 time such as 2026-11-23T10:00:00Z") from exc
+    try:
+        # Naive times are UTC; an offset at the calendar's edge (0001-01-01T00:00+01:00) has
+        # no UTC equivalent.
+        return since.replace(tzinfo=dt.UTC) if since.tzinfo is None else since.astimezone(dt.UTC)
+    except OverflowError as exc:
+        raise ValueError(
+            "is outside the times the record holds (0001-01-01 to 9999-12-31 in UTC)"
         ) from exc
 
 
@@ -151,15 +151,8 @@ def create_app(
             "limited to 10 MB: send fewer or smaller attachments",
         )
 
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
-        code = (exc.name or "error").lower().replace(" ", "_")
-        return error_response(exc.code or 500, code, exc.description or exc.name or "error")
-
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Response:
-        log.exception("unexpected error while handling %s %s", request.method, request.path)
-        return error_response(500, "internal", "an unexpected error occurred; it has been logged")
+    # Every other status (404, 405, 408, unexpected exceptions as 500) is JSON too.
+    install_json_errors(app, not_found_hint="the API's paths are listed at /openapi.json", log=log)
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -295,6 +288,18 @@ def create_app(
 
     @app.get("/v1/messages/<mail_id>")
     def get_message(mail_id: str) -> Response:
+        if not _MAIL_ID.fullmatch(mail_id):
+            # No mail has such an id. Checked before the record: an id such as "..", "__x__"
+            # or one with a lone surrogate must never become a Firestore document path.
+            raise ApiError(
+                404,
+                "not_found",
+                f"no mail has the id {mail_id[:80]!r}: use a mail_id POST /v1/messages answered",
+                {
+                    "mail_id": "must be a mail id: a UUID in lowercase hex such as "
+                    "01a20a30-daab-780b-bf17-2cf98734ba05"
+                },
+            )
         found = _record_call(lambda: record.get(mail_id))
         if found is None:
             raise ApiError(404, "not_found", f"no mail with id {mail_id!r} is in the record")
@@ -318,11 +323,9 @@ def create_app(
         since = None
         if request.args.get("since"):
             try:
-                since = dt.datetime.fromisoformat(request.args["since"])
-                if since.tzinfo is None:
-                    since = since.replace(tzinfo=dt.UTC)
-            except ValueError:
-                fields["since"] = "must be an ISO 8601 time such as 2026-11-23T10:00:00Z"
+                since = _since(request.args["since"])
+            except ValueError as exc:
+                fields["since"] = str(exc)
         try:
             limit = int(request.args.get("limit", "100"))
             if not 1 <= limit <= 1000:

@@ -113,4 +113,4 @@ def build_app(
 def serve(environ: Mapping[str, str] | None = None) -> None:
     """Read the config (failing fast) and serve until SIGTERM."""
     config = PublisherConfig.from_env(os.environ if environ is None else environ)
-    serve_wsgi(lambda: build_app(config), host=config.host, port=config.port)
+    serve_wsgi(lambda: build_app(config), host=config.host, port=config.port, http=config.http)

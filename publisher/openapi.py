@@ -14,6 +14,8 @@ from mailpipe.mail import MailRequest
 from mailpipe.record import MailStatus
 
 _REF = "#/components/schemas/{model}"
+# The text form of the ids mailpipe.mail.new_mail_id() assigns (UUIDv7, lowercase hex).
+MAIL_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -105,6 +107,7 @@ def openapi_document() -> dict[str, Any]:
     json_only = {
         "415": _error("The body is not application/json"),
         "413": _error("The body or the encoded mail exceeds Pub/Sub's 10 MB message limit"),
+        "408": _error("The request did not arrive within MAILPIPE_HTTP_READ_TIMEOUT"),
     }
     return {
         "openapi": "3.1.0",
@@ -145,7 +148,11 @@ def openapi_document() -> dict[str, Any]:
                     },
                     "responses": {
                         "202": _json("Accepted", "Queued: Pub/Sub has the mail"),
-                        "400": _error("Invalid request; `fields` names every bad field"),
+                        "400": _error(
+                            "Invalid request (JSON deeper than 32 levels, integers over 100 "
+                            "digits, non-finite numbers, lone surrogates, invalid UTF-8 "
+                            "included); `fields` names every bad field"
+                        ),
                         "409": _error("The idempotency key's first request is still in flight"),
                         "422": _error(
                             "The idempotency key was already used for a different request "
@@ -218,12 +225,12 @@ def openapi_document() -> dict[str, Any]:
                             "name": "mail_id",
                             "in": "path",
                             "required": True,
-                            "schema": {"type": "string"},
+                            "schema": {"type": "string", "pattern": MAIL_ID_PATTERN},
                         }
                     ],
                     "responses": {
                         "200": _json("MailRecord", "The record"),
-                        "404": _error("No such mail"),
+                        "404": _error("No such mail, or not a mail id (`fields` says so)"),
                         "503": _error("The delivery record is unavailable"),
                     },
                 }

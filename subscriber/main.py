@@ -120,7 +120,7 @@ def build_push_app(
 
 
 def serve_push(config: SubscriberConfig) -> None:
-    serve_wsgi(lambda: build_push_app(config), host=config.host, port=config.port)
+    serve_wsgi(lambda: build_push_app(config), host=config.host, port=config.port, http=config.http)
 
 
 def run_pull(config: SubscriberConfig, *, stop: threading.Event | None = None) -> None:

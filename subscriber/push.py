@@ -10,14 +10,15 @@ Accepted bodies:
 Answers: 204 = ack (delivered, bounced, duplicate); 503 = nack (deferred: Pub/Sub retries with the
 subscription's backoff); 400 = the body is not a push message (also a nack: it ends on the
 dead-letter topic, where it can be inspected); 401 = not from our push subscription. 202 is not
-used: the emulator treats it as a nack.
+used: the emulator treats it as a nack. Every answer with a body is JSON, whatever the status
+(404, 405, 408, 413, and 500 for an unexpected failure, which Pub/Sub also retries): see
+:mod:`mailpipe.httpjson`. Bodies are parsed with its limits (depth, integer size, lone surrogates).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 from contextlib import nullcontext
 from typing import Any
@@ -30,6 +31,13 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mailpipe.config import SubscriberConfig
+from mailpipe.httpjson import (
+    JsonBodyError,
+    check_json_value,
+    error_response,
+    install_json_errors,
+    parse_json,
+)
 from mailpipe.telemetry import IdleSpanFlush
 from subscriber.auth import PushAuthenticator, PushAuthError
 from subscriber.delivery import DeliveryService, ReceivedMessage, publisher_context
@@ -46,9 +54,23 @@ class MalformedPush(ValueError):
 
 
 def _error(status: int, code: str, message: str) -> Response:
-    response = jsonify({"error": {"code": code, "message": message}})
-    response.status_code = status
-    return response
+    return error_response(status, code, message)
+
+
+def _json_object(data: Any, what: str) -> dict[str, Any]:
+    """``data`` (JSON text, bytes or already parsed) as a JSON object within the body limits."""
+    try:
+        if isinstance(data, str):
+            data = data.encode("utf-8", "surrogatepass")  # a lone surrogate fails as UTF-8
+        if isinstance(data, bytes):
+            data = parse_json(data)
+        else:
+            check_json_value(data)
+    except JsonBodyError as exc:
+        raise MalformedPush(f"{what} is not JSON a Pub/Sub push carries: {exc.message}") from exc
+    if not isinstance(data, dict):
+        raise MalformedPush(f"{what} must be a JSON object (a Pub/Sub push envelope)")
+    return data
 
 
 def _envelope_from_request(req: Request) -> dict[str, Any]:
@@ -66,22 +88,10 @@ def _envelope_from_request(req: Request) -> dict[str, Any]:
             raise MalformedPush(
                 f"CloudEvent type must be {PUBSUB_EVENT_TYPE}, got {event['type']!r}"
             )
-        data = event.data
-        if isinstance(data, bytes | str):
-            try:
-                data = json.loads(data)
-            except ValueError as exc:
-                raise MalformedPush("CloudEvent data is not JSON") from exc
-        if not isinstance(data, dict):
+        if event.data is None:
             raise MalformedPush("CloudEvent data must be an object holding 'message'")
-        return data
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise MalformedPush("body is not JSON (expected a Pub/Sub push envelope)") from exc
-    if not isinstance(body, dict):
-        raise MalformedPush("body must be a JSON object (a Pub/Sub push envelope)")
-    return body
+        return _json_object(event.data, "CloudEvent data")
+    return _json_object(raw, "body")
 
 
 def parse_push(req: Request) -> ReceivedMessage:
@@ -210,6 +220,11 @@ def create_push_app(
     record subscription to ``dead_letter_path`` (both from topology.json)."""
     app = Flask("mailpipe.subscriber.push")
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024  # base64 of a 10 MB message + envelope
+    install_json_errors(
+        app,
+        not_found_hint=f"Pub/Sub pushes to {push_path!r} and {dead_letter_path!r}",
+        log=log,
+    )
 
     @app.get("/healthz")
     def healthz() -> Response:

@@ -6,7 +6,8 @@ Errors::
     ├── RecordUnavailable       the backend cannot be reached or timed out (callers retry / nack)
     ├── IdempotencyConflict     an idempotency key is held by a request still being published
     ├── MailNotFound            the operation needs a record that does not exist
-    └── AlreadyFinal            the mail was delivered or bounced: replaying it is refused
+    ├── AlreadyFinal            the mail was delivered or bounced: replaying it is refused
+    └── InvalidMailId           (also a ValueError) no backend can key a record by this id
 
 Lifecycle of a mail's status::
 
@@ -38,6 +39,11 @@ Rules every backend follows (the shared suite tests them on each):
 - ``unconfirmed`` is a ``sending`` whose delivery never recorded an outcome (its worker stopped,
   or the record write after the relay's answer failed): not final, so a later delivery of the
   mail still claims it, and a late ``finish`` of that attempt still records the real outcome.
+- Mail ids follow Firestore's document-id rules on every backend (so a local run refuses what
+  production would): non-empty valid Unicode, at most 1,500 UTF-8 bytes, no ``/``, not ``.`` or
+  ``..``, not ``__…__``. Reads of any other id find nothing (``get`` → ``None``,
+  ``mark_dead_lettered``, ``release_expired_reservation``, ``mark_unconfirmed`` → ``None``,
+  ``release`` does nothing); writes raise :class:`InvalidMailId` before the backend is asked.
 """
 
 from __future__ import annotations
@@ -71,6 +77,10 @@ class MailNotFound(RecordError):
 
 class AlreadyFinal(RecordError):
     """The mail was delivered or bounced; the operation would send it again."""
+
+
+class InvalidMailId(RecordError, ValueError):
+    """No backend can key a record by this mail id; the text says which rule it breaks."""
 
 
 class MailStatus(enum.StrEnum):

@@ -70,6 +70,9 @@ def _translate_errors(operation: str) -> Iterator[None]:
         yield
     except _TRANSIENT as exc:
         raise RecordUnavailable(f"firestore record: {operation} failed: {exc}") from exc
+    except UnicodeEncodeError as exc:
+        # A string Firestore cannot carry (a lone surrogate): no retry can store it.
+        raise RecordError(f"firestore record: {operation} failed: {exc}") from exc
     except ValueError as exc:
         # The client reports a transaction that kept aborting as ValueError("Failed to commit
         # transaction in N attempts") caused by Aborted: contention, so retryable.
@@ -160,6 +163,7 @@ class FirestoreRecord:
         request_hash: str | None = None,
         reservation_seconds: float = DEFAULT_RESERVATION_SECONDS,
     ) -> Reservation:
+        lifecycle.check_mail_id(mail_id)
         mail_ref = self._mails.document(mail_id)
         key_ref = (
             self._keys.document(lifecycle.key_hash(idempotency_key, idempotency_scope))
@@ -216,6 +220,8 @@ class FirestoreRecord:
         accepted_at: dt.datetime | None = None,
         recipient_domains: tuple[str, ...] = (),
     ) -> None:
+        lifecycle.check_mail_id(mail_id)
+
         def body(transaction: Any) -> None:
             record = lifecycle.queued(
                 self._read(transaction, mail_id),
@@ -231,6 +237,9 @@ class FirestoreRecord:
         self._transact("mark_queued", body)
 
     def release(self, mail_id: str) -> None:
+        if lifecycle.mail_id_problem(mail_id):
+            return  # no record can have this id
+
         def body(transaction: Any) -> None:
             record = self._read(transaction, mail_id)
             if record is None or not lifecycle.releasable(record):
@@ -254,6 +263,9 @@ class FirestoreRecord:
             transaction.delete(key_ref)
 
     def release_expired_reservation(self, mail_id: str) -> MailRecord | None:
+        if lifecycle.mail_id_problem(mail_id):
+            return None  # no record can have this id
+
         def body(transaction: Any) -> MailRecord | None:
             record = self._read(transaction, mail_id)
             if record is None or not lifecycle.reservation_expired(record, self._clock()):
@@ -264,6 +276,9 @@ class FirestoreRecord:
         return self._transact("release_expired_reservation", body)
 
     def mark_unconfirmed(self, mail_id: str, *, grace_seconds: float) -> MailRecord | None:
+        if lifecycle.mail_id_problem(mail_id):
+            return None  # no record can have this id
+
         def body(transaction: Any) -> MailRecord | None:
             record = self._read(transaction, mail_id)
             now = self._clock()
@@ -285,6 +300,8 @@ class FirestoreRecord:
         accepted_at: dt.datetime | None = None,
         recipient_domains: tuple[str, ...] = (),
     ) -> Claim:
+        lifecycle.check_mail_id(mail_id)
+
         def body(transaction: Any) -> Claim:
             claim, new = lifecycle.claimed(
                 self._read(transaction, mail_id),
@@ -303,6 +320,8 @@ class FirestoreRecord:
         return self._transact("claim", body)
 
     def finish(self, mail_id: str, attempt: Attempt) -> MailRecord:
+        lifecycle.check_mail_id(mail_id)
+
         def body(transaction: Any) -> MailRecord:
             record = lifecycle.finished(
                 self._read(transaction, mail_id), mail_id, attempt, now=self._clock()
@@ -313,6 +332,9 @@ class FirestoreRecord:
         return self._transact("finish", body)
 
     def mark_dead_lettered(self, mail_id: str, *, last_error: str | None) -> MailRecord | None:
+        if lifecycle.mail_id_problem(mail_id):
+            return None  # no record can have this id
+
         def body(transaction: Any) -> MailRecord | None:
             record = self._read(transaction, mail_id)
             if record is None:
@@ -325,6 +347,8 @@ class FirestoreRecord:
         return self._transact("mark_dead_lettered", body)
 
     def mark_replayed(self, mail_id: str, *, trace_id: str | None) -> MailRecord:
+        lifecycle.check_mail_id(mail_id)
+
         def body(transaction: Any) -> MailRecord:
             record = lifecycle.replayed(
                 self._read(transaction, mail_id), mail_id, trace_id=trace_id, now=self._clock()
@@ -335,6 +359,8 @@ class FirestoreRecord:
         return self._transact("mark_replayed", body)
 
     def get(self, mail_id: str) -> MailRecord | None:
+        if lifecycle.mail_id_problem(mail_id):
+            return None  # no record can have this id (and Firestore would refuse the path)
         with _translate_errors("get"):
             return self._decode(self._mails.document(mail_id).get())
 

@@ -17,6 +17,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ from mailpipe.record.base import (
     Attempt,
     Claim,
     ClaimResult,
+    InvalidMailId,
     MailNotFound,
     MailRecord,
     MailStatus,
@@ -62,6 +64,38 @@ def utc(value: dt.datetime) -> dt.datetime:
     if value.tzinfo is None:
         return value.replace(tzinfo=dt.UTC)
     return value.astimezone(dt.UTC)
+
+
+# Firestore's document-id rules (firebase.google.com/docs/firestore/quotas, "Collections,
+# documents, and fields"): the emulator and production refuse these ids, or (with "/") read them
+# as a path into another collection.
+MAX_MAIL_ID_BYTES = 1500
+_RESERVED_ID = re.compile(r"__.*__", re.DOTALL)
+
+
+def mail_id_problem(mail_id: object) -> str | None:
+    """Why ``mail_id`` cannot key a record (see :mod:`mailpipe.record.base`), or ``None``."""
+    if not isinstance(mail_id, str) or not mail_id:
+        return "must be a non-empty string"
+    try:
+        size = len(mail_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "must be valid Unicode (it holds a lone surrogate)"
+    problems = (
+        (size > MAX_MAIL_ID_BYTES, f"is {size} bytes long in UTF-8; at most {MAX_MAIL_ID_BYTES}"),
+        ("/" in mail_id, "must not contain '/'"),
+        (mail_id in (".", ".."), "must not be '.' or '..'"),
+        (bool(_RESERVED_ID.fullmatch(mail_id)), "must not start and end with '__' (reserved)"),
+    )
+    return next((problem for broken, problem in problems if broken), None)
+
+
+def check_mail_id(mail_id: str) -> None:
+    """Raise :class:`InvalidMailId` unless ``mail_id`` can key a record."""
+    problem = mail_id_problem(mail_id)
+    if problem is not None:
+        shown = mail_id[:80] if isinstance(mail_id, str) else mail_id
+        raise InvalidMailId(f"mail id {shown!r} {problem}")
 
 
 def key_hash(idempotency_key: str, scope: str | None = None) -> str:
@@ -438,8 +472,8 @@ def parse_page_token(token: str) -> tuple[dt.datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         accepted, mail_id = json.loads(raw)
-        if not isinstance(mail_id, str):
-            raise TypeError(mail_id)
+        check_mail_id(mail_id)  # a forged id must not reach a backend as a cursor
+        # OverflowError: a time at the calendar's edge whose offset has no UTC equivalent.
         return utc(dt.datetime.fromisoformat(accepted)), mail_id
-    except (binascii.Error, ValueError, TypeError) as exc:
+    except (binascii.Error, ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise ValueError("malformed page token") from exc

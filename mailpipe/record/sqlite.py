@@ -210,6 +210,8 @@ class SqliteRecord:
         request_hash: str | None = None,
         reservation_seconds: float = DEFAULT_RESERVATION_SECONDS,
     ) -> Reservation:
+        lifecycle.check_mail_id(mail_id)
+
         def body(conn: sqlite3.Connection) -> Reservation:
             now = self._clock()
             if idempotency_key is not None:
@@ -250,6 +252,8 @@ class SqliteRecord:
         accepted_at: dt.datetime | None = None,
         recipient_domains: tuple[str, ...] = (),
     ) -> None:
+        lifecycle.check_mail_id(mail_id)
+
         def body(conn: sqlite3.Connection) -> None:
             record = lifecycle.queued(
                 self._load(conn, mail_id),
@@ -265,6 +269,9 @@ class SqliteRecord:
         self._write("mark_queued", body)
 
     def release(self, mail_id: str) -> None:
+        if lifecycle.mail_id_problem(mail_id):
+            return  # no record can have this id
+
         def body(conn: sqlite3.Connection) -> None:
             if lifecycle.releasable(self._load(conn, mail_id)):
                 conn.execute("DELETE FROM mails WHERE mail_id = ?", (mail_id,))
@@ -272,6 +279,9 @@ class SqliteRecord:
         self._write("release", body)
 
     def release_expired_reservation(self, mail_id: str) -> MailRecord | None:
+        if lifecycle.mail_id_problem(mail_id):
+            return None  # no record can have this id
+
         def body(conn: sqlite3.Connection) -> MailRecord | None:
             record = self._load(conn, mail_id)
             if record is None or not lifecycle.reservation_expired(record, self._clock()):
@@ -282,6 +292,9 @@ class SqliteRecord:
         return self._write("release_expired_reservation", body)
 
     def mark_unconfirmed(self, mail_id: str, *, grace_seconds: float) -> MailRecord | None:
+        if lifecycle.mail_id_problem(mail_id):
+            return None  # no record can have this id
+
         def body(conn: sqlite3.Connection) -> MailRecord | None:
             record = self._load(conn, mail_id)
             now = self._clock()
@@ -303,6 +316,8 @@ class SqliteRecord:
         accepted_at: dt.datetime | None = None,
         recipient_domains: tuple[str, ...] = (),
     ) -> Claim:
+        lifecycle.check_mail_id(mail_id)
+
         def body(conn: sqlite3.Connection) -> Claim:
             claim, new = lifecycle.claimed(
                 self._load(conn, mail_id),
@@ -321,6 +336,8 @@ class SqliteRecord:
         return self._write("claim", body)
 
     def finish(self, mail_id: str, attempt: Attempt) -> MailRecord:
+        lifecycle.check_mail_id(mail_id)
+
         def body(conn: sqlite3.Connection) -> MailRecord:
             record = lifecycle.finished(
                 self._load(conn, mail_id), mail_id, attempt, now=self._clock()
@@ -331,6 +348,9 @@ class SqliteRecord:
         return self._write("finish", body)
 
     def mark_dead_lettered(self, mail_id: str, *, last_error: str | None) -> MailRecord | None:
+        if lifecycle.mail_id_problem(mail_id):
+            return None  # no record can have this id
+
         def body(conn: sqlite3.Connection) -> MailRecord | None:
             record = self._load(conn, mail_id)
             if record is None:
@@ -343,6 +363,8 @@ class SqliteRecord:
         return self._write("mark_dead_lettered", body)
 
     def mark_replayed(self, mail_id: str, *, trace_id: str | None) -> MailRecord:
+        lifecycle.check_mail_id(mail_id)
+
         def body(conn: sqlite3.Connection) -> MailRecord:
             record = lifecycle.replayed(
                 self._load(conn, mail_id), mail_id, trace_id=trace_id, now=self._clock()
@@ -353,6 +375,8 @@ class SqliteRecord:
         return self._write("mark_replayed", body)
 
     def get(self, mail_id: str) -> MailRecord | None:
+        if lifecycle.mail_id_problem(mail_id):
+            return None  # no record can have this id (and Firestore would refuse the path)
         with _translate_errors("get"):
             return self._load(self._connection(), mail_id)
 
