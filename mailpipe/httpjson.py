@@ -224,6 +224,11 @@ def install_json_errors(app: Flask, *, not_found_hint: str, log: logging.Logger)
     specific exception classes (before or after) take precedence: Flask resolves them by class.
     """
 
+    # Werkzeug answers a path with "//" (also "%2F" decoded next to a slash) with an HTML 308 to
+    # the merged path, and Flask never routes redirects to error handlers: do not merge, so such a
+    # path is simply not found, in JSON.
+    app.url_map.merge_slashes = False
+
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
         return http_error_response(exc, not_found_hint=not_found_hint)
