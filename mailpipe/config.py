@@ -37,6 +37,7 @@ DEFAULT_DELIVERY_TIMEOUT = 60.0  # seconds; never more than half the lease (see 
 DEFAULT_POOL_WAIT = 10.0  # seconds; never more than half the delivery timeout
 
 SmtpTls = Literal["starttls", "implicit", "none"]
+PushAuth = Literal["cloud-run", "signature"]
 TraceMode = Literal["gcp", "otlp", "file", "none"]
 AddressLogging = Literal["full", "domain", "hashed"]
 
@@ -322,6 +323,13 @@ class PublisherConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     publish_timeout: float = 30.0
+    # How long an idempotency key's reservation holds it while its publish is in progress; a
+    # reservation older than this was left by a crash and is released (longer than the publish
+    # timeout, so a publish still running never loses its key).
+    idempotency_reservation_seconds: float = 300.0
+    # How long past its lease a `sending` record may stay before reconcile calls it stalled: more
+    # than Pub/Sub's longest retry backoff (600 s), so a redelivery on its way claims it first.
+    reconcile_grace_seconds: float = 900.0
 
     @classmethod
     def from_env(
@@ -329,14 +337,27 @@ class PublisherConfig:
     ) -> PublisherConfig:
         env = _EnvReader(environ)
         topology = topology or load_topology()
+        publish_timeout = env.number("MAILPIPE_PUBLISH_TIMEOUT", 30.0, minimum=0.1, maximum=600.0)
+        reservation = env.number(
+            "MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS", 300.0, minimum=1.0, maximum=86_400.0
+        )
+        if "MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS" not in env.problems and not (
+            reservation > publish_timeout
+        ):
+            env.problems["MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS"] = (
+                f"must be longer than MAILPIPE_PUBLISH_TIMEOUT ({publish_timeout:g} s), or a "
+                f"publish still in progress could lose its key; got {reservation:g}"
+            )
         config = cls(
             pubsub=PubSubConfig.read(env, topology),
             telemetry=TelemetryConfig.read(env, "mailpipe-publisher"),
             record=_read_record(env, DEFAULT_RECORD),
             host=env.string("MAILPIPE_HTTP_HOST", "127.0.0.1"),
             port=env.integer("PORT", 8080, minimum=1, maximum=65535),
-            publish_timeout=env.number(
-                "MAILPIPE_PUBLISH_TIMEOUT", 30.0, minimum=0.1, maximum=600.0
+            publish_timeout=publish_timeout,
+            idempotency_reservation_seconds=reservation,
+            reconcile_grace_seconds=env.number(
+                "MAILPIPE_RECONCILE_GRACE_SECONDS", 900.0, minimum=0.0, maximum=604_800.0
             ),
         )
         env.finish()
@@ -353,6 +374,8 @@ class SubscriberConfig:
     record: str = DEFAULT_RECORD
     push_audience: str | None = None
     push_service_account: str | None = None
+    # Who verifies the push token's signature: Cloud Run IAM in front ("cloud-run") or the app.
+    push_auth: PushAuth = "signature"
     host: str = "127.0.0.1"
     port: int = 8080
     pull_max_messages: int = 100
@@ -366,8 +389,10 @@ class SubscriberConfig:
 
     @classmethod
     def from_env(
-        cls, environ: Mapping[str, str], topology: Topology | None = None
+        cls, environ: Mapping[str, str], topology: Topology | None = None, *, push: bool = False
     ) -> SubscriberConfig:
+        """``push=True`` for the push endpoint: outside local mode it then requires the push
+        token's audience and service account."""
         env = _EnvReader(environ)
         topology = topology or load_topology()
         pubsub = PubSubConfig.read(env, topology)
@@ -388,6 +413,19 @@ class SubscriberConfig:
         )
         smtp = SmtpConfig.read(env, default_pool_wait=default_pool_wait(delivery_timeout))
         _check_time_limits(env, smtp.pool_wait, delivery_timeout, lease)
+        push_auth = cast(
+            PushAuth, env.choice("MAILPIPE_PUSH_AUTH", "signature", ("cloud-run", "signature"))
+        )
+        if push and pubsub.emulator_host is None:
+            # Only the emulator sends pushes without a token; anywhere else the endpoint must know
+            # which token to let in.
+            for name in ("MAILPIPE_PUSH_AUDIENCE", "MAILPIPE_PUSH_SERVICE_ACCOUNT"):
+                if env.raw(name) is None:
+                    env.problems[name] = (
+                        "is required for the push endpoint outside local mode "
+                        "(PUBSUB_EMULATOR_HOST unset): the push subscription's OIDC token is "
+                        "checked against it"
+                    )
         config = cls(
             pubsub=pubsub,
             smtp=smtp,
@@ -395,6 +433,7 @@ class SubscriberConfig:
             record=_read_record(env, DEFAULT_RECORD),
             push_audience=push_audience,
             push_service_account=env.raw("MAILPIPE_PUSH_SERVICE_ACCOUNT"),
+            push_auth=push_auth,
             host=env.string("MAILPIPE_HTTP_HOST", "127.0.0.1"),
             port=env.integer("PORT", 8080, minimum=1, maximum=65535),
             pull_max_messages=env.integer(

@@ -1,7 +1,8 @@
 """The publisher's HTTP API (Flask): accept a mail, publish it, answer 202 with its ids.
 
 A mail is answered 202 only after Pub/Sub has confirmed the publish; every failure before that
-answers with a JSON error and leaves nothing half-accepted (the record's reservation is released).
+answers with a JSON error and leaves nothing half-accepted (the record's reservation is released,
+whatever the exception). Idempotency keys (scope, fingerprint, lifetime): publisher/idempotency.py.
 
 Errors are JSON: ``{"error": {"code": "...", "message": "...", "fields": {...}}}``.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -23,7 +24,22 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from mailpipe.config import PublisherConfig
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.metrics import MailMetrics
-from mailpipe.record import DeliveryRecord, MailStatus, RecordError, RecordUnavailable
+from mailpipe.reconcile import diagnose, survey
+from mailpipe.record import (
+    DeliveryRecord,
+    MailRecord,
+    MailStatus,
+    RecordError,
+    RecordUnavailable,
+)
+from publisher.idempotency import (
+    IDEMPOTENCY_HEADER,
+    CallerIdentity,
+    InvalidIdempotencyHeader,
+    caller_scope,
+    header_key,
+    request_fingerprint,
+)
 from publisher.openapi import openapi_document
 from publisher.pubsub import MailPublisher, MailTooLarge, PublishError
 
@@ -32,7 +48,7 @@ log = logging.getLogger(__name__)
 # Big enough for Pub/Sub's 10 MB message limit plus JSON framing; the exact limit is checked on
 # the encoded mail (413 either way).
 MAX_REQUEST_BYTES = 10 * 1024 * 1024
-IDEMPOTENCY_HEADER = "Idempotency-Key"
+STATS_STUCK_MAILS = 20  # stuck mails /v1/stats lists (all are counted); the CLI lists them all
 
 
 class ApiError(Exception):
@@ -106,8 +122,16 @@ def create_app(
     record: DeliveryRecord,
     metrics: MailMetrics | None = None,
     tracer_provider: trace.TracerProvider | None = None,
+    identify_caller: CallerIdentity | None = None,
+    clock: Callable[[], dt.datetime] | None = None,
 ) -> Flask:
-    """Build the publisher app. Collaborators are injected; nothing global is touched."""
+    """Build the publisher app. Collaborators are injected; nothing global is touched.
+
+    ``identify_caller(request)`` names the caller; its idempotency keys are scoped to that name
+    (``None``, or no function: one shared scope). ``clock`` is the time ``/v1/stats`` and the
+    records' ``stuck`` field are judged at (default: now, UTC).
+    """
+    now = clock or (lambda: dt.datetime.now(dt.UTC))
     app = Flask("mailpipe.publisher")
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -152,10 +176,15 @@ def create_app(
             raise ApiError(
                 400, "invalid_request", "the body must be a JSON object describing a mail"
             )
-        header_key = request.headers.get(IDEMPOTENCY_HEADER)
-        if header_key is not None:
+        try:
+            key_in_header = header_key(request)
+        except InvalidIdempotencyHeader as exc:
+            raise ApiError(
+                400, "invalid_request", str(exc), {IDEMPOTENCY_HEADER: str(exc)}
+            ) from exc
+        if key_in_header is not None:
             body_key = payload.get("idempotency_key")
-            if body_key is not None and body_key != header_key:
+            if body_key is not None and body_key != key_in_header:
                 raise ApiError(
                     400,
                     "invalid_request",
@@ -163,7 +192,7 @@ def create_app(
                     "same value in both",
                     {"idempotency_key": "differs from the Idempotency-Key header"},
                 )
-            payload = {**payload, "idempotency_key": header_key}
+            payload = {**payload, "idempotency_key": key_in_header}
         try:
             mail_request = MailRequest.model_validate(payload)
         except ValidationError as exc:
@@ -176,15 +205,20 @@ def create_app(
             ) from exc
 
         mail = QueuedMail.accept(mail_request)
-        if mail_request.idempotency_key is not None:
+        reserved = mail_request.idempotency_key is not None
+        if reserved:
             # Only a key needs claiming before the publish (so a retry never publishes twice);
             # a mail without one gets its record in one write after the publish.
+            fingerprint = request_fingerprint(mail_request)
             try:
                 reservation = record.reserve(
                     mail_id=mail.mail_id,
                     accepted_at=mail.accepted_at,
                     recipient_domains=mail_request.recipient_domains,
                     idempotency_key=mail_request.idempotency_key,
+                    idempotency_scope=caller_scope(identify_caller, request),
+                    request_hash=fingerprint,
+                    reservation_seconds=config.idempotency_reservation_seconds,
                 )
             except RecordError as exc:
                 log.error("delivery record unavailable, refusing the mail: %s", exc)
@@ -192,16 +226,20 @@ def create_app(
                     503, "record_unavailable", "the delivery record is unavailable; retry later"
                 ) from exc
             if not reservation.created:
-                return _idempotent_replay(reservation.record)
+                return _idempotent_replay(reservation.record, fingerprint)
 
-        span = trace.get_current_span()
-        if span.is_recording():
-            span.set_attribute("mailpipe.mail_id", mail.mail_id)
         try:
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.set_attribute("mailpipe.mail_id", mail.mail_id)
             message_id = publisher.publish(mail)
-        except PublishError as exc:
-            if mail_request.idempotency_key is not None:
+        except BaseException as exc:
+            # Whatever failed before Pub/Sub confirmed, the key must not stay held: release it
+            # (a process killed here leaves it until it expires; see mailpipe/reconcile.py).
+            if reserved:
                 _release(record, mail.mail_id)
+            if not isinstance(exc, PublishError):
+                raise
             if isinstance(exc, MailTooLarge):
                 raise ApiError(413, "mail_too_large", str(exc)) from exc
             log.error("publish failed for mail %s: %s", mail.mail_id, exc)
@@ -220,7 +258,7 @@ def create_app(
                 accepted_at=mail.accepted_at,
                 recipient_domains=mail_request.recipient_domains,
             )
-        except RecordError:
+        except Exception:
             # The mail IS on Pub/Sub: the subscriber's claim creates or completes the record, so
             # answering 202 is right. Failing here would make the client send it twice.
             log.warning("could not mark mail %s queued; the subscriber will", mail.mail_id)
@@ -234,7 +272,16 @@ def create_app(
         response.headers["Location"] = f"/v1/messages/{mail.mail_id}"
         return response, 202
 
-    def _idempotent_replay(held: Any) -> tuple[Response, int]:
+    def _idempotent_replay(held: MailRecord, fingerprint: str) -> tuple[Response, int]:
+        # Held by a record without a fingerprint (written before there were any): cannot tell.
+        if held.request_hash is not None and held.request_hash != fingerprint:
+            raise ApiError(
+                422,
+                "idempotency_key_reused",
+                "this idempotency_key was already used for a different mail; use a new key for a "
+                "new mail, and the same key only to retry the very same request",
+                {"idempotency_key": "was used before with a different request"},
+            )
         if held.status == MailStatus.ACCEPTING:
             raise ApiError(
                 409,
@@ -251,7 +298,12 @@ def create_app(
         found = _record_call(lambda: record.get(mail_id))
         if found is None:
             raise ApiError(404, "not_found", f"no mail with id {mail_id!r} is in the record")
-        return jsonify(found.to_json())
+        return jsonify(_record_json(found, now()))
+
+    def _record_json(found: MailRecord, at: dt.datetime) -> dict[str, Any]:
+        """A record as the API shows it, with ``stuck`` when reconcile would settle it."""
+        stuck = diagnose(found, now=at, grace_seconds=config.reconcile_grace_seconds)
+        return {**found.to_json(), "stuck": stuck.to_json(at) if stuck else None}
 
     @app.get("/v1/messages")
     def list_messages() -> Response:
@@ -297,23 +349,29 @@ def create_app(
                 "the query is invalid: fix the fields listed",
                 {"page_token": "is not a page token this API returned"},
             ) from exc
+        at = now()
         return jsonify(
             {
-                "items": [item.to_json() for item in page.items],
+                "items": [_record_json(item, at) for item in page.items],
                 "next_page_token": page.next_page_token,
             }
         )
 
     @app.get("/v1/stats")
     def stats() -> Response:
+        at = now()
         oldest = _record_call(record.oldest_undelivered)
         age = None
         if oldest is not None:
-            age = (dt.datetime.now(dt.UTC) - oldest.accepted_at).total_seconds()
+            age = (at - oldest.accepted_at).total_seconds()
+        found = _record_call(
+            lambda: survey(record, now=at, grace_seconds=config.reconcile_grace_seconds)
+        )
         return jsonify(
             {
                 "oldest_undelivered_mail_id": oldest.mail_id if oldest else None,
                 "oldest_undelivered_age_seconds": age,
+                "stuck": found.to_json(max_mails=STATS_STUCK_MAILS),
             }
         )
 

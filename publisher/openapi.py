@@ -81,6 +81,24 @@ def openapi_document() -> dict[str, Any]:
                 "last_error": {"type": ["string", "null"]},
                 "replays": {"type": "array", "items": {"type": "string"}},
                 "attempts": {"type": "array", "items": {"type": "object"}},
+                "stuck": {
+                    "oneOf": [{"$ref": "#/components/schemas/StuckMail"}, {"type": "null"}],
+                    "description": "Set when `mailpipe reconcile --fix` would settle this record",
+                },
+            },
+        },
+        "StuckMail": {
+            "type": "object",
+            "required": ["mail_id", "kind", "status", "stuck_since"],
+            "properties": {
+                "mail_id": {"type": "string"},
+                "kind": {"type": "string", "enum": ["expired_reservation", "stalled_delivery"]},
+                "status": {"type": "string", "enum": [s.value for s in MailStatus]},
+                "accepted_at": {"type": "string", "format": "date-time"},
+                "stuck_since": {"type": "string", "format": "date-time"},
+                "stuck_for_seconds": {"type": "number"},
+                "attempts": {"type": "integer"},
+                "fix": {"type": "string", "description": "What `reconcile --fix` does to it"},
             },
         },
     }
@@ -111,7 +129,10 @@ def openapi_document() -> dict[str, Any]:
                                 "maxLength": 200,
                                 "pattern": r"^[\x21-\x7e]+$",
                             },
-                            "description": "Same as the body's idempotency_key",
+                            "description": "Same as the body's idempotency_key: a bare "
+                            'token, or a Structured Field string (`"key"`, RFC 8941) as the IETF '
+                            "Idempotency-Key draft writes it. Keys are scoped to the caller; the "
+                            "same key with a different request is refused with 422.",
                         }
                     ],
                     "requestBody": {
@@ -126,6 +147,10 @@ def openapi_document() -> dict[str, Any]:
                         "202": _json("Accepted", "Queued: Pub/Sub has the mail"),
                         "400": _error("Invalid request; `fields` names every bad field"),
                         "409": _error("The idempotency key's first request is still in flight"),
+                        "422": _error(
+                            "The idempotency key was already used for a different request "
+                            "(code idempotency_key_reused); use a new key for a new mail"
+                        ),
                         **json_only,
                         "503": _error("Pub/Sub or the delivery record is unavailable; retry"),
                     },
@@ -206,7 +231,7 @@ def openapi_document() -> dict[str, Any]:
             "/v1/stats": {
                 "get": {
                     "operationId": "stats",
-                    "summary": "Delivery lag: the oldest mail not yet delivered",
+                    "summary": "Delivery lag (the oldest mail not yet delivered) and stuck records",
                     "responses": {
                         "200": {
                             "description": "Lag",
@@ -221,11 +246,28 @@ def openapi_document() -> dict[str, Any]:
                                             "oldest_undelivered_age_seconds": {
                                                 "type": ["number", "null"]
                                             },
+                                            "stuck": {
+                                                "type": "object",
+                                                "properties": {
+                                                    "expired_reservations": {"type": "integer"},
+                                                    "stalled_deliveries": {"type": "integer"},
+                                                    "unconfirmed": {"type": "integer"},
+                                                    "grace_seconds": {"type": "number"},
+                                                    "complete": {"type": "boolean"},
+                                                    "mails": {
+                                                        "type": "array",
+                                                        "items": {
+                                                            "$ref": "#/components/schemas/StuckMail"
+                                                        },
+                                                    },
+                                                },
+                                            },
                                         },
                                     }
                                 }
                             },
-                        }
+                        },
+                        "503": _error("The delivery record is unavailable"),
                     },
                 }
             },

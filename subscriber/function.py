@@ -6,6 +6,10 @@
 Same handler as ``python -m subscriber push`` (:class:`subscriber.push.PushHandler`): the Pub/Sub
 push envelope or its CloudEvent form, the same OIDC check, the same ack/nack answers. The
 collaborators are built from the environment on the first request, not at import.
+
+Push authentication: on Cloud Run functions (Cloud Run IAM in front, invoker check on) set
+``MAILPIPE_PUSH_AUTH=cloud-run``; on any other host keep the default ``signature``. The handler
+exports its spans before answering when the instance goes idle (request-based CPU).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ def _push_handler() -> PushHandler:
     global _handler  # noqa: PLW0603 - the FaaS model: one handler per instance, built lazily
     with _lock:
         if _handler is None:
-            config = SubscriberConfig.from_env(os.environ)
+            config = SubscriberConfig.from_env(os.environ, push=True)
             _handler = build_push_handler(config, build_services(config))
         return _handler
 

@@ -19,7 +19,7 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 from cloudevents.http import from_http
@@ -30,6 +30,7 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mailpipe.config import SubscriberConfig
+from mailpipe.telemetry import IdleSpanFlush
 from subscriber.auth import PushAuthenticator, PushAuthError
 from subscriber.delivery import DeliveryService, ReceivedMessage, publisher_context
 from subscriber.dlq import DeadLetterRecorder
@@ -126,9 +127,10 @@ class PushHandler:
     """Answers push requests (from any WSGI framework's request object) with the delivery core.
 
     ``authenticator`` may be ``None`` only in local mode (the emulator sends no token); outside
-    it, refusing to start is safer than an endpoint anyone could POST mail to. ``flush`` runs
-    before each answer: with request-based billing Cloud Run throttles the CPU once the response
-    is sent, so spans must be exported before it is.
+    it, refusing to start is safer than an endpoint anyone could POST mail to. Each request runs
+    inside ``span_flush`` (when given): the request that leaves the process idle exports the spans
+    before its answer, because with request-based billing Cloud Run throttles the CPU once no
+    request is in flight. Metrics are never flushed here (they export on their own period).
     """
 
     def __init__(
@@ -138,23 +140,30 @@ class PushHandler:
         delivery: DeliveryService,
         dead_letters: DeadLetterRecorder,
         authenticator: PushAuthenticator | None,
-        flush: Callable[[], None] | None = None,
+        span_flush: IdleSpanFlush | None = None,
     ) -> None:
         if authenticator is None and not config.local_mode:
             raise ValueError(
-                "the push endpoint needs MAILPIPE_PUSH_AUDIENCE outside local mode "
-                "(PUBSUB_EMULATOR_HOST unset): Pub/Sub's OIDC token must be verified"
+                "the push endpoint needs MAILPIPE_PUSH_AUDIENCE and MAILPIPE_PUSH_SERVICE_ACCOUNT "
+                "outside local mode (PUBSUB_EMULATOR_HOST unset): Pub/Sub's OIDC token must be "
+                "checked"
             )
         self._delivery = delivery
         self._dead_letters = dead_letters
         self._authenticator = authenticator
-        self._flush = flush
+        self._span_flush = span_flush
+
+    def _request_scope(self) -> Any:
+        return self._span_flush.request() if self._span_flush is not None else nullcontext()
 
     def _receive(self, req: Request) -> ReceivedMessage | Response:
         """The authenticated, decoded message, or the error answer (401, 400) to send instead."""
         if self._authenticator is not None:
             try:
-                self._authenticator.verify(req.headers.get("Authorization"))
+                self._authenticator.verify(
+                    req.headers.get("Authorization"),
+                    serverless_authorization=req.headers.get("X-Serverless-Authorization"),
+                )
             except PushAuthError as exc:
                 log.warning("rejected push request: %s", exc)
                 return _error(401, "unauthenticated", str(exc))
@@ -165,29 +174,27 @@ class PushHandler:
 
     def deliver(self, req: Request) -> Response:
         """A message of the mail subscription: deliver it; 204 acks, 503 asks for a retry."""
-        received = self._receive(req)
-        if isinstance(received, Response):
-            return received
-        result = self._delivery.deliver(
-            received,
-            parent=publisher_context(received.attributes),
-            kind=SpanKind.CONSUMER,
-            links=_request_link(req),
-        )
-        if self._flush is not None:
-            self._flush()
+        with self._request_scope():
+            received = self._receive(req)
+            if isinstance(received, Response):
+                return received
+            result = self._delivery.deliver(
+                received,
+                parent=publisher_context(received.attributes),
+                kind=SpanKind.CONSUMER,
+                links=_request_link(req),
+            )
         if result.ack:
             return Response(status=204)
         return _error(503, f"mail_{result.outcome}", result.detail or str(result.outcome))
 
     def dead_letter(self, req: Request) -> Response:
         """A message of the dead-letter record subscription: mark the mail dead-lettered."""
-        received = self._receive(req)
-        if isinstance(received, Response):
-            return received
-        ack = self._dead_letters.handle(received, parent=publisher_context(received.attributes))
-        if self._flush is not None:
-            self._flush()
+        with self._request_scope():
+            received = self._receive(req)
+            if isinstance(received, Response):
+                return received
+            ack = self._dead_letters.handle(received, parent=publisher_context(received.attributes))
         if ack:
             return Response(status=204)
         return _error(503, "record_unavailable", "the delivery record is unavailable; retry")

@@ -54,6 +54,11 @@ resource "google_cloud_run_v2_service" "publisher" {
           cpu    = var.publisher_scaling.cpu
           memory = var.publisher_scaling.memory
         }
+        # Instance-based billing (CPU always allocated): spans and metrics are exported in the
+        # background between requests, in batches, so Cloud Trace write calls do not grow with the
+        # request rate (docs/deploy.md, "CPU and telemetry"). Set explicitly: with a resources
+        # block, leaving cpu_idle unset does not mean request-based billing.
+        cpu_idle          = false
         startup_cpu_boost = true
       }
 
@@ -137,8 +142,17 @@ resource "google_cloud_run_v2_service" "subscriber" {
           cpu    = var.subscriber_scaling.cpu
           memory = var.subscriber_scaling.memory
         }
-        # Request-based billing is enough: the push handler flushes its spans before it answers.
+        # Instance-based billing (CPU always allocated), as for the publisher: batched span export
+        # and the 60 s metric export need CPU between pushes (docs/deploy.md, "CPU and telemetry").
+        cpu_idle          = false
         startup_cpu_boost = true
+      }
+
+      # Cloud Run IAM verifies the push token and strips its signature before the container sees
+      # it: the subscriber checks the claims (subscriber/auth.py).
+      env {
+        name  = "MAILPIPE_PUSH_AUTH"
+        value = "cloud-run"
       }
 
       dynamic "env" {

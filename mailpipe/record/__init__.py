@@ -8,6 +8,7 @@ One interface (:class:`DeliveryRecord`), two backends: SQLite (the embedded defa
 from __future__ import annotations
 
 from mailpipe.record.base import (
+    DEFAULT_RESERVATION_SECONDS,
     AlreadyFinal,
     Attempt,
     Claim,
@@ -27,6 +28,7 @@ from mailpipe.record.base import (
 )
 
 __all__ = [
+    "DEFAULT_RESERVATION_SECONDS",
     "AlreadyFinal",
     "Attempt",
     "Claim",

@@ -785,3 +785,28 @@ def test_dockerignore_lets_only_the_sources_in() -> None:
     assert lines[0] == "*", "allow-list: exclude everything first"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     assert allowed == {"pyproject.toml", "README.md", "mailpipe", "publisher", "subscriber"}
+
+
+def test_cloud_run_keeps_cpu_for_telemetry_and_declares_cloud_run_push_auth(
+    module: Module,
+) -> None:
+    """Both services bill per instance (CPU between requests: batched span export, the 60 s metric
+    export), set explicitly: with a resources block an unset cpu_idle is not request-based. The
+    subscriber, behind Cloud Run IAM, checks the claims of the token Cloud Run stripped."""
+    for name in ("publisher", "subscriber"):
+        service = module.resource("google_cloud_run_v2_service", name)
+        (container,) = service["template"][0]["containers"]
+        (resources,) = container["resources"]
+        assert resources["cpu_idle"] is False, f"{name}: cpu_idle = false (instance-based)"
+        assert service["invoker_iam_disabled"] is False, f"{name}: Cloud Run IAM stays in front"
+
+    (container,) = module.resource("google_cloud_run_v2_service", "subscriber")["template"][0][
+        "containers"
+    ]
+    static_env = {entry["name"]: entry["value"] for entry in container.get("env", [])}
+    declared = static_env.get("MAILPIPE_PUSH_AUTH") or (
+        "cloud-run"
+        if re.search(r'MAILPIPE_PUSH_AUTH\s*=\s*"cloud-run"', module.locals["subscriber_env"])
+        else None
+    )
+    assert declared == "cloud-run"
