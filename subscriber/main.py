@@ -31,6 +31,7 @@ from subscriber.delivery import DeliveryService
 from subscriber.dlq import DeadLetterRecorder
 from subscriber.pull import PullWorker, make_subscriber_client
 from subscriber.push import PushHandler, create_push_app
+from subscriber.redaction import credential_forms
 from subscriber.smtp import SmtpSender
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,9 @@ class Services:
 def build_services(config: SubscriberConfig, *, telemetry: Telemetry | None = None) -> Services:
     telemetry = telemetry or setup_telemetry(config.telemetry)
     configure_logging(config.telemetry, project=config.pubsub.project)
-    if config.smtp.password:
-        register_secret(config.smtp.password)
+    # The password in every form AUTH gives it, so no log line can show one.
+    for form in credential_forms(config.smtp.username, config.smtp.password):
+        register_secret(form)
     tracer = telemetry.tracer("mailpipe.subscriber")
     sender = SmtpSender(
         config.smtp,
@@ -73,6 +75,7 @@ def build_services(config: SubscriberConfig, *, telemetry: Telemetry | None = No
         metrics=telemetry.metrics,
         lease_seconds=config.delivery_lease_seconds,
         address_style=config.telemetry.log_addresses,
+        delivery_timeout=config.delivery_timeout,
     )
     dead_letters = DeadLetterRecorder(record=record, tracer=tracer, metrics=telemetry.metrics)
     return Services(delivery, dead_letters, sender, record, telemetry)

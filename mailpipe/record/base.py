@@ -33,6 +33,10 @@ Rules every backend follows (the shared suite tests them on each):
   never move a record backwards (they only fill in fields when it has moved on).
 - ``release`` deletes only a record still ``accepting``; ``mark_replayed`` raises
   :class:`AlreadyFinal` for a delivered or bounced mail, so a replay never sends twice.
+- ``renew_lease`` is the claimant's check just before it sends (after waiting for an SMTP
+  connection): ``RENEWED`` only while the mail is not final and no later claim was made, and
+  then the lease runs ``lease_seconds`` from now (never shortened); else ``LOST`` or ``FINAL``
+  and nothing changes.
 - An idempotency key is unique within its scope (the caller's identity; ``None`` is the one
   shared scope). A reservation holds its key until ``reserved_until``; after that the next
   ``reserve`` of the key, or :meth:`DeliveryRecord.release_expired_reservation`, frees it.
@@ -184,6 +188,20 @@ class Claim:
     record: MailRecord | None = None
 
 
+class RenewalResult(enum.StrEnum):
+    RENEWED = "renewed"  # still this attempt's claim; the lease now runs from now: send
+    LOST = "lost"  # a later claim took the mail over (this lease had run out): do not send
+    FINAL = "final"  # delivered or bounced meanwhile: do not send, ack
+
+
+@dataclass(frozen=True)
+class LeaseRenewal:
+    """Answer of :meth:`DeliveryRecord.renew_lease`."""
+
+    result: RenewalResult
+    record: MailRecord | None = None
+
+
 @dataclass(frozen=True)
 class Reservation:
     """Answer of :meth:`DeliveryRecord.reserve`: ``created`` False means the key was seen before."""
@@ -285,6 +303,19 @@ class DeliveryRecord(Protocol):
         ``Attempt.number``) and the record as written. ``accepted_at`` and
         ``recipient_domains`` (from the queued mail) are used only when the claim has to create
         the record; without them it is created as accepted now, with no domains.
+        """
+        ...
+
+    def renew_lease(
+        self, mail_id: str, *, attempt_number: int, lease_seconds: float
+    ) -> LeaseRenewal:
+        """Atomically check that claim ``attempt_number`` still holds the mail, and extend it.
+
+        Called right before sending: ``RENEWED`` (the lease now ends ``lease_seconds`` from now,
+        or later if it already did) while the mail is not delivered or bounced and its latest
+        claim is this one — even if this lease had run out, as long as nobody claimed since.
+        ``LOST`` when a later claim was made (or the record is gone), ``FINAL`` when the mail was
+        delivered or bounced; both change nothing.
         """
         ...
 

@@ -40,6 +40,7 @@ from mailpipe.record.base import (
     DEFAULT_RESERVATION_SECONDS,
     Attempt,
     Claim,
+    LeaseRenewal,
     MailRecord,
     MailStatus,
     Page,
@@ -318,6 +319,23 @@ class FirestoreRecord:
             return claim
 
         return self._transact("claim", body)
+
+    def renew_lease(
+        self, mail_id: str, *, attempt_number: int, lease_seconds: float
+    ) -> LeaseRenewal:
+        def body(transaction: Any) -> LeaseRenewal:
+            renewal, new = lifecycle.lease_renewed(
+                self._read(transaction, mail_id),
+                mail_id,
+                attempt_number=attempt_number,
+                lease_seconds=lease_seconds,
+                now=self._clock(),
+            )
+            if new is not None:
+                transaction.set(self._mails.document(mail_id), self._fields(new))
+            return renewal
+
+        return self._transact("renew_lease", body)
 
     def finish(self, mail_id: str, attempt: Attempt) -> MailRecord:
         lifecycle.check_mail_id(mail_id)

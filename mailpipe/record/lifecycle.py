@@ -28,9 +28,11 @@ from mailpipe.record.base import (
     Claim,
     ClaimResult,
     InvalidMailId,
+    LeaseRenewal,
     MailNotFound,
     MailRecord,
     MailStatus,
+    RenewalResult,
 )
 
 MAX_PAGE_SIZE = 1000
@@ -296,6 +298,35 @@ def claimed(
         updated_at=now,
     )
     return Claim(ClaimResult.CLAIMED, number, new), new
+
+
+def lease_renewed(
+    record: MailRecord | None,
+    mail_id: str,
+    *,
+    attempt_number: int,
+    lease_seconds: float,
+    now: dt.datetime,
+) -> tuple[LeaseRenewal, MailRecord | None]:
+    """The answer of :meth:`DeliveryRecord.renew_lease` and the record to write (``None``: none).
+
+    The claim is this attempt's while no later claim was made (``attempt_count`` is still its
+    number): an expired lease nobody took over is simply extended. The status is left as it
+    is; ``finish`` sets it from the outcome.
+    """
+    if lease_seconds <= 0:
+        raise ValueError("lease_seconds must be positive")
+    if record is None:
+        return LeaseRenewal(RenewalResult.LOST), None
+    if record.status.final:
+        return LeaseRenewal(RenewalResult.FINAL, record), None
+    if record.attempt_count != attempt_number:
+        return LeaseRenewal(RenewalResult.LOST, record), None
+    until = now + dt.timedelta(seconds=lease_seconds)
+    if record.lease_until is not None and record.lease_until > until:
+        until = record.lease_until
+    new = dataclasses.replace(record, lease_until=until, updated_at=now)
+    return LeaseRenewal(RenewalResult.RENEWED, new), new
 
 
 def describe_error(attempt: Attempt) -> str:

@@ -32,6 +32,7 @@ from mailpipe.record.base import (
     DEFAULT_RESERVATION_SECONDS,
     Attempt,
     Claim,
+    LeaseRenewal,
     MailRecord,
     MailStatus,
     Page,
@@ -334,6 +335,23 @@ class SqliteRecord:
             return claim
 
         return self._write("claim", body)
+
+    def renew_lease(
+        self, mail_id: str, *, attempt_number: int, lease_seconds: float
+    ) -> LeaseRenewal:
+        def body(conn: sqlite3.Connection) -> LeaseRenewal:
+            renewal, new = lifecycle.lease_renewed(
+                self._load(conn, mail_id),
+                mail_id,
+                attempt_number=attempt_number,
+                lease_seconds=lease_seconds,
+                now=self._clock(),
+            )
+            if new is not None:
+                self._store(conn, new)
+            return renewal
+
+        return self._write("renew_lease", body)
 
     def finish(self, mail_id: str, attempt: Attempt) -> MailRecord:
         lifecycle.check_mail_id(mail_id)
