@@ -9,13 +9,17 @@ locals {
   reconcile_enabled = var.reconcile.enabled
   reconcile_job     = "mailpipe-reconcile"
 
-  # The job's environment: the record it repairs, in the project it lives in. No traces or metrics
-  # are exported (MAILPIPE_TRACES unset = none), so the job needs no Trace or Monitoring role; its
-  # output goes to Cloud Logging from stdout.
-  reconcile_env = {
-    GOOGLE_CLOUD_PROJECT = var.project_id
-    MAILPIPE_RECORD      = local.common_env.MAILPIPE_RECORD
-  }
+  # The job reads the publisher's configuration (mailpipe/cli/reconcile.py: the record, the
+  # reservation expiry, the grace), so it gets the publisher's environment: both always agree on
+  # what "stuck" means. It exports no traces or metrics, so it needs no Trace or Monitoring role;
+  # its JSON lines go to Cloud Logging from stdout.
+  reconcile_env = merge(local.publisher_env, { MAILPIPE_TRACES = "none" })
+
+  # A stalled delivery must not be settled while Pub/Sub may still redeliver it: the grace exceeds
+  # the delivery subscription's longest retry backoff.
+  delivery_max_backoff_seconds = tonumber(trimsuffix(
+    try(local.subscriptions["delivery"].retry_policy.maximum_backoff, "600s"), "s"
+  ))
 }
 
 # --- Identities ------------------------------------------------------------------------------------
@@ -113,6 +117,13 @@ resource "google_cloud_run_v2_job" "reconcile" {
           }
         }
       }
+    }
+  }
+
+  lifecycle {
+    precondition {
+      condition     = var.reconcile_grace_seconds > local.delivery_max_backoff_seconds
+      error_message = "reconcile_grace_seconds must exceed the delivery subscription's maximum retry backoff (${local.delivery_max_backoff_seconds} s, topology.json), or reconcile could settle a mail whose redelivery is still on its way."
     }
   }
 

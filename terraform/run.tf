@@ -79,6 +79,10 @@ resource "google_cloud_run_v2_service" "publisher" {
       condition     = var.publish_timeout_seconds < var.publisher_scaling.timeout
       error_message = "publish_timeout_seconds must be below publisher_scaling.timeout: a request Cloud Run cuts while the publish is still waiting can end in a published mail whose client saw an error (and sends it again)."
     }
+    precondition {
+      condition     = var.publish_timeout_seconds < var.idempotency_reservation_seconds
+      error_message = "idempotency_reservation_seconds must be longer than publish_timeout_seconds, or a publish still in progress could lose its idempotency key (the publisher refuses to start otherwise)."
+    }
   }
 
   depends_on = [

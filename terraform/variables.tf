@@ -118,6 +118,28 @@ variable "smtp_pool_wait_seconds" {
   }
 }
 
+variable "idempotency_reservation_seconds" {
+  type        = number
+  description = "How long an idempotency key is held while its publish is in progress (MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS); an older reservation was left by a crash and is freed by the key's next request or the reconcile job. Must be longer than publish_timeout_seconds."
+  default     = 300
+
+  validation {
+    condition     = var.idempotency_reservation_seconds >= 1 && var.idempotency_reservation_seconds <= 86400
+    error_message = "idempotency_reservation_seconds must be 1..86400 (and longer than publish_timeout_seconds)."
+  }
+}
+
+variable "reconcile_grace_seconds" {
+  type        = number
+  description = "How long past its lease a delivery may stay `sending` before /v1/stats and the reconcile job call it stalled (MAILPIPE_RECONCILE_GRACE_SECONDS). Must exceed the delivery subscription's maximum retry backoff (topology.json), so a redelivery on its way claims the mail first."
+  default     = 900
+
+  validation {
+    condition     = var.reconcile_grace_seconds >= 0 && var.reconcile_grace_seconds <= 604800
+    error_message = "reconcile_grace_seconds must be 0..604800 (and above the delivery subscription's maximum retry backoff)."
+  }
+}
+
 variable "publish_timeout_seconds" {
   type        = number
   description = "How long the publisher waits for Pub/Sub to confirm a publish before it answers 503 (MAILPIPE_PUBLISH_TIMEOUT). Must stay below publisher_scaling.timeout, or Cloud Run cuts the request while the publish may still succeed."

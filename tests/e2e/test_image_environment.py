@@ -11,7 +11,8 @@ of the image's 0.0.0.0), against Google's Pub/Sub emulator, a real aiosmtpd serv
 canary, Dovecot, all on loopback:
 
 - publisher image: its CMD (``python -m publisher``); the canary job's and the reconcile job's
-  commands, read from terraform/canary.tf and terraform/reconcile.tf (both jobs run this image);
+  commands, read from terraform/canary.tf and terraform/reconcile.tf (both jobs run this image):
+  the canary finds its probe in the mailbox, reconcile releases a stuck reservation;
 - subscriber image: its CMD (``python -m subscriber push``); the pull-mode worker pool's command,
   read from terraform/run.tf; the functions-framework targets of subscriber/function.py.
 
@@ -21,6 +22,7 @@ The base image's Python is 3.11 (python:3.11-slim-bookworm), as CI's is.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import os
 import re
@@ -46,6 +48,7 @@ from emulator.process import free_port
 from emulator.smtp import LocalSmtpServer
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.record import MailStatus, open_record
+from mailpipe.record.sqlite import SqliteRecord
 from mailpipe.topology import Topology
 from tests.fixtures.imap import Dovecot
 from tests.fixtures.pipeline import pipeline_env
@@ -589,21 +592,40 @@ def test_canary_job_of_the_publisher_image_finds_its_probe_in_the_mailbox(
     assert re.search(r"^ok probe \S+ visible in INBOX", result.stdout, re.MULTILINE), result.stdout
 
 
-def test_reconcile_job_command_runs_from_the_publisher_image(
+def test_reconcile_job_of_the_publisher_image_releases_a_stuck_reservation(
     images: Callable[[str], ImageEnvironment], terraform: Module, tmp_path: Path
 ) -> None:
     job = terraform.resource("google_cloud_run_v2_job", "reconcile")
     command = container_command(job)
+    assert job["template"][0]["template"][0]["containers"][0]["image"] == (
+        "${coalesce(var.reconcile.image, var.publisher_image)}"
+    )
+    # A publisher that died between reserving an idempotency key and publishing, an hour ago.
+    url = f"sqlite:///{tmp_path / 'record.sqlite3'}"
+    an_hour_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    seed = SqliteRecord(tmp_path / "record.sqlite3", clock=lambda: an_hour_ago)
+    seed.reserve(
+        mail_id="crashed-publisher",
+        accepted_at=an_hour_ago,
+        recipient_domains=(),
+        idempotency_key="k",
+    )
+    seed.close()
+
+    result = images("publisher").run(
+        command,
+        {
+            "GOOGLE_CLOUD_PROJECT": "mailpipe-test",
+            "MAILPIPE_RECORD": url,
+            "CLOUD_RUN_JOB": "mailpipe-reconcile",  # set by Cloud Run in a job
+        },
+    )
+
     assert command == ["mailpipe", "reconcile", "--fix"]
-    assert "var.publisher_image" in job["template"][0]["template"][0]["containers"][0]["image"]
-    if not (REPO / "mailpipe" / "cli" / "reconcile.py").exists():
-        pytest.skip(
-            "`mailpipe reconcile` is not in this tree yet (another branch adds it): the job's "
-            "command is run from the image once it is"
-        )
-    env = {
-        "GOOGLE_CLOUD_PROJECT": "mailpipe-test",
-        "MAILPIPE_RECORD": f"sqlite:///{tmp_path / 'record.sqlite3'}",
-    }
-    result = images("publisher").run(command, env)
     assert result.returncode == 0, result.stdout + result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines[0]["mail_id"] == "crashed-publisher" and lines[0]["action"] == "released"
+    assert lines[-1]["message"] == "reconcile finished"
+    record = open_record(url)
+    assert record.get("crashed-publisher") is None, "the key was not released"
+    record.close()

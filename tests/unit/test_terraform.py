@@ -703,6 +703,7 @@ def test_the_timeout_budget_is_enforced_in_both_modes(module: Module, topology: 
     )
     publisher = _conditions(module.resource("google_cloud_run_v2_service", "publisher"))
     assert "${var.publish_timeout_seconds < var.publisher_scaling.timeout}" in publisher
+    assert "${var.publish_timeout_seconds < var.idempotency_reservation_seconds}" in publisher
 
     # The budget's parts reach the services under the names they read.
     env = module.locals["subscriber_env"]
@@ -736,6 +737,7 @@ BUDGET_CASES = [
     ("pool wait as long as the delivery", {"smtp_pool_wait_seconds": 45}, False),
     ("an SMTP step as long as the request", {"smtp_timeout_seconds": 60}, False),
     ("publish as long as the publisher's request", {"publish_timeout_seconds": 60}, False),
+    ("reservation no longer than the publish", {"idempotency_reservation_seconds": 30}, False),
     (
         "a longer request, within the ack deadline",
         {"subscriber_request_timeout_seconds": 60, "delivery_timeout_seconds": 55},
@@ -826,7 +828,12 @@ def test_env_names_are_the_ones_the_services_read(module: Module) -> None:
         assert f'"{name}"' in config_source or name in ENV_NAMES_FROM_OTHER_BRANCHES, (
             f"{name} is not read by mailpipe/config.py"
         )
-    assert {"MAILPIPE_ALLOWED_SENDER_DOMAINS", "MAILPIPE_PUBLISH_TIMEOUT"} <= publisher
+    assert {
+        "MAILPIPE_ALLOWED_SENDER_DOMAINS",
+        "MAILPIPE_PUBLISH_TIMEOUT",
+        "MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS",
+        "MAILPIPE_RECONCILE_GRACE_SECONDS",
+    } <= publisher
     assert {
         "GOOGLE_CLOUD_PROJECT",
         "MAILPIPE_TOPIC",
@@ -1248,10 +1255,12 @@ def test_reconcile_job_runs_on_a_schedule_with_least_privilege(module: Module) -
     assert template["service_account"] == "${google_service_account.reconcile[0].email}"
     env = _dynamic(template["containers"][0], "env")
     assert env["for_each"] == "${local.reconcile_env}"
-    assert set(module.locals["reconcile_env"]) == {"GOOGLE_CLOUD_PROJECT", "MAILPIPE_RECORD"}
-    assert (
-        module.locals["reconcile_env"]["MAILPIPE_RECORD"] == "${local.common_env.MAILPIPE_RECORD}"
+    # It reads the publisher's configuration, so it gets the publisher's environment (the same
+    # reservation expiry and grace); no telemetry export, hence no Trace/Monitoring role.
+    assert module.locals["reconcile_env"] == (
+        '${merge(local.publisher_env, {MAILPIPE_TRACES = "none"})}'
     )
+    assert "${var.reconcile_grace_seconds > local.delivery_max_backoff_seconds}" in _conditions(job)
 
     schedule = module.resource("google_cloud_scheduler_job", "reconcile")
     assert schedule["schedule"] == "${var.reconcile.schedule}"
@@ -1282,6 +1291,39 @@ def test_reconcile_job_runs_on_a_schedule_with_least_privilege(module: Module) -
     assert runner["name"] == "${google_cloud_run_v2_job.reconcile[0].name}"
     assert '"cloudscheduler.googleapis.com"' in module.locals["services"]
     assert "local.reconcile_enabled" in module.locals["services"]
+
+
+RECONCILE_CASES = [
+    ("defaults", {}, True),
+    ("grace within the retry backoff", {"reconcile_grace_seconds": 600}, False),
+    ("grace past the retry backoff", {"reconcile_grace_seconds": 601}, True),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "tfvars", "holds"), RECONCILE_CASES, ids=[c[0] for c in RECONCILE_CASES]
+)
+def test_reconcile_job_evaluated(
+    module: Module, tmp_path: Path, case: str, tfvars: dict[str, Any], holds: bool
+) -> None:
+    [condition] = _conditions(module.resource("google_cloud_run_v2_job", "reconcile"))
+    ok, result = _evaluate(
+        module,
+        tmp_path,
+        {
+            "holds": condition[2:-1],
+            "env": "local.reconcile_env",
+            "publisher": "local.publisher_env",
+        },
+        tfvars,
+    )
+    assert ok, result
+    assert result["holds"] is holds, case
+    assert result["env"] == {**result["publisher"], "MAILPIPE_TRACES": "none"}
+    assert result["env"]["MAILPIPE_RECORD"] == "firestore://mailpipe"
+    assert result["env"]["MAILPIPE_RECONCILE_GRACE_SECONDS"] == str(
+        tfvars.get("reconcile_grace_seconds", 900)
+    )
 
 
 def test_every_role_grant_says_why(module: Module) -> None:
