@@ -242,8 +242,8 @@ resource "google_cloud_run_v2_worker_pool" "subscriber" {
   deletion_protection = var.deletion_protection
   labels              = local.labels
 
+  # Manual scaling, the only kind the worker pool API has: exactly this many instances.
   scaling {
-    scaling_mode          = "MANUAL"
     manual_instance_count = var.subscriber_pull_instances
   }
 

@@ -1167,9 +1167,7 @@ def test_pull_mode_runs_a_worker_pool_with_cpu_always_and_at_least_one_instance(
     assert container_command(pool) == ["python", "-m", "subscriber", "pull"]
     # A worker pool's instances keep their CPU (instance-based billing, no request to throttle
     # around) and do not scale by themselves: the count is the instances always running.
-    assert pool["scaling"] == [
-        {"scaling_mode": "MANUAL", "manual_instance_count": "${var.subscriber_pull_instances}"}
-    ]
+    assert pool["scaling"] == [{"manual_instance_count": "${var.subscriber_pull_instances}"}]
     instances = module.variables["subscriber_pull_instances"]
     assert instances["default"] >= 1
     assert "var.subscriber_pull_instances >= 1" in instances["validation"][0]["condition"]
