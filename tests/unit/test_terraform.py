@@ -62,8 +62,6 @@ PUBLIC_MEMBERS = ("allUsers", "allAuthenticatedUsers")
 # branches are merged every name here is read by config.py and this set can go.
 ENV_NAMES_FROM_OTHER_BRANCHES = {
     "MAILPIPE_ALLOWED_SENDER_DOMAINS",  # publisher: the From domains it accepts
-    "MAILPIPE_DELIVERY_TIMEOUT",  # subscriber: the whole delivery
-    "MAILPIPE_SMTP_POOL_WAIT",  # subscriber: the wait for a pooled connection
 }
 
 _parse = parse_hcl
