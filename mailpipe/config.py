@@ -7,6 +7,19 @@ its factory. Reading fails fast and reports **every** bad variable at once::
     └── (one exception carrying {VARIABLE: what is wrong with it, ...})
 
 Names are an interface (deploy configs set them): see README's table.
+
+The subscriber's time limits must nest, or a delivery could outlive its claim on the mail and a
+redelivered copy be sent too (config fails fast otherwise)::
+
+    MAILPIPE_SMTP_POOL_WAIT  <  MAILPIPE_DELIVERY_TIMEOUT  <  MAILPIPE_DELIVERY_LEASE_SECONDS
+    (wait for a pooled         (the whole delivery: pool      (the claim's lease; by default the
+     SMTP connection)           wait + every SMTP step)        delivery subscription's ack deadline)
+
+Defaults: the lease is the ack deadline (120 s in topology.json), the delivery timeout 60 s (half
+the lease when that is shorter) and the pool wait 10 s (half the delivery timeout when that is
+shorter). The lease's margin over the delivery timeout is the time the record write after the
+relay's reply may take. On Cloud Run the request timeout goes between the last two (Terraform
+checks it): delivery timeout < request timeout ≤ ack deadline.
 """
 
 from __future__ import annotations
@@ -21,8 +34,11 @@ from mailpipe.mail import ascii_domain
 from mailpipe.topology import Topology, load_topology
 
 DEFAULT_PROJECT = "mailpipe-local"
+DEFAULT_DELIVERY_TIMEOUT = 60.0  # seconds; never more than half the lease (see the module doc)
+DEFAULT_POOL_WAIT = 10.0  # seconds; never more than half the delivery timeout
 
 SmtpTls = Literal["starttls", "implicit", "none"]
+PushAuth = Literal["cloud-run", "signature"]
 TraceMode = Literal["gcp", "otlp", "file", "none"]
 AddressLogging = Literal["full", "domain", "hashed"]
 
@@ -216,9 +232,10 @@ class SmtpConfig:
     pool_size: int = 4
     message_id_domain: str = "mailpipe.local"
     helo_name: str | None = None
+    pool_wait: float = DEFAULT_POOL_WAIT  # seconds a send waits for a free pooled connection
 
     @classmethod
-    def read(cls, env: _EnvReader) -> SmtpConfig:
+    def read(cls, env: _EnvReader, *, default_pool_wait: float = DEFAULT_POOL_WAIT) -> SmtpConfig:
         tls = cast(
             SmtpTls, env.choice("MAILPIPE_SMTP_TLS", "starttls", ("starttls", "implicit", "none"))
         )
@@ -250,6 +267,28 @@ class SmtpConfig:
             pool_size=env.integer("MAILPIPE_SMTP_POOL_SIZE", 4, minimum=1, maximum=256),
             message_id_domain=env.string("MAILPIPE_MESSAGE_ID_DOMAIN", "mailpipe.local"),
             helo_name=env.raw("MAILPIPE_SMTP_HELO_NAME"),
+            pool_wait=env.number(
+                "MAILPIPE_SMTP_POOL_WAIT", default_pool_wait, minimum=0.0, maximum=600.0
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """How gunicorn treats slow and idle clients (both services; see mailpipe.serving)."""
+
+    read_timeout: float = 30.0  # from a request's first byte to its last
+    keepalive_timeout: int = 5  # an idle kept-alive (or silent new) connection is closed after
+
+    @classmethod
+    def read(cls, env: _EnvReader) -> HttpConfig:
+        return cls(
+            read_timeout=env.number(
+                "MAILPIPE_HTTP_READ_TIMEOUT", 30.0, minimum=0.5, maximum=3600.0
+            ),
+            keepalive_timeout=env.integer(
+                "MAILPIPE_HTTP_KEEPALIVE_TIMEOUT", 5, minimum=1, maximum=3600
+            ),
         )
 
 
@@ -263,6 +302,35 @@ def _read_record(env: _EnvReader, default: str) -> str:
 
 
 DEFAULT_RECORD = "sqlite:///.mailpipe/record.sqlite3"
+
+
+def default_delivery_timeout(lease_seconds: float) -> float:
+    """``MAILPIPE_DELIVERY_TIMEOUT``'s default: 60 s, or half the lease when that is shorter."""
+    return min(DEFAULT_DELIVERY_TIMEOUT, lease_seconds / 2)
+
+
+def default_pool_wait(delivery_timeout: float) -> float:
+    """``MAILPIPE_SMTP_POOL_WAIT``'s default: 10 s, or half the delivery timeout if shorter."""
+    return min(DEFAULT_POOL_WAIT, delivery_timeout / 2)
+
+
+def _check_time_limits(
+    env: _EnvReader, pool_wait: float, delivery_timeout: float, lease: float
+) -> None:
+    """pool wait < delivery timeout < lease (see the module docstring), else a problem each."""
+    if "MAILPIPE_DELIVERY_TIMEOUT" not in env.problems and not delivery_timeout < lease:
+        env.problems["MAILPIPE_DELIVERY_TIMEOUT"] = (
+            f"must be shorter than the delivery lease ({lease:g} s: "
+            "MAILPIPE_DELIVERY_LEASE_SECONDS, by default the delivery subscription's ack "
+            f"deadline), got {delivery_timeout:g}: a delivery still running when its lease ends "
+            "can be sent a second time by a redelivered copy"
+        )
+    if "MAILPIPE_SMTP_POOL_WAIT" not in env.problems and not pool_wait < delivery_timeout:
+        env.problems["MAILPIPE_SMTP_POOL_WAIT"] = (
+            f"must be shorter than MAILPIPE_DELIVERY_TIMEOUT ({delivery_timeout:g} s), got "
+            f"{pool_wait:g}: the wait for a pooled SMTP connection is part of the delivery's "
+            "time budget, and time must be left to send"
+        )
 
 
 def _read_sender_domains(env: _EnvReader) -> frozenset[str] | None:
@@ -296,6 +364,14 @@ class PublisherConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     publish_timeout: float = 30.0
+    # How long an idempotency key's reservation holds it while its publish is in progress; a
+    # reservation older than this was left by a crash and is released (longer than the publish
+    # timeout, so a publish still running never loses its key).
+    idempotency_reservation_seconds: float = 300.0
+    # How long past its lease a `sending` record may stay before reconcile calls it stalled: more
+    # than Pub/Sub's longest retry backoff (600 s), so a redelivery on its way claims it first.
+    reconcile_grace_seconds: float = 900.0
+    http: HttpConfig = field(default_factory=HttpConfig)
     # The domains a mail's From may use (ASCII form); None: any (MAILPIPE_ALLOWED_SENDER_DOMAINS).
     allowed_sender_domains: frozenset[str] | None = None
 
@@ -311,15 +387,29 @@ class PublisherConfig:
     ) -> PublisherConfig:
         env = _EnvReader(environ)
         topology = topology or load_topology()
+        publish_timeout = env.number("MAILPIPE_PUBLISH_TIMEOUT", 30.0, minimum=0.1, maximum=600.0)
+        reservation = env.number(
+            "MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS", 300.0, minimum=1.0, maximum=86_400.0
+        )
+        if "MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS" not in env.problems and not (
+            reservation > publish_timeout
+        ):
+            env.problems["MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS"] = (
+                f"must be longer than MAILPIPE_PUBLISH_TIMEOUT ({publish_timeout:g} s), or a "
+                f"publish still in progress could lose its key; got {reservation:g}"
+            )
         config = cls(
             pubsub=PubSubConfig.read(env, topology),
             telemetry=TelemetryConfig.read(env, "mailpipe-publisher"),
             record=_read_record(env, DEFAULT_RECORD),
             host=env.string("MAILPIPE_HTTP_HOST", "127.0.0.1"),
             port=env.integer("PORT", 8080, minimum=1, maximum=65535),
-            publish_timeout=env.number(
-                "MAILPIPE_PUBLISH_TIMEOUT", 30.0, minimum=0.1, maximum=600.0
+            publish_timeout=publish_timeout,
+            idempotency_reservation_seconds=reservation,
+            reconcile_grace_seconds=env.number(
+                "MAILPIPE_RECONCILE_GRACE_SECONDS", 900.0, minimum=0.0, maximum=604_800.0
             ),
+            http=HttpConfig.read(env),
             allowed_sender_domains=_read_sender_domains(env),
         )
         env.finish()
@@ -336,10 +426,14 @@ class SubscriberConfig:
     record: str = DEFAULT_RECORD
     push_audience: str | None = None
     push_service_account: str | None = None
+    # Who verifies the push token's signature: Cloud Run IAM in front ("cloud-run") or the app.
+    push_auth: PushAuth = "signature"
     host: str = "127.0.0.1"
     port: int = 8080
     pull_max_messages: int = 100
     delivery_lease_seconds: float = 120.0
+    http: HttpConfig = field(default_factory=HttpConfig)
+    delivery_timeout: float = DEFAULT_DELIVERY_TIMEOUT
 
     @property
     def local_mode(self) -> bool:
@@ -348,32 +442,59 @@ class SubscriberConfig:
 
     @classmethod
     def from_env(
-        cls, environ: Mapping[str, str], topology: Topology | None = None
+        cls, environ: Mapping[str, str], topology: Topology | None = None, *, push: bool = False
     ) -> SubscriberConfig:
+        """``push=True`` for the push endpoint: outside local mode it then requires the push
+        token's audience and service account."""
         env = _EnvReader(environ)
         topology = topology or load_topology()
         pubsub = PubSubConfig.read(env, topology)
         push_audience = env.raw("MAILPIPE_PUSH_AUDIENCE")
+        # How long a delivery's claim keeps others away: the ack deadline, after which
+        # Pub/Sub may hand the message to another delivery anyway.
+        lease = env.number(
+            "MAILPIPE_DELIVERY_LEASE_SECONDS",
+            float(topology.delivery_subscription.ack_deadline_seconds),
+            minimum=1.0,
+            maximum=600.0,
+        )
+        delivery_timeout = env.number(
+            "MAILPIPE_DELIVERY_TIMEOUT",
+            default_delivery_timeout(lease),
+            minimum=0.1,
+            maximum=600.0,
+        )
+        smtp = SmtpConfig.read(env, default_pool_wait=default_pool_wait(delivery_timeout))
+        _check_time_limits(env, smtp.pool_wait, delivery_timeout, lease)
+        push_auth = cast(
+            PushAuth, env.choice("MAILPIPE_PUSH_AUTH", "signature", ("cloud-run", "signature"))
+        )
+        if push and pubsub.emulator_host is None:
+            # Only the emulator sends pushes without a token; anywhere else the endpoint must know
+            # which token to let in.
+            for name in ("MAILPIPE_PUSH_AUDIENCE", "MAILPIPE_PUSH_SERVICE_ACCOUNT"):
+                if env.raw(name) is None:
+                    env.problems[name] = (
+                        "is required for the push endpoint outside local mode "
+                        "(PUBSUB_EMULATOR_HOST unset): the push subscription's OIDC token is "
+                        "checked against it"
+                    )
         config = cls(
             pubsub=pubsub,
-            smtp=SmtpConfig.read(env),
+            smtp=smtp,
             telemetry=TelemetryConfig.read(env, "mailpipe-subscriber"),
             record=_read_record(env, DEFAULT_RECORD),
             push_audience=push_audience,
             push_service_account=env.raw("MAILPIPE_PUSH_SERVICE_ACCOUNT"),
+            push_auth=push_auth,
             host=env.string("MAILPIPE_HTTP_HOST", "127.0.0.1"),
             port=env.integer("PORT", 8080, minimum=1, maximum=65535),
             pull_max_messages=env.integer(
                 "MAILPIPE_PULL_MAX_MESSAGES", 100, minimum=1, maximum=10_000
             ),
-            # How long a delivery's claim keeps others away: the ack deadline, after which
-            # Pub/Sub may hand the message to another delivery anyway.
-            delivery_lease_seconds=env.number(
-                "MAILPIPE_DELIVERY_LEASE_SECONDS",
-                float(topology.delivery_subscription.ack_deadline_seconds),
-                minimum=1.0,
-                maximum=600.0,
-            ),
+            delivery_lease_seconds=lease,
+            delivery_timeout=delivery_timeout,
+            http=HttpConfig.read(env),
         )
         env.finish()
         return config

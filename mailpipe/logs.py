@@ -124,8 +124,9 @@ def redact_address(address: str, style: AddressLogging) -> str:
 
 
 # Addresses inside free text: SMTP replies ("550 5.1.1 <bob@example.org>: no such user"),
-# exception messages. Good enough to find them; not an RFC 5322 parser.
-_ADDRESS_IN_TEXT = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+# exception messages. Good enough to find them; not an RFC 5322 parser. \w, not A-Za-z0-9:
+# internationalised addresses (RFC 6531, "jürgen@bücher.example") are addresses too.
+_ADDRESS_IN_TEXT = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
 
 
 def redact_addresses(text: str, style: AddressLogging) -> str:

@@ -12,6 +12,10 @@ Instruments (names are an interface: dashboards and alerts query them)::
     mailpipe.smtp.step.duration      histogram  s, one per SMTP step (attribute smtp.step)
     mailpipe.delivery.attempts       histogram  attempts a mail took to reach its final outcome
     mailpipe.oldest_undelivered_age  gauge      s, age of the oldest mail not yet delivered
+    mailpipe.mails.stuck             gauge      records reconcile would settle, by
+                                                mailpipe.stuck.kind: expired_reservation,
+                                                stalled_delivery; and unconfirmed (settled,
+                                                outcome unknown; see mailpipe/reconcile.py)
 
 In Prometheus they read ``mailpipe_mails_deferred_total``,
 ``mailpipe_delivery_latency_seconds_bucket`` and so on (dots become underscores, counters get
@@ -33,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
@@ -44,6 +48,7 @@ ATTR_REPLY_CODE = "smtp.reply.code"
 ATTR_ENHANCED_STATUS = "smtp.reply.enhanced_status"
 ATTR_SMTP_STEP = "smtp.step"
 ATTR_FIRST_ATTEMPT = "mailpipe.first_attempt"
+ATTR_STUCK_KIND = "mailpipe.stuck.kind"
 
 # Bucket boundaries. Delivery latency spans milliseconds (a healthy relay) to the ~16 hours Pub/Sub
 # can keep retrying; an SMTP step is milliseconds to the client timeout; attempts stop at 100
@@ -66,6 +71,7 @@ SMTP_STEPS = frozenset(
 _ENHANCED_STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 
 OldestUndeliveredSource = Callable[[], "float | None"]
+StuckSource = Callable[[], "Mapping[str, int] | None"]
 
 
 def _reply_attributes(reply_code: int | None, enhanced_status: str | None) -> dict[str, int | str]:
@@ -133,6 +139,14 @@ class MailMetrics:
             unit="s",
             description="Age of the oldest accepted mail not yet delivered or given up on.",
         )
+        self._stuck_source: StuckSource | None = None
+        meter.create_observable_gauge(
+            "mailpipe.mails.stuck",
+            callbacks=[self._observe_stuck],
+            unit="{mail}",
+            description="Records `mailpipe reconcile --fix` would settle (expired reservations, "
+            "stalled deliveries) and those it marked unconfirmed, by mailpipe.stuck.kind.",
+        )
 
     # --- outcomes -------------------------------------------------------------------------------
 
@@ -193,3 +207,27 @@ class MailMetrics:
             _log.exception("oldest-undelivered source failed")
             return []
         return [] if age is None else [Observation(max(0.0, float(age)))]
+
+    def set_stuck_source(self, source: StuckSource | None) -> None:
+        """Register the function the ``mailpipe.mails.stuck`` gauge calls at each collection.
+
+        It returns ``{kind: count}`` (see :func:`mailpipe.reconcile.stuck_counts`), or ``None``
+        when it cannot tell (no point is reported then). It runs on the metric reader's thread.
+        """
+        self._stuck_source = source
+
+    def _observe_stuck(self, _options: CallbackOptions) -> Iterable[Observation]:
+        source = self._stuck_source
+        if source is None:
+            return []
+        try:
+            counts = source()
+        except Exception:  # a broken source must not break every other metric's export
+            _log.exception("stuck-records source failed")
+            return []
+        if counts is None:
+            return []
+        return [
+            Observation(max(0, int(count)), {ATTR_STUCK_KIND: str(kind)})
+            for kind, count in sorted(counts.items())
+        ]

@@ -4,17 +4,304 @@ The app is built by ``build()`` inside the worker, after the fork, because gRPC 
 cross a fork. On SIGTERM (Cloud Run's stop signal) gunicorn stops accepting, finishes requests in
 flight within ``graceful_timeout``, then ``close()`` runs in the worker: it flushes the Pub/Sub
 publisher's batch and the telemetry so the last spans are exported.
+
+Slow clients. gunicorn's gthread worker hands a connection to a thread as soon as it is readable,
+and the thread then reads the request with blocking calls: a client sending one byte now and
+then holds a thread for as long as it likes, and 16 of them starve the service (``/healthz``
+included). :class:`BufferingThreadWorker` keeps the gthread model but reads each request into
+memory without blocking first — a thread takes a readable connection, reads what has arrived,
+and gives it back to the worker's poller until the request is complete — so threads only ever
+run requests that have fully arrived. Limits (``MAILPIPE_HTTP_*``, :class:`HttpConfig`):
+
+- a request must arrive within ``read_timeout`` of its first byte, else 408 (JSON) and the
+  connection is closed; the same deadline bounds the rest of a request too big to buffer;
+- a connection that sends nothing, or stays idle between requests, is closed after
+  ``keepalive_timeout`` seconds;
+- at most ``buffer_bytes`` of a request are held before it goes to a thread (bigger bodies are
+  then read by the thread, still within the deadline); at most ``worker_connections``
+  connections are open at once (gunicorn's default, 1000), which bounds the memory held.
+
+Errors gunicorn answers itself (a malformed request line or header, a head too large) are JSON in
+the services' error format too, instead of gunicorn's HTML page.
 """
 
 from __future__ import annotations
 
+import html
+import json
+import logging
+import re
+import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.workers.gthread import _DEFER, ThreadWorker
+from werkzeug.exceptions import RequestTimeout
+
+from mailpipe.config import HttpConfig
+
+log = logging.getLogger(__name__)
 
 WsgiApp = Callable[..., Any]
 Build = Callable[[], tuple[WsgiApp, Callable[[], None]]]
+
+DEFAULT_BUFFER_BYTES = 1024 * 1024
+_HEAD_END = b"\r\n\r\n"
+# gunicorn's own ceiling for a request head is about 800 KiB (request line + 100 fields of 8 KiB);
+# a head still unfinished past this goes to gunicorn, which answers 431/414.
+_MAX_BUFFERED_HEAD = 64 * 1024
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_EXPECT_LINE = re.compile(rb"\r\nexpect[ \t]*:[ \t]*100-continue[ \t]*(?=\r\n)", re.IGNORECASE)
+
+
+class RequestReadTimeout(RequestTimeout):
+    """A request did not arrive within the read timeout (408; the app answers it as JSON)."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(
+            f"the request did not arrive within {timeout:g} s of its first byte "
+            "(MAILPIPE_HTTP_READ_TIMEOUT): send the whole request at once"
+        )
+
+
+class _RequestSocket:
+    """A client socket as gunicorn sees it: reading a request stops at the request's deadline.
+
+    Also holds the bytes of the request being buffered. Everything else is the socket's own.
+    """
+
+    def __init__(self, sock: socket.socket, read_timeout: float) -> None:
+        self.raw = sock
+        self.read_timeout = read_timeout
+        self.deadline: float | None = None  # set at the request's first byte
+        self.pending = bytearray()
+        self.closing = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def next_request(self) -> None:
+        """The request was answered (or abandoned): the next one starts afresh."""
+        self.deadline = None
+        self.pending = bytearray()
+
+    def shutdown(self, how: int) -> None:
+        self.raw.shutdown(how)
+        if how != socket.SHUT_RD:
+            # gunicorn's graceful close now drains the client's unread bytes for up to 2 s, on
+            # the worker's main loop: a client that keeps sending would stall it. It gets what
+            # has already arrived, and no wait.
+            self.closing = True
+
+    def settimeout(self, value: float | None) -> None:
+        self.raw.settimeout(0.0 if self.closing else value)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if self.closing:
+            self.raw.settimeout(0.0)  # BlockingIOError (an OSError) ends the drain
+            return self.raw.recv(bufsize, flags)
+        if self.deadline is None:
+            return self.raw.recv(bufsize, flags)
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise RequestReadTimeout(self.read_timeout)
+        previous = self.raw.gettimeout()
+        self.raw.settimeout(remaining if previous is None else min(previous, remaining))
+        try:
+            return self.raw.recv(bufsize, flags)
+        except TimeoutError as exc:
+            raise RequestReadTimeout(self.read_timeout) from exc
+        finally:
+            self.raw.settimeout(previous)
+
+    def _responding(self, data: bytes | bytearray | memoryview) -> None:
+        # Once the answer starts, reads (gunicorn draining an unread body) are not the request's
+        # any more; "100 Continue" is not the answer.
+        if not bytes(data[:10]).startswith(b"HTTP/1.1 1"):
+            self.deadline = None
+
+    def send(self, data: bytes, flags: int = 0) -> int:
+        self._responding(data)
+        return self.raw.send(data, flags)
+
+    def sendall(self, data: bytes, flags: int = 0) -> None:
+        self._responding(data)
+        self.raw.sendall(data, flags)
+
+
+def _request_complete(data: bytearray) -> bool:
+    """Whether ``data`` holds a whole request gunicorn can parse without waiting (or a request
+    gunicorn will refuse at once: then it should see it now)."""
+    head_end = data.find(_HEAD_END)
+    if head_end < 0:
+        # gunicorn refuses a bare LF line ending, and too long a head, without waiting for more.
+        return data.count(b"\n") != data.count(b"\r\n") or len(data) > _MAX_BUFFERED_HEAD
+    length: bytes | None = None
+    chunked = False
+    for line in bytes(data[:head_end]).split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = value.strip()
+        elif name == b"transfer-encoding":
+            chunked = b"chunked" in value.lower()
+    body = len(data) - head_end - len(_HEAD_END)
+    if chunked:
+        # A guess (a chunk may end with these bytes too): too early only means the thread reads
+        # the rest, still within the deadline.
+        return data.endswith(b"0\r\n\r\n")
+    if length is None or not length.isdigit() or len(length) > 15:
+        return True  # no body, or one gunicorn/the app refuses from the header alone
+    return body >= int(length)
+
+
+class BufferingThreadWorker(ThreadWorker):
+    """gunicorn's gthread worker, with each request read into memory before a thread runs it.
+
+    ``read_timeout`` and ``buffer_bytes`` are set on a subclass by :func:`worker_class`.
+    """
+
+    read_timeout: float = HttpConfig.read_timeout
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES
+
+    def handle(self, conn: Any) -> Any:
+        sock = conn.sock
+        if not isinstance(sock, _RequestSocket):
+            sock = conn.sock = _RequestSocket(conn.sock, self.read_timeout)
+        state = self._read_available(conn, sock)
+        if state == "wait":
+            return _DEFER  # back to the poller until more arrives (or keepalive_timeout ends)
+        if state == "expired":
+            self._answer_timeout(sock)
+        if state != "complete":
+            sock.next_request()
+            return False  # gunicorn closes the connection
+        # Past here gunicorn parses and the app runs; the buffered bytes come first.
+        conn.data_ready = True  # skip gthread's own wait for a first byte
+        sock.raw.setblocking(True)
+        conn.init()
+        conn.parser.unreader.unread(sock.pending)  # copied into the parser's buffer
+        sock.pending = bytearray()
+        try:
+            return super().handle(conn)
+        finally:
+            sock.next_request()
+
+    def _read_available(self, conn: Any, sock: _RequestSocket) -> str:
+        """Read what has arrived without blocking: complete | wait | expired | closed."""
+        if conn.parser is not None:
+            # Bytes of this request gunicorn read ahead with the previous one (pipelining).
+            sock.pending += conn.parser.unreader.take_buffered()
+        if sock.pending and sock.deadline is None:
+            sock.deadline = time.monotonic() + self.read_timeout
+        sock.raw.setblocking(False)
+        complete = _request_complete(sock.pending)
+        while not complete and len(sock.pending) < self.buffer_bytes:
+            try:
+                chunk = sock.raw.recv(min(262144, self.buffer_bytes - len(sock.pending)))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                return "closed"
+            if not chunk:
+                return "closed"  # the client left before its request was complete
+            if sock.deadline is None:
+                sock.deadline = time.monotonic() + self.read_timeout
+            sock.pending += chunk
+            self._expect_continue(sock)
+            complete = _request_complete(sock.pending)
+        if complete or len(sock.pending) >= self.buffer_bytes:
+            return "complete"
+        if sock.deadline is not None and time.monotonic() >= sock.deadline:
+            return "expired"
+        return "wait"
+
+    @staticmethod
+    def _expect_continue(sock: _RequestSocket) -> None:
+        """Answer ``Expect: 100-continue`` here, so the client sends its body while the request
+        is still being buffered; the header is taken out so gunicorn does not answer it again."""
+        head_end = sock.pending.find(_HEAD_END)
+        if head_end < 0:
+            return
+        head = bytes(sock.pending[: head_end + 2])
+        request_line = head.split(b"\r\n", 1)[0]
+        if not request_line.endswith(b"HTTP/1.1") or not _EXPECT_LINE.search(head):
+            return
+        try:
+            sock.raw.send(_CONTINUE)
+        except OSError:
+            return  # the client is gone; reading will tell
+        sock.pending[: head_end + 2] = _EXPECT_LINE.sub(b"", head)
+
+    def _answer_timeout(self, sock: _RequestSocket) -> None:
+        self.log.info("closing a connection whose request did not arrive in time")
+        error = RequestReadTimeout(self.read_timeout)
+        _write_json_error(sock.raw, 408, "Request Timeout", str(error.description))
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        """gunicorn's own answers (malformed request, head too large, a timeout while it read
+        the head), in the services' JSON error format instead of an HTML page."""
+        target = client.raw if isinstance(client, _RequestSocket) else client
+        if isinstance(exc, RequestReadTimeout):
+            self.log.info("closing a connection whose request head did not arrive in time")
+            _write_json_error(target, 408, "Request Timeout", str(exc.description))
+            return
+        captured = _CapturedAnswer()
+        super().handle_error(req, captured, addr, exc)
+        status, reason, message = captured.parsed()
+        _write_json_error(target, status, reason, message)
+
+
+class _CapturedAnswer:
+    """Stands in for the client socket while gunicorn writes its HTML error page."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def gettimeout(self) -> float:
+        return 0.0
+
+    def setblocking(self, _flag: bool) -> None:
+        return None
+
+    def sendall(self, data: bytes) -> None:
+        self.data += data
+
+    def parsed(self) -> tuple[int, str, str]:
+        text = self.data.decode("latin-1")
+        match = re.match(r"HTTP/1\.1 (\d{3}) ([^\r\n]*)", text)
+        status, reason = (int(match[1]), match[2]) if match else (500, "Internal Server Error")
+        body = re.search(r"</h1>\s*(.*?)\s*</body>", text, re.DOTALL)
+        message = html.unescape(body[1]) if body and body[1] else reason
+        return status, reason, message
+
+
+def _write_json_error(sock: Any, status: int, reason: str, message: str) -> None:
+    code = reason.lower().replace(" ", "_").replace("-", "_") or "error"
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    try:
+        sock.setblocking(False)  # never wait on a client that does not read
+        sock.sendall(head.encode("latin-1") + body)
+    except OSError:
+        log.debug("could not send the error answer: the client is gone or not reading")
+
+
+def worker_class(http: HttpConfig, *, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> type[Any]:
+    """The worker class gunicorn runs, with ``http``'s read timeout."""
+    return type(
+        "MailpipeThreadWorker",
+        (BufferingThreadWorker,),
+        {"read_timeout": http.read_timeout, "buffer_bytes": buffer_bytes},
+    )
 
 
 class _Server(BaseApplication):
@@ -43,19 +330,23 @@ def serve_wsgi(
     *,
     host: str,
     port: int,
+    http: HttpConfig | None = None,
     threads: int = 16,
     graceful_timeout: int = 8,
 ) -> None:
-    """Serve ``build()``'s app on ``host:port`` with one gthread worker until SIGTERM/SIGINT.
+    """Serve ``build()``'s app on ``host:port`` with one buffering gthread worker until
+    SIGTERM/SIGINT.
 
     One worker with threads: the process holds one Pub/Sub client and one SMTP pool; Cloud Run
     scales by instances. ``graceful_timeout`` stays under Cloud Run's 10 s SIGTERM grace period.
     """
+    http = http or HttpConfig()
     options: dict[str, Any] = {
         "bind": f"{host}:{port}",
         "workers": 1,
-        "worker_class": "gthread",
+        "worker_class": worker_class(http),
         "threads": threads,
+        "keepalive": http.keepalive_timeout,
         "timeout": 0,  # Cloud Run enforces the request timeout; the arbiter must not kill us
         "graceful_timeout": graceful_timeout,
         "accesslog": None,

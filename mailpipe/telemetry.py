@@ -14,6 +14,25 @@
 ``MAILPIPE_METRICS_PORT`` adds a Prometheus endpoint on 127.0.0.1 in any mode. Sampling is
 ``ParentBased(TraceIdRatioBased(MAILPIPE_TRACE_SAMPLE_RATIO))``. Nothing happens at import time.
 
+When telemetry leaves the process (Cloud Run)
+---------------------------------------------
+* **Spans** are batched (``BatchSpanProcessor``: every 5 s or 512 spans). On top of that the
+  services wrap each request in :class:`IdleSpanFlush`: when the *last* request in flight on the
+  process finishes, its spans are exported before its response is sent. With request-based
+  billing Cloud Run throttles the CPU as soon as no request is in flight, so nothing may wait for
+  the batch timer then; while other requests are in flight the CPU stays allocated and the batch
+  processor works as usual. Export calls therefore follow the instance's idle transitions, not
+  the request rate (Cloud Trace allows 4,800 write calls a minute per project: a flush per request
+  at 500 requests/s would need 30,000).
+* **Metrics** are never flushed on demand: :meth:`Telemetry.force_flush` flushes spans only.
+  Cloud Monitoring refuses a point written to a time series sooner than its sampling period after
+  the previous one ("One or more points were written more frequently than the maximum sampling
+  period"), so the GCP metric exporter runs on its own 60 s period and once more at shutdown
+  (SIGTERM), and :class:`SpacedMetricExporter` holds back any export that would come sooner than
+  ``MIN_METRIC_WRITE_SPACING_SECONDS`` after the previous one. In gcp mode each process writes its
+  own series: ``service.instance.id`` (the monitored resource's task id) is Cloud Run's instance
+  id when known, else the SDK's random per-process id.
+
 Errors (translated in ``_translate``, the originals chained)::
 
     TelemetryError
@@ -55,7 +74,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,8 +86,14 @@ from opentelemetry import trace as trace_api
 from opentelemetry.context import Context
 from opentelemetry.propagate import set_global_textmap
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricExportResult,
+    MetricReader,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
@@ -110,10 +138,14 @@ class Telemetry:
         """A tracer from this service's provider (not the global one)."""
         return self.tracer_provider.get_tracer(name)
 
-    def force_flush(self, timeout_millis: int = 5000) -> None:
-        """Export buffered spans and metrics now (Cloud Run push handlers: before returning)."""
-        self.tracer_provider.force_flush(timeout_millis)
-        self.meter_provider.force_flush(timeout_millis)
+    def force_flush(self, timeout_millis: int = 5000) -> bool:
+        """Export buffered **spans** now (see :class:`IdleSpanFlush` for when the services do).
+
+        Metrics are deliberately left alone: they go out on their reader's period and at
+        :meth:`shutdown`. A metric export per call would write every time series each time, and
+        Cloud Monitoring refuses points written faster than its sampling period.
+        """
+        return self.tracer_provider.force_flush(timeout_millis)
 
     def shutdown(self) -> None:
         """Flush and stop exporting spans and metrics; stop the Prometheus endpoint. Idempotent."""
@@ -213,6 +245,177 @@ def _translate(exc: Exception, config: TelemetryConfig) -> TelemetryError:
     return TelemetryError(f"cannot set up MAILPIPE_TRACES={config.traces}: {exc}")
 
 
+# --- getting spans out before Cloud Run throttles the CPU -----------------------------------------
+
+REMOTE_TRACE_MODES = ("gcp", "otlp")
+SPAN_FLUSH_TIMEOUT_SECONDS = 2.0
+
+WsgiApp = Callable[..., Iterable[bytes]]
+
+
+class IdleSpanFlush:
+    """Exports spans when the last request in flight on this process finishes, before it answers.
+
+    Cloud Run with request-based billing throttles an instance's CPU as soon as it has no request
+    in flight; a span still in the batch processor's queue then waits for the next request or for
+    shutdown. So each request runs inside :meth:`request`, and the one that leaves the process
+    idle flushes the spans (its own and any others still queued) before its response is sent.
+    While other requests are in flight the CPU stays allocated and nothing is flushed: the batch
+    processor exports as usual, so export calls follow idle transitions, not the request rate.
+
+    Requests that become idle while a flush is running share the next one. A flush waits at most
+    ``timeout_seconds`` (a slow or unreachable backend must not hold the answer); it then goes on
+    in the background. ``flush`` is ``Telemetry.force_flush`` (spans only).
+    """
+
+    def __init__(
+        self, flush: Callable[[], object], *, timeout_seconds: float = SPAN_FLUSH_TIMEOUT_SECONDS
+    ) -> None:
+        self._flush = flush
+        self._timeout = timeout_seconds
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._next_round: threading.Event | None = None  # the flush not yet started
+        self._worker: threading.Thread | None = None
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """Count one request in flight; flush on the way out if it was the last one."""
+        with self._cond:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._in_flight -= 1
+                idle = self._in_flight == 0
+            if idle:
+                self.flush()
+
+    def flush(self) -> bool:
+        """Export the queued spans now; True if that finished within the timeout."""
+        with self._cond:
+            if self._next_round is None:
+                self._next_round = threading.Event()
+                self._cond.notify()
+            done = self._next_round
+            if self._worker is None or not self._worker.is_alive():  # lazily, after any fork
+                self._worker = threading.Thread(
+                    target=self._run, name="mailpipe-span-flush", daemon=True
+                )
+                self._worker.start()
+        if done.wait(self._timeout):
+            return True
+        _log.warning(
+            "exporting spans took longer than %.1f s; answering without waiting for it",
+            self._timeout,
+        )
+        return False
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._next_round is None:
+                    self._cond.wait()
+                this_round, self._next_round = self._next_round, None
+            try:
+                self._flush()
+            except Exception:  # an exporter failure must not kill the flushing thread
+                _log.exception("span flush failed")
+            finally:
+                this_round.set()
+
+    def wsgi(self, app: WsgiApp) -> WsgiApp:
+        """``app`` wrapped so each request counts, and the last one flushes before answering.
+
+        Wrap the outermost app (outside the Flask instrumentation): its server span ends when
+        Flask tears the request down, inside ``app(...)``, before the WSGI server writes the
+        response; the flush runs after that and before the body is handed back to the server.
+        """
+
+        def middleware(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+            with self.request():
+                return app(environ, start_response)
+
+        return middleware
+
+
+def idle_span_flush(config: TelemetryConfig, telemetry: Telemetry) -> IdleSpanFlush | None:
+    """The services' per-request span flush, or None where no exporter leaves the machine
+    (``file`` and ``none`` modes: nothing throttles a local process)."""
+    if config.traces not in REMOTE_TRACE_MODES:
+        return None
+    return IdleSpanFlush(telemetry.force_flush)
+
+
+# --- metrics never written faster than Cloud Monitoring accepts ----------------------------------
+
+GCP_METRIC_EXPORT_INTERVAL_MILLIS = 60_000
+# Cloud Monitoring accepts one point per time series every 5-10 s (the exporter's WRITE_INTERVAL
+# is 10); 10 s between writes of the same series is always accepted.
+MIN_METRIC_WRITE_SPACING_SECONDS = 10.0
+# How long an early export (the last one, at shutdown) may wait for the spacing; Cloud Run gives a
+# stopping instance 10 s after SIGTERM.
+MAX_METRIC_EXPORT_DELAY_SECONDS = 4.0
+
+
+class SpacedMetricExporter(MetricExporter):
+    """Wraps a metric exporter so two exports are never closer than ``min_spacing_seconds``.
+
+    Every export writes one point per time series, so spacing the exports spaces the points. The
+    periodic reader's exports are 60 s apart; an export that comes sooner (the final one at
+    shutdown, or any ``force_flush``) waits for the spacing if that takes at most
+    ``max_delay_seconds``, and is otherwise skipped: the data is cumulative, so the previous
+    export already holds all but the last few seconds. Clock and sleep are injectable for tests.
+    """
+
+    def __init__(
+        self,
+        exporter: MetricExporter,
+        *,
+        min_spacing_seconds: float = MIN_METRIC_WRITE_SPACING_SECONDS,
+        max_delay_seconds: float = MAX_METRIC_EXPORT_DELAY_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        super().__init__(
+            preferred_temporality=exporter._preferred_temporality,
+            preferred_aggregation=exporter._preferred_aggregation,
+        )
+        self.exporter = exporter
+        self._min_spacing = min_spacing_seconds
+        self._max_delay = max_delay_seconds
+        self._clock = clock
+        self._sleep = sleep
+        self._last_export: float | None = None
+        self._lock = threading.Lock()
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        with self._lock:
+            if self._last_export is not None:
+                wait = self._last_export + self._min_spacing - self._clock()
+                if wait > self._max_delay:
+                    _log.info(
+                        "metric export skipped: the previous one was %.1f s ago and Cloud "
+                        "Monitoring accepts one point per series every %.0f s",
+                        self._min_spacing - wait,
+                        self._min_spacing,
+                    )
+                    return MetricExportResult.SUCCESS
+                if wait > 0:
+                    self._sleep(wait)
+            self._last_export = self._clock()
+            return self.exporter.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self.exporter.force_flush(timeout_millis=timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self.exporter.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
 # --- resource ------------------------------------------------------------------------------------
 
 
@@ -226,7 +429,14 @@ def build_resource(
     base = Resource.create({**(resource_attributes or {}), SERVICE_NAME: config.service_name})
     if config.traces != "gcp":
         return base
-    return detect_gcp_resource(timeout=detection_timeout).merge(base)
+    detected = detect_gcp_resource(timeout=detection_timeout).merge(base)
+    # Cloud Monitoring keys a series on its resource (generic_task: task_id = service.instance.id):
+    # one id per process, so two instances never write the same series. The SDK gives each
+    # process a random one; Cloud Run's instance id, when known, says which instance it was.
+    instance = detected.attributes.get("faas.instance") or detected.attributes.get(
+        SERVICE_INSTANCE_ID
+    )
+    return detected.merge(Resource({SERVICE_INSTANCE_ID: str(instance or uuid.uuid4())}))
 
 
 def detect_gcp_resource(
@@ -303,8 +513,12 @@ def _metric_readers_for(
 
         return [
             PeriodicExportingMetricReader(
-                CloudMonitoringMetricsExporter(project_id=project_id, client=client),
-                export_interval_millis=60_000,  # Cloud Monitoring: ≥ 10 s between points
+                SpacedMetricExporter(
+                    CloudMonitoringMetricsExporter(project_id=project_id, client=client)
+                ),
+                # One point per series per minute: the rate Cloud Monitoring's own guidance and
+                # the exporter's examples use, far from the 5-10 s sampling limit.
+                export_interval_millis=GCP_METRIC_EXPORT_INTERVAL_MILLIS,
             )
         ]
     if config.traces == "otlp":

@@ -1,7 +1,8 @@
 """The publisher's HTTP API (Flask): accept a mail, publish it, answer 202 with its ids.
 
 A mail is answered 202 only after Pub/Sub has confirmed the publish; every failure before that
-answers with a JSON error and leaves nothing half-accepted (the record's reservation is released).
+answers with a JSON error and leaves nothing half-accepted (the record's reservation is released,
+whatever the exception). Idempotency keys (scope, fingerprint, lifetime): publisher/idempotency.py.
 
 Errors are JSON: ``{"error": {"code": "...", "message": "...", "fields": {...}}}``.
 """
@@ -9,22 +10,38 @@ Errors are JSON: ``{"error": {"code": "...", "message": "...", "fields": {...}}}
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from opentelemetry import trace
 from opentelemetry.instrumentation.flask import FlaskInstrumentor
 from pydantic import ValidationError
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from mailpipe.config import PublisherConfig
+from mailpipe.httpjson import JsonBodyError, error_response, install_json_errors, parse_json
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.metrics import MailMetrics
-from mailpipe.record import DeliveryRecord, MailStatus, RecordError, RecordUnavailable
-from publisher.openapi import openapi_document
+from mailpipe.reconcile import diagnose, survey
+from mailpipe.record import (
+    DeliveryRecord,
+    MailRecord,
+    MailStatus,
+    RecordError,
+    RecordUnavailable,
+)
+from publisher.idempotency import (
+    IDEMPOTENCY_HEADER,
+    CallerIdentity,
+    InvalidIdempotencyHeader,
+    caller_scope,
+    header_key,
+    request_fingerprint,
+)
+from publisher.openapi import MAIL_ID_PATTERN, openapi_document
 from publisher.pubsub import MailPublisher, MailTooLarge, PublishError
 
 log = logging.getLogger(__name__)
@@ -32,7 +49,8 @@ log = logging.getLogger(__name__)
 # Big enough for Pub/Sub's 10 MB message limit plus JSON framing; the exact limit is checked on
 # the encoded mail (413 either way).
 MAX_REQUEST_BYTES = 10 * 1024 * 1024
-IDEMPOTENCY_HEADER = "Idempotency-Key"
+STATS_STUCK_MAILS = 20  # stuck mails /v1/stats lists (all are counted); the CLI lists them all
+_MAIL_ID = re.compile(MAIL_ID_PATTERN)
 
 
 class ApiError(Exception):
@@ -46,17 +64,6 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.fields = dict(fields or {})
-
-
-def error_response(
-    status: int, code: str, message: str, fields: Mapping[str, str] | None = None
-) -> Response:
-    body: dict[str, Any] = {"code": code, "message": message}
-    if fields:
-        body["fields"] = dict(fields)
-    response = jsonify({"error": body})
-    response.status_code = status
-    return response
 
 
 def _field_errors(exc: ValidationError) -> dict[str, str]:
@@ -86,16 +93,25 @@ def _parse_json_body() -> Any:
             f"send the mail as JSON with 'Content-Type: application/json' "
             f"(got {request.mimetype or 'no content type'!r})",
         )
-    raw = request.get_data(cache=False)
     try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ApiError(
-            400, "invalid_encoding", f"the body is not valid UTF-8: {exc.reason}"
-        ) from exc
-    except json.JSONDecodeError as exc:
-        raise ApiError(
-            400, "invalid_json", f"the body is not valid JSON: {exc.msg} at line {exc.lineno}"
+        return parse_json(request.get_data(cache=False))
+    except JsonBodyError as exc:
+        raise ApiError(400, exc.code, exc.message, exc.fields) from exc
+
+
+def _since(text: str) -> dt.datetime:
+    """``since`` as an aware UTC time; ValueError names what is wrong."""
+    try:
+        since = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise ValueError("must be an ISO 8601 time such as 2026-11-23T10:00:00Z") from exc
+    try:
+        # Naive times are UTC; an offset at the calendar's edge (0001-01-01T00:00+01:00) has
+        # no UTC equivalent.
+        return since.replace(tzinfo=dt.UTC) if since.tzinfo is None else since.astimezone(dt.UTC)
+    except OverflowError as exc:
+        raise ValueError(
+            "is outside the times the record holds (0001-01-01 to 9999-12-31 in UTC)"
         ) from exc
 
 
@@ -106,8 +122,16 @@ def create_app(
     record: DeliveryRecord,
     metrics: MailMetrics | None = None,
     tracer_provider: trace.TracerProvider | None = None,
+    identify_caller: CallerIdentity | None = None,
+    clock: Callable[[], dt.datetime] | None = None,
 ) -> Flask:
-    """Build the publisher app. Collaborators are injected; nothing global is touched."""
+    """Build the publisher app. Collaborators are injected; nothing global is touched.
+
+    ``identify_caller(request)`` names the caller; its idempotency keys are scoped to that name
+    (``None``, or no function: one shared scope). ``clock`` is the time ``/v1/stats`` and the
+    records' ``stuck`` field are judged at (default: now, UTC).
+    """
+    now = clock or (lambda: dt.datetime.now(dt.UTC))
     app = Flask("mailpipe.publisher")
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -127,15 +151,8 @@ def create_app(
             "limited to 10 MB: send fewer or smaller attachments",
         )
 
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
-        code = (exc.name or "error").lower().replace(" ", "_")
-        return error_response(exc.code or 500, code, exc.description or exc.name or "error")
-
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Response:
-        log.exception("unexpected error while handling %s %s", request.method, request.path)
-        return error_response(500, "internal", "an unexpected error occurred; it has been logged")
+    # Every other status (404, 405, 408, unexpected exceptions as 500) is JSON too.
+    install_json_errors(app, not_found_hint="the API's paths are listed at /openapi.json", log=log)
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -152,10 +169,15 @@ def create_app(
             raise ApiError(
                 400, "invalid_request", "the body must be a JSON object describing a mail"
             )
-        header_key = request.headers.get(IDEMPOTENCY_HEADER)
-        if header_key is not None:
+        try:
+            key_in_header = header_key(request)
+        except InvalidIdempotencyHeader as exc:
+            raise ApiError(
+                400, "invalid_request", str(exc), {IDEMPOTENCY_HEADER: str(exc)}
+            ) from exc
+        if key_in_header is not None:
             body_key = payload.get("idempotency_key")
-            if body_key is not None and body_key != header_key:
+            if body_key is not None and body_key != key_in_header:
                 raise ApiError(
                     400,
                     "invalid_request",
@@ -163,7 +185,7 @@ def create_app(
                     "same value in both",
                     {"idempotency_key": "differs from the Idempotency-Key header"},
                 )
-            payload = {**payload, "idempotency_key": header_key}
+            payload = {**payload, "idempotency_key": key_in_header}
         try:
             mail_request = MailRequest.model_validate(payload)
         except ValidationError as exc:
@@ -185,15 +207,20 @@ def create_app(
             )
 
         mail = QueuedMail.accept(mail_request)
-        if mail_request.idempotency_key is not None:
+        reserved = mail_request.idempotency_key is not None
+        if reserved:
             # Only a key needs claiming before the publish (so a retry never publishes twice);
             # a mail without one gets its record in one write after the publish.
+            fingerprint = request_fingerprint(mail_request)
             try:
                 reservation = record.reserve(
                     mail_id=mail.mail_id,
                     accepted_at=mail.accepted_at,
                     recipient_domains=mail_request.recipient_domains,
                     idempotency_key=mail_request.idempotency_key,
+                    idempotency_scope=caller_scope(identify_caller, request),
+                    request_hash=fingerprint,
+                    reservation_seconds=config.idempotency_reservation_seconds,
                 )
             except RecordError as exc:
                 log.error("delivery record unavailable, refusing the mail: %s", exc)
@@ -201,16 +228,20 @@ def create_app(
                     503, "record_unavailable", "the delivery record is unavailable; retry later"
                 ) from exc
             if not reservation.created:
-                return _idempotent_replay(reservation.record)
+                return _idempotent_replay(reservation.record, fingerprint)
 
-        span = trace.get_current_span()
-        if span.is_recording():
-            span.set_attribute("mailpipe.mail_id", mail.mail_id)
         try:
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.set_attribute("mailpipe.mail_id", mail.mail_id)
             message_id = publisher.publish(mail)
-        except PublishError as exc:
-            if mail_request.idempotency_key is not None:
+        except BaseException as exc:
+            # Whatever failed before Pub/Sub confirmed, the key must not stay held: release it
+            # (a process killed here leaves it until it expires; see mailpipe/reconcile.py).
+            if reserved:
                 _release(record, mail.mail_id)
+            if not isinstance(exc, PublishError):
+                raise
             if isinstance(exc, MailTooLarge):
                 raise ApiError(413, "mail_too_large", str(exc)) from exc
             log.error("publish failed for mail %s: %s", mail.mail_id, exc)
@@ -229,7 +260,7 @@ def create_app(
                 accepted_at=mail.accepted_at,
                 recipient_domains=mail_request.recipient_domains,
             )
-        except RecordError:
+        except Exception:
             # The mail IS on Pub/Sub: the subscriber's claim creates or completes the record, so
             # answering 202 is right. Failing here would make the client send it twice.
             log.warning("could not mark mail %s queued; the subscriber will", mail.mail_id)
@@ -243,7 +274,16 @@ def create_app(
         response.headers["Location"] = f"/v1/messages/{mail.mail_id}"
         return response, 202
 
-    def _idempotent_replay(held: Any) -> tuple[Response, int]:
+    def _idempotent_replay(held: MailRecord, fingerprint: str) -> tuple[Response, int]:
+        # Held by a record without a fingerprint (written before there were any): cannot tell.
+        if held.request_hash is not None and held.request_hash != fingerprint:
+            raise ApiError(
+                422,
+                "idempotency_key_reused",
+                "this idempotency_key was already used for a different mail; use a new key for a "
+                "new mail, and the same key only to retry the very same request",
+                {"idempotency_key": "was used before with a different request"},
+            )
         if held.status == MailStatus.ACCEPTING:
             raise ApiError(
                 409,
@@ -257,10 +297,27 @@ def create_app(
 
     @app.get("/v1/messages/<mail_id>")
     def get_message(mail_id: str) -> Response:
+        if not _MAIL_ID.fullmatch(mail_id):
+            # No mail has such an id. Checked before the record: an id such as "..", "__x__"
+            # or one with a lone surrogate must never become a Firestore document path.
+            raise ApiError(
+                404,
+                "not_found",
+                f"no mail has the id {mail_id[:80]!r}: use a mail_id POST /v1/messages answered",
+                {
+                    "mail_id": "must be a mail id: a UUID in lowercase hex such as "
+                    "01a20a30-daab-780b-bf17-2cf98734ba05"
+                },
+            )
         found = _record_call(lambda: record.get(mail_id))
         if found is None:
             raise ApiError(404, "not_found", f"no mail with id {mail_id!r} is in the record")
-        return jsonify(found.to_json())
+        return jsonify(_record_json(found, now()))
+
+    def _record_json(found: MailRecord, at: dt.datetime) -> dict[str, Any]:
+        """A record as the API shows it, with ``stuck`` when reconcile would settle it."""
+        stuck = diagnose(found, now=at, grace_seconds=config.reconcile_grace_seconds)
+        return {**found.to_json(), "stuck": stuck.to_json(at) if stuck else None}
 
     @app.get("/v1/messages")
     def list_messages() -> Response:
@@ -275,11 +332,9 @@ def create_app(
         since = None
         if request.args.get("since"):
             try:
-                since = dt.datetime.fromisoformat(request.args["since"])
-                if since.tzinfo is None:
-                    since = since.replace(tzinfo=dt.UTC)
-            except ValueError:
-                fields["since"] = "must be an ISO 8601 time such as 2026-11-23T10:00:00Z"
+                since = _since(request.args["since"])
+            except ValueError as exc:
+                fields["since"] = str(exc)
         try:
             limit = int(request.args.get("limit", "100"))
             if not 1 <= limit <= 1000:
@@ -306,23 +361,29 @@ def create_app(
                 "the query is invalid: fix the fields listed",
                 {"page_token": "is not a page token this API returned"},
             ) from exc
+        at = now()
         return jsonify(
             {
-                "items": [item.to_json() for item in page.items],
+                "items": [_record_json(item, at) for item in page.items],
                 "next_page_token": page.next_page_token,
             }
         )
 
     @app.get("/v1/stats")
     def stats() -> Response:
+        at = now()
         oldest = _record_call(record.oldest_undelivered)
         age = None
         if oldest is not None:
-            age = (dt.datetime.now(dt.UTC) - oldest.accepted_at).total_seconds()
+            age = (at - oldest.accepted_at).total_seconds()
+        found = _record_call(
+            lambda: survey(record, now=at, grace_seconds=config.reconcile_grace_seconds)
+        )
         return jsonify(
             {
                 "oldest_undelivered_mail_id": oldest.mail_id if oldest else None,
                 "oldest_undelivered_age_seconds": age,
+                "stuck": found.to_json(max_mails=STATS_STUCK_MAILS),
             }
         )
 

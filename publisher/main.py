@@ -8,15 +8,20 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Callable, Mapping
+from typing import cast
 
+import flask
 from flask import Flask
 
 from mailpipe.config import PublisherConfig
 from mailpipe.logs import configure_logging
+from mailpipe.oidc import GOOGLE_JWKS_URL, TokenError, TokenKeysUnavailable, identify_caller
+from mailpipe.reconcile import stuck_counts
 from mailpipe.record import DeliveryRecord, open_record
 from mailpipe.serving import serve_wsgi
-from mailpipe.telemetry import setup_telemetry
-from publisher.app import create_app
+from mailpipe.telemetry import Telemetry, idle_span_flush, setup_telemetry
+from publisher.app import ApiError, create_app
+from publisher.idempotency import CallerIdentity
 from publisher.pubsub import PubSubMailPublisher
 
 
@@ -35,25 +40,70 @@ def oldest_undelivered_age(
     return age
 
 
-def build_app(config: PublisherConfig) -> tuple[Flask, Callable[[], None]]:
-    """Wire the production collaborators; returns the app and its ``close()``."""
-    telemetry = setup_telemetry(config.telemetry)
+def caller_identity(*, local_mode: bool, jwks_url: str = GOOGLE_JWKS_URL) -> CallerIdentity:
+    """Who is calling, for idempotency-key scopes: the invoker Cloud Run IAM verified.
+
+    The publisher sits behind Cloud Run IAM (Terraform grants ``run.invoker`` to named callers
+    only), which checks the caller's ID token and strips its signature; the token's claims name
+    the caller (:func:`mailpipe.oidc.identify_caller`). Local mode has no front and no token: one
+    shared scope. An unacceptable token answers 401 (503 while Google's keys cannot be fetched).
+    """
+
+    def identify(request: flask.Request) -> str | None:
+        try:
+            # werkzeug's Headers is no Mapping subclass but reads like one (get is case-blind).
+            headers = cast("Mapping[str, str]", request.headers)
+            return identify_caller(headers, local_mode=local_mode, jwks_url=jwks_url)
+        except TokenKeysUnavailable as exc:
+            raise ApiError(503, "auth_unavailable", f"{exc}; retry later") from exc
+        except TokenError as exc:
+            raise ApiError(
+                401,
+                "unauthenticated",
+                f"{exc}. Call the publisher with a Google-signed ID token for its URL "
+                "(Authorization: Bearer ...), as Cloud Run IAM requires.",
+            ) from exc
+
+    return identify
+
+
+def build_app(
+    config: PublisherConfig, *, telemetry: Telemetry | None = None
+) -> tuple[Flask, Callable[[], None]]:
+    """Wire the production collaborators; returns the app and its ``close()``.
+
+    ``telemetry`` replaces the one built from the config (tests pass stand-ins for Google's
+    exporters' clients there).
+    """
+    telemetry = telemetry or setup_telemetry(config.telemetry)
     configure_logging(config.telemetry, project=config.pubsub.project)
     publisher = PubSubMailPublisher(config.pubsub, timeout=config.publish_timeout)
     record = open_record(config.record)
     # The lag alert's metric (delivery lagging > 10 min); read at each metric collection.
     telemetry.metrics.set_oldest_undelivered_source(oldest_undelivered_age(record))
+    # What `mailpipe reconcile --fix` would settle, for an alert on stuck records.
+    telemetry.metrics.set_stuck_source(
+        stuck_counts(record, grace_seconds=config.reconcile_grace_seconds)
+    )
     app = create_app(
         config,
         publisher=publisher,
         record=record,
         metrics=telemetry.metrics,
         tracer_provider=telemetry.tracer_provider,
+        identify_caller=caller_identity(local_mode=config.pubsub.emulator_host is not None),
     )
+    span_flush = idle_span_flush(config.telemetry, telemetry)
+    if span_flush is not None:
+        # Outside the Flask instrumentation: the request's server span has ended (Flask's
+        # teardown) when the flush runs, and the flush runs before the server writes the answer,
+        # so the root span is exported before Cloud Run can throttle an idle instance.
+        app.wsgi_app = span_flush.wsgi(app.wsgi_app)  # type: ignore[method-assign]
 
     def close() -> None:
         publisher.close()
         telemetry.metrics.set_oldest_undelivered_source(None)  # the last export must not read it
+        telemetry.metrics.set_stuck_source(None)
         record.close()
         telemetry.shutdown()
 
@@ -63,4 +113,4 @@ def build_app(config: PublisherConfig) -> tuple[Flask, Callable[[], None]]:
 def serve(environ: Mapping[str, str] | None = None) -> None:
     """Read the config (failing fast) and serve until SIGTERM."""
     config = PublisherConfig.from_env(os.environ if environ is None else environ)
-    serve_wsgi(lambda: build_app(config), host=config.host, port=config.port)
+    serve_wsgi(lambda: build_app(config), host=config.host, port=config.port, http=config.http)

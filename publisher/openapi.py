@@ -14,6 +14,8 @@ from mailpipe.mail import MailRequest
 from mailpipe.record import MailStatus
 
 _REF = "#/components/schemas/{model}"
+# The text form of the ids mailpipe.mail.new_mail_id() assigns (UUIDv7, lowercase hex).
+MAIL_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -81,12 +83,31 @@ def openapi_document() -> dict[str, Any]:
                 "last_error": {"type": ["string", "null"]},
                 "replays": {"type": "array", "items": {"type": "string"}},
                 "attempts": {"type": "array", "items": {"type": "object"}},
+                "stuck": {
+                    "oneOf": [{"$ref": "#/components/schemas/StuckMail"}, {"type": "null"}],
+                    "description": "Set when `mailpipe reconcile --fix` would settle this record",
+                },
+            },
+        },
+        "StuckMail": {
+            "type": "object",
+            "required": ["mail_id", "kind", "status", "stuck_since"],
+            "properties": {
+                "mail_id": {"type": "string"},
+                "kind": {"type": "string", "enum": ["expired_reservation", "stalled_delivery"]},
+                "status": {"type": "string", "enum": [s.value for s in MailStatus]},
+                "accepted_at": {"type": "string", "format": "date-time"},
+                "stuck_since": {"type": "string", "format": "date-time"},
+                "stuck_for_seconds": {"type": "number"},
+                "attempts": {"type": "integer"},
+                "fix": {"type": "string", "description": "What `reconcile --fix` does to it"},
             },
         },
     }
     json_only = {
         "415": _error("The body is not application/json"),
         "413": _error("The body or the encoded mail exceeds Pub/Sub's 10 MB message limit"),
+        "408": _error("The request did not arrive within MAILPIPE_HTTP_READ_TIMEOUT"),
     }
     return {
         "openapi": "3.1.0",
@@ -111,7 +132,10 @@ def openapi_document() -> dict[str, Any]:
                                 "maxLength": 200,
                                 "pattern": r"^[\x21-\x7e]+$",
                             },
-                            "description": "Same as the body's idempotency_key",
+                            "description": "Same as the body's idempotency_key: a bare "
+                            'token, or a Structured Field string (`"key"`, RFC 8941) as the IETF '
+                            "Idempotency-Key draft writes it. Keys are scoped to the caller; the "
+                            "same key with a different request is refused with 422.",
                         }
                     ],
                     "requestBody": {
@@ -124,11 +148,19 @@ def openapi_document() -> dict[str, Any]:
                     },
                     "responses": {
                         "202": _json("Accepted", "Queued: Pub/Sub has the mail"),
-                        "400": _error("Invalid request; `fields` names every bad field"),
+                        "400": _error(
+                            "Invalid request (JSON deeper than 32 levels, integers over 100 "
+                            "digits, non-finite numbers, lone surrogates, invalid UTF-8 "
+                            "included); `fields` names every bad field"
+                        ),
                         "403": _error(
                             "The `from` domain is not in MAILPIPE_ALLOWED_SENDER_DOMAINS"
                         ),
                         "409": _error("The idempotency key's first request is still in flight"),
+                        "422": _error(
+                            "The idempotency key was already used for a different request "
+                            "(code idempotency_key_reused); use a new key for a new mail"
+                        ),
                         **json_only,
                         "503": _error("Pub/Sub or the delivery record is unavailable; retry"),
                     },
@@ -196,12 +228,12 @@ def openapi_document() -> dict[str, Any]:
                             "name": "mail_id",
                             "in": "path",
                             "required": True,
-                            "schema": {"type": "string"},
+                            "schema": {"type": "string", "pattern": MAIL_ID_PATTERN},
                         }
                     ],
                     "responses": {
                         "200": _json("MailRecord", "The record"),
-                        "404": _error("No such mail"),
+                        "404": _error("No such mail, or not a mail id (`fields` says so)"),
                         "503": _error("The delivery record is unavailable"),
                     },
                 }
@@ -209,7 +241,7 @@ def openapi_document() -> dict[str, Any]:
             "/v1/stats": {
                 "get": {
                     "operationId": "stats",
-                    "summary": "Delivery lag: the oldest mail not yet delivered",
+                    "summary": "Delivery lag (the oldest mail not yet delivered) and stuck records",
                     "responses": {
                         "200": {
                             "description": "Lag",
@@ -224,11 +256,28 @@ def openapi_document() -> dict[str, Any]:
                                             "oldest_undelivered_age_seconds": {
                                                 "type": ["number", "null"]
                                             },
+                                            "stuck": {
+                                                "type": "object",
+                                                "properties": {
+                                                    "expired_reservations": {"type": "integer"},
+                                                    "stalled_deliveries": {"type": "integer"},
+                                                    "unconfirmed": {"type": "integer"},
+                                                    "grace_seconds": {"type": "number"},
+                                                    "complete": {"type": "boolean"},
+                                                    "mails": {
+                                                        "type": "array",
+                                                        "items": {
+                                                            "$ref": "#/components/schemas/StuckMail"
+                                                        },
+                                                    },
+                                                },
+                                            },
                                         },
                                     }
                                 }
                             },
-                        }
+                        },
+                        "503": _error("The delivery record is unavailable"),
                     },
                 }
             },

@@ -1,9 +1,21 @@
-"""Verifying the OIDC token Pub/Sub push attaches to each request.
+"""Checking the OIDC token Pub/Sub push attaches to each request.
 
-In production the push subscription carries ``oidc_token {service_account_email, audience}`` and
-every POST has ``Authorization: Bearer <Google-signed JWT>``. We check signature (Google's JWKS),
-issuer, audience, expiry, and that the token was minted for the expected service account. The
-emulator never sends a token, so the check is off only in local mode (``PUBSUB_EMULATOR_HOST``).
+The push subscription carries ``oidc_token {service_account_email, audience}``, so every push has
+``Authorization: Bearer <Google-signed ID token>`` for that account and audience. Where the check
+happens is a deployment declaration, ``MAILPIPE_PUSH_AUTH`` (the token logic is
+:mod:`mailpipe.oidc`):
+
+``cloud-run``
+    The subscriber runs on Cloud Run with IAM in front (invoker check on, ``run.invoker`` for the
+    push account only). Cloud Run verifies the signature and the invoker, then forwards the token
+    with its signature replaced by ``SIGNATURE_REMOVED_BY_GOOGLE``; the subscriber checks the
+    claims: issuer, audience, the push account's email, ``email_verified``, expiry.
+``signature`` (default)
+    Anywhere else: the subscriber verifies the RS256 signature against Google's keys, then the
+    claims. A stripped token is refused here: without Cloud Run IAM in front, nobody verified it.
+
+The emulator never sends a token, so the check is off only in local mode (``PUBSUB_EMULATOR_HOST``)
+without ``MAILPIPE_PUSH_AUDIENCE``.
 
 Errors::
 
@@ -12,12 +24,21 @@ Errors::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-import jwt
+from mailpipe.oidc import (
+    AUTHORIZATION,
+    GOOGLE_ISSUERS,
+    GOOGLE_JWKS_URL,
+    SERVERLESS_AUTHORIZATION,
+    ExpectedToken,
+    PushAuthMode,
+    RequestAuthenticator,
+    TokenError,
+)
 
-GOOGLE_JWKS_URL = "https://www.googleapis.com/oauth2/v3/certs"
-GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
+__all__ = ["GOOGLE_ISSUERS", "GOOGLE_JWKS_URL", "PushAuthError", "PushAuthenticator"]
 
 
 class PushAuthError(Exception):
@@ -25,7 +46,7 @@ class PushAuthError(Exception):
 
 
 class PushAuthenticator:
-    """Checks ``Authorization: Bearer`` tokens on push requests.
+    """Checks the push request's ID token in ``mode`` (see the module docstring).
 
     ``jwks_url`` is Google's by default; tests point it at a local JWKS on loopback.
     """
@@ -35,40 +56,41 @@ class PushAuthenticator:
         *,
         audience: str,
         service_account_email: str | None = None,
+        mode: PushAuthMode = "signature",
         jwks_url: str = GOOGLE_JWKS_URL,
         issuers: tuple[str, ...] = GOOGLE_ISSUERS,
         leeway_seconds: float = 30.0,
     ) -> None:
-        self._audience = audience
-        self._email = service_account_email
-        self._issuers = issuers
-        self._leeway = leeway_seconds
-        # Keys are cached (Google rotates them about daily); an unknown `kid` refetches.
-        self._jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=3600, timeout=10)
+        self.mode = mode
+        self._check = RequestAuthenticator(
+            mode,
+            ExpectedToken(
+                audience=audience,
+                email=service_account_email,
+                issuers=issuers,
+                leeway_seconds=leeway_seconds,
+            ),
+            jwks_url=jwks_url,
+        )
 
-    def verify(self, authorization: str | None) -> dict[str, Any]:
-        """Return the token's claims, or raise :class:`PushAuthError`."""
-        if not authorization or not authorization.startswith("Bearer "):
-            raise PushAuthError("missing 'Authorization: Bearer <token>' header")
-        token = authorization.removeprefix("Bearer ").strip()
-        try:
-            key = self._jwks.get_signing_key_from_jwt(token)
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                key.key,
-                algorithms=["RS256"],
-                audience=self._audience,
-                issuer=list(self._issuers),
-                leeway=self._leeway,
-                options={"require": ["exp", "iat", "iss", "aud"]},
+    def verify(
+        self, authorization: str | None, *, serverless_authorization: str | None = None
+    ) -> dict[str, Any]:
+        """Return the token's claims, or raise :class:`PushAuthError`.
+
+        ``authorization`` and ``serverless_authorization`` are the request's ``Authorization``
+        and ``X-Serverless-Authorization`` headers; the second, when present, is the one Cloud Run
+        checked and the one read.
+        """
+        headers: Mapping[str, str] = {
+            name: value
+            for name, value in (
+                (AUTHORIZATION, authorization),
+                (SERVERLESS_AUTHORIZATION, serverless_authorization),
             )
-        except jwt.PyJWKClientConnectionError as exc:
-            raise PushAuthError("could not fetch the token signing keys") from exc
-        except jwt.PyJWTError as exc:
-            # PyJWT's messages name the failed check, never the token itself.
-            raise PushAuthError(f"invalid push token: {exc}") from exc
-        if self._email is not None and (
-            claims.get("email") != self._email or claims.get("email_verified") is not True
-        ):
-            raise PushAuthError("push token was not issued for the expected service account")
-        return claims
+            if value is not None
+        }
+        try:
+            return self._check.verify(headers)
+        except TokenError as exc:
+            raise PushAuthError(str(exc)) from exc

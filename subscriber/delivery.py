@@ -10,12 +10,24 @@ ack/nack decision lives in :func:`decide` and nowhere else::
                  that the relay lacks)                                   included: recorded)
     duplicate    the record says delivered/bounced        yes    204
     deferred     4xx, timeout, connection/TLS failure,    no     503   (Pub/Sub retries with
-                 record unavailable, claimed elsewhere                  backoff, then dead-letters)
+                 record unavailable, claimed elsewhere,                 backoff, then dead-letters)
+                 no pooled connection in time, the
+                 delivery's time budget used up
     undecodable  not a mailpipe mail                      no     503   (ends on the dead-letter
                                                                         topic, where it is visible)
 
 Retry timing and dead-lettering come from the subscription's policies (topology.json), not from
 loops in this code.
+
+Time and the claim: a delivery has ``delivery_timeout`` seconds (``MAILPIPE_DELIVERY_TIMEOUT``)
+from its start, the wait for a pooled SMTP connection and every SMTP step included, and that is
+shorter than its claim's lease. Once it holds a connection, just before MAIL FROM, it renews the
+claim in the record (:meth:`~mailpipe.record.DeliveryRecord.renew_lease`): if another delivery
+claimed the mail meanwhile, or the mail was delivered, nothing is sent. So two deliveries of one
+mail never both reach MAIL FROM; what remains is listed in docs/guarantees.md.
+
+Every text kept from the relay (record, span, log, push answer) went through the sender's
+redaction and is cleaned once more here: no registered secret, addresses only as configured.
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ import datetime as dt
 import enum
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,11 +46,11 @@ from opentelemetry.propagators.textmap import DefaultGetter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from mailpipe.config import AddressLogging
-from mailpipe.logs import redact_addresses
+from mailpipe.config import AddressLogging, default_delivery_timeout
+from mailpipe.logs import redact_address, redact_addresses, redact_secrets
 from mailpipe.mail import MailDecodeError, QueuedMail, UnsendableMail
 from mailpipe.metrics import MailMetrics
-from mailpipe.record import Attempt, ClaimResult, DeliveryRecord, RecordError
+from mailpipe.record import Attempt, ClaimResult, DeliveryRecord, RecordError, RenewalResult
 from subscriber.errors import DeliveryError, UndeliverableMail
 from subscriber.message import build_message, envelope, message_bytes
 from subscriber.smtp import SmtpReceipt
@@ -47,6 +59,7 @@ log = logging.getLogger(__name__)
 
 TRACEPARENT_ATTRIBUTE = "googclient_traceparent"
 _propagator = TraceContextTextMapPropagator()
+CLAIM_STEP = "claim"  # an attempt's failed_step when its claim was lost before MAIL FROM
 
 
 class Outcome(enum.StrEnum):
@@ -63,9 +76,30 @@ def decide(outcome: Outcome) -> bool:
 
 
 class MailSender(Protocol):
-    """Sends one SMTP transaction (see :class:`subscriber.smtp.SmtpSender`)."""
+    """Sends one SMTP transaction (see :class:`subscriber.smtp.SmtpSender`).
 
-    def send(self, *, mail_from: str, recipients: Sequence[str], message: bytes) -> SmtpReceipt: ...
+    Within ``deadline`` (``time.monotonic()``), calling ``before_mail_from`` with the connection
+    held, just before MAIL FROM, and sending nothing if it raises.
+    """
+
+    def send(
+        self,
+        *,
+        mail_from: str,
+        recipients: Sequence[str],
+        message: bytes,
+        deadline: float | None = None,
+        before_mail_from: Callable[[], None] | None = None,
+    ) -> SmtpReceipt: ...
+
+
+class _NotSent(Exception):
+    """Raised by the claim check before MAIL FROM: this delivery must not send the mail."""
+
+    def __init__(self, outcome: Outcome, detail: str) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -116,6 +150,7 @@ class DeliveryService:
         metrics: MailMetrics | None = None,
         lease_seconds: float = 120.0,
         address_style: AddressLogging = "domain",
+        delivery_timeout: float | None = None,
     ) -> None:
         self._sender = sender
         self._record = record
@@ -124,6 +159,12 @@ class DeliveryService:
         self._metrics = metrics
         self._lease_seconds = lease_seconds
         self._address_style = address_style
+        # MAILPIPE_DELIVERY_TIMEOUT; by default the config's: 60 s or half the lease.
+        self._delivery_timeout = (
+            delivery_timeout
+            if delivery_timeout is not None
+            else default_delivery_timeout(lease_seconds)
+        )
 
     def deliver(
         self,
@@ -189,6 +230,7 @@ class DeliveryService:
         )
 
     def _deliver_in_span(self, message: ReceivedMessage, span: trace.Span) -> DeliveryResult:
+        deadline = time.monotonic() + self._delivery_timeout  # the whole delivery's budget
         try:
             mail = QueuedMail.from_pubsub(message.data, dict(message.attributes))
         except UnsendableMail as exc:
@@ -225,10 +267,15 @@ class DeliveryService:
                 mail.mail_id,
                 detail="another delivery of this mail is in progress",
             )
-        return self._send(mail, claim.attempt_number, message.message_id, trace_id)
+        return self._send(mail, claim.attempt_number, message.message_id, trace_id, deadline)
 
     def _send(
-        self, mail: QueuedMail, attempt_number: int, message_id: str, trace_id: str
+        self,
+        mail: QueuedMail,
+        attempt_number: int,
+        message_id: str,
+        trace_id: str,
+        deadline: float | None = None,
     ) -> DeliveryResult:
         started = dt.datetime.now(dt.UTC)
         carrier: dict[str, str] = {}
@@ -244,7 +291,15 @@ class DeliveryService:
                     traceparent=carrier.get("traceparent"),
                 )
             )
-            receipt = self._sender.send(mail_from=mail_from, recipients=recipients, message=data)
+            receipt = self._sender.send(
+                mail_from=mail_from,
+                recipients=recipients,
+                message=data,
+                deadline=deadline,
+                before_mail_from=self._claim_check(mail.mail_id, attempt_number),
+            )
+        except _NotSent as stop:
+            return self._not_sent(mail, stop, attempt_number, started, message_id, trace_id)
         except DeliveryError as exc:
             outcome = Outcome.DEFERRED if exc.transient else Outcome.BOUNCED
             self._finish(
@@ -256,7 +311,7 @@ class DeliveryService:
                     outcome=str(outcome),
                     reply_code=exc.reply_code,
                     enhanced_status=exc.enhanced_status,
-                    reply_message=exc.reply_message or str(exc),
+                    reply_message=self._clean(exc.reply_message or str(exc)),
                     failed_step=exc.step,
                     trace_id=trace_id,
                     message_id=message_id,
@@ -275,12 +330,16 @@ class DeliveryService:
             return DeliveryResult(
                 outcome,
                 mail.mail_id,
-                detail=exc.summary(),
+                detail=self._clean(exc.summary()),
                 reply_code=exc.reply_code,
                 enhanced_status=exc.enhanced_status,
             )
 
-        refused = "; ".join(f"{rcpt}: {code}" for rcpt, (code, _) in receipt.refused.items())
+        refused = "; ".join(
+            f"{redact_address(rcpt, self._address_style)}: {code} {text}".rstrip()
+            for rcpt, (code, text) in receipt.refused.items()
+        )
+        reply = self._clean(receipt.reply_message or "")
         self._finish(
             mail,
             Attempt(
@@ -290,8 +349,7 @@ class DeliveryService:
                 outcome=str(Outcome.DELIVERED),
                 reply_code=receipt.reply_code,
                 enhanced_status=receipt.enhanced_status,
-                reply_message=(receipt.reply_message or "")
-                + (f" (refused: {refused})" if refused else ""),
+                reply_message=reply + (f" (refused: {self._clean(refused)})" if refused else ""),
                 trace_id=trace_id,
                 message_id=message_id,
             ),
@@ -303,7 +361,7 @@ class DeliveryService:
         return DeliveryResult(
             Outcome.DELIVERED,
             mail.mail_id,
-            detail=receipt.reply_message or "",
+            detail=reply,
             reply_code=receipt.reply_code,
             enhanced_status=receipt.enhanced_status,
         )
@@ -349,7 +407,7 @@ class DeliveryService:
                     started_at=now,
                     finished_at=now,
                     outcome=str(Outcome.BOUNCED),
-                    reply_message=str(error),
+                    reply_message=self._clean(str(error)),
                     failed_step=error.step,
                     trace_id=trace_id,
                     message_id=message_id,
@@ -363,6 +421,79 @@ class DeliveryService:
             self._metrics.bounced(reply_code=None, enhanced_status=None)
             self._metrics.delivery_attempts(claim.attempt_number)
         return DeliveryResult(Outcome.BOUNCED, mail_id, detail=error.summary())
+
+    def _clean(self, text: str) -> str:
+        """``text`` as it may be kept: no registered secret, addresses as configured."""
+        return redact_addresses(redact_secrets(text), self._address_style)
+
+    def _claim_check(self, mail_id: str, attempt_number: int) -> Callable[[], None]:
+        """The sender's ``before_mail_from``: renew this attempt's claim, or stop the send.
+
+        Runs once the SMTP connection is held (the wait for it may have outlasted the lease, and
+        a redelivered copy may have claimed the mail meanwhile).
+        """
+
+        def check() -> None:
+            try:
+                renewal = self._record.renew_lease(
+                    mail_id, attempt_number=attempt_number, lease_seconds=self._lease_seconds
+                )
+            except RecordError as exc:
+                raise _NotSent(
+                    Outcome.DEFERRED,
+                    "not sent: the delivery record could not confirm this delivery's claim "
+                    f"before MAIL FROM: {exc}",
+                ) from exc
+            if renewal.result is RenewalResult.FINAL:
+                status = renewal.record.status if renewal.record else "final"
+                raise _NotSent(
+                    Outcome.DUPLICATE,
+                    f"already {status} (found before MAIL FROM): not sent again",
+                )
+            if renewal.result is RenewalResult.LOST:
+                taker = (
+                    f"attempt {renewal.record.attempt_count} claimed the mail; that delivery "
+                    "sends it"
+                    if renewal.record is not None
+                    else "the mail's record is gone; a retry claims it again"
+                )
+                raise _NotSent(
+                    Outcome.DEFERRED,
+                    f"not sent: the claim of attempt {attempt_number} ran out before MAIL FROM "
+                    f"and {taker}",
+                )
+
+        return check
+
+    def _not_sent(
+        self,
+        mail: QueuedMail,
+        stop: _NotSent,
+        attempt_number: int,
+        started: dt.datetime,
+        message_id: str,
+        trace_id: str,
+    ) -> DeliveryResult:
+        """The claim check stopped the send before MAIL FROM: record why (unless already final)."""
+        if stop.outcome is Outcome.DUPLICATE:
+            trace.get_current_span().set_attribute("mailpipe.duplicate", True)
+            return DeliveryResult(Outcome.DUPLICATE, mail.mail_id, detail=stop.detail)
+        self._finish(
+            mail,
+            Attempt(
+                number=attempt_number,
+                started_at=started,
+                finished_at=dt.datetime.now(dt.UTC),
+                outcome=str(Outcome.DEFERRED),
+                reply_message=stop.detail,
+                failed_step=CLAIM_STEP,
+                trace_id=trace_id,
+                message_id=message_id,
+            ),
+        )
+        if self._metrics is not None:
+            self._metrics.deferred(reply_code=None, enhanced_status=None)
+        return DeliveryResult(Outcome.DEFERRED, mail.mail_id, detail=stop.detail)
 
     def _finish(self, mail: QueuedMail, attempt: Attempt) -> None:
         # After a 250 the mail is out: a record failure here must not nack (that would send it

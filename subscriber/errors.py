@@ -9,6 +9,9 @@ class alone::
     │   ├── SmtpTransientReply         a 4xx reply (421, 450, 451, 452, …)
     │   ├── SmtpConnectionError        refused, reset, dropped mid-transaction, DNS failure
     │   ├── SmtpTimeout                the server did not answer within MAILPIPE_SMTP_TIMEOUT
+    │   │   └── DeliveryTimeout        the delivery's budget (MAILPIPE_DELIVERY_TIMEOUT) ran out
+    │   ├── SmtpPoolTimeout            no pooled connection was free within MAILPIPE_SMTP_POOL_WAIT
+    │   │                              (or the budget): nothing was sent
     │   └── SmtpTlsError               STARTTLS unsupported or the certificate failed verification
     └── PermanentDeliveryError         never retried: ack and record as bounced
         ├── SmtpPermanentReply         a 5xx reply (550, 553, 554, …)
@@ -77,6 +80,19 @@ class SmtpConnectionError(TransientDeliveryError):
 
 class SmtpTimeout(TransientDeliveryError):
     """The server did not answer in time."""
+
+
+class DeliveryTimeout(SmtpTimeout):
+    """The delivery's time budget (``MAILPIPE_DELIVERY_TIMEOUT``) ran out before the relay's reply.
+
+    The budget covers the whole delivery: the wait for a pooled connection and every SMTP step
+    (each step's socket timeout is the smaller of ``MAILPIPE_SMTP_TIMEOUT`` and the time left).
+    """
+
+
+class SmtpPoolTimeout(TransientDeliveryError):
+    """Every pooled SMTP connection stayed busy for ``MAILPIPE_SMTP_POOL_WAIT`` (or the rest of the
+    delivery's budget): the mail is deferred without any SMTP command sent for it."""
 
 
 class SmtpTlsError(TransientDeliveryError):

@@ -5,30 +5,58 @@
 
 Same handler as ``python -m subscriber push`` (:class:`subscriber.push.PushHandler`): the Pub/Sub
 push envelope or its CloudEvent form, the same OIDC check, the same ack/nack answers. The
-collaborators are built from the environment on the first request, not at import.
+collaborators are built from the environment on the first request, not at import. Every answer
+with a body is JSON, as from the push app: a method other than POST gets 405, an unknown path
+404, an unexpected failure 500 (logged; Pub/Sub retries it) — registered through
+functions-framework's own ``errorhandler``.
+
+Push authentication: on Cloud Run functions (Cloud Run IAM in front, invoker check on) set
+``MAILPIPE_PUSH_AUTH=cloud-run``; on any other host keep the default ``signature``. The handler
+exports its spans before answering when the instance goes idle (request-based CPU).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
 import functions_framework
 from flask import Request, Response
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from mailpipe.config import SubscriberConfig
+from mailpipe.httpjson import http_error_response, unexpected_error_response
 from subscriber.main import build_push_handler, build_services
 from subscriber.push import PushHandler
 
+log = logging.getLogger(__name__)
 _handler: PushHandler | None = None
 _lock = threading.Lock()
+_NOT_FOUND_HINT = "Pub/Sub pushes to this function's URL with POST"
+
+
+@functions_framework.errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> Response:
+    return http_error_response(exc, not_found_hint=_NOT_FOUND_HINT)
+
+
+@functions_framework.errorhandler(Exception)
+def _unexpected(_exc: Exception) -> Response:
+    return unexpected_error_response(log)
+
+
+def _require_post(request: Request) -> None:
+    # functions-framework routes every method to the function.
+    if request.method != "POST":
+        raise MethodNotAllowed(valid_methods=["POST"])
 
 
 def _push_handler() -> PushHandler:
     global _handler  # noqa: PLW0603 - the FaaS model: one handler per instance, built lazily
     with _lock:
         if _handler is None:
-            config = SubscriberConfig.from_env(os.environ)
+            config = SubscriberConfig.from_env(os.environ, push=True)
             _handler = build_push_handler(config, build_services(config))
         return _handler
 
@@ -36,10 +64,12 @@ def _push_handler() -> PushHandler:
 @functions_framework.http
 def deliver(request: Request) -> Response:
     """Deliver one pushed mail (the mail subscription's push endpoint)."""
+    _require_post(request)
     return _push_handler().deliver(request)
 
 
 @functions_framework.http
 def dead_letter(request: Request) -> Response:
     """Record one dead-lettered mail (the dead-letter record subscription's push endpoint)."""
+    _require_post(request)
     return _push_handler().dead_letter(request)

@@ -24,13 +24,14 @@ from mailpipe.config import SubscriberConfig
 from mailpipe.logs import configure_logging, register_secret
 from mailpipe.record import DeliveryRecord, open_record
 from mailpipe.serving import serve_wsgi
-from mailpipe.telemetry import Telemetry, setup_telemetry
+from mailpipe.telemetry import Telemetry, idle_span_flush, setup_telemetry
 from mailpipe.topology import load_topology
 from subscriber.auth import PushAuthenticator
 from subscriber.delivery import DeliveryService
 from subscriber.dlq import DeadLetterRecorder
 from subscriber.pull import PullWorker, make_subscriber_client
 from subscriber.push import PushHandler, create_push_app
+from subscriber.redaction import credential_forms
 from subscriber.smtp import SmtpSender
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,9 @@ class Services:
 def build_services(config: SubscriberConfig, *, telemetry: Telemetry | None = None) -> Services:
     telemetry = telemetry or setup_telemetry(config.telemetry)
     configure_logging(config.telemetry, project=config.pubsub.project)
-    if config.smtp.password:
-        register_secret(config.smtp.password)
+    # The password in every form AUTH gives it, so no log line can show one.
+    for form in credential_forms(config.smtp.username, config.smtp.password):
+        register_secret(form)
     tracer = telemetry.tracer("mailpipe.subscriber")
     sender = SmtpSender(
         config.smtp,
@@ -73,37 +75,43 @@ def build_services(config: SubscriberConfig, *, telemetry: Telemetry | None = No
         metrics=telemetry.metrics,
         lease_seconds=config.delivery_lease_seconds,
         address_style=config.telemetry.log_addresses,
+        delivery_timeout=config.delivery_timeout,
     )
     dead_letters = DeadLetterRecorder(record=record, tracer=tracer, metrics=telemetry.metrics)
     return Services(delivery, dead_letters, sender, record, telemetry)
 
 
 def build_push_handler(config: SubscriberConfig, services: Services) -> PushHandler:
-    """The push handler with the OIDC check (on whenever an audience is configured)."""
+    """The push handler with the OIDC check (on whenever an audience is configured) in the mode
+    ``MAILPIPE_PUSH_AUTH`` declares, and the span flush of :class:`IdleSpanFlush`."""
+    if not config.local_mode and not (config.push_audience and config.push_service_account):
+        raise ValueError(
+            "the push endpoint needs MAILPIPE_PUSH_AUDIENCE and MAILPIPE_PUSH_SERVICE_ACCOUNT "
+            "outside local mode (PUBSUB_EMULATOR_HOST unset): Pub/Sub's OIDC token must be checked"
+        )
     authenticator = (
         PushAuthenticator(
-            audience=config.push_audience, service_account_email=config.push_service_account
+            audience=config.push_audience,
+            service_account_email=config.push_service_account,
+            mode=config.push_auth,
         )
         if config.push_audience
         else None
     )
-    flush = None
-    if config.telemetry.traces in ("gcp", "otlp"):
-
-        def flush() -> None:
-            services.telemetry.force_flush(timeout_millis=2000)
-
     return PushHandler(
         config,
         delivery=services.delivery,
         dead_letters=services.dead_letters,
         authenticator=authenticator,
-        flush=flush,
+        span_flush=idle_span_flush(config.telemetry, services.telemetry),
     )
 
 
-def build_push_app(config: SubscriberConfig) -> tuple[Flask, Callable[[], None]]:
-    services = build_services(config)
+def build_push_app(
+    config: SubscriberConfig, *, telemetry: Telemetry | None = None
+) -> tuple[Flask, Callable[[], None]]:
+    """The push app and its ``close()``; ``telemetry`` replaces the one built from the config."""
+    services = build_services(config, telemetry=telemetry)
     handler = build_push_handler(config, services)
     topology = load_topology()
     app = create_push_app(
@@ -115,7 +123,7 @@ def build_push_app(config: SubscriberConfig) -> tuple[Flask, Callable[[], None]]
 
 
 def serve_push(config: SubscriberConfig) -> None:
-    serve_wsgi(lambda: build_push_app(config), host=config.host, port=config.port)
+    serve_wsgi(lambda: build_push_app(config), host=config.host, port=config.port, http=config.http)
 
 
 def run_pull(config: SubscriberConfig, *, stop: threading.Event | None = None) -> None:
@@ -162,7 +170,9 @@ def run_pull(config: SubscriberConfig, *, stop: threading.Event | None = None) -
 
 
 def main(mode: str, environ: Mapping[str, str] | None = None) -> None:
-    config = SubscriberConfig.from_env(os.environ if environ is None else environ)
+    config = SubscriberConfig.from_env(
+        os.environ if environ is None else environ, push=mode == "push"
+    )
     if mode == "push":
         serve_push(config)
     else:

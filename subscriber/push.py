@@ -10,16 +10,17 @@ Accepted bodies:
 Answers: 204 = ack (delivered, bounced, duplicate); 503 = nack (deferred: Pub/Sub retries with the
 subscription's backoff); 400 = the body is not a push message (also a nack: it ends on the
 dead-letter topic, where it can be inspected); 401 = not from our push subscription. 202 is not
-used: the emulator treats it as a nack.
+used: the emulator treats it as a nack. Every answer with a body is JSON, whatever the status
+(404, 405, 408, 413, and 500 for an unexpected failure, which Pub/Sub also retries): see
+:mod:`mailpipe.httpjson`. Bodies are parsed with its limits (depth, integer size, lone surrogates).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
-from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 from cloudevents.http import from_http
@@ -30,6 +31,14 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mailpipe.config import SubscriberConfig
+from mailpipe.httpjson import (
+    JsonBodyError,
+    check_json_value,
+    error_response,
+    install_json_errors,
+    parse_json,
+)
+from mailpipe.telemetry import IdleSpanFlush
 from subscriber.auth import PushAuthenticator, PushAuthError
 from subscriber.delivery import DeliveryService, ReceivedMessage, publisher_context
 from subscriber.dlq import DeadLetterRecorder
@@ -45,9 +54,23 @@ class MalformedPush(ValueError):
 
 
 def _error(status: int, code: str, message: str) -> Response:
-    response = jsonify({"error": {"code": code, "message": message}})
-    response.status_code = status
-    return response
+    return error_response(status, code, message)
+
+
+def _json_object(data: Any, what: str) -> dict[str, Any]:
+    """``data`` (JSON text, bytes or already parsed) as a JSON object within the body limits."""
+    try:
+        if isinstance(data, str):
+            data = data.encode("utf-8", "surrogatepass")  # a lone surrogate fails as UTF-8
+        if isinstance(data, bytes):
+            data = parse_json(data)
+        else:
+            check_json_value(data)
+    except JsonBodyError as exc:
+        raise MalformedPush(f"{what} is not JSON a Pub/Sub push carries: {exc.message}") from exc
+    if not isinstance(data, dict):
+        raise MalformedPush(f"{what} must be a JSON object (a Pub/Sub push envelope)")
+    return data
 
 
 def _envelope_from_request(req: Request) -> dict[str, Any]:
@@ -65,22 +88,10 @@ def _envelope_from_request(req: Request) -> dict[str, Any]:
             raise MalformedPush(
                 f"CloudEvent type must be {PUBSUB_EVENT_TYPE}, got {event['type']!r}"
             )
-        data = event.data
-        if isinstance(data, bytes | str):
-            try:
-                data = json.loads(data)
-            except ValueError as exc:
-                raise MalformedPush("CloudEvent data is not JSON") from exc
-        if not isinstance(data, dict):
+        if event.data is None:
             raise MalformedPush("CloudEvent data must be an object holding 'message'")
-        return data
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise MalformedPush("body is not JSON (expected a Pub/Sub push envelope)") from exc
-    if not isinstance(body, dict):
-        raise MalformedPush("body must be a JSON object (a Pub/Sub push envelope)")
-    return body
+        return _json_object(event.data, "CloudEvent data")
+    return _json_object(raw, "body")
 
 
 def parse_push(req: Request) -> ReceivedMessage:
@@ -126,9 +137,10 @@ class PushHandler:
     """Answers push requests (from any WSGI framework's request object) with the delivery core.
 
     ``authenticator`` may be ``None`` only in local mode (the emulator sends no token); outside
-    it, refusing to start is safer than an endpoint anyone could POST mail to. ``flush`` runs
-    before each answer: with request-based billing Cloud Run throttles the CPU once the response
-    is sent, so spans must be exported before it is.
+    it, refusing to start is safer than an endpoint anyone could POST mail to. Each request runs
+    inside ``span_flush`` (when given): the request that leaves the process idle exports the spans
+    before its answer, because with request-based billing Cloud Run throttles the CPU once no
+    request is in flight. Metrics are never flushed here (they export on their own period).
     """
 
     def __init__(
@@ -138,23 +150,30 @@ class PushHandler:
         delivery: DeliveryService,
         dead_letters: DeadLetterRecorder,
         authenticator: PushAuthenticator | None,
-        flush: Callable[[], None] | None = None,
+        span_flush: IdleSpanFlush | None = None,
     ) -> None:
         if authenticator is None and not config.local_mode:
             raise ValueError(
-                "the push endpoint needs MAILPIPE_PUSH_AUDIENCE outside local mode "
-                "(PUBSUB_EMULATOR_HOST unset): Pub/Sub's OIDC token must be verified"
+                "the push endpoint needs MAILPIPE_PUSH_AUDIENCE and MAILPIPE_PUSH_SERVICE_ACCOUNT "
+                "outside local mode (PUBSUB_EMULATOR_HOST unset): Pub/Sub's OIDC token must be "
+                "checked"
             )
         self._delivery = delivery
         self._dead_letters = dead_letters
         self._authenticator = authenticator
-        self._flush = flush
+        self._span_flush = span_flush
+
+    def _request_scope(self) -> Any:
+        return self._span_flush.request() if self._span_flush is not None else nullcontext()
 
     def _receive(self, req: Request) -> ReceivedMessage | Response:
         """The authenticated, decoded message, or the error answer (401, 400) to send instead."""
         if self._authenticator is not None:
             try:
-                self._authenticator.verify(req.headers.get("Authorization"))
+                self._authenticator.verify(
+                    req.headers.get("Authorization"),
+                    serverless_authorization=req.headers.get("X-Serverless-Authorization"),
+                )
             except PushAuthError as exc:
                 log.warning("rejected push request: %s", exc)
                 return _error(401, "unauthenticated", str(exc))
@@ -165,29 +184,27 @@ class PushHandler:
 
     def deliver(self, req: Request) -> Response:
         """A message of the mail subscription: deliver it; 204 acks, 503 asks for a retry."""
-        received = self._receive(req)
-        if isinstance(received, Response):
-            return received
-        result = self._delivery.deliver(
-            received,
-            parent=publisher_context(received.attributes),
-            kind=SpanKind.CONSUMER,
-            links=_request_link(req),
-        )
-        if self._flush is not None:
-            self._flush()
+        with self._request_scope():
+            received = self._receive(req)
+            if isinstance(received, Response):
+                return received
+            result = self._delivery.deliver(
+                received,
+                parent=publisher_context(received.attributes),
+                kind=SpanKind.CONSUMER,
+                links=_request_link(req),
+            )
         if result.ack:
             return Response(status=204)
         return _error(503, f"mail_{result.outcome}", result.detail or str(result.outcome))
 
     def dead_letter(self, req: Request) -> Response:
         """A message of the dead-letter record subscription: mark the mail dead-lettered."""
-        received = self._receive(req)
-        if isinstance(received, Response):
-            return received
-        ack = self._dead_letters.handle(received, parent=publisher_context(received.attributes))
-        if self._flush is not None:
-            self._flush()
+        with self._request_scope():
+            received = self._receive(req)
+            if isinstance(received, Response):
+                return received
+            ack = self._dead_letters.handle(received, parent=publisher_context(received.attributes))
         if ack:
             return Response(status=204)
         return _error(503, "record_unavailable", "the delivery record is unavailable; retry")
@@ -203,6 +220,11 @@ def create_push_app(
     record subscription to ``dead_letter_path`` (both from topology.json)."""
     app = Flask("mailpipe.subscriber.push")
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024  # base64 of a 10 MB message + envelope
+    install_json_errors(
+        app,
+        not_found_hint=f"Pub/Sub pushes to {push_path!r} and {dead_letter_path!r}",
+        log=log,
+    )
 
     @app.get("/healthz")
     def healthz() -> Response:

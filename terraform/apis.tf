@@ -1,7 +1,7 @@
 # The APIs mailpipe uses. disable_on_destroy = false: `terraform destroy` must not switch off APIs
 # that other workloads in the same project may rely on.
 locals {
-  services = toset([
+  services = toset(concat([
     "artifactregistry.googleapis.com", # container images
     "cloudtrace.googleapis.com",       # spans from both services
     "firestore.googleapis.com",        # the delivery record
@@ -9,9 +9,11 @@ locals {
     "logging.googleapis.com",          # Cloud Run request and application logs
     "monitoring.googleapis.com",       # OpenTelemetry metrics and alert policies
     "pubsub.googleapis.com",           # the mail topic, dead-letter topic and subscriptions
-    "run.googleapis.com",              # the two services
+    "run.googleapis.com",              # the services, the worker pool and the jobs
     "secretmanager.googleapis.com",    # the SMTP password
-  ])
+    ], local.reconcile_enabled || local.canary_enabled ? [
+    "cloudscheduler.googleapis.com", # starts the reconcile and canary jobs
+  ] : []))
 }
 
 resource "google_project_service" "enabled" {

@@ -44,14 +44,47 @@ locals {
 
   canary_runs          = "workload_googleapis_com:mailpipe_canary_runs"
   canary_time_to_inbox = "workload_googleapis_com:mailpipe_canary_time_to_inbox"
+
+  # The PromQL of the canary's alert, summed over every monitored-resource type the metrics may be
+  # written against (monitoring.tf, local.metric_resource_types).
+  canary_failed_runs = join(" + ", [
+    for type in local.metric_resource_types :
+    "(sum(increase(${local.canary_runs}{monitored_resource=\"${type}\",mailpipe_canary_outcome!=\"ok\"}[15m])) or vector(0))"
+  ])
+  canary_inbox_seconds = join(" + ", [
+    for type in local.metric_resource_types :
+    "(sum(increase(${local.canary_time_to_inbox}_sum{monitored_resource=\"${type}\"}[30m])) or vector(0))"
+  ])
+  canary_inbox_count = join(" + ", [
+    for type in local.metric_resource_types :
+    "(sum(increase(${local.canary_time_to_inbox}_count{monitored_resource=\"${type}\"}[30m])) or vector(0))"
+  ])
+  # absent_over_time gives one series per selector; `and on()` ignores their labels so the
+  # condition holds only when the metric is absent under every type.
+  canary_no_run = join(" and on() ", [
+    for type in local.metric_resource_types :
+    "absent_over_time(${local.canary_runs}{monitored_resource=\"${type}\"}[30m])"
+  ])
+
+  # Direct VPC egress (canary_vpc_egress): a subnetwork given by name lives in this project and
+  # region; projects/HOST/regions/REGION/subnetworks/NAME names one of a Shared VPC host project.
+  canary_vpc = local.canary_enabled && var.canary_vpc_egress != null
+  canary_subnetwork = regex(
+    "^(?:projects/([^/]+)/regions/([^/]+)/subnetworks/)?([^/]+)$",
+    local.canary_vpc ? var.canary_vpc_egress.subnetwork : "none",
+  )
+  canary_subnetwork_project = coalesce(local.canary_subnetwork[0], var.project_id)
+  canary_subnetwork_region  = coalesce(local.canary_subnetwork[1], var.region)
 }
 
-resource "google_project_service" "canary_scheduler" {
-  count = local.canary_enabled ? 1 : 0
+# The subnetwork the canary's traffic leaves through, read at plan time to check its Private Google
+# Access before the job depends on it.
+data "google_compute_subnetwork" "canary" {
+  count = local.canary_vpc ? 1 : 0
 
-  project            = var.project_id
-  service            = "cloudscheduler.googleapis.com"
-  disable_on_destroy = false
+  project = local.canary_subnetwork_project
+  region  = local.canary_subnetwork_region
+  name    = local.canary_subnetwork[2]
 }
 
 # --- Identities ------------------------------------------------------------------------------------
@@ -97,6 +130,7 @@ data "google_secret_manager_secret" "canary_imap_password" {
   secret_id = local.canary.imap_password_secret_id
 }
 
+# secretAccessor on that one secret only, for the canary's identity only.
 resource "google_secret_manager_secret_iam_member" "canary_reads_imap_password" {
   count = local.canary_enabled ? 1 : 0
 
@@ -115,6 +149,7 @@ resource "google_project_iam_member" "canary_trace_writer" {
   member  = google_service_account.canary[0].member
 }
 
+# Its mailpipe.canary.* metrics drive the canary's alert.
 resource "google_project_iam_member" "canary_metric_writer" {
   count = local.canary_enabled ? 1 : 0
 
@@ -154,6 +189,24 @@ resource "google_cloud_run_v2_job" "canary" {
       timeout = "${local.canary.deadline_seconds + 120}s"
       # No retry: a retried run would send a second probe and hide the failure the alert is for.
       max_retries = 0
+
+      # Direct VPC egress, all traffic: with publisher_ingress internal, Cloud Run accepts a request
+      # from a Cloud Run job only when it arrives through a VPC (cloud.google.com/run/docs/securing/
+      # ingress). The publisher's run.app address is public, so PRIVATE_RANGES_ONLY would send it
+      # around the VPC; ALL_TRAFFIC routes it through the subnetwork, whose Private Google Access
+      # carries it (and the job's Cloud Trace/Monitoring calls) to Google. The IMAP server must be
+      # reachable from the VPC too (Cloud NAT for one on the internet).
+      dynamic "vpc_access" {
+        for_each = local.canary_vpc ? [var.canary_vpc_egress] : []
+        content {
+          egress = "ALL_TRAFFIC"
+          network_interfaces {
+            network    = vpc_access.value.network
+            subnetwork = vpc_access.value.subnetwork
+            tags       = vpc_access.value.network_tags
+          }
+        }
+      }
 
       containers {
         name = "canary"
@@ -199,6 +252,18 @@ resource "google_cloud_run_v2_job" "canary" {
       condition     = local.canary.to != null || can(regex("@", local.canary.imap_user))
       error_message = "canary.to is required when canary.imap_user is not an e-mail address."
     }
+    precondition {
+      condition     = var.publisher_ingress == "INGRESS_TRAFFIC_ALL" || local.canary_vpc
+      error_message = "The publisher's ingress is internal (publisher_ingress = ${var.publisher_ingress}): Cloud Run refuses the canary job's requests unless they leave through a VPC. Set canary_vpc_egress to a subnetwork with Private Google Access (docs/deploy.md, \"Canary behind internal ingress\")."
+    }
+    precondition {
+      condition     = !local.canary_vpc || try(data.google_compute_subnetwork.canary[0].private_ip_google_access, false)
+      error_message = "canary_vpc_egress.subnetwork must have Private Google Access on: the canary reaches the publisher's run.app address and Google's APIs through it."
+    }
+    precondition {
+      condition     = local.canary_subnetwork_region == var.region
+      error_message = "canary_vpc_egress.subnetwork must be in the job's region (${var.region}): Direct VPC egress uses a subnetwork of the job's own region."
+    }
   }
 
   depends_on = [
@@ -235,7 +300,7 @@ resource "google_cloud_scheduler_job" "canary" {
   }
 
   depends_on = [
-    google_project_service.canary_scheduler,
+    google_project_service.enabled,
     google_cloud_run_v2_job_iam_member.scheduler_runs_canary,
   ]
 }
@@ -250,13 +315,20 @@ resource "google_monitoring_alert_policy" "canary" {
   combiner              = "OR"
   notification_channels = var.notification_channels
   user_labels           = local.labels
+  # The one alert that watches a mail from the request to the mailbox: when it fires, users are
+  # not getting mail.
+  severity = "CRITICAL"
+
+  alert_strategy {
+    auto_close = local.alert_auto_close
+  }
 
   conditions {
     display_name = "a canary run failed in the last 15 min"
 
     condition_prometheus_query_language {
       # OpenTelemetry attribute mailpipe.canary.outcome becomes the label mailpipe_canary_outcome.
-      query               = "sum(increase(${local.canary_runs}{mailpipe_canary_outcome!=\"ok\"}[15m])) > 0"
+      query               = "(${local.canary_failed_runs}) > 0"
       duration            = "0s"
       evaluation_interval = "60s"
       # The metric exists only after the first run; without this the policy cannot be created.
@@ -268,7 +340,8 @@ resource "google_monitoring_alert_policy" "canary" {
     display_name = "mean time to inbox over 30 min > ${var.canary_time_to_inbox_threshold_seconds}s"
 
     condition_prometheus_query_language {
-      query                     = "sum(increase(${local.canary_time_to_inbox}_sum[30m])) / sum(increase(${local.canary_time_to_inbox}_count[30m])) > ${var.canary_time_to_inbox_threshold_seconds}"
+      # No run in 30 min gives 0/0 = NaN, which never fires (the next condition covers it).
+      query                     = "(${local.canary_inbox_seconds}) / (${local.canary_inbox_count}) > ${var.canary_time_to_inbox_threshold_seconds}"
       duration                  = "0s"
       evaluation_interval       = "60s"
       disable_metric_validation = true
@@ -279,7 +352,7 @@ resource "google_monitoring_alert_policy" "canary" {
     display_name = "no canary run reported for 30 min"
 
     condition_prometheus_query_language {
-      query                     = "absent_over_time(${local.canary_runs}[30m])"
+      query                     = local.canary_no_run
       duration                  = "0s"
       evaluation_interval       = "300s"
       disable_metric_validation = true

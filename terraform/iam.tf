@@ -15,12 +15,15 @@ resource "google_service_account" "subscriber" {
   project      = var.project_id
   account_id   = "mailpipe-subscriber"
   display_name = "mailpipe subscriber (Cloud Run)"
-  description  = "Runs the subscriber: delivers pushed mails over SMTP, keeps the delivery record."
+  description  = "Runs the subscriber: delivers pushed or pulled mails over SMTP, keeps the delivery record."
 
   depends_on = [google_project_service.enabled]
 }
 
+# Push mode only: nothing signs push requests when the subscriber pulls.
 resource "google_service_account" "push_invoker" {
+  count = local.push_mode ? 1 : 0
+
   project      = var.project_id
   account_id   = "mailpipe-push-invoker"
   display_name = "mailpipe Pub/Sub push invoker"
@@ -100,6 +103,7 @@ data "google_secret_manager_secret" "smtp_password" {
   secret_id = var.smtp_password_secret_id
 }
 
+# secretAccessor on that one secret only, for the subscriber's identity only.
 resource "google_secret_manager_secret_iam_member" "subscriber_reads_smtp_password" {
   count = local.smtp_auth ? 1 : 0
 
@@ -115,12 +119,29 @@ resource "google_secret_manager_secret_iam_member" "subscriber_reads_smtp_passwo
 # push, cloud.google.com/pubsub/docs/authenticate-push-subscriptions). Granted on that one account,
 # not project-wide.
 resource "google_service_account_iam_member" "pubsub_agent_mints_invoker_tokens" {
-  service_account_id = google_service_account.push_invoker.name
+  count = local.push_mode ? 1 : 0
+
+  service_account_id = google_service_account.push_invoker[0].name
   role               = "roles/iam.serviceAccountTokenCreator"
   member             = local.pubsub_service_agent
 }
 
 # The invoker may call the subscriber service and nothing else (see run.tf).
+
+# --- Pull path (subscriber_mode = "pull") ---------------------------------------------------------
+
+# Pull (and ack, nack, extend the ack deadline of) the mails of the subscriptions the worker consumes:
+# the delivery subscription and the dead-letter record subscription (`python -m subscriber pull`
+# reads both), granted on each of those subscriptions only: no other subscription, no topic, no
+# project-level Pub/Sub role.
+resource "google_pubsub_subscription_iam_member" "subscriber_pulls" {
+  for_each = local.pull_mode ? local.subscriber_subscriptions : {}
+
+  project      = var.project_id
+  subscription = google_pubsub_subscription.subscription[each.key].name
+  role         = "roles/pubsub.subscriber"
+  member       = google_service_account.subscriber.member
+}
 
 # --- Operators (mailpipe status / dlq) -------------------------------------------------------------
 

@@ -1,20 +1,19 @@
 # mailpipe on Google Cloud: client -HTTP-> publisher (Cloud Run) -Pub/Sub push-> subscriber (Cloud Run)
 # -SMTP-> relay, delivery record in Firestore, traces in Cloud Trace, alerts in Cloud Monitoring.
+# With subscriber_mode = "pull" the subscriber is a Cloud Run worker pool pulling instead.
 #
 # Resources are split by concern:
 #   apis.tf        the APIs this deployment uses
 #   topology.tf    the topology declaration (mailpipe/topology.json), read once
 #   pubsub.tf      topics, subscriptions (push with OIDC, retry, dead letter), Pub/Sub service agent grants
 #   iam.tf         one service account per service, least-privilege roles (a comment per role)
-#   run.tf         the two Cloud Run services and who may invoke them
+#   run.tf         the publisher and subscriber (Cloud Run service, or worker pool in pull mode)
 #   firestore.tf   the delivery record's database, TTL policy and index
 #   registry.tf    the Artifact Registry repository for the images
 #   monitoring.tf  alert policies
+#   canary.tf      the canary job, its schedule and alert (optional)
+#   reconcile.tf   the scheduled `mailpipe reconcile --fix` job
 # The environment variables of both services are built here, once, and also exported as outputs.
-
-data "google_project" "this" {
-  project_id = var.project_id
-}
 
 locals {
   publisher_service_name  = "mailpipe-publisher"
@@ -26,8 +25,17 @@ locals {
   record_idempotency_collection = "mailpipe_idempotency"
   record_ttl_field              = "expire_at"
 
-  # Google-managed identity that delivers push requests and forwards messages to dead-letter topics.
-  pubsub_service_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+  # Google-managed identity that delivers push requests and forwards messages to dead-letter topics,
+  # as Service Usage reports it (pubsub.tf), not an address built by hand.
+  pubsub_service_agent = google_project_service_identity.pubsub.member
+
+  push_mode = var.subscriber_mode == "push"
+  pull_mode = var.subscriber_mode == "pull"
+
+  # The subscriptions the subscriber consumes: those topology.json declares push (the mail and the
+  # dead-letter record subscriptions). In pull mode they are created without a push config and the
+  # worker pulls them (`python -m subscriber pull` reads both).
+  subscriber_subscriptions = local.push_subscriptions
 
   push_audience = coalesce(var.push_audience, "mailpipe-push:${var.project_id}:${local.delivery_subscription_name}")
 
@@ -35,6 +43,9 @@ locals {
   # same mail again while the first delivery is still talking to the relay.
   min_push_ack_deadline      = min([for sub in values(local.push_subscriptions) : sub.ack_deadline_seconds]...)
   subscriber_timeout_seconds = coalesce(var.subscriber_request_timeout_seconds, local.min_push_ack_deadline)
+  # A delivery's claim in the record lasts the delivery subscription's ack deadline
+  # (MAILPIPE_DELIVERY_LEASE_SECONDS' default); a delivery must end before it in either mode.
+  delivery_lease_seconds = local.subscriptions["delivery"].ack_deadline_seconds
 
   smtp_auth     = var.smtp_password_secret_id != null
   smtp_port     = coalesce(var.smtp_port, { starttls = 587, implicit = 465, none = 25 }[var.smtp_tls])
@@ -53,18 +64,30 @@ locals {
     MAILPIPE_TRACE_SAMPLE_RATIO       = tostring(var.trace_sample_ratio)
   }
 
-  publisher_env = local.common_env
+  publisher_env = merge(local.common_env, {
+    MAILPIPE_ALLOWED_SENDER_DOMAINS          = join(",", var.allowed_sender_domains)
+    MAILPIPE_PUBLISH_TIMEOUT                 = tostring(var.publish_timeout_seconds)
+    MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS = tostring(var.idempotency_reservation_seconds)
+    MAILPIPE_RECONCILE_GRACE_SECONDS         = tostring(var.reconcile_grace_seconds)
+  })
 
   subscriber_env = merge(local.common_env, {
-    MAILPIPE_SMTP_HOST            = var.smtp_host
-    MAILPIPE_SMTP_PORT            = tostring(local.smtp_port)
-    MAILPIPE_SMTP_TLS             = var.smtp_tls
-    MAILPIPE_SMTP_TIMEOUT         = tostring(var.smtp_timeout_seconds)
-    MAILPIPE_SMTP_POOL_SIZE       = tostring(var.smtp_pool_size)
-    MAILPIPE_MESSAGE_ID_DOMAIN    = var.message_id_domain
+    MAILPIPE_SMTP_HOST         = var.smtp_host
+    MAILPIPE_SMTP_PORT         = tostring(local.smtp_port)
+    MAILPIPE_SMTP_TLS          = var.smtp_tls
+    MAILPIPE_SMTP_TIMEOUT      = tostring(var.smtp_timeout_seconds)
+    MAILPIPE_SMTP_POOL_SIZE    = tostring(var.smtp_pool_size)
+    MAILPIPE_SMTP_POOL_WAIT    = tostring(var.smtp_pool_wait_seconds)
+    MAILPIPE_DELIVERY_TIMEOUT  = tostring(var.delivery_timeout_seconds)
+    MAILPIPE_MESSAGE_ID_DOMAIN = var.message_id_domain
+    }, local.push_mode ? {
+    # Cloud Run IAM (run.invoker for the push invoker only) verifies the Pub/Sub OIDC token and
+    # strips its signature before the request reaches the container; the subscriber then checks
+    # the token's claims: this audience and this invoker's email.
+    MAILPIPE_PUSH_AUTH            = "cloud-run"
     MAILPIPE_PUSH_AUDIENCE        = local.push_audience
-    MAILPIPE_PUSH_SERVICE_ACCOUNT = google_service_account.push_invoker.email
-    }, local.smtp_auth ? {
+    MAILPIPE_PUSH_SERVICE_ACCOUNT = google_service_account.push_invoker[0].email
+    } : {}, local.smtp_auth ? {
     MAILPIPE_SMTP_USERNAME = var.smtp_username
   } : {})
 

@@ -4,13 +4,30 @@ locals {
   delivery_subscription_filter    = "resource.type = \"pubsub_subscription\" AND resource.labels.subscription_id = \"${local.delivery_subscription_name}\""
   dead_letter_subscription_filter = "resource.type = \"pubsub_subscription\" AND resource.labels.subscription_id = \"${local.dead_letter_subscription_name}\""
 
+  # The monitored-resource types the OpenTelemetry exporter writes mailpipe's metrics against
+  # (opentelemetry-resourcedetector-gcp, get_monitored_resource): generic_task when the resource
+  # names an instance (a Cloud Run service whose instance the detector read from the metadata
+  # server), and its fallback generic_node otherwise (detection failed or timed out, or a process
+  # that is not a Cloud Run service). A PromQL query over a metric written against more than one
+  # type must name the type in the monitored_resource label
+  # (cloud.google.com/monitoring/promql/promql-mapping), so every query reads each type by name and
+  # adds them up; a process writes under one type, so nothing is counted twice.
+  metric_resource_types = ["generic_task", "generic_node"]
+
   # OpenTelemetry counters exported by the Cloud Monitoring exporter become metric types
   # workload.googleapis.com/mailpipe.mails.<outcome>; in PromQL the first "/" maps to ":" and every
   # other "." or "/" to "_" (cloud.google.com/monitoring/promql/promql-mapping).
   outcome_rate = {
     for outcome in ["delivered", "deferred", "bounced"] :
-    outcome => "(sum(rate(workload_googleapis_com:mailpipe_mails_${outcome}[10m])) or vector(0))"
+    outcome => "(${join(" + ", [
+      for type in local.metric_resource_types :
+      "(sum(rate(workload_googleapis_com:mailpipe_mails_${outcome}{monitored_resource=\"${type}\"}[10m])) or vector(0))"
+    ])})"
   }
+
+  # Every policy: an incident whose condition has had no data this long closes by itself instead of
+  # staying open for the default 7 days.
+  alert_auto_close = "${var.alert_auto_close_seconds}s"
 }
 
 resource "google_monitoring_alert_policy" "delivery_lag" {
@@ -19,6 +36,12 @@ resource "google_monitoring_alert_policy" "delivery_lag" {
   combiner              = "OR"
   notification_channels = var.notification_channels
   user_labels           = local.labels
+  # Mail is late for everyone behind the oldest one: someone must look now.
+  severity = "ERROR"
+
+  alert_strategy {
+    auto_close = local.alert_auto_close
+  }
 
   conditions {
     display_name = "oldest unacked message on ${local.delivery_subscription_name} older than ${var.oldest_unacked_age_threshold_seconds}s"
@@ -55,6 +78,12 @@ resource "google_monitoring_alert_policy" "dead_letters" {
   combiner              = "OR"
   notification_channels = var.notification_channels
   user_labels           = local.labels
+  # Mails that will not be delivered without an operator (dlq replay).
+  severity = "ERROR"
+
+  alert_strategy {
+    auto_close = local.alert_auto_close
+  }
 
   conditions {
     display_name = "undelivered messages on the dead-letter subscription > 0"
@@ -90,6 +119,13 @@ resource "google_monitoring_alert_policy" "delivery_error_ratio" {
   combiner              = "OR"
   notification_channels = var.notification_channels
   user_labels           = local.labels
+  # Deferred mails are retried by Pub/Sub; bounces are final but per recipient. Worth a look,
+  # rarely an emergency by itself (the lag and dead-letter alerts say when it becomes one).
+  severity = "WARNING"
+
+  alert_strategy {
+    auto_close = local.alert_auto_close
+  }
 
   conditions {
     display_name = "(deferred + bounced) / all outcomes > ${var.delivery_error_ratio_threshold} over 10 min"

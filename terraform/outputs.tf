@@ -6,13 +6,18 @@ output "publisher_url" {
 }
 
 output "subscriber_url" {
-  description = "URL of the subscriber (internal ingress: reachable by Pub/Sub push, not from the internet)."
-  value       = google_cloud_run_v2_service.subscriber.uri
+  description = "URL of the subscriber (internal ingress: reachable by Pub/Sub push, not from the internet); null in pull mode (a worker pool has no URL)."
+  value       = local.push_mode ? google_cloud_run_v2_service.subscriber[0].uri : null
+}
+
+output "subscriber_worker_pool" {
+  description = "Name of the subscriber's Cloud Run worker pool in pull mode (gcloud run worker-pools describe NAME --region REGION), null in push mode."
+  value       = local.pull_mode ? google_cloud_run_v2_worker_pool.subscriber[0].name : null
 }
 
 output "push_endpoint" {
-  description = "Endpoint Pub/Sub pushes mails to: the subscriber URL plus push_path from mailpipe/topology.json."
-  value       = google_pubsub_subscription.subscription["delivery"].push_config[0].push_endpoint
+  description = "Endpoint Pub/Sub pushes mails to: the subscriber URL plus push_path from mailpipe/topology.json; null in pull mode."
+  value       = local.push_mode ? google_pubsub_subscription.subscription["delivery"].push_config[0].push_endpoint : null
 }
 
 output "push_audience" {
@@ -49,11 +54,12 @@ output "subscriptions" {
 }
 
 output "service_accounts" {
-  description = "Emails of the service accounts: publisher, subscriber, push_invoker (MAILPIPE_PUSH_SERVICE_ACCOUNT)."
+  description = "Emails of the service accounts: publisher, subscriber, push_invoker (MAILPIPE_PUSH_SERVICE_ACCOUNT; null in pull mode), reconcile (null when disabled)."
   value = {
     publisher    = google_service_account.publisher.email
     subscriber   = google_service_account.subscriber.email
-    push_invoker = google_service_account.push_invoker.email
+    push_invoker = local.push_mode ? google_service_account.push_invoker[0].email : null
+    reconcile    = local.reconcile_enabled ? google_service_account.reconcile[0].email : null
   }
 }
 
@@ -74,6 +80,11 @@ output "alert_policies" {
     dead_letters         = google_monitoring_alert_policy.dead_letters.id
     delivery_error_ratio = google_monitoring_alert_policy.delivery_error_ratio.id
   }
+}
+
+output "reconcile_job" {
+  description = "Name of the reconcile job (run it now: gcloud run jobs execute NAME --region REGION), or null when disabled."
+  value       = local.reconcile_enabled ? google_cloud_run_v2_job.reconcile[0].name : null
 }
 
 output "canary_job" {

@@ -49,13 +49,14 @@ resource "google_pubsub_subscription" "subscription" {
   # Push to the subscriber's Cloud Run URL with a Google-signed OIDC token minted for the dedicated
   # invoker service account. Cloud Run checks the token (run.invoker + custom audience) before the
   # request reaches the container, and the subscriber checks audience and email again.
+  # In pull mode no subscription has a push config: the worker pool pulls them.
   dynamic "push_config" {
-    for_each = each.value.delivery == "push" ? [each.value] : []
+    for_each = each.value.delivery == "push" && local.push_mode ? [each.value] : []
     content {
-      push_endpoint = "${google_cloud_run_v2_service.subscriber.uri}${push_config.value.push_path}"
+      push_endpoint = "${google_cloud_run_v2_service.subscriber[0].uri}${push_config.value.push_path}"
 
       oidc_token {
-        service_account_email = google_service_account.push_invoker.email
+        service_account_email = google_service_account.push_invoker[0].email
         audience              = local.push_audience
       }
     }
@@ -76,9 +77,24 @@ resource "google_pubsub_subscription" "subscription" {
   ]
 }
 
-# --- What the Pub/Sub service agent needs for dead-lettering -------------------------------------
-# Documented requirement (cloud.google.com/pubsub/docs/handling-failures): without these grants
-# messages are never forwarded and the subscription shows a dead-letter permission warning.
+# --- The Pub/Sub service agent ----------------------------------------------------------------------
+# Google's identity that pushes (minting the invoker's OIDC tokens, iam.tf) and forwards messages to
+# dead-letter topics. Asked of Service Usage rather than spelled out by hand: this creates the agent
+# if the API was enabled so recently that it does not exist yet (a grant to a missing account
+# fails), and the address is whatever Google says it is. google-beta only (versions.tf); destroying
+# it only forgets it.
+resource "google_project_service_identity" "pubsub" {
+  provider = google-beta
+
+  project = var.project_id
+  service = "pubsub.googleapis.com"
+
+  depends_on = [google_project_service.enabled]
+}
+
+# What it needs for dead-lettering. Documented requirement
+# (cloud.google.com/pubsub/docs/handling-failures): without these grants messages are never
+# forwarded and the subscription shows a dead-letter permission warning.
 
 # Publish the failed message to the subscription's dead-letter topic.
 resource "google_pubsub_topic_iam_member" "pubsub_agent_publishes_dead_letters" {
@@ -110,6 +126,7 @@ resource "google_pubsub_subscription_iam_member" "operators_pull" {
   member       = each.value.member
 }
 
+# ...and `mailpipe dlq replay` republishes the mails it selects to the mail topic.
 resource "google_pubsub_topic_iam_member" "operators_replay" {
   for_each = toset(var.operators)
 

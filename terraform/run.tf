@@ -1,5 +1,7 @@
-# The two Cloud Run services. Neither is public: no allUsers / allAuthenticatedUsers binding exists
-# anywhere in this module (tests/unit/test_terraform.py checks it), and IAM invoker checks stay on.
+# The publisher and the subscriber: a Cloud Run service each, or in pull mode (subscriber_mode) the
+# subscriber as a Cloud Run worker pool. Neither is public: no allUsers / allAuthenticatedUsers
+# binding exists anywhere in this module (tests/unit/test_terraform.py checks it), and IAM invoker
+# checks stay on.
 
 resource "google_cloud_run_v2_service" "publisher" {
   project             = var.project_id
@@ -54,6 +56,11 @@ resource "google_cloud_run_v2_service" "publisher" {
           cpu    = var.publisher_scaling.cpu
           memory = var.publisher_scaling.memory
         }
+        # Instance-based billing (CPU always allocated): spans and metrics are exported in the
+        # background between requests, in batches, so Cloud Trace write calls do not grow with the
+        # request rate (docs/deploy.md, "CPU and telemetry"). Set explicitly: with a resources
+        # block, leaving cpu_idle unset does not mean request-based billing.
+        cpu_idle          = false
         startup_cpu_boost = true
       }
 
@@ -67,6 +74,17 @@ resource "google_cloud_run_v2_service" "publisher" {
     }
   }
 
+  lifecycle {
+    precondition {
+      condition     = var.publish_timeout_seconds < var.publisher_scaling.timeout
+      error_message = "publish_timeout_seconds must be below publisher_scaling.timeout: a request Cloud Run cuts while the publish is still waiting can end in a published mail whose client saw an error (and sends it again)."
+    }
+    precondition {
+      condition     = var.publish_timeout_seconds < var.idempotency_reservation_seconds
+      error_message = "idempotency_reservation_seconds must be longer than publish_timeout_seconds, or a publish still in progress could lose its idempotency key (the publisher refuses to start otherwise)."
+    }
+  }
+
   depends_on = [
     google_project_service.enabled,
     google_project_iam_member.runtime_record_access,
@@ -74,7 +92,10 @@ resource "google_cloud_run_v2_service" "publisher" {
   ]
 }
 
+# Push mode. (Adding `count` moved the existing service to [0]; Terraform moves it by itself.)
 resource "google_cloud_run_v2_service" "subscriber" {
+  count = local.push_mode ? 1 : 0
+
   project             = var.project_id
   name                = local.subscriber_service_name
   location            = var.region
@@ -137,8 +158,109 @@ resource "google_cloud_run_v2_service" "subscriber" {
           cpu    = var.subscriber_scaling.cpu
           memory = var.subscriber_scaling.memory
         }
-        # Request-based billing is enough: the push handler flushes its spans before it answers.
+        # Instance-based billing (CPU always allocated), as for the publisher: batched span export
+        # and the 60 s metric export need CPU between pushes (docs/deploy.md, "CPU and telemetry").
+        cpu_idle          = false
         startup_cpu_boost = true
+      }
+
+      # MAILPIPE_PUSH_AUTH = "cloud-run" is in local.subscriber_env (main.tf), with the audience and
+      # invoker the subscriber checks in the token Cloud Run stripped.
+      dynamic "env" {
+        for_each = local.subscriber_env
+        content {
+          name  = env.key
+          value = env.value
+        }
+      }
+
+      # The SMTP password as a Secret Manager reference, never a plain value.
+      dynamic "env" {
+        for_each = local.subscriber_secret_env
+        content {
+          name = env.key
+          value_source {
+            secret_key_ref {
+              secret  = env.value.secret
+              version = env.value.version
+            }
+          }
+        }
+      }
+    }
+  }
+
+  # The timeout budget (variables.tf, above delivery_timeout_seconds):
+  #   pool wait < whole delivery < request timeout <= ack deadline.
+  lifecycle {
+    precondition {
+      condition     = local.subscriber_timeout_seconds <= local.min_push_ack_deadline
+      error_message = "The subscriber's request timeout must not exceed the push subscription's ack deadline (topology.json), or Pub/Sub re-pushes mails that are still being delivered."
+    }
+    precondition {
+      condition     = var.delivery_timeout_seconds < local.subscriber_timeout_seconds
+      error_message = "delivery_timeout_seconds must be below the subscriber's request timeout (subscriber_request_timeout_seconds, default the ack deadline), so a slow delivery ends in a recorded deferral (503, nack) rather than a request Cloud Run kills while the SMTP transaction goes on."
+    }
+    precondition {
+      condition     = var.smtp_pool_wait_seconds < var.delivery_timeout_seconds
+      error_message = "smtp_pool_wait_seconds must be below delivery_timeout_seconds: waiting for a pooled connection is part of the delivery."
+    }
+    precondition {
+      condition     = var.smtp_timeout_seconds < local.subscriber_timeout_seconds
+      error_message = "smtp_timeout_seconds must be below the subscriber's request timeout, so a stalled relay ends in a deferral (nack) rather than a killed request."
+    }
+    precondition {
+      condition     = (var.smtp_username == null) == (var.smtp_password_secret_id == null)
+      error_message = "Set smtp_username and smtp_password_secret_id together (or neither)."
+    }
+    precondition {
+      condition     = !(local.smtp_auth && var.smtp_tls == "none")
+      error_message = "SMTP AUTH over smtp_tls = \"none\" would send the password in clear; use starttls or implicit."
+    }
+  }
+
+  depends_on = [
+    google_project_service.enabled,
+    google_project_iam_member.runtime_record_access,
+    # Cloud Run resolves the secret at deploy time with the service's own identity.
+    google_secret_manager_secret_iam_member.subscriber_reads_smtp_password,
+  ]
+}
+
+# Pull mode: a Cloud Run worker pool, the Cloud Run resource made for pull workloads. It has no URL
+# and needs no listening port (the pull worker serves no HTTP; a Cloud Run service would fail its
+# start-up probe), and its instances keep their CPU all the time (instance-based billing), which a
+# streaming-pull client needs between messages to extend leases, flush spans and keep its streams
+# open. It does not scale by itself: subscriber_pull_instances instances always run.
+resource "google_cloud_run_v2_worker_pool" "subscriber" {
+  count = local.pull_mode ? 1 : 0
+
+  project             = var.project_id
+  name                = local.subscriber_service_name
+  location            = var.region
+  description         = "mailpipe subscriber: Pub/Sub streaming pull -> SMTP"
+  deletion_protection = var.deletion_protection
+  labels              = local.labels
+
+  # Manual scaling, the only kind the worker pool API has: exactly this many instances.
+  scaling {
+    manual_instance_count = var.subscriber_pull_instances
+  }
+
+  template {
+    service_account = google_service_account.subscriber.email
+
+    containers {
+      name  = "subscriber"
+      image = var.subscriber_image
+      # The image's CMD runs the push endpoint; this runs the streaming-pull worker instead.
+      command = ["python", "-m", "subscriber", "pull"]
+
+      resources {
+        limits = {
+          cpu    = var.subscriber_scaling.cpu
+          memory = var.subscriber_scaling.memory
+        }
       }
 
       dynamic "env" {
@@ -165,14 +287,16 @@ resource "google_cloud_run_v2_service" "subscriber" {
     }
   }
 
+  # The timeout budget without a request: a delivery must end within its claim's lease (the
+  # delivery subscription's ack deadline), or a redelivered copy may be sent while it still runs.
   lifecycle {
     precondition {
-      condition     = local.subscriber_timeout_seconds <= local.min_push_ack_deadline
-      error_message = "The subscriber's request timeout must not exceed the push subscription's ack deadline (topology.json), or Pub/Sub re-pushes mails that are still being delivered."
+      condition     = var.delivery_timeout_seconds < local.delivery_lease_seconds
+      error_message = "delivery_timeout_seconds must be below the delivery subscription's ack deadline (topology.json), which is how long a delivery's claim keeps a redelivered copy from being sent too."
     }
     precondition {
-      condition     = var.smtp_timeout_seconds < local.subscriber_timeout_seconds
-      error_message = "smtp_timeout_seconds must be below the subscriber's request timeout, so a stalled relay ends in a deferral (nack) rather than a killed request."
+      condition     = var.smtp_pool_wait_seconds < var.delivery_timeout_seconds
+      error_message = "smtp_pool_wait_seconds must be below delivery_timeout_seconds: waiting for a pooled connection is part of the delivery."
     }
     precondition {
       condition     = (var.smtp_username == null) == (var.smtp_password_secret_id == null)
@@ -187,7 +311,8 @@ resource "google_cloud_run_v2_service" "subscriber" {
   depends_on = [
     google_project_service.enabled,
     google_project_iam_member.runtime_record_access,
-    # Cloud Run resolves the secret at deploy time with the service's own identity.
+    # The first pull must not be refused.
+    google_pubsub_subscription_iam_member.subscriber_pulls,
     google_secret_manager_secret_iam_member.subscriber_reads_smtp_password,
   ]
 }
@@ -196,11 +321,13 @@ resource "google_cloud_run_v2_service" "subscriber" {
 
 # Only the push invoker account may call the subscriber.
 resource "google_cloud_run_v2_service_iam_member" "push_invoker_calls_subscriber" {
+  count = local.push_mode ? 1 : 0
+
   project  = var.project_id
-  location = google_cloud_run_v2_service.subscriber.location
-  name     = google_cloud_run_v2_service.subscriber.name
+  location = google_cloud_run_v2_service.subscriber[0].location
+  name     = google_cloud_run_v2_service.subscriber[0].name
   role     = "roles/run.invoker"
-  member   = google_service_account.push_invoker.member
+  member   = google_service_account.push_invoker[0].member
 }
 
 # Named callers of the publisher (public access is refused by the variable's validation).

@@ -90,6 +90,92 @@ variable "subscriber_request_timeout_seconds" {
   }
 }
 
+# The timeout budget of one delivery, from the outside in (preconditions in run.tf enforce it):
+#   smtp_pool_wait_seconds < delivery_timeout_seconds < subscriber request timeout <= ack deadline
+# and smtp_timeout_seconds (one SMTP step) < the request timeout. What is left between the delivery
+# timeout and the request timeout is for the record writes and the span flush after the relay's
+# answer, so that a slow relay ends in a recorded deferral (503, nack) and never in a request Cloud
+# Run kills while the SMTP transaction goes on.
+variable "delivery_timeout_seconds" {
+  type        = number
+  description = "Upper bound of one whole delivery, including the wait for a pooled SMTP connection and every SMTP step (MAILPIPE_DELIVERY_TIMEOUT). Must stay below the subscriber's request timeout (push; by default the smallest ack deadline of the push subscriptions, 60 s) and the delivery subscription's ack deadline (both modes); leave some seconds for the record writes and span flush after it."
+  default     = 45
+
+  validation {
+    condition     = var.delivery_timeout_seconds >= 1 && var.delivery_timeout_seconds <= 600
+    error_message = "delivery_timeout_seconds must be 1..600 (and below the subscriber's request timeout)."
+  }
+}
+
+variable "smtp_pool_wait_seconds" {
+  type        = number
+  description = "How long a delivery waits for a free pooled SMTP connection before it is deferred (MAILPIPE_SMTP_POOL_WAIT). Part of delivery_timeout_seconds, so it must be shorter."
+  default     = 10
+
+  validation {
+    condition     = var.smtp_pool_wait_seconds > 0 && var.smtp_pool_wait_seconds <= 600
+    error_message = "smtp_pool_wait_seconds must be more than 0 and at most 600 (and below delivery_timeout_seconds)."
+  }
+}
+
+variable "idempotency_reservation_seconds" {
+  type        = number
+  description = "How long an idempotency key is held while its publish is in progress (MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS); an older reservation was left by a crash and is freed by the key's next request or the reconcile job. Must be longer than publish_timeout_seconds."
+  default     = 300
+
+  validation {
+    condition     = var.idempotency_reservation_seconds >= 1 && var.idempotency_reservation_seconds <= 86400
+    error_message = "idempotency_reservation_seconds must be 1..86400 (and longer than publish_timeout_seconds)."
+  }
+}
+
+variable "reconcile_grace_seconds" {
+  type        = number
+  description = "How long past its lease a delivery may stay `sending` before /v1/stats and the reconcile job call it stalled (MAILPIPE_RECONCILE_GRACE_SECONDS). Must exceed the delivery subscription's maximum retry backoff (topology.json), so a redelivery on its way claims the mail first."
+  default     = 900
+
+  validation {
+    condition     = var.reconcile_grace_seconds >= 0 && var.reconcile_grace_seconds <= 604800
+    error_message = "reconcile_grace_seconds must be 0..604800 (and above the delivery subscription's maximum retry backoff)."
+  }
+}
+
+variable "publish_timeout_seconds" {
+  type        = number
+  description = "How long the publisher waits for Pub/Sub to confirm a publish before it answers 503 (MAILPIPE_PUBLISH_TIMEOUT). Must stay below publisher_scaling.timeout, or Cloud Run cuts the request while the publish may still succeed."
+  default     = 30
+
+  validation {
+    condition     = var.publish_timeout_seconds >= 1 && var.publish_timeout_seconds <= 600
+    error_message = "publish_timeout_seconds must be 1..600 (and below publisher_scaling.timeout)."
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# Subscriber: push (Cloud Run service) or streaming pull (Cloud Run worker pool)
+# ---------------------------------------------------------------------------------------------
+variable "subscriber_mode" {
+  type        = string
+  description = "How the subscriber receives mail. \"push\" (default): Pub/Sub pushes each mail to the subscriber's Cloud Run service (request-based billing, scales to zero). \"pull\": a Cloud Run worker pool runs `python -m subscriber pull` (streaming pull, CPU always allocated, subscriber_pull_instances instances always running); the subscriptions declared push in topology.json are created as pull subscriptions and no push invoker exists."
+  default     = "push"
+
+  validation {
+    condition     = contains(["push", "pull"], var.subscriber_mode)
+    error_message = "subscriber_mode must be \"push\" or \"pull\"."
+  }
+}
+
+variable "subscriber_pull_instances" {
+  type        = number
+  description = "Pull mode only: instances of the subscriber worker pool, always running (worker pools do not scale on their own). Each runs smtp_pool_size SMTP connections."
+  default     = 1
+
+  validation {
+    condition     = var.subscriber_pull_instances >= 1 && var.subscriber_pull_instances <= 100 && floor(var.subscriber_pull_instances) == var.subscriber_pull_instances
+    error_message = "subscriber_pull_instances must be a whole number from 1 to 100: a pull subscriber with no instance delivers nothing."
+  }
+}
+
 # ---------------------------------------------------------------------------------------------
 # SMTP relay (MAILPIPE_SMTP_*)
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +268,19 @@ variable "message_id_domain" {
   validation {
     condition     = can(regex("^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+$", var.message_id_domain))
     error_message = "message_id_domain must be a domain name such as \"mail.example.com\"."
+  }
+}
+
+variable "allowed_sender_domains" {
+  type        = list(string)
+  description = "Domains the publisher accepts in a mail's From address (MAILPIPE_ALLOWED_SENDER_DOMAINS), e.g. [\"mail.example.com\"]: the domains your relay may send for (SPF/DKIM). Any other From is refused with 400, so a caller cannot make your relay send as someone else."
+
+  validation {
+    condition = length(var.allowed_sender_domains) > 0 && alltrue([
+      for d in var.allowed_sender_domains :
+      can(regex("^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+$", d))
+    ])
+    error_message = "allowed_sender_domains must list at least one domain name such as \"mail.example.com\" (no address, no wildcard, no comma)."
   }
 }
 
@@ -316,6 +415,17 @@ variable "notification_channels" {
   }
 }
 
+variable "alert_auto_close_seconds" {
+  type        = number
+  description = "An open incident of any mailpipe alert policy closes by itself when its condition has had no data for this long (alert_strategy.auto_close). Cloud Monitoring accepts 1800 s (30 min) to 604800 s (7 days)."
+  default     = 3600
+
+  validation {
+    condition     = var.alert_auto_close_seconds >= 1800 && var.alert_auto_close_seconds <= 604800
+    error_message = "alert_auto_close_seconds must be 1800..604800 (Cloud Monitoring's limits)."
+  }
+}
+
 variable "oldest_unacked_age_threshold_seconds" {
   type        = number
   description = "Alert when the oldest undelivered mail on the delivery subscription is older than this (seconds)."
@@ -393,5 +503,47 @@ variable "canary_time_to_inbox_threshold_seconds" {
   validation {
     condition     = var.canary_time_to_inbox_threshold_seconds >= 10
     error_message = "canary_time_to_inbox_threshold_seconds must be at least 10."
+  }
+}
+
+variable "canary_vpc_egress" {
+  type = object({
+    subnetwork   = string
+    network      = optional(string)
+    network_tags = optional(list(string), [])
+  })
+  description = "Direct VPC egress for the canary job: the subnetwork (a name in project_id and region, or projects/HOST/regions/REGION/subnetworks/NAME for a Shared VPC) it sends all its traffic through, with Private Google Access on. Required when publisher_ingress is not INGRESS_TRAFFIC_ALL: Cloud Run counts a request from another Cloud Run job as internal only when it leaves through a VPC. The canary's IMAP server must then be reachable from that VPC (Cloud NAT for a mailbox on the internet). null = no VPC egress."
+  default     = null
+
+  validation {
+    condition = var.canary_vpc_egress == null || try(
+      can(regex("^([a-z]([-a-z0-9]*[a-z0-9])?|projects/[^/]+/regions/[^/]+/subnetworks/[a-z]([-a-z0-9]*[a-z0-9])?)$", var.canary_vpc_egress.subnetwork)) &&
+      (var.canary_vpc_egress.network == null || can(regex("^([a-z]([-a-z0-9]*[a-z0-9])?|projects/[^/]+/global/networks/[a-z]([-a-z0-9]*[a-z0-9])?)$", var.canary_vpc_egress.network))),
+      false
+    )
+    error_message = "canary_vpc_egress.subnetwork must be a subnetwork name or projects/P/regions/R/subnetworks/NAME; network (optional, looked up from the subnetwork otherwise) a network name or projects/P/global/networks/NAME."
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# Reconcile (reconcile.tf): `mailpipe reconcile --fix` on a schedule, for records stuck mid-way
+# ---------------------------------------------------------------------------------------------
+variable "reconcile" {
+  type = object({
+    enabled         = optional(bool, true)
+    schedule        = optional(string, "*/10 * * * *")
+    timeout_seconds = optional(number, 300)
+    image           = optional(string)
+  })
+  description = "The reconcile job: a Cloud Run job that Cloud Scheduler starts on schedule (cron, UTC; default every 10 minutes) to run `mailpipe reconcile --fix`, which frees idempotency reservations stuck in `accepting` past their expiry and settles `sending` records past their lease. timeout_seconds: the job's limit per run. image: null = publisher_image (it carries the mailpipe CLI). enabled = false: no job."
+  default     = {}
+
+  validation {
+    condition = (
+      length(split(" ", trimspace(var.reconcile.schedule))) == 5 &&
+      var.reconcile.timeout_seconds >= 60 && var.reconcile.timeout_seconds <= 3600 &&
+      (var.reconcile.image == null || can(regex("^[a-z0-9.-]+(:[0-9]+)?/[^ ]+(:[A-Za-z0-9_.-]+|@sha256:[a-f0-9]{64})$", coalesce(var.reconcile.image, "x"))))
+    )
+    error_message = "reconcile: schedule must be a 5-field cron expression, timeout_seconds 60..3600, image null or a full image reference with a tag or @sha256 digest."
   }
 }

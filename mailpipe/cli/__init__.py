@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "mailpipe.cli.trace",
     "mailpipe.cli.canary",
     "mailpipe.cli.dlq",
+    "mailpipe.cli.reconcile",
 )
 
 

@@ -1,4 +1,10 @@
-"""``mailpipe send`` and ``mailpipe status``: talk to a running publisher over HTTP."""
+"""``mailpipe send`` and ``mailpipe status``: talk to a running publisher over HTTP.
+
+``mailpipe status MAIL_ID`` shows one mail's record; ``mailpipe status`` alone shows the pipeline's
+(``/v1/stats``): the oldest undelivered mail and the stuck records ``mailpipe reconcile --fix``
+would settle. Exit codes: 0 ok, 1 the publisher could not answer, 4 (``status`` alone) stuck
+records were found.
+"""
 
 from __future__ import annotations
 
@@ -49,8 +55,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     send.add_argument("--json", action="store_true", help="print the JSON answer")
     send.set_defaults(handler=run_send)
 
-    status = subparsers.add_parser("status", help="show the delivery record of a mail")
-    status.add_argument("mail_id")
+    status = subparsers.add_parser(
+        "status",
+        help="show the delivery record of a mail, or (without one) lag and stuck records",
+    )
+    status.add_argument("mail_id", nargs="?", help="the mail (omit: the pipeline's status)")
     status.add_argument("--url", default=os.environ.get("MAILPIPE_URL", DEFAULT_URL))
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=run_status)
@@ -145,7 +154,12 @@ def _wait(url: str, mail_id: str, seconds: float) -> dict[str, Any] | None:
     return record
 
 
+EXIT_STUCK = 4  # as `mailpipe reconcile`: stuck records were found
+
+
 def run_status(args: argparse.Namespace) -> int:
+    if args.mail_id is None:
+        return _run_overview(args)
     console = Console()
     try:
         response = requests.get(f"{args.url}/v1/messages/{args.mail_id}", timeout=10)
@@ -177,4 +191,54 @@ def run_status(args: argparse.Namespace) -> int:
     console.print(table)
     if record.get("last_error"):
         console.print(f"last error: {record['last_error']}")
+    stuck = record.get("stuck")
+    if stuck:
+        console.print(
+            f"[yellow]stuck[/]: {stuck['kind'].replace('_', ' ')} since {stuck['stuck_since']}; "
+            f"`mailpipe reconcile --fix` will {stuck['fix']}"
+        )
     return EXIT_OK
+
+
+def _run_overview(args: argparse.Namespace) -> int:
+    """``mailpipe status`` without a mail: lag and stuck records from ``/v1/stats``."""
+    try:
+        response = requests.get(f"{args.url}/v1/stats", timeout=30)
+    except requests.RequestException as exc:
+        Console(stderr=True).print(f"[red]cannot reach the publisher at {args.url}:[/] {exc}")
+        return EXIT_FAILED
+    if response.status_code != 200:
+        _print_error(Console(stderr=True), response)
+        return EXIT_FAILED
+    stats = response.json()
+    stuck = stats.get("stuck") or {}
+    code = (
+        EXIT_STUCK
+        if stuck.get("expired_reservations") or stuck.get("stalled_deliveries")
+        else EXIT_OK
+    )
+    if args.json:
+        print(json.dumps(stats))
+        return code
+    console = Console(soft_wrap=True)
+    age = stats.get("oldest_undelivered_age_seconds")
+    if age is None:
+        console.print("oldest undelivered mail: none")
+    else:
+        console.print(
+            f"oldest undelivered mail: {stats['oldest_undelivered_mail_id']} ({age:.0f} s old)"
+        )
+    console.print(
+        f"stuck: {stuck.get('expired_reservations', 0)} expired reservation(s), "
+        f"{stuck.get('stalled_deliveries', 0)} stalled delivery(ies); "
+        f"{stuck.get('unconfirmed', 0)} unconfirmed"
+    )
+    mails = stuck.get("mails") or []
+    for mail in mails:  # one line each: ids stay whole, to copy into `mailpipe status MAIL_ID`
+        console.print(
+            f"  {mail['mail_id']}  {mail['kind'].replace('_', ' ')} ({mail['status']}) "
+            f"since {mail['stuck_since']}"
+        )
+    if mails:
+        console.print("settle them with [bold]mailpipe reconcile --fix[/]")
+    return code

@@ -8,35 +8,43 @@ One interface (:class:`DeliveryRecord`), two backends: SQLite (the embedded defa
 from __future__ import annotations
 
 from mailpipe.record.base import (
+    DEFAULT_RESERVATION_SECONDS,
     AlreadyFinal,
     Attempt,
     Claim,
     ClaimResult,
     DeliveryRecord,
     IdempotencyConflict,
+    InvalidMailId,
+    LeaseRenewal,
     MailNotFound,
     MailRecord,
     MailStatus,
     Page,
     RecordError,
     RecordUnavailable,
+    RenewalResult,
     Reservation,
     open_record,
 )
 
 __all__ = [
+    "DEFAULT_RESERVATION_SECONDS",
     "AlreadyFinal",
     "Attempt",
     "Claim",
     "ClaimResult",
     "DeliveryRecord",
     "IdempotencyConflict",
+    "InvalidMailId",
+    "LeaseRenewal",
     "MailNotFound",
     "MailRecord",
     "MailStatus",
     "Page",
     "RecordError",
     "RecordUnavailable",
+    "RenewalResult",
     "Reservation",
     "open_record",
 ]

@@ -6,7 +6,8 @@ Errors::
     ├── RecordUnavailable       the backend cannot be reached or timed out (callers retry / nack)
     ├── IdempotencyConflict     an idempotency key is held by a request still being published
     ├── MailNotFound            the operation needs a record that does not exist
-    └── AlreadyFinal            the mail was delivered or bounced: replaying it is refused
+    ├── AlreadyFinal            the mail was delivered or bounced: replaying it is refused
+    └── InvalidMailId           (also a ValueError) no backend can key a record by this id
 
 Lifecycle of a mail's status::
 
@@ -16,6 +17,8 @@ Lifecycle of a mail's status::
     (no idempotency key) ─publish ok─▶ queued: nothing to reserve, one write after the publish
     deferred/queued/sending ─dead-letter consumer─▶ dead_lettered ─dlq replay─▶ replayed
     replayed ─claim─▶ sending …
+    accepting past reserved_until ─reserve of its key / reconcile─▶ (released)
+    sending past lease_until + grace ─reconcile─▶ unconfirmed ─claim─▶ sending …
 
 ``claim`` is atomic: of two concurrent deliveries of the same mail only one gets ``CLAIMED``;
 a mail already delivered or bounced is never claimed again (at-least-once made effectively once).
@@ -30,6 +33,21 @@ Rules every backend follows (the shared suite tests them on each):
   never move a record backwards (they only fill in fields when it has moved on).
 - ``release`` deletes only a record still ``accepting``; ``mark_replayed`` raises
   :class:`AlreadyFinal` for a delivered or bounced mail, so a replay never sends twice.
+- ``renew_lease`` is the claimant's check just before it sends (after waiting for an SMTP
+  connection): ``RENEWED`` only while the mail is not final and no later claim was made, and
+  then the lease runs ``lease_seconds`` from now (never shortened); else ``LOST`` or ``FINAL``
+  and nothing changes.
+- An idempotency key is unique within its scope (the caller's identity; ``None`` is the one
+  shared scope). A reservation holds its key until ``reserved_until``; after that the next
+  ``reserve`` of the key, or :meth:`DeliveryRecord.release_expired_reservation`, frees it.
+- ``unconfirmed`` is a ``sending`` whose delivery never recorded an outcome (its worker stopped,
+  or the record write after the relay's answer failed): not final, so a later delivery of the
+  mail still claims it, and a late ``finish`` of that attempt still records the real outcome.
+- Mail ids follow Firestore's document-id rules on every backend (so a local run refuses what
+  production would): non-empty valid Unicode, at most 1,500 UTF-8 bytes, no ``/``, not ``.`` or
+  ``..``, not ``__…__``. Reads of any other id find nothing (``get`` → ``None``,
+  ``mark_dead_lettered``, ``release_expired_reservation``, ``mark_unconfirmed`` → ``None``,
+  ``release`` does nothing); writes raise :class:`InvalidMailId` before the backend is asked.
 """
 
 from __future__ import annotations
@@ -38,6 +56,11 @@ import datetime as dt
 import enum
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+# How long a reservation holds its idempotency key unless the caller says (the publisher passes
+# MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS); also the expiry of reservations written before
+# records carried ``reserved_until``.
+DEFAULT_RESERVATION_SECONDS = 300.0
 
 
 class RecordError(Exception):
@@ -60,6 +83,10 @@ class AlreadyFinal(RecordError):
     """The mail was delivered or bounced; the operation would send it again."""
 
 
+class InvalidMailId(RecordError, ValueError):
+    """No backend can key a record by this mail id; the text says which rule it breaks."""
+
+
 class MailStatus(enum.StrEnum):
     ACCEPTING = "accepting"
     QUEUED = "queued"
@@ -69,6 +96,8 @@ class MailStatus(enum.StrEnum):
     BOUNCED = "bounced"
     DEAD_LETTERED = "dead_lettered"
     REPLAYED = "replayed"
+    # Reconciled: the last delivery attempt's outcome was never recorded (see the docstring).
+    UNCONFIRMED = "unconfirmed"
 
     @property
     def final(self) -> bool:
@@ -109,6 +138,9 @@ class MailRecord:
     delivered_at: dt.datetime | None = None
     attempt_count: int = 0  # claims so far = the number of the latest attempt, finished or not
     lease_until: dt.datetime | None = None  # the current claim's lease; None once finished
+    idempotency_scope: str | None = None  # whose key it is (the caller); None: the shared scope
+    request_hash: str | None = None  # fingerprint of the request that reserved the key
+    reserved_until: dt.datetime | None = None  # while accepting: when the reservation expires
 
     def to_json(self) -> dict[str, object]:
         def iso(value: dt.datetime | None) -> str | None:
@@ -156,6 +188,20 @@ class Claim:
     record: MailRecord | None = None
 
 
+class RenewalResult(enum.StrEnum):
+    RENEWED = "renewed"  # still this attempt's claim; the lease now runs from now: send
+    LOST = "lost"  # a later claim took the mail over (this lease had run out): do not send
+    FINAL = "final"  # delivered or bounced meanwhile: do not send, ack
+
+
+@dataclass(frozen=True)
+class LeaseRenewal:
+    """Answer of :meth:`DeliveryRecord.renew_lease`."""
+
+    result: RenewalResult
+    record: MailRecord | None = None
+
+
 @dataclass(frozen=True)
 class Reservation:
     """Answer of :meth:`DeliveryRecord.reserve`: ``created`` False means the key was seen before."""
@@ -181,13 +227,20 @@ class DeliveryRecord(Protocol):
         accepted_at: dt.datetime,
         recipient_domains: tuple[str, ...],
         idempotency_key: str | None,
+        idempotency_scope: str | None = None,
+        request_hash: str | None = None,
+        reservation_seconds: float = DEFAULT_RESERVATION_SECONDS,
     ) -> Reservation:
-        """Create the record in status ``accepting``, atomically claiming ``idempotency_key``.
+        """Create the record in status ``accepting``, atomically claiming ``idempotency_key``
+        within ``idempotency_scope``.
 
         If the key is already held, return ``Reservation(created=False, record=<the holder>)``
-        (the caller answers with the original mail) and create nothing. The holder may still be
-        ``accepting``: raising :class:`IdempotencyConflict` for that case is the caller's choice.
-        A second reserve of an existing ``mail_id`` also returns ``created=False`` with it.
+        (the caller answers with the original mail, or refuses a different ``request_hash``) and
+        create nothing. The holder may still be ``accepting``: raising
+        :class:`IdempotencyConflict` for that case is the caller's choice. A holder still
+        ``accepting`` after its ``reserved_until`` (now + ``reservation_seconds``) is a
+        reservation left by a crash: it is deleted and the key goes to this reserve. A second
+        reserve of an existing ``mail_id`` also returns ``created=False`` with it.
         """
         ...
 
@@ -217,6 +270,23 @@ class DeliveryRecord(Protocol):
         """
         ...
 
+    def release_expired_reservation(self, mail_id: str) -> MailRecord | None:
+        """Reconcile: delete the record if it is still ``accepting`` past its
+        ``reserved_until`` (its publisher crashed or lost the record before releasing it), and
+        free its key. Returns the deleted record, ``None`` when nothing was deleted (the record
+        moved on, is not expired yet, or is gone). Checked and done atomically.
+        """
+        ...
+
+    def mark_unconfirmed(self, mail_id: str, *, grace_seconds: float) -> MailRecord | None:
+        """Reconcile: ``sending`` whose lease ended more than ``grace_seconds`` ago →
+        ``unconfirmed``, the lease cleared and ``last_error`` saying what is known.
+
+        Returns the new record, ``None`` when nothing changed (another delivery claimed it since,
+        or it finished, or it is not stalled). Checked and done atomically.
+        """
+        ...
+
     def claim(
         self,
         mail_id: str,
@@ -233,6 +303,19 @@ class DeliveryRecord(Protocol):
         ``Attempt.number``) and the record as written. ``accepted_at`` and
         ``recipient_domains`` (from the queued mail) are used only when the claim has to create
         the record; without them it is created as accepted now, with no domains.
+        """
+        ...
+
+    def renew_lease(
+        self, mail_id: str, *, attempt_number: int, lease_seconds: float
+    ) -> LeaseRenewal:
+        """Atomically check that claim ``attempt_number`` still holds the mail, and extend it.
+
+        Called right before sending: ``RENEWED`` (the lease now ends ``lease_seconds`` from now,
+        or later if it already did) while the mail is not delivered or bounced and its latest
+        claim is this one — even if this lease had run out, as long as nobody claimed since.
+        ``LOST`` when a later claim was made (or the record is gone), ``FINAL`` when the mail was
+        delivered or bounced; both change nothing.
         """
         ...
 
@@ -265,7 +348,9 @@ class DeliveryRecord(Protocol):
 
     def get(self, mail_id: str) -> MailRecord | None: ...
 
-    def get_by_idempotency_key(self, key: str) -> MailRecord | None: ...
+    def get_by_idempotency_key(
+        self, key: str, *, scope: str | None = None
+    ) -> MailRecord | None: ...
 
     def list(
         self,
@@ -284,7 +369,8 @@ class DeliveryRecord(Protocol):
         ...
 
     def oldest_undelivered(self) -> MailRecord | None:
-        """The oldest mail still queued, sending, deferred or replayed (drives the lag alert)."""
+        """The oldest mail still accepting, queued, sending, deferred or replayed (drives the
+        lag alert; accepting too, so a reservation left by a crash is seen)."""
         ...
 
     def close(self) -> None: ...

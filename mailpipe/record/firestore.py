@@ -5,9 +5,10 @@ Layout:
 - ``<collection>/<mail_id>`` (default ``mailpipe_mails``): one document per mail, the fields of
   :class:`MailRecord` (attempts as an array of maps) plus ``expire_at`` = ``accepted_at`` +
   ``ttl_days``.
-- ``<idempotency_collection>/<sha256(key)>`` (default ``mailpipe_idempotency``): one document per
-  idempotency key, ``{mail_id, expire_at}``. It is created in the same transaction as the mail
-  document, so a key can only ever be held by one mail.
+- ``<idempotency_collection>/<sha256(scope, key)>`` (default ``mailpipe_idempotency``): one
+  document per idempotency key in its caller's scope, ``{mail_id, expire_at}``. It is created in
+  the same transaction as the mail document, so a key can only ever be held by one mail; a
+  completed key is remembered until the TTL policy deletes it with its mail (``ttl_days``).
 
 Every read-modify-write is a ``@firestore.transactional`` function: Firestore aborts a
 transaction whose documents changed underneath it and the client retries it, which makes claims
@@ -36,8 +37,10 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 
 from mailpipe.record import lifecycle
 from mailpipe.record.base import (
+    DEFAULT_RESERVATION_SECONDS,
     Attempt,
     Claim,
+    LeaseRenewal,
     MailRecord,
     MailStatus,
     Page,
@@ -68,6 +71,9 @@ def _translate_errors(operation: str) -> Iterator[None]:
         yield
     except _TRANSIENT as exc:
         raise RecordUnavailable(f"firestore record: {operation} failed: {exc}") from exc
+    except UnicodeEncodeError as exc:
+        # A string Firestore cannot carry (a lone surrogate): no retry can store it.
+        raise RecordError(f"firestore record: {operation} failed: {exc}") from exc
     except ValueError as exc:
         # The client reports a transaction that kept aborting as ValueError("Failed to commit
         # transaction in N attempts") caused by Aborted: contention, so retryable.
@@ -154,23 +160,32 @@ class FirestoreRecord:
         accepted_at: dt.datetime,
         recipient_domains: tuple[str, ...],
         idempotency_key: str | None,
+        idempotency_scope: str | None = None,
+        request_hash: str | None = None,
+        reservation_seconds: float = DEFAULT_RESERVATION_SECONDS,
     ) -> Reservation:
+        lifecycle.check_mail_id(mail_id)
         mail_ref = self._mails.document(mail_id)
         key_ref = (
-            self._keys.document(lifecycle.key_hash(idempotency_key))
+            self._keys.document(lifecycle.key_hash(idempotency_key, idempotency_scope))
             if idempotency_key is not None
             else None
         )
 
         def body(transaction: Any) -> Reservation:
+            now = self._clock()
             key_is_stale = False
+            expired_holder = None
             if key_ref is not None:
                 key = key_ref.get(transaction=transaction)
                 if key.exists:
                     holder = self._read(transaction, key.get("mail_id"))
-                    if holder is not None:
+                    if holder is not None and not lifecycle.reservation_expired(holder, now):
                         return Reservation(created=False, record=holder)
-                    key_is_stale = True  # its mail expired first or was deleted: take it over
+                    # Its mail expired first or was deleted, or it is a reservation left by a
+                    # crash (accepting past reserved_until): take the key over.
+                    key_is_stale = True
+                    expired_holder = holder
             existing = self._read(transaction, mail_id)
             if existing is not None:
                 return Reservation(created=False, record=existing)
@@ -179,8 +194,13 @@ class FirestoreRecord:
                 accepted_at=accepted_at,
                 recipient_domains=recipient_domains,
                 idempotency_key=idempotency_key,
-                now=self._clock(),
+                now=now,
+                idempotency_scope=idempotency_scope,
+                request_hash=request_hash,
+                reservation_seconds=reservation_seconds,
             )
+            if expired_holder is not None:
+                transaction.delete(self._mails.document(expired_holder.mail_id))
             transaction.create(mail_ref, self._fields(record))
             if key_ref is not None:
                 key_fields = {"mail_id": mail_id, "expire_at": record.accepted_at + self._ttl}
@@ -201,6 +221,8 @@ class FirestoreRecord:
         accepted_at: dt.datetime | None = None,
         recipient_domains: tuple[str, ...] = (),
     ) -> None:
+        lifecycle.check_mail_id(mail_id)
+
         def body(transaction: Any) -> None:
             record = lifecycle.queued(
                 self._read(transaction, mail_id),
@@ -216,21 +238,58 @@ class FirestoreRecord:
         self._transact("mark_queued", body)
 
     def release(self, mail_id: str) -> None:
+        if lifecycle.mail_id_problem(mail_id):
+            return  # no record can have this id
+
         def body(transaction: Any) -> None:
             record = self._read(transaction, mail_id)
             if record is None or not lifecycle.releasable(record):
                 return
-            key_ref = None
-            if record.idempotency_key is not None:
-                key_ref = self._keys.document(lifecycle.key_hash(record.idempotency_key))
-                key = key_ref.get(transaction=transaction)
-                if not key.exists or key.get("mail_id") != mail_id:
-                    key_ref = None  # not ours (any more): leave it alone
-            transaction.delete(self._mails.document(mail_id))
-            if key_ref is not None:
-                transaction.delete(key_ref)
+            self._delete_reservation(transaction, record)
 
         self._transact("release", body)
+
+    def _delete_reservation(self, transaction: Any, record: MailRecord) -> None:
+        """Delete ``record`` and its key document if the key still points at it (reads first:
+        Firestore transactions read everything before they write)."""
+        key_ref = None
+        key_hash = lifecycle.record_key_hash(record)
+        if key_hash is not None:
+            key_ref = self._keys.document(key_hash)
+            key = key_ref.get(transaction=transaction)
+            if not key.exists or key.get("mail_id") != record.mail_id:
+                key_ref = None  # not ours (any more): leave it alone
+        transaction.delete(self._mails.document(record.mail_id))
+        if key_ref is not None:
+            transaction.delete(key_ref)
+
+    def release_expired_reservation(self, mail_id: str) -> MailRecord | None:
+        if lifecycle.mail_id_problem(mail_id):
+            return None  # no record can have this id
+
+        def body(transaction: Any) -> MailRecord | None:
+            record = self._read(transaction, mail_id)
+            if record is None or not lifecycle.reservation_expired(record, self._clock()):
+                return None
+            self._delete_reservation(transaction, record)
+            return record
+
+        return self._transact("release_expired_reservation", body)
+
+    def mark_unconfirmed(self, mail_id: str, *, grace_seconds: float) -> MailRecord | None:
+        if lifecycle.mail_id_problem(mail_id):
+            return None  # no record can have this id
+
+        def body(transaction: Any) -> MailRecord | None:
+            record = self._read(transaction, mail_id)
+            now = self._clock()
+            if record is None or not lifecycle.delivery_stalled(record, now, grace_seconds):
+                return None
+            new = lifecycle.unconfirmed(record, now=now)
+            transaction.set(self._mails.document(mail_id), self._fields(new))
+            return new
+
+        return self._transact("mark_unconfirmed", body)
 
     def claim(
         self,
@@ -242,6 +301,8 @@ class FirestoreRecord:
         accepted_at: dt.datetime | None = None,
         recipient_domains: tuple[str, ...] = (),
     ) -> Claim:
+        lifecycle.check_mail_id(mail_id)
+
         def body(transaction: Any) -> Claim:
             claim, new = lifecycle.claimed(
                 self._read(transaction, mail_id),
@@ -259,7 +320,26 @@ class FirestoreRecord:
 
         return self._transact("claim", body)
 
+    def renew_lease(
+        self, mail_id: str, *, attempt_number: int, lease_seconds: float
+    ) -> LeaseRenewal:
+        def body(transaction: Any) -> LeaseRenewal:
+            renewal, new = lifecycle.lease_renewed(
+                self._read(transaction, mail_id),
+                mail_id,
+                attempt_number=attempt_number,
+                lease_seconds=lease_seconds,
+                now=self._clock(),
+            )
+            if new is not None:
+                transaction.set(self._mails.document(mail_id), self._fields(new))
+            return renewal
+
+        return self._transact("renew_lease", body)
+
     def finish(self, mail_id: str, attempt: Attempt) -> MailRecord:
+        lifecycle.check_mail_id(mail_id)
+
         def body(transaction: Any) -> MailRecord:
             record = lifecycle.finished(
                 self._read(transaction, mail_id), mail_id, attempt, now=self._clock()
@@ -270,6 +350,9 @@ class FirestoreRecord:
         return self._transact("finish", body)
 
     def mark_dead_lettered(self, mail_id: str, *, last_error: str | None) -> MailRecord | None:
+        if lifecycle.mail_id_problem(mail_id):
+            return None  # no record can have this id
+
         def body(transaction: Any) -> MailRecord | None:
             record = self._read(transaction, mail_id)
             if record is None:
@@ -282,6 +365,8 @@ class FirestoreRecord:
         return self._transact("mark_dead_lettered", body)
 
     def mark_replayed(self, mail_id: str, *, trace_id: str | None) -> MailRecord:
+        lifecycle.check_mail_id(mail_id)
+
         def body(transaction: Any) -> MailRecord:
             record = lifecycle.replayed(
                 self._read(transaction, mail_id), mail_id, trace_id=trace_id, now=self._clock()
@@ -292,12 +377,14 @@ class FirestoreRecord:
         return self._transact("mark_replayed", body)
 
     def get(self, mail_id: str) -> MailRecord | None:
+        if lifecycle.mail_id_problem(mail_id):
+            return None  # no record can have this id (and Firestore would refuse the path)
         with _translate_errors("get"):
             return self._decode(self._mails.document(mail_id).get())
 
-    def get_by_idempotency_key(self, key: str) -> MailRecord | None:
+    def get_by_idempotency_key(self, key: str, *, scope: str | None = None) -> MailRecord | None:
         with _translate_errors("get_by_idempotency_key"):
-            held = self._keys.document(lifecycle.key_hash(key)).get()
+            held = self._keys.document(lifecycle.key_hash(key, scope)).get()
             if not held.exists:
                 return None
             return self._decode(self._mails.document(held.get("mail_id")).get())

@@ -17,22 +17,36 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from mailpipe.record.base import (
+    DEFAULT_RESERVATION_SECONDS,
     AlreadyFinal,
     Attempt,
     Claim,
     ClaimResult,
+    InvalidMailId,
+    LeaseRenewal,
     MailNotFound,
     MailRecord,
     MailStatus,
+    RenewalResult,
 )
 
 MAX_PAGE_SIZE = 1000
 # Replayed mails are back on the mail topic: until delivered they count toward the lag alert.
-UNDELIVERED = (MailStatus.QUEUED, MailStatus.SENDING, MailStatus.DEFERRED, MailStatus.REPLAYED)
+# So do reservations (accepting): one left behind by a crash must not go unseen. Unconfirmed mails
+# do not (reconcile settled them as far as the record can; Pub/Sub's own backlog alert covers a
+# copy it still holds), nor do dead-lettered ones.
+UNDELIVERED = (
+    MailStatus.ACCEPTING,
+    MailStatus.QUEUED,
+    MailStatus.SENDING,
+    MailStatus.DEFERRED,
+    MailStatus.REPLAYED,
+)
 _OUTCOMES = {
     "delivered": MailStatus.DELIVERED,
     "deferred": MailStatus.DEFERRED,
@@ -54,9 +68,54 @@ def utc(value: dt.datetime) -> dt.datetime:
     return value.astimezone(dt.UTC)
 
 
-def key_hash(idempotency_key: str) -> str:
-    """The stored form of an idempotency key: fixed length, safe as a document id."""
-    return hashlib.sha256(idempotency_key.encode("utf-8")).hexdigest()
+# Firestore's document-id rules (firebase.google.com/docs/firestore/quotas, "Collections,
+# documents, and fields"): the emulator and production refuse these ids, or (with "/") read them
+# as a path into another collection.
+MAX_MAIL_ID_BYTES = 1500
+_RESERVED_ID = re.compile(r"__.*__", re.DOTALL)
+
+
+def mail_id_problem(mail_id: object) -> str | None:
+    """Why ``mail_id`` cannot key a record (see :mod:`mailpipe.record.base`), or ``None``."""
+    if not isinstance(mail_id, str) or not mail_id:
+        return "must be a non-empty string"
+    try:
+        size = len(mail_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "must be valid Unicode (it holds a lone surrogate)"
+    problems = (
+        (size > MAX_MAIL_ID_BYTES, f"is {size} bytes long in UTF-8; at most {MAX_MAIL_ID_BYTES}"),
+        ("/" in mail_id, "must not contain '/'"),
+        (mail_id in (".", ".."), "must not be '.' or '..'"),
+        (bool(_RESERVED_ID.fullmatch(mail_id)), "must not start and end with '__' (reserved)"),
+    )
+    return next((problem for broken, problem in problems if broken), None)
+
+
+def check_mail_id(mail_id: str) -> None:
+    """Raise :class:`InvalidMailId` unless ``mail_id`` can key a record."""
+    problem = mail_id_problem(mail_id)
+    if problem is not None:
+        shown = mail_id[:80] if isinstance(mail_id, str) else mail_id
+        raise InvalidMailId(f"mail id {shown!r} {problem}")
+
+
+def key_hash(idempotency_key: str, scope: str | None = None) -> str:
+    """The stored form of an idempotency key in its scope: fixed length, safe as a document id.
+
+    The shared scope (``None``) hashes the key alone (as records written before scopes did); a
+    caller's scope is length-prefixed and joined with a line feed, which no key the API accepts
+    contains, so no two (scope, key) pairs share a hash.
+    """
+    text = idempotency_key if scope is None else f"{len(scope)}:{scope}\n{idempotency_key}"
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def record_key_hash(record: MailRecord) -> str | None:
+    """The key hash a record holds, ``None`` without an idempotency key."""
+    if record.idempotency_key is None:
+        return None
+    return key_hash(record.idempotency_key, record.idempotency_scope)
 
 
 # --- transitions -------------------------------------------------------------------------
@@ -69,8 +128,13 @@ def reserved(
     recipient_domains: tuple[str, ...],
     idempotency_key: str | None,
     now: dt.datetime,
+    idempotency_scope: str | None = None,
+    request_hash: str | None = None,
+    reservation_seconds: float | None = None,
 ) -> MailRecord:
-    """A new record in ``accepting``."""
+    """A new record in ``accepting`` (held until now + ``reservation_seconds``, if given)."""
+    if reservation_seconds is not None and reservation_seconds <= 0:
+        raise ValueError("reservation_seconds must be positive")
     return MailRecord(
         mail_id=mail_id,
         status=MailStatus.ACCEPTING,
@@ -78,6 +142,13 @@ def reserved(
         updated_at=now,
         idempotency_key=idempotency_key,
         recipient_domains=tuple(recipient_domains),
+        idempotency_scope=idempotency_scope if idempotency_key is not None else None,
+        request_hash=request_hash,
+        reserved_until=(
+            now + dt.timedelta(seconds=reservation_seconds)
+            if reservation_seconds is not None
+            else None
+        ),
     )
 
 
@@ -110,6 +181,7 @@ def queued(
     return dataclasses.replace(
         record,
         status=status,
+        reserved_until=None,  # the reservation's work is done: the key now holds for good
         message_id=record.message_id or message_id,
         trace_id=record.trace_id or trace_id,
         updated_at=now,
@@ -119,6 +191,72 @@ def queued(
 def releasable(record: MailRecord | None) -> bool:
     """Whether :meth:`release` deletes this record (only while the publish is pending)."""
     return record is not None and record.status is MailStatus.ACCEPTING
+
+
+# --- reconcile: records no live request or delivery will move on ----------------------------
+
+
+def reservation_expires_at(record: MailRecord) -> dt.datetime | None:
+    """When an ``accepting`` record's reservation expires; ``None`` for any other status.
+
+    Records written before reservations carried ``reserved_until`` expire
+    :data:`DEFAULT_RESERVATION_SECONDS` after their last write.
+    """
+    if record.status is not MailStatus.ACCEPTING:
+        return None
+    if record.reserved_until is not None:
+        return record.reserved_until
+    return record.updated_at + dt.timedelta(seconds=DEFAULT_RESERVATION_SECONDS)
+
+
+def reservation_expired(record: MailRecord | None, now: dt.datetime) -> bool:
+    """Whether ``record`` is a reservation past its expiry (left by a crash: release it)."""
+    if record is None:
+        return False
+    expires = reservation_expires_at(record)
+    return expires is not None and expires <= now
+
+
+def delivery_stalled_at(record: MailRecord, grace_seconds: float) -> dt.datetime | None:
+    """When a ``sending`` record counts as stalled (its lease's end + grace); ``None`` for any
+    other status. A ``sending`` without a lease (not written by a claim) counts from its last
+    write."""
+    if record.status is not MailStatus.SENDING:
+        return None
+    base = record.lease_until if record.lease_until is not None else record.updated_at
+    return base + dt.timedelta(seconds=grace_seconds)
+
+
+def delivery_stalled(record: MailRecord | None, now: dt.datetime, grace_seconds: float) -> bool:
+    """Whether ``record`` is a delivery nobody finished nor took over within the grace."""
+    if record is None:
+        return False
+    stalled = delivery_stalled_at(record, grace_seconds)
+    return stalled is not None and stalled <= now
+
+
+def unconfirmed(record: MailRecord, *, now: dt.datetime) -> MailRecord:
+    """``sending`` (stalled) → ``unconfirmed``: the lease cleared, what is known in
+    ``last_error``. Claimable like any non-final status, so nothing Pub/Sub still holds is lost."""
+    number = record.attempt_count
+    recorded = any(a.number == number and a.outcome for a in record.attempts)
+    note = (
+        f"the outcome of delivery attempt {number} was never recorded"
+        if not recorded
+        else f"delivery attempt {number} left the mail sending"
+    )
+    return dataclasses.replace(
+        record,
+        status=MailStatus.UNCONFIRMED,
+        lease_until=None,
+        last_error=(
+            f"{note}: its worker stopped, or the record write after the relay's answer failed. "
+            "If Pub/Sub still holds the message it will be delivered (the mail stays claimable); "
+            "if the subscriber logged that it could not record this attempt, the relay answered "
+            f"and the mail was acknowledged. Last error before: {record.last_error or 'none'}"
+        ),
+        updated_at=now,
+    )
 
 
 def claimed(
@@ -160,6 +298,35 @@ def claimed(
         updated_at=now,
     )
     return Claim(ClaimResult.CLAIMED, number, new), new
+
+
+def lease_renewed(
+    record: MailRecord | None,
+    mail_id: str,
+    *,
+    attempt_number: int,
+    lease_seconds: float,
+    now: dt.datetime,
+) -> tuple[LeaseRenewal, MailRecord | None]:
+    """The answer of :meth:`DeliveryRecord.renew_lease` and the record to write (``None``: none).
+
+    The claim is this attempt's while no later claim was made (``attempt_count`` is still its
+    number): an expired lease nobody took over is simply extended. The status is left as it
+    is; ``finish`` sets it from the outcome.
+    """
+    if lease_seconds <= 0:
+        raise ValueError("lease_seconds must be positive")
+    if record is None:
+        return LeaseRenewal(RenewalResult.LOST), None
+    if record.status.final:
+        return LeaseRenewal(RenewalResult.FINAL, record), None
+    if record.attempt_count != attempt_number:
+        return LeaseRenewal(RenewalResult.LOST, record), None
+    until = now + dt.timedelta(seconds=lease_seconds)
+    if record.lease_until is not None and record.lease_until > until:
+        until = record.lease_until
+    new = dataclasses.replace(record, lease_until=until, updated_at=now)
+    return LeaseRenewal(RenewalResult.RENEWED, new), new
 
 
 def describe_error(attempt: Attempt) -> str:
@@ -281,6 +448,9 @@ def to_fields(record: MailRecord, time_out: TimeOut) -> dict[str, Any]:
         "delivered_at": _opt(record.delivered_at, time_out),
         "attempt_count": record.attempt_count,
         "lease_until": _opt(record.lease_until, time_out),
+        "idempotency_scope": record.idempotency_scope,
+        "request_hash": record.request_hash,
+        "reserved_until": _opt(record.reserved_until, time_out),
     }
 
 
@@ -308,6 +478,9 @@ def from_fields(fields: Mapping[str, Any], time_in: TimeIn) -> MailRecord:
         delivered_at=_opt(fields.get("delivered_at"), lambda v: utc(time_in(v))),
         attempt_count=int(fields.get("attempt_count") or 0),
         lease_until=_opt(fields.get("lease_until"), lambda v: utc(time_in(v))),
+        idempotency_scope=fields.get("idempotency_scope"),
+        request_hash=fields.get("request_hash"),
+        reserved_until=_opt(fields.get("reserved_until"), lambda v: utc(time_in(v))),
     )
 
 
@@ -330,8 +503,8 @@ def parse_page_token(token: str) -> tuple[dt.datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         accepted, mail_id = json.loads(raw)
-        if not isinstance(mail_id, str):
-            raise TypeError(mail_id)
+        check_mail_id(mail_id)  # a forged id must not reach a backend as a cursor
+        # OverflowError: a time at the calendar's edge whose offset has no UTC equivalent.
         return utc(dt.datetime.fromisoformat(accepted)), mail_id
-    except (binascii.Error, ValueError, TypeError) as exc:
+    except (binascii.Error, ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise ValueError("malformed page token") from exc

@@ -8,8 +8,9 @@ longer than ``busy_timeout`` or an I/O failure surfaces as :class:`RecordUnavail
 (translated in :func:`_translate_errors` only).
 
 Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`): one row per mail with the columns
-queries need and the whole record as JSON in ``body``; the idempotency key is stored hashed in
-a UNIQUE column, so releasing (deleting) the row frees it.
+queries need and the whole record as JSON in ``body``; the idempotency key is stored hashed (with
+its scope) in a UNIQUE column, so releasing (deleting) the row frees it. A completed key is
+remembered as long as its row: SQLite has no expiry.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from typing import TypeVar
 
 from mailpipe.record import lifecycle
 from mailpipe.record.base import (
+    DEFAULT_RESERVATION_SECONDS,
     Attempt,
     Claim,
+    LeaseRenewal,
     MailRecord,
     MailStatus,
     Page,
@@ -185,7 +188,7 @@ class SqliteRecord:
 
     @staticmethod
     def _store(conn: sqlite3.Connection, record: MailRecord) -> None:
-        key = lifecycle.key_hash(record.idempotency_key) if record.idempotency_key else None
+        key = lifecycle.record_key_hash(record)
         conn.execute(
             "INSERT INTO mails (mail_id, status, accepted_us, key_hash, body)"
             " VALUES (?, ?, ?, ?, ?)"
@@ -204,15 +207,25 @@ class SqliteRecord:
         accepted_at: dt.datetime,
         recipient_domains: tuple[str, ...],
         idempotency_key: str | None,
+        idempotency_scope: str | None = None,
+        request_hash: str | None = None,
+        reservation_seconds: float = DEFAULT_RESERVATION_SECONDS,
     ) -> Reservation:
+        lifecycle.check_mail_id(mail_id)
+
         def body(conn: sqlite3.Connection) -> Reservation:
+            now = self._clock()
             if idempotency_key is not None:
                 row = conn.execute(
                     "SELECT body FROM mails WHERE key_hash = ?",
-                    (lifecycle.key_hash(idempotency_key),),
+                    (lifecycle.key_hash(idempotency_key, idempotency_scope),),
                 ).fetchone()
                 if row:
-                    return Reservation(created=False, record=_decode(row[0]))
+                    holder = _decode(row[0])
+                    if not lifecycle.reservation_expired(holder, now):
+                        return Reservation(created=False, record=holder)
+                    # Left by a crash: its publish never completed in time. The key is ours.
+                    conn.execute("DELETE FROM mails WHERE mail_id = ?", (holder.mail_id,))
             existing = self._load(conn, mail_id)
             if existing is not None:
                 return Reservation(created=False, record=existing)
@@ -221,7 +234,10 @@ class SqliteRecord:
                 accepted_at=accepted_at,
                 recipient_domains=recipient_domains,
                 idempotency_key=idempotency_key,
-                now=self._clock(),
+                now=now,
+                idempotency_scope=idempotency_scope,
+                request_hash=request_hash,
+                reservation_seconds=reservation_seconds,
             )
             self._store(conn, record)
             return Reservation(created=True, record=record)
@@ -237,6 +253,8 @@ class SqliteRecord:
         accepted_at: dt.datetime | None = None,
         recipient_domains: tuple[str, ...] = (),
     ) -> None:
+        lifecycle.check_mail_id(mail_id)
+
         def body(conn: sqlite3.Connection) -> None:
             record = lifecycle.queued(
                 self._load(conn, mail_id),
@@ -252,11 +270,42 @@ class SqliteRecord:
         self._write("mark_queued", body)
 
     def release(self, mail_id: str) -> None:
+        if lifecycle.mail_id_problem(mail_id):
+            return  # no record can have this id
+
         def body(conn: sqlite3.Connection) -> None:
             if lifecycle.releasable(self._load(conn, mail_id)):
                 conn.execute("DELETE FROM mails WHERE mail_id = ?", (mail_id,))
 
         self._write("release", body)
+
+    def release_expired_reservation(self, mail_id: str) -> MailRecord | None:
+        if lifecycle.mail_id_problem(mail_id):
+            return None  # no record can have this id
+
+        def body(conn: sqlite3.Connection) -> MailRecord | None:
+            record = self._load(conn, mail_id)
+            if record is None or not lifecycle.reservation_expired(record, self._clock()):
+                return None
+            conn.execute("DELETE FROM mails WHERE mail_id = ?", (mail_id,))
+            return record
+
+        return self._write("release_expired_reservation", body)
+
+    def mark_unconfirmed(self, mail_id: str, *, grace_seconds: float) -> MailRecord | None:
+        if lifecycle.mail_id_problem(mail_id):
+            return None  # no record can have this id
+
+        def body(conn: sqlite3.Connection) -> MailRecord | None:
+            record = self._load(conn, mail_id)
+            now = self._clock()
+            if record is None or not lifecycle.delivery_stalled(record, now, grace_seconds):
+                return None
+            new = lifecycle.unconfirmed(record, now=now)
+            self._store(conn, new)
+            return new
+
+        return self._write("mark_unconfirmed", body)
 
     def claim(
         self,
@@ -268,6 +317,8 @@ class SqliteRecord:
         accepted_at: dt.datetime | None = None,
         recipient_domains: tuple[str, ...] = (),
     ) -> Claim:
+        lifecycle.check_mail_id(mail_id)
+
         def body(conn: sqlite3.Connection) -> Claim:
             claim, new = lifecycle.claimed(
                 self._load(conn, mail_id),
@@ -285,7 +336,26 @@ class SqliteRecord:
 
         return self._write("claim", body)
 
+    def renew_lease(
+        self, mail_id: str, *, attempt_number: int, lease_seconds: float
+    ) -> LeaseRenewal:
+        def body(conn: sqlite3.Connection) -> LeaseRenewal:
+            renewal, new = lifecycle.lease_renewed(
+                self._load(conn, mail_id),
+                mail_id,
+                attempt_number=attempt_number,
+                lease_seconds=lease_seconds,
+                now=self._clock(),
+            )
+            if new is not None:
+                self._store(conn, new)
+            return renewal
+
+        return self._write("renew_lease", body)
+
     def finish(self, mail_id: str, attempt: Attempt) -> MailRecord:
+        lifecycle.check_mail_id(mail_id)
+
         def body(conn: sqlite3.Connection) -> MailRecord:
             record = lifecycle.finished(
                 self._load(conn, mail_id), mail_id, attempt, now=self._clock()
@@ -296,6 +366,9 @@ class SqliteRecord:
         return self._write("finish", body)
 
     def mark_dead_lettered(self, mail_id: str, *, last_error: str | None) -> MailRecord | None:
+        if lifecycle.mail_id_problem(mail_id):
+            return None  # no record can have this id
+
         def body(conn: sqlite3.Connection) -> MailRecord | None:
             record = self._load(conn, mail_id)
             if record is None:
@@ -308,6 +381,8 @@ class SqliteRecord:
         return self._write("mark_dead_lettered", body)
 
     def mark_replayed(self, mail_id: str, *, trace_id: str | None) -> MailRecord:
+        lifecycle.check_mail_id(mail_id)
+
         def body(conn: sqlite3.Connection) -> MailRecord:
             record = lifecycle.replayed(
                 self._load(conn, mail_id), mail_id, trace_id=trace_id, now=self._clock()
@@ -318,14 +393,18 @@ class SqliteRecord:
         return self._write("mark_replayed", body)
 
     def get(self, mail_id: str) -> MailRecord | None:
+        if lifecycle.mail_id_problem(mail_id):
+            return None  # no record can have this id (and Firestore would refuse the path)
         with _translate_errors("get"):
             return self._load(self._connection(), mail_id)
 
-    def get_by_idempotency_key(self, key: str) -> MailRecord | None:
+    def get_by_idempotency_key(self, key: str, *, scope: str | None = None) -> MailRecord | None:
         with _translate_errors("get_by_idempotency_key"):
             row = (
                 self._connection()
-                .execute("SELECT body FROM mails WHERE key_hash = ?", (lifecycle.key_hash(key),))
+                .execute(
+                    "SELECT body FROM mails WHERE key_hash = ?", (lifecycle.key_hash(key, scope),)
+                )
                 .fetchone()
             )
             return _decode(row[0]) if row else None

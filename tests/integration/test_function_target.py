@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import functions_framework
+import httpx
 import pytest
 
 import subscriber
@@ -16,6 +17,7 @@ from emulator import RunningEmulator
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.record import MailStatus, open_record
 from mailpipe.topology import Topology
+from tests.fixtures.http import serve_app
 from tests.fixtures.pipeline import pipeline_env
 
 SOURCE = Path(subscriber.__file__).with_name("function.py")
@@ -102,3 +104,60 @@ def test_malformed_push_is_400_json(function_client: Any, smtp_server: Any) -> N
     assert response.status_code == 400
     assert response.get_json()["error"]["code"] == "malformed_push"
     assert smtp_server.messages == []
+
+
+# --- every answer is JSON (issue 16), served over real HTTP ----------------------------------
+
+
+def json_error(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text[:300]
+    assert response.headers["Content-Type"].startswith("application/json")
+    error: dict[str, Any] = response.json()["error"]
+    assert error["code"] and error["message"]
+    return error
+
+
+@pytest.fixture
+def function_url(function_client: Any) -> Iterator[str]:
+    with serve_app(function_client.application) as url:
+        yield url
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+def test_a_method_other_than_post_is_a_json_405(function_url: str, method: str) -> None:
+    response = httpx.request(method, f"{function_url}/", timeout=30)
+    json_error(response, 405)
+    assert response.headers["Allow"] == "POST"
+
+
+@pytest.mark.parametrize("path", ["/robots.txt", "/favicon.ico"])
+def test_the_frameworks_own_404s_are_json(function_url: str, path: str) -> None:
+    json_error(httpx.get(f"{function_url}{path}", timeout=30), 404)
+
+
+def test_a_hostile_body_is_a_json_400(function_url: str) -> None:
+    response = httpx.post(
+        f"{function_url}/",
+        content=b"[" * 50_000 + b"]" * 50_000,
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert json_error(response, 400)["code"] == "malformed_push"
+
+
+def test_a_failure_to_start_the_handler_is_a_json_500(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside local mode without MAILPIPE_PUSH_AUDIENCE the handler refuses to start (no
+    endpoint anyone could POST mail to): the push gets a logged JSON 500, not the framework's
+    text page."""
+    monkeypatch.delenv("PUBSUB_EMULATOR_HOST", raising=False)
+    monkeypatch.delenv("MAILPIPE_PUSH_AUDIENCE", raising=False)
+    monkeypatch.setenv("MAILPIPE_RECORD", f"sqlite:///{tmp_path / 'r.sqlite3'}")
+    for name in ("FUNCTION_TARGET", "FUNCTION_NAME"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    app = functions_framework.create_app(target="deliver", source=str(SOURCE))
+    with serve_app(app) as url:
+        response = httpx.post(f"{url}/", json={"message": {}}, timeout=30)
+    assert json_error(response, 500)["code"] == "internal"

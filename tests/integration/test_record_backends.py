@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from google.cloud import firestore
 
+from mailpipe.reconcile import fix, survey
 from mailpipe.record.base import (
     AlreadyFinal,
     Attempt,
@@ -103,14 +104,17 @@ def reserve(
     key: str | None = None,
     minutes: float = 0,
     domains: tuple[str, ...] = ("example.org",),
+    **idempotency: object,
 ) -> str:
-    """Reserve a mail accepted ``minutes`` after T0 and return its id."""
+    """Reserve a mail accepted ``minutes`` after T0 and return its id (``idempotency``: the
+    reserve's scope, fingerprint and reservation time)."""
     mail_id = mail_id or f"mail-{uuid.uuid4().hex}"
     reservation = record.reserve(
         mail_id=mail_id,
         accepted_at=T0 + dt.timedelta(minutes=minutes),
         recipient_domains=domains,
         idempotency_key=key,
+        **idempotency,  # type: ignore[arg-type]
     )
     assert reservation.created
     return mail_id
@@ -306,6 +310,227 @@ def test_release_leaves_a_queued_record_and_ignores_a_missing_one(record: Delive
     assert stored is not None
     assert stored.status is MailStatus.QUEUED
     assert record.get_by_idempotency_key("order-1") == stored
+
+
+# --- idempotency scope, reservation expiry and reconcile -----------------------------------
+
+
+def test_a_key_is_scoped_to_its_caller(record: DeliveryRecord) -> None:
+    alice = reserve(
+        record, key="order-1", idempotency_scope="alice@example.iam.gserviceaccount.com"
+    )
+    bob = reserve(record, key="order-1", idempotency_scope="bob@example.iam.gserviceaccount.com")
+    shared = reserve(record, key="order-1")  # no identity: the one shared scope
+
+    assert len({alice, bob, shared}) == 3
+    held = record.get_by_idempotency_key("order-1", scope="alice@example.iam.gserviceaccount.com")
+    assert held is not None
+    assert held.mail_id == alice
+    unscoped = record.get_by_idempotency_key("order-1")
+    assert unscoped is not None
+    assert unscoped.mail_id == shared
+    assert record.get_by_idempotency_key("order-1", scope="carol") is None
+    again = record.reserve(
+        mail_id="mail-again",
+        accepted_at=T0,
+        recipient_domains=(),
+        idempotency_key="order-1",
+        idempotency_scope="bob@example.iam.gserviceaccount.com",
+    )
+    assert not again.created
+    assert again.record.mail_id == bob
+    # Scope and key do not run into each other: ("a", "b\nc") is not ("a\nb", "c").
+    assert key_hash("c", "a\nb") != key_hash("b\nc", "a")
+    assert key_hash("order-1", "") != key_hash("order-1")
+
+
+def test_reserve_keeps_the_request_fingerprint_and_the_expiry(
+    record: DeliveryRecord, clock: FakeClock
+) -> None:
+    mail_id = reserve(record, key="order-1", request_hash="f" * 64, reservation_seconds=90)
+
+    again = record.reserve(
+        mail_id="mail-again",
+        accepted_at=T0,
+        recipient_domains=(),
+        idempotency_key="order-1",
+        request_hash="0" * 64,
+    )
+    assert not again.created
+    assert again.record.mail_id == mail_id
+    assert again.record.request_hash == "f" * 64  # the caller compares: 422 if they differ
+    assert again.record.reserved_until == clock.now + dt.timedelta(seconds=90)
+    record.mark_queued(mail_id, message_id="1", trace_id=None)
+    stored = record.get(mail_id)
+    assert stored is not None
+    assert stored.request_hash == "f" * 64
+    assert stored.reserved_until is None  # published: the key now holds for good
+
+
+def test_an_expired_reservation_is_taken_over_by_the_next_reserve_of_its_key(
+    record: DeliveryRecord, clock: FakeClock
+) -> None:
+    crashed = reserve(record, key="order-1", reservation_seconds=60)
+
+    clock.advance(59)
+    waiting = record.reserve(
+        mail_id="mail-retry", accepted_at=T0, recipient_domains=(), idempotency_key="order-1"
+    )
+    assert not waiting.created  # still held: the publisher may be publishing (409)
+    assert waiting.record.mail_id == crashed
+
+    clock.advance(1)
+    retry = record.reserve(
+        mail_id="mail-retry", accepted_at=T0, recipient_domains=(), idempotency_key="order-1"
+    )
+    assert retry.created
+    assert record.get(crashed) is None
+    holder = record.get_by_idempotency_key("order-1")
+    assert holder is not None
+    assert holder.mail_id == "mail-retry"
+
+
+def test_a_published_reservation_never_expires(record: DeliveryRecord, clock: FakeClock) -> None:
+    mail_id = queue(record, key="order-1", reservation_seconds=60)
+
+    clock.advance(3600)
+    again = record.reserve(
+        mail_id="mail-retry", accepted_at=T0, recipient_domains=(), idempotency_key="order-1"
+    )
+
+    assert not again.created
+    assert again.record.mail_id == mail_id
+    assert record.release_expired_reservation(mail_id) is None
+
+
+def test_release_expired_reservation(record: DeliveryRecord, clock: FakeClock) -> None:
+    mail_id = reserve(record, key="order-1", reservation_seconds=60)
+    assert record.release_expired_reservation(mail_id) is None  # still within its time
+
+    clock.advance(61)
+    released = record.release_expired_reservation(mail_id)
+
+    assert released is not None
+    assert released.mail_id == mail_id
+    assert record.get(mail_id) is None
+    assert record.get_by_idempotency_key("order-1") is None
+    assert record.release_expired_reservation(mail_id) is None  # once
+    assert record.release_expired_reservation("no-such-mail") is None
+    assert reserve(record, key="order-1")  # the key is free
+
+
+def test_an_expired_reservation_a_delivery_claimed_is_not_released(
+    record: DeliveryRecord, clock: FakeClock
+) -> None:
+    # The publisher died after the publish but before marking it queued; the subscriber got it.
+    mail_id = reserve(record, key="order-1", reservation_seconds=60)
+    clock.advance(61)
+    assert record.claim(mail_id, message_id="1", trace_id=None, lease_seconds=LEASE).result is (
+        ClaimResult.CLAIMED
+    )
+
+    assert record.release_expired_reservation(mail_id) is None
+    stored = record.get(mail_id)
+    assert stored is not None
+    assert stored.status is MailStatus.SENDING
+
+
+def test_mark_unconfirmed_settles_a_stalled_delivery_and_keeps_it_claimable(
+    record: DeliveryRecord, clock: FakeClock
+) -> None:
+    mail_id = queue(record)
+    record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+
+    clock.advance(LEASE + 100)
+    assert record.mark_unconfirmed(mail_id, grace_seconds=101) is None  # within the grace
+    clock.advance(1)
+    marked = record.mark_unconfirmed(mail_id, grace_seconds=101)
+
+    assert marked is not None
+    assert marked.status is MailStatus.UNCONFIRMED
+    assert marked.lease_until is None
+    assert marked.last_error is not None
+    assert "attempt 1 was never recorded" in marked.last_error
+    assert record.get(mail_id) == marked
+    assert record.mark_unconfirmed(mail_id, grace_seconds=0) is None  # once
+    oldest = record.oldest_undelivered()
+    assert oldest is None  # settled: out of the lag gauge (Pub/Sub's backlog alert covers it)
+    # A copy Pub/Sub still holds is delivered, not dropped as a duplicate.
+    later = record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+    assert later.result is ClaimResult.CLAIMED
+    assert later.attempt_number == 2
+    done = record.finish(mail_id, attempt(2, "delivered", 250))
+    assert done.status is MailStatus.DELIVERED
+
+
+def test_a_late_finish_of_the_attempt_records_the_real_outcome(
+    record: DeliveryRecord, clock: FakeClock
+) -> None:
+    mail_id = queue(record)
+    record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+    clock.advance(LEASE + 1)
+    assert record.mark_unconfirmed(mail_id, grace_seconds=0) is not None
+
+    done = record.finish(mail_id, attempt(1, "delivered", 250))
+
+    assert done.status is MailStatus.DELIVERED
+    assert done.last_error is None
+
+
+def test_mark_unconfirmed_leaves_alone_what_a_delivery_took_over(
+    record: DeliveryRecord, clock: FakeClock
+) -> None:
+    mail_id = queue(record)
+    record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
+    clock.advance(LEASE + 1)
+    assert record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE).result is (
+        ClaimResult.CLAIMED
+    )
+
+    assert record.mark_unconfirmed(mail_id, grace_seconds=0) is None
+    stored = record.get(mail_id)
+    assert stored is not None
+    assert (stored.status, stored.attempt_count) == (MailStatus.SENDING, 2)
+    for other in (queue(record), reserve(record)):  # not sending: never touched
+        clock.advance(3600)
+        assert record.mark_unconfirmed(other, grace_seconds=0) is None
+
+
+def test_survey_and_fix_on_the_record(record: DeliveryRecord, clock: FakeClock) -> None:
+    crashed = reserve(record, key="order-1", minutes=1, reservation_seconds=60)
+    in_flight = reserve(record, key="order-2", minutes=2, reservation_seconds=6000)
+    stalled = queue(record, minutes=3)
+    record.claim(stalled, message_id="1", trace_id=None, lease_seconds=LEASE)
+    healthy = queue(record, minutes=4)
+    clock.advance(LEASE + 61)
+    record.claim(healthy, message_id="2", trace_id=None, lease_seconds=LEASE)
+
+    found = survey(record, now=clock.now, grace_seconds=60)
+
+    assert [(m.mail_id, str(m.kind)) for m in found.stuck] == [
+        (crashed, "expired_reservation"),
+        (stalled, "stalled_delivery"),
+    ]
+    assert found.counts() == {
+        "expired_reservation": 1,
+        "stalled_delivery": 1,
+        "unconfirmed": 0,
+    }
+    report = fix(record, found)
+    assert report.ok
+    assert [str(o.action) for o in report.outcomes] == ["released", "marked_unconfirmed"]
+    assert record.get(crashed) is None
+    assert record.get(in_flight) is not None
+    stored = record.get(stalled)
+    assert stored is not None
+    assert stored.status is MailStatus.UNCONFIRMED
+    after = survey(record, now=clock.now, grace_seconds=60)
+    assert after.stuck == ()
+    assert after.unconfirmed == (stalled,)
+    # A survey taken before a delivery claimed the mail: the fix sees the live lease, leaves it.
+    record.claim(stalled, message_id="1", trace_id=None, lease_seconds=LEASE)
+    stale = fix(record, found)
+    assert [str(o.action) for o in stale.outcomes] == ["left_alone", "left_alone"]
 
 
 # --- claim / finish ------------------------------------------------------------------------
@@ -588,7 +813,11 @@ def test_list_rejects_bad_arguments(record: DeliveryRecord) -> None:
 
 def test_oldest_undelivered(record: DeliveryRecord) -> None:
     assert record.oldest_undelivered() is None
-    reserve(record, minutes=0)  # accepting: not published yet
+    accepting = reserve(record, minutes=0)  # a publish in progress, or a reservation a crash left
+    oldest = record.oldest_undelivered()
+    assert oldest is not None
+    assert oldest.mail_id == accepting  # the lag alert sees it (a crash's is never released)
+    record.release(accepting)
     delivered = queue(record, minutes=1)
     record.claim(delivered, message_id="1", trace_id=None, lease_seconds=LEASE)
     record.finish(delivered, attempt(1, "delivered", 250))

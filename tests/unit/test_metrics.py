@@ -153,3 +153,31 @@ def test_metric_points_helper_is_empty_before_anything_is_recorded() -> None:
         assert metric_points(reader) == {}
     finally:
         provider.shutdown()
+
+
+def test_stuck_gauge_reports_each_kind_from_the_registered_source(
+    mail_metrics: MailMetrics, metric_reader: InMemoryMetricReader
+) -> None:
+    assert "mailpipe.mails.stuck" not in metric_points(metric_reader)
+
+    mail_metrics.set_stuck_source(
+        lambda: {"expired_reservation": 2, "stalled_delivery": 0, "unconfirmed": 1}
+    )
+    points = metric_points(metric_reader)["mailpipe.mails.stuck"]
+    assert {p.attributes["mailpipe.stuck.kind"]: p.value for p in points} == {
+        "expired_reservation": 2,
+        "stalled_delivery": 0,
+        "unconfirmed": 1,
+    }
+
+    mail_metrics.set_stuck_source(lambda: None)  # the record cannot tell: no point, no zero
+    assert "mailpipe.mails.stuck" not in metric_points(metric_reader)
+
+    def broken() -> dict[str, int]:
+        raise RuntimeError("record unavailable")
+
+    mail_metrics.set_stuck_source(broken)
+    mail_metrics.accepted()
+    points = metric_points(metric_reader)
+    assert "mailpipe.mails.stuck" not in points
+    assert _sum(points["mailpipe.mails.accepted"]) == 1

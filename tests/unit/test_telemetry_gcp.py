@@ -10,6 +10,7 @@ metadata server would, or is closed (the metadata server is unreachable).
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -223,6 +224,8 @@ def test_gcp_mode_exports_metrics_to_cloud_monitoring(
 
     telemetry.metrics.bounced(reply_code=550, enhanced_status="5.1.1")
     telemetry.force_flush()
+    assert metric_client.time_series == []  # a flush is for spans; metrics keep their period
+    telemetry.shutdown()  # SIGTERM on Cloud Run: the last export
 
     bounced = [
         series
@@ -254,3 +257,44 @@ def test_outside_cloud_run_nothing_is_detected(
     monkeypatch.delenv("K_CONFIGURATION")
 
     assert dict(detect_gcp_resource(timeout=5).attributes) == {}
+
+
+def test_gcp_metrics_export_once_a_minute_and_once_at_shutdown(
+    made: list[Telemetry], metadata_server: None
+) -> None:
+    """Cloud Monitoring refuses a point written to a series sooner than its sampling period after
+    the previous one, so nothing but the reader's period and the shutdown may export metrics."""
+    telemetry, trace_client, metric_client = _gcp_telemetry(made)
+    (reader,) = telemetry.meter_provider._metric_readers
+
+    for _ in range(20):  # twenty requests, each flushing its spans
+        with telemetry.tracer("t").start_as_current_span("mail deliver"):
+            telemetry.metrics.delivered(latency_seconds=0.5, attempt=1)
+        telemetry.force_flush()
+
+    assert reader._export_interval_millis >= 60_000  # the exporter's guidance: once a minute
+    assert len(trace_client.requests) == 20
+    assert metric_client.time_series == []
+    telemetry.shutdown()
+    series = [
+        (ts.metric.type, tuple(sorted(ts.metric.labels.items())), ts.resource.type)
+        for ts in metric_client.time_series
+    ]
+    assert len(series) == len(set(series)), "one point per series per export"
+    delivered = [ts for ts in metric_client.time_series if ts.metric.type.endswith("delivered")]
+    assert delivered[0].points[0].value.int64_value == 20
+    # Each instance writes its own series: Cloud Run's instance id becomes the task id.
+    assert delivered[0].resource.type == "generic_task"
+    assert delivered[0].resource.labels["task_id"] == "00bf4bf02d4e0c1b"
+
+
+def test_without_the_instance_id_each_process_still_writes_its_own_series(
+    made: list[Telemetry], metadata_unreachable: None
+) -> None:
+    telemetry, _, metric_client = _gcp_telemetry(made)
+    telemetry.metrics.accepted()
+    telemetry.shutdown()
+
+    (series,) = metric_client.time_series
+    assert series.resource.type == "generic_task"  # not generic_node, shared by every instance
+    assert re.fullmatch(r"[0-9a-f-]{32,36}", series.resource.labels["task_id"])

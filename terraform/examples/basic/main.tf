@@ -9,10 +9,20 @@ terraform {
       source  = "hashicorp/google"
       version = ">= 7.0, < 9.0"
     }
+    google-beta = {
+      source  = "hashicorp/google-beta"
+      version = ">= 7.0, < 9.0"
+    }
   }
 }
 
 provider "google" {
+  project = var.project_id
+  region  = var.region
+}
+
+# The module reads the Pub/Sub service agent with google-beta's google_project_service_identity.
+provider "google-beta" {
   project = var.project_id
   region  = var.region
 }
@@ -51,9 +61,26 @@ variable "smtp_password_secret_id" {
   default     = null
 }
 
+variable "smtp_password_secret_version" {
+  type        = string
+  description = "Version of the SMTP password secret to use: a number after a rotation (docs/deploy.md step 2)."
+  default     = "latest"
+}
+
 variable "message_id_domain" {
   type        = string
   description = "Domain of the Message-ID of delivered mail."
+}
+
+variable "allowed_sender_domains" {
+  type        = list(string)
+  description = "Domains the publisher accepts as the From of a mail, e.g. [\"mail.example.com\"]."
+}
+
+variable "subscriber_mode" {
+  type        = string
+  description = "\"push\" (Cloud Run service, the default) or \"pull\" (Cloud Run worker pool)."
+  default     = "push"
 }
 
 variable "publisher_invokers" {
@@ -87,10 +114,13 @@ module "mailpipe" {
   publisher_image  = "${local.repository}/publisher:${var.image_tag}"
   subscriber_image = "${local.repository}/subscriber:${var.image_tag}"
 
-  smtp_host               = var.smtp_host
-  smtp_username           = var.smtp_username
-  smtp_password_secret_id = var.smtp_password_secret_id
-  message_id_domain       = var.message_id_domain
+  smtp_host                    = var.smtp_host
+  smtp_username                = var.smtp_username
+  smtp_password_secret_id      = var.smtp_password_secret_id
+  smtp_password_secret_version = var.smtp_password_secret_version
+  message_id_domain            = var.message_id_domain
+  allowed_sender_domains       = var.allowed_sender_domains
+  subscriber_mode              = var.subscriber_mode
 
   publisher_invokers    = var.publisher_invokers
   operators             = var.publisher_invokers

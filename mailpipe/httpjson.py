@@ -1,0 +1,247 @@
+"""JSON over HTTP for both services: strict request bodies and JSON answers for every error.
+
+:func:`parse_json` reads a request body as the services accept it: UTF-8, RFC 8259 JSON, at most
+:data:`MAX_JSON_DEPTH` levels of arrays/objects, integers of at most :data:`MAX_INTEGER_DIGITS`
+digits, finite numbers only (no ``NaN``/``Infinity``), and no lone surrogates (``"\\ud800"``
+escapes are valid JSON text but not Unicode: they cannot be encoded for Pub/Sub, the record or
+SMTP). Anything else raises :class:`JsonBodyError`, which says what to fix.
+
+:func:`install_json_errors` makes a Flask app answer JSON for every status it produces itself —
+404, 405, 413, 408, any other ``HTTPException`` and any unexpected exception (500, logged) —
+in the one error format: ``{"error": {"code": "...", "message": "...", "fields": {...}}}``.
+
+Errors::
+
+    JsonBodyError (ValueError)   the body is not JSON the services accept; ``code``, ``message``,
+                                 ``fields`` (``{dotted.path: what is wrong}``, may be empty)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
+
+# Deeper than any mail needs (a mail is 3 levels; metadata gets the rest) and far below the
+# interpreter's recursion limit, which json, pydantic and the encoders all depend on.
+MAX_JSON_DEPTH = 32
+# Integers this long already lose precision in most JSON parsers (JavaScript's end at 2**53, 16
+# digits); Python's own limit on int/str conversion (sys.get_int_max_str_digits(), 4300 by
+# default) would otherwise surface as an error deep inside the service.
+MAX_INTEGER_DIGITS = 100
+_MESSAGE_PATH_CHARS = 200  # how much of a request path an error message repeats
+_SURROGATE_PROBLEM = "contains a lone surrogate (a \\ud800-\\udfff escape without its pair)"
+
+
+class JsonBodyError(ValueError):
+    """A request body that is not JSON the services accept."""
+
+    def __init__(self, code: str, message: str, fields: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fields = dict(fields or {})
+
+
+class _Refused(ValueError):
+    """Raised from inside ``json.loads`` hooks; becomes a :class:`JsonBodyError`."""
+
+
+def _parse_int(text: str) -> int:
+    digits = len(text) - text.startswith("-")
+    if digits > MAX_INTEGER_DIGITS:
+        raise _Refused(
+            f"a number has {digits} digits; integers may have at most {MAX_INTEGER_DIGITS} "
+            "(send big values as strings)"
+        )
+    try:
+        return int(text)
+    except ValueError as exc:  # a lower sys.set_int_max_str_digits() than our limit
+        raise _Refused(f"a number has {digits} digits, more than this service reads") from exc
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"the number {text[:40]} is out of range (beyond ±1.8e308)")
+    return value
+
+
+def _parse_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not JSON: send numbers that are finite")
+
+
+def _path(parts: tuple[str | int, ...]) -> str:
+    return ".".join(str(part) for part in parts) or "body"
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Raise :class:`JsonBodyError` if ``value`` (parsed JSON) nests deeper than ``max_depth``
+    or holds a lone surrogate in any string or key. Iterative: no recursion limit applies."""
+    surrogates: dict[str, str] = {}
+    stack: list[tuple[Any, int, tuple[str | int, ...]]] = [(value, 1, ())]
+    while stack:
+        item, depth, where = stack.pop()
+        if isinstance(item, str):
+            if _has_lone_surrogate(item):
+                surrogates.setdefault(_path(where), _SURROGATE_PROBLEM)
+            continue
+        if not isinstance(item, dict | list):
+            continue
+        if depth > max_depth:
+            raise JsonBodyError(
+                "json_too_deep",
+                f"the JSON nests deeper than {max_depth} levels of arrays and objects at "
+                f"{_path(where)!r}: flatten it",
+            )
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if _has_lone_surrogate(key):
+                    surrogates.setdefault(_path(where), "has a key that " + _SURROGATE_PROBLEM)
+                    continue
+                stack.append((child, depth + 1, (*where, key)))
+        else:
+            stack.extend((child, depth + 1, (*where, i)) for i, child in enumerate(item))
+    if surrogates:
+        raise JsonBodyError(
+            "invalid_encoding",
+            "the JSON holds lone surrogates (\\ud800-\\udfff escapes without their pair), "
+            "which are not Unicode text: send valid Unicode",
+            surrogates,
+        )
+
+
+def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse a request body strictly (see the module docstring); raise :class:`JsonBodyError`."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JsonBodyError(
+            "invalid_encoding",
+            f"the body is not valid UTF-8: {exc.reason} at byte {exc.start}",
+        ) from exc
+    try:
+        value = json.loads(
+            text,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            parse_constant=_parse_constant,
+        )
+    except RecursionError as exc:
+        raise JsonBodyError(
+            "json_too_deep",
+            f"the JSON nests deeper than {max_depth} levels of arrays and objects: flatten it",
+        ) from exc
+    except _Refused as exc:
+        raise JsonBodyError("invalid_json", f"the body is not JSON this API reads: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise JsonBodyError(
+            "invalid_json",
+            f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+        ) from exc
+    check_json_value(value, max_depth=max_depth)
+    return value
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    fields: Mapping[str, str] | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """The one error format: ``{"error": {"code", "message", "fields"?}}`` with ``status``."""
+    body: dict[str, Any] = {"code": code, "message": message}
+    if fields:
+        body["fields"] = dict(fields)
+    response = jsonify({"error": body})
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def _shown_path() -> str:
+    path = request.path
+    if len(path) > _MESSAGE_PATH_CHARS:
+        path = path[:_MESSAGE_PATH_CHARS] + "…"
+    return path
+
+
+def _http_error_message(exc: HTTPException, not_found_hint: str) -> str:
+    if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+        allowed = ", ".join(sorted(set(exc.valid_methods)))
+        return f"{request.method} is not allowed on {_shown_path()!r}: use {allowed}"
+    if isinstance(exc, NotFound) and exc.description == NotFound.description:
+        return f"nothing is served at {_shown_path()!r}: {not_found_hint}"
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if isinstance(exc, RequestEntityTooLarge) and limit:
+        return f"the request body is larger than {limit:,} bytes: send less"
+    return exc.description or exc.name or "error"
+
+
+def _code_name(exc: HTTPException) -> str:
+    return (exc.name or "error").lower().replace(" ", "_").replace("-", "_")
+
+
+def http_error_response(exc: HTTPException, *, not_found_hint: str) -> Response:
+    """``exc`` (404, 405, 408, 413, …) in the error format, keeping what it says beyond its
+    body: Allow (405), Location, Retry-After."""
+    kept = {
+        name: value
+        for name, value in exc.get_response().headers.items()
+        if name.lower() not in ("content-type", "content-length")
+    }
+    return error_response(
+        exc.code or 500, _code_name(exc), _http_error_message(exc, not_found_hint), headers=kept
+    )
+
+
+def unexpected_error_response(log: logging.Logger) -> Response:
+    """500 for an exception nothing else handled; it is logged with its traceback."""
+    log.exception("unexpected error while handling %s %s", request.method, _shown_path())
+    return error_response(500, "internal", "an unexpected error occurred; it has been logged")
+
+
+def install_json_errors(app: Flask, *, not_found_hint: str, log: logging.Logger) -> None:
+    """Answer every error of ``app`` in JSON (see the module docstring).
+
+    ``not_found_hint`` tells a client where the app's paths are. Handlers registered for more
+    specific exception classes (before or after) take precedence: Flask resolves them by class.
+    """
+
+    # Werkzeug answers a path with "//" (also "%2F" decoded next to a slash) with an HTML 308 to
+    # the merged path, and Flask never routes redirects to error handlers: do not merge, so such a
+    # path is simply not found, in JSON.
+    app.url_map.merge_slashes = False
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        return http_error_response(exc, not_found_hint=not_found_hint)
+
+    @app.errorhandler(Exception)
+    def _unexpected(_exc: Exception) -> Response:
+        return unexpected_error_response(log)
+
+    @app.after_request
+    def _json_options(response: Response) -> Response:
+        # Flask answers OPTIONS itself with an empty text/html body: say the same in JSON.
+        if request.method == "OPTIONS" and response.status_code == 200 and not response.is_json:
+            allowed = [m.strip() for m in response.headers.get("Allow", "").split(",") if m]
+            response.set_data(json.dumps({"allow": allowed}))
+            response.mimetype = "application/json"
+        return response

@@ -1,0 +1,290 @@
+"""Reconcile: find the delivery records that no live request or delivery will move on, and
+settle them. ``mailpipe reconcile`` (report) and ``mailpipe reconcile --fix`` run it; the
+publisher's ``/v1/stats`` and the ``mailpipe.mails.stuck`` gauge show the same survey.
+
+Two kinds of stuck record::
+
+    kind                 record                                what --fix does
+    expired_reservation  accepting past reserved_until         releases it (deletes it, frees its
+                         (the publisher died, or lost the      idempotency key); the key's next
+                         record, between reserving the key     reserve would have taken it over
+                         and finishing the publish)            anyway
+    stalled_delivery     sending, its lease ended more than    marks it unconfirmed: the lease
+                         the grace ago, nobody claimed it      cleared, what is known in
+                         since                                 last_error; still claimable
+
+What a stalled delivery can be, and why ``unconfirmed`` is all the record can honestly say: the
+delivery claimed the mail and never recorded an outcome. Either its worker stopped before the
+relay answered (the Pub/Sub message is unacknowledged: Pub/Sub delivers it again and that
+delivery claims and sends it), or the relay answered and the record write after it failed
+(the subscriber then acknowledged a 250 or a 5xx, and logged "could not record attempt N of mail
+M"; nothing will deliver it again). The record cannot tell the two apart, so reconcile never
+marks such a mail delivered (a copy Pub/Sub still holds would then be dropped as a duplicate) and
+never republishes it (a delivered mail would be sent twice). ``unconfirmed`` is not final: a
+later delivery claims it, a late ``finish`` of the attempt records the real outcome. It leaves the
+lag gauge (``mailpipe.oldest_undelivered_age``), because the copy Pub/Sub may still hold is
+watched by Pub/Sub's own oldest-unacked-message alert, and stays visible in ``/v1/stats``,
+``mailpipe reconcile`` and the ``mailpipe.mails.stuck`` gauge (kind ``unconfirmed``).
+
+Races (every fix re-reads the record and re-checks it atomically, in the backend's transaction):
+
+- A delivery claims the mail between the survey and the fix: the lease is live again, so the
+  fix leaves it alone (``left_alone``). A delivery still running past its lease and the grace
+  finishes after the fix: ``finish`` of that attempt sets the real outcome over ``unconfirmed``.
+- A subscriber claims a published reservation (the publisher died after the publish but before
+  marking it queued) before the release: it is ``sending``, not released. After the release: the
+  claim recreates the record from the mail itself, so the mail is delivered and recorded; only
+  its idempotency key is gone (a client retry with it would be a second mail, as for a publish
+  that timed out).
+- A publisher stalled longer than the reservation (beyond the publish timeout by design) that
+  publishes after the release: ``mark_queued`` recreates the record as queued; the key is free.
+
+Errors: :class:`mailpipe.record.RecordError` from :func:`survey` propagates (nothing is known);
+a fix that fails is reported per mail and the others are still tried.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from mailpipe.record import DeliveryRecord, MailRecord, MailStatus, RecordError
+from mailpipe.record.lifecycle import (
+    delivery_stalled,
+    delivery_stalled_at,
+    reservation_expired,
+    reservation_expires_at,
+)
+
+DEFAULT_GRACE_SECONDS = 900.0
+# Records scanned per status in one survey (stuck and unconfirmed records are few; in-flight
+# `sending` ones are bounded by the subscribers' concurrency). Beyond it the survey says so.
+DEFAULT_SCAN_LIMIT = 10_000
+_PAGE = 1000
+
+
+class StuckKind(enum.StrEnum):
+    EXPIRED_RESERVATION = "expired_reservation"
+    STALLED_DELIVERY = "stalled_delivery"
+
+
+class FixAction(enum.StrEnum):
+    RELEASED = "released"  # the expired reservation was deleted, its key freed
+    MARKED_UNCONFIRMED = "marked_unconfirmed"  # the stalled delivery is now unconfirmed
+    LEFT_ALONE = "left_alone"  # it moved on since the survey (a delivery took it over)
+    FAILED = "failed"  # the record refused or could not be reached; see detail
+
+
+@dataclass(frozen=True)
+class StuckMail:
+    """One stuck record: which mail, what kind, since when."""
+
+    mail_id: str
+    kind: StuckKind
+    status: MailStatus
+    accepted_at: dt.datetime
+    stuck_since: dt.datetime  # when the reservation expired / the lease + grace ended
+    attempt_count: int = 0
+
+    def to_json(self, now: dt.datetime) -> dict[str, object]:
+        return {
+            "mail_id": self.mail_id,
+            "kind": str(self.kind),
+            "status": str(self.status),
+            "accepted_at": self.accepted_at.isoformat(),
+            "stuck_since": self.stuck_since.isoformat(),
+            "stuck_for_seconds": max(0.0, (now - self.stuck_since).total_seconds()),
+            "attempts": self.attempt_count,
+            "fix": (
+                "release the reservation (frees its idempotency key)"
+                if self.kind is StuckKind.EXPIRED_RESERVATION
+                else "mark it unconfirmed (still claimable by a later delivery)"
+            ),
+        }
+
+
+def diagnose(record: MailRecord, *, now: dt.datetime, grace_seconds: float) -> StuckMail | None:
+    """``record`` as a stuck mail, or ``None`` if something live may still move it on."""
+    if reservation_expired(record, now):
+        since = reservation_expires_at(record)
+        kind = StuckKind.EXPIRED_RESERVATION
+    elif delivery_stalled(record, now, grace_seconds):
+        since = delivery_stalled_at(record, grace_seconds)
+        kind = StuckKind.STALLED_DELIVERY
+    else:
+        return None
+    assert since is not None
+    return StuckMail(
+        mail_id=record.mail_id,
+        kind=kind,
+        status=record.status,
+        accepted_at=record.accepted_at,
+        stuck_since=since,
+        attempt_count=record.attempt_count,
+    )
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What :func:`survey` found, at ``now``."""
+
+    now: dt.datetime
+    grace_seconds: float
+    stuck: tuple[StuckMail, ...] = ()
+    unconfirmed: tuple[str, ...] = ()  # mail ids, oldest first
+    complete: bool = True  # False: a status had more records than the scan limit
+
+    def count(self, kind: StuckKind) -> int:
+        return sum(1 for mail in self.stuck if mail.kind is kind)
+
+    def counts(self) -> dict[str, int]:
+        """The ``mailpipe.mails.stuck`` gauge's points, by kind."""
+        return {
+            **{str(kind): self.count(kind) for kind in StuckKind},
+            "unconfirmed": len(self.unconfirmed),
+        }
+
+    def to_json(self, *, max_mails: int | None = None) -> dict[str, object]:
+        mails = self.stuck if max_mails is None else self.stuck[:max_mails]
+        return {
+            "expired_reservations": self.count(StuckKind.EXPIRED_RESERVATION),
+            "stalled_deliveries": self.count(StuckKind.STALLED_DELIVERY),
+            "unconfirmed": len(self.unconfirmed),
+            "grace_seconds": self.grace_seconds,
+            "complete": self.complete,
+            "mails": [mail.to_json(self.now) for mail in mails],
+        }
+
+
+def _records(record: DeliveryRecord, status: MailStatus, limit: int) -> Iterator[MailRecord | None]:
+    """Every record in ``status``, oldest first, at most ``limit``; yields ``None`` once if
+    there were more (the caller marks the survey incomplete)."""
+    token: str | None = None
+    seen = 0
+    while True:
+        page = record.list(status=status, limit=_PAGE, page_token=token)
+        for item in page.items:
+            if seen >= limit:
+                yield None
+                return
+            seen += 1
+            yield item
+        token = page.next_page_token
+        if token is None:
+            return
+
+
+def survey(
+    record: DeliveryRecord,
+    *,
+    now: dt.datetime,
+    grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    scan_limit: int = DEFAULT_SCAN_LIMIT,
+) -> Survey:
+    """Find stuck records (and the unconfirmed ones) with the record's own status queries.
+
+    Raises :class:`RecordError` if the record cannot be read.
+    """
+    if grace_seconds < 0:
+        raise ValueError("grace_seconds must not be negative")
+    stuck: list[StuckMail] = []
+    unconfirmed: list[str] = []
+    complete = True
+    for status in (MailStatus.ACCEPTING, MailStatus.SENDING, MailStatus.UNCONFIRMED):
+        for item in _records(record, status, scan_limit):
+            if item is None:
+                complete = False
+                break
+            if status is MailStatus.UNCONFIRMED:
+                unconfirmed.append(item.mail_id)
+                continue
+            found = diagnose(item, now=now, grace_seconds=grace_seconds)
+            if found is not None:
+                stuck.append(found)
+    stuck.sort(key=lambda mail: (mail.stuck_since, mail.mail_id))
+    return Survey(
+        now=now,
+        grace_seconds=grace_seconds,
+        stuck=tuple(stuck),
+        unconfirmed=tuple(unconfirmed),
+        complete=complete,
+    )
+
+
+@dataclass(frozen=True)
+class FixOutcome:
+    mail: StuckMail
+    action: FixAction
+    detail: str = ""
+
+    def to_json(self, now: dt.datetime) -> dict[str, object]:
+        return {**self.mail.to_json(now), "action": str(self.action), "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class FixReport:
+    outcomes: list[FixOutcome] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(outcome.action is not FixAction.FAILED for outcome in self.outcomes)
+
+    def counts(self) -> dict[str, int]:
+        return {str(action): self.count(action) for action in FixAction}
+
+    def count(self, action: FixAction) -> int:
+        return sum(1 for outcome in self.outcomes if outcome.action is action)
+
+
+def fix(
+    record: DeliveryRecord,
+    found: Survey,
+    *,
+    on_outcome: Callable[[FixOutcome], None] = lambda _: None,
+) -> FixReport:
+    """Settle every stuck mail of ``found`` (see the module docstring); each fix re-checks the
+    record atomically, so one that moved on since the survey is left alone."""
+    report = FixReport()
+    for mail in found.stuck:
+        try:
+            if mail.kind is StuckKind.EXPIRED_RESERVATION:
+                released = record.release_expired_reservation(mail.mail_id)
+                action = FixAction.RELEASED if released else FixAction.LEFT_ALONE
+                detail = (
+                    "reservation deleted; its idempotency key is free"
+                    if released
+                    else "no longer an expired reservation (published, or released already)"
+                )
+            else:
+                marked = record.mark_unconfirmed(mail.mail_id, grace_seconds=found.grace_seconds)
+                action = FixAction.MARKED_UNCONFIRMED if marked else FixAction.LEFT_ALONE
+                detail = (
+                    marked.last_error or ""
+                    if marked
+                    else "no longer stalled (a delivery claimed or finished it)"
+                )
+        except RecordError as exc:
+            action, detail = FixAction.FAILED, str(exc)
+        outcome = FixOutcome(mail, action, detail)
+        report.outcomes.append(outcome)
+        on_outcome(outcome)
+    return report
+
+
+def stuck_counts(
+    record: DeliveryRecord,
+    *,
+    grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+) -> Callable[[], Mapping[str, int] | None]:
+    """The source of the ``mailpipe.mails.stuck`` gauge (``None`` when the record is down)."""
+
+    def counts() -> Mapping[str, int] | None:
+        try:
+            return survey(record, now=clock(), grace_seconds=grace_seconds).counts()
+        except RecordError:
+            return None
+
+    return counts
