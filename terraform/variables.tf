@@ -273,7 +273,7 @@ variable "message_id_domain" {
 
 variable "allowed_sender_domains" {
   type        = list(string)
-  description = "Domains the publisher accepts in a mail's From address (MAILPIPE_ALLOWED_SENDER_DOMAINS), e.g. [\"mail.example.com\"]: the domains your relay may send for (SPF/DKIM). Any other From is refused with 400, so a caller cannot make your relay send as someone else."
+  description = "Domains the publisher accepts in a mail's From address (MAILPIPE_ALLOWED_SENDER_DOMAINS), e.g. [\"mail.example.com\"]: the domains your relay may send for (SPF/DKIM). Any other From is refused with 403 (sender_not_allowed, naming `from`), so a caller cannot make your relay send as someone else."
 
   validation {
     condition = length(var.allowed_sender_domains) > 0 && alltrue([
