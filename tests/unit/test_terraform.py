@@ -60,10 +60,6 @@ PUBLIC_MEMBERS = ("allUsers", "allAuthenticatedUsers")
 
 # Set by other branches of issue 15 in mailpipe/config.py; Terraform already wires them. Once those
 # branches are merged every name here is read by config.py and this set can go.
-ENV_NAMES_FROM_OTHER_BRANCHES = {
-    "MAILPIPE_ALLOWED_SENDER_DOMAINS",  # publisher: the From domains it accepts
-}
-
 _parse = parse_hcl
 _dynamic = dynamic_block
 _strings = strings
@@ -823,9 +819,7 @@ def test_env_names_are_the_ones_the_services_read(module: Module) -> None:
     secret = _env_names(module.locals["subscriber_secret_env"])
     assert module.locals["publisher_env"].startswith("${merge(local.common_env, {")
     for name in publisher | subscriber | secret:
-        assert f'"{name}"' in config_source or name in ENV_NAMES_FROM_OTHER_BRANCHES, (
-            f"{name} is not read by mailpipe/config.py"
-        )
+        assert f'"{name}"' in config_source, f"{name} is not read by mailpipe/config.py"
     assert {
         "MAILPIPE_ALLOWED_SENDER_DOMAINS",
         "MAILPIPE_PUBLISH_TIMEOUT",
