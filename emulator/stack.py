@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,9 +74,20 @@ def run_emulators(
                     port=firestore_port, log_dir=log_dir, timeout=timeout, reuse_env=reuse_env
                 )
             )
+        # Runs first on the way out (LIFO): both JVMs get SIGTERM at once and are awaited together,
+        # so a loaded machine waits for the slower one, not their sum (each stop() is idempotent).
+        stack.callback(_stop_together, [e for e in (pubsub, store) if e is not None])
         changes = sync_topology(
             topology, project=project, push_endpoints=push_endpoints, emulator_host=pubsub.host
         )
         yield EmulatorStack(
             project=project, topology=topology, pubsub=pubsub, firestore=store, changes=changes
         )
+
+
+def _stop_together(emulators: list[RunningEmulator]) -> None:
+    """Stop every emulator at once; re-raise the first failure after all have been waited for."""
+    with ThreadPoolExecutor(max_workers=max(len(emulators), 1)) as pool:
+        futures = [pool.submit(emulator.stop) for emulator in emulators]
+    for future in futures:
+        future.result()
