@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 pytest_plugins = [
     "tests.fixtures.emulators",
     "tests.fixtures.smtp",
@@ -9,3 +11,12 @@ pytest_plugins = [
     "tests.fixtures.pipeline",
     "tests.fixtures.imap",
 ]
+
+
+def pytest_configure() -> None:
+    # A shell without job control starts background commands (`./dev test &`, a CI runner's
+    # script) with SIGINT ignored, and an ignored signal stays ignored across exec: the processes
+    # the tests start would then shrug off the Ctrl-C that the tests send, as no terminal user's
+    # would. Handle it here as an interactive run does; exec resets a handled signal to default.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
