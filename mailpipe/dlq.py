@@ -27,7 +27,8 @@ Errors::
 
 Per-mail failures (publish refused, record unavailable, no record) do not raise: they are
 :class:`ReplayOutcome` values with ``ok`` False, so one bad mail does not stop a large replay.
-Google's exceptions are translated in :func:`_translate_pubsub` only.
+Google's exceptions are translated in :func:`_translate_pubsub` only (through
+:func:`mailpipe.pubsub.translate_api_errors`).
 """
 
 from __future__ import annotations
@@ -37,18 +38,18 @@ import datetime as dt
 import enum
 import logging
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import google.cloud.pubsub_v1 as pubsub_v1
-from google.api_core import exceptions as api_exceptions
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mailpipe.mail import MailDecodeError, QueuedMail
+from mailpipe.pubsub import PubSubUnavailable, translate_api_errors
 from mailpipe.record import (
     AlreadyFinal,
     DeliveryRecord,
@@ -75,21 +76,13 @@ class DlqError(Exception):
     """Base class of this module's errors."""
 
 
-class DeadLetterUnavailable(DlqError):
+class DeadLetterUnavailable(DlqError, PubSubUnavailable):
     """The dead-letter subscription could not be pulled, acked or released."""
 
 
-@contextlib.contextmanager
-def _translate_pubsub(operation: str) -> Iterator[None]:
-    """The one place where Google's client exceptions become :class:`DeadLetterUnavailable`."""
-    try:
-        yield
-    except api_exceptions.GoogleAPICallError as exc:
-        raise DeadLetterUnavailable(f"Pub/Sub {operation} failed: {exc.message}") from exc
-    except api_exceptions.RetryError as exc:
-        raise DeadLetterUnavailable(
-            f"Pub/Sub {operation} failed: Pub/Sub could not be reached (retries exhausted)"
-        ) from exc
+def _translate_pubsub(operation: str) -> contextlib.AbstractContextManager[None]:
+    """Google's client exceptions become :class:`DeadLetterUnavailable`."""
+    return translate_api_errors(f"Pub/Sub {operation} failed", DeadLetterUnavailable)
 
 
 # --- time selection ----------------------------------------------------------------------------
@@ -622,7 +615,7 @@ class DeadLetterReplayer:
             with _translate_pubsub("pull"):
                 response = self._subscriber.pull(request=request, timeout=self._pull_timeout)
         except DeadLetterUnavailable as exc:
-            if isinstance(exc.__cause__, api_exceptions.DeadlineExceeded):
+            if exc.deadline_exceeded:
                 return []  # a waiting pull that found nothing
             raise
         return list(response.received_messages)
