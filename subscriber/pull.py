@@ -20,9 +20,10 @@ from google.cloud.pubsub_v1.types import FlowControl
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from mailpipe.attributes import publisher_context
 from mailpipe.config import PubSubConfig
 from mailpipe.pubsub import subscriber_client
-from subscriber.delivery import ReceivedMessage, publisher_context
+from subscriber.delivery import ReceivedMessage
 
 log = logging.getLogger(__name__)
 
