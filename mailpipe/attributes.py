@@ -76,8 +76,13 @@ _propagator = TraceContextTextMapPropagator()
 
 
 def extract_context(carrier: Mapping[str, str]) -> Context | None:
-    """The remote context in W3C ``traceparent``/``tracestate`` entries, or None if not valid."""
-    context = _propagator.extract(carrier, getter=DefaultGetter())
+    """The remote context in W3C ``traceparent``/``tracestate`` entries, or None if not valid.
+
+    Keys match in any case: HTTP header names are case-insensitive, and WSGI servers hand them
+    over as ``Traceparent``, which the propagator's lower-case lookup alone would miss.
+    """
+    lowered = {key.lower(): value for key, value in carrier.items()}
+    context = _propagator.extract(lowered, getter=DefaultGetter())
     if not trace.get_current_span(context).get_span_context().is_valid:
         return None
     return context

@@ -82,3 +82,9 @@ def test_a_link_keeps_its_attributes() -> None:
     assert link is not None
     assert dict(link.attributes or {}) == {"mailpipe.link": "cloud_run_request"}
     assert attributes.context_link(None) is None
+
+
+def test_http_headers_match_in_any_case() -> None:
+    # WSGI servers pass "Traceparent"; HTTP header names are case-insensitive.
+    assert attributes.extract_context({"Traceparent": VALID, "Host": "x"}) is not None
+    assert attributes.extract_context({"TRACEPARENT": VALID}) is not None
