@@ -1,7 +1,7 @@
 """google-cloud-pubsub clients bound to an emulator host given explicitly (not via the environment).
 
-The channel lifts gRPC's 4 MiB receive limit: with the library's own emulator channel, messages over
-about 4 MiB fail on unary pull and vanish silently on streaming pull (``docs/local-vs-gcp.md``).
+Built by :mod:`mailpipe.pubsub` like the services' clients (its channel lifts gRPC's 4 MiB receive
+limit); this module only refuses to fall through to the real service when no host is known.
 """
 
 from __future__ import annotations
@@ -9,12 +9,10 @@ from __future__ import annotations
 import os
 
 import google.cloud.pubsub_v1 as pubsub_v1
-from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
-from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
 from emulator.errors import EmulatorError
 from emulator.process import PUBSUB_HOST_VAR
-from mailpipe.grpc_channel import emulator_channel
+from mailpipe import pubsub
 
 
 def resolve_pubsub_host(emulator_host: str | None) -> str:
@@ -35,9 +33,11 @@ def publisher_client(
     batch_settings: pubsub_v1.types.BatchSettings | None = None,
 ) -> pubsub_v1.PublisherClient:
     """A publisher (also the topic admin client) talking to the emulator."""
-    transport = PublisherGrpcTransport(channel=emulator_channel(resolve_pubsub_host(emulator_host)))
-    return pubsub_v1.PublisherClient(
-        batch_settings or (), publisher_options or (), transport=transport
+    return pubsub.publisher_client(
+        resolve_pubsub_host(emulator_host),
+        tracing=False,
+        publisher_options=publisher_options,
+        batch_settings=batch_settings,
     )
 
 
@@ -47,7 +47,6 @@ def subscriber_client(
     subscriber_options: pubsub_v1.types.SubscriberOptions | None = None,
 ) -> pubsub_v1.SubscriberClient:
     """A subscriber (also the subscription admin client) talking to the emulator."""
-    transport = SubscriberGrpcTransport(
-        channel=emulator_channel(resolve_pubsub_host(emulator_host))
+    return pubsub.subscriber_client(
+        resolve_pubsub_host(emulator_host), tracing=False, subscriber_options=subscriber_options
     )
-    return pubsub_v1.SubscriberClient(subscriber_options or (), transport=transport)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
@@ -31,6 +31,7 @@ from google.pubsub_v1 import types as pubsub_types
 
 from emulator.clients import publisher_client, resolve_pubsub_host, subscriber_client
 from emulator.errors import TopologyApplyError
+from mailpipe.pubsub import translate_api_errors
 from mailpipe.topology import (
     DeadLetterPolicy,
     RetryPolicy,
@@ -60,15 +61,9 @@ class TopologyChange:
         return f"{self.action} {self.kind} {self.name}{detail}"
 
 
-@contextmanager
-def _translated(what: str) -> Iterator[None]:
-    """Translate google.api_core errors into :class:`TopologyApplyError` (the one place)."""
-    try:
-        yield
-    except gexc.GoogleAPICallError as exc:
-        raise TopologyApplyError(f"{what}: {exc.message or exc}") from exc
-    except gexc.RetryError as exc:
-        raise TopologyApplyError(f"{what}: the emulator did not answer ({exc})") from exc
+def _translated(what: str) -> AbstractContextManager[None]:
+    """Google's API errors become :class:`TopologyApplyError` (:mod:`mailpipe.pubsub` maps them)."""
+    return translate_api_errors(what, TopologyApplyError)
 
 
 def _duration(value: str | None) -> timedelta | None:

@@ -81,8 +81,14 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import Meter
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from mailpipe.attributes import (
+    MAIL_TRACEPARENT_HEADER,
+    SERVER_ADDRESS,
+    SERVER_PORT,
+    SPAN_MAIL_ID,
+    context_from_traceparent,
+)
 from mailpipe.config import TelemetryConfig, _EnvReader
 from mailpipe.telemetry import METER_NAME, Telemetry
 
@@ -98,7 +104,6 @@ ATTR_OUTCOME = "mailpipe.canary.outcome"
 ATTR_PHASE = "mailpipe.canary.phase"
 ATTR_IMAP_STEP = "imap.step"
 ATTR_ERROR_TYPE = "error.type"
-ATTR_MAIL_ID = "mailpipe.mail_id"
 
 IMAP_STEPS = frozenset(
     {"connect", "starttls", "login", "select", "noop", "search", "fetch", "store", "expunge"}
@@ -537,8 +542,8 @@ class ImapSession:
             set_status_on_exception=False,
         ) as span:
             if span.is_recording():
-                span.set_attribute("server.address", self._config.imap_host)
-                span.set_attribute("server.port", self._config.imap_port)
+                span.set_attribute(SERVER_ADDRESS, self._config.imap_host)
+                span.set_attribute(SERVER_PORT, self._config.imap_port)
                 span.set_attribute(ATTR_IMAP_STEP, step)
                 span.set_attribute(ATTR_PHASE, self._phase)
             started = time.perf_counter()
@@ -748,7 +753,7 @@ class Canary:
                 root.set_status(Status(StatusCode.ERROR, str(exc)))
             root.set_attribute(ATTR_OUTCOME, str(result.outcome))
             if result.mail_id:
-                root.set_attribute(ATTR_MAIL_ID, result.mail_id)
+                root.set_attribute(SPAN_MAIL_ID, result.mail_id)
         self._metrics.run(result.outcome)
         return _with(result, canary_trace_id=canary_trace_id, steps=tuple(timings))
 
@@ -806,7 +811,7 @@ class Canary:
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
                 raise
             if span.is_recording():
-                span.set_attribute(ATTR_MAIL_ID, accepted.mail_id)
+                span.set_attribute(SPAN_MAIL_ID, accepted.mail_id)
             return accepted
 
     def _wait(self, poll: ImapSession, mail_id: str, message_id: str, sent: float) -> _Found:
@@ -815,7 +820,7 @@ class Canary:
         record: dict[str, Any] | None = None
         with self._tracer.start_as_current_span("canary wait") as span:
             if span.is_recording():
-                span.set_attribute(ATTR_MAIL_ID, mail_id)
+                span.set_attribute(SPAN_MAIL_ID, mail_id)
             while True:
                 poll.noop()
                 uids = poll.search_message_id(message_id)
@@ -823,7 +828,9 @@ class Canary:
                     headers = poll.fetch(uid, headers_only=True)
                     if str(headers.get("Message-ID", "")).strip() == message_id:
                         visible_after = time.monotonic() - sent
-                        context = _mail_context(headers)
+                        # The `mail deliver` span, from the mail's header.
+                        traceparent = headers.get(MAIL_TRACEPARENT_HEADER)
+                        context = context_from_traceparent(traceparent and str(traceparent))
                         if span.is_recording():
                             span.set_attribute("mailpipe.canary.time_to_inbox", visible_after)
                             if context is not None:
@@ -869,17 +876,6 @@ class Canary:
 
 def _with(result: CanaryResult, **changes: Any) -> CanaryResult:
     return dataclasses.replace(result, **changes)
-
-
-def _mail_context(headers: EmailMessage) -> Context | None:
-    """The trace context in the mail's ``traceparent`` header (the ``mail deliver`` span)."""
-    value = headers.get("traceparent")
-    if value is None:
-        return None
-    context = TraceContextTextMapPropagator().extract({"traceparent": str(value).strip()})
-    if not trace.get_current_span(context).get_span_context().is_valid:
-        return None
-    return context
 
 
 def _seconds_after(iso: str | None, wall_start: float) -> float | None:

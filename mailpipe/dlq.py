@@ -27,7 +27,8 @@ Errors::
 
 Per-mail failures (publish refused, record unavailable, no record) do not raise: they are
 :class:`ReplayOutcome` values with ``ok`` False, so one bad mail does not stop a large replay.
-Google's exceptions are translated in :func:`_translate_pubsub` only.
+Google's exceptions are translated in :func:`_translate_pubsub` only (through
+:func:`mailpipe.pubsub.translate_api_errors`).
 """
 
 from __future__ import annotations
@@ -37,18 +38,29 @@ import datetime as dt
 import enum
 import logging
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import google.cloud.pubsub_v1 as pubsub_v1
-from google.api_core import exceptions as api_exceptions
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from mailpipe.attributes import (
+    MESSAGING_DESTINATION_NAME,
+    MESSAGING_MESSAGE_ID,
+    MESSAGING_SYSTEM,
+    MESSAGING_SYSTEM_PUBSUB,
+    PUBSUB_MAIL_ID,
+    SPAN_MAIL_ID,
+    SPAN_REPLAY_ORIGINAL_TRACE_ID,
+    SPAN_REPLAY_OUTCOME,
+    SPAN_REPLAY_SOURCE_MESSAGE_ID,
+    publisher_link,
+)
 from mailpipe.mail import MailDecodeError, QueuedMail
+from mailpipe.pubsub import PubSubUnavailable, translate_api_errors
 from mailpipe.record import (
     AlreadyFinal,
     DeliveryRecord,
@@ -60,36 +72,24 @@ from mailpipe.record import (
 
 log = logging.getLogger(__name__)
 
-MAIL_ID_ATTRIBUTE = "mail_id"
-TRACEPARENT_ATTRIBUTE = "googclient_traceparent"
 # Added by Pub/Sub to the dead-letter copy (CloudPubSubDeadLetterSourceDeliveryCount, ...) and by
 # the client library (googclient_traceparent): never republished, the new publish sets its own.
 STRIPPED_ATTRIBUTE_PREFIXES = ("CloudPubSubDeadLetter", "googclient_")
 RELEASE_CHUNK = 500  # ack ids per modify_ack_deadline request (well under the 512 KB limit)
 MAX_ACK_DEADLINE_SECONDS = 600  # Pub/Sub's maximum
 
-_propagator = TraceContextTextMapPropagator()
-
 
 class DlqError(Exception):
     """Base class of this module's errors."""
 
 
-class DeadLetterUnavailable(DlqError):
+class DeadLetterUnavailable(DlqError, PubSubUnavailable):
     """The dead-letter subscription could not be pulled, acked or released."""
 
 
-@contextlib.contextmanager
-def _translate_pubsub(operation: str) -> Iterator[None]:
-    """The one place where Google's client exceptions become :class:`DeadLetterUnavailable`."""
-    try:
-        yield
-    except api_exceptions.GoogleAPICallError as exc:
-        raise DeadLetterUnavailable(f"Pub/Sub {operation} failed: {exc.message}") from exc
-    except api_exceptions.RetryError as exc:
-        raise DeadLetterUnavailable(
-            f"Pub/Sub {operation} failed: Pub/Sub could not be reached (retries exhausted)"
-        ) from exc
+def _translate_pubsub(operation: str) -> contextlib.AbstractContextManager[None]:
+    """Google's client exceptions become :class:`DeadLetterUnavailable`."""
+    return translate_api_errors(f"Pub/Sub {operation} failed", DeadLetterUnavailable)
 
 
 # --- time selection ----------------------------------------------------------------------------
@@ -315,17 +315,6 @@ def republished_attributes(attributes: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def original_link(attributes: Mapping[str, str]) -> Link | None:
-    """A link to the original publish (its ``create`` span) from ``googclient_traceparent``."""
-    traceparent = attributes.get(TRACEPARENT_ATTRIBUTE)
-    if not traceparent:
-        return None
-    context = trace.get_current_span(
-        _propagator.extract({"traceparent": traceparent})
-    ).get_span_context()
-    return Link(context) if context.is_valid else None
-
-
 def _accepted_at(
     record: MailRecord | None, data: bytes, attributes: Mapping[str, str]
 ) -> dt.datetime | None:
@@ -445,7 +434,7 @@ class DeadLetterReplayer:
         """``(outcome or None if not selected, whether to ack the copy)``."""
         message = item.message
         attributes = dict(message.attributes)
-        mail_id = attributes.get(MAIL_ID_ATTRIBUTE)
+        mail_id = attributes.get(PUBSUB_MAIL_ID)
         if not mail_id or (selection.mail_ids and mail_id not in selection.mail_ids):
             return None, False  # not a mailpipe mail, or not asked for: left on the subscription
         source = message.message_id
@@ -506,7 +495,7 @@ class DeadLetterReplayer:
         source: str,
         record: MailRecord,
     ) -> tuple[ReplayOutcome, bool]:
-        link = original_link(attributes)
+        link = publisher_link(attributes)
         with self._tracer.start_as_current_span(
             "mail replay",
             context=otel_context.Context(),  # a new trace: the replay is its own operation
@@ -516,15 +505,15 @@ class DeadLetterReplayer:
             set_status_on_exception=False,
         ) as span:
             trace_id = format(span.get_span_context().trace_id, "032x")
-            span.set_attribute("mailpipe.mail_id", mail_id)
-            span.set_attribute("messaging.system", "gcp_pubsub")
-            span.set_attribute("messaging.destination.name", self._topic.rsplit("/", 1)[-1])
-            span.set_attribute("mailpipe.replay.source_message_id", source)
+            span.set_attribute(SPAN_MAIL_ID, mail_id)
+            span.set_attribute(MESSAGING_SYSTEM, MESSAGING_SYSTEM_PUBSUB)
+            span.set_attribute(MESSAGING_DESTINATION_NAME, self._topic.rsplit("/", 1)[-1])
+            span.set_attribute(SPAN_REPLAY_SOURCE_MESSAGE_ID, source)
             if record.trace_id:
-                span.set_attribute("mailpipe.replay.original_trace_id", record.trace_id)
+                span.set_attribute(SPAN_REPLAY_ORIGINAL_TRACE_ID, record.trace_id)
 
             def outcome(status: ReplayStatus, detail: str, **kw: Any) -> ReplayOutcome:
-                span.set_attribute("mailpipe.replay.outcome", str(status))
+                span.set_attribute(SPAN_REPLAY_OUTCOME, str(status))
                 if not status.ok:
                     span.set_status(Status(StatusCode.ERROR, detail[:200]))
                 return ReplayOutcome(
@@ -559,7 +548,7 @@ class DeadLetterReplayer:
                 detail = f"republish failed: {exc}"
                 self._undo_replayed(mail_id, detail)
                 return outcome(ReplayStatus.FAILED, detail), False
-            span.set_attribute("messaging.message.id", message_id)
+            span.set_attribute(MESSAGING_MESSAGE_ID, message_id)
             return outcome(
                 ReplayStatus.REPLAYED,
                 f"republished as message {message_id}",
@@ -622,7 +611,7 @@ class DeadLetterReplayer:
             with _translate_pubsub("pull"):
                 response = self._subscriber.pull(request=request, timeout=self._pull_timeout)
         except DeadLetterUnavailable as exc:
-            if isinstance(exc.__cause__, api_exceptions.DeadlineExceeded):
+            if exc.deadline_exceeded:
                 return []  # a waiting pull that found nothing
             raise
         return list(response.received_messages)

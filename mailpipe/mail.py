@@ -49,6 +49,8 @@ from pydantic import (
 )
 from uuid6 import uuid7
 
+from mailpipe.attributes import PUBSUB_MAIL_ID, PUBSUB_SCHEMA_VERSION
+
 SCHEMA_VERSION = 2
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2})
 
@@ -518,7 +520,7 @@ class QueuedMail(BaseModel):
     def to_pubsub(self) -> tuple[bytes, dict[str, str]]:
         """``(data, attributes)`` for ``PublisherClient.publish``."""
         data = self.model_dump_json(by_alias=True).encode("utf-8")
-        return data, {"mail_id": self.mail_id, "schema_version": str(self.schema_version)}
+        return data, {PUBSUB_MAIL_ID: self.mail_id, PUBSUB_SCHEMA_VERSION: str(self.schema_version)}
 
     @classmethod
     def from_pubsub(cls, data: bytes, attributes: dict[str, str] | None = None) -> QueuedMail:
@@ -527,7 +529,7 @@ class QueuedMail(BaseModel):
         Raises :class:`UnsendableMail` for a mailpipe mail whose request this version refuses
         (bounce it), :class:`MailDecodeError` for anything else that is not a known mail.
         """
-        version = (attributes or {}).get("schema_version", str(SCHEMA_VERSION))
+        version = (attributes or {}).get(PUBSUB_SCHEMA_VERSION, str(SCHEMA_VERSION))
         if version not in {str(v) for v in SUPPORTED_SCHEMA_VERSIONS}:
             raise MailDecodeError(f"unsupported schema_version {version!r}")
         try:

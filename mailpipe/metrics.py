@@ -41,14 +41,15 @@ from collections.abc import Callable, Iterable, Mapping
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-_log = logging.getLogger(__name__)
+from mailpipe.attributes import (
+    METRIC_FIRST_ATTEMPT,
+    METRIC_STUCK_KIND,
+    SMTP_ENHANCED_STATUS,
+    SMTP_REPLY_CODE,
+    SMTP_STEP,
+)
 
-# Attribute keys (shared with the spans, see design.md "Telemetry conventions").
-ATTR_REPLY_CODE = "smtp.reply.code"
-ATTR_ENHANCED_STATUS = "smtp.reply.enhanced_status"
-ATTR_SMTP_STEP = "smtp.step"
-ATTR_FIRST_ATTEMPT = "mailpipe.first_attempt"
-ATTR_STUCK_KIND = "mailpipe.stuck.kind"
+_log = logging.getLogger(__name__)
 
 # Bucket boundaries. Delivery latency spans milliseconds (a healthy relay) to the ~16 hours Pub/Sub
 # can keep retrying; an SMTP step is milliseconds to the client timeout; attempts stop at 100
@@ -77,9 +78,9 @@ StuckSource = Callable[[], "Mapping[str, int] | None"]
 def _reply_attributes(reply_code: int | None, enhanced_status: str | None) -> dict[str, int | str]:
     attributes: dict[str, int | str] = {}
     if reply_code is not None:
-        attributes[ATTR_REPLY_CODE] = int(reply_code) if 100 <= reply_code <= 599 else 0
+        attributes[SMTP_REPLY_CODE] = int(reply_code) if 100 <= reply_code <= 599 else 0
     if enhanced_status is not None:
-        attributes[ATTR_ENHANCED_STATUS] = (
+        attributes[SMTP_ENHANCED_STATUS] = (
             enhanced_status if _ENHANCED_STATUS.match(enhanced_status) else "other"
         )
     return attributes
@@ -163,7 +164,7 @@ class MailMetrics:
         outcome, delivered included.
         """
         self._delivered.add(1)
-        self._latency.record(max(0.0, latency_seconds), {ATTR_FIRST_ATTEMPT: attempt <= 1})
+        self._latency.record(max(0.0, latency_seconds), {METRIC_FIRST_ATTEMPT: attempt <= 1})
 
     def deferred(self, *, reply_code: int | None, enhanced_status: str | None) -> None:
         """One attempt failed transiently (4xx, or no reply at all: pass ``None``)."""
@@ -181,7 +182,7 @@ class MailMetrics:
 
     def smtp_step(self, step: str, seconds: float, *, reply_code: int | None) -> None:
         """One SMTP step took ``seconds`` (``step`` as in the span name without ``smtp ``)."""
-        attributes: dict[str, int | str] = {ATTR_SMTP_STEP: step if step in SMTP_STEPS else "other"}
+        attributes: dict[str, int | str] = {SMTP_STEP: step if step in SMTP_STEPS else "other"}
         attributes.update(_reply_attributes(reply_code, None))
         self._step.record(max(0.0, seconds), attributes)
 
@@ -228,6 +229,6 @@ class MailMetrics:
         if counts is None:
             return []
         return [
-            Observation(max(0, int(count)), {ATTR_STUCK_KIND: str(kind)})
+            Observation(max(0, int(count)), {METRIC_STUCK_KIND: str(kind)})
             for kind, count in sorted(counts.items())
         ]

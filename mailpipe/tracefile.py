@@ -28,9 +28,14 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import format_span_id, format_trace_id
 
-MAIL_ID_ATTRIBUTE = "mailpipe.mail_id"
-REPLY_CODE_ATTRIBUTE = "smtp.reply.code"
-ENHANCED_STATUS_ATTRIBUTE = "smtp.reply.enhanced_status"
+from mailpipe.attributes import (
+    MESSAGING_DELIVERY_ATTEMPT,
+    SMTP_CONNECTION_REUSED,
+    SMTP_ENHANCED_STATUS,
+    SMTP_REPLY_CODE,
+    SPAN_MAIL_ID,
+    SPAN_OUTCOME,
+)
 
 
 def _jsonable(value: Any) -> Any:
@@ -228,7 +233,7 @@ def find_trace(spans: Iterable[SpanRecord], key: str) -> list[SpanRecord]:
     if _is_trace_id(wanted.lower()):
         trace_ids = {s.trace_id for s in spans if s.trace_id == wanted.lower()}
     if not trace_ids:
-        trace_ids = {s.trace_id for s in spans if s.attributes.get(MAIL_ID_ATTRIBUTE) == wanted}
+        trace_ids = {s.trace_id for s in spans if s.attributes.get(SPAN_MAIL_ID) == wanted}
     found = [s for s in spans if s.trace_id in trace_ids]
     # A span exported twice (a retried export) is shown once.
     unique = {(s.trace_id, s.span_id): s for s in found}
@@ -269,17 +274,17 @@ def format_duration(nanoseconds: int) -> str:
 
 def _details(span: SpanRecord) -> str:
     parts: list[str] = []
-    code = span.attributes.get(REPLY_CODE_ATTRIBUTE)
+    code = span.attributes.get(SMTP_REPLY_CODE)
     if code is not None:
-        enhanced = span.attributes.get(ENHANCED_STATUS_ATTRIBUTE)
+        enhanced = span.attributes.get(SMTP_ENHANCED_STATUS)
         parts.append(f"smtp {code}" + (f" {enhanced}" if enhanced else ""))
-    outcome = span.attributes.get("mailpipe.outcome")
+    outcome = span.attributes.get(SPAN_OUTCOME)
     if outcome:
         parts.append(str(outcome))
-    attempt = span.attributes.get("messaging.gcp_pubsub.message.delivery_attempt")
+    attempt = span.attributes.get(MESSAGING_DELIVERY_ATTEMPT)
     if attempt is not None:
         parts.append(f"attempt {attempt}")
-    if span.attributes.get("smtp.connection.reused"):
+    if span.attributes.get(SMTP_CONNECTION_REUSED):
         parts.append("reused connection")
     if span.status_code == "ERROR" and span.status_description not in (None, "", outcome):
         parts.append(str(span.status_description))
@@ -364,7 +369,7 @@ class _Waterfall:
             start = min(s.start for s in trace_spans)
             end = max(s.end for s in trace_spans)
             mail_ids = sorted(
-                {str(m) for s in trace_spans if (m := s.attributes.get(MAIL_ID_ATTRIBUTE))}
+                {str(m) for s in trace_spans if (m := s.attributes.get(SPAN_MAIL_ID))}
             )
             title = f"trace {trace_id}"
             if mail_ids:

@@ -21,6 +21,7 @@ from opentelemetry.instrumentation.flask import FlaskInstrumentor
 from pydantic import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from mailpipe.attributes import SPAN_MAIL_ID
 from mailpipe.config import PublisherConfig
 from mailpipe.httpjson import JsonBodyError, error_response, install_json_errors, parse_json
 from mailpipe.mail import MailRequest, QueuedMail
@@ -233,7 +234,7 @@ def create_app(
         try:
             span = trace.get_current_span()
             if span.is_recording():
-                span.set_attribute("mailpipe.mail_id", mail.mail_id)
+                span.set_attribute(SPAN_MAIL_ID, mail.mail_id)
             message_id = publisher.publish(mail)
         except BaseException as exc:
             # Whatever failed before Pub/Sub confirmed, the key must not stay held: release it

@@ -4,8 +4,8 @@
 as a child of the current span (the Flask request) and put its context in the
 ``googclient_traceparent`` attribute; we do not hand-roll propagation on top of it.
 
-Errors (google-api-core and client exceptions are translated in one place,
-:meth:`PubSubMailPublisher.publish`)::
+Errors (translated in :meth:`PubSubMailPublisher.publish`; google-api-core's through
+:func:`mailpipe.pubsub.translate_api_errors`)::
 
     PublishError                  base: the mail was NOT accepted (HTTP 503 / 413)
     ├── PublishUnavailable        Pub/Sub unreachable, timed out or refused the request
@@ -18,26 +18,19 @@ import concurrent.futures
 from typing import Protocol
 
 import google.cloud.pubsub_v1 as pubsub_v1
-from google.api_core import exceptions as api_exceptions
 from google.api_core import retry as api_retry
 from google.cloud.pubsub_v1.publisher import exceptions as publisher_exceptions
-from google.cloud.pubsub_v1.types import BatchSettings, PublisherOptions
-from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
+from google.cloud.pubsub_v1.types import BatchSettings
 
 from mailpipe.config import PubSubConfig
-from mailpipe.grpc_channel import emulator_channel
 from mailpipe.mail import MAX_PUBSUB_DATA_BYTES, QueuedMail
-
-# What the client library retries by default (google.pubsub_v1 publisher transport).
-_RETRYABLE: tuple[type[Exception], ...] = (
-    api_exceptions.Aborted,
-    api_exceptions.Cancelled,
-    api_exceptions.DeadlineExceeded,
-    api_exceptions.InternalServerError,
-    api_exceptions.ResourceExhausted,
-    api_exceptions.ServiceUnavailable,
-    api_exceptions.Unknown,
+from mailpipe.pubsub import (
+    RETRYABLE_API_ERRORS,
+    PubSubUnavailable,
+    publisher_client,
+    translate_api_errors,
 )
+
 _RESULT_MARGIN_SECONDS = 5.0
 
 
@@ -45,7 +38,7 @@ class PublishError(Exception):
     """The mail could not be published; nothing was accepted."""
 
 
-class PublishUnavailable(PublishError):
+class PublishUnavailable(PublishError, PubSubUnavailable):
     """Pub/Sub did not take the message (unreachable, timeout, permission, quota)."""
 
 
@@ -89,21 +82,14 @@ class PubSubMailPublisher:
             initial=0.1,
             maximum=max(timeout / 6, 0.1),
             multiplier=2,
-            predicate=api_retry.if_exception_type(*_RETRYABLE),
+            predicate=api_retry.if_exception_type(*RETRYABLE_API_ERRORS),
             timeout=timeout - self._rpc_timeout,
         )
         if client is None:
-            options = PublisherOptions(enable_open_telemetry_tracing=True)
             # Requests wait for their publish future, so a short batch window only groups
             # concurrent requests; it never delays a lone one by more than 5 ms.
             batch = BatchSettings(max_latency=0.005, max_messages=100)
-            if config.emulator_host:
-                transport = PublisherGrpcTransport(channel=emulator_channel(config.emulator_host))
-                client = pubsub_v1.PublisherClient(
-                    batch_settings=batch, publisher_options=options, transport=transport
-                )
-            else:
-                client = pubsub_v1.PublisherClient(batch_settings=batch, publisher_options=options)
+            client = publisher_client(config.emulator_host, tracing=True, batch_settings=batch)
         self._client = client
 
     def publish(self, mail: QueuedMail) -> str:
@@ -111,21 +97,22 @@ class PubSubMailPublisher:
         if len(data) > MAX_PUBSUB_DATA_BYTES:
             raise MailTooLarge(len(data))
         try:
-            future = self._client.publish(
-                self._topic_path, data, retry=self._retry, timeout=self._rpc_timeout, **attributes
-            )
-            # The retries end within the timeout; the margin covers batching and callbacks.
-            return str(future.result(timeout=self._timeout + _RESULT_MARGIN_SECONDS))
+            with translate_api_errors("Pub/Sub publish failed", PublishUnavailable):
+                future = self._client.publish(
+                    self._topic_path,
+                    data,
+                    retry=self._retry,
+                    timeout=self._rpc_timeout,
+                    **attributes,
+                )
+                # The retries end within the timeout; the margin covers batching and callbacks.
+                return str(future.result(timeout=self._timeout + _RESULT_MARGIN_SECONDS))
         except publisher_exceptions.MessageTooLargeError as exc:
             raise MailTooLarge(len(data)) from exc
         except (concurrent.futures.TimeoutError, TimeoutError) as exc:
             raise PublishUnavailable(
                 f"Pub/Sub did not confirm the publish within {self._timeout:g} s"
             ) from exc
-        except api_exceptions.GoogleAPICallError as exc:
-            raise PublishUnavailable(f"Pub/Sub refused the publish: {exc.message}") from exc
-        except api_exceptions.RetryError as exc:
-            raise PublishUnavailable("Pub/Sub could not be reached (retries exhausted)") from exc
 
     def close(self) -> None:
         """Send what is batched and stop the client (called on SIGTERM)."""

@@ -42,10 +42,20 @@ from typing import Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.propagators.textmap import DefaultGetter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from mailpipe.attributes import (
+    MESSAGING_DELIVERY_ATTEMPT,
+    MESSAGING_MESSAGE_ID,
+    MESSAGING_SYSTEM,
+    MESSAGING_SYSTEM_PUBSUB,
+    SMTP_ENHANCED_STATUS,
+    SMTP_REPLY_CODE,
+    SPAN_DUPLICATE,
+    SPAN_MAIL_ID,
+    SPAN_OUTCOME,
+    current_traceparent,
+)
 from mailpipe.config import AddressLogging, default_delivery_timeout
 from mailpipe.logs import redact_address, redact_addresses, redact_secrets
 from mailpipe.mail import MailDecodeError, QueuedMail, UnsendableMail
@@ -57,8 +67,6 @@ from subscriber.smtp import SmtpReceipt
 
 log = logging.getLogger(__name__)
 
-TRACEPARENT_ATTRIBUTE = "googclient_traceparent"
-_propagator = TraceContextTextMapPropagator()
 CLAIM_STEP = "claim"  # an attempt's failed_step when its claim was lost before MAIL FROM
 
 
@@ -126,17 +134,6 @@ class DeliveryResult:
         return decide(self.outcome)
 
 
-def publisher_context(attributes: Mapping[str, str]) -> otel_context.Context | None:
-    """The publisher's trace context from the ``googclient_traceparent`` attribute, if valid."""
-    traceparent = attributes.get(TRACEPARENT_ATTRIBUTE)
-    if not traceparent:
-        return None
-    ctx = _propagator.extract({"traceparent": traceparent}, getter=DefaultGetter())
-    if not trace.get_current_span(ctx).get_span_context().is_valid:
-        return None
-    return ctx
-
-
 class DeliveryService:
     """Delivers one Pub/Sub message and says whether to ack it."""
 
@@ -186,18 +183,16 @@ class DeliveryService:
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
-            span.set_attribute("messaging.system", "gcp_pubsub")
-            span.set_attribute("messaging.message.id", message.message_id)
+            span.set_attribute(MESSAGING_SYSTEM, MESSAGING_SYSTEM_PUBSUB)
+            span.set_attribute(MESSAGING_MESSAGE_ID, message.message_id)
             if message.delivery_attempt:
-                span.set_attribute(
-                    "messaging.gcp_pubsub.message.delivery_attempt", message.delivery_attempt
-                )
+                span.set_attribute(MESSAGING_DELIVERY_ATTEMPT, message.delivery_attempt)
             result = self._deliver_in_span(message, span)
-            span.set_attribute("mailpipe.outcome", str(result.outcome))
+            span.set_attribute(SPAN_OUTCOME, str(result.outcome))
             if result.reply_code is not None:
-                span.set_attribute("smtp.reply.code", result.reply_code)
+                span.set_attribute(SMTP_REPLY_CODE, result.reply_code)
             if result.enhanced_status:
-                span.set_attribute("smtp.reply.enhanced_status", result.enhanced_status)
+                span.set_attribute(SMTP_ENHANCED_STATUS, result.enhanced_status)
             if result.outcome in (Outcome.DEFERRED, Outcome.BOUNCED, Outcome.UNDECODABLE):
                 span.set_status(
                     Status(
@@ -238,7 +233,7 @@ class DeliveryService:
         except MailDecodeError as exc:
             log.error("undecodable message %s: %s", message.message_id, exc)
             return DeliveryResult(Outcome.UNDECODABLE, detail=str(exc))
-        span.set_attribute("mailpipe.mail_id", mail.mail_id)
+        span.set_attribute(SPAN_MAIL_ID, mail.mail_id)
         trace_id = format(span.get_span_context().trace_id, "032x")
 
         try:
@@ -256,7 +251,7 @@ class DeliveryService:
                 Outcome.DEFERRED, mail.mail_id, detail=f"delivery record unavailable: {exc}"
             )
         if claim.result is ClaimResult.ALREADY_FINAL:
-            span.set_attribute("mailpipe.duplicate", True)
+            span.set_attribute(SPAN_DUPLICATE, True)
             status = claim.record.status if claim.record else "final"
             return DeliveryResult(
                 Outcome.DUPLICATE, mail.mail_id, detail=f"already {status}: not sent again"
@@ -278,8 +273,7 @@ class DeliveryService:
         deadline: float | None = None,
     ) -> DeliveryResult:
         started = dt.datetime.now(dt.UTC)
-        carrier: dict[str, str] = {}
-        _propagator.inject(carrier)  # the current span is `mail deliver`
+        traceparent = current_traceparent()  # the current span is `mail deliver`
         try:
             # Inside the try: a mail that cannot be built bounces (UndeliverableMail, step
             # "build"), recorded and acked, instead of failing the same way on every redelivery.
@@ -288,7 +282,7 @@ class DeliveryService:
                 build_message(
                     mail,
                     message_id_domain=self._message_id_domain,
-                    traceparent=carrier.get("traceparent"),
+                    traceparent=traceparent,
                 )
             )
             receipt = self._sender.send(
@@ -372,7 +366,7 @@ class DeliveryService:
         """Bounce a mailpipe mail this version refuses (published before a rule tightened, or
         replayed): claimed and recorded like any attempt, then acked. Never sent."""
         mail_id = unsendable.mail_id
-        span.set_attribute("mailpipe.mail_id", mail_id)
+        span.set_attribute(SPAN_MAIL_ID, mail_id)
         trace_id = format(span.get_span_context().trace_id, "032x")
         try:
             claim = self._record.claim(
@@ -476,7 +470,7 @@ class DeliveryService:
     ) -> DeliveryResult:
         """The claim check stopped the send before MAIL FROM: record why (unless already final)."""
         if stop.outcome is Outcome.DUPLICATE:
-            trace.get_current_span().set_attribute("mailpipe.duplicate", True)
+            trace.get_current_span().set_attribute(SPAN_DUPLICATE, True)
             return DeliveryResult(Outcome.DUPLICATE, mail.mail_id, detail=stop.detail)
         self._finish(
             mail,

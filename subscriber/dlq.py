@@ -14,13 +14,21 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from mailpipe.attributes import (
+    MESSAGING_DELIVERY_ATTEMPT,
+    MESSAGING_MESSAGE_ID,
+    MESSAGING_SYSTEM,
+    MESSAGING_SYSTEM_PUBSUB,
+    PUBSUB_DEAD_LETTER_DELIVERY_COUNT,
+    PUBSUB_MAIL_ID,
+    SPAN_MAIL_ID,
+    SPAN_OUTCOME,
+)
 from mailpipe.metrics import MailMetrics
 from mailpipe.record import DeliveryRecord, RecordError
 from subscriber.delivery import ReceivedMessage
 
 log = logging.getLogger(__name__)
-
-DELIVERY_COUNT_ATTRIBUTE = "CloudPubSubDeadLetterSourceDeliveryCount"
 
 
 class DeadLetterRecorder:
@@ -43,23 +51,23 @@ class DeadLetterRecorder:
         with self._tracer.start_as_current_span(
             "mail dead-letter", context=parent or otel_context.Context(), kind=kind
         ) as span:
-            span.set_attribute("messaging.system", "gcp_pubsub")
-            span.set_attribute("messaging.message.id", message.message_id)
-            mail_id = message.attributes.get("mail_id")
+            span.set_attribute(MESSAGING_SYSTEM, MESSAGING_SYSTEM_PUBSUB)
+            span.set_attribute(MESSAGING_MESSAGE_ID, message.message_id)
+            mail_id = message.attributes.get(PUBSUB_MAIL_ID)
             if not mail_id:
                 # Not a mailpipe mail; its data stays on the dead-letter subscription to inspect.
                 log.warning("dead-lettered message %s has no mail_id", message.message_id)
                 return True
-            span.set_attribute("mailpipe.mail_id", mail_id)
-            attempts = message.attributes.get(DELIVERY_COUNT_ATTRIBUTE)
+            span.set_attribute(SPAN_MAIL_ID, mail_id)
+            attempts = message.attributes.get(PUBSUB_DEAD_LETTER_DELIVERY_COUNT)
             if attempts and attempts.isdigit():
-                span.set_attribute("messaging.gcp_pubsub.message.delivery_attempt", int(attempts))
+                span.set_attribute(MESSAGING_DELIVERY_ATTEMPT, int(attempts))
             try:
                 updated = self._record.mark_dead_lettered(mail_id, last_error=None)
             except RecordError as exc:
                 log.error("could not mark mail %s dead-lettered: %s", mail_id, exc)
                 return False
-            span.set_attribute("mailpipe.outcome", "dead_lettered")
+            span.set_attribute(SPAN_OUTCOME, "dead_lettered")
             if updated is None:
                 log.warning("dead-lettered mail %s has no delivery record", mail_id)
             if self._metrics is not None:

@@ -54,6 +54,7 @@ from email.utils import format_datetime
 
 from email_validator import EmailNotValidError, validate_email
 
+from mailpipe.attributes import MAIL_TRACEPARENT_HEADER
 from mailpipe.mail import ENCODED_WORD_START, Mailbox, QueuedMail
 from subscriber.errors import UndeliverableMail
 
@@ -283,7 +284,7 @@ def _build(mail: QueuedMail, msg_id: str, traceparent: str | None) -> EmailMessa
     msg["Date"] = format_datetime(accepted_at)
     msg["Message-ID"] = msg_id
     if traceparent:
-        msg["traceparent"] = traceparent
+        msg[MAIL_TRACEPARENT_HEADER] = traceparent
     msg["MIME-Version"] = "1.0"
 
     if request.text is not None:

@@ -16,14 +16,14 @@ from concurrent import futures
 import google.cloud.pubsub_v1 as pubsub_v1
 from google.cloud.pubsub_v1.subscriber.message import Message
 from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
-from google.cloud.pubsub_v1.types import FlowControl, SubscriberOptions
-from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
+from google.cloud.pubsub_v1.types import FlowControl
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from mailpipe.attributes import publisher_context
 from mailpipe.config import PubSubConfig
-from mailpipe.grpc_channel import emulator_channel
-from subscriber.delivery import ReceivedMessage, publisher_context
+from mailpipe.pubsub import subscriber_client
+from subscriber.delivery import ReceivedMessage
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +33,7 @@ Handler = Callable[[ReceivedMessage, otel_context.Context | None], bool]
 
 def make_subscriber_client(config: PubSubConfig) -> pubsub_v1.SubscriberClient:
     """A subscriber client with OpenTelemetry on; against the emulator, without the 4 MiB cap."""
-    options = SubscriberOptions(enable_open_telemetry_tracing=True)
-    if config.emulator_host:
-        channel = emulator_channel(config.emulator_host)
-        return pubsub_v1.SubscriberClient(
-            transport=SubscriberGrpcTransport(channel=channel), subscriber_options=options
-        )
-    return pubsub_v1.SubscriberClient(subscriber_options=options)
+    return subscriber_client(config.emulator_host, tracing=True)
 
 
 def delivery_parent(message: Message) -> otel_context.Context | None:

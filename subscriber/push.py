@@ -25,11 +25,9 @@ from typing import Any
 
 from cloudevents.http import from_http
 from flask import Flask, Request, Response, jsonify, request
-from opentelemetry import trace
-from opentelemetry.propagators.textmap import DefaultGetter
 from opentelemetry.trace import Link, SpanKind
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from mailpipe.attributes import SPAN_LINK_KIND, context_link, extract_context, publisher_context
 from mailpipe.config import SubscriberConfig
 from mailpipe.httpjson import (
     JsonBodyError,
@@ -40,13 +38,12 @@ from mailpipe.httpjson import (
 )
 from mailpipe.telemetry import IdleSpanFlush
 from subscriber.auth import PushAuthenticator, PushAuthError
-from subscriber.delivery import DeliveryService, ReceivedMessage, publisher_context
+from subscriber.delivery import DeliveryService, ReceivedMessage
 from subscriber.dlq import DeadLetterRecorder
 
 log = logging.getLogger(__name__)
 
 PUBSUB_EVENT_TYPE = "google.cloud.pubsub.topic.v1.messagePublished"
-_propagator = TraceContextTextMapPropagator()
 
 
 class MalformedPush(ValueError):
@@ -126,11 +123,8 @@ def parse_push(req: Request) -> ReceivedMessage:
 
 def _request_link(req: Request) -> list[Link]:
     """A link to the HTTP request's own trace (Cloud Run's), kept for correlation only."""
-    ctx = _propagator.extract(dict(req.headers), getter=DefaultGetter())
-    span_context = trace.get_current_span(ctx).get_span_context()
-    if not span_context.is_valid:
-        return []
-    return [Link(span_context, {"mailpipe.link": "cloud_run_request"})]
+    link = context_link(extract_context(dict(req.headers)), {SPAN_LINK_KIND: "cloud_run_request"})
+    return [link] if link else []
 
 
 class PushHandler:

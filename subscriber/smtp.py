@@ -71,6 +71,14 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
+from mailpipe.attributes import (
+    SERVER_ADDRESS,
+    SERVER_PORT,
+    SMTP_CONNECTION_REUSED,
+    SMTP_ENHANCED_STATUS,
+    SMTP_RECIPIENT,
+    SMTP_REPLY_CODE,
+)
 from mailpipe.config import AddressLogging, SmtpConfig
 from mailpipe.logs import redact_address
 from mailpipe.metrics import MailMetrics
@@ -101,13 +109,6 @@ SERVICE_CLOSING = 421
 # Steps that set up the session rather than send this mail: a 5xx there is not about the mail.
 SESSION_STEPS = frozenset({"connect", "ehlo", "starttls", "auth"})
 _TLS_STEPS = frozenset({"connect", "starttls"})
-
-ATTR_SERVER_ADDRESS = "server.address"
-ATTR_SERVER_PORT = "server.port"
-ATTR_REPLY_CODE = "smtp.reply.code"
-ATTR_ENHANCED_STATUS = "smtp.reply.enhanced_status"
-ATTR_RECIPIENT = "smtp.recipient"
-ATTR_CONNECTION_REUSED = "smtp.connection.reused"
 
 POOL_WAIT_STEP = "pool wait"  # the ``step`` of an SmtpPoolTimeout: before any SMTP command
 # A socket timeout cut to the deadline fires at it; this much early still counts as "at it".
@@ -406,10 +407,10 @@ class _Step:
     def reply(self, code: int, message: bytes | str | None) -> None:
         self.code = int(code)
         if self.span.is_recording():
-            self.span.set_attribute(ATTR_REPLY_CODE, int(code))
+            self.span.set_attribute(SMTP_REPLY_CODE, int(code))
             enhanced = parse_enhanced_status(_text(message))
             if enhanced:
-                self.span.set_attribute(ATTR_ENHANCED_STATUS, enhanced)
+                self.span.set_attribute(SMTP_ENHANCED_STATUS, enhanced)
 
 
 class SmtpSender:
@@ -579,8 +580,8 @@ class SmtpSender:
         ) as span:
             recording = span.is_recording()
             if recording:
-                span.set_attribute(ATTR_SERVER_ADDRESS, self._config.host)
-                span.set_attribute(ATTR_SERVER_PORT, self._config.port)
+                span.set_attribute(SERVER_ADDRESS, self._config.host)
+                span.set_attribute(SERVER_PORT, self._config.port)
                 for key, value in attributes.items():
                     span.set_attribute(key, value)
             step = _Step(span)
@@ -609,9 +610,9 @@ class SmtpSender:
 
     def _record_error(self, span: Span, exc: Exception, redact: Callable[[str], str]) -> None:
         if isinstance(exc, DeliveryError) and exc.reply_code is not None:
-            span.set_attribute(ATTR_REPLY_CODE, exc.reply_code)
+            span.set_attribute(SMTP_REPLY_CODE, exc.reply_code)
             if exc.enhanced_status:
-                span.set_attribute(ATTR_ENHANCED_STATUS, exc.enhanced_status)
+                span.set_attribute(SMTP_ENHANCED_STATUS, exc.enhanced_status)
         description = redact(str(exc))
         span.set_status(Status(StatusCode.ERROR, description))
         stack = "".join(traceback.format_exception(exc, chain=False))
@@ -626,7 +627,7 @@ class SmtpSender:
     def _mark_reused(self, reused: bool) -> None:
         span = trace.get_current_span()
         if span.is_recording():
-            span.set_attribute(ATTR_CONNECTION_REUSED, reused)
+            span.set_attribute(SMTP_CONNECTION_REUSED, reused)
 
     def _open(self, tx: _Tx) -> _Connection:
         config = self._config
@@ -718,7 +719,7 @@ class SmtpSender:
         refused: dict[str, tuple[int, str]] = {}
         for recipient in recipients:
             described = redact_address(recipient, self._address_style)
-            with self._step("rcpt to", tx, **{ATTR_RECIPIENT: described}) as step:
+            with self._step("rcpt to", tx, **{SMTP_RECIPIENT: described}) as step:
                 code, reply = conn.client.rcpt(recipient)
                 step.reply(code, reply)
                 if code in (ACTION_OK, USER_NOT_LOCAL_WILL_FORWARD):

@@ -181,9 +181,7 @@ class ReplayServices:
 
 def open_replay_services(args: argparse.Namespace, environ: Mapping[str, str]) -> ReplayServices:
     """Real clients (emulator-aware through PUBSUB_EMULATOR_HOST), the record and telemetry."""
-    import google.cloud.pubsub_v1 as pubsub_v1
-    from google.cloud.pubsub_v1.types import PublisherOptions
-
+    from mailpipe.pubsub import publisher_client, subscriber_client
     from mailpipe.telemetry import setup_telemetry
 
     config = read_config(environ)
@@ -193,24 +191,10 @@ def open_replay_services(args: argparse.Namespace, environ: Mapping[str, str]) -
         config.telemetry, service_name=CLI_SERVICE_NAME, metrics_port=None
     )
     telemetry = setup_telemetry(telemetry_config)
-    options = PublisherOptions(enable_open_telemetry_tracing=True)
     host = config.pubsub.emulator_host
-    if host:
-        from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
-        from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
-
-        from mailpipe.grpc_channel import emulator_channel
-
-        publisher = pubsub_v1.PublisherClient(
-            publisher_options=options,
-            transport=PublisherGrpcTransport(channel=emulator_channel(host)),
-        )
-        subscriber = pubsub_v1.SubscriberClient(
-            transport=SubscriberGrpcTransport(channel=emulator_channel(host))
-        )
-    else:
-        publisher = pubsub_v1.PublisherClient(publisher_options=options)
-        subscriber = pubsub_v1.SubscriberClient()
+    # The republish carries the new trace to the subscriber; pull and ack need no tracing.
+    publisher = publisher_client(host, tracing=True)
+    subscriber = subscriber_client(host, tracing=False)
 
     def close() -> None:
         publisher.stop()

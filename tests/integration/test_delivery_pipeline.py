@@ -245,3 +245,45 @@ def test_addresses_in_smtp_replies_are_shown_only_as_configured(pipeline: Pipeli
         texts.append(span.status.description or "")
         texts += [str(v) for event in span.events for v in event.attributes.values()]
     assert not [t for t in texts if "nobody@example.org" in t]
+
+
+def test_a_push_delivery_links_to_the_request_span_cloud_run_started(
+    pipeline_factory: PipelineFactory,
+) -> None:
+    """Cloud Run puts its own ``traceparent`` header on every request it forwards (usually
+    not sampled): ``mail deliver`` keeps the publisher's trace and links to Cloud Run's."""
+    pipeline = pipeline_factory("push")
+    assert pipeline.push_url is not None
+    mail = QueuedMail.accept(
+        MailRequest.model_validate(
+            {"from": "sender@example.com", "to": ["rcpt@example.org"], "subject": "hi", "text": "x"}
+        )
+    )
+    data, attributes = mail.to_pubsub()
+    publisher_trace, cloud_run_trace = "1" * 32, "3" * 32
+    envelope = {
+        "message": {
+            "data": base64.b64encode(data).decode(),
+            "attributes": {
+                **attributes,
+                "googclient_traceparent": f"00-{publisher_trace}-{'2' * 16}-01",
+            },
+            "messageId": "cloud-run-link-1",
+        },
+        "subscription": "projects/p/subscriptions/mailpipe-delivery",
+    }
+    # Werkzeug spells the incoming header "Traceparent", as any HTTP server may.
+    response = pipeline.http.post(
+        f"{pipeline.push_url}/",
+        json=envelope,
+        headers={"traceparent": f"00-{cloud_run_trace}-{'4' * 16}-00"},
+    )
+
+    assert response.status_code == 204, response.text
+    spans = pipeline.wait_for_spans(publisher_trace, {"mail deliver"})
+    (deliver,) = [s for s in spans if s.name == "mail deliver"]
+    assert [
+        (format(link.context.trace_id, "032x"), format(link.context.span_id, "016x"))
+        for link in deliver.links
+    ] == [(cloud_run_trace, "4" * 16)]
+    assert dict(deliver.links[0].attributes or {}) == {"mailpipe.link": "cloud_run_request"}

@@ -15,11 +15,11 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from mailpipe.attributes import publisher_link
 from mailpipe.cli import EXIT_OK, EXIT_USAGE, build_parser
 from mailpipe.cli.dlq import UsageError, record_url
 from mailpipe.dlq import (
     Selection,
-    original_link,
     parse_since,
     republished_attributes,
 )
@@ -213,12 +213,12 @@ def test_the_link_points_at_the_original_publish() -> None:
     with TracerProvider().get_tracer("t").start_as_current_span("create") as span:
         carrier: dict[str, str] = {}
         TraceContextTextMapPropagator().inject(carrier)
-    link = original_link({"googclient_traceparent": carrier["traceparent"]})
+    link = publisher_link({"googclient_traceparent": carrier["traceparent"]})
     assert link is not None
     assert link.context.trace_id == span.get_span_context().trace_id
     assert link.context.span_id == span.get_span_context().span_id
-    assert original_link({}) is None
-    assert original_link({"googclient_traceparent": "garbage"}) is None
+    assert publisher_link({}) is None
+    assert publisher_link({"googclient_traceparent": "garbage"}) is None
 
 
 def test_selection_needs_something_and_matches_by_id_or_time() -> None:

@@ -1,0 +1,121 @@
+"""The attribute names mailpipe writes, and reading trace context back from them.
+
+The names are an interface: dashboards, alert policies and Trace Explorer filters select on them
+(design.md, "Telemetry conventions"), so a value here never changes. Two namespaces share words:
+
+* ``PUBSUB_*`` are **Pub/Sub message attributes**, on every message of the mail topic (and on the
+  dead-letter copies);
+* ``SPAN_*``, ``SMTP_*``, ``SERVER_*`` and ``MESSAGING_*`` are **span attributes** (the SMTP ones
+  also label the delivery metrics, beside ``METRIC_*``).
+
+``PUBSUB_MAIL_ID`` (``mail_id``) and ``SPAN_MAIL_ID`` (``mailpipe.mail_id``) carry the same value
+under different names.
+
+The trace context crosses Pub/Sub in ``googclient_traceparent``, written and read by the client
+library (``enable_open_telemetry_tracing=True``); :func:`publisher_context` and
+:func:`publisher_link` read it where the library does not (push requests, dead-letter replays).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import DefaultGetter
+from opentelemetry.trace import Link
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+# The mail header that carries the `mail deliver` span's context to the recipient (the canary).
+MAIL_TRACEPARENT_HEADER = "traceparent"
+
+# --- Pub/Sub message attributes ------------------------------------------------------------------
+
+PUBSUB_MAIL_ID = "mail_id"
+PUBSUB_SCHEMA_VERSION = "schema_version"
+PUBSUB_TRACEPARENT = "googclient_traceparent"  # W3C traceparent of the publisher's create span
+# Added by Pub/Sub to a dead-lettered copy: how many deliveries the original had.
+PUBSUB_DEAD_LETTER_DELIVERY_COUNT = "CloudPubSubDeadLetterSourceDeliveryCount"
+
+# --- span attributes: mailpipe's own ------------------------------------------------------------
+
+SPAN_MAIL_ID = "mailpipe.mail_id"
+SPAN_OUTCOME = "mailpipe.outcome"  # subscriber.delivery.Outcome, or "dead_lettered"
+SPAN_DUPLICATE = "mailpipe.duplicate"  # a redelivery of a mail already final: nothing sent
+SPAN_LINK_KIND = "mailpipe.link"  # on a span link: why it links (e.g. "cloud_run_request")
+SPAN_REPLAY_SOURCE_MESSAGE_ID = "mailpipe.replay.source_message_id"
+SPAN_REPLAY_ORIGINAL_TRACE_ID = "mailpipe.replay.original_trace_id"
+SPAN_REPLAY_OUTCOME = "mailpipe.replay.outcome"
+
+# --- span (and metric) attributes: SMTP ----------------------------------------------------------
+
+SMTP_REPLY_CODE = "smtp.reply.code"
+SMTP_ENHANCED_STATUS = "smtp.reply.enhanced_status"
+SMTP_STEP = "smtp.step"
+SMTP_RECIPIENT = "smtp.recipient"
+SMTP_CONNECTION_REUSED = "smtp.connection.reused"
+
+# --- metric attributes ---------------------------------------------------------------------------
+
+METRIC_FIRST_ATTEMPT = "mailpipe.first_attempt"  # on delivery latency: the first attempt or a retry
+METRIC_STUCK_KIND = "mailpipe.stuck.kind"  # on the stuck-mail gauge: reserved, queued, ...
+
+# --- span attributes: OpenTelemetry semantic conventions -----------------------------------------
+
+SERVER_ADDRESS = "server.address"
+SERVER_PORT = "server.port"
+MESSAGING_SYSTEM = "messaging.system"
+MESSAGING_SYSTEM_PUBSUB = "gcp_pubsub"  # the value of MESSAGING_SYSTEM
+MESSAGING_MESSAGE_ID = "messaging.message.id"
+MESSAGING_DESTINATION_NAME = "messaging.destination.name"
+MESSAGING_DELIVERY_ATTEMPT = "messaging.gcp_pubsub.message.delivery_attempt"
+
+# --- trace context -------------------------------------------------------------------------------
+
+_propagator = TraceContextTextMapPropagator()
+
+
+def extract_context(carrier: Mapping[str, str]) -> Context | None:
+    """The remote context in W3C ``traceparent``/``tracestate`` entries, or None if not valid.
+
+    Keys match in any case: HTTP header names are case-insensitive, and WSGI servers hand them
+    over as ``Traceparent``, which the propagator's lower-case lookup alone would miss.
+    """
+    lowered = {key.lower(): value for key, value in carrier.items()}
+    context = _propagator.extract(lowered, getter=DefaultGetter())
+    if not trace.get_current_span(context).get_span_context().is_valid:
+        return None
+    return context
+
+
+def context_from_traceparent(traceparent: str | None) -> Context | None:
+    """The remote context in one ``traceparent`` value (a header, an attribute), if valid."""
+    if not traceparent:
+        return None
+    return extract_context({"traceparent": traceparent.strip()})
+
+
+def publisher_context(attributes: Mapping[str, str]) -> Context | None:
+    """The publisher's trace context from a message's ``googclient_traceparent``, if valid."""
+    return context_from_traceparent(attributes.get(PUBSUB_TRACEPARENT))
+
+
+def context_link(
+    context: Context | None, attributes: Mapping[str, str] | None = None
+) -> Link | None:
+    """A span link to the span of ``context``, or None without one."""
+    if context is None:
+        return None
+    return Link(trace.get_current_span(context).get_span_context(), attributes)
+
+
+def publisher_link(attributes: Mapping[str, str]) -> Link | None:
+    """A link to the original publish (its ``create`` span) from ``googclient_traceparent``."""
+    return context_link(publisher_context(attributes))
+
+
+def current_traceparent() -> str | None:
+    """The W3C ``traceparent`` of the current span (for a mail header), or None without one."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier)
+    return carrier.get("traceparent")
