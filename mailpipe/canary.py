@@ -285,16 +285,6 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def parse_duration(text: str) -> float:
-    """``"60s"``, ``"5m"``, ``"1h"``, ``"90"`` → seconds; ValueError otherwise."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
-    if not match:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 60s, 5m, 1h)")
-    value = float(match.group(1))
-    factor = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2) or "s"]
-    return value * factor
-
-
 # --- metrics -------------------------------------------------------------------------------------
 
 
