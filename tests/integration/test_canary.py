@@ -313,10 +313,12 @@ def test_missing_mailbox(dovecot: Dovecot, make_canary: MakeCanary) -> None:
 
 
 def test_publisher_unreachable_is_publish_failed(dovecot: Dovecot, make_canary: MakeCanary) -> None:
-    result = make_canary(f"http://127.0.0.1:{free_port()}").run()
+    url = f"http://127.0.0.1:{free_port()}"
+    result = make_canary(url).run()
 
     assert result.outcome == Outcome.PUBLISH_FAILED
     assert result.exit_code == 10
+    assert result.message == f"cannot reach the publisher at {url}: Connection refused"
     assert [s.step for s in result.steps] == ["connect", "starttls", "login", "select"]
 
 
