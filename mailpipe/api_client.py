@@ -11,7 +11,8 @@
 
 It imports no service (only ``requests``, and google-auth for :func:`google_id_token_auth`), so
 it can move with the tools. One timeout, :data:`DEFAULT_TIMEOUT`, per request unless the caller
-gives another.
+gives another. Without a ``requests.Session`` threads may share a client; with one, requests
+reuse its connections (one thread at a time).
 
 Errors (``requests``' exceptions are translated in one place, :meth:`PublisherApi._request`)::
 
@@ -154,13 +155,11 @@ class PublisherApi:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.url = url.rstrip("/")
-        self._session = session or requests.Session()
+        # Without a session each request has its own connection, so threads may share the client.
+        self._session = session
         self._auth = auth
         self._timeout = timeout
         self._sleep = sleep
-
-    def close(self) -> None:
-        self._session.close()
 
     def send(self, mail: Mapping[str, Any]) -> Accepted:
         """``POST /v1/messages``; the 202's ids."""
@@ -258,9 +257,8 @@ class PublisherApi:
 
     def _request(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         try:
-            return self._session.request(
-                method, url, headers=dict(self._auth()), timeout=self._timeout, **kwargs
-            )
+            send = self._session.request if self._session is not None else requests.request
+            return send(method, url, headers=dict(self._auth()), timeout=self._timeout, **kwargs)
         except requests.Timeout as exc:
             raise ApiTimeout(
                 f"the publisher at {self.url} did not answer {method} within {self._timeout:g} s",

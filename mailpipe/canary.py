@@ -850,7 +850,10 @@ def build_canary(
         google_id_token_auth(config.publisher_url) if config.publisher_auth == "google" else no_auth
     )
     publisher = PublisherApi(
-        config.publisher_url, session=session, auth=auth, timeout=config.imap_timeout
+        config.publisher_url,
+        session=session or requests.Session(),
+        auth=auth,
+        timeout=config.imap_timeout,
     )
     return Canary(
         config,
