@@ -176,12 +176,12 @@ class LocalPipeline:
     ) -> dict[str, Any]:
         """Poll the status API until the mail reaches one of ``statuses``; TimeoutError if not."""
         record = self.api.wait(mail_id, statuses, timeout=timeout, interval=0.1)
-        if record is None or record["status"] not in statuses:
-            raise TimeoutError(
-                f"mail {mail_id} did not reach {sorted(statuses)} within {timeout:g} s; "
-                f"last record: {record}"
-            )
-        return record
+        if record is not None and record["status"] in statuses:
+            return record
+        raise TimeoutError(
+            f"mail {mail_id} did not reach {sorted(statuses)} within {timeout:g} s; "
+            f"last record: {record}"
+        )
 
 
 def service_env(
