@@ -197,47 +197,55 @@ def test_send_to_a_closed_port_exits_1_without_a_traceback() -> None:
     )
 
 
-def test_send_refused_with_a_json_400_exits_2_naming_the_fields(
-    publisher: tuple[FakePublisher, str], capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("answers", "extra", "exit_code", "expected"),
+    [
+        (  # the API's JSON error: the caller's to fix; its text is not markup
+            {"POST /v1/messages": JSON_400},
+            (),
+            2,
+            [
+                "HTTP 400 invalid_mail: the mail is not valid: fix the fields named [/bold] below",
+                "to.0: is not an email address",
+            ],
+        ),
+        (  # a proxy's HTML error page
+            {"POST /v1/messages": HTML_500},
+            (),
+            1,
+            ["HTTP 500: <html><body><h1>502 Bad Gateway</h1>"],
+        ),
+        (  # a 202 that is not JSON
+            {"POST /v1/messages": (202, "text/html", b"<p>ok</p>")},
+            (),
+            1,
+            ["not a JSON object: <p>ok</p>"],
+        ),
+        (  # accepted, but the record cannot be read while waiting
+            {
+                "POST /v1/messages": ACCEPTED,
+                "GET /v1/messages/m-1": (200, "text/html", b"<p>a login page</p>"),
+            },
+            ("--wait", "5"),
+            1,
+            ["accepted mail_id=m-1", "not a JSON object: <p>a login page</p>"],
+        ),
+    ],
+)
+def test_send_against_a_misbehaving_publisher(
+    publisher: tuple[FakePublisher, str],
+    capsys: pytest.CaptureFixture[str],
+    answers: dict[str, Answer],
+    extra: tuple[str, ...],
+    exit_code: int,
+    expected: list[str],
 ) -> None:
     app, url = publisher
-    app.answers["POST /v1/messages"] = JSON_400
-    code, _, err = run_cli(capsys, *SEND, "--url", url)
-    assert code == 2
-    assert "HTTP 400 invalid_mail: the mail is not valid: fix the fields named [/bold] below" in err
-    assert "to.0: is not an email address" in err
-
-
-def test_send_answered_by_a_proxys_html_500_exits_1(
-    publisher: tuple[FakePublisher, str], capsys: pytest.CaptureFixture[str]
-) -> None:
-    app, url = publisher
-    app.answers["POST /v1/messages"] = HTML_500
-    code, _, err = run_cli(capsys, *SEND, "--url", url)
-    assert code == 1
-    assert "HTTP 500: <html><body><h1>502 Bad Gateway</h1>" in err
-
-
-def test_send_with_a_202_that_is_not_json_exits_1(
-    publisher: tuple[FakePublisher, str], capsys: pytest.CaptureFixture[str]
-) -> None:
-    app, url = publisher
-    app.answers["POST /v1/messages"] = (202, "text/html", b"<p>ok</p>")
-    code, _, err = run_cli(capsys, *SEND, "--url", url)
-    assert code == 1
-    assert "not a JSON object: <p>ok</p>" in err
-
-
-def test_send_wait_when_the_record_cannot_be_read_exits_1(
-    publisher: tuple[FakePublisher, str], capsys: pytest.CaptureFixture[str]
-) -> None:
-    app, url = publisher
-    app.answers["POST /v1/messages"] = ACCEPTED
-    app.answers["GET /v1/messages/m-1"] = (200, "text/html", b"<p>a login page</p>")
-    code, _, err = run_cli(capsys, *SEND, "--url", url, "--wait", "5")
-    assert code == 1
-    assert "accepted mail_id=m-1" in err
-    assert "not a JSON object: <p>a login page</p>" in err
+    app.answers.update(answers)
+    code, _, err = run_cli(capsys, *SEND, "--url", url, *extra)
+    assert code == exit_code
+    for text in expected:
+        assert text in err
 
 
 def test_send_json_prints_the_publishers_answer(
