@@ -5,7 +5,7 @@
     api = PublisherApi("http://127.0.0.1:8080")
     accepted = api.send(mail)                      # POST /v1/messages → Accepted
     record = api.record(accepted.mail_id)          # GET /v1/messages/ID → dict, None if unknown
-    page = api.records(status="dead_lettered")     # GET /v1/messages → {"messages", ...}
+    page = api.records(status="dead_lettered")     # GET /v1/messages → {"items", ...}
     stats = api.stats()                            # GET /v1/stats → dict
     record = api.wait(mail_id, {"delivered"}, timeout=60)   # polls record() until then
 
@@ -196,7 +196,7 @@ class PublisherApi:
         limit: int | None = None,
         page_token: str | None = None,
     ) -> dict[str, Any]:
-        """``GET /v1/messages``: one page of records (``messages``, ``next_page_token``)."""
+        """``GET /v1/messages``: one page of records (``items``, ``next_page_token``)."""
         query = {"status": status, "since": since, "limit": limit, "page_token": page_token}
         params = {name: str(value) for name, value in query.items() if value is not None}
         return self._json("GET", "/v1/messages", params=params)

@@ -1,11 +1,12 @@
 """The publisher's API client (mailpipe/api_client.py) and the CLI commands on it, over real HTTP.
 
-The happy paths run against the real publisher elsewhere (test_idempotency_reconcile.py runs
-``mailpipe status``; the canary and local-stack tests send through the client). Here the other
-side misbehaves the ways a real deployment can: nothing listening, a proxy's HTML error page, a
-400 in the API's JSON error format, a 200 that is not JSON, an answer that never comes. That
-other side is a small WSGI app on loopback standing in for the publisher or a proxy in front of
-it; every case must end in a clear message and an exit code, never a traceback.
+The first test goes through the real pipeline (publisher, Pub/Sub emulator, subscriber, SMTP
+server); test_idempotency_reconcile.py runs ``mailpipe status`` against it, and the canary and
+local-stack tests send through the client too. After that the other side misbehaves the ways a
+real deployment can: nothing listening, a proxy's HTML error page, a 400 in the API's JSON error
+format, a 200 that is not JSON, an answer that never comes. That other side is a small WSGI app
+on loopback standing in for the publisher or a proxy in front of it; every case must end in a
+clear message and an exit code, never a traceback.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from mailpipe.api_client import (
 from mailpipe.cli import main
 from tests.fixtures.http import serve_app
 from tests.fixtures.imap import free_port
+from tests.fixtures.pipeline import Pipeline
 
 Answer = tuple[int, str, bytes]  # status, content type, body
 HTML_500: Answer = (
@@ -98,6 +100,30 @@ SEND = ("send", "--to", "bob@example.org", "--text", "hi")
 
 
 # --- the client ----------------------------------------------------------------------------------
+
+
+def test_every_call_against_the_real_publisher(pipeline: Pipeline) -> None:
+    api = PublisherApi(pipeline.url)
+    mail = {"from": "ada@example.com", "to": ["bob@example.org"], "subject": "hi", "text": "hi"}
+
+    accepted = api.send(mail)
+    record = api.wait(accepted.mail_id, timeout=60)
+
+    assert accepted.body["mail_id"] == accepted.mail_id
+    assert record is not None and record["status"] == "delivered"
+    again = api.record(accepted.mail_id)
+    assert again is not None and (again["mail_id"], again["status"]) == (
+        accepted.mail_id,
+        "delivered",
+    )
+    listed = api.records(status="delivered", limit=100)
+    assert accepted.mail_id in [item["mail_id"] for item in listed["items"]]
+    assert "stuck" in api.stats()
+    assert api.record("0" * 26) is None
+    with pytest.raises(ApiHttpError) as info:
+        api.send({**mail, "to": ["not an address"]})
+    assert info.value.status == 400
+    assert info.value.code is not None and "to.0" in info.value.fields
 
 
 def test_nothing_listening_is_unreachable() -> None:
