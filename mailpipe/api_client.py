@@ -37,7 +37,9 @@ from urllib.parse import quote
 import requests
 
 DEFAULT_URL = "http://127.0.0.1:8080"
-DEFAULT_TIMEOUT = 30.0  # seconds, per request
+# Seconds per request: longer than the publisher's own Pub/Sub budget (30 s and a margin), so a
+# slow publish ends in the publisher's 503, which says what happened, not in a client timeout.
+DEFAULT_TIMEOUT = 60.0
 FINAL_STATUSES = frozenset({"delivered", "bounced", "dead_lettered"})
 _MAX_TEXT = 300  # how much of a body that is not the expected JSON a message repeats
 
@@ -260,8 +262,14 @@ class PublisherApi:
             send = self._session.request if self._session is not None else requests.request
             return send(method, url, headers=dict(self._auth()), timeout=self._timeout, **kwargs)
         except requests.Timeout as exc:
+            maybe = (
+                "; the mail may have been accepted: send it again with the same idempotency_key"
+                if method == "POST"
+                else ""
+            )
             raise ApiTimeout(
-                f"the publisher at {self.url} did not answer {method} within {self._timeout:g} s",
+                f"the publisher at {self.url} did not answer {method} within "
+                f"{self._timeout:g} s{maybe}",
                 url=url,
             ) from exc
         except (requests.RequestException, OSError) as exc:

@@ -136,8 +136,12 @@ def test_nothing_listening_is_unreachable() -> None:
 def test_no_answer_within_the_timeout(publisher: tuple[FakePublisher, str]) -> None:
     app, url = publisher
     app.answers["GET /v1/stats"] = app.slow
-    with pytest.raises(ApiTimeout, match=r"did not answer GET within 0\.3 s"):
-        PublisherApi(url, timeout=0.3).stats()
+    app.answers["POST /v1/messages"] = app.slow
+    api = PublisherApi(url, timeout=0.3)
+    with pytest.raises(ApiTimeout, match=r"did not answer GET within 0\.3 s$"):
+        api.stats()
+    with pytest.raises(ApiTimeout, match=r"may have been accepted: .* same idempotency_key"):
+        api.send({})
 
 
 def test_json_error_body_is_read(publisher: tuple[FakePublisher, str]) -> None:
