@@ -17,6 +17,7 @@ reuse its connections (one thread at a time).
 Errors (``requests``' exceptions are translated in one place, :meth:`PublisherApi._request`)::
 
     ApiError                .url: the request's URL; str() is a message for a person
+    ├── ApiAuthError        no credentials for the Authorization header (google_id_token_auth)
     ├── ApiUnreachable      nothing answered: connection refused, unknown host, reset, TLS failure
     ├── ApiTimeout          no answer within the timeout (after a POST the mail may be accepted)
     ├── ApiHttpError        an error status; .status, and from the JSON error body .code,
@@ -50,6 +51,10 @@ class ApiError(Exception):
     def __init__(self, message: str, *, url: str) -> None:
         super().__init__(message)
         self.url = url
+
+
+class ApiAuthError(ApiError):
+    """The credentials for the request could not be had."""
 
 
 class ApiUnreachable(ApiError):
@@ -109,12 +114,18 @@ def google_id_token_auth(audience: str) -> AuthHeader:
     """
 
     def header() -> Mapping[str, str]:
+        import google.auth.exceptions
         import google.auth.transport.requests
         import google.oauth2.id_token
 
-        token = google.oauth2.id_token.fetch_id_token(
-            google.auth.transport.requests.Request(), audience
-        )
+        try:
+            token = google.oauth2.id_token.fetch_id_token(
+                google.auth.transport.requests.Request(), audience
+            )
+        except google.auth.exceptions.GoogleAuthError as exc:
+            raise ApiAuthError(
+                f"cannot get a Google ID token for {audience}: {clip(exc)}", url=audience
+            ) from exc
         return {"Authorization": f"Bearer {token}"}
 
     return header

@@ -21,11 +21,13 @@ from typing import Any
 import pytest
 
 from mailpipe.api_client import (
+    ApiAuthError,
     ApiBadAnswer,
     ApiHttpError,
     ApiTimeout,
     ApiUnreachable,
     PublisherApi,
+    google_id_token_auth,
 )
 from mailpipe.cli import main
 from tests.fixtures.http import serve_app
@@ -142,6 +144,16 @@ def test_no_answer_within_the_timeout(publisher: tuple[FakePublisher, str]) -> N
         api.stats()
     with pytest.raises(ApiTimeout, match=r"may have been accepted: .* same idempotency_key"):
         api.send({})
+
+
+def test_missing_google_credentials_are_an_api_error(
+    publisher: tuple[FakePublisher, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    # A path that does not exist: google-auth fails before any network (no metadata server).
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    _, url = publisher
+    with pytest.raises(ApiAuthError, match=f"cannot get a Google ID token for {url}"):
+        PublisherApi(url, auth=google_id_token_auth(url)).stats()
 
 
 def test_json_error_body_is_read(publisher: tuple[FakePublisher, str]) -> None:
