@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import signal
 import subprocess
@@ -27,6 +26,7 @@ from emulator.errors import EmulatorError
 from emulator.process import free_port
 from emulator.smtp import LocalSmtpServer
 from emulator.stack import DEFAULT_LOCAL_PROJECT, EmulatorStack, run_emulators
+from mailpipe.api_client import PublisherApi
 from mailpipe.topology import Topology, load_topology
 
 SubscriberMode = Literal["pull", "push"]
@@ -157,41 +157,27 @@ class LocalPipeline:
     def trace_file(self) -> Path:
         return Path(self.service_env["MAILPIPE_TRACE_FILE"])
 
-    def post_mail(self, mail: Mapping[str, Any], *, timeout: float = 30.0) -> dict[str, Any]:
-        """POST a mail to the publisher; return the JSON answer (raises on non-2xx)."""
-        request = urllib.request.Request(  # noqa: S310 - loopback URL we built
-            f"{self.publisher_url}/v1/messages",
-            data=json.dumps(mail).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            result: dict[str, Any] = json.loads(response.read())
-            return result
+    @property
+    def api(self) -> PublisherApi:
+        """The publisher's API client (the CLI's and the canary's); it raises
+        :class:`mailpipe.api_client.ApiError`."""
+        return PublisherApi(self.publisher_url)
+
+    def post_mail(self, mail: Mapping[str, Any]) -> dict[str, Any]:
+        """POST a mail to the publisher; return its 202 answer (or raise ``ApiError``)."""
+        return self.api.send(mail).body
 
     def get_record(self, mail_id: str) -> dict[str, Any] | None:
-        try:
-            with urllib.request.urlopen(  # noqa: S310 - loopback URL we built
-                f"{self.publisher_url}/v1/messages/{mail_id}", timeout=10
-            ) as response:
-                result: dict[str, Any] = json.loads(response.read())
-                return result
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            raise
+        """The mail's delivery record; None if the publisher has none (or raise ``ApiError``)."""
+        return self.api.record(mail_id)
 
     def wait_for_status(
         self, mail_id: str, statuses: set[str], *, timeout: float = 60.0
     ) -> dict[str, Any]:
-        """Poll the status API until the mail reaches one of ``statuses``."""
-        deadline = time.monotonic() + timeout
-        record: dict[str, Any] | None = None
-        while time.monotonic() < deadline:
-            record = self.get_record(mail_id)
-            if record is not None and record["status"] in statuses:
-                return record
-            time.sleep(0.1)
+        """Poll the status API until the mail reaches one of ``statuses``; TimeoutError if not."""
+        record = self.api.wait(mail_id, statuses, timeout=timeout, interval=0.1)
+        if record is not None and record["status"] in statuses:
+            return record
         raise TimeoutError(
             f"mail {mail_id} did not reach {sorted(statuses)} within {timeout:g} s; "
             f"last record: {record}"

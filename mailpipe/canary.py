@@ -47,7 +47,7 @@ Outcomes (:class:`Outcome`) and their exit codes (the CLI returns them)::
 Errors (IMAP, socket and TLS exceptions are translated in one place, :func:`_translate`)::
 
     CanaryError                 .outcome, .exit_code
-    ├── PublishFailed
+    ├── PublishFailed           the publisher's API failed (mailpipe.api_client.ApiError)
     ├── ImapUnavailable
     ├── ImapTlsFailed
     ├── ImapLoginRefused
@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, cast
 
 import requests
 from opentelemetry import trace
@@ -82,6 +82,14 @@ from opentelemetry.context import Context
 from opentelemetry.metrics import Meter
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 
+from mailpipe.api_client import (
+    DEFAULT_URL,
+    Accepted,
+    ApiError,
+    PublisherApi,
+    google_id_token_auth,
+    no_auth,
+)
 from mailpipe.attributes import (
     MAIL_TRACEPARENT_HEADER,
     SERVER_ADDRESS,
@@ -95,7 +103,6 @@ from mailpipe.telemetry import METER_NAME, Telemetry
 ImapTls = Literal["imaps", "starttls", "none"]
 Phase = Literal["poll", "read"]
 
-DEFAULT_PUBLISHER_URL = "http://127.0.0.1:8080"
 DEFAULT_PORTS: dict[str, int] = {"imaps": 993, "starttls": 143, "none": 143}
 CANARY_HEADER = "X-Mailpipe-Canary"
 
@@ -203,7 +210,7 @@ class CanaryConfig:
     imap_user: str
     imap_password: str = field(repr=False)
     to: str
-    publisher_url: str = DEFAULT_PUBLISHER_URL
+    publisher_url: str = DEFAULT_URL
     sender: str = ""  # "" = the mailbox's own address
     imap_port: int = 993
     imap_tls: ImapTls = "imaps"
@@ -246,7 +253,7 @@ class CanaryConfig:
                 "use imaps or starttls (none is only allowed for a loopback server)"
             )
         domain = env.string("MAILPIPE_MESSAGE_ID_DOMAIN", "mailpipe.local")
-        publisher_url = env.string("MAILPIPE_URL", DEFAULT_PUBLISHER_URL).rstrip("/")
+        publisher_url = env.string("MAILPIPE_URL", DEFAULT_URL).rstrip("/")
         if not re.match(r"^https?://[^\s/]+", publisher_url):
             env.problems["MAILPIPE_URL"] = f"must be an http(s) URL, got {publisher_url!r}"
         poll_interval = env.number(
@@ -288,16 +295,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def parse_duration(text: str) -> float:
-    """``"60s"``, ``"5m"``, ``"1h"``, ``"90"`` → seconds; ValueError otherwise."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
-    if not match:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 60s, 5m, 1h)")
-    value = float(match.group(1))
-    factor = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2) or "s"]
-    return value * factor
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -343,96 +340,13 @@ class CanaryMetrics:
 # --- the publisher -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Accepted:
-    mail_id: str
-    trace_id: str | None
-
-
-class AuthHeader(Protocol):
-    def __call__(self) -> Mapping[str, str]: ...
-
-
-def no_auth() -> Mapping[str, str]:
-    return {}
-
-
-def google_id_token_auth(audience: str) -> AuthHeader:
-    """``Authorization: Bearer <ID token for audience>`` from Google's metadata server / ADC.
-
-    Cloud Run's IAM invoker check needs it; google-auth caches nothing here, so a token is fetched
-    per call (a run makes a handful of requests).
-    """
-
-    def header() -> Mapping[str, str]:
-        import google.auth.transport.requests
-        import google.oauth2.id_token
-
-        token = google.oauth2.id_token.fetch_id_token(
-            google.auth.transport.requests.Request(), audience
-        )
-        return {"Authorization": f"Bearer {token}"}
-
-    return header
-
-
-class PublisherClient:
-    """``POST /v1/messages`` and ``GET /v1/messages/ID`` of a running publisher."""
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        session: requests.Session | None = None,
-        auth: AuthHeader = no_auth,
-        timeout: float = 30.0,
-    ) -> None:
-        self.url = url.rstrip("/")
-        self._session = session or requests.Session()
-        self._auth = auth
-        self._timeout = timeout
-
-    def send(self, mail: Mapping[str, Any]) -> Accepted:
-        try:
-            response = self._session.post(
-                f"{self.url}/v1/messages",
-                json=dict(mail),
-                headers=dict(self._auth()),
-                timeout=self._timeout,
-            )
-        except (requests.RequestException, OSError) as exc:
-            raise PublishFailed(
-                f"cannot reach the publisher at {self.url}: {type(exc).__name__}"
-            ) from exc
-        if response.status_code != 202:
-            raise PublishFailed(
-                f"the publisher answered HTTP {response.status_code} instead of 202: "
-                f"{_clip(response.text)}"
-            )
-        try:
-            body = response.json()
-            return Accepted(mail_id=str(body["mail_id"]), trace_id=body.get("trace_id"))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise PublishFailed(
-                f"the publisher's 202 has no mail_id: {_clip(response.text)}"
-            ) from exc
-
-    def record(self, mail_id: str) -> dict[str, Any] | None:
-        """The delivery record as JSON, or None when it cannot be read (never raises)."""
-        try:
-            response = self._session.get(
-                f"{self.url}/v1/messages/{mail_id}",
-                headers=dict(self._auth()),
-                timeout=self._timeout,
-            )
-        except (requests.RequestException, OSError):
-            return None
-        if response.status_code != 200:
-            return None
-        try:
-            return cast(dict[str, Any], response.json())
-        except ValueError:
-            return None
+def _read_record(publisher: PublisherApi, mail_id: str) -> dict[str, Any] | None:
+    """The delivery record, or None when it cannot be read: the mailbox decides, the record
+    only explains."""
+    try:
+        return publisher.record(mail_id)
+    except ApiError:
+        return None
 
 
 # --- IMAP ----------------------------------------------------------------------------------------
@@ -709,7 +623,7 @@ class Canary:
         self,
         config: CanaryConfig,
         *,
-        publisher: PublisherClient,
+        publisher: PublisherApi,
         tracer: Tracer,
         metrics: CanaryMetrics,
         connect: ImapConnect = connect_imap,
@@ -785,7 +699,7 @@ class Canary:
             root.add_link(trace.get_current_span(found.mail_context).get_span_context())
         self._metrics.time_to_inbox(found.visible_after, context=found.mail_context)
 
-        record = self._publisher.record(accepted.mail_id) or {}
+        record = _read_record(self._publisher, accepted.mail_id) or {}
         delivered_after = _seconds_after(record.get("delivered_at"), sent_wall)
         state.update(delivered_after=delivered_after)
         self._read(root, message_id, found, timings)
@@ -807,9 +721,9 @@ class Canary:
                 span.set_attribute("url.full", f"{self._publisher.url}/v1/messages")
             try:
                 accepted = self._publisher.send(self.probe_mail(token))
-            except PublishFailed as exc:
+            except ApiError as exc:
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
-                raise
+                raise PublishFailed(str(exc)) from exc
             if span.is_recording():
                 span.set_attribute(SPAN_MAIL_ID, accepted.mail_id)
             return accepted
@@ -836,7 +750,7 @@ class Canary:
                             if context is not None:
                                 span.add_link(trace.get_current_span(context).get_span_context())
                         return _Found(uid, context, visible_after)
-                record = self._publisher.record(mail_id) or record
+                record = _read_record(self._publisher, mail_id) or record
                 status = (record or {}).get("status")
                 now = time.monotonic()
                 if status == "bounced" or now >= deadline:
@@ -931,8 +845,11 @@ def build_canary(
     auth = (
         google_id_token_auth(config.publisher_url) if config.publisher_auth == "google" else no_auth
     )
-    publisher = PublisherClient(
-        config.publisher_url, session=session, auth=auth, timeout=config.imap_timeout
+    publisher = PublisherApi(
+        config.publisher_url,
+        session=session or requests.Session(),
+        auth=auth,
+        timeout=config.imap_timeout,
     )
     return Canary(
         config,

@@ -37,7 +37,6 @@ import contextlib
 import datetime as dt
 import enum
 import logging
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +58,8 @@ from mailpipe.attributes import (
     SPAN_REPLAY_SOURCE_MESSAGE_ID,
     publisher_link,
 )
+from mailpipe.durations import DurationError, parse_duration
+from mailpipe.durations import describe as describe_duration
 from mailpipe.mail import MailDecodeError, QueuedMail
 from mailpipe.pubsub import PubSubUnavailable, translate_api_errors
 from mailpipe.record import (
@@ -94,26 +95,31 @@ def _translate_pubsub(operation: str) -> contextlib.AbstractContextManager[None]
 
 # --- time selection ----------------------------------------------------------------------------
 
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
-
 
 def parse_since(text: str, *, now: dt.datetime) -> dt.datetime:
-    """``--since``: an ISO 8601 time (UTC if no offset) or an age such as ``30m``, ``2h``, ``7d``.
+    """``--since``: an ISO 8601 time (UTC if no offset) or an age such as ``30m``, ``2h``, ``7d``
+    (:mod:`mailpipe.durations`' grammar).
 
     Raises ValueError with a message saying what is accepted.
     """
     value = text.strip()
-    relative = _RELATIVE.match(value.lower())
-    if relative:
-        amount, unit = relative.groups()
-        return now - dt.timedelta(seconds=float(amount) * _UNIT_SECONDS[unit])
+    try:
+        age = parse_duration(value)
+    except DurationError:
+        age = None  # not an age: a time, or neither
+    if age is not None:
+        try:
+            return now - dt.timedelta(seconds=age)
+        except OverflowError:
+            raise ValueError(
+                f"{text!r} reaches back before the year 1: give a shorter age"
+            ) from None
     try:
         parsed = dt.datetime.fromisoformat(value)
     except ValueError:
         raise ValueError(
-            f"{text!r} is neither an ISO 8601 time (2026-11-23T10:00:00Z) nor an age "
-            "such as 30m, 2h or 7d"
+            f"{text!r} is neither an ISO 8601 time (2026-11-23T10:00:00Z) nor an age: "
+            f"{describe_duration(('m', 'h', 'd'))}"
         ) from None
     return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed.astimezone(dt.UTC)
 

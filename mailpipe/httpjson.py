@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
@@ -217,6 +217,22 @@ def unexpected_error_response(log: logging.Logger) -> Response:
     return error_response(500, "internal", "an unexpected error occurred; it has been logged")
 
 
+def json_error_handlers(
+    *, not_found_hint: str, log: logging.Logger
+) -> dict[type[Exception], Callable[[Any], Response]]:
+    """Error handlers answering any ``HTTPException`` and any unexpected exception (500, logged)
+    in the error format, by exception class: for ``Flask.register_error_handler`` or
+    functions-framework's ``errorhandler``."""
+
+    def http_error(exc: HTTPException) -> Response:
+        return http_error_response(exc, not_found_hint=not_found_hint)
+
+    def unexpected(_exc: Exception) -> Response:
+        return unexpected_error_response(log)
+
+    return {HTTPException: http_error, Exception: unexpected}
+
+
 def install_json_errors(app: Flask, *, not_found_hint: str, log: logging.Logger) -> None:
     """Answer every error of ``app`` in JSON (see the module docstring).
 
@@ -228,14 +244,8 @@ def install_json_errors(app: Flask, *, not_found_hint: str, log: logging.Logger)
     # the merged path, and Flask never routes redirects to error handlers: do not merge, so such a
     # path is simply not found, in JSON.
     app.url_map.merge_slashes = False
-
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
-        return http_error_response(exc, not_found_hint=not_found_hint)
-
-    @app.errorhandler(Exception)
-    def _unexpected(_exc: Exception) -> Response:
-        return unexpected_error_response(log)
+    for exc_class, handler in json_error_handlers(not_found_hint=not_found_hint, log=log).items():
+        app.register_error_handler(exc_class, handler)
 
     @app.after_request
     def _json_options(response: Response) -> Response:

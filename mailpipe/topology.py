@@ -18,9 +18,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from mailpipe.durations import DurationError, parse_duration
+
 # Pub/Sub resource IDs: start with a letter, 3..255 of [A-Za-z0-9-_.~+%], not "goog"-prefixed.
 _RESOURCE_ID = re.compile(r"^(?!goog)[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}$")
-_DURATION = re.compile(r"^(\d+)s$")
 
 DeliveryMode = Literal["push", "pull"]
 
@@ -30,11 +31,18 @@ class TopologyError(ValueError):
 
 
 def duration_seconds(value: str) -> int:
-    """Parse a protobuf-JSON duration such as ``"600s"`` into whole seconds."""
-    match = _DURATION.match(value)
-    if not match:
-        raise TopologyError(f"duration must look like '600s', got {value!r}")
-    return int(match.group(1))
+    """A duration of the declaration, such as ``"600s"``, in whole seconds.
+
+    Terraform hands these strings to Pub/Sub as written (protobuf-JSON durations), so of
+    :mod:`mailpipe.durations`' grammar only whole seconds in that exact spelling are taken.
+    """
+    try:
+        seconds = int(parse_duration(value, units=("s",), whole_seconds=True))
+    except DurationError as exc:
+        raise TopologyError(f"{exc} (whole seconds as Pub/Sub spells them: '600s')") from exc
+    if value != f"{seconds}s":  # spaces, "600S", "0600s": not Pub/Sub's spelling
+        raise TopologyError(f"{value!r} is not a duration as Pub/Sub spells them: use '{seconds}s'")
+    return seconds
 
 
 @dataclass(frozen=True)

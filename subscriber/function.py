@@ -23,10 +23,10 @@ import threading
 
 import functions_framework
 from flask import Request, Response
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import MethodNotAllowed
 
 from mailpipe.config import SubscriberConfig
-from mailpipe.httpjson import http_error_response, unexpected_error_response
+from mailpipe.httpjson import json_error_handlers
 from subscriber.main import build_push_handler, build_services
 from subscriber.push import PushHandler
 
@@ -36,14 +36,8 @@ _lock = threading.Lock()
 _NOT_FOUND_HINT = "Pub/Sub pushes to this function's URL with POST"
 
 
-@functions_framework.errorhandler(HTTPException)
-def _http_error(exc: HTTPException) -> Response:
-    return http_error_response(exc, not_found_hint=_NOT_FOUND_HINT)
-
-
-@functions_framework.errorhandler(Exception)
-def _unexpected(_exc: Exception) -> Response:
-    return unexpected_error_response(log)
+for _error_class, _on_error in json_error_handlers(not_found_hint=_NOT_FOUND_HINT, log=log).items():
+    functions_framework.errorhandler(_error_class)(_on_error)
 
 
 def _require_post(request: Request) -> None:

@@ -50,10 +50,6 @@ class MalformedPush(ValueError):
     """The request body is not a Pub/Sub push message; the text says what is wrong."""
 
 
-def _error(status: int, code: str, message: str) -> Response:
-    return error_response(status, code, message)
-
-
 def _json_object(data: Any, what: str) -> dict[str, Any]:
     """``data`` (JSON text, bytes or already parsed) as a JSON object within the body limits."""
     try:
@@ -170,11 +166,11 @@ class PushHandler:
                 )
             except PushAuthError as exc:
                 log.warning("rejected push request: %s", exc)
-                return _error(401, "unauthenticated", str(exc))
+                return error_response(401, "unauthenticated", str(exc))
         try:
             return parse_push(req)
         except MalformedPush as exc:
-            return _error(400, "malformed_push", str(exc))
+            return error_response(400, "malformed_push", str(exc))
 
     def deliver(self, req: Request) -> Response:
         """A message of the mail subscription: deliver it; 204 acks, 503 asks for a retry."""
@@ -190,7 +186,7 @@ class PushHandler:
             )
         if result.ack:
             return Response(status=204)
-        return _error(503, f"mail_{result.outcome}", result.detail or str(result.outcome))
+        return error_response(503, f"mail_{result.outcome}", result.detail or str(result.outcome))
 
     def dead_letter(self, req: Request) -> Response:
         """A message of the dead-letter record subscription: mark the mail dead-lettered."""
@@ -201,7 +197,9 @@ class PushHandler:
             ack = self._dead_letters.handle(received, parent=publisher_context(received.attributes))
         if ack:
             return Response(status=204)
-        return _error(503, "record_unavailable", "the delivery record is unavailable; retry")
+        return error_response(
+            503, "record_unavailable", "the delivery record is unavailable; retry"
+        )
 
 
 def create_push_app(

@@ -159,13 +159,14 @@ def _print(console: Console, result: Any, as_json: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mailpipe.canary import CanaryConfig, build_canary, parse_duration
+    from mailpipe.canary import CanaryConfig, build_canary
     from mailpipe.config import ConfigError
+    from mailpipe.durations import parse_duration
     from mailpipe.telemetry import TelemetryError, setup_telemetry
 
     console = Console(stderr=args.json, soft_wrap=True)
     try:
-        every = parse_duration(args.every) if args.every else None
+        every = parse_duration(args.every, default_unit="s") if args.every else None
         config = CanaryConfig.from_env(canary_environ(args, os.environ))
     except (ValueError, ConfigError) as exc:
         print(exc, file=sys.stderr)

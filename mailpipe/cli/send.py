@@ -2,8 +2,10 @@
 
 ``mailpipe status MAIL_ID`` shows one mail's record; ``mailpipe status`` alone shows the pipeline's
 (``/v1/stats``): the oldest undelivered mail and the stuck records ``mailpipe reconcile --fix``
-would settle. Exit codes: 0 ok, 1 the publisher could not answer, 4 (``status`` alone) stuck
-records were found.
+would settle. Both talk to the publisher through :class:`mailpipe.api_client.PublisherApi`.
+Exit codes: 0 ok, 1 the publisher could not be reached or answered an error (``send``: 5xx, or
+the mail was not delivered within ``--wait``), 2 usage error (``send``: the publisher refused the
+mail with a 4xx), 4 (``status`` alone) stuck records were found.
 """
 
 from __future__ import annotations
@@ -14,18 +16,16 @@ import json
 import mimetypes
 import os
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import requests
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from mailpipe.api_client import DEFAULT_URL, ApiError, ApiHttpError, PublisherApi
 from mailpipe.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-
-DEFAULT_URL = "http://127.0.0.1:8080"
-FINAL_STATUSES = {"delivered", "bounced", "dead_lettered"}
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -93,17 +93,18 @@ def _build_mail(args: argparse.Namespace) -> dict[str, Any]:
     return mail
 
 
-def _print_error(console: Console, response: requests.Response) -> None:
-    try:
-        error = response.json()["error"]
-    except (ValueError, KeyError, TypeError):
-        console.print(f"[red]HTTP {response.status_code}[/]: {response.text[:500]}")
-        return
-    console.print(
-        f"[red]HTTP {response.status_code} {error.get('code')}[/]: {error.get('message')}"
-    )
-    for field, problem in (error.get("fields") or {}).items():
-        console.print(f"  [bold]{field}[/]: {problem}")
+def _print_error(console: Console, exc: ApiError) -> None:
+    """What went wrong, with the fields the publisher named (its text is never markup)."""
+    console.print(f"[red]error:[/] {escape(str(exc))}")
+    for name, problem in (exc.fields if isinstance(exc, ApiHttpError) else {}).items():
+        console.print(f"  [bold]{escape(name)}[/]: {escape(problem)}")
+
+
+def _exit_code(exc: ApiError) -> int:
+    """A mail the publisher refused (4xx) is the caller's to fix; anything else failed."""
+    if isinstance(exc, ApiHttpError) and 400 <= exc.status < 500:
+        return EXIT_USAGE
+    return EXIT_FAILED
 
 
 def run_send(args: argparse.Namespace) -> int:
@@ -114,44 +115,32 @@ def run_send(args: argparse.Namespace) -> int:
     try:
         mail = _build_mail(args)
     except OSError as exc:
-        console.print(f"[red]cannot read attachment:[/] {exc}")
+        console.print(f"[red]cannot read attachment:[/] {escape(str(exc))}")
         return EXIT_USAGE
+    api = PublisherApi(args.url)
     try:
-        response = requests.post(f"{args.url}/v1/messages", json=mail, timeout=60)
-    except requests.RequestException as exc:
-        console.print(f"[red]cannot reach the publisher at {args.url}:[/] {exc}")
-        return EXIT_FAILED
-    if response.status_code != 202:
-        _print_error(console, response)
-        return EXIT_USAGE if 400 <= response.status_code < 500 else EXIT_FAILED
-    accepted = response.json()
+        accepted = api.send(mail)
+    except ApiError as exc:
+        _print_error(console, exc)
+        return _exit_code(exc)
     if args.json and not args.wait:
-        print(json.dumps(accepted))
+        print(json.dumps(accepted.body))
     elif not args.json:
         console.print(
-            f"[green]accepted[/] mail_id={accepted['mail_id']} trace_id={accepted['trace_id']}"
+            f"[green]accepted[/] mail_id={escape(accepted.mail_id)} trace_id={accepted.trace_id}"
         )
     if not args.wait:
         return EXIT_OK
-    record = _wait(args.url, accepted["mail_id"], args.wait)
+    try:
+        record = api.wait(accepted.mail_id, timeout=args.wait)
+    except ApiError as exc:
+        _print_error(console, exc)
+        return EXIT_FAILED
     if args.json:
-        print(json.dumps(record or accepted))
+        print(json.dumps(record or accepted.body))
     else:
-        console.print(f"status: [bold]{record['status'] if record else 'unknown'}[/]")
+        console.print(f"status: [bold]{escape(record['status']) if record else 'unknown'}[/]")
     return EXIT_OK if record and record["status"] == "delivered" else EXIT_FAILED
-
-
-def _wait(url: str, mail_id: str, seconds: float) -> dict[str, Any] | None:
-    deadline = time.monotonic() + seconds
-    record = None
-    while time.monotonic() < deadline:
-        response = requests.get(f"{url}/v1/messages/{mail_id}", timeout=10)
-        if response.status_code == 200:
-            record = response.json()
-            if record["status"] in FINAL_STATUSES:
-                return record
-        time.sleep(0.2)
-    return record
 
 
 EXIT_STUCK = 4  # as `mailpipe reconcile`: stuck records were found
@@ -162,19 +151,35 @@ def run_status(args: argparse.Namespace) -> int:
         return _run_overview(args)
     console = Console()
     try:
-        response = requests.get(f"{args.url}/v1/messages/{args.mail_id}", timeout=10)
-    except requests.RequestException as exc:
-        Console(stderr=True).print(f"[red]cannot reach the publisher at {args.url}:[/] {exc}")
+        record = PublisherApi(args.url).record(args.mail_id, missing_ok=False)
+    except ApiError as exc:
+        _print_error(Console(stderr=True), exc)
         return EXIT_FAILED
-    if response.status_code != 200:
-        _print_error(Console(stderr=True), response)
-        return EXIT_FAILED
-    record = response.json()
+    assert record is not None  # missing_ok=False: a 404 raised
     if args.json:
         print(json.dumps(record))
         return EXIT_OK
+    return _shown(lambda: _show_record(console, record), EXIT_OK)
+
+
+def _shown(show: Callable[[], None], code: int) -> int:
+    """Run ``show``; an answer that is JSON but not in the documented shape is an error, not a
+    traceback."""
+    try:
+        show()
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        Console(stderr=True).print(
+            "[red]error:[/] the publisher's answer is not in the documented shape "
+            f"({type(exc).__name__}: {escape(str(exc))}); see --json"
+        )
+        return EXIT_FAILED
+    return code
+
+
+def _show_record(console: Console, record: dict[str, Any]) -> None:
     console.print(
-        f"mail [bold]{record['mail_id']}[/]: {record['status']}  trace {record['trace_id']}"
+        f"mail [bold]{escape(record['mail_id'])}[/]: {escape(record['status'])}  "
+        f"trace {escape(str(record['trace_id']))}"
     )
     table = Table("#", "started", "outcome", "reply", "step")
     for attempt in record["attempts"]:
@@ -182,36 +187,34 @@ def run_status(args: argparse.Namespace) -> int:
             str(x) for x in (attempt["reply_code"], attempt["enhanced_status"]) if x is not None
         )
         table.add_row(
-            str(attempt["number"]),
-            attempt["started_at"] or "",
-            attempt["outcome"] or "",
-            reply,
-            attempt["failed_step"] or "",
+            escape(str(attempt["number"])),
+            escape(attempt["started_at"] or ""),
+            escape(attempt["outcome"] or ""),
+            escape(reply),
+            escape(attempt["failed_step"] or ""),
         )
     console.print(table)
     if record.get("last_error"):
-        console.print(f"last error: {record['last_error']}")
+        console.print(f"last error: {escape(str(record['last_error']))}")
     stuck = record.get("stuck")
     if stuck:
         console.print(
-            f"[yellow]stuck[/]: {stuck['kind'].replace('_', ' ')} since {stuck['stuck_since']}; "
-            f"`mailpipe reconcile --fix` will {stuck['fix']}"
+            f"[yellow]stuck[/]: {escape(stuck['kind'].replace('_', ' '))} since "
+            f"{escape(stuck['stuck_since'])}; `mailpipe reconcile --fix` will "
+            f"{escape(stuck['fix'])}"
         )
-    return EXIT_OK
 
 
 def _run_overview(args: argparse.Namespace) -> int:
     """``mailpipe status`` without a mail: lag and stuck records from ``/v1/stats``."""
     try:
-        response = requests.get(f"{args.url}/v1/stats", timeout=30)
-    except requests.RequestException as exc:
-        Console(stderr=True).print(f"[red]cannot reach the publisher at {args.url}:[/] {exc}")
+        stats = PublisherApi(args.url).stats()
+    except ApiError as exc:
+        _print_error(Console(stderr=True), exc)
         return EXIT_FAILED
-    if response.status_code != 200:
-        _print_error(Console(stderr=True), response)
-        return EXIT_FAILED
-    stats = response.json()
     stuck = stats.get("stuck") or {}
+    if not isinstance(stuck, dict):
+        stuck = {}
     code = (
         EXIT_STUCK
         if stuck.get("expired_reservations") or stuck.get("stalled_deliveries")
@@ -221,12 +224,17 @@ def _run_overview(args: argparse.Namespace) -> int:
         print(json.dumps(stats))
         return code
     console = Console(soft_wrap=True)
+    return _shown(lambda: _show_stats(console, stats, stuck), code)
+
+
+def _show_stats(console: Console, stats: dict[str, Any], stuck: dict[str, Any]) -> None:
     age = stats.get("oldest_undelivered_age_seconds")
     if age is None:
         console.print("oldest undelivered mail: none")
     else:
         console.print(
-            f"oldest undelivered mail: {stats['oldest_undelivered_mail_id']} ({age:.0f} s old)"
+            f"oldest undelivered mail: {escape(stats['oldest_undelivered_mail_id'])} "
+            f"({age:.0f} s old)"
         )
     console.print(
         f"stuck: {stuck.get('expired_reservations', 0)} expired reservation(s), "
@@ -236,9 +244,8 @@ def _run_overview(args: argparse.Namespace) -> int:
     mails = stuck.get("mails") or []
     for mail in mails:  # one line each: ids stay whole, to copy into `mailpipe status MAIL_ID`
         console.print(
-            f"  {mail['mail_id']}  {mail['kind'].replace('_', ' ')} ({mail['status']}) "
-            f"since {mail['stuck_since']}"
+            f"  {escape(mail['mail_id'])}  {escape(mail['kind'].replace('_', ' '))} "
+            f"({escape(mail['status'])}) since {escape(mail['stuck_since'])}"
         )
     if mails:
         console.print("settle them with [bold]mailpipe reconcile --fix[/]")
-    return code

@@ -14,14 +14,15 @@ import json
 import shlex
 import threading
 import time
-import urllib.error
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from mailpipe.api_client import FINAL_STATUSES, ApiError
 from mailpipe.cli import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -134,18 +135,18 @@ def _demo(
         f"{pipeline.emulators.pubsub.host}"
     )
     try:
-        accepted = pipeline.post_mail(SAMPLE_MAIL)
-    except urllib.error.HTTPError as exc:
-        console.print(f"[red]the publisher refused the sample mail ({exc.code}):[/] {exc.read()!r}")
+        accepted = pipeline.api.send(SAMPLE_MAIL)
+        mail_id = accepted.mail_id
+        console.print(f"[green]✓[/] 202 accepted: mail_id={mail_id} trace_id={accepted.trace_id}")
+        record = pipeline.wait_for_status(mail_id, set(FINAL_STATUSES))
+    except (ApiError, TimeoutError) as exc:
+        console.print(f"[red]the sample mail did not go through:[/] {escape(str(exc))}")
         return EXIT_FAILED
-    mail_id = accepted["mail_id"]
-    console.print(f"[green]✓[/] 202 accepted: mail_id={mail_id} trace_id={accepted['trace_id']}")
-    record = pipeline.wait_for_status(mail_id, {"delivered", "bounced", "dead_lettered"})
     received = [m for m in pipeline.smtp.messages if mail_id in str(m.message["Message-ID"])]
     spans: list[Any] = []
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # the services export spans in batches
-        spans = find_trace(read_spans(pipeline.trace_file), accepted["trace_id"])
+        spans = find_trace(read_spans(pipeline.trace_file), accepted.trace_id)
         if any(s.name == "smtp data" for s in spans) and any(
             s.name.startswith("POST") for s in spans
         ):
@@ -156,7 +157,7 @@ def _demo(
             json.dumps(
                 {
                     "mail_id": mail_id,
-                    "trace_id": accepted["trace_id"],
+                    "trace_id": accepted.trace_id,
                     "status": record["status"],
                     "received": len(received),
                     "spans": len(spans),

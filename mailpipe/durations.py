@@ -1,0 +1,81 @@
+"""The one duration grammar: ``250ms``, ``60s``, ``30m``, ``2h``, ``7d``, ``1w``.
+
+A duration is a non-negative decimal number (ASCII digits) followed by a unit (``ms``, ``s``,
+``m``, ``h``, ``d``, ``w``; any case; spaces around and between are ignored). A site may take
+fewer units (``topology.json`` takes only seconds, as Pub/Sub does) or let a bare number mean
+one unit (the canary's ``--every 90`` is 90 seconds); the grammar and the error message are the
+same everywhere.
+
+Errors::
+
+    DurationError (ValueError)   the text is not a duration this site accepts; the message says
+                                 what was given and what is accepted
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+UNIT_SECONDS: dict[str, float] = {
+    "ms": 0.001,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "d": 86_400.0,
+    "w": 604_800.0,
+}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE | re.ASCII)
+_EXAMPLES = {"ms": "250ms", "s": "60s", "m": "30m", "h": "2h", "d": "7d", "w": "1w"}
+_NAMES = {
+    "ms": "milliseconds",
+    "s": "seconds",
+    "m": "minutes",
+    "h": "hours",
+    "d": "days",
+    "w": "weeks",
+}
+
+
+class DurationError(ValueError):
+    """Not a duration this site accepts."""
+
+
+def describe(units: Iterable[str] = UNIT_SECONDS, *, default_unit: str | None = None) -> str:
+    """What a site accepts, for help texts and error messages: ``"e.g. 60s, 30m or 2h"``."""
+    examples = [_EXAMPLES[unit] for unit in units]
+    text = examples[0] if len(examples) == 1 else f"{', '.join(examples[:-1])} or {examples[-1]}"
+    if default_unit is not None:
+        text += f" (a bare number is {_NAMES[default_unit]})"
+    return f"a number and a unit, e.g. {text}"
+
+
+def parse_duration(
+    text: str,
+    *,
+    units: Iterable[str] = UNIT_SECONDS,
+    default_unit: str | None = None,
+    whole_seconds: bool = False,
+) -> float:
+    """``text`` as seconds; raise :class:`DurationError` saying what is accepted.
+
+    ``units`` limits the units this site takes; ``default_unit`` is the unit of a bare number
+    (none: a unit is required); ``whole_seconds`` refuses fractions of a second.
+    """
+    allowed = tuple(units)
+    unknown = [unit for unit in (*allowed, default_unit) if unit and unit not in UNIT_SECONDS]
+    if unknown:
+        raise ValueError(f"unknown duration unit(s): {', '.join(unknown)}")
+    match = _DURATION.fullmatch(text)
+    unit = (match.group(2).lower() or default_unit) if match else None
+    if match is None or unit not in allowed:
+        raise DurationError(
+            f"{text!r} is not a duration: use {describe(allowed, default_unit=default_unit)}"
+        )
+    seconds = float(match.group(1)) * UNIT_SECONDS[unit]
+    if not math.isfinite(seconds):
+        raise DurationError(f"{text!r} is too long a duration")
+    if whole_seconds and not seconds.is_integer():
+        raise DurationError(f"{text!r} is not a whole number of seconds")
+    return seconds
