@@ -2,7 +2,7 @@
 
 With ``PUBSUB_EMULATOR_HOST`` set, google-cloud-pubsub builds ``grpc.insecure_channel(host)``,
 which keeps gRPC's 4 MiB receive limit: messages over about 4 MiB then fail on unary pull and
-vanish silently on streaming pull (shared/emulators.md, "Receiving large messages"). Mail with
+vanish silently on streaming pull (docs/local-vs-gcp.md, row 9). Mail with
 attachments can be up to 10 MB, so mailpipe passes this channel instead.
 """
 

@@ -43,7 +43,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 _log = logging.getLogger(__name__)
 
-# Attribute keys (shared with the spans, see design.md "Telemetry conventions").
+# Attribute keys (shared with the spans, see docs/observability.md).
 ATTR_REPLY_CODE = "smtp.reply.code"
 ATTR_ENHANCED_STATUS = "smtp.reply.enhanced_status"
 ATTR_SMTP_STEP = "smtp.step"
