@@ -339,3 +339,18 @@ def test_the_scan_finds_the_references_it_is_meant_to_check() -> None:
         "subscriber/nowhere.py",
         "tests/unit/test_layers.py::no_such_test",
     ]
+
+
+def test_the_docs_index_lists_every_doc() -> None:
+    """docs/README.md is the way in: every page under docs/ is linked from it."""
+    index = ROOT / "docs" / "README.md"
+    linked = {
+        (index.parent / target.split("#", 1)[0]).resolve()
+        for target in LINK.findall(index.read_text(encoding="utf-8"))
+    }
+    missing = [
+        str(doc.relative_to(ROOT))
+        for doc in sorted((ROOT / "docs").rglob("*.md"))
+        if doc != index and doc.resolve() not in linked
+    ]
+    assert missing == [], f"add these to docs/README.md: {missing}"
