@@ -61,7 +61,7 @@ def run_bench(
     profile_dir: Path | None = None,
     stamp: str | None = None,
 ) -> dict[str, Any]:
-    """Run ``profile`` and return the result (see README's JSON keys).
+    """Run ``profile`` and return the result (its JSON keys: docs/benchmarks.md).
 
     Only with ``profile_dir`` is anything written: each scenario's py-spy stacks, as
     ``<stamp>-<scenario>-<service>.folded`` there (see :mod:`bench.profile`).

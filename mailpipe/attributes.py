@@ -1,7 +1,7 @@
 """The attribute names mailpipe writes, and reading trace context back from them.
 
 The names are an interface: dashboards, alert policies and Trace Explorer filters select on them
-(design.md, "Telemetry conventions"), so a value here never changes. Two namespaces share words:
+(docs/observability.md lists them), so a value here never changes. Two namespaces share words:
 
 * ``PUBSUB_*`` are **Pub/Sub message attributes**, on every message of the mail topic (and on the
   dead-letter copies);

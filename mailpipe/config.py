@@ -6,7 +6,7 @@ its factory. Reading fails fast and reports **every** bad variable at once::
     ConfigError
     └── (one exception carrying {VARIABLE: what is wrong with it, ...})
 
-Names are an interface (deploy configs set them): see README's table.
+Names are an interface (deploy configs set them): see docs/configuration.md.
 
 The subscriber's time limits must nest, or a delivery could outlive its claim on the mail and a
 redelivered copy be sent too (config fails fast otherwise)::

@@ -1,5 +1,5 @@
-"""The layers of design.md hold: the core imports no service, services never import each other
-or emulator/, and the CLI works in a service image (where emulator/ is not installed)."""
+"""The layers of docs/development.md hold: the core imports no service, services never import each
+other or emulator/, and the CLI works in a service image (where emulator/ is not installed)."""
 
 from __future__ import annotations
 
