@@ -6,7 +6,7 @@ way for the publisher, the pull worker, ``mailpipe dlq`` and the emulator helper
 * against the emulator (``emulator_host`` given) over a channel without gRPC's size limits. With
   ``PUBSUB_EMULATOR_HOST`` alone, google-cloud-pubsub builds ``grpc.insecure_channel(host)``, which
   keeps gRPC's 4 MiB receive limit: messages over about 4 MiB then fail on unary pull and vanish
-  silently on streaming pull (shared/emulators.md, "Receiving large messages"). Mail with
+  silently on streaming pull (docs/local-vs-gcp.md, row 9). Mail with
   attachments can be up to 10 MB;
 * with the library's own OpenTelemetry tracing (``tracing=True``) where a trace must cross Pub/Sub:
   it writes and reads the ``googclient_traceparent`` attribute (:mod:`mailpipe.attributes`).
