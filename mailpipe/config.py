@@ -40,7 +40,7 @@ DEFAULT_POOL_WAIT = 10.0  # seconds; never more than half the delivery timeout
 SmtpTls = Literal["starttls", "implicit", "none"]
 PushAuth = Literal["cloud-run", "signature"]
 TraceMode = Literal["gcp", "otlp", "file", "none"]
-AddressLogging = Literal["full", "domain", "hashed"]
+AddressStyle = Literal["full", "domain", "hashed"]  # MAILPIPE_LOG_ADDRESSES, in logs and spans
 
 _T = TypeVar("_T")
 
@@ -133,7 +133,7 @@ class TelemetryConfig:
     sample_ratio: float = 1.0
     otlp_endpoint: str | None = None
     metrics_port: int | None = None
-    log_addresses: AddressLogging = "domain"
+    address_style: AddressStyle = "domain"
 
     @classmethod
     def read(cls, env: _EnvReader, service_name: str) -> TelemetryConfig:
@@ -156,8 +156,8 @@ class TelemetryConfig:
             sample_ratio=env.number("MAILPIPE_TRACE_SAMPLE_RATIO", 1.0, minimum=0.0, maximum=1.0),
             otlp_endpoint=env.raw("OTEL_EXPORTER_OTLP_ENDPOINT"),
             metrics_port=metrics_port,
-            log_addresses=cast(
-                AddressLogging,
+            address_style=cast(
+                AddressStyle,
                 env.choice("MAILPIPE_LOG_ADDRESSES", "domain", ("full", "domain", "hashed")),
             ),
         )

@@ -34,7 +34,7 @@ from typing import Any, Literal, TextIO
 
 from opentelemetry import trace
 
-from mailpipe.config import AddressLogging, TelemetryConfig
+from mailpipe.config import AddressStyle, TelemetryConfig
 
 REDACTED = "[REDACTED]"
 TRACE_KEY = "logging.googleapis.com/trace"
@@ -105,7 +105,7 @@ class SecretFilter(logging.Filter):
 # --- addresses -----------------------------------------------------------------------------------
 
 
-def redact_address(address: str, style: AddressLogging) -> str:
+def redact_address(address: str, style: AddressStyle) -> str:
     """An address as logs and spans may show it.
 
     ``full`` keeps it, ``domain`` keeps ``@example.com``, ``hashed`` gives ``sha256:`` and 12 hex
@@ -129,7 +129,7 @@ def redact_address(address: str, style: AddressLogging) -> str:
 _ADDRESS_IN_TEXT = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
 
 
-def redact_addresses(text: str, style: AddressLogging) -> str:
+def redact_addresses(text: str, style: AddressStyle) -> str:
     """``text`` with every address in it shown as ``style`` allows (see :func:`redact_address`)."""
     if style == "full" or "@" not in text:
         return text
@@ -162,7 +162,7 @@ class CloudLoggingFormatter(logging.Formatter):
         *,
         project: str | None,
         service_name: str | None = None,
-        address_style: AddressLogging = "full",
+        address_style: AddressStyle = "full",
     ) -> None:
         super().__init__()
         self.project = project
@@ -262,7 +262,7 @@ def configure_logging(
         CloudLoggingFormatter(
             project=project,
             service_name=config.service_name,
-            address_style=config.log_addresses,
+            address_style=config.address_style,
         )
     )
     handler.addFilter(SecretFilter())

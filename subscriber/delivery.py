@@ -56,7 +56,7 @@ from mailpipe.attributes import (
     SPAN_OUTCOME,
     current_traceparent,
 )
-from mailpipe.config import AddressLogging, default_delivery_timeout
+from mailpipe.config import AddressStyle, default_delivery_timeout
 from mailpipe.logs import redact_address, redact_addresses, redact_secrets
 from mailpipe.mail import MailDecodeError, QueuedMail, UnsendableMail
 from mailpipe.metrics import MailMetrics
@@ -146,7 +146,7 @@ class DeliveryService:
         message_id_domain: str,
         metrics: MailMetrics | None = None,
         lease_seconds: float = 120.0,
-        address_style: AddressLogging = "domain",
+        address_style: AddressStyle = "domain",
         delivery_timeout: float | None = None,
     ) -> None:
         self._sender = sender

@@ -63,7 +63,7 @@ def build_services(config: SubscriberConfig, *, telemetry: Telemetry | None = No
     sender = SmtpSender(
         config.smtp,
         tracer=tracer,
-        address_style=config.telemetry.log_addresses,
+        address_style=config.telemetry.address_style,
         metrics=telemetry.metrics,
     )
     record = open_record(config.record)
@@ -74,7 +74,7 @@ def build_services(config: SubscriberConfig, *, telemetry: Telemetry | None = No
         message_id_domain=config.smtp.message_id_domain,
         metrics=telemetry.metrics,
         lease_seconds=config.delivery_lease_seconds,
-        address_style=config.telemetry.log_addresses,
+        address_style=config.telemetry.address_style,
         delivery_timeout=config.delivery_timeout,
     )
     dead_letters = DeadLetterRecorder(record=record, tracer=tracer, metrics=telemetry.metrics)

@@ -24,7 +24,7 @@ import copy
 import re
 from collections.abc import Iterable
 
-from mailpipe.config import AddressLogging
+from mailpipe.config import AddressStyle
 from mailpipe.logs import REDACTED, redact_address, redact_addresses
 
 # A run of base64 alphabet; short words of it are checked too (a short password's base64 is short).
@@ -70,9 +70,9 @@ class ReplyRedactor:
         *,
         username: str | None = None,
         password: str | None = None,
-        address_style: AddressLogging = "full",
+        address_style: AddressStyle = "full",
     ) -> None:
-        self.address_style: AddressLogging = address_style
+        self.address_style: AddressStyle = address_style
         self._forms = credential_forms(username, password)
         secret = (password or "").encode("utf-8")
         size = min(len(secret), _PIECE)

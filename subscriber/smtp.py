@@ -79,7 +79,7 @@ from mailpipe.attributes import (
     SMTP_RECIPIENT,
     SMTP_REPLY_CODE,
 )
-from mailpipe.config import AddressLogging, SmtpConfig
+from mailpipe.config import AddressStyle, SmtpConfig
 from mailpipe.logs import redact_address
 from mailpipe.metrics import MailMetrics
 from subscriber.errors import (
@@ -96,8 +96,6 @@ from subscriber.errors import (
     parse_enhanced_status,
 )
 from subscriber.redaction import ReplyRedactor
-
-AddressStyle = AddressLogging  # one format for logs and spans: mailpipe.logs.redact_address
 
 # Reply codes (RFC 5321 § 4.2.3) this module acts on.
 SERVICE_READY = 220
