@@ -1,8 +1,8 @@
 """Delivery errors: what can go wrong between the subscriber and the SMTP relay.
 
 Every ``smtplib``, ``ssl`` and socket exception is translated into this tree in one place
-(:func:`subscriber.smtp.translate_errors`), so the delivery core decides ack or nack from the
-class alone::
+(:func:`subscriber.smtp_translation.translate_errors`), so the delivery core decides ack or
+nack from the class alone::
 
     DeliveryError                      base; carries step, reply code, enhanced status, server
     ├── TransientDeliveryError         retry later: Pub/Sub nack (push: 503)

@@ -5,8 +5,9 @@ A relay's replies and the errors built from them are kept in the delivery record
 push endpoint's answers. A relay may quote back what it was sent: the AUTH exchange (RFC 4954:
 AUTH PLAIN sends base64 of ``authzid NUL user NUL password``, AUTH LOGIN base64 of the user name
 and then of the password) or the envelope's addresses (``550 5.1.1 <bob@example.org>: no such
-user``). :class:`ReplyRedactor` cleans every such text where it enters mailpipe
-(:mod:`subscriber.smtp`), so everything downstream only ever sees the clean text:
+user``). :class:`ReplyRedactor` cleans every such text where it enters mailpipe (the sender,
+:mod:`subscriber.smtp`, and its error translation, :mod:`subscriber.smtp_translation`), so
+everything downstream only ever sees the clean text:
 
 - the password and its exact AUTH forms (:func:`credential_forms`) become ``[REDACTED]``;
 - any run of base64 that decodes, at any of the four alignments, to bytes holding the password

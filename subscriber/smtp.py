@@ -34,39 +34,23 @@ Recipients: every RCPT refused → error (permanent if every refusal was 5xx); a
 a transient error, so the whole mail is retried and nobody receives it twice; some 5xx and the
 others accepted → sent to the accepted ones, the refused listed in the :class:`SmtpReceipt`.
 
-Errors are translated from ``smtplib``/``ssl``/socket in one place, :func:`translate_errors`,
-into the tree of :mod:`subscriber.errors`::
-
-    smtplib.SMTPResponseException 4xx       → SmtpTransientReply
-    smtplib.SMTPResponseException 5xx       → SmtpPermanentReply (MAIL FROM, RCPT TO, DATA)
-                                              SmtpTransientReply (connect, EHLO, STARTTLS, AUTH)
-    any reply or SMTPNotSupportedError at STARTTLS → SmtpTlsError
-    ssl.SSLError at connect/STARTTLS         → SmtpTlsError
-    TimeoutError (also inside a disconnect)  → SmtpTimeout
-                                               DeliveryTimeout when the send's deadline passed
-    SMTPServerDisconnected, OSError          → SmtpConnectionError
-
-A 5xx during the session set-up (greeting, EHLO, STARTTLS, AUTH — including 535 "authentication
-credentials invalid") says the relay refuses *this client*, not this mail: a wrong password or
-an unauthorised IP. Bouncing would throw away every mail until an operator fixes the relay
-settings, so these are transient: the mail is retried and, if the problem lasts, lands in the
-dead-letter topic where it can be replayed.
+Errors: every step runs inside :func:`subscriber.smtp_translation.translate_errors`, the one
+place where ``smtplib``/``ssl``/socket exceptions become the tree of :mod:`subscriber.errors`
+(its docstring has the table). Connections, the pool and the time budget are in
+:mod:`subscriber.smtp_pool`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import smtplib
 import socket
 import ssl
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
@@ -84,18 +68,22 @@ from mailpipe.logs import redact_address
 from mailpipe.metrics import MailMetrics
 from subscriber.errors import (
     DeliveryError,
-    DeliveryTimeout,
     SmtpConnectionError,
     SmtpPermanentReply,
     SmtpPoolTimeout,
-    SmtpTimeout,
-    SmtpTlsError,
     SmtpTransientReply,
-    TransientDeliveryError,
     UndeliverableMail,
     parse_enhanced_status,
 )
 from subscriber.redaction import ReplyRedactor
+from subscriber.smtp_pool import (
+    Budget,
+    BudgetedClient,
+    Connection,
+    ConnectionPool,
+    ImplicitTlsClient,
+)
+from subscriber.smtp_translation import reply_text, translate_errors
 
 # Reply codes (RFC 5321 § 4.2.3) this module acts on.
 SERVICE_READY = 220
@@ -104,140 +92,7 @@ ACTION_OK = 250
 USER_NOT_LOCAL_WILL_FORWARD = 251
 SERVICE_CLOSING = 421
 
-# Steps that set up the session rather than send this mail: a 5xx there is not about the mail.
-SESSION_STEPS = frozenset({"connect", "ehlo", "starttls", "auth"})
-_TLS_STEPS = frozenset({"connect", "starttls"})
-
 POOL_WAIT_STEP = "pool wait"  # the ``step`` of an SmtpPoolTimeout: before any SMTP command
-# A socket timeout cut to the deadline fires at it; this much early still counts as "at it".
-_DEADLINE_SLACK = 0.01
-
-
-def _text(reply: bytes | str | None) -> str:
-    if reply is None:
-        return ""
-    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
-
-
-def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
-    """True if ``exc`` or an exception it was raised from/during is a ``kind``."""
-    seen: BaseException | None = exc
-    for _ in range(10):  # smtplib chains at most one level; the bound guards against cycles
-        if seen is None:
-            return False
-        if isinstance(seen, kind):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _reply_error(step: str, code: int) -> type[DeliveryError]:
-    if step == "starttls":
-        return SmtpTlsError  # e.g. 454 "TLS not available": never continue in clear
-    if 400 <= code < 500:
-        return SmtpTransientReply
-    if 500 <= code < 600:
-        return SmtpTransientReply if step in SESSION_STEPS else SmtpPermanentReply
-    return TransientDeliveryError  # not a valid reply at this point: a protocol error, retry
-
-
-class _OutOfTime(TimeoutError):
-    """The send's deadline has passed: no further socket operation may start."""
-
-
-@contextlib.contextmanager
-def translate_errors(
-    step: str,
-    *,
-    server: str,
-    secrets: Sequence[str] = (),
-    redact: Callable[[str], str] | None = None,
-    out_of_time: Callable[[], bool] | None = None,
-) -> Iterator[None]:
-    """Translate ``smtplib``, ``ssl`` and socket errors raised in ``step`` into DeliveryErrors.
-
-    The only place where lower-level exceptions become mailpipe's. The messages pass through
-    ``redact`` (default: removing ``secrets`` and their AUTH forms); a timeout or lost
-    connection when ``out_of_time()`` says the send's deadline has passed is a
-    :class:`DeliveryTimeout`.
-    """
-    clean = redact or ReplyRedactor(password=secrets[0] if secrets else None)
-    try:
-        yield
-    except DeliveryError:
-        raise
-    except Exception as exc:
-        _scrub(exc, clean)  # the original stays chained (``from exc``): clean it too
-        error = _translated(exc, step, server, clean, out_of_time)
-        if error is None:
-            raise  # not an SMTP, TLS or network error: a bug, let it show
-        raise error from exc
-
-
-def _scrub(exc: Exception, redact: Callable[[str], str]) -> None:
-    """Remove secrets (and addresses, as configured) from an exception's own text, in place."""
-    if isinstance(exc, smtplib.SMTPResponseException):
-        exc.smtp_error = redact(_text(exc.smtp_error)).encode("utf-8")
-        if isinstance(exc, smtplib.SMTPSenderRefused):  # it carries the sender's address
-            exc.sender = redact(exc.sender)
-            exc.args = (exc.smtp_code, exc.smtp_error, exc.sender)
-        else:
-            exc.args = (exc.smtp_code, exc.smtp_error, *exc.args[2:])
-    else:
-        exc.args = tuple(redact(a) if isinstance(a, str) else a for a in exc.args)
-
-
-def _translated(
-    exc: Exception,
-    step: str,
-    server: str,
-    redact: Callable[[str], str],
-    out_of_time: Callable[[], bool] | None = None,
-) -> DeliveryError | None:
-    code: int | None = None
-    text: str | None = None
-    detail = redact(str(exc))
-    cls: type[DeliveryError]
-    # smtplib's own errors are OSErrors too: only a lost or silent connection can be the budget's.
-    network = isinstance(exc, smtplib.SMTPServerDisconnected) or (
-        isinstance(exc, OSError) and not isinstance(exc, smtplib.SMTPException)
-    )
-    if _caused_by(exc, _OutOfTime) or (network and out_of_time is not None and out_of_time()):
-        message = (
-            f"SMTP {step} with {server}: the delivery's time budget (MAILPIPE_DELIVERY_TIMEOUT) "
-            "ran out before the relay answered"
-        )
-        return DeliveryTimeout(message, step=step, server=server)
-    if isinstance(exc, smtplib.SMTPNotSupportedError):
-        cls = SmtpTlsError if step == "starttls" else TransientDeliveryError
-        message = f"SMTP {step} with {server} failed: {detail}"
-    elif isinstance(exc, smtplib.SMTPResponseException):
-        code, text = exc.smtp_code, redact(_text(exc.smtp_error))
-        cls = _reply_error(step, code)
-        message = f"SMTP {step} with {server} failed: {code} {text}"
-    elif isinstance(exc, smtplib.SMTPServerDisconnected):
-        # smtplib turns every socket error while reading a reply into this; look inside.
-        if _caused_by(exc, TimeoutError):
-            cls, message = SmtpTimeout, f"SMTP {step} with {server}: no reply in time"
-        else:
-            tls_failed = _caused_by(exc, ssl.SSLError) and step in _TLS_STEPS
-            cls = SmtpTlsError if tls_failed else SmtpConnectionError
-            message = f"SMTP {step} with {server}: connection lost ({detail})"
-    elif isinstance(exc, smtplib.SMTPException):  # "No suitable authentication method found"
-        cls, message = TransientDeliveryError, f"SMTP {step} with {server} failed: {detail}"
-    elif isinstance(exc, ssl.SSLError):  # before OSError: SSLError is one
-        if step in _TLS_STEPS or isinstance(exc, ssl.SSLCertVerificationError):
-            cls, message = SmtpTlsError, f"TLS with {server} failed at {step}: {detail}"
-        else:
-            cls = SmtpConnectionError
-            message = f"SMTP {step} with {server}: TLS connection lost ({detail})"
-    elif isinstance(exc, TimeoutError):  # before OSError: socket.timeout is one
-        cls, message = SmtpTimeout, f"SMTP {step} with {server}: no reply in time"
-    elif isinstance(exc, OSError):  # refused, reset, unreachable, DNS failure
-        cls, message = SmtpConnectionError, f"SMTP {step} with {server} failed: {detail}"
-    else:
-        return None
-    return cls(message, step=step, reply_code=code, reply_message=text, server=server)
 
 
 @dataclass(frozen=True)
@@ -253,145 +108,11 @@ class SmtpReceipt:
     connection_reused: bool = False
 
 
-class _Budget:
-    """The time one send may still take.
-
-    ``deadline`` is a ``time.monotonic()`` value (None: no limit but the per-step one); every
-    socket operation waits at most ``min(step_timeout, time left)``.
-    """
-
-    def __init__(self, deadline: float | None, step_timeout: float) -> None:
-        self.deadline = deadline
-        self.step_timeout = step_timeout
-
-    def left(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
-
-    def timeout(self) -> float:
-        """The timeout for the next socket operation; :class:`_OutOfTime` when none is left."""
-        left = self.left()
-        if left is None:
-            return self.step_timeout
-        if left <= 0:
-            raise _OutOfTime("the delivery's time budget is used up")
-        return min(self.step_timeout, left)
-
-    def out_of_time(self) -> bool:
-        left = self.left()
-        return left is not None and left <= _DEADLINE_SLACK
-
-
-class _BudgetedReader(socket.SocketIO):
-    """Reads replies, setting the socket's timeout from its client's budget before every read.
-
-    smtplib applies one socket timeout per read; a relay sending a reply a byte at a time (a
-    tarpit) would restart it on every byte. Re-arming it to the time left before each read keeps
-    every step within the send's deadline.
-    """
-
-    def __init__(self, sock: socket.socket, owner: _Client) -> None:
-        super().__init__(sock, "rb")
-        self._socket = sock
-        self._owner = owner
-
-    def readinto(self, b: Any) -> int | None:
-        budget = self._owner.budget
-        if budget is not None:
-            self._socket.settimeout(budget.timeout())
-        return super().readinto(b)
-
-
-class _Client(smtplib.SMTP):
-    """``smtplib.SMTP`` whose every write and read is bounded by the current send's budget.
-
-    It also keeps the greeting, so the connect span can show its reply code.
-    """
-
-    budget: _Budget | None = None
-    greeting: tuple[int, bytes] = (0, b"")
-
-    def __init__(self, *args: Any, budget: _Budget | None = None, **kwargs: Any) -> None:
-        self.budget = budget  # before smtplib connects and reads the greeting
-        super().__init__(*args, **kwargs)
-
-    def connect(
-        self, host: str = "localhost", port: int = 0, source_address: Any = None
-    ) -> tuple[int, bytes]:
-        self.greeting = super().connect(host, port, source_address)
-        return self.greeting
-
-    def send(self, s: Any) -> None:
-        if self.budget is not None and self.sock is not None:
-            self.sock.settimeout(self.budget.timeout())
-        super().send(s)
-
-    def getreply(self) -> tuple[int, bytes]:
-        if self.file is None and self.sock is not None:
-            # Also after STARTTLS, which drops the reader of the plain socket.
-            self.file = io.BufferedReader(_BudgetedReader(self.sock, self))
-        return super().getreply()
-
-
-class _ImplicitTlsClient(_Client, smtplib.SMTP_SSL):
-    """``smtplib.SMTP_SSL`` (TLS from the first byte) with the budget of :class:`_Client`."""
-
-
-class _Connection:
-    """One SMTP session to the relay, used by one transaction at a time."""
-
-    def __init__(self, client: _Client) -> None:
-        self.client = client
-
-    @property
-    def open(self) -> bool:
-        return self.client.sock is not None
-
-
-class _Pool:
-    """At most ``size`` connections: a slot is held while a connection is in use or being opened.
-
-    A connection is either idle (in ``_idle``) or held by the thread owning a slot, and a new
-    one is only opened when no idle one is left, so there are never more than ``size``.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._slots = threading.BoundedSemaphore(size)
-        self._lock = threading.Lock()
-        self._idle: list[_Connection] = []
-        self.closed = False
-
-    def acquire(self, timeout: float) -> bool:
-        """Take a slot, waiting at most ``timeout`` seconds; False if none became free."""
-        return self._slots.acquire(timeout=max(timeout, 0.0))
-
-    def release(self) -> None:
-        self._slots.release()
-
-    def take(self) -> _Connection | None:
-        with self._lock:
-            # Most recently used first: it is the least likely to have been closed while idle.
-            return self._idle.pop() if self._idle else None
-
-    def give_back(self, conn: _Connection) -> bool:
-        with self._lock:
-            if self.closed:
-                return False
-            self._idle.append(conn)
-            return True
-
-    def drain(self) -> list[_Connection]:
-        with self._lock:
-            self.closed = True
-            idle, self._idle = self._idle, []
-            return idle
-
-
 @dataclass(frozen=True)
 class _Tx:
     """One send's limits and redaction, passed to each of its steps."""
 
-    budget: _Budget
+    budget: Budget
     redact: ReplyRedactor
 
 
@@ -406,7 +127,7 @@ class _Step:
         self.code = int(code)
         if self.span.is_recording():
             self.span.set_attribute(SMTP_REPLY_CODE, int(code))
-            enhanced = parse_enhanced_status(_text(message))
+            enhanced = parse_enhanced_status(reply_text(message))
             if enhanced:
                 self.span.set_attribute(SMTP_ENHANCED_STATUS, enhanced)
 
@@ -438,7 +159,7 @@ class SmtpSender:
         self._redact = ReplyRedactor(
             username=config.username, password=config.password, address_style=address_style
         )
-        self._pool = _Pool(config.pool_size)
+        self._pool = ConnectionPool(config.pool_size)
 
     # -- public API --------------------------------------------------------------------------
 
@@ -462,12 +183,12 @@ class SmtpSender:
         if self._pool.closed:
             raise RuntimeError("SmtpSender.send() called after close()")
         tx = _Tx(
-            _Budget(deadline, self._config.timeout),
+            Budget(deadline, self._config.timeout),
             self._redact.for_envelope([mail_from, *recipients]),
         )
         self._wait_for_a_connection(tx.budget)
         try:
-            conn: _Connection | None = self._pool.take()
+            conn: Connection | None = self._pool.take()
             reused = conn is not None
             if conn is None:
                 conn = self._open(tx)
@@ -505,7 +226,7 @@ class SmtpSender:
             self._put_back(conn)
         finally:
             self._pool.release()
-        text = tx.redact(_text(reply))
+        text = tx.redact(reply_text(reply))
         return SmtpReceipt(
             reply_code=code,
             enhanced_status=parse_enhanced_status(text),
@@ -534,7 +255,7 @@ class SmtpSender:
 
     # -- the pool ----------------------------------------------------------------------------
 
-    def _wait_for_a_connection(self, budget: _Budget) -> None:
+    def _wait_for_a_connection(self, budget: Budget) -> None:
         """Hold a pool slot within MAILPIPE_SMTP_POOL_WAIT and the budget, else SmtpPoolTimeout."""
         wait = self._config.pool_wait
         left = budget.left()
@@ -556,7 +277,7 @@ class SmtpSender:
             server=self.server,
         )
 
-    def _put_back(self, conn: _Connection) -> None:
+    def _put_back(self, conn: Connection) -> None:
         """Return a healthy connection to the pool (or QUIT it if the sender is closing)."""
         conn.client.budget = None
         if conn.client.sock is not None:
@@ -627,12 +348,12 @@ class SmtpSender:
         if span.is_recording():
             span.set_attribute(SMTP_CONNECTION_REUSED, reused)
 
-    def _open(self, tx: _Tx) -> _Connection:
+    def _open(self, tx: _Tx) -> Connection:
         config = self._config
         with self._step("connect", tx) as step:
-            client: _Client
+            client: BudgetedClient
             if config.tls == "implicit":
-                client = _ImplicitTlsClient(
+                client = ImplicitTlsClient(
                     config.host,
                     config.port,
                     local_hostname=self._helo_name,
@@ -641,7 +362,7 @@ class SmtpSender:
                     budget=tx.budget,
                 )
             else:
-                client = _Client(
+                client = BudgetedClient(
                     config.host,
                     config.port,
                     local_hostname=self._helo_name,
@@ -649,7 +370,7 @@ class SmtpSender:
                     budget=tx.budget,
                 )
             step.reply(*client.greeting)
-        conn = _Connection(client)
+        conn = Connection(client)
         try:
             self._ehlo(conn, tx)
             if config.tls == "starttls":
@@ -669,7 +390,7 @@ class SmtpSender:
             raise
         return conn
 
-    def _ehlo(self, conn: _Connection, tx: _Tx) -> None:
+    def _ehlo(self, conn: Connection, tx: _Tx) -> None:
         with self._step("ehlo", tx) as step:
             code, reply = conn.client.ehlo()
             step.reply(code, reply)
@@ -678,7 +399,7 @@ class SmtpSender:
 
     def _mail_from(
         self,
-        conn: _Connection,
+        conn: Connection,
         tx: _Tx,
         mail_from: str,
         recipients: Sequence[str],
@@ -711,7 +432,7 @@ class SmtpSender:
                 raise smtplib.SMTPSenderRefused(code, reply, mail_from)
 
     def _rcpt_to(
-        self, conn: _Connection, tx: _Tx, recipients: Sequence[str]
+        self, conn: Connection, tx: _Tx, recipients: Sequence[str]
     ) -> tuple[list[str], dict[str, tuple[int, str]]]:
         accepted: list[str] = []
         refused: dict[str, tuple[int, str]] = {}
@@ -724,7 +445,7 @@ class SmtpSender:
                     accepted.append(recipient)
                 elif 500 <= code < 600:
                     # Refused for good: the others may still get the mail (reported in the receipt).
-                    text = tx.redact(_text(reply))
+                    text = tx.redact(reply_text(reply))
                     refused[recipient] = (code, text)
                     if step.span.is_recording():
                         step.span.set_status(Status(StatusCode.ERROR, f"{code} {text}"))
@@ -739,7 +460,7 @@ class SmtpSender:
                 )
         return accepted, refused
 
-    def _data(self, conn: _Connection, tx: _Tx, message: bytes) -> tuple[int, bytes]:
+    def _data(self, conn: Connection, tx: _Tx, message: bytes) -> tuple[int, bytes]:
         with self._step("data", tx) as step:
             code, reply = conn.client.data(message)
             step.reply(code, reply)
@@ -749,7 +470,7 @@ class SmtpSender:
 
     # -- after a transaction -----------------------------------------------------------------
 
-    def _after_failure(self, conn: _Connection, tx: _Tx, exc: BaseException) -> None:
+    def _after_failure(self, conn: Connection, tx: _Tx, exc: BaseException) -> None:
         """RSET and keep the connection if it is healthy, else close it."""
         healthy = (
             isinstance(exc, (SmtpTransientReply, SmtpPermanentReply, UndeliverableMail))
@@ -771,7 +492,7 @@ class SmtpSender:
         else:
             self._close_quietly(conn)
 
-    def _quit(self, conn: _Connection) -> None:
+    def _quit(self, conn: Connection) -> None:
         try:
             with self._step("quit", None) as step:
                 code, reply = conn.client.quit()
@@ -782,6 +503,6 @@ class SmtpSender:
             self._close_quietly(conn)
 
     @staticmethod
-    def _close_quietly(conn: _Connection) -> None:
+    def _close_quietly(conn: Connection) -> None:
         with contextlib.suppress(OSError):
             conn.client.close()
