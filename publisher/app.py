@@ -4,6 +4,11 @@ A mail is answered 202 only after Pub/Sub has confirmed the publish; every failu
 answers with a JSON error and leaves nothing half-accepted (the record's reservation is released,
 whatever the exception). Idempotency keys (scope, fingerprint, lifetime): publisher/idempotency.py.
 
+``create_app`` builds the app from its collaborators (kept as one :class:`ApiServices` in
+``app.extensions["mailpipe"]``) and registers the :data:`api` blueprint, whose views read them
+from there; :func:`accept_mail` is ``POST /v1/messages`` without HTTP: validate, reserve the
+idempotency key, publish, record the mail queued, answer.
+
 Errors are JSON: ``{"error": {"code": "...", "message": "...", "fields": {...}}}``.
 """
 
@@ -13,9 +18,10 @@ import datetime as dt
 import logging
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
-from flask import Flask, Response, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from opentelemetry import trace
 from opentelemetry.instrumentation.flask import FlaskInstrumentor
 from pydantic import ValidationError
@@ -52,6 +58,10 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 10 * 1024 * 1024
 STATS_STUCK_MAILS = 20  # stuck mails /v1/stats lists (all are counted); the CLI lists them all
 _MAIL_ID = re.compile(MAIL_ID_PATTERN)
+EXTENSION = "mailpipe"  # the app's ApiServices: current_app.extensions[EXTENSION]
+
+# The API's routes; create_app registers them on each app it builds.
+api = Blueprint("api", __name__)
 
 
 class ApiError(Exception):
@@ -116,6 +126,27 @@ def _since(text: str) -> dt.datetime:
         ) from exc
 
 
+@dataclass(frozen=True)
+class ApiServices:
+    """What the API's views work with, one per app: ``current_app.extensions["mailpipe"]``."""
+
+    config: PublisherConfig
+    publisher: MailPublisher
+    record: DeliveryRecord
+    now: Callable[[], dt.datetime]
+    metrics: MailMetrics | None = None
+    identify_caller: CallerIdentity | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An HTTP answer of the API, before Flask turns it into a response."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
 def create_app(
     config: PublisherConfig,
     *,
@@ -132,11 +163,17 @@ def create_app(
     (``None``, or no function: one shared scope). ``clock`` is the time ``/v1/stats`` and the
     records' ``stuck`` field are judged at (default: now, UTC).
     """
-    now = clock or (lambda: dt.datetime.now(dt.UTC))
     app = Flask("mailpipe.publisher")
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions["mailpipe"] = {"publisher": publisher, "record": record, "config": config}
+    app.extensions[EXTENSION] = ApiServices(
+        config=config,
+        publisher=publisher,
+        record=record,
+        now=clock or (lambda: dt.datetime.now(dt.UTC)),
+        metrics=metrics,
+        identify_caller=identify_caller,
+    )
     FlaskInstrumentor().instrument_app(app, tracer_provider=tracer_provider)
 
     @app.errorhandler(ApiError)
@@ -154,241 +191,286 @@ def create_app(
 
     # Every other status (404, 405, 408, unexpected exceptions as 500) is JSON too.
     install_json_errors(app, not_found_hint="the API's paths are listed at /openapi.json", log=log)
+    app.register_blueprint(api)
+    return app
 
-    @app.get("/healthz")
-    def healthz() -> Response:
-        return jsonify({"status": "ok"})
 
-    @app.get("/openapi.json")
-    def openapi() -> Response:
-        return jsonify(openapi_document())
+def _services() -> ApiServices:
+    return cast(ApiServices, current_app.extensions[EXTENSION])
 
-    @app.post("/v1/messages")
-    def send_message() -> tuple[Response, int] | Response:
-        payload = _parse_json_body()
-        if not isinstance(payload, dict):
-            raise ApiError(
-                400, "invalid_request", "the body must be a JSON object describing a mail"
-            )
-        try:
-            key_in_header = header_key(request)
-        except InvalidIdempotencyHeader as exc:
-            raise ApiError(
-                400, "invalid_request", str(exc), {IDEMPOTENCY_HEADER: str(exc)}
-            ) from exc
-        if key_in_header is not None:
-            body_key = payload.get("idempotency_key")
-            if body_key is not None and body_key != key_in_header:
-                raise ApiError(
-                    400,
-                    "invalid_request",
-                    f"the {IDEMPOTENCY_HEADER} header and idempotency_key differ; send one or the "
-                    "same value in both",
-                    {"idempotency_key": "differs from the Idempotency-Key header"},
-                )
-            payload = {**payload, "idempotency_key": key_in_header}
-        try:
-            mail_request = MailRequest.model_validate(payload)
-        except ValidationError as exc:
-            fields = _field_errors(exc)
+
+def _respond(answer: Answer) -> tuple[Response, int]:
+    response = jsonify(answer.body)
+    response.headers.update(answer.headers)
+    return response, answer.status
+
+
+@api.get("/healthz")
+def healthz() -> Response:
+    return jsonify({"status": "ok"})
+
+
+@api.get("/openapi.json")
+def openapi() -> Response:
+    return jsonify(openapi_document())
+
+
+@api.post("/v1/messages")
+def send_message() -> tuple[Response, int]:
+    services = _services()
+    payload = _parse_json_body()
+    if not isinstance(payload, dict):
+        raise ApiError(400, "invalid_request", "the body must be a JSON object describing a mail")
+    try:
+        key_in_header = header_key(request)
+    except InvalidIdempotencyHeader as exc:
+        raise ApiError(400, "invalid_request", str(exc), {IDEMPOTENCY_HEADER: str(exc)}) from exc
+    answer = accept_mail(
+        services,
+        payload,
+        key_in_header=key_in_header,
+        scope=lambda: caller_scope(services.identify_caller, request),
+    )
+    return _respond(answer)
+
+
+def accept_mail(
+    services: ApiServices,
+    payload: dict[str, Any],
+    *,
+    key_in_header: str | None = None,
+    scope: Callable[[], str | None] = lambda: None,
+) -> Answer:
+    """Accept one mail: validate → reserve its key → publish → record it queued → answer 202.
+
+    ``payload`` is the request's JSON object, ``key_in_header`` the ``Idempotency-Key`` header's
+    key, ``scope()`` the scope of the caller's keys (asked only when there is a key).
+    Raises :class:`ApiError` for every refusal; a reservation is released whatever fails before
+    Pub/Sub confirmed the publish.
+    """
+    config, record = services.config, services.record
+    if key_in_header is not None:
+        body_key = payload.get("idempotency_key")
+        if body_key is not None and body_key != key_in_header:
             raise ApiError(
                 400,
                 "invalid_request",
-                f"the mail request is invalid ({len(fields)} problem(s)): fix the fields listed",
-                fields,
-            ) from exc
-
-        if not config.sender_allowed(mail_request.from_.domain):
-            allowed = ", ".join(sorted(config.allowed_sender_domains or ()))
-            raise ApiError(
-                403,
-                "sender_not_allowed",
-                f"this service sends only from {allowed}: use a 'from' address at one of them",
-                {"from": f"the domain {mail_request.from_.domain} is not an allowed sender domain"},
+                f"the {IDEMPOTENCY_HEADER} header and idempotency_key differ; send one or the "
+                "same value in both",
+                {"idempotency_key": "differs from the Idempotency-Key header"},
             )
+        payload = {**payload, "idempotency_key": key_in_header}
+    try:
+        mail_request = MailRequest.model_validate(payload)
+    except ValidationError as exc:
+        fields = _field_errors(exc)
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"the mail request is invalid ({len(fields)} problem(s)): fix the fields listed",
+            fields,
+        ) from exc
 
-        mail = QueuedMail.accept(mail_request)
-        reserved = mail_request.idempotency_key is not None
-        if reserved:
-            # Only a key needs claiming before the publish (so a retry never publishes twice);
-            # a mail without one gets its record in one write after the publish.
-            fingerprint = request_fingerprint(mail_request)
-            try:
-                reservation = record.reserve(
-                    mail_id=mail.mail_id,
-                    accepted_at=mail.accepted_at,
-                    recipient_domains=mail_request.recipient_domains,
-                    idempotency_key=mail_request.idempotency_key,
-                    idempotency_scope=caller_scope(identify_caller, request),
-                    request_hash=fingerprint,
-                    reservation_seconds=config.idempotency_reservation_seconds,
-                )
-            except RecordError as exc:
-                log.error("delivery record unavailable, refusing the mail: %s", exc)
-                raise ApiError(
-                    503, "record_unavailable", "the delivery record is unavailable; retry later"
-                ) from exc
-            if not reservation.created:
-                return _idempotent_replay(reservation.record, fingerprint)
+    if not config.sender_allowed(mail_request.from_.domain):
+        allowed = ", ".join(sorted(config.allowed_sender_domains or ()))
+        raise ApiError(
+            403,
+            "sender_not_allowed",
+            f"this service sends only from {allowed}: use a 'from' address at one of them",
+            {"from": f"the domain {mail_request.from_.domain} is not an allowed sender domain"},
+        )
 
+    mail = QueuedMail.accept(mail_request)
+    reserved = mail_request.idempotency_key is not None
+    if reserved:
+        # Only a key needs claiming before the publish (so a retry never publishes twice);
+        # a mail without one gets its record in one write after the publish.
+        fingerprint = request_fingerprint(mail_request)
         try:
-            span = trace.get_current_span()
-            if span.is_recording():
-                span.set_attribute(SPAN_MAIL_ID, mail.mail_id)
-            message_id = publisher.publish(mail)
-        except BaseException as exc:
-            # Whatever failed before Pub/Sub confirmed, the key must not stay held: release it
-            # (a process killed here leaves it until it expires; see mailpipe/reconcile.py).
-            if reserved:
-                _release(record, mail.mail_id)
-            if not isinstance(exc, PublishError):
-                raise
-            if isinstance(exc, MailTooLarge):
-                raise ApiError(413, "mail_too_large", str(exc)) from exc
-            log.error("publish failed for mail %s: %s", mail.mail_id, exc)
-            raise ApiError(
-                503,
-                "publish_failed",
-                f"the mail was not accepted because Pub/Sub did not take it ({exc}); "
-                "retry later (with the same idempotency_key to be safe)",
-            ) from exc
-        trace_id = _current_trace_id()
-        try:
-            record.mark_queued(
-                mail.mail_id,
-                message_id=message_id,
-                trace_id=trace_id,
+            reservation = record.reserve(
+                mail_id=mail.mail_id,
                 accepted_at=mail.accepted_at,
                 recipient_domains=mail_request.recipient_domains,
+                idempotency_key=mail_request.idempotency_key,
+                idempotency_scope=scope(),
+                request_hash=fingerprint,
+                reservation_seconds=config.idempotency_reservation_seconds,
             )
-        except Exception:
-            # The mail IS on Pub/Sub: the subscriber's claim creates or completes the record, so
-            # answering 202 is right. Failing here would make the client send it twice.
-            log.warning("could not mark mail %s queued; the subscriber will", mail.mail_id)
-        if metrics is not None:
-            metrics.accepted()
-        log.info(
-            "mail accepted",
-            extra={"json_fields": {"mail_id": mail.mail_id, "message_id": message_id}},
-        )
-        response = jsonify(_accepted_body(mail.mail_id, message_id, trace_id))
-        response.headers["Location"] = f"/v1/messages/{mail.mail_id}"
-        return response, 202
-
-    def _idempotent_replay(held: MailRecord, fingerprint: str) -> tuple[Response, int]:
-        # Held by a record without a fingerprint (written before there were any): cannot tell.
-        if held.request_hash is not None and held.request_hash != fingerprint:
+        except RecordError as exc:
+            log.error("delivery record unavailable, refusing the mail: %s", exc)
             raise ApiError(
-                422,
-                "idempotency_key_reused",
-                "this idempotency_key was already used for a different mail; use a new key for a "
-                "new mail, and the same key only to retry the very same request",
-                {"idempotency_key": "was used before with a different request"},
-            )
-        if held.status == MailStatus.ACCEPTING:
-            raise ApiError(
-                409,
-                "idempotency_conflict",
-                "a request with this idempotency_key is still being published; retry in a moment",
-            )
-        response = jsonify(_accepted_body(held.mail_id, held.message_id, held.trace_id))
-        response.headers["Idempotent-Replayed"] = "true"
-        response.headers["Location"] = f"/v1/messages/{held.mail_id}"
-        return response, 202
-
-    @app.get("/v1/messages/<mail_id>")
-    def get_message(mail_id: str) -> Response:
-        if not _MAIL_ID.fullmatch(mail_id):
-            # No mail has such an id. Checked before the record: an id such as "..", "__x__"
-            # or one with a lone surrogate must never become a Firestore document path.
-            raise ApiError(
-                404,
-                "not_found",
-                f"no mail has the id {mail_id[:80]!r}: use a mail_id POST /v1/messages answered",
-                {
-                    "mail_id": "must be a mail id: a UUID in lowercase hex such as "
-                    "01a20a30-daab-780b-bf17-2cf98734ba05"
-                },
-            )
-        found = _record_call(lambda: record.get(mail_id))
-        if found is None:
-            raise ApiError(404, "not_found", f"no mail with id {mail_id!r} is in the record")
-        return jsonify(_record_json(found, now()))
-
-    def _record_json(found: MailRecord, at: dt.datetime) -> dict[str, Any]:
-        """A record as the API shows it, with ``stuck`` when reconcile would settle it."""
-        stuck = diagnose(found, now=at, grace_seconds=config.reconcile_grace_seconds)
-        return {**found.to_json(), "stuck": stuck.to_json(at) if stuck else None}
-
-    @app.get("/v1/messages")
-    def list_messages() -> Response:
-        status_text = request.args.get("status")
-        status = None
-        fields: dict[str, str] = {}
-        if status_text:
-            try:
-                status = MailStatus(status_text)
-            except ValueError:
-                fields["status"] = "must be one of " + ", ".join(s.value for s in MailStatus)
-        since = None
-        if request.args.get("since"):
-            try:
-                since = _since(request.args["since"])
-            except ValueError as exc:
-                fields["since"] = str(exc)
-        try:
-            limit = int(request.args.get("limit", "100"))
-            if not 1 <= limit <= 1000:
-                raise ValueError
-        except ValueError:
-            fields["limit"] = "must be an integer from 1 to 1000"
-        if fields:
-            raise ApiError(
-                400, "invalid_query", "the query is invalid: fix the fields listed", fields
-            )
-        try:
-            page = _record_call(
-                lambda: record.list(
-                    status=status,
-                    since=since,
-                    limit=limit,
-                    page_token=request.args.get("page_token"),
-                )
-            )
-        except ValueError as exc:  # the record's answer to a page_token it never issued
-            raise ApiError(
-                400,
-                "invalid_query",
-                "the query is invalid: fix the fields listed",
-                {"page_token": "is not a page token this API returned"},
+                503, "record_unavailable", "the delivery record is unavailable; retry later"
             ) from exc
-        at = now()
-        return jsonify(
-            {
-                "items": [_record_json(item, at) for item in page.items],
-                "next_page_token": page.next_page_token,
-            }
-        )
+        if not reservation.created:
+            return _idempotent_replay(reservation.record, fingerprint)
 
-    @app.get("/v1/stats")
-    def stats() -> Response:
-        at = now()
-        oldest = _record_call(record.oldest_undelivered)
-        age = None
-        if oldest is not None:
-            age = (at - oldest.accepted_at).total_seconds()
-        found = _record_call(
-            lambda: survey(record, now=at, grace_seconds=config.reconcile_grace_seconds)
+    try:
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attribute(SPAN_MAIL_ID, mail.mail_id)
+        message_id = services.publisher.publish(mail)
+    except BaseException as exc:
+        # Whatever failed before Pub/Sub confirmed, the key must not stay held: release it
+        # (a process killed here leaves it until it expires; see mailpipe/reconcile.py).
+        if reserved:
+            _release(record, mail.mail_id)
+        if not isinstance(exc, PublishError):
+            raise
+        if isinstance(exc, MailTooLarge):
+            raise ApiError(413, "mail_too_large", str(exc)) from exc
+        log.error("publish failed for mail %s: %s", mail.mail_id, exc)
+        raise ApiError(
+            503,
+            "publish_failed",
+            f"the mail was not accepted because Pub/Sub did not take it ({exc}); "
+            "retry later (with the same idempotency_key to be safe)",
+        ) from exc
+    trace_id = _current_trace_id()
+    try:
+        record.mark_queued(
+            mail.mail_id,
+            message_id=message_id,
+            trace_id=trace_id,
+            accepted_at=mail.accepted_at,
+            recipient_domains=mail_request.recipient_domains,
         )
-        return jsonify(
-            {
-                "oldest_undelivered_mail_id": oldest.mail_id if oldest else None,
-                "oldest_undelivered_age_seconds": age,
-                "stuck": found.to_json(max_mails=STATS_STUCK_MAILS),
-            }
-        )
+    except Exception:
+        # The mail IS on Pub/Sub: the subscriber's claim creates or completes the record, so
+        # answering 202 is right. Failing here would make the client send it twice.
+        log.warning("could not mark mail %s queued; the subscriber will", mail.mail_id)
+    if services.metrics is not None:
+        services.metrics.accepted()
+    log.info(
+        "mail accepted",
+        extra={"json_fields": {"mail_id": mail.mail_id, "message_id": message_id}},
+    )
+    return Answer(
+        202,
+        _accepted_body(mail.mail_id, message_id, trace_id),
+        {"Location": f"/v1/messages/{mail.mail_id}"},
+    )
 
-    return app
+
+def _idempotent_replay(held: MailRecord, fingerprint: str) -> Answer:
+    # Held by a record without a fingerprint (written before there were any): cannot tell.
+    if held.request_hash is not None and held.request_hash != fingerprint:
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            "this idempotency_key was already used for a different mail; use a new key for a "
+            "new mail, and the same key only to retry the very same request",
+            {"idempotency_key": "was used before with a different request"},
+        )
+    if held.status == MailStatus.ACCEPTING:
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            "a request with this idempotency_key is still being published; retry in a moment",
+        )
+    return Answer(
+        202,
+        _accepted_body(held.mail_id, held.message_id, held.trace_id),
+        {"Idempotent-Replayed": "true", "Location": f"/v1/messages/{held.mail_id}"},
+    )
+
+
+@api.get("/v1/messages/<mail_id>")
+def get_message(mail_id: str) -> Response:
+    services = _services()
+    if not _MAIL_ID.fullmatch(mail_id):
+        # No mail has such an id. Checked before the record: an id such as "..", "__x__"
+        # or one with a lone surrogate must never become a Firestore document path.
+        raise ApiError(
+            404,
+            "not_found",
+            f"no mail has the id {mail_id[:80]!r}: use a mail_id POST /v1/messages answered",
+            {
+                "mail_id": "must be a mail id: a UUID in lowercase hex such as "
+                "01a20a30-daab-780b-bf17-2cf98734ba05"
+            },
+        )
+    found = _record_call(lambda: services.record.get(mail_id))
+    if found is None:
+        raise ApiError(404, "not_found", f"no mail with id {mail_id!r} is in the record")
+    return jsonify(_record_json(services, found, services.now()))
+
+
+def _record_json(services: ApiServices, found: MailRecord, at: dt.datetime) -> dict[str, Any]:
+    """A record as the API shows it, with ``stuck`` when reconcile would settle it."""
+    stuck = diagnose(found, now=at, grace_seconds=services.config.reconcile_grace_seconds)
+    return {**found.to_json(), "stuck": stuck.to_json(at) if stuck else None}
+
+
+@api.get("/v1/messages")
+def list_messages() -> Response:
+    services = _services()
+    status_text = request.args.get("status")
+    status = None
+    fields: dict[str, str] = {}
+    if status_text:
+        try:
+            status = MailStatus(status_text)
+        except ValueError:
+            fields["status"] = "must be one of " + ", ".join(s.value for s in MailStatus)
+    since = None
+    if request.args.get("since"):
+        try:
+            since = _since(request.args["since"])
+        except ValueError as exc:
+            fields["since"] = str(exc)
+    try:
+        limit = int(request.args.get("limit", "100"))
+        if not 1 <= limit <= 1000:
+            raise ValueError
+    except ValueError:
+        fields["limit"] = "must be an integer from 1 to 1000"
+    if fields:
+        raise ApiError(400, "invalid_query", "the query is invalid: fix the fields listed", fields)
+    try:
+        page = _record_call(
+            lambda: services.record.list(
+                status=status,
+                since=since,
+                limit=limit,
+                page_token=request.args.get("page_token"),
+            )
+        )
+    except ValueError as exc:  # the record's answer to a page_token it never issued
+        raise ApiError(
+            400,
+            "invalid_query",
+            "the query is invalid: fix the fields listed",
+            {"page_token": "is not a page token this API returned"},
+        ) from exc
+    at = services.now()
+    return jsonify(
+        {
+            "items": [_record_json(services, item, at) for item in page.items],
+            "next_page_token": page.next_page_token,
+        }
+    )
+
+
+@api.get("/v1/stats")
+def stats() -> Response:
+    services = _services()
+    at = services.now()
+    oldest = _record_call(services.record.oldest_undelivered)
+    age = None
+    if oldest is not None:
+        age = (at - oldest.accepted_at).total_seconds()
+    found = _record_call(
+        lambda: survey(
+            services.record, now=at, grace_seconds=services.config.reconcile_grace_seconds
+        )
+    )
+    return jsonify(
+        {
+            "oldest_undelivered_mail_id": oldest.mail_id if oldest else None,
+            "oldest_undelivered_age_seconds": age,
+            "stuck": found.to_json(max_mails=STATS_STUCK_MAILS),
+        }
+    )
 
 
 def _record_call(call: Any) -> Any:
