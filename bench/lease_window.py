@@ -24,10 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
 from opentelemetry.sdk.trace import TracerProvider
 
-from emulator.smtp import LocalSmtpServer
+from emulator.smtp import LocalSmtpServer, ReceivedMail
 from mailpipe.config import SmtpConfig
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.record import Attempt, LeaseRenewal, MailRecord
@@ -73,14 +72,12 @@ class _StampedRelay(LocalSmtpServer):
     """The local SMTP server, noting when it accepted each mail (just before its 250)."""
 
     def __init__(self, stamps: _Stamps) -> None:
-        super().__init__()
         self.stamps = stamps
+        super().__init__(on_mail=self._stamp)
 
-    def _store(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        queue_id = super()._store(server, session, envelope)
-        message_id = str(self.messages[-1].message["Message-ID"])  # <mail_id@bench.local>
+    def _stamp(self, received: ReceivedMail, queue_id: str) -> None:
+        message_id = str(received.message["Message-ID"])  # <mail_id@bench.local>
         self.stamps.note(message_id.strip("<>").partition("@")[0], "accepted")
-        return queue_id
 
 
 def _ms(values: list[float]) -> str:

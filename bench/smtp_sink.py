@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from emulator.smtp import LocalSmtpServer
+from emulator.smtp import LocalSmtpServer, ReceivedMail
 
 SENT_HEADER = "X-Bench-Sent"
 _SENT = re.compile(rb"^X-Bench-Sent:[ \t]*([0-9.]+)", re.MULTILINE | re.IGNORECASE)
@@ -34,22 +34,19 @@ class RecordingSmtpServer(LocalSmtpServer):
     """LocalSmtpServer that records ``(received_at, sent_at, size)`` and keeps no mail."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
         self._records_lock = threading.Lock()
         self._records: list[tuple[float, float | None, int]] = []
         self._count = 0
+        super().__init__(*args, on_mail=self._record, **kwargs)
 
-    def _store(self, server: Any, session: Any, envelope: Any) -> str:
-        queue_id = super()._store(
-            server, session, envelope
-        )  # the real server's work, parse included
+    def _record(self, mail: ReceivedMail, queue_id: str) -> None:
+        # Called after the real server's work (parse included), before its 250.
         received = time.time()
-        raw = envelope.original_content or b""
+        raw = mail.raw
         self.clear_messages()
         with self._records_lock:
             self._records.append((received, sent_time(raw), len(raw)))
             self._count += 1
-        return queue_id
 
     @property
     def count(self) -> int:

@@ -2,8 +2,14 @@
 
 Used by ``mailpipe up`` as the relay the subscriber delivers to, and by the tests as a real SMTP
 server on loopback. It runs aiosmtpd's :class:`~aiosmtpd.controller.Controller` in its own
-thread; every mail it accepts is kept in :attr:`LocalSmtpServer.messages` and, when a maildir is
-given, written to ``maildir/new`` (:class:`mailbox.Maildir`) so another program can read it.
+thread and is built on aiosmtpd's public handler API: the ``handle_EHLO/MAIL/RCPT/DATA`` hooks
+return the replies, ``Controller.factory`` makes each connection's protocol. Every mail it
+accepts is kept in :attr:`LocalSmtpServer.messages` and, when a maildir is given, written to
+``maildir/new`` (:class:`mailbox.Maildir`) so another program can read it.
+
+Observers (called in the server's thread): ``on_command(step, address)`` for every command as it
+arrives, before any scripted fault; ``on_mail(mail, queue_id)`` for every mail kept, before its
+250.
 
 Faults are scripted per SMTP step (``connect``, ``ehlo``, ``mail``, ``rcpt``, ``data``)::
 
@@ -13,6 +19,9 @@ Faults are scripted per SMTP step (``connect``, ``ehlo``, ``mail``, ``rcpt``, ``
     server.refuse_connections(); server.accept_connections()
     server.close_connections()                             # like an idle timeout on the relay
     server.clear_faults()
+
+A fault at ``connect`` happens before aiosmtpd sees the connection (:class:`_ConnectFault`):
+the reply replaces the greeting, or the connection is closed, or greeted late.
 
 Errors::
 
@@ -31,7 +40,7 @@ import secrets
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
@@ -92,12 +101,16 @@ class _Fault:
 
 
 class _Session(SMTP):
-    """aiosmtpd's SMTP protocol, counting connections and applying faults at connect."""
+    """aiosmtpd's SMTP protocol, counted among the server's open connections."""
 
     def __init__(self, handler: Any, *, owner: LocalSmtpServer, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._owner = owner
         self._counted = False
+
+    def take_over(self) -> None:
+        """Count this session as the connection a :class:`_ConnectFault` greeted late."""
+        self._counted = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -111,14 +124,54 @@ class _Session(SMTP):
             self._owner._closed(self)
         super().connection_lost(error)
 
-    async def _handle_client(self) -> None:
-        status = await self._owner._scripted("connect", self)
-        if status is not None:
-            await self.push(status)
-            assert self.transport is not None
-            self.transport.close()
+
+class _ConnectFault(asyncio.Protocol):
+    """A connection with a scripted fault at connect, before aiosmtpd greets it.
+
+    ``reply``: the scripted reply instead of the greeting, then closed; ``drop``: closed at
+    once; ``hang``: nothing is read or sent for the given time, then the connection is handed
+    to an aiosmtpd session (``transport.set_protocol``), which greets it as usual.
+    """
+
+    def __init__(
+        self, owner: LocalSmtpServer, fault: _Fault, session: Callable[[], _Session]
+    ) -> None:
+        self._owner = owner
+        self._fault = fault
+        self._session = session
+        self._timer: asyncio.TimerHandle | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._owner._opened(self)
+        fault = self._fault
+        if fault.action == "reply":
+            transport.write(f"{fault.code} {fault.text}\r\n".encode())
+            transport.close()
+        elif fault.action == "drop":
+            transport.close()
+        else:
+            transport.pause_reading()
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(fault.seconds, self._greet_late)
+
+    def _greet_late(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
-        await super()._handle_client()
+        session = self._session()
+        session.take_over()
+        self._owner._handed_over(self, session)
+        transport.set_protocol(session)
+        session.connection_made(transport)
+        transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._owner._closed(self)
 
 
 class _Handler:
@@ -165,26 +218,38 @@ class _Handler:
         status = await self._owner._scripted("data", server)
         if status is not None:
             return status
-        queue_id = self._owner._store(server, session, envelope)
+        raw = envelope.original_content or b""
+        transport = server.transport
+        tls = transport is not None and transport.get_extra_info("ssl_object") is not None
+        auth_data = session.auth_data  # a LoginPassword once AUTH PLAIN/LOGIN succeeded
+        login = auth_data.login if isinstance(auth_data, LoginPassword) else None
+        mail = ReceivedMail(
+            mail_from=envelope.mail_from or "",
+            recipients=tuple(envelope.rcpt_tos),
+            raw=raw,
+            message=email.message_from_bytes(raw, policy=policy.default),
+            tls=tls,
+            login=login.decode("utf-8", "replace") if login is not None else None,
+            peer=str(session.peer),
+            smtputf8=bool(envelope.smtp_utf8),
+        )
+        queue_id = self._owner._keep(mail)
         return f"250 2.0.0 OK: queued as {queue_id}"
 
 
 class _Controller(Controller):
-    """aiosmtpd's Controller, serving on a socket bound beforehand (so port 0 works)."""
+    """aiosmtpd's Controller, making each connection's protocol through the server (faults)."""
 
-    def __init__(
-        self, handler: _Handler, *, sock: socket.socket, owner: LocalSmtpServer, **kwargs: Any
-    ) -> None:
-        host, port = sock.getsockname()[:2]
-        super().__init__(handler, hostname=host, port=port, **kwargs)
-        self._sock = sock
+    def __init__(self, handler: _Handler, *, owner: LocalSmtpServer, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
         self._owner = owner
 
-    def factory(self) -> SMTP:
-        return _Session(self.handler, owner=self._owner, **self.SMTP_kwargs)
+    def factory(self) -> asyncio.Protocol:
+        """A session for a new connection, or the connect fault scripted for it."""
+        return self._owner._new_connection(self.session)
 
-    def _create_server(self) -> Coroutine[Any, Any, asyncio.AbstractServer]:
-        return self.loop.create_server(self._factory_invoker, sock=self._sock, ssl=self.ssl_context)
+    def session(self) -> _Session:
+        return _Session(self.handler, owner=self._owner, **self.SMTP_kwargs)
 
 
 class LocalSmtpServer:
@@ -201,6 +266,8 @@ class LocalSmtpServer:
         auth: dict[str, str] | None = None,
         hostname: str = "localhost",
         smtputf8: bool = True,
+        on_command: Callable[[Step, str | None], None] | None = None,
+        on_mail: Callable[[ReceivedMail, str], None] | None = None,
     ) -> None:
         if tls_context is not None and implicit_tls_context is not None:
             raise ValueError("give tls_context (STARTTLS) or implicit_tls_context, not both")
@@ -217,7 +284,9 @@ class LocalSmtpServer:
         self._cond = threading.Condition()
         self._messages: list[ReceivedMail] = []
         self._faults: list[_Fault] = []
-        self._sessions: set[_Session] = set()
+        self._sessions: set[_Session | _ConnectFault] = set()
+        self._on_command = on_command
+        self._on_mail = on_mail
         self._ready = False
         self._connections_total = 0
         self._max_open = 0
@@ -230,9 +299,12 @@ class LocalSmtpServer:
             raise LocalSmtpServerError("the local SMTP server is already running")
         if self.maildir is not None:
             self._maildir = mailbox.Maildir(self.maildir, create=True)
-        sock = self._bind()
+        sock = self._bind()  # a clear error if the port is taken; port 0 picks a free one
         self.port = sock.getsockname()[1]
+        sock.close()
         kwargs: dict[str, Any] = {
+            "hostname": self.host,
+            "port": self.port,
             "server_hostname": self._hostname,  # avoids socket.getfqdn(), a DNS lookup
             "ready_timeout": _START_TIMEOUT,
             "enable_SMTPUTF8": self._smtputf8,
@@ -247,11 +319,10 @@ class LocalSmtpServer:
             # With STARTTLS, AUTH is only offered after it; with implicit TLS the whole session
             # is encrypted already; without TLS (loopback only) AUTH is allowed in clear.
             kwargs["auth_require_tls"] = self.tls_context is not None
-        controller = _Controller(_Handler(self), sock=sock, owner=self, **kwargs)
+        controller = _Controller(_Handler(self), owner=self, **kwargs)
         try:
             controller.start()
         except Exception as exc:
-            sock.close()
             raise LocalSmtpServerError(
                 f"the local SMTP server on {self.address} did not start: {exc}"
             ) from exc
@@ -395,7 +466,7 @@ class LocalSmtpServer:
 
         async def listen() -> None:
             controller.server = await controller.loop.create_server(
-                controller._factory_invoker, sock=sock, ssl=controller.ssl_context
+                controller.factory, sock=sock, ssl=controller.ssl_context
             )
 
         asyncio.run_coroutine_threadsafe(listen(), controller.loop).result(_START_TIMEOUT)
@@ -461,9 +532,21 @@ class LocalSmtpServer:
 
     # -- called in the server's event loop ---------------------------------------------------
 
+    def _fault_for(self, step: Step, address: str | None = None) -> _Fault | None:
+        if self._on_command is not None:
+            self._on_command(step, address)
+        return self._take_fault(step, address)
+
+    def _new_connection(self, session: Callable[[], _Session]) -> asyncio.Protocol:
+        """The protocol for a new connection: a session, or its scripted connect fault."""
+        fault = self._fault_for("connect")
+        if fault is None:
+            return session()
+        return _ConnectFault(self, fault, session)
+
     async def _scripted(self, step: Step, session: SMTP, address: str | None = None) -> str | None:
         """The scripted reply for ``step``, or None to carry on normally."""
-        fault = self._take_fault(step, address)
+        fault = self._fault_for(step, address)
         if fault is None:
             return None
         if fault.action == "hang":
@@ -476,40 +559,34 @@ class LocalSmtpServer:
             await asyncio.Event().wait()
         return f"{fault.code} {fault.text}"
 
-    def _opened(self, session: _Session) -> None:
+    def _opened(self, connection: _Session | _ConnectFault) -> None:
         with self._cond:
-            self._sessions.add(session)
+            self._sessions.add(connection)
             self._connections_total += 1
             self._max_open = max(self._max_open, len(self._sessions))
             self._cond.notify_all()
 
-    def _closed(self, session: _Session) -> None:
+    def _handed_over(self, gate: _ConnectFault, session: _Session) -> None:
+        """A connection greeted late moves from its connect fault to its session: same count."""
         with self._cond:
-            self._sessions.discard(session)
+            self._sessions.discard(gate)
+            self._sessions.add(session)
+
+    def _closed(self, connection: _Session | _ConnectFault) -> None:
+        with self._cond:
+            self._sessions.discard(connection)
             self._cond.notify_all()
 
-    def _store(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        raw = envelope.original_content or b""
-        transport = server.transport
-        tls = transport is not None and transport.get_extra_info("ssl_object") is not None
-        auth_data = session.auth_data  # a LoginPassword once AUTH PLAIN/LOGIN succeeded
-        login = auth_data.login if isinstance(auth_data, LoginPassword) else None
-        mail = ReceivedMail(
-            mail_from=envelope.mail_from or "",
-            recipients=tuple(envelope.rcpt_tos),
-            raw=raw,
-            message=email.message_from_bytes(raw, policy=policy.default),
-            tls=tls,
-            login=login.decode("utf-8", "replace") if login is not None else None,
-            peer=str(session.peer),
-            smtputf8=bool(envelope.smtp_utf8),
-        )
+    def _keep(self, mail: ReceivedMail) -> str:
+        """Keep an accepted mail (and write it to the maildir); its queue id for the 250."""
         queue_id = secrets.token_hex(6)
         if self._maildir is not None:
-            queue_id = self._maildir.add(raw)
+            queue_id = self._maildir.add(mail.raw)
         with self._cond:
             self._messages.append(mail)
             self._cond.notify_all()
+        if self._on_mail is not None:
+            self._on_mail(mail, queue_id)
         return queue_id
 
     def _authenticate(

@@ -18,9 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
-
-from emulator.smtp import LocalSmtpServer
+from emulator.smtp import LocalSmtpServer, ReceivedMail
 from mailpipe.record import MailRecord, MailStatus, open_record
 from mailpipe.topology import DeadLetterPolicy, RetryPolicy, Topology, load_topology
 
@@ -67,19 +65,15 @@ class StampedSmtpServer(LocalSmtpServer):
     """The local SMTP server, also noting when it accepted each mail (just before its 250)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
         self._stamps_lock = threading.Lock()
         self.received_at: dict[str, list[float]] = {}
+        super().__init__(*args, on_mail=self._stamp, **kwargs)
 
-    def _store(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        queue_id = super()._store(server, session, envelope)
+    def _stamp(self, received: ReceivedMail, queue_id: str) -> None:
         stamp = time.time()
-        # _store runs in the server's single event-loop thread: the last mail kept is this one.
-        received = self.messages[-1]
         mail_id = mail_id_of(received.message["Message-ID"]) or f"?{queue_id}"
         with self._stamps_lock:
             self.received_at.setdefault(mail_id, []).append(stamp)
-        return queue_id
 
     def receipts(self) -> dict[str, list[float]]:
         with self._stamps_lock:
