@@ -1,0 +1,152 @@
+"""publisher.app.accept_mail on its own, without HTTP: real Pub/Sub emulator, SQLite record."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from emulator import RunningEmulator, delete_topology, subscriber_client, sync_topology
+from mailpipe.config import PublisherConfig
+from mailpipe.mail import QueuedMail
+from mailpipe.record import DeliveryRecord, MailStatus, open_record
+from mailpipe.topology import load_topology
+from publisher.app import ApiError, ApiServices, accept_mail
+from publisher.pubsub import PubSubMailPublisher
+from tests.fixtures.pipeline import pipeline_env
+
+MAIL: dict[str, Any] = {
+    "from": "Ada <ada@example.com>",
+    "to": ["bob@example.org"],
+    "subject": "Hello",
+    "text": "Hi Bob",
+}
+
+
+@dataclass
+class Accepting:
+    services: ApiServices
+    record: DeliveryRecord
+    pull: Any
+
+    def published(self, expect: int) -> list[QueuedMail]:
+        """Mails on the topic since the last call; polls until ``expect`` arrived (or 10 s)."""
+        deadline = time.monotonic() + 10
+        mails: list[QueuedMail] = self.pull()
+        while len(mails) < expect and time.monotonic() < deadline:
+            time.sleep(0.05)
+            mails += self.pull()
+        return mails
+
+
+@pytest.fixture(scope="module")
+def accepting(
+    pubsub_emulator: RunningEmulator,
+    pubsub_project: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Accepting]:
+    topology = load_topology().with_suffix(uuid.uuid4().hex[:8])
+    sync_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)
+    record_path = tmp_path_factory.mktemp("accept") / "record.sqlite3"
+    env = pipeline_env(pubsub_emulator, pubsub_project, topology, record_path, 25)
+    config = PublisherConfig.from_env(env, topology)
+    record = open_record(config.record)
+    publisher = PubSubMailPublisher(config.pubsub, timeout=10)
+    services = ApiServices(
+        config=config,
+        publisher=publisher,
+        record=record,
+        now=lambda: dt.datetime.now(dt.UTC),
+    )
+    subscriber = subscriber_client(pubsub_emulator.host)
+    subscription = subscriber.subscription_path(pubsub_project, topology.delivery_subscription.name)
+
+    def pull() -> list[QueuedMail]:
+        response = subscriber.pull(
+            request={"subscription": subscription, "max_messages": 100, "return_immediately": True},
+            timeout=10,
+        )
+        if response.received_messages:
+            subscriber.acknowledge(
+                subscription=subscription, ack_ids=[m.ack_id for m in response.received_messages]
+            )
+        return [
+            QueuedMail.from_pubsub(m.message.data, dict(m.message.attributes))
+            for m in response.received_messages
+        ]
+
+    try:
+        yield Accepting(services, record, pull)
+    finally:
+        publisher.close()
+        record.close()
+        subscriber.close()
+        delete_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)
+
+
+def test_an_accepted_mail_is_published_and_recorded_queued(accepting: Accepting) -> None:
+    answer = accept_mail(accepting.services, dict(MAIL))
+
+    assert answer.status == 202
+    mail_id = answer.body["mail_id"]
+    assert answer.body["status"] == "queued"
+    assert answer.headers == {"Location": f"/v1/messages/{mail_id}"}
+    assert [m.mail_id for m in accepting.published(expect=1)] == [mail_id]
+    found = accepting.record.get(mail_id)
+    assert found is not None and found.status == MailStatus.QUEUED
+    assert found.message_id == answer.body["message_id"]
+
+
+def test_a_retry_with_the_same_key_is_answered_from_the_record(accepting: Accepting) -> None:
+    key = f"order-{uuid.uuid4().hex}"
+    first = accept_mail(accepting.services, dict(MAIL), key_in_header=key, scope=lambda: "team-a")
+    assert len(accepting.published(expect=1)) == 1
+
+    again = accept_mail(accepting.services, dict(MAIL), key_in_header=key, scope=lambda: "team-a")
+
+    assert again.status == 202
+    assert again.body == first.body
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert accepting.published(expect=0) == []  # not published twice
+    # Another caller's scope: the same key is a new mail.
+    other = accept_mail(accepting.services, dict(MAIL), key_in_header=key, scope=lambda: "team-b")
+    assert other.body["mail_id"] != first.body["mail_id"]
+    assert len(accepting.published(expect=1)) == 1
+
+
+def test_a_key_reused_for_another_mail_is_refused(accepting: Accepting) -> None:
+    key = f"order-{uuid.uuid4().hex}"
+    accept_mail(accepting.services, {**MAIL, "idempotency_key": key})
+    accepting.published(expect=1)
+
+    with pytest.raises(ApiError) as info:
+        accept_mail(accepting.services, {**MAIL, "subject": "Other", "idempotency_key": key})
+
+    assert info.value.status == 422
+    assert info.value.code == "idempotency_key_reused"
+    assert accepting.published(expect=0) == []
+
+
+def test_an_invalid_mail_is_refused_with_its_fields_and_nothing_is_published(
+    accepting: Accepting,
+) -> None:
+    with pytest.raises(ApiError) as info:
+        accept_mail(accepting.services, {**MAIL, "to": ["not an address"]})
+
+    assert info.value.status == 400
+    assert info.value.code == "invalid_request"
+    assert "to.0" in info.value.fields
+    assert accepting.published(expect=0) == []
+
+
+def test_header_and_body_keys_must_agree(accepting: Accepting) -> None:
+    with pytest.raises(ApiError) as info:
+        accept_mail(accepting.services, {**MAIL, "idempotency_key": "a"}, key_in_header="b")
+
+    assert info.value.status == 400
+    assert info.value.fields == {"idempotency_key": "differs from the Idempotency-Key header"}
