@@ -139,3 +139,50 @@ def test_fault_arguments_are_checked(call: object, message: str) -> None:
     server = LocalSmtpServer()
     with pytest.raises(ValueError, match=message):
         call(server)  # type: ignore[operator]
+
+
+def test_faults_at_connect_replace_the_greeting_drop_or_delay_it() -> None:
+    with LocalSmtpServer() as server:
+        server.fail("connect", 421, "4.3.2 too busy", times=1)
+        with pytest.raises(smtplib.SMTPConnectError) as info:
+            smtplib.SMTP(server.host, server.port, local_hostname="test", timeout=5)
+        assert (info.value.smtp_code, info.value.smtp_error) == (421, b"4.3.2 too busy")
+
+        server.drop_connection("connect", times=1)
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            smtplib.SMTP(server.host, server.port, local_hostname="test", timeout=5)
+
+        server.hang("connect", 0.3, times=1)
+        send(server)  # greeted late, then served as usual
+        server.wait_for(1)
+        server.wait_for_connections(0)
+        assert server.connections_total == 3
+        assert server.max_open_connections == 1
+
+
+def test_observers_see_every_command_and_every_kept_mail() -> None:
+    commands: list[tuple[str, str | None]] = []
+    kept: list[tuple[str, str]] = []
+    with LocalSmtpServer(
+        on_command=lambda step, address: commands.append((step, address)),
+        on_mail=lambda mail, queue_id: kept.append((mail.mail_from, queue_id)),
+    ) as server:
+        commands.clear()  # start() checks the server answers with one connection of its own
+        server.fail("rcpt", 550, "5.1.1 no such user", times=1)
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            send(server)
+        send(server)
+        server.wait_for(1)
+    assert commands == [
+        ("connect", None),
+        ("ehlo", None),
+        ("mail", "a@example.com"),
+        ("rcpt", "b@example.com"),
+        ("connect", None),
+        ("ehlo", None),
+        ("mail", "a@example.com"),
+        ("rcpt", "b@example.com"),
+        ("data", None),
+    ]
+    [(sender, queue_id)] = kept
+    assert sender == "a@example.com" and queue_id
