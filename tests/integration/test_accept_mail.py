@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from mailpipe.topology import load_topology
 from publisher.app import ApiError, ApiServices, accept_mail
 from publisher.pubsub import PubSubMailPublisher
 from tests.fixtures.pipeline import pipeline_env
+from tests.fixtures.topic import pull_until
 
 MAIL: dict[str, Any] = {
     "from": "Ada <ada@example.com>",
@@ -32,16 +32,12 @@ MAIL: dict[str, Any] = {
 class Accepting:
     services: ApiServices
     record: DeliveryRecord
-    pull: Any
+    subscriber: Any
+    subscription: str
 
     def published(self, expect: int) -> list[QueuedMail]:
         """Mails on the topic since the last call; polls until ``expect`` arrived (or 10 s)."""
-        deadline = time.monotonic() + 10
-        mails: list[QueuedMail] = self.pull()
-        while len(mails) < expect and time.monotonic() < deadline:
-            time.sleep(0.05)
-            mails += self.pull()
-        return mails
+        return pull_until(self.subscriber, self.subscription, expect)
 
 
 @pytest.fixture(scope="module")
@@ -66,22 +62,8 @@ def accepting(
     subscriber = subscriber_client(pubsub_emulator.host)
     subscription = subscriber.subscription_path(pubsub_project, topology.delivery_subscription.name)
 
-    def pull() -> list[QueuedMail]:
-        response = subscriber.pull(
-            request={"subscription": subscription, "max_messages": 100, "return_immediately": True},
-            timeout=10,
-        )
-        if response.received_messages:
-            subscriber.acknowledge(
-                subscription=subscription, ack_ids=[m.ack_id for m in response.received_messages]
-            )
-        return [
-            QueuedMail.from_pubsub(m.message.data, dict(m.message.attributes))
-            for m in response.received_messages
-        ]
-
     try:
-        yield Accepting(services, record, pull)
+        yield Accepting(services, record, subscriber, subscription)
     finally:
         publisher.close()
         record.close()
