@@ -38,8 +38,8 @@ from mailpipe.record import MailStatus, open_record
 from mailpipe.topology import Topology
 from publisher.app import create_app
 from publisher.pubsub import PubSubMailPublisher
+from subscriber.dead_letters import DeadLetterRecorder
 from subscriber.delivery import DeliveryService, Outcome, ReceivedMessage
-from subscriber.dlq import DeadLetterRecorder
 from subscriber.push import PushHandler, create_push_app
 from subscriber.smtp import SmtpSender
 from tests.fixtures.http import serve_app
