@@ -96,8 +96,8 @@ resource "google_cloud_run_v2_job" "reconcile" {
 
       containers {
         name = "reconcile"
-        # The publisher image carries the mailpipe package with its CLI (the canary runs from it
-        # too); the console script `mailpipe` is on its PATH.
+        # The publisher image carries the mailpipe CLI; the console script `mailpipe` is on its
+        # PATH.
         image   = coalesce(var.reconcile.image, var.publisher_image)
         command = ["mailpipe"]
         args    = ["reconcile", "--fix"]

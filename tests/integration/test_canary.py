@@ -19,14 +19,14 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from emulator.smtp import LocalSmtpServer
-from mailpipe.canary import (
+from canary.probe import (
     Canary,
     CanaryConfig,
     CanaryResult,
     Outcome,
     build_canary,
 )
+from emulator.smtp import LocalSmtpServer
 from mailpipe.cli import main as mailpipe_main
 from mailpipe.config import ConfigError
 from mailpipe.telemetry import setup_telemetry

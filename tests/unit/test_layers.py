@@ -30,8 +30,9 @@ def imported_top_levels(package: str) -> dict[str, set[str]]:
 @pytest.mark.parametrize(
     ("package", "forbidden"),
     [
-        ("publisher", {"subscriber", "emulator"}),
-        ("subscriber", {"publisher", "emulator"}),
+        ("publisher", {"subscriber", "canary", "emulator"}),
+        ("subscriber", {"publisher", "canary", "emulator"}),
+        ("canary", {"publisher", "subscriber", "emulator"}),
     ],
 )
 def test_services_meet_only_through_pubsub_and_the_record(
