@@ -9,7 +9,7 @@ locals {
   reconcile_enabled = var.reconcile.enabled
   reconcile_job     = "mailpipe-reconcile"
 
-  # The job reads the publisher's configuration (mailpipe/cli/reconcile.py: the record, the
+  # The job reads the publisher's configuration (ops/cli/reconcile.py: the record, the
   # reservation expiry, the grace), so it gets the publisher's environment: both always agree on
   # what "stuck" means. It exports no traces or metrics, so it needs no Trace or Monitoring role;
   # its JSON lines go to Cloud Logging from stdout.

@@ -27,9 +27,9 @@ from canary.probe import (
     build_canary,
 )
 from emulator.smtp import LocalSmtpServer
-from mailpipe.cli import main as mailpipe_main
 from mailpipe.config import ConfigError
 from mailpipe.telemetry import setup_telemetry
+from ops.cli import main as mailpipe_main
 from tests.fixtures.imap import Dovecot, free_port
 from tests.fixtures.pipeline import Pipeline
 from tests.fixtures.telemetry import metric_points

@@ -1535,8 +1535,8 @@ def test_dockerfile_is_slim_pinned_non_root_and_runs_the_service(
     copies = " ".join(line for line in lines if line.startswith("COPY "))
     # The publisher image also carries the operator CLI, which includes the canary's command: the
     # reconcile job runs from it (terraform/reconcile.tf).
-    carried = {"publisher": {"canary"}}.get(service, set())
-    others = {"publisher", "subscriber", "canary"} - {service} - carried
+    carried = {"publisher": {"canary", "ops"}}.get(service, set())
+    others = {"publisher", "subscriber", "canary", "ops"} - {service} - carried
     assert f"{service}/" in copies, copies
     assert not [o for o in others if f"{o}/" in copies], "one deployable per image"
 
@@ -1557,6 +1557,7 @@ def test_dockerignore_lets_only_the_sources_in() -> None:
         "publisher",
         "subscriber",
         "canary",
+        "ops",
     }
 
 

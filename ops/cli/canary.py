@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from canary import command
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from canary import command
-
     parser = subparsers.add_parser(
         "canary",
         help="send a probe mail and time its arrival in a mailbox over IMAP",
