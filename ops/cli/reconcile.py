@@ -140,9 +140,10 @@ def run(
 ) -> int:
     """``record`` (a DeliveryRecord) and ``now`` are for tests and embedding; without them the
     record is opened from the environment and the time is now."""
-    from mailpipe.reconcile import FixAction, fix, survey
+    from mailpipe.reconcile import survey
     from mailpipe.record import RecordError
     from ops.cli.dlq import UsageError, open_existing_record, read_config, record_url
+    from ops.reconcile import FixAction, fix
 
     environ = os.environ if environ is None else environ
     as_json = bool(args.json or environ.get("CLOUD_RUN_JOB"))
