@@ -1,6 +1,7 @@
-"""Reconcile: find the delivery records that no live request or delivery will move on, and
-settle them. ``mailpipe reconcile`` (report) and ``mailpipe reconcile --fix`` run it; the
-publisher's ``/v1/stats`` and the ``mailpipe.mails.stuck`` gauge show the same survey.
+"""Reconcile: find the delivery records that no live request or delivery will move on; the
+publisher's ``/v1/stats``, the ``mailpipe.mails.stuck`` gauge and ``mailpipe reconcile`` show
+this survey, and ``mailpipe reconcile --fix`` settles what it finds (:func:`ops.reconcile.fix`,
+with the record's own atomic checks described here).
 
 Two kinds of stuck record::
 
@@ -48,7 +49,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mailpipe.record import DeliveryRecord, MailRecord, MailStatus, RecordError
 from mailpipe.record.lifecycle import (
@@ -68,13 +69,6 @@ _PAGE = 1000
 class StuckKind(enum.StrEnum):
     EXPIRED_RESERVATION = "expired_reservation"
     STALLED_DELIVERY = "stalled_delivery"
-
-
-class FixAction(enum.StrEnum):
-    RELEASED = "released"  # the expired reservation was deleted, its key freed
-    MARKED_UNCONFIRMED = "marked_unconfirmed"  # the stalled delivery is now unconfirmed
-    LEFT_ALONE = "left_alone"  # it moved on since the survey (a delivery took it over)
-    FAILED = "failed"  # the record refused or could not be reached; see detail
 
 
 @dataclass(frozen=True)
@@ -211,66 +205,6 @@ def survey(
         unconfirmed=tuple(unconfirmed),
         complete=complete,
     )
-
-
-@dataclass(frozen=True)
-class FixOutcome:
-    mail: StuckMail
-    action: FixAction
-    detail: str = ""
-
-    def to_json(self, now: dt.datetime) -> dict[str, object]:
-        return {**self.mail.to_json(now), "action": str(self.action), "detail": self.detail}
-
-
-@dataclass(frozen=True)
-class FixReport:
-    outcomes: list[FixOutcome] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return all(outcome.action is not FixAction.FAILED for outcome in self.outcomes)
-
-    def counts(self) -> dict[str, int]:
-        return {str(action): self.count(action) for action in FixAction}
-
-    def count(self, action: FixAction) -> int:
-        return sum(1 for outcome in self.outcomes if outcome.action is action)
-
-
-def fix(
-    record: DeliveryRecord,
-    found: Survey,
-    *,
-    on_outcome: Callable[[FixOutcome], None] = lambda _: None,
-) -> FixReport:
-    """Settle every stuck mail of ``found`` (see the module docstring); each fix re-checks the
-    record atomically, so one that moved on since the survey is left alone."""
-    report = FixReport()
-    for mail in found.stuck:
-        try:
-            if mail.kind is StuckKind.EXPIRED_RESERVATION:
-                released = record.release_expired_reservation(mail.mail_id)
-                action = FixAction.RELEASED if released else FixAction.LEFT_ALONE
-                detail = (
-                    "reservation deleted; its idempotency key is free"
-                    if released
-                    else "no longer an expired reservation (published, or released already)"
-                )
-            else:
-                marked = record.mark_unconfirmed(mail.mail_id, grace_seconds=found.grace_seconds)
-                action = FixAction.MARKED_UNCONFIRMED if marked else FixAction.LEFT_ALONE
-                detail = (
-                    marked.last_error or ""
-                    if marked
-                    else "no longer stalled (a delivery claimed or finished it)"
-                )
-        except RecordError as exc:
-            action, detail = FixAction.FAILED, str(exc)
-        outcome = FixOutcome(mail, action, detail)
-        report.outcomes.append(outcome)
-        on_outcome(outcome)
-    return report
 
 
 def stuck_counts(

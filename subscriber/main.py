@@ -27,8 +27,8 @@ from mailpipe.serving import serve_wsgi
 from mailpipe.telemetry import Telemetry, idle_span_flush, setup_telemetry
 from mailpipe.topology import load_topology
 from subscriber.auth import PushAuthenticator
+from subscriber.dead_letters import DeadLetterRecorder
 from subscriber.delivery import DeliveryService
-from subscriber.dlq import DeadLetterRecorder
 from subscriber.pull import PullWorker, make_subscriber_client
 from subscriber.push import PushHandler, create_push_app
 from subscriber.redaction import credential_forms

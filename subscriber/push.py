@@ -38,8 +38,8 @@ from mailpipe.httpjson import (
 )
 from mailpipe.telemetry import IdleSpanFlush
 from subscriber.auth import PushAuthenticator, PushAuthError
+from subscriber.dead_letters import DeadLetterRecorder
 from subscriber.delivery import DeliveryService, ReceivedMessage
-from subscriber.dlq import DeadLetterRecorder
 
 log = logging.getLogger(__name__)
 

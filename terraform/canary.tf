@@ -1,4 +1,4 @@
-# The canary (`mailpipe canary`, docs/canary.md): a Cloud Run job that Cloud Scheduler starts on a
+# The canary (`python -m canary`, the same as `mailpipe canary`; docs/canary.md): a Cloud Run job that Cloud Scheduler starts on a
 # schedule. Each run sends a probe mail through the publisher to a real mailbox, reads it back over
 # IMAP, deletes it and exports mailpipe.canary.* metrics (Cloud Monitoring) and spans (Cloud Trace,
 # joined to the probe mail's own trace). An alert fires when a run fails, when the time to inbox
@@ -13,7 +13,7 @@ locals {
   canary_tls  = local.canary_enabled ? local.canary.imap_tls : "imaps"
   canary_port = local.canary_enabled ? coalesce(local.canary.imap_port, { imaps = 993, starttls = 143 }[local.canary_tls]) : 0
 
-  # The job's environment (names: mailpipe/canary.py CanaryConfig.from_env). The canary traces every
+  # The job's environment (names: canary/probe.py CanaryConfig.from_env). The canary traces every
   # run (sample ratio 1): its read span joins the probe mail's trace, which the publisher samples
   # with its own ratio.
   canary_env = local.canary_enabled ? merge({
@@ -210,10 +210,9 @@ resource "google_cloud_run_v2_job" "canary" {
 
       containers {
         name = "canary"
-        # The publisher image holds the mailpipe package; `python -m mailpipe.cli.canary` runs the
-        # command without the local-only parts of the CLI.
-        image   = coalesce(local.canary.image, var.publisher_image)
-        command = ["python", "-m", "mailpipe.cli.canary"]
+        # The canary image (canary/Dockerfile): the shared core and the canary only.
+        image   = var.canary_image
+        command = ["python", "-m", "canary"]
 
         resources {
           limits = {
@@ -248,6 +247,10 @@ resource "google_cloud_run_v2_job" "canary" {
   }
 
   lifecycle {
+    precondition {
+      condition     = var.canary_image != null
+      error_message = "canary_image is required with canary: build canary/Dockerfile and push it beside the publisher and subscriber images (docs/deploy.md)."
+    }
     precondition {
       condition     = local.canary.to != null || can(regex("@", local.canary.imap_user))
       error_message = "canary.to is required when canary.imap_user is not an e-mail address."

@@ -9,7 +9,7 @@ locals {
   reconcile_enabled = var.reconcile.enabled
   reconcile_job     = "mailpipe-reconcile"
 
-  # The job reads the publisher's configuration (mailpipe/cli/reconcile.py: the record, the
+  # The job reads the publisher's configuration (ops/cli/reconcile.py: the record, the
   # reservation expiry, the grace), so it gets the publisher's environment: both always agree on
   # what "stuck" means. It exports no traces or metrics, so it needs no Trace or Monitoring role;
   # its JSON lines go to Cloud Logging from stdout.
@@ -96,8 +96,8 @@ resource "google_cloud_run_v2_job" "reconcile" {
 
       containers {
         name = "reconcile"
-        # The publisher image carries the mailpipe package with its CLI (the canary runs from it
-        # too); the console script `mailpipe` is on its PATH.
+        # The publisher image carries the mailpipe CLI; the console script `mailpipe` is on its
+        # PATH.
         image   = coalesce(var.reconcile.image, var.publisher_image)
         command = ["mailpipe"]
         args    = ["reconcile", "--fix"]

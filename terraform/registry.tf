@@ -1,4 +1,4 @@
-# Docker repository for the publisher and subscriber images (docs/deploy.md pushes to it).
+# Docker repository for the publisher, subscriber and canary images (docs/deploy.md pushes to it).
 
 resource "google_artifact_registry_repository" "images" {
   #checkov:skip=CKV_GCP_84:Images hold no secrets or user data; Google-managed encryption at rest is sufficient here. Add kms_key_name where an organisation policy requires CMEK.

@@ -31,7 +31,7 @@ variable "labels" {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Images (built from publisher/Dockerfile and subscriber/Dockerfile, pushed to the repository this
+# Images (built from publisher/Dockerfile, subscriber/Dockerfile and canary/Dockerfile, pushed to the repository this
 # module creates: see the artifact_registry_repository output and docs/deploy.md)
 # ---------------------------------------------------------------------------------------------
 variable "publisher_image" {
@@ -51,6 +51,17 @@ variable "subscriber_image" {
   validation {
     condition     = can(regex("^[a-z0-9.-]+(:[0-9]+)?/[^ ]+(:[A-Za-z0-9_.-]+|@sha256:[a-f0-9]{64})$", var.subscriber_image))
     error_message = "subscriber_image must be a full image reference with a tag or @sha256 digest."
+  }
+}
+
+variable "canary_image" {
+  type        = string
+  description = "Container image of the canary job (canary/Dockerfile), e.g. \"europe-west1-docker.pkg.dev/PROJECT/mailpipe/canary:v1\" (a @sha256 digest is best). Required when canary is set; unused otherwise."
+  default     = null
+
+  validation {
+    condition     = var.canary_image == null || can(regex("^[a-z0-9.-]+(:[0-9]+)?/[^ ]+(:[A-Za-z0-9_.-]+|@sha256:[a-f0-9]{64})$", coalesce(var.canary_image, "x")))
+    error_message = "canary_image must be null or a full image reference with a tag or @sha256 digest."
   }
 }
 
@@ -473,9 +484,8 @@ variable "canary" {
     schedule                     = optional(string, "*/5 * * * *")
     deadline_seconds             = optional(number, 600)
     poll_interval_seconds        = optional(number, 5)
-    image                        = optional(string)
   })
-  description = "The canary job (null = no canary). imap_*: the mailbox it reads (MAILPIPE_CANARY_IMAP_*; port null = 993 for imaps, 143 for starttls); imap_password_secret_id: an existing Secret Manager secret in project_id holding the IMAP password (create it yourself, as for the SMTP password); to: the mailbox's address (null = imap_user); schedule: cron in UTC for Cloud Scheduler; deadline_seconds: how long a run waits for the probe; image: null = publisher_image (it contains the canary)."
+  description = "The canary job (null = no canary). imap_*: the mailbox it reads (MAILPIPE_CANARY_IMAP_*; port null = 993 for imaps, 143 for starttls); imap_password_secret_id: an existing Secret Manager secret in project_id holding the IMAP password (create it yourself, as for the SMTP password); to: the mailbox's address (null = imap_user); schedule: cron in UTC for Cloud Scheduler; deadline_seconds: how long a run waits for the probe. The job runs canary_image."
   default     = null
 
   validation {

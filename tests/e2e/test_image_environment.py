@@ -10,11 +10,12 @@ working directory, with only the variables the container would have (bound to 12
 of the image's 0.0.0.0), against Google's Pub/Sub emulator, a real aiosmtpd server and, for the
 canary, Dovecot, all on loopback:
 
-- publisher image: its CMD (``python -m publisher``); the canary job's and the reconcile job's
-  commands, read from terraform/canary.tf and terraform/reconcile.tf (both jobs run this image):
-  the canary finds its probe in the mailbox, reconcile releases a stuck reservation;
+- publisher image: its CMD (``python -m publisher``); the reconcile job's command, read from
+  terraform/reconcile.tf (the job runs this image): reconcile releases a stuck reservation;
 - subscriber image: its CMD (``python -m subscriber push``); the pull-mode worker pool's command,
-  read from terraform/run.tf; the functions-framework targets of subscriber/function.py.
+  read from terraform/run.tf; the functions-framework targets of subscriber/function.py;
+- canary image: its CMD (``python -m canary``), which is the canary job's command in
+  terraform/canary.tf: the canary finds its probe in the mailbox.
 
 The base image's Python is 3.11 (python:3.11-slim-bookworm), as CI's is.
 """
@@ -55,7 +56,7 @@ from tests.fixtures.pipeline import pipeline_env
 from tests.fixtures.terraform import Module, container_command
 
 REPO = Path(__file__).resolve().parents[2]
-IMAGES = ("publisher", "subscriber")
+IMAGES = ("publisher", "subscriber", "canary")
 # What only the test and dev extras bring: none of it may reach an image.
 NOT_IN_IMAGES = {"pytest", "hypothesis", "schemathesis", "trustme", "python-hcl2", "ruff", "mypy"}
 # Installed by `python -m venv` / the build itself, not by the project's requirements.
@@ -258,7 +259,7 @@ def build_image_environment(name: str, root: Path) -> ImageEnvironment:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], ImageEnvironment]]:
-    """``images(name)``: that image's environment. Both are built at the first call, side by
+    """``images(name)``: that image's environment. All are built at the first call, side by
     side (pip spends most of its time waiting for the package index)."""
     built: dict[str, ImageEnvironment] = {}
 
@@ -384,7 +385,10 @@ def test_every_module_in_the_image_imports(
     images: Callable[[str], ImageEnvironment], name: str
 ) -> None:
     image = images(name)
-    result = image.run(["python", "-c", IMPORT_EVERY_MODULE, "mailpipe", name], {})
+    # Every package the Dockerfile copies in (the publisher image also carries ops/ and canary/).
+    packages = [d.rstrip("/") for _, d in image.build.copies if d.endswith("/") and d != "./"]
+    assert "mailpipe" in packages and name in packages, packages
+    result = image.run(["python", "-c", IMPORT_EVERY_MODULE, *packages], {})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {}, f"modules of the {name} image that do not import"
 
@@ -536,7 +540,7 @@ def test_function_targets_of_the_subscriber_image(
     record.close()
 
 
-def test_canary_job_of_the_publisher_image_finds_its_probe_in_the_mailbox(
+def test_canary_job_of_the_canary_image_finds_its_probe_in_the_mailbox(
     images: Callable[[str], ImageEnvironment],
     terraform: Module,
     apply_mail_topology: Callable[..., Topology],
@@ -545,8 +549,9 @@ def test_canary_job_of_the_publisher_image_finds_its_probe_in_the_mailbox(
 ) -> None:
     command = container_command(terraform.resource("google_cloud_run_v2_job", "canary"))
     job_image = terraform.resource("google_cloud_run_v2_job", "canary")["template"][0]["template"]
-    assert "var.publisher_image" in job_image[0]["containers"][0]["image"]
-    publisher, subscriber = images("publisher"), images("subscriber")
+    assert job_image[0]["containers"][0]["image"] == "${var.canary_image}"
+    publisher, subscriber, canary = images("publisher"), images("subscriber"), images("canary")
+    assert command == canary.build.cmd
     publisher_port, subscriber_port = free_port(), free_port()
     topology = apply_mail_topology(push_endpoint=f"http://127.0.0.1:{subscriber_port}/")
     publisher_url = f"http://127.0.0.1:{publisher_port}"
@@ -569,7 +574,7 @@ def test_canary_job_of_the_publisher_image_finds_its_probe_in_the_mailbox(
                 health_url=f"http://127.0.0.1:{subscriber_port}/healthz",
             ),
         ):
-            result = publisher.run(
+            result = canary.run(
                 command,
                 {
                     "MAILPIPE_URL": publisher_url,
@@ -587,7 +592,7 @@ def test_canary_job_of_the_publisher_image_finds_its_probe_in_the_mailbox(
                 },
             )
 
-    assert command == ["python", "-m", "mailpipe.cli.canary"]
+    assert command == ["python", "-m", "canary"]
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"^ok probe \S+ visible in INBOX", result.stdout, re.MULTILINE), result.stdout
 

@@ -20,7 +20,7 @@ from emulator import RunningEmulator, sync_topology
 from emulator.pipeline import LocalPipeline, run_local_pipeline, start_service
 from emulator.process import free_port
 from mailpipe.topology import Topology
-from mailpipe.tracefile import find_trace, read_spans
+from ops.trace_view import find_trace, read_spans
 
 MAIL: dict[str, Any] = {
     "from": "Ada Lovelace <ada@example.com>",
@@ -177,7 +177,7 @@ def test_mailpipe_up_once_runs_the_sample_and_leaves_nothing_running(tmp_path: P
         [
             sys.executable,
             "-m",
-            "mailpipe",
+            "ops",
             "up",
             "--once",
             "--json",
@@ -219,7 +219,7 @@ def test_mailpipe_up_leaves_nothing_running_however_it_is_stopped(
         [
             sys.executable,
             "-m",
-            "mailpipe",
+            "ops",
             "up",
             "--port",
             str(free_port()),

@@ -28,8 +28,8 @@ from emulator.smtp import LocalSmtpServer
 from mailpipe.config import SubscriberConfig
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.record import open_record
+from subscriber.dead_letters import DeadLetterRecorder
 from subscriber.delivery import DeliveryService
-from subscriber.dlq import DeadLetterRecorder
 from subscriber.push import PUBSUB_EVENT_TYPE, PushHandler, create_push_app
 from subscriber.smtp import SmtpSender
 from tests.fixtures.http import serve_app

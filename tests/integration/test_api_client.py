@@ -29,7 +29,7 @@ from mailpipe.api_client import (
     PublisherApi,
     google_id_token_auth,
 )
-from mailpipe.cli import main
+from ops.cli import main
 from tests.fixtures.http import serve_app
 from tests.fixtures.imap import free_port
 from tests.fixtures.pipeline import Pipeline
@@ -226,7 +226,7 @@ def test_wait_returns_the_last_record_and_keeps_polling_through_5xx(
 def test_send_to_a_closed_port_exits_1_without_a_traceback() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     result = subprocess.run(
-        [sys.executable, "-m", "mailpipe", *SEND, "--url", url],
+        [sys.executable, "-m", "ops", *SEND, "--url", url],
         capture_output=True,
         text=True,
         timeout=60,

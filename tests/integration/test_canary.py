@@ -19,17 +19,17 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from emulator.smtp import LocalSmtpServer
-from mailpipe.canary import (
+from canary.probe import (
     Canary,
     CanaryConfig,
     CanaryResult,
     Outcome,
     build_canary,
 )
-from mailpipe.cli import main as mailpipe_main
+from emulator.smtp import LocalSmtpServer
 from mailpipe.config import ConfigError
 from mailpipe.telemetry import setup_telemetry
+from ops.cli import main as mailpipe_main
 from tests.fixtures.imap import Dovecot, free_port
 from tests.fixtures.pipeline import Pipeline
 from tests.fixtures.telemetry import metric_points

@@ -34,13 +34,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from emulator import RunningEmulator, publisher_client, subscriber_client
 from emulator.process import free_port
-from mailpipe.cli import EXIT_FAILED, EXIT_OK, build_parser, main
-from mailpipe.cli.dlq import ReplayServices
 from mailpipe.config import PublisherConfig
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.metrics import MailMetrics
 from mailpipe.record import Attempt, MailStatus, open_record
 from mailpipe.topology import Topology
+from ops.cli import EXIT_FAILED, EXIT_OK, build_parser, main
+from ops.cli.dlq import ReplayServices
 from publisher.app import create_app
 from publisher.main import oldest_undelivered_age
 from publisher.pubsub import PubSubMailPublisher

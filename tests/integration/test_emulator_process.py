@@ -172,7 +172,7 @@ def test_installed_emulators_pass_the_ci_check():
 def cli_up(tmp_path) -> Iterator[subprocess.Popen[str]]:
     env = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "mailpipe", "emulator", "up", "--firestore"],
+        [sys.executable, "-m", "ops", "emulator", "up", "--firestore"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

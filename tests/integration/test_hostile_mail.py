@@ -32,14 +32,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from emulator import RunningEmulator, publisher_client, subscriber_client
 from emulator.smtp import LocalSmtpServer, ReceivedMail
 from mailpipe.config import PublisherConfig, SubscriberConfig
-from mailpipe.dlq import DeadLetterReplayer, ReplayStatus, Selection
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.record import MailStatus, open_record
 from mailpipe.topology import Topology
+from ops.replay import DeadLetterReplayer, ReplayStatus, Selection
 from publisher.app import create_app
 from publisher.pubsub import PubSubMailPublisher
+from subscriber.dead_letters import DeadLetterRecorder
 from subscriber.delivery import DeliveryService, Outcome, ReceivedMessage
-from subscriber.dlq import DeadLetterRecorder
 from subscriber.push import PushHandler, create_push_app
 from subscriber.smtp import SmtpSender
 from tests.fixtures.http import serve_app

@@ -33,8 +33,6 @@ from werkzeug.serving import make_server
 
 from emulator import RunningEmulator, subscriber_client
 from emulator.smtp import LocalSmtpServer
-from mailpipe.cli import main as cli_main
-from mailpipe.cli import reconcile as reconcile_cli
 from mailpipe.config import PublisherConfig
 from mailpipe.mail import QueuedMail
 from mailpipe.metrics import MailMetrics
@@ -43,6 +41,8 @@ from mailpipe.record import DeliveryRecord, MailStatus, RecordUnavailable
 from mailpipe.record.firestore import FirestoreRecord
 from mailpipe.record.sqlite import SqliteRecord
 from mailpipe.topology import Topology
+from ops.cli import main as cli_main
+from ops.cli import reconcile as reconcile_cli
 from publisher.app import create_app
 from publisher.main import oldest_undelivered_age
 from publisher.pubsub import PubSubMailPublisher
@@ -662,7 +662,7 @@ def test_reconcile_fix_as_the_scheduled_job_runs_it(
     env["CLOUD_RUN_JOB"] = "mailpipe-reconcile"
     program = (
         "import sys; sys.modules['emulator'] = sys.modules['subscriber'] = None; "
-        "from mailpipe.cli import main; sys.exit(main(sys.argv[1:]))"
+        "from ops.cli import main; sys.exit(main(sys.argv[1:]))"
     )
 
     job = subprocess.run(

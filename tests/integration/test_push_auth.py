@@ -49,8 +49,8 @@ from publisher.app import create_app
 from publisher.main import caller_identity
 from publisher.pubsub import PubSubMailPublisher
 from subscriber.auth import PushAuthenticator
+from subscriber.dead_letters import DeadLetterRecorder
 from subscriber.delivery import DeliveryService
-from subscriber.dlq import DeadLetterRecorder
 from subscriber.main import build_push_handler, build_services
 from subscriber.push import PushHandler, create_push_app
 from subscriber.smtp import SmtpSender

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from google.cloud import firestore
 
-from mailpipe.reconcile import fix, survey
+from mailpipe.reconcile import survey
 from mailpipe.record.base import (
     AlreadyFinal,
     Attempt,
@@ -33,6 +33,7 @@ from mailpipe.record.base import (
 from mailpipe.record.firestore import FirestoreRecord
 from mailpipe.record.lifecycle import key_hash
 from mailpipe.record.sqlite import SCHEMA_VERSION, SqliteRecord
+from ops.reconcile import fix
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 LEASE = 60.0

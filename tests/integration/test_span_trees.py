@@ -27,9 +27,9 @@ from opentelemetry.trace import SpanKind, StatusCode
 from emulator import RunningEmulator, delete_topology
 from emulator.pipeline import LocalPipeline, run_local_pipeline
 from emulator.smtp import LocalSmtpServer
-from mailpipe.cli import main as mailpipe_main
 from mailpipe.topology import Topology, load_topology
-from mailpipe.tracefile import SpanRecord, find_trace, read_spans
+from ops.cli import main as mailpipe_main
+from ops.trace_view import SpanRecord, find_trace, read_spans
 from tests.fixtures.emulators import FAST_DELIVERY_SETTINGS
 from tests.fixtures.pipeline import Pipeline
 

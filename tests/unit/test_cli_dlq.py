@@ -16,15 +16,15 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mailpipe.attributes import publisher_link
-from mailpipe.cli import EXIT_OK, EXIT_USAGE, build_parser
-from mailpipe.cli.dlq import UsageError, record_url
-from mailpipe.dlq import (
+from mailpipe.record import Attempt, DeliveryRecord
+from mailpipe.record.sqlite import SqliteRecord
+from ops.cli import EXIT_OK, EXIT_USAGE, build_parser
+from ops.cli.dlq import UsageError, record_url
+from ops.replay import (
     Selection,
     parse_since,
     republished_attributes,
 )
-from mailpipe.record import Attempt, DeliveryRecord
-from mailpipe.record.sqlite import SqliteRecord
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 

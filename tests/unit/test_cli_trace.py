@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from mailpipe.cli import EXIT_FAILED, EXIT_OK
-from mailpipe.cli import trace as trace_cli
 from mailpipe.tracefile import JsonLinesSpanExporter
+from ops.cli import EXIT_FAILED, EXIT_OK
+from ops.cli import trace as trace_cli
 from tests.fixtures.telemetry import write_sample_trace
 
 MAIL_ID = "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"

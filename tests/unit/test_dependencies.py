@@ -3,11 +3,11 @@
 The images install ``[project.dependencies]`` only (``pip install -c constraints.txt .``), so an
 import served by a test extra (PyJWT once was) or by some other package's dependencies (a
 transitive one can disappear with any upgrade) is a service that cannot start. This walks the
-syntax tree of every module in the service packages (mailpipe/ with the canary and the CLI,
-publisher/, subscriber/), finds the distribution that installs each imported module in this
-environment, and requires it to be named in ``[project.dependencies]`` itself. Imports under
-``if TYPE_CHECKING:`` never run and are left out; first-party packages and the standard library
-need no declaration.
+syntax tree of every module in the deployed packages (mailpipe/, publisher/, subscriber/,
+canary/, and ops/: the CLI the publisher image carries), finds the distribution that installs
+each imported module in this environment, and requires it to be named in
+``[project.dependencies]`` itself. Imports under ``if TYPE_CHECKING:`` never run and are left
+out; first-party packages and the standard library need no declaration.
 
 tests/e2e/test_image_environment.py proves the same from the other side: it installs exactly
 what the Dockerfiles install and starts every entry point.
@@ -28,8 +28,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICE_PACKAGES = ("mailpipe", "publisher", "subscriber")
-FIRST_PARTY = {"mailpipe", "publisher", "subscriber", "emulator"}
+SERVICE_PACKAGES = ("mailpipe", "publisher", "subscriber", "canary", "ops")
+FIRST_PARTY = {"mailpipe", "publisher", "subscriber", "canary", "ops", "emulator"}
 
 
 def _is_type_checking(test: ast.expr) -> bool:

@@ -1,7 +1,7 @@
 """Every repository path the docs or the code's comments name exists.
 
 A reader follows `subscriber/delivery.py`, a test such as
-`tests/unit/test_layers.py::test_services_meet_only_through_pubsub_and_the_record` or a link like
+`tests/unit/test_layers.py::test_each_package_imports_only_the_layers_below_it` or a link like
 [deploy](docs/deploy.md#push-authentication) to find the code or the proof behind a sentence;
 when a file moves or a test is renamed, the sentence must move with it. Checked:
 
@@ -328,7 +328,7 @@ def test_the_scan_finds_the_references_it_is_meant_to_check() -> None:
     line = (
         "see `subscriber/nowhere.py`, `tests/unit/test_layers.py::no_such_test`, "
         "`::also_missing` and [deploy](docs/missing.md#anchor), [rel](deploy.md); "
-        "`tests/unit/test_layers.py::test_services_meet_only_through_pubsub_and_the_record` "
+        "`tests/unit/test_layers.py::test_each_package_imports_only_the_layers_below_it` "
         "and https://cloud.google.com/run/docs/x.md and `../shared/tools/x.py` are fine"
     )
     found = dangling(_references_in_text(line, "example.md", ROOT))

@@ -6,9 +6,9 @@ import datetime as dt
 
 import pytest
 
-from mailpipe.dlq import parse_since
 from mailpipe.durations import DurationError, parse_duration
 from mailpipe.topology import TopologyError, duration_seconds
+from ops.replay import parse_since
 
 
 @pytest.mark.parametrize(
@@ -110,7 +110,7 @@ def test_what_canary_every_took_before_still_reads(text: str, seconds: float) ->
 def test_canary_every_takes_the_grammar_and_a_bare_number_of_seconds(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from mailpipe.cli import main
+    from ops.cli import main
 
     assert main(["canary", "--every", "5 min"]) == 2
     assert "'5 min' is not a duration" in capsys.readouterr().err

@@ -1,5 +1,14 @@
-"""The layers of docs/development.md hold: the core imports no service, services never import each
-other or emulator/, and the CLI works in a service image (where emulator/ is not installed)."""
+"""The layers of docs/development.md hold, with no exemption:
+
+    mailpipe/   the core: imports no other package of the repository
+    publisher/, subscriber/   the services: the core only (they meet through Pub/Sub and the record)
+    canary/     a deployable of its own (a Cloud Run job): the core only
+    emulator/   local runs and tests: the core and the services, never the operator tooling
+    ops/        operator tooling (the CLI, replay, the trace viewer): may import every package;
+                nothing but tests and bench imports it
+
+and the CLI works in the publisher image (where emulator/ and subscriber/ are not installed).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = {"mailpipe", "publisher", "subscriber", "canary", "emulator", "ops"}
 
 
 def imported_top_levels(package: str) -> dict[str, set[str]]:
@@ -27,42 +37,43 @@ def imported_top_levels(package: str) -> dict[str, set[str]]:
     return found
 
 
-@pytest.mark.parametrize(
-    ("package", "forbidden"),
-    [
-        ("publisher", {"subscriber", "emulator"}),
-        ("subscriber", {"publisher", "emulator"}),
-    ],
-)
-def test_services_meet_only_through_pubsub_and_the_record(
-    package: str, forbidden: set[str]
-) -> None:
+ALLOWED = {
+    "mailpipe": {"mailpipe"},
+    "publisher": {"mailpipe", "publisher"},
+    "subscriber": {"mailpipe", "subscriber"},
+    "canary": {"mailpipe", "canary"},
+    "emulator": {"mailpipe", "publisher", "subscriber", "emulator"},
+    "ops": PACKAGES,
+}
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_each_package_imports_only_the_layers_below_it(package: str) -> None:
     offenders = {
-        module: sorted(names & forbidden)
+        module: sorted((names & PACKAGES) - ALLOWED[package])
         for module, names in imported_top_levels(package).items()
-        if names & forbidden
+        if (names & PACKAGES) - ALLOWED[package]
     }
     assert offenders == {}
 
 
-def test_the_core_imports_no_service_outside_the_cli() -> None:
-    offenders = {
-        module: sorted(names & {"publisher", "subscriber", "emulator"})
-        for module, names in imported_top_levels("mailpipe").items()
-        if not module.startswith("mailpipe/cli/")
-        and names & {"publisher", "subscriber", "emulator"}
+def test_every_package_of_the_repository_has_its_layer() -> None:
+    top_level = {
+        path.parent.name
+        for path in ROOT.glob("*/__init__.py")
+        if path.parent.name not in ("tests", "bench")
     }
-    assert offenders == {}
+    assert top_level == set(ALLOWED)
 
 
-def test_cli_loads_in_a_service_image_without_the_emulator_package() -> None:
+def test_cli_loads_in_the_publisher_image_without_emulator_or_subscriber() -> None:
     code = (
-        "import sys; sys.modules['emulator'] = None\n"
-        "from mailpipe.cli import build_parser\n"
+        "import sys; sys.modules['emulator'] = sys.modules['subscriber'] = None\n"
+        "from ops.cli import build_parser\n"
         "print(sorted(build_parser()._subparsers._group_actions[0].choices))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
-    assert "send" in result.stdout and "trace" in result.stdout
+    assert "send" in result.stdout and "trace" in result.stdout and "canary" in result.stdout

@@ -10,13 +10,13 @@ import pytest
 from google.api_core import exceptions as api_exceptions
 from google.cloud.pubsub_v1.types import BatchSettings, PublisherOptions
 
-from mailpipe.dlq import DeadLetterUnavailable
 from mailpipe.pubsub import (
     PubSubUnavailable,
     publisher_client,
     subscriber_client,
     translate_api_errors,
 )
+from ops.replay import DeadLetterUnavailable
 
 NOBODY = "127.0.0.1:9"  # discard port: never contacted, clients connect lazily
 

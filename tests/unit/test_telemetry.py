@@ -27,7 +27,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from mailpipe.config import TelemetryConfig
 from mailpipe.telemetry import Telemetry, setup_telemetry
-from mailpipe.tracefile import read_spans
+from ops.trace_view import read_spans
 
 
 def _config(**changes) -> TelemetryConfig:
@@ -297,7 +297,7 @@ _FRESH_PROCESS = textwrap.dedent(
     from opentelemetry import trace
     from mailpipe.config import TelemetryConfig
     from mailpipe.telemetry import setup_telemetry
-    from mailpipe.tracefile import read_spans
+    from ops.trace_view import read_spans
 
     out = Path(sys.argv[1])
     first = setup_telemetry(TelemetryConfig("first", traces="file", trace_file=out / "a.jsonl"))
@@ -338,7 +338,7 @@ def test_importing_the_telemetry_modules_sets_nothing_up() -> None:
         """
         import threading
         import mailpipe.telemetry, mailpipe.metrics, mailpipe.logs, mailpipe.tracefile
-        import mailpipe.cli.trace
+        import ops.cli.trace, ops.trace_view
         from opentelemetry import metrics, trace
         print(type(trace.get_tracer_provider()).__name__)
         print(type(metrics.get_meter_provider()).__name__)

@@ -976,7 +976,8 @@ CANARY_TFVARS: dict[str, Any] = {
         "imap_host": "imap.example.com",
         "imap_user": "canary@example.com",
         "imap_password_secret_id": "mailpipe-canary-imap-password",
-    }
+    },
+    "canary_image": "europe-west1-docker.pkg.dev/mailpipe-prod-123/mailpipe/canary:v1",
 }
 
 
@@ -1033,6 +1034,20 @@ def test_every_promql_query_names_the_monitored_resource(module: Module, tmp_pat
     assert no_run.count("absent_over_time(") == len(types) and " and on() " in no_run
 
 
+def test_canary_job_runs_the_canary_image(module: Module) -> None:
+    job = module.resource("google_cloud_run_v2_job", "canary")
+    [container] = job["template"][0]["template"][0]["containers"]
+    # canary/Dockerfile: the core and the canary only; its CMD is the job's command.
+    assert container["image"] == "${var.canary_image}"
+    assert container_command(job) == ["python", "-m", "canary"]
+    dockerfile = (REPO / "canary" / "Dockerfile").read_text(encoding="utf-8")
+    assert dockerfile.rstrip().endswith('CMD ["python", "-m", "canary"]')
+    assert "${var.canary_image != null}" in _conditions(job), "a canary without its image"
+    variable = module.variables["canary_image"]
+    assert variable.get("default") is None and variable["type"] == "string"
+    assert "image" not in module.variables["canary"]["type"], "one place to name the image"
+
+
 def test_canary_reaches_an_internal_publisher_through_direct_vpc_egress(module: Module) -> None:
     job = module.resource("google_cloud_run_v2_job", "canary")
     template = job["template"][0]["template"][0]
@@ -1065,6 +1080,7 @@ def test_canary_reaches_an_internal_publisher_through_direct_vpc_egress(module: 
 
 CANARY_VPC_CASES = [
     ("public publisher, no VPC", {}, True, None),
+    ("no canary image", {"canary_image": None}, False, None),
     (
         "internal publisher, no VPC",
         {"publisher_ingress": "INGRESS_TRAFFIC_INTERNAL_ONLY"},
@@ -1237,7 +1253,7 @@ def test_reconcile_job_runs_on_a_schedule_with_least_privilege(module: Module) -
     assert job["count"] == "${local.reconcile_enabled ? 1 : 0}"
     assert container_command(job) == ["mailpipe", "reconcile", "--fix"]
     template = job["template"][0]["template"][0]
-    # The publisher image carries the mailpipe CLI (the canary runs from it too).
+    # The publisher image carries the mailpipe CLI.
     assert (
         template["containers"][0]["image"]
         == "${coalesce(var.reconcile.image, var.publisher_image)}"
@@ -1486,6 +1502,7 @@ def test_terraform_fmt_is_clean() -> None:
     [
         ("publisher", '["python", "-m", "publisher"]'),
         ("subscriber", '["python", "-m", "subscriber", "push"]'),
+        ("canary", '["python", "-m", "canary"]'),
     ],
 )
 def test_dockerfile_is_slim_pinned_non_root_and_runs_the_service(
@@ -1502,10 +1519,11 @@ def test_dockerfile_is_slim_pinned_non_root_and_runs_the_service(
     assert users and users[-1].split(":")[0] not in ("root", "0"), "must run as a non-root user"
     assert lines[-1] == f"CMD {command}"
     # The services bind 127.0.0.1 unless told otherwise; Cloud Run must be able to reach them.
+    # (The canary is a job: it serves nothing.)
     env = " ".join(
         line for line in lines if line.startswith(("ENV ", "MAILPIPE_", "PORT", "PYTHON"))
     )
-    assert "MAILPIPE_HTTP_HOST=0.0.0.0" in env
+    assert ("MAILPIPE_HTTP_HOST=0.0.0.0" in env) is (service != "canary")
     assert '"MAILPIPE_HTTP_HOST"' in (REPO / "mailpipe" / "config.py").read_text(encoding="utf-8")
     installs = [line for line in lines if "pip install" in line]
     assert installs == ["RUN pip install --no-cache-dir -c constraints.txt ."], (
@@ -1515,8 +1533,12 @@ def test_dockerfile_is_slim_pinned_non_root_and_runs_the_service(
         line.startswith("COPY ") and "constraints.txt" in line.split()[1:-1] for line in lines
     ), "the build needs constraints.txt in the image's build stage"
     copies = " ".join(line for line in lines if line.startswith("COPY "))
-    other = "subscriber" if service == "publisher" else "publisher"
-    assert f"{service}/" in copies and f"{other}/" not in copies, "one service per image"
+    # The publisher image also carries the operator CLI, which includes the canary's command: the
+    # reconcile job runs from it (terraform/reconcile.tf).
+    carried = {"publisher": {"canary", "ops"}}.get(service, set())
+    others = {"publisher", "subscriber", "canary", "ops"} - {service} - carried
+    assert f"{service}/" in copies, copies
+    assert not [o for o in others if f"{o}/" in copies], "one deployable per image"
 
 
 def test_dockerignore_lets_only_the_sources_in() -> None:
@@ -1534,6 +1556,8 @@ def test_dockerignore_lets_only_the_sources_in() -> None:
         "mailpipe",
         "publisher",
         "subscriber",
+        "canary",
+        "ops",
     }
 
 

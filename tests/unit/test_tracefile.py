@@ -1,4 +1,5 @@
-"""The JSON-lines trace file: write, read back, find a mail's trace, draw the waterfall."""
+"""The JSON-lines trace file: written by the core (mailpipe/tracefile.py), read back, a mail's
+trace found and drawn as a waterfall by the viewer (ops/trace_view.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from mailpipe.tracefile import (
-    JsonLinesSpanExporter,
-    find_trace,
-    format_duration,
-    read_spans,
-    render_waterfall,
-)
+from mailpipe.tracefile import JsonLinesSpanExporter
+from ops.trace_view import find_trace, format_duration, read_spans, render_waterfall
 from tests.fixtures.telemetry import SAMPLE_START_NS, write_sample_trace
 
 MAIL_ID = "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"

@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mailpipe.api_client import FINAL_STATUSES, ApiError
-from mailpipe.cli import (
+from ops.cli import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_MISSING_DEPENDENCY,
@@ -88,7 +88,7 @@ def _received_table(message: Any) -> Table:
 def run(args: argparse.Namespace) -> int:
     from emulator.errors import EmulatorError, EmulatorNotInstalled
     from emulator.pipeline import run_local_pipeline
-    from mailpipe.tracefile import find_trace, read_spans, render_waterfall
+    from ops.trace_view import find_trace, read_spans, render_waterfall
 
     console = Console(stderr=args.json)
     # SIGTERM too (timeout, kill): the services run in their own sessions and must be stopped.

@@ -43,7 +43,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from mailpipe.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from ops.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 EXIT_STUCK = 4
 SERVICE_NAME = "mailpipe-reconcile"
@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m mailpipe.cli.reconcile``: this command alone (as ``mailpipe reconcile``)."""
+    """``python -m ops.cli.reconcile``: this command alone (as ``mailpipe reconcile``)."""
     parser = argparse.ArgumentParser(
         prog="mailpipe reconcile",
         description=__doc__,
@@ -140,9 +140,10 @@ def run(
 ) -> int:
     """``record`` (a DeliveryRecord) and ``now`` are for tests and embedding; without them the
     record is opened from the environment and the time is now."""
-    from mailpipe.cli.dlq import UsageError, open_existing_record, read_config, record_url
-    from mailpipe.reconcile import FixAction, fix, survey
+    from mailpipe.reconcile import survey
     from mailpipe.record import RecordError
+    from ops.cli.dlq import UsageError, open_existing_record, read_config, record_url
+    from ops.reconcile import FixAction, fix
 
     environ = os.environ if environ is None else environ
     as_json = bool(args.json or environ.get("CLOUD_RUN_JOB"))

@@ -25,7 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mailpipe.api_client import DEFAULT_URL, ApiError, ApiHttpError, PublisherApi
-from mailpipe.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from ops.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,10 +1,10 @@
-"""``mailpipe canary``: send a probe mail through the publisher and time its arrival over IMAP.
+"""``python -m canary`` (``mailpipe canary``): send a probe mail, time its arrival over IMAP.
 
 The probe goes through ``POST /v1/messages`` to the canary's mailbox; the canary then reads that
 mailbox over IMAP until the probe (found by its Message-ID) is visible, reads it the way a mail
 client does, deletes it, and reports accepted → SMTP 250 → visible-in-inbox times. Every IMAP
 step is a span and a sample of ``mailpipe.canary.imap.step.duration``; the read is recorded in
-the probe mail's own trace (see mailpipe/canary.py and docs/canary.md).
+the probe mail's own trace (see canary/probe.py and docs/canary.md).
 
 Settings come from the environment (flags override them):
 
@@ -55,17 +55,9 @@ from typing import Any
 
 from rich.console import Console
 
-from mailpipe.cli import EXIT_INTERRUPTED, EXIT_USAGE
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "canary",
-        help="send a probe mail and time its arrival in a mailbox over IMAP",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
+# The exit codes the operator CLI uses for the same cases (ops/cli/__init__.py).
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,13 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m mailpipe.cli.canary``: this command alone.
-
-    The service images hold the mailpipe package but not the local-only parts the full CLI
-    imports (the emulator package); the Cloud Run job runs the canary this way.
-    """
+    """``python -m canary``: what the Cloud Run job runs (canary/Dockerfile's CMD)."""
     parser = argparse.ArgumentParser(
-        prog="mailpipe canary",
+        prog="python -m canary",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -159,7 +147,7 @@ def _print(console: Console, result: Any, as_json: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mailpipe.canary import CanaryConfig, build_canary
+    from canary.probe import CanaryConfig, build_canary
     from mailpipe.config import ConfigError
     from mailpipe.durations import parse_duration
     from mailpipe.telemetry import TelemetryError, setup_telemetry

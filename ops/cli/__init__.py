@@ -27,13 +27,13 @@ EXIT_INTERRUPTED = 130
 
 # Order is the order of `mailpipe --help`.
 COMMAND_MODULES = (
-    "mailpipe.cli.up",
-    "mailpipe.cli.emulator",
-    "mailpipe.cli.send",
-    "mailpipe.cli.trace",
-    "mailpipe.cli.canary",
-    "mailpipe.cli.dlq",
-    "mailpipe.cli.reconcile",
+    "ops.cli.up",
+    "ops.cli.emulator",
+    "ops.cli.send",
+    "ops.cli.trace",
+    "ops.cli.canary",
+    "ops.cli.dlq",
+    "ops.cli.reconcile",
 )
 
 

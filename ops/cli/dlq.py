@@ -3,7 +3,7 @@
 Configuration comes from the same environment as the services (``MAILPIPE_RECORD``,
 ``GOOGLE_CLOUD_PROJECT``, ``MAILPIPE_TOPIC``, ``MAILPIPE_DEAD_LETTER_SUBSCRIPTION``,
 ``PUBSUB_EMULATOR_HOST``, ``MAILPIPE_TRACES``...); ``--record`` overrides the record (``mailpipe
-up`` keeps it in ``--state-dir/record.sqlite3``). The logic lives in :mod:`mailpipe.dlq`; this
+up`` keeps it in ``--state-dir/record.sqlite3``). The logic lives in :mod:`ops.replay`; this
 module parses arguments, wires the clients and prints.
 
 Exit codes: 0 every selected mail was replayed (or needed nothing), 1 some failed or were not
@@ -28,9 +28,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from mailpipe.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from mailpipe.config import ConfigError, PublisherConfig, PubSubConfig, TelemetryConfig
-from mailpipe.dlq import (
+from mailpipe.record import DeliveryRecord, RecordError, open_record
+from ops.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from ops.replay import (
     DeadLetterReplayer,
     DeadLetterUnavailable,
     ReplayOutcome,
@@ -40,7 +41,6 @@ from mailpipe.dlq import (
     list_dead_letters,
     parse_since,
 )
-from mailpipe.record import DeliveryRecord, RecordError, open_record
 
 CLI_SERVICE_NAME = "mailpipe-cli"
 
@@ -207,6 +207,7 @@ def open_replay_services(args: argparse.Namespace, environ: Mapping[str, str]) -
         pubsub=config.pubsub,
         subscriber=subscriber,
         publisher=publisher,
+        # The instrumentation scope keeps its name from before the CLI moved to ops/.
         tracer=telemetry.tracer("mailpipe.cli.dlq"),
         # The emulator answers an immediate pull exactly; production may answer it empty.
         return_immediately=bool(host),

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mailpipe.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from mailpipe.tracefile import find_trace, group_by_trace, read_spans, render_waterfall
+from ops.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from ops.trace_view import find_trace, group_by_trace, read_spans, render_waterfall
 
 DEFAULT_TRACE_FILE = ".mailpipe/traces.jsonl"
 POLL_INTERVAL_SECONDS = 0.2

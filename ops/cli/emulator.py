@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from mailpipe.cli import (
+from mailpipe.config import DEFAULT_PROJECT as DEFAULT_LOCAL_PROJECT
+from mailpipe.topology import TopologyError, load_topology
+from ops.cli import (
     EXIT_FAILED,
     EXIT_MISSING_DEPENDENCY,
     EXIT_OK,
     EXIT_USAGE,
     sigterm_as_interrupt,
 )
-from mailpipe.config import DEFAULT_PROJECT as DEFAULT_LOCAL_PROJECT
-from mailpipe.topology import TopologyError, load_topology
 
 if TYPE_CHECKING:
     # `emulator` is a development package (not in the service images): imported when run.
