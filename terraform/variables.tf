@@ -167,7 +167,7 @@ variable "publish_timeout_seconds" {
 # ---------------------------------------------------------------------------------------------
 variable "subscriber_mode" {
   type        = string
-  description = "How the subscriber receives mail. \"push\" (default): Pub/Sub pushes each mail to the subscriber's Cloud Run service (request-based billing, scales to zero). \"pull\": a Cloud Run worker pool runs `python -m subscriber pull` (streaming pull, CPU always allocated, subscriber_pull_instances instances always running); the subscriptions declared push in topology.json are created as pull subscriptions and no push invoker exists."
+  description = "How the subscriber receives mail. \"push\" (default): Pub/Sub pushes each mail to the subscriber's Cloud Run service (billed per instance, cpu_idle = false, so spans and metrics leave between requests; scales to zero). \"pull\": a Cloud Run worker pool runs `python -m subscriber pull` (streaming pull, CPU always allocated, subscriber_pull_instances instances always running); the subscriptions declared push in topology.json are created as pull subscriptions and no push invoker exists."
   default     = "push"
 
   validation {
