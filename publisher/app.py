@@ -59,6 +59,9 @@ MAX_REQUEST_BYTES = 10 * 1024 * 1024
 STATS_STUCK_MAILS = 20  # stuck mails /v1/stats lists (all are counted); the CLI lists them all
 _MAIL_ID = re.compile(MAIL_ID_PATTERN)
 EXTENSION = "mailpipe"  # the app's ApiServices: current_app.extensions[EXTENSION]
+UNTRACED_PATHS = (
+    r"/healthz(\?.*)?$"  # FlaskInstrumentor matches these regexes against the request URL
+)
 
 # The API's routes; create_app registers them on each app it builds.
 api = Blueprint("api", __name__)
@@ -174,7 +177,11 @@ def create_app(
         metrics=metrics,
         identify_caller=identify_caller,
     )
-    FlaskInstrumentor().instrument_app(app, tracer_provider=tracer_provider)
+    # Cloud Run's startup and liveness probes hit /healthz every few seconds per instance: a trace
+    # (and, with the per-request span flush, a Cloud Trace write) for each would be noise and cost.
+    FlaskInstrumentor().instrument_app(
+        app, tracer_provider=tracer_provider, excluded_urls=UNTRACED_PATHS
+    )
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:

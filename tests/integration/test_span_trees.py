@@ -559,3 +559,15 @@ def test_file_exporter_across_processes(
         assert "smtp 451 4.3.0; deferred; attempt 1" in out
         assert "smtp 250 2.0.0; delivered; attempt 2; reused connection" in out
         assert out.count("mail deliver") == 2
+
+
+def test_health_probes_make_no_trace_and_api_calls_do(pipeline: Pipeline) -> None:
+    # Cloud Run's startup and liveness probes call GET /healthz every few seconds per instance.
+    before = len(pipeline.spans.get_finished_spans())
+    for _ in range(3):
+        assert pipeline.http.get("/healthz").status_code == 200
+    assert pipeline.http.get("/healthz?probe=1").status_code == 200
+    assert pipeline.http.get("/v1/stats").status_code == 200
+    new = [s.name for s in pipeline.spans.get_finished_spans()[before:]]
+    assert not [name for name in new if "healthz" in name], new
+    assert "GET /v1/stats" in new, new
