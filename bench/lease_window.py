@@ -27,10 +27,10 @@ from typing import Any
 from opentelemetry.sdk.trace import TracerProvider
 
 from emulator.smtp import LocalSmtpServer, ReceivedMail
-from mailpipe.config import SmtpConfig
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.record import Attempt, LeaseRenewal, MailRecord
 from mailpipe.record.sqlite import SqliteRecord
+from subscriber.config import SmtpConfig
 from subscriber.delivery import DeliveryService, Outcome, ReceivedMessage
 from subscriber.smtp import SmtpSender
 

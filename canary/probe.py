@@ -97,7 +97,7 @@ from mailpipe.attributes import (
     SPAN_MAIL_ID,
     context_from_traceparent,
 )
-from mailpipe.config import TelemetryConfig, _EnvReader
+from mailpipe.config import EnvReader, TelemetryConfig
 from mailpipe.telemetry import METER_NAME, Telemetry
 
 ImapTls = Literal["imaps", "starttls", "none"]
@@ -230,7 +230,7 @@ class CanaryConfig:
         """Read ``MAILPIPE_CANARY_*`` (and ``MAILPIPE_URL``, ``MAILPIPE_MESSAGE_ID_DOMAIN``,
         the telemetry variables); raise :class:`~mailpipe.config.ConfigError` listing every
         problem."""
-        env = _EnvReader(environ)
+        env = EnvReader(environ)
         tls = cast(
             ImapTls,
             env.choice("MAILPIPE_CANARY_IMAP_TLS", "imaps", ("imaps", "starttls", "none")),

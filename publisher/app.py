@@ -28,7 +28,6 @@ from pydantic import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from mailpipe.attributes import SPAN_MAIL_ID
-from mailpipe.config import PublisherConfig
 from mailpipe.httpjson import JsonBodyError, error_response, install_json_errors, parse_json
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.metrics import MailMetrics
@@ -40,6 +39,7 @@ from mailpipe.record import (
     RecordError,
     RecordUnavailable,
 )
+from publisher.config import PublisherConfig
 from publisher.idempotency import (
     IDEMPOTENCY_HEADER,
     CallerIdentity,

@@ -13,7 +13,6 @@ from typing import cast
 import flask
 from flask import Flask
 
-from mailpipe.config import PublisherConfig
 from mailpipe.logs import configure_logging
 from mailpipe.oidc import GOOGLE_JWKS_URL, TokenError, TokenKeysUnavailable, identify_caller
 from mailpipe.reconcile import stuck_counts
@@ -21,6 +20,7 @@ from mailpipe.record import DeliveryRecord, open_record
 from mailpipe.serving import serve_wsgi
 from mailpipe.telemetry import Telemetry, idle_span_flush, setup_telemetry
 from publisher.app import ApiError, create_app
+from publisher.config import PublisherConfig
 from publisher.idempotency import CallerIdentity
 from publisher.pubsub import PubSubMailPublisher
 

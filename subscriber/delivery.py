@@ -56,11 +56,12 @@ from mailpipe.attributes import (
     SPAN_OUTCOME,
     current_traceparent,
 )
-from mailpipe.config import AddressStyle, default_delivery_timeout
+from mailpipe.config import AddressStyle
 from mailpipe.logs import redact_address, redact_addresses, redact_secrets
 from mailpipe.mail import MailDecodeError, QueuedMail, UnsendableMail
 from mailpipe.metrics import MailMetrics
 from mailpipe.record import Attempt, ClaimResult, DeliveryRecord, RecordError, RenewalResult
+from subscriber.config import default_delivery_timeout
 from subscriber.errors import DeliveryError, UndeliverableMail
 from subscriber.message import build_message, envelope, message_bytes
 from subscriber.smtp import SmtpReceipt

@@ -25,8 +25,8 @@ import functions_framework
 from flask import Request, Response
 from werkzeug.exceptions import MethodNotAllowed
 
-from mailpipe.config import SubscriberConfig
 from mailpipe.httpjson import json_error_handlers
+from subscriber.config import SubscriberConfig
 from subscriber.main import build_push_handler, build_services
 from subscriber.push import PushHandler
 

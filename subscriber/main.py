@@ -20,13 +20,13 @@ from types import FrameType
 
 from flask import Flask
 
-from mailpipe.config import SubscriberConfig
 from mailpipe.logs import configure_logging, register_secret
 from mailpipe.record import DeliveryRecord, open_record
 from mailpipe.serving import serve_wsgi
 from mailpipe.telemetry import Telemetry, idle_span_flush, setup_telemetry
 from mailpipe.topology import load_topology
 from subscriber.auth import PushAuthenticator
+from subscriber.config import SubscriberConfig
 from subscriber.dead_letters import DeadLetterRecorder
 from subscriber.delivery import DeliveryService
 from subscriber.pull import PullWorker, make_subscriber_client

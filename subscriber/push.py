@@ -28,7 +28,6 @@ from flask import Flask, Request, Response, jsonify, request
 from opentelemetry.trace import Link, SpanKind
 
 from mailpipe.attributes import SPAN_LINK_KIND, context_link, extract_context, publisher_context
-from mailpipe.config import SubscriberConfig
 from mailpipe.httpjson import (
     JsonBodyError,
     check_json_value,
@@ -38,6 +37,7 @@ from mailpipe.httpjson import (
 )
 from mailpipe.telemetry import IdleSpanFlush
 from subscriber.auth import PushAuthenticator, PushAuthError
+from subscriber.config import SubscriberConfig
 from subscriber.dead_letters import DeadLetterRecorder
 from subscriber.delivery import DeliveryService, ReceivedMessage
 

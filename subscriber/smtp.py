@@ -63,9 +63,10 @@ from mailpipe.attributes import (
     SMTP_RECIPIENT,
     SMTP_REPLY_CODE,
 )
-from mailpipe.config import AddressStyle, SmtpConfig
+from mailpipe.config import AddressStyle
 from mailpipe.logs import redact_address
 from mailpipe.metrics import MailMetrics
+from subscriber.config import SmtpConfig
 from subscriber.errors import (
     DeliveryError,
     SmtpConnectionError,

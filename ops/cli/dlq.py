@@ -28,7 +28,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from mailpipe.config import ConfigError, PublisherConfig, PubSubConfig, TelemetryConfig
+from mailpipe.config import ConfigError, PubSubConfig, TelemetryConfig
 from mailpipe.record import DeliveryRecord, RecordError, open_record
 from ops.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from ops.replay import (
@@ -41,6 +41,7 @@ from ops.replay import (
     list_dead_letters,
     parse_since,
 )
+from publisher.config import PublisherConfig
 
 CLI_SERVICE_NAME = "mailpipe-cli"
 

@@ -19,9 +19,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from mailpipe.config import PublisherConfig, SubscriberConfig, TelemetryConfig
+from mailpipe.config import TelemetryConfig
 from mailpipe.serving import serve_wsgi
 from mailpipe.telemetry import Telemetry, setup_telemetry
+from publisher.config import PublisherConfig
+from subscriber.config import SubscriberConfig
 
 PROJECT = "mailpipe-test"
 

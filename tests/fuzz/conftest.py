@@ -8,10 +8,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mailpipe.config import PublisherConfig
 from mailpipe.record import open_record
 from mailpipe.topology import Topology
 from publisher.app import create_app
+from publisher.config import PublisherConfig
 from publisher.pubsub import PubSubMailPublisher
 from tests.fixtures.http import serve_app
 

@@ -27,10 +27,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailpipe.config import PublisherConfig
 from mailpipe.record import DeliveryRecord, open_record
 from mailpipe.record.firestore import FirestoreRecord
 from publisher.app import create_app
+from publisher.config import PublisherConfig
 from publisher.pubsub import PubSubMailPublisher
 from tests.fixtures.http import serve_app
 from tests.fuzz.hostile import (

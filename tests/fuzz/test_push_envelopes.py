@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
 
 from emulator.smtp import LocalSmtpServer
-from mailpipe.config import SubscriberConfig
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.record import open_record
+from subscriber.config import SubscriberConfig
 from subscriber.dead_letters import DeadLetterRecorder
 from subscriber.delivery import DeliveryService
 from subscriber.push import PUBSUB_EVENT_TYPE, PushHandler, create_push_app

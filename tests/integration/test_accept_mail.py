@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from emulator import RunningEmulator, delete_topology, subscriber_client, sync_topology
-from mailpipe.config import PublisherConfig
 from mailpipe.mail import QueuedMail
 from mailpipe.record import DeliveryRecord, MailStatus, open_record
 from mailpipe.topology import load_topology
 from publisher.app import ApiError, ApiServices, accept_mail
+from publisher.config import PublisherConfig
 from publisher.pubsub import PubSubMailPublisher
 from tests.fixtures.pipeline import pipeline_env
 from tests.fixtures.topic import pull_until

@@ -34,7 +34,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from emulator import RunningEmulator, publisher_client, subscriber_client
 from emulator.process import free_port
-from mailpipe.config import PublisherConfig
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.metrics import MailMetrics
 from mailpipe.record import Attempt, MailStatus, open_record
@@ -42,6 +41,7 @@ from mailpipe.topology import Topology
 from ops.cli import EXIT_FAILED, EXIT_OK, build_parser, main
 from ops.cli.dlq import ReplayServices
 from publisher.app import create_app
+from publisher.config import PublisherConfig
 from publisher.main import oldest_undelivered_age
 from publisher.pubsub import PubSubMailPublisher
 from tests.fixtures.http import serve_app

@@ -17,10 +17,10 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from emulator.smtp import STEPS
-from mailpipe.config import SmtpConfig, SubscriberConfig
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.record import MailStatus
 from mailpipe.telemetry import setup_telemetry
+from subscriber.config import SmtpConfig, SubscriberConfig
 from subscriber.delivery import Outcome, ReceivedMessage
 from subscriber.errors import SmtpPoolTimeout
 from subscriber.main import Services, build_services

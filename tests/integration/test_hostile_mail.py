@@ -31,13 +31,14 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from emulator import RunningEmulator, publisher_client, subscriber_client
 from emulator.smtp import LocalSmtpServer, ReceivedMail
-from mailpipe.config import PublisherConfig, SubscriberConfig
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.record import MailStatus, open_record
 from mailpipe.topology import Topology
 from ops.replay import DeadLetterReplayer, ReplayStatus, Selection
 from publisher.app import create_app
+from publisher.config import PublisherConfig
 from publisher.pubsub import PubSubMailPublisher
+from subscriber.config import SubscriberConfig
 from subscriber.dead_letters import DeadLetterRecorder
 from subscriber.delivery import DeliveryService, Outcome, ReceivedMessage
 from subscriber.push import PushHandler, create_push_app

@@ -33,7 +33,6 @@ from werkzeug.serving import make_server
 
 from emulator import RunningEmulator, subscriber_client
 from emulator.smtp import LocalSmtpServer
-from mailpipe.config import PublisherConfig
 from mailpipe.mail import QueuedMail
 from mailpipe.metrics import MailMetrics
 from mailpipe.reconcile import stuck_counts
@@ -44,6 +43,7 @@ from mailpipe.topology import Topology
 from ops.cli import main as cli_main
 from ops.cli import reconcile as reconcile_cli
 from publisher.app import create_app
+from publisher.config import PublisherConfig
 from publisher.main import oldest_undelivered_age
 from publisher.pubsub import PubSubMailPublisher
 from subscriber.delivery import DeliveryService, Outcome, ReceivedMessage

@@ -13,12 +13,12 @@ import httpx
 import pytest
 
 from emulator import RunningEmulator, delete_topology, subscriber_client, sync_topology
-from mailpipe.config import PublisherConfig
 from mailpipe.mail import Mailbox, QueuedMail
 from mailpipe.record import MailStatus, open_record
 from mailpipe.telemetry import setup_telemetry
 from mailpipe.topology import load_topology
 from publisher.app import create_app
+from publisher.config import PublisherConfig
 from publisher.pubsub import PubSubMailPublisher
 from tests.fixtures.http import serve_app
 from tests.fixtures.pipeline import pipeline_env

@@ -25,13 +25,14 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from emulator import RunningEmulator
-from mailpipe.config import PublisherConfig, SubscriberConfig
 from mailpipe.logs import configure_logging, redact_address
 from mailpipe.record import open_record
 from mailpipe.telemetry import setup_telemetry
 from mailpipe.topology import Topology
 from publisher.app import create_app
+from publisher.config import PublisherConfig
 from publisher.pubsub import PubSubMailPublisher
+from subscriber.config import SubscriberConfig
 from subscriber.main import build_push_handler, build_services
 from subscriber.pull import make_subscriber_client
 from subscriber.push import create_push_app

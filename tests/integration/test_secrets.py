@@ -20,8 +20,9 @@ import pytest
 
 from emulator.pipeline import run_local_pipeline
 from emulator.smtp import LocalSmtpServer
-from mailpipe.config import ConfigError, SubscriberConfig
+from mailpipe.config import ConfigError
 from mailpipe.topology import Topology
+from subscriber.config import SubscriberConfig
 
 USERNAME = "mailpipe-relay-user"
 

@@ -19,9 +19,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from emulator.smtp import LocalSmtpServer
-from mailpipe.config import SmtpConfig
 from mailpipe.logs import redact_address
 from mailpipe.mail import MailRequest, QueuedMail
+from subscriber.config import SmtpConfig
 from subscriber.errors import (
     DeliveryError,
     PermanentDeliveryError,

@@ -30,10 +30,10 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from mailpipe.config import SmtpConfig, SubscriberConfig
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.record import Attempt, ClaimResult, DeliveryRecord, MailStatus, open_record
 from mailpipe.telemetry import setup_telemetry
+from subscriber.config import SmtpConfig, SubscriberConfig
 from subscriber.delivery import DeliveryResult, DeliveryService, Outcome, ReceivedMessage
 from subscriber.main import Services, build_services
 from subscriber.smtp import SmtpSender

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mailpipe.config import ConfigError, SubscriberConfig
+from mailpipe.config import ConfigError
 from mailpipe.topology import load_topology
+from subscriber.config import SubscriberConfig
 
 LOCAL = {"PUBSUB_EMULATOR_HOST": "127.0.0.1:1"}
 

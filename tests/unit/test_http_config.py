@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from mailpipe.config import ConfigError, HttpConfig, PublisherConfig, SubscriberConfig
+from mailpipe.config import ConfigError, HttpConfig
 from mailpipe.serving import worker_class
+from publisher.config import PublisherConfig
+from subscriber.config import SubscriberConfig
 
 LOCAL = {"PUBSUB_EMULATOR_HOST": "127.0.0.1:1"}
 

@@ -8,8 +8,9 @@ from typing import Any
 import flask
 import pytest
 
-from mailpipe.config import ConfigError, PublisherConfig
+from mailpipe.config import ConfigError
 from mailpipe.mail import MailRequest
+from publisher.config import PublisherConfig
 from publisher.idempotency import (
     InvalidIdempotencyHeader,
     caller_scope,

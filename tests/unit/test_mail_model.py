@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from mailpipe.config import ConfigError, PublisherConfig
+from mailpipe.config import ConfigError
 from mailpipe.mail import (
     MAX_DISPLAY_NAME_CHARS,
     SCHEMA_VERSION,
@@ -24,6 +24,7 @@ from mailpipe.mail import (
     QueuedMail,
     UnsendableMail,
 )
+from publisher.config import PublisherConfig
 
 BASE: dict[str, Any] = {"from": "ada@example.com", "to": ["bob@example.org"], "text": "hi"}
 LINE_BOUNDARIES = ["\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]

@@ -29,7 +29,8 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def test_every_variable_the_services_read_is_documented() -> None:
-    names = _env_names_read_in(ROOT / "mailpipe" / "config.py")
+    readers = [ROOT / package / "config.py" for package in ("mailpipe", "publisher", "subscriber")]
+    names = set().union(*(_env_names_read_in(path) for path in readers))
     assert "MAILPIPE_SMTP_HOST" in names  # the scan itself works
     undocumented = sorted(name for name in names if f"`{name}`" not in CONFIGURATION)
     assert undocumented == [], f"add these to docs/configuration.md's table: {undocumented}"

@@ -36,10 +36,10 @@ import pytest
 from packaging.specifiers import SpecifierSet
 
 import mailpipe.record.firestore as firestore_record_module
-from mailpipe.config import SmtpConfig
 from mailpipe.record.firestore import FirestoreRecord
 from mailpipe.serving import serve_wsgi
 from mailpipe.topology import Topology, default_topology_path, duration_seconds, load_topology
+from subscriber.config import SmtpConfig
 from tests.fixtures.terraform import Module, container_command, dynamic_block, parse_hcl, strings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -805,6 +805,12 @@ def test_retry_policy_is_exponential_within_pubsub_limits(topology: Topology) ->
 ENV_NAME = re.compile(r"\b((?:MAILPIPE|GOOGLE)_[A-Z_]+)\s*=")
 
 
+def _config_source() -> str:
+    """The modules that read the services' environment: the shared part and each service's."""
+    packages = ("mailpipe", "publisher", "subscriber")
+    return "\n".join((REPO / p / "config.py").read_text(encoding="utf-8") for p in packages)
+
+
 def _env_names(expression: Any) -> set[str]:
     if isinstance(expression, dict):
         return set(expression)
@@ -812,14 +818,14 @@ def _env_names(expression: Any) -> set[str]:
 
 
 def test_env_names_are_the_ones_the_services_read(module: Module) -> None:
-    config_source = (REPO / "mailpipe" / "config.py").read_text(encoding="utf-8")
+    config_source = _config_source()
     common = _env_names(module.locals["common_env"])
     publisher = common | _env_names(module.locals["publisher_env"])
     subscriber = common | _env_names(module.locals["subscriber_env"])
     secret = _env_names(module.locals["subscriber_secret_env"])
     assert module.locals["publisher_env"].startswith("${merge(local.common_env, {")
     for name in publisher | subscriber | secret:
-        assert f'"{name}"' in config_source, f"{name} is not read by mailpipe/config.py"
+        assert f'"{name}"' in config_source, f"{name} is not read by any config.py"
     assert {
         "MAILPIPE_ALLOWED_SENDER_DOMAINS",
         "MAILPIPE_PUBLISH_TIMEOUT",
@@ -1524,7 +1530,7 @@ def test_dockerfile_is_slim_pinned_non_root_and_runs_the_service(
         line for line in lines if line.startswith(("ENV ", "MAILPIPE_", "PORT", "PYTHON"))
     )
     assert ("MAILPIPE_HTTP_HOST=0.0.0.0" in env) is (service != "canary")
-    assert '"MAILPIPE_HTTP_HOST"' in (REPO / "mailpipe" / "config.py").read_text(encoding="utf-8")
+    assert '"MAILPIPE_HTTP_HOST"' in _config_source()
     installs = [line for line in lines if "pip install" in line]
     assert installs == ["RUN pip install --no-cache-dir -c constraints.txt ."], (
         "install the project only, no extras, at the versions constraints.txt pins"
