@@ -31,7 +31,6 @@ from google.pubsub_v1 import types as pubsub_types
 
 from emulator.clients import publisher_client, resolve_pubsub_host, subscriber_client
 from emulator.errors import TopologyApplyError
-from mailpipe.pubsub import translate_api_errors
 from mailpipe.topology import (
     DeadLetterPolicy,
     RetryPolicy,
@@ -40,6 +39,7 @@ from mailpipe.topology import (
     Topology,
     duration_seconds,
 )
+from publisher.pubsub import translate_api_errors
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class TopologyChange:
 
 
 def _translated(what: str) -> AbstractContextManager[None]:
-    """Google's API errors become :class:`TopologyApplyError` (:mod:`mailpipe.pubsub` maps them)."""
+    """Google's API errors become :class:`TopologyApplyError` (:mod:`publisher.pubsub` maps)."""
     return translate_api_errors(what, TopologyApplyError)
 
 

@@ -83,16 +83,12 @@ def extract_context(carrier: Mapping[str, str]) -> Context | None:
     """
     lowered = {key.lower(): value for key, value in carrier.items()}
     context = _propagator.extract(lowered, getter=DefaultGetter())
-    if not trace.get_current_span(context).get_span_context().is_valid:
-        return None
-    return context
+    return context if trace.get_current_span(context).get_span_context().is_valid else None
 
 
 def context_from_traceparent(traceparent: str | None) -> Context | None:
     """The remote context in one ``traceparent`` value (a header, an attribute), if valid."""
-    if not traceparent:
-        return None
-    return extract_context({"traceparent": traceparent.strip()})
+    return extract_context({"traceparent": traceparent.strip()}) if traceparent else None
 
 
 def publisher_context(attributes: Mapping[str, str]) -> Context | None:

@@ -18,43 +18,35 @@ import math
 import re
 from collections.abc import Iterable
 
-UNIT_SECONDS: dict[str, float] = {
-    "ms": 0.001,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-    "d": 86_400.0,
-    "w": 604_800.0,
+# unit: (seconds, an example, its name)
+_UNITS: dict[str, tuple[float, str, str]] = {
+    "ms": (0.001, "250ms", "milliseconds"),
+    "s": (1.0, "60s", "seconds"),
+    "m": (60.0, "30m", "minutes"),
+    "h": (3600.0, "2h", "hours"),
+    "d": (86_400.0, "7d", "days"),
+    "w": (604_800.0, "1w", "weeks"),
 }
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE | re.ASCII)
-_EXAMPLES = {"ms": "250ms", "s": "60s", "m": "30m", "h": "2h", "d": "7d", "w": "1w"}
-_NAMES = {
-    "ms": "milliseconds",
-    "s": "seconds",
-    "m": "minutes",
-    "h": "hours",
-    "d": "days",
-    "w": "weeks",
-}
 
 
 class DurationError(ValueError):
     """Not a duration this site accepts."""
 
 
-def describe(units: Iterable[str] = UNIT_SECONDS, *, default_unit: str | None = None) -> str:
+def describe(units: Iterable[str] = _UNITS, *, default_unit: str | None = None) -> str:
     """What a site accepts, for help texts and error messages: ``"e.g. 60s, 30m or 2h"``."""
-    examples = [_EXAMPLES[unit] for unit in units]
+    examples = [_UNITS[unit][1] for unit in units]
     text = examples[0] if len(examples) == 1 else f"{', '.join(examples[:-1])} or {examples[-1]}"
     if default_unit is not None:
-        text += f" (a bare number is {_NAMES[default_unit]})"
+        text += f" (a bare number is {_UNITS[default_unit][2]})"
     return f"a number and a unit, e.g. {text}"
 
 
 def parse_duration(
     text: str,
     *,
-    units: Iterable[str] = UNIT_SECONDS,
+    units: Iterable[str] = _UNITS,
     default_unit: str | None = None,
     whole_seconds: bool = False,
 ) -> float:
@@ -64,7 +56,7 @@ def parse_duration(
     (none: a unit is required); ``whole_seconds`` refuses fractions of a second.
     """
     allowed = tuple(units)
-    unknown = [unit for unit in (*allowed, default_unit) if unit and unit not in UNIT_SECONDS]
+    unknown = [unit for unit in (*allowed, default_unit) if unit and unit not in _UNITS]
     if unknown:
         raise ValueError(f"unknown duration unit(s): {', '.join(unknown)}")
     match = _DURATION.fullmatch(text)
@@ -73,7 +65,7 @@ def parse_duration(
         raise DurationError(
             f"{text!r} is not a duration: use {describe(allowed, default_unit=default_unit)}"
         )
-    seconds = float(match.group(1)) * UNIT_SECONDS[unit]
+    seconds = float(match.group(1)) * _UNITS[unit][0]
     if not math.isfinite(seconds):
         raise DurationError(f"{text!r} is too long a duration")
     if whole_seconds and not seconds.is_integer():

@@ -1,10 +1,10 @@
-"""The mail: what a client sends (:class:`MailRequest`) and what travels on Pub/Sub.
-
-:class:`QueuedMail` is the request plus the ids the publisher assigned.
+"""The mail: what a client sends (:class:`MailRequest`) and what travels on Pub/Sub
+(:class:`QueuedMail`: the request plus the ids the publisher assigned).
 
 The Pub/Sub message is ``data`` = ``QueuedMail`` as JSON, attributes ``mail_id`` and
 ``schema_version`` (plus ``googclient_traceparent``, added by the client library). Both services
-import this module; it is the only contract between them besides the delivery record.
+import this module, the only contract between them besides the delivery record: the subscriber
+validates a queued mail again, with the same model, at its trust boundary.
 
 Mailboxes are parsed once, here, at the boundary: from then on a mailbox is a :class:`Mailbox`
 (display name, addr-spec) and nothing downstream parses text again. Header-bound text (display
@@ -54,9 +54,6 @@ from mailpipe.attributes import PUBSUB_MAIL_ID, PUBSUB_SCHEMA_VERSION
 SCHEMA_VERSION = 2
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2})
 
-# Pub/Sub's hard limit is 10,000,000 bytes per publish request; the client library counts the
-# request envelope too, so keep a margin for attributes and framing.
-MAX_PUBSUB_DATA_BYTES = 9_990_000
 MAX_RECIPIENTS = 100
 MAX_SUBJECT_CHARS = 998
 # A display name must fit one header line (998) even as a single encoded word of 4-byte
@@ -73,36 +70,11 @@ _BLANKS = re.compile("[ \t]+")
 # How an RFC 2047 encoded word starts: the email package decodes one wherever it finds it.
 ENCODED_WORD_START = "=?"
 # Headers mailpipe sets itself, or that change who receives the mail: a client may not set them.
+# Orig-Date is parsed as a date by the email package (a client's text would be dropped or refused).
 RESERVED_HEADERS = frozenset(
-    h.lower()
-    for h in (
-        "From",
-        "To",
-        "Cc",
-        "Bcc",
-        "Reply-To",
-        "Subject",
-        "Date",
-        "Message-ID",
-        "MIME-Version",
-        "Content-Type",
-        "Content-Transfer-Encoding",
-        "Content-Disposition",
-        "Sender",
-        "Return-Path",
-        "Received",
-        "traceparent",
-        "tracestate",
-        "Resent-To",
-        "Resent-Cc",
-        "Resent-Bcc",
-        "Resent-From",
-        "Resent-Sender",
-        "DKIM-Signature",
-        # Parsed as dates by the email package (a client's text would be dropped or refused).
-        "Orig-Date",
-        "Resent-Date",
-    )
+    """from to cc bcc reply-to subject date message-id mime-version content-type
+    content-transfer-encoding content-disposition sender return-path received traceparent
+    tracestate dkim-signature orig-date""".split()  # noqa: SIM905 - a word list, lower-case
 )
 RESERVED_HEADER_PREFIXES = ("resent-",)  # RFC 5322 resent blocks are added by whoever resends
 
@@ -126,35 +98,23 @@ def new_mail_id() -> str:
     return str(uuid7())
 
 
+def _refuse(pattern: re.Pattern[str], value: str, problem: str) -> str:
+    """``value``, unless ``pattern`` finds a character in it: then ``problem`` names it."""
+    found = pattern.search(value)
+    if found:
+        raise ValueError(f"{problem} U+{ord(found.group()):04X} at position {found.start()}")
+    return value
+
+
 def header_text(value: str) -> str:
     """``value`` if it may go into a header: no control character, line boundary or surrogate."""
-    found = _FORBIDDEN_IN_HEADERS.search(value)
-    if found:
-        raise ValueError(
-            "must not contain control characters or line breaks (header injection): found "
-            f"U+{ord(found.group()):04X} at position {found.start()}"
-        )
-    return value
+    problem = "must not contain control characters or line breaks (header injection): found"
+    return _refuse(_FORBIDDEN_IN_HEADERS, value, problem)
 
 
 def valid_unicode(value: str) -> str:
     """``value`` if it can be encoded as UTF-8 (JSON allows lone surrogates; Pub/Sub does not)."""
-    found = _SURROGATE.search(value)
-    if found:
-        raise ValueError(
-            f"is not valid Unicode: lone surrogate U+{ord(found.group()):04X} at position "
-            f"{found.start()}"
-        )
-    return value
-
-
-def _no_encoded_word(value: str) -> str:
-    if ENCODED_WORD_START in value:
-        raise ValueError(
-            f"must not contain {ENCODED_WORD_START!r}: mail programs would decode it as an "
-            "RFC 2047 encoded word and show something else"
-        )
-    return value
+    return _refuse(_SURROGATE, value, "is not valid Unicode: lone surrogate")
 
 
 def display_name(value: str) -> str:
@@ -192,15 +152,6 @@ def addr_spec(value: str) -> str:
             "which mail programs decode as an RFC 2047 encoded word"
         )
     return checked.normalized
-
-
-def ascii_domain(domain: str) -> str:
-    """``bücher.de`` → ``xn--bcher-kva.de`` (lower-case); raises ValueError for a bad domain."""
-    try:
-        checked = validate_email(f"postmaster@{domain}", check_deliverability=False)
-    except EmailNotValidError as exc:
-        raise ValueError(f"{domain!r} is not a valid domain: {exc}") from exc
-    return checked.ascii_domain
 
 
 def _unquote(quoted: str) -> str:
@@ -257,17 +208,16 @@ class Mailbox(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(
+    name: Annotated[str, AfterValidator(display_name)] = Field(
         default="",
         description=(
             "Display name, shown exactly as given (runs of spaces and tabs become one space, "
-            "none around it); at most "
-            f"{MAX_DISPLAY_NAME_CHARS} characters, no control characters or line breaks. Any "
-            "other text is allowed (quotes, commas, '<>', non-ASCII, even '=?...?='): mailpipe "
-            "sends it as an RFC 2047 encoded word when it is not plain ASCII"
+            f"none around it); at most {MAX_DISPLAY_NAME_CHARS} characters, no control characters "
+            "or line breaks. Any other text is allowed (quotes, commas, '<>', non-ASCII, even "
+            "'=?...?='): mailpipe sends it as an RFC 2047 encoded word when it is not plain ASCII"
         ),
     )
-    address: str = Field(
+    address: Annotated[str, AfterValidator(addr_spec)] = Field(
         description=(
             "The address (addr-spec). Non-ASCII domains are sent in their ASCII (IDNA) form; a "
             "non-ASCII local part makes the mail need SMTPUTF8. No quoted local parts, no "
@@ -275,26 +225,9 @@ class Mailbox(BaseModel):
         )
     )
 
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, value: str) -> str:
-        return display_name(value)
-
-    @field_validator("address")
-    @classmethod
-    def _valid_address(cls, value: str) -> str:
-        return addr_spec(value)
-
-    @property
-    def local_part(self) -> str:
-        return self.address.rsplit("@", 1)[0]
-
     @property
     def domain(self) -> str:
         return self.address.rsplit("@", 1)[1]
-
-    def __str__(self) -> str:
-        return f"{self.name} <{self.address}>" if self.name else self.address
 
 
 def _mailbox_input(value: Any) -> Any:
@@ -353,7 +286,12 @@ class Attachment(BaseModel):
         # A file name is a MIME parameter: the email package writes ASCII as a quoted string, in
         # which readers (Python's among them) decode encoded words. Refused rather than encoded.
         # Readers drop the spaces around a parameter value: so does the API, visibly.
-        name = _no_encoded_word(value).strip(" \t")
+        if ENCODED_WORD_START in value:
+            raise ValueError(
+                f"must not contain {ENCODED_WORD_START!r}: mail programs would decode it as an "
+                "RFC 2047 encoded word and show something else"
+            )
+        name = value.strip(" \t")
         if not name:
             raise ValueError("must not be empty or only spaces")
         return name

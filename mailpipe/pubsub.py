@@ -1,4 +1,4 @@
-"""Pub/Sub clients for every part of mailpipe, and the one translation of Google's API errors.
+"""Pub/Sub clients for every part of mailpipe.
 
 :func:`publisher_client` and :func:`subscriber_client` build google-cloud-pubsub clients the same
 way for the publisher, the pull worker, ``mailpipe dlq`` and the emulator helpers:
@@ -6,72 +6,27 @@ way for the publisher, the pull worker, ``mailpipe dlq`` and the emulator helper
 * against the emulator (``emulator_host`` given) over a channel without gRPC's size limits. With
   ``PUBSUB_EMULATOR_HOST`` alone, google-cloud-pubsub builds ``grpc.insecure_channel(host)``, which
   keeps gRPC's 4 MiB receive limit: messages over about 4 MiB then fail on unary pull and vanish
-  silently on streaming pull (docs/local-vs-gcp.md, row 9). Mail with
-  attachments can be up to 10 MB;
+  silently on streaming pull (docs/local-vs-gcp.md, row 9). Mail with attachments can be 10 MB;
 * with the library's own OpenTelemetry tracing (``tracing=True``) where a trace must cross Pub/Sub:
   it writes and reads the ``googclient_traceparent`` attribute (:mod:`mailpipe.attributes`).
 
-Errors (google-api-core exceptions are translated in :func:`translate_api_errors` only)::
-
-    PubSubUnavailable    Pub/Sub could not be reached, timed out or refused the request; services
-                         subclass it for their own hierarchy (PublishUnavailable,
-                         DeadLetterUnavailable) and pass the subclass to translate_api_errors
+Google's API errors are translated in one place, :func:`publisher.pubsub.translate_api_errors` (the
+subscriber makes no unary API call: it is pushed to, or pulls by streaming).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-
 import google.cloud.pubsub_v1 as pubsub_v1
 import grpc
-from google.api_core import exceptions as api_exceptions
 from google.cloud.pubsub_v1.types import BatchSettings, PublisherOptions, SubscriberOptions
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
-UNLIMITED_MESSAGE_SIZE = [
-    ("grpc.max_receive_message_length", -1),
-    ("grpc.max_send_message_length", -1),
-]
-
-# What the client library retries by default (google.pubsub_v1 publisher transport).
-RETRYABLE_API_ERRORS: tuple[type[Exception], ...] = (
-    api_exceptions.Aborted,
-    api_exceptions.Cancelled,
-    api_exceptions.DeadlineExceeded,
-    api_exceptions.InternalServerError,
-    api_exceptions.ResourceExhausted,
-    api_exceptions.ServiceUnavailable,
-    api_exceptions.Unknown,
-)
-
-
-class PubSubUnavailable(Exception):
-    """Pub/Sub could not be reached, timed out or refused the request."""
-
-    @property
-    def deadline_exceeded(self) -> bool:
-        """True when the request ran out of time (a waiting pull that found nothing)."""
-        return isinstance(self.__cause__, api_exceptions.DeadlineExceeded)
-
-
-@contextlib.contextmanager
-def translate_api_errors(
-    what: str, error: Callable[[str], Exception] = PubSubUnavailable
-) -> Iterator[None]:
-    """The one place Google's API errors become mailpipe's: ``error(f"{what}: {reason}")``."""
-    try:
-        yield
-    except api_exceptions.GoogleAPICallError as exc:
-        raise error(f"{what}: {exc.message or exc}") from exc
-    except api_exceptions.RetryError as exc:
-        raise error(f"{what}: Pub/Sub could not be reached (retries exhausted)") from exc
-
 
 def emulator_channel(host: str) -> grpc.Channel:
     """An insecure channel to the emulator at ``host`` without message size limits."""
-    return grpc.insecure_channel(host, options=UNLIMITED_MESSAGE_SIZE)
+    unlimited = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+    return grpc.insecure_channel(host, options=unlimited)
 
 
 def publisher_client(

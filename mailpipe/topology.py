@@ -10,7 +10,6 @@ Errors::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -116,26 +115,6 @@ class Topology:
 
     def topic_of(self, subscription: Subscription) -> Topic:
         return self.topics[subscription.topic]
-
-    def with_suffix(self, suffix: str) -> Topology:
-        """The same topology with every resource name suffixed (test isolation)."""
-        return Topology(
-            topics={
-                k: dataclasses.replace(t, name=f"{t.name}-{suffix}") for k, t in self.topics.items()
-            },
-            subscriptions={
-                k: dataclasses.replace(s, name=f"{s.name}-{suffix}")
-                for k, s in self.subscriptions.items()
-            },
-        )
-
-    def with_subscription(self, key: str, **changes: Any) -> Topology:
-        """The same topology with one subscription's settings changed (e.g. faster retries)."""
-        subscriptions = dict(self.subscriptions)
-        subscriptions[key] = dataclasses.replace(subscriptions[key], **changes)
-        topology = Topology(topics=dict(self.topics), subscriptions=subscriptions)
-        topology.validate()
-        return topology
 
     def validate(self) -> None:
         problems: list[str] = []

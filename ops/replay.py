@@ -28,7 +28,7 @@ Errors::
 Per-mail failures (publish refused, record unavailable, no record) do not raise: they are
 :class:`ReplayOutcome` values with ``ok`` False, so one bad mail does not stop a large replay.
 Google's exceptions are translated in :func:`_translate_pubsub` only (through
-:func:`mailpipe.pubsub.translate_api_errors`).
+:func:`publisher.pubsub.translate_api_errors`).
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ from mailpipe.attributes import (
 from mailpipe.durations import DurationError, parse_duration
 from mailpipe.durations import describe as describe_duration
 from mailpipe.mail import MailDecodeError, QueuedMail
-from mailpipe.pubsub import PubSubUnavailable, translate_api_errors
 from mailpipe.record import (
     AlreadyFinal,
     DeliveryRecord,
@@ -70,6 +69,7 @@ from mailpipe.record import (
     MailStatus,
     RecordError,
 )
+from publisher.pubsub import PubSubUnavailable, translate_api_errors
 
 log = logging.getLogger(__name__)
 

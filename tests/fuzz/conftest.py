@@ -14,6 +14,7 @@ from publisher.app import create_app
 from publisher.config import PublisherConfig
 from publisher.pubsub import PubSubMailPublisher
 from tests.fixtures.http import serve_app
+from tests.fixtures.topology import unique_topology
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +24,10 @@ def publisher_url(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     """A real publisher (Flask app over HTTP, emulator, SQLite record) for one test module."""
-    import uuid
 
     from emulator import delete_topology, sync_topology
-    from mailpipe.topology import load_topology
 
-    topology: Topology = load_topology().with_suffix(uuid.uuid4().hex[:8])
+    topology: Topology = unique_topology()
     host = pubsub_emulator.host  # type: ignore[attr-defined]
     sync_topology(topology, project=pubsub_project, emulator_host=host)
     record_path: Path = tmp_path_factory.mktemp("fuzz") / "record.sqlite3"

@@ -33,6 +33,7 @@ from publisher.app import create_app
 from publisher.config import PublisherConfig
 from publisher.pubsub import PubSubMailPublisher
 from tests.fixtures.http import serve_app
+from tests.fixtures.topology import unique_topology
 from tests.fuzz.hostile import (
     HOSTILE_CODES,
     INT_DIGIT_LIMIT,
@@ -107,9 +108,8 @@ def backend_url(
 ) -> Iterator[str]:
     """The publisher over HTTP with Pub/Sub on the emulator and the record on ``param``."""
     from emulator import delete_topology, sync_topology
-    from mailpipe.topology import load_topology
 
-    topology = load_topology().with_suffix(uuid.uuid4().hex[:8])
+    topology = unique_topology()
     sync_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)
     record_path: Path = tmp_path_factory.mktemp("hostile") / "record.sqlite3"
     config = PublisherConfig.from_env(

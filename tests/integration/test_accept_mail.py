@@ -13,12 +13,12 @@ import pytest
 from emulator import RunningEmulator, delete_topology, subscriber_client, sync_topology
 from mailpipe.mail import QueuedMail
 from mailpipe.record import DeliveryRecord, MailStatus, open_record
-from mailpipe.topology import load_topology
 from publisher.app import ApiError, ApiServices, accept_mail
 from publisher.config import PublisherConfig
 from publisher.pubsub import PubSubMailPublisher
 from tests.fixtures.pipeline import pipeline_env
 from tests.fixtures.topic import pull_until
+from tests.fixtures.topology import unique_topology
 
 MAIL: dict[str, Any] = {
     "from": "Ada <ada@example.com>",
@@ -46,7 +46,7 @@ def accepting(
     pubsub_project: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Accepting]:
-    topology = load_topology().with_suffix(uuid.uuid4().hex[:8])
+    topology = unique_topology()
     sync_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)
     record_path = tmp_path_factory.mktemp("accept") / "record.sqlite3"
     env = pipeline_env(pubsub_emulator, pubsub_project, topology, record_path, 25)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import uuid
 
 import pytest
 
@@ -14,7 +13,8 @@ from emulator import (
     read_topology,
     sync_topology,
 )
-from mailpipe.topology import DeadLetterPolicy, RetryPolicy, Topic, Topology, load_topology
+from mailpipe.topology import DeadLetterPolicy, RetryPolicy, Topic, Topology
+from tests.fixtures.topology import unique_topology, with_subscription
 
 PUSH = "http://127.0.0.1:9/push"  # never called: nothing is published in these tests
 
@@ -22,7 +22,7 @@ PUSH = "http://127.0.0.1:9/push"  # never called: nothing is published in these 
 @pytest.fixture
 def declared(pubsub_emulator, pubsub_project):
     """The packaged declaration under unique names; deleted from the emulator afterwards."""
-    topology = load_topology().with_suffix(uuid.uuid4().hex[:8])
+    topology = unique_topology()
     yield topology
     delete_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)
 
@@ -69,7 +69,8 @@ def test_applying_twice_changes_nothing(declared, pubsub_project):
 
 def test_applying_a_changed_declaration_updates_only_what_differs(declared, pubsub_project):
     sync_topology(declared, project=pubsub_project)
-    changed = declared.with_subscription(
+    changed = with_subscription(
+        declared,
         "delivery",
         ack_deadline_seconds=30,
         retry_policy=RetryPolicy("1s", "5s"),
@@ -83,13 +84,13 @@ def test_applying_a_changed_declaration_updates_only_what_differs(declared, pubs
         "(ack_deadline_seconds, push_config, retry_policy, dead_letter_policy)"
     ]
     assert read_topology(changed, project=pubsub_project).delivery_subscription == (
-        changed.with_subscription("delivery", push_path="/push").delivery_subscription
+        with_subscription(changed, "delivery", push_path="/push").delivery_subscription
     )
 
 
 def test_settings_removed_from_the_declaration_are_cleared(declared, pubsub_project):
     sync_topology(declared, project=pubsub_project, push_endpoints={"delivery": PUSH})
-    bare = declared.with_subscription("delivery", retry_policy=None, dead_letter=None)
+    bare = with_subscription(declared, "delivery", retry_policy=None, dead_letter=None)
 
     sync_topology(bare, project=pubsub_project)  # no endpoint: back to pull
 

@@ -16,12 +16,12 @@ from emulator import RunningEmulator, delete_topology, subscriber_client, sync_t
 from mailpipe.mail import Mailbox, QueuedMail
 from mailpipe.record import MailStatus, open_record
 from mailpipe.telemetry import setup_telemetry
-from mailpipe.topology import load_topology
 from publisher.app import create_app
 from publisher.config import PublisherConfig
 from publisher.pubsub import PubSubMailPublisher
 from tests.fixtures.http import serve_app
 from tests.fixtures.pipeline import pipeline_env
+from tests.fixtures.topology import unique_topology
 
 VALID: dict[str, Any] = {
     "from": "Ada <ada@example.com>",
@@ -57,7 +57,7 @@ def api(
     span_exporter: Any,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Api]:
-    topology = load_topology().with_suffix(uuid.uuid4().hex[:8])
+    topology = unique_topology()
     sync_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)
     record_path = tmp_path_factory.mktemp("api") / "record.sqlite3"
     env = pipeline_env(pubsub_emulator, pubsub_project, topology, record_path, 25)
@@ -351,7 +351,7 @@ def test_publish_failure_is_503_and_frees_the_idempotency_key(
     pubsub_emulator: RunningEmulator, pubsub_project: str, span_exporter: Any, tmp_path: Path
 ) -> None:
     # A topic that does not exist: the real client gets NotFound from the emulator.
-    topology = load_topology().with_suffix(uuid.uuid4().hex[:8])
+    topology = unique_topology()
     env = pipeline_env(pubsub_emulator, pubsub_project, topology, tmp_path / "r.sqlite3", 25)
     config = PublisherConfig.from_env(env, topology)
     record = open_record(config.record)

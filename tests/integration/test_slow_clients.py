@@ -17,7 +17,6 @@ import re
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import pytest
 from emulator import delete_topology, sync_topology
 from emulator.pipeline import start_service
 from emulator.process import free_port
-from mailpipe.topology import load_topology
+from tests.fixtures.topology import unique_topology
 
 READ_TIMEOUT = 2
 KEEPALIVE = 2
@@ -49,7 +48,7 @@ HEAD = (
 def publisher_url(
     pubsub_emulator: Any, pubsub_project: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    topology = load_topology().with_suffix(uuid.uuid4().hex[:8])
+    topology = unique_topology()
     sync_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)
     state: Path = tmp_path_factory.mktemp("slow-clients")
     port = free_port()

@@ -14,7 +14,6 @@ names its own service.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +26,12 @@ from opentelemetry.trace import SpanKind, StatusCode
 from emulator import RunningEmulator, delete_topology
 from emulator.pipeline import LocalPipeline, run_local_pipeline
 from emulator.smtp import LocalSmtpServer
-from mailpipe.topology import Topology, load_topology
+from mailpipe.topology import Topology
 from ops.cli import main as mailpipe_main
 from ops.trace_view import SpanRecord, find_trace, read_spans
 from tests.fixtures.emulators import FAST_DELIVERY_SETTINGS
 from tests.fixtures.pipeline import Pipeline
+from tests.fixtures.topology import unique_topology
 
 BODY = "body-marker-7f3c9e: the text of the mail must never reach a span"
 SMTP_USER = "mailer"
@@ -432,11 +432,7 @@ PUBLISHER_SPANS = {"POST /v1/messages", "publisher flow control", "publisher bat
 
 @pytest.fixture
 def process_topology(pubsub_emulator: RunningEmulator, pubsub_project: str) -> Iterator[Topology]:
-    topology = (
-        load_topology()
-        .with_suffix(uuid.uuid4().hex[:8])
-        .with_subscription("delivery", **FAST_DELIVERY_SETTINGS)
-    )
+    topology = unique_topology(**FAST_DELIVERY_SETTINGS)
     yield topology
     delete_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)
 

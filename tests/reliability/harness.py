@@ -12,7 +12,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,8 @@ from typing import Any
 
 from emulator.smtp import LocalSmtpServer, ReceivedMail
 from mailpipe.record import MailRecord, MailStatus, open_record
-from mailpipe.topology import DeadLetterPolicy, RetryPolicy, Topology, load_topology
+from mailpipe.topology import DeadLetterPolicy, RetryPolicy, Topology
+from tests.fixtures.topology import unique_topology
 
 # Filled by print_counts(); tests/reliability/conftest.py shows them in pytest's summary.
 COUNT_LINES: list[str] = []
@@ -36,9 +36,7 @@ def reliability_topology(**delivery: Any) -> Topology:
         "dead_letter": DeadLetterPolicy("dead_letter", 5),
         **delivery,
     }
-    return (
-        load_topology().with_suffix(uuid.uuid4().hex[:8]).with_subscription("delivery", **settings)
-    )
+    return unique_topology(**settings)
 
 
 def mail(tag: str, **overrides: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import pytest
 from mailpipe.config import ConfigError
 from mailpipe.topology import load_topology
 from subscriber.config import SubscriberConfig
+from tests.fixtures.topology import with_subscription
 
 LOCAL = {"PUBSUB_EMULATOR_HOST": "127.0.0.1:1"}
 
@@ -27,7 +28,7 @@ def test_the_defaults_nest_with_the_declared_topology() -> None:
 def test_defaults_follow_a_shorter_ack_deadline(
     ack_deadline: int, timeout: float, wait: float
 ) -> None:
-    topology = load_topology().with_subscription("delivery", ack_deadline_seconds=ack_deadline)
+    topology = with_subscription(load_topology(), "delivery", ack_deadline_seconds=ack_deadline)
     config = SubscriberConfig.from_env(LOCAL, topology)
 
     assert (config.delivery_lease_seconds, config.delivery_timeout) == (ack_deadline, timeout)

@@ -1,4 +1,5 @@
-"""mailpipe.pubsub: the one client factory and the one translation of Google's API errors.
+"""mailpipe.pubsub, the one client factory, and publisher.pubsub's one translation of Google's
+API errors.
 
 The clients are built for an emulator address nobody listens on: building one opens no
 connection, and nothing here sends a request (the integration tests do, against the emulator).
@@ -10,13 +11,9 @@ import pytest
 from google.api_core import exceptions as api_exceptions
 from google.cloud.pubsub_v1.types import BatchSettings, PublisherOptions
 
-from mailpipe.pubsub import (
-    PubSubUnavailable,
-    publisher_client,
-    subscriber_client,
-    translate_api_errors,
-)
+from mailpipe.pubsub import publisher_client, subscriber_client
 from ops.replay import DeadLetterUnavailable
+from publisher.pubsub import PubSubUnavailable, translate_api_errors
 
 NOBODY = "127.0.0.1:9"  # discard port: never contacted, clients connect lazily
 

@@ -27,6 +27,7 @@ from mailpipe.topology import (
     load_topology,
     parse_topology,
 )
+from tests.fixtures.topology import with_suffix
 
 PROJECT = "mailpipe-local"
 
@@ -46,7 +47,7 @@ def test_packaged_declaration_is_valid_and_has_the_pipeline_resources():
 
 
 def test_with_suffix_renames_every_resource_and_keeps_the_links():
-    topology = load_topology().with_suffix("abc123")
+    topology = with_suffix(load_topology(), "abc123")
     names = [t.name for t in topology.topics.values()]
     names += [s.name for s in topology.subscriptions.values()]
     assert all(name.endswith("-abc123") for name in names)
