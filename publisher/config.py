@@ -11,14 +11,7 @@ from dataclasses import dataclass, field
 
 from email_validator import EmailNotValidError, validate_email
 
-from mailpipe.config import (
-    DEFAULT_RECORD,
-    EnvReader,
-    HttpConfig,
-    PubSubConfig,
-    TelemetryConfig,
-    read_record,
-)
+from mailpipe.config import EnvReader, HttpConfig, PubSubConfig, TelemetryConfig, read_record
 from mailpipe.topology import Topology, load_topology
 
 
@@ -58,7 +51,7 @@ class PublisherConfig:
 
     pubsub: PubSubConfig
     telemetry: TelemetryConfig
-    record: str = DEFAULT_RECORD
+    record: str  # MAILPIPE_RECORD, default: mailpipe.config.DEFAULT_RECORD
     host: str = "127.0.0.1"
     port: int = 8080
     publish_timeout: float = 30.0

@@ -24,14 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast
 
-from mailpipe.config import (
-    DEFAULT_RECORD,
-    EnvReader,
-    HttpConfig,
-    PubSubConfig,
-    TelemetryConfig,
-    read_record,
-)
+from mailpipe.config import EnvReader, HttpConfig, PubSubConfig, TelemetryConfig, read_record
 from mailpipe.topology import Topology, load_topology
 
 DEFAULT_DELIVERY_TIMEOUT = 60.0  # seconds; never more than half the lease (see the module doc)
@@ -132,7 +125,7 @@ class SubscriberConfig:
     pubsub: PubSubConfig
     smtp: SmtpConfig
     telemetry: TelemetryConfig
-    record: str = DEFAULT_RECORD
+    record: str  # MAILPIPE_RECORD, default: mailpipe.config.DEFAULT_RECORD
     push_audience: str | None = None
     push_service_account: str | None = None
     # Who verifies the push token's signature: Cloud Run IAM in front ("cloud-run") or the app.
