@@ -61,6 +61,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--smtp-port", type=int, default=2525, help="local SMTP server port (default 2525)"
     )
     parser.add_argument(
+        "--simulator-domain",
+        type=_simulator_domain,
+        default=None,
+        help="domain of the local SMTP server's mailbox simulator "
+        "(default simulator.mailpipe.example; README: Mailbox simulator)",
+    )
+    parser.add_argument(
+        "--no-simulator",
+        action="store_true",
+        help="no mailbox simulator: every address is accepted as usual",
+    )
+    parser.add_argument(
         "--state-dir",
         type=Path,
         default=Path(".mailpipe"),
@@ -73,6 +85,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead")
     parser.set_defaults(handler=run)
+
+
+def _simulator_domain(value: str) -> str:
+    from emulator.smtp import simulator_domain
+
+    try:
+        return simulator_domain(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _received_table(message: Any) -> Table:
@@ -88,6 +109,7 @@ def _received_table(message: Any) -> Table:
 def run(args: argparse.Namespace) -> int:
     from emulator.errors import EmulatorError, EmulatorNotInstalled
     from emulator.pipeline import run_local_pipeline
+    from emulator.smtp import SIMULATOR_DOMAIN
     from ops.trace_view import find_trace, read_spans, render_waterfall
 
     console = Console(stderr=args.json)
@@ -103,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
                         subscriber_mode=args.mode,
                         publisher_port=args.port,
                         smtp_port=args.smtp_port,
+                        simulator_domain=(
+                            None if args.no_simulator else args.simulator_domain or SIMULATOR_DOMAIN
+                        ),
                     )
                 )
         except EmulatorNotInstalled as exc:
@@ -134,6 +159,12 @@ def _demo(
         f"  ·  SMTP 127.0.0.1:{pipeline.smtp.port}  ·  Pub/Sub emulator "
         f"{pipeline.emulators.pubsub.host}"
     )
+    simulator = pipeline.smtp.simulator
+    if simulator is not None:
+        console.print(
+            f"[green]✓[/] mailbox simulator at [bold]@{simulator.domain}[/]: "
+            f"{escape(simulator.usage)}"
+        )
     try:
         accepted = pipeline.api.send(SAMPLE_MAIL)
         mail_id = accepted.mail_id
@@ -163,6 +194,7 @@ def _demo(
                     "spans": len(spans),
                     "publisher_url": pipeline.publisher_url,
                     "trace_file": str(pipeline.trace_file),
+                    "simulator_domain": simulator.domain if simulator is not None else None,
                 }
             )
         )
@@ -180,6 +212,14 @@ def _demo(
             f"  curl -s {pipeline.publisher_url}/v1/messages/{mail_id}\n"
             f"  received mail: {pipeline.state_dir / 'maildir' / 'new'}\n"
         )
+        if simulator is not None:
+            console.print(
+                "A bounce and a deferral that recovers on Pub/Sub's redelivery:\n"
+                f"  mailpipe send --url {pipeline.publisher_url} "
+                f"--to bounce@{simulator.domain} --subject hi --text hello --wait 30\n"
+                f"  mailpipe send --url {pipeline.publisher_url} "
+                f"--to defer-2@{simulator.domain} --subject hi --text hello --wait 60\n"
+            )
     if record["status"] != "delivered" or not received:
         return EXIT_FAILED
     if args.once:
