@@ -152,6 +152,8 @@ class MailboxSimulator:
     Raises ValueError for a domain the publisher would refuse in a recipient address.
     """
 
+    local_parts = ("success", "bounce", "defer-N", "defer-forever", "slow", "slow-S")
+
     def __init__(self, domain: str = SIMULATOR_DOMAIN) -> None:
         self.domain = simulator_domain(domain)
         self._lock = threading.Lock()

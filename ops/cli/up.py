@@ -1,7 +1,8 @@
 """``mailpipe up``: the whole pipeline locally, a sample mail through it, and its trace.
 
 Starts Google's Pub/Sub emulator with the topology applied, a local SMTP server that keeps what it
-receives (a Maildir under ``--state-dir``), the publisher and the subscriber as their own
+receives (a Maildir under ``--state-dir``; with the mailbox simulator of
+:class:`emulator.smtp.MailboxSimulator`), the publisher and the subscriber as their own
 processes; sends a sample mail, waits until the SMTP server has it, shows the received mail and
 the trace from the HTTP request to the SMTP server's reply, then keeps running until Ctrl-C
 (``--once`` stops right away).
@@ -163,7 +164,7 @@ def _demo(
     if simulator is not None:
         console.print(
             f"[green]✓[/] mailbox simulator at [bold]@{simulator.domain}[/]: "
-            f"{escape(simulator.usage)}"
+            f"{', '.join(simulator.local_parts)} (README: Mailbox simulator)"
         )
     try:
         accepted = pipeline.api.send(SAMPLE_MAIL)
