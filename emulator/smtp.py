@@ -214,11 +214,10 @@ class MailboxSimulator:
         delay = max((m.delay for m in mailboxes), default=0.0)
         if delay:
             await asyncio.sleep(delay)
-        key = _mail_key(raw, message)
+        deferring = [m for m in mailboxes if m.behaviour in ("defer", "defer-forever")]
+        key = _mail_key(raw, message) if deferring else ""
         deferred: list[str] = []
-        for box in mailboxes:
-            if box.behaviour not in ("defer", "defer-forever"):
-                continue
+        for box in deferring:
             attempt = self._count(key, box.address)
             shown = _shown(box.address)
             if box.behaviour == "defer-forever":
@@ -265,7 +264,10 @@ def simulator_domain(domain: str) -> str:
 
 def _mail_key(raw: bytes, message: EmailMessage) -> str:
     """Which mail this is across attempts: its Message-ID, else a digest of its bytes."""
-    message_id = message["Message-ID"]
+    try:
+        message_id = message["Message-ID"]
+    except Exception:  # a header the parser cannot read: count the bytes instead
+        message_id = None
     if message_id:
         return str(message_id).strip()
     return "sha256:" + hashlib.sha256(raw).hexdigest()

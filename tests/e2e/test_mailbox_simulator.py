@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,19 @@ FINAL = {"delivered", "bounced", "dead_lettered"}
 
 def at(local: str) -> str:
     return f"{local}@{SIMULATOR_DOMAIN}"
+
+
+def local_stack(
+    tmp_path: Path, topology: Topology, project: str
+) -> AbstractContextManager[LocalPipeline]:
+    """The stack as `./dev up` runs it (push, the simulator on by default), fast retries."""
+    return run_local_pipeline(
+        state_dir=tmp_path / "state",
+        subscriber_mode="push",
+        project=project,
+        topology=topology,
+        extra_env={"MAILPIPE_SMTP_TIMEOUT": "5"},
+    )
 
 
 def send(pipeline: LocalPipeline, *recipients: str) -> str:
@@ -44,13 +58,7 @@ def attempts(record: dict[str, Any]) -> list[tuple[str, int, str]]:
 def test_simulator_addresses_end_as_their_replies_say(
     tmp_path: Path, stack_topology: Topology, pubsub_project: str
 ) -> None:
-    with run_local_pipeline(
-        state_dir=tmp_path / "state",
-        subscriber_mode="push",
-        project=pubsub_project,
-        topology=stack_topology,
-        extra_env={"MAILPIPE_SMTP_TIMEOUT": "5"},
-    ) as pipeline:
+    with local_stack(tmp_path, stack_topology, pubsub_project) as pipeline:
         assert pipeline.smtp.simulator is not None
         assert pipeline.smtp.simulator.domain == SIMULATOR_DOMAIN
         mails = {
@@ -121,13 +129,7 @@ def test_a_dead_lettered_deferral_is_replayed_and_delivered(
     max_attempts = 5
     assert stack_topology.delivery_subscription.dead_letter is not None
     assert stack_topology.delivery_subscription.dead_letter.max_delivery_attempts == max_attempts
-    with run_local_pipeline(
-        state_dir=tmp_path / "state",
-        subscriber_mode="push",
-        project=pubsub_project,
-        topology=stack_topology,
-        extra_env={"MAILPIPE_SMTP_TIMEOUT": "5"},
-    ) as pipeline:
+    with local_stack(tmp_path, stack_topology, pubsub_project) as pipeline:
         mail_id = send(pipeline, at("defer-6"))
         dead = pipeline.wait_for_status(mail_id, FINAL, timeout=120)
         assert dead["status"] == "dead_lettered"
