@@ -97,6 +97,15 @@ def _simulator_domain(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def chosen_simulator_domain(args: argparse.Namespace) -> str | None:
+    """The mailbox simulator's domain for this run; None with ``--no-simulator``."""
+    from emulator.smtp import SIMULATOR_DOMAIN
+
+    if args.no_simulator:
+        return None
+    return str(args.simulator_domain or SIMULATOR_DOMAIN)
+
+
 def _received_table(message: Any) -> Table:
     table = Table(title="Received by the local SMTP server", show_header=False, box=None)
     parsed = message.message
@@ -110,7 +119,6 @@ def _received_table(message: Any) -> Table:
 def run(args: argparse.Namespace) -> int:
     from emulator.errors import EmulatorError, EmulatorNotInstalled
     from emulator.pipeline import run_local_pipeline
-    from emulator.smtp import SIMULATOR_DOMAIN
     from ops.trace_view import find_trace, read_spans, render_waterfall
 
     console = Console(stderr=args.json)
@@ -126,9 +134,7 @@ def run(args: argparse.Namespace) -> int:
                         subscriber_mode=args.mode,
                         publisher_port=args.port,
                         smtp_port=args.smtp_port,
-                        simulator_domain=(
-                            None if args.no_simulator else args.simulator_domain or SIMULATOR_DOMAIN
-                        ),
+                        simulator_domain=chosen_simulator_domain(args),
                     )
                 )
         except EmulatorNotInstalled as exc:
