@@ -2,8 +2,8 @@
 
 The subscriber checks Pub/Sub's push token (subscriber/auth.py); the publisher names its caller
 (publisher/caller.py). Both read the token from the header Cloud Run IAM checked
-(:func:`checked_header`), recognise a signature Cloud Run removed after verifying it
-(:func:`is_signature_removed`), fetch Google's signing keys (:func:`signing_key`) and check claims
+(:func:`request_token`), recognise a signature Cloud Run removed after verifying it
+(:func:`is_signature_removed`), fetch Google's signing keys (:class:`SigningKeys`) and check claims
 with PyJWT (:func:`decode_claims`); what each then requires of the claims is its own.
 
 Errors::
@@ -64,27 +64,36 @@ def bearer_token(value: str | None, header: str = AUTHORIZATION) -> str:
     return token
 
 
+def request_token(headers: Mapping[str, str]) -> str:
+    """The bearer token of the header Cloud Run IAM checks (:func:`checked_header`), or
+    :class:`TokenError`."""
+    header, value = checked_header(headers)
+    return bearer_token(value, header)
+
+
 def is_signature_removed(token: str) -> bool:
     """True for a token whose signature Cloud Run replaced after verifying it
     (cloud.google.com/run/docs/troubleshooting#signature-removed)."""
     return token.count(".") == 2 and token.rsplit(".", 1)[1] == SIGNATURE_REMOVED
 
 
-def jwks_client(jwks_url: str) -> jwt.PyJWKClient:
-    """A client of the signing keys at ``jwks_url``, caching them (Google rotates them about
-    daily); a token with an unknown ``kid`` refetches them."""
-    return jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=3600, timeout=10)
+class SigningKeys:
+    """The keys that sign the tokens, from the JWKS at ``jwks_url`` (Google's by default; tests
+    serve one on loopback). Cached: Google rotates them about daily, and a token with an unknown
+    ``kid`` refetches them."""
 
+    def __init__(self, jwks_url: str = GOOGLE_JWKS_URL) -> None:
+        self._client = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=3600, timeout=10)
 
-def signing_key(keys: jwt.PyJWKClient, token: str) -> Any:
-    """The key that signed ``token`` (its ``kid``), or :class:`TokenKeysUnavailable` /
-    :class:`TokenError`."""
-    try:
-        return keys.get_signing_key_from_jwt(token).key
-    except jwt.PyJWKClientConnectionError as exc:
-        raise TokenKeysUnavailable("could not fetch the token signing keys") from exc
-    except jwt.PyJWTError as exc:
-        raise TokenError(f"invalid token: {exc}") from exc
+    def key_for(self, token: str) -> Any:
+        """The key that signed ``token`` (its ``kid``), or :class:`TokenKeysUnavailable` /
+        :class:`TokenError`."""
+        try:
+            return self._client.get_signing_key_from_jwt(token).key
+        except jwt.PyJWKClientConnectionError as exc:
+            raise TokenKeysUnavailable("could not fetch the token signing keys") from exc
+        except jwt.PyJWTError as exc:
+            raise TokenError(f"invalid token: {exc}") from exc
 
 
 def decode_claims(

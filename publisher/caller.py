@@ -12,19 +12,15 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 
-import jwt
-
 from mailpipe.id_token import (
     DEFAULT_LEEWAY_SECONDS,
     GOOGLE_ISSUERS,
     GOOGLE_JWKS_URL,
+    SigningKeys,
     TokenError,
-    bearer_token,
-    checked_header,
     decode_claims,
     is_signature_removed,
-    jwks_client,
-    signing_key,
+    request_token,
 )
 
 
@@ -49,15 +45,14 @@ def identify_caller(
     """
     if local_mode:
         return None
-    header, value = checked_header(headers)
-    token = bearer_token(value, header)
+    token = request_token(headers)
     # The audience is the service's URL or custom audience: Cloud Run checked it.
     checks = {"verify_exp": True, "verify_iat": True, "verify_nbf": True, "verify_iss": True}
     if is_signature_removed(token):
         options = {**checks, "verify_signature": False, "verify_aud": False}
         claims = decode_claims(token, None, GOOGLE_ISSUERS, leeway_seconds, options=options)
     else:
-        key = signing_key(_google_keys(jwks_url), token)
+        key = _google_keys(jwks_url).key_for(token)
         options = {**checks, "verify_aud": False}
         claims = decode_claims(
             token,
@@ -80,6 +75,6 @@ def identify_caller(
 
 
 @functools.lru_cache(maxsize=4)
-def _google_keys(jwks_url: str) -> jwt.PyJWKClient:
+def _google_keys(jwks_url: str) -> SigningKeys:
     """One key client per JWKS URL for the process (its cache is what saves the fetches)."""
-    return jwks_client(jwks_url)
+    return SigningKeys(jwks_url)

@@ -48,13 +48,11 @@ from mailpipe.id_token import (
     GOOGLE_ISSUERS,
     GOOGLE_JWKS_URL,
     SERVERLESS_AUTHORIZATION,
+    SigningKeys,
     TokenError,
-    bearer_token,
-    checked_header,
     decode_claims,
     is_signature_removed,
-    jwks_client,
-    signing_key,
+    request_token,
 )
 
 __all__ = ["GOOGLE_ISSUERS", "GOOGLE_JWKS_URL", "PushAuthError", "PushAuthenticator"]
@@ -122,7 +120,7 @@ class SignatureVerifier:
 
     def __init__(self, expected: ExpectedToken, *, jwks_url: str = GOOGLE_JWKS_URL) -> None:
         self.expected = expected
-        self._jwks = jwks_client(jwks_url)
+        self._keys = SigningKeys(jwks_url)
 
     def verify(self, token: str) -> dict[str, Any]:
         """The token's claims, or :class:`TokenError`."""
@@ -137,7 +135,7 @@ class SignatureVerifier:
             self.expected.audience,
             self.expected.issuers,
             self.expected.leeway_seconds,
-            key=signing_key(self._jwks, token),
+            key=self._keys.key_for(token),
             algorithms=["RS256"],
         )
         _check_email(claims, self.expected.email)
@@ -147,8 +145,9 @@ class SignatureVerifier:
 class RequestAuthenticator:
     """Checks the ID token of a request in one of the two modes (see the module docstring).
 
-    ``verify(headers)`` reads the header Cloud Run checks (:func:`checked_header`) and returns the
-    token's claims or raises :class:`TokenError`.
+    ``verify(headers)`` reads the header Cloud Run checks
+    (:func:`mailpipe.id_token.checked_header`) and returns the token's claims or raises
+    :class:`TokenError`.
     """
 
     def __init__(
@@ -168,8 +167,7 @@ class RequestAuthenticator:
         self._signature = SignatureVerifier(expected, jwks_url=jwks_url)
 
     def verify(self, headers: Mapping[str, str]) -> dict[str, Any]:
-        header, value = checked_header(headers)
-        token = bearer_token(value, header)
+        token = request_token(headers)
         if self.mode == "cloud-run" and is_signature_removed(token):
             return claims_of_verified_token(token, self.expected)
         # signature mode, or a token Cloud Run forwarded with its signature: verify it in full.
