@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from client import PublisherApi
 from emulator.errors import EmulatorError
 from emulator.process import free_port
 from emulator.smtp import SIMULATOR_DOMAIN, LocalSmtpServer, MailboxSimulator
 from emulator.stack import DEFAULT_LOCAL_PROJECT, EmulatorStack, run_emulators
-from mailpipe.api_client import PublisherApi
 from mailpipe.topology import Topology, load_topology
 
 SubscriberMode = Literal["pull", "push"]
@@ -160,7 +160,7 @@ class LocalPipeline:
     @property
     def api(self) -> PublisherApi:
         """The publisher's API client (the CLI's and the canary's); it raises
-        :class:`mailpipe.api_client.ApiError`."""
+        :class:`client.ApiError`."""
         return PublisherApi(self.publisher_url)
 
     def post_mail(self, mail: Mapping[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mailpipe.api_client import FINAL_STATUSES, ApiError
+from client import FINAL_STATUSES, ApiError
 from ops.cli import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,

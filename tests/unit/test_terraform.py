@@ -1534,9 +1534,10 @@ def test_dockerfile_is_slim_pinned_non_root_and_runs_the_service(
     ), "the build needs constraints.txt in the image's build stage"
     copies = " ".join(line for line in lines if line.startswith("COPY "))
     # The publisher image also carries the operator CLI, which includes the canary's command: the
-    # reconcile job runs from it (terraform/reconcile.tf).
-    carried = {"publisher": {"canary", "ops"}}.get(service, set())
-    others = {"publisher", "subscriber", "canary", "ops"} - {service} - carried
+    # reconcile job runs from it (terraform/reconcile.tf). The CLI and the canary talk to the
+    # publisher through client/; no service imports it.
+    carried = {"publisher": {"canary", "client", "ops"}, "canary": {"client"}}.get(service, set())
+    others = {"publisher", "subscriber", "canary", "client", "ops"} - {service} - carried
     assert f"{service}/" in copies, copies
     assert not [o for o in others if f"{o}/" in copies], "one deployable per image"
 
@@ -1557,6 +1558,7 @@ def test_dockerignore_lets_only_the_sources_in() -> None:
         "publisher",
         "subscriber",
         "canary",
+        "client",
         "ops",
     }
 
