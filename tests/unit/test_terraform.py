@@ -212,7 +212,11 @@ def _checkov() -> str:
     for candidate in (REPO / ".venv-tools" / "bin" / "checkov", shutil.which("checkov")):
         if candidate and Path(candidate).is_file():
             return str(candidate)
-    pytest.fail(f"checkov is not installed; from the repository root run: {CHECKOV_INSTALL}")
+    # `./dev test` (and so CI) installs it; a bare `pytest` in a fresh clone skips and says how.
+    message = f"checkov is not installed; from the repository root run: {CHECKOV_INSTALL}"
+    if os.environ.get("CI"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
 
 
 def _run_checkov(*targets: str) -> list[dict[str, Any]]:
