@@ -527,7 +527,7 @@ def _item_error(exc: Exception, span: trace.Span) -> ApiError:
         log.exception("unexpected error accepting a batch mail; it is answered 500")
         exc = ApiError(
             500,
-            "internal_error",
+            "internal",
             "this mail was not accepted because of an internal error; send it again",
         )
     span.set_status(trace.Status(trace.StatusCode.ERROR, exc.code))

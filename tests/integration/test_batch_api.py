@@ -18,6 +18,7 @@ from mailpipe.record import MailStatus
 from publisher.app import BATCH_LINK_KIND, BATCH_MAIL_SPAN, MAX_REQUEST_BYTES
 from publisher.openapi import MAX_BATCH_MAILS
 from tests.fixtures.pipeline import Pipeline
+from tests.integration.test_publisher_api import assert_json_error
 
 BATCH = "/v1/messages:batch"
 
@@ -34,15 +35,6 @@ def mail(number: int, **changes: Any) -> dict[str, Any]:
 
 def post_batch(pipeline: Pipeline, mails: Any, **kwargs: Any) -> httpx.Response:
     return pipeline.http.post(BATCH, json={"messages": mails}, **kwargs)
-
-
-def assert_refused_whole(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert error["code"] == code
-    assert error["message"]
-    return dict(error)
 
 
 def assert_nothing_accepted(pipeline: Pipeline) -> None:
@@ -179,7 +171,7 @@ def test_a_request_that_is_not_a_valid_batch_is_refused_whole(pipeline: Pipeline
         "header key": post_batch(pipeline, [mail(0)], headers={"Idempotency-Key": "k-1"}),
     }
     for name, response in cases.items():
-        error = assert_refused_whole(response, 400, "invalid_request")
+        error = assert_json_error(response, 400, "invalid_request")
         assert "messages" in error["message"] or "Idempotency-Key" in error["message"], name
     assert "500" in cases["one too many"].json()["error"]["fields"]["messages"]
     assert "501" in cases["one too many"].json()["error"]["fields"]["messages"]
@@ -189,12 +181,12 @@ def test_a_request_that_is_not_a_valid_batch_is_refused_whole(pipeline: Pipeline
     not_json = http.post(
         BATCH, content=b'{"messages": [', headers={"Content-Type": "application/json"}
     )
-    assert_refused_whole(not_json, 400, "invalid_json")
+    assert_json_error(not_json, 400, "invalid_json")
     wrong_type = http.post(BATCH, content=b"messages", headers={"Content-Type": "text/plain"})
-    assert_refused_whole(wrong_type, 415, "unsupported_media_type")
+    assert_json_error(wrong_type, 415, "unsupported_media_type")
     huge = json.dumps({"messages": [mail(0, text="a" * MAX_REQUEST_BYTES)]}).encode()
     too_large = http.post(BATCH, content=huge, headers={"Content-Type": "application/json"})
-    assert_refused_whole(too_large, 413, "request_too_large")
+    assert_json_error(too_large, 413, "request_too_large")
     assert_nothing_accepted(pipeline)
 
 
