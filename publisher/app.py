@@ -528,7 +528,8 @@ def _item_error(exc: Exception, span: trace.Span) -> ApiError:
         exc = ApiError(
             500,
             "internal",
-            "this mail was not accepted because of an internal error; send it again",
+            "an unexpected error occurred with this mail (it has been logged); send it again, "
+            "with an idempotency_key so that it cannot be queued twice",
         )
     span.set_status(trace.Status(trace.StatusCode.ERROR, exc.code))
     return exc
