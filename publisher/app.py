@@ -463,9 +463,10 @@ def send_batch() -> tuple[Response, int]:
         raise ApiError(
             400, "invalid_request", f"the batch is invalid: fix the fields listed ({shape})", fields
         )
-    assert isinstance(mails, list)
     items = accept_mails(
-        services, mails, scope=lambda: caller_scope(services.identify_caller, request)
+        services,
+        cast(list[Any], mails),  # a list of 1 to MAX_BATCH_MAILS items: checked above
+        scope=lambda: caller_scope(services.identify_caller, request),
     )
     return _respond(_batch_answer(items))
 
