@@ -88,9 +88,9 @@ def _has_lone_surrogate(text: str) -> bool:
     return False
 
 
-def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> None:
-    """Raise :class:`JsonBodyError` if ``value`` (parsed JSON) nests deeper than ``max_depth``
-    or holds a lone surrogate in any string or key. Iterative: no recursion limit applies."""
+def check_json_value(value: Any) -> None:
+    """Raise :class:`JsonBodyError` if ``value`` (parsed JSON) nests deeper than
+    :data:`MAX_JSON_DEPTH` or holds a lone surrogate in a string or key. Iterative."""
     surrogates: dict[str, str] = {}
     stack: list[tuple[Any, int, tuple[str | int, ...]]] = [(value, 1, ())]
     while stack:
@@ -101,10 +101,10 @@ def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> None:
             continue
         if not isinstance(item, dict | list):
             continue
-        if depth > max_depth:
+        if depth > MAX_JSON_DEPTH:
             raise JsonBodyError(
                 "json_too_deep",
-                f"the JSON nests deeper than {max_depth} levels of arrays and objects at "
+                f"the JSON nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects at "
                 f"{_path(where)!r}: flatten it",
             )
         if isinstance(item, dict):
@@ -124,7 +124,7 @@ def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> None:
         )
 
 
-def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+def parse_json(raw: bytes) -> Any:
     """Parse a request body strictly (see the module docstring); raise :class:`JsonBodyError`."""
     try:
         text = raw.decode("utf-8")
@@ -143,7 +143,7 @@ def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     except RecursionError as exc:
         raise JsonBodyError(
             "json_too_deep",
-            f"the JSON nests deeper than {max_depth} levels of arrays and objects: flatten it",
+            f"the JSON nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects: flatten it",
         ) from exc
     except _Refused as exc:
         raise JsonBodyError("invalid_json", f"the body is not JSON this API reads: {exc}") from exc
@@ -152,7 +152,7 @@ def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
             "invalid_json",
             f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
         ) from exc
-    check_json_value(value, max_depth=max_depth)
+    check_json_value(value)
     return value
 
 

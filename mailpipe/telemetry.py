@@ -366,16 +366,13 @@ class SpacedMetricExporter(MetricExporter):
 
 
 def build_resource(
-    config: TelemetryConfig,
-    resource_attributes: Mapping[str, str] | None = None,
-    *,
-    detection_timeout: float = GCP_DETECTION_TIMEOUT_SECONDS,
+    config: TelemetryConfig, resource_attributes: Mapping[str, str] | None = None
 ) -> Resource:
     """``service.name`` (+ extra attributes); in gcp mode merged over the detected GCP resource."""
     base = Resource.create({**(resource_attributes or {}), SERVICE_NAME: config.service_name})
     if config.traces != "gcp":
         return base
-    detected = detect_gcp_resource(timeout=detection_timeout).merge(base)
+    detected = detect_gcp_resource().merge(base)
     # Cloud Monitoring keys a series on service.instance.id (generic_task's task_id): one per
     # process, so two instances never write the same series; Cloud Run's instance id when known.
     attributes = detected.attributes
@@ -383,9 +380,7 @@ def build_resource(
     return detected.merge(Resource({SERVICE_INSTANCE_ID: str(instance or uuid.uuid4())}))
 
 
-def detect_gcp_resource(
-    *, timeout: float = GCP_DETECTION_TIMEOUT_SECONDS, environ: Mapping[str, str] | None = None
-) -> Resource:
+def detect_gcp_resource(*, timeout: float = GCP_DETECTION_TIMEOUT_SECONDS) -> Resource:
     """The GCP resource (Cloud Run: ``cloud.platform``, ``faas.name``, ``faas.version``...).
 
     The detector asks the metadata server with unbounded name resolution, and returns an *empty*
@@ -395,7 +390,6 @@ def detect_gcp_resource(
     """
     from opentelemetry.resourcedetector.gcp_resource_detector import GoogleCloudResourceDetector
 
-    env = os.environ if environ is None else environ
     found: list[Resource] = []
 
     def detect() -> None:
@@ -410,13 +404,12 @@ def detect_gcp_resource(
     if worker.is_alive():
         _log.warning("GCP resource detection took longer than %.1f s; skipped", timeout)
     detected = found[0] if found else Resource.get_empty()
-    if detected.attributes or "K_CONFIGURATION" not in env:
+    if detected.attributes or "K_CONFIGURATION" not in os.environ:
         return detected
     attributes = {"cloud.provider": "gcp", "cloud.platform": "gcp_cloud_run"}
-    if env.get("K_SERVICE"):
-        attributes["faas.name"] = env["K_SERVICE"]
-    if env.get("K_REVISION"):
-        attributes["faas.version"] = env["K_REVISION"]
+    for key, variable in (("faas.name", "K_SERVICE"), ("faas.version", "K_REVISION")):
+        if os.environ.get(variable):
+            attributes[key] = os.environ[variable]
     return Resource(attributes)
 
 
