@@ -123,10 +123,13 @@ def redact_addresses(text: str, style: AddressStyle) -> str:
 # --- formatting ----------------------------------------------------------------------------------
 
 
+# Spelled out, not logging.getLevelName(): a library may rename a level; Cloud Logging may not.
+_SEVERITIES = ((50, "CRITICAL"), (40, "ERROR"), (30, "WARNING"), (20, "INFO"))
+
+
 def _severity(levelno: int) -> str:
     """Cloud Logging's severity: the standard level at or below ``levelno`` (custom levels)."""
-    levels = (logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO)
-    return next((logging.getLevelName(lv) for lv in levels if levelno >= lv), "DEBUG")
+    return next((name for level, name in _SEVERITIES if levelno >= level), "DEBUG")
 
 
 class CloudLoggingFormatter(logging.Formatter):

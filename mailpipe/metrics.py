@@ -69,41 +69,40 @@ class MailMetrics:
     inline. Outcomes: ``deferred`` once per attempt, the others once per mail."""
 
     def __init__(self, meter: Meter) -> None:
-        counter, histogram = meter.create_counter, meter.create_histogram
-        self._accepted = counter(
+        self._accepted = meter.create_counter(
             "mailpipe.mails.accepted", unit="{mail}", description="Mails accepted (HTTP 202)."
         )
-        self._delivered = counter(
+        self._delivered = meter.create_counter(
             "mailpipe.mails.delivered", unit="{mail}", description="Mails the relay accepted (250)."
         )
-        self._deferred = counter(
+        self._deferred = meter.create_counter(
             "mailpipe.mails.deferred",
             unit="{attempt}",
             description="Delivery attempts deferred (4xx, timeout, connection error); retried.",
         )
-        self._bounced = counter(
+        self._bounced = meter.create_counter(
             "mailpipe.mails.bounced",
             unit="{mail}",
             description="Mails rejected permanently (5xx); never retried.",
         )
-        self._dead_lettered = counter(
+        self._dead_lettered = meter.create_counter(
             "mailpipe.mails.dead_lettered",
             unit="{mail}",
             description="Mails that exhausted their delivery attempts.",
         )
-        self._latency = histogram(
+        self._latency = meter.create_histogram(
             "mailpipe.delivery.latency",
             unit="s",
             description="Time from the HTTP 202 to the relay's 250 after DATA.",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
         )
-        self._step = histogram(
+        self._step = meter.create_histogram(
             "mailpipe.smtp.step.duration",
             unit="s",
             description="Duration of one SMTP step (attribute smtp.step).",
             explicit_bucket_boundaries_advisory=SMTP_STEP_BUCKETS,
         )
-        self._attempts = histogram(
+        self._attempts = meter.create_histogram(
             "mailpipe.delivery.attempts",
             unit="{attempt}",
             description="Delivery attempts a mail took to reach its final outcome.",

@@ -17,9 +17,10 @@ Getting telemetry out of Cloud Run (docs/observability.md):
   write calls a minute per project; a flush per request at 500 requests/s would need 30,000).
 * **Metrics** are never flushed on demand (:meth:`Telemetry.force_flush` flushes spans only):
   Cloud Monitoring refuses a point written to a series sooner than its sampling period after the
-  previous one, so the GCP exporter runs on its own 60 s period and once more at shutdown
-  (SIGTERM), spaced by :class:`SpacedMetricExporter`. Each process writes its own series:
-  ``service.instance.id`` (the task id) is Cloud Run's instance id, else a random one.
+  previous one ("...written more frequently than the maximum sampling period"), so the exporter
+  runs on its own 60 s period and once more at shutdown (SIGTERM), spaced by
+  :class:`SpacedMetricExporter`. Each process writes its own series: ``service.instance.id``
+  (the task id) is Cloud Run's instance id, else a random one.
 
 The Google exporters (1.15) warn that they are deprecated in favour of Google's OTLP endpoint;
 they still work. Errors, translated in ``_translate`` (exporting itself never raises: the SDK
@@ -36,9 +37,10 @@ Telemetry objects one after another (tests; ``mailpipe up`` runs both services i
 So each Telemetry has its **own** provider (the services use ``telemetry.tracer(...)`` and
 ``telemetry.tracer_provider``), and the global slot gets one process-wide *hub* provider (made by
 the first ``setup_telemetry(set_global=True)``, never shut down) whose only processor routes the
-library's spans to the newest running Telemetry's processor: one exporter, no duplicates. If an
-SDK provider mailpipe did not make is already global (tests/fixtures/telemetry.py), the router is
-attached to it, and a Telemetry whose exporter it already feeds is skipped (a warning, once).
+library's spans to the newest running Telemetry's processor: one exporter, no duplicates (with
+both services in one process, they carry the first service's name). If an SDK provider mailpipe
+did not make is already global (tests/fixtures/telemetry.py), the router is attached to it, and
+a Telemetry whose exporter it already feeds is skipped (a warning, once).
 """
 
 from __future__ import annotations
@@ -386,7 +388,8 @@ def detect_gcp_resource(*, timeout: float = GCP_DETECTION_TIMEOUT_SECONDS) -> Re
     The detector asks the metadata server with unbounded name resolution, and returns an *empty*
     resource when it cannot reach it, even on Cloud Run. So it runs in a daemon thread waited for
     at most ``timeout`` (the SDK's ``get_aggregated_resources`` joins a hung detector), and
-    Cloud Run's ``K_*`` variables give the service and revision when it finds nothing.
+    Cloud Run's ``K_*`` variables give the service and revision when it finds nothing (region and
+    instance need the metadata server).
     """
     from opentelemetry.resourcedetector.gcp_resource_detector import GoogleCloudResourceDetector
 
