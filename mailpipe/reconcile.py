@@ -52,12 +52,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from mailpipe.record import DeliveryRecord, MailRecord, MailStatus, RecordError
-from mailpipe.record.lifecycle import (
-    delivery_stalled,
-    delivery_stalled_at,
-    reservation_expired,
-    reservation_expires_at,
-)
+from mailpipe.record.base import delivery_stalled_at, passed, reservation_expires_at
 
 DEFAULT_GRACE_SECONDS = 900.0
 # Records scanned per status in one survey (stuck and unconfirmed records are few; in-flight
@@ -101,15 +96,14 @@ class StuckMail:
 
 def diagnose(record: MailRecord, *, now: dt.datetime, grace_seconds: float) -> StuckMail | None:
     """``record`` as a stuck mail, or ``None`` if something live may still move it on."""
-    if reservation_expired(record, now):
-        since = reservation_expires_at(record)
-        kind = StuckKind.EXPIRED_RESERVATION
-    elif delivery_stalled(record, now, grace_seconds):
-        since = delivery_stalled_at(record, grace_seconds)
-        kind = StuckKind.STALLED_DELIVERY
-    else:
+    # The same rules the record's release_expired_reservation and mark_unconfirmed check.
+    found = (
+        (StuckKind.EXPIRED_RESERVATION, reservation_expires_at(record)),
+        (StuckKind.STALLED_DELIVERY, delivery_stalled_at(record, grace_seconds)),
+    )
+    kind, since = next(((k, at) for k, at in found if passed(at, now)), (None, None))
+    if kind is None or since is None:
         return None
-    assert since is not None
     return StuckMail(
         mail_id=record.mail_id,
         kind=kind,

@@ -1,4 +1,4 @@
-"""The delivery record's model and interface.
+"""The delivery record: its model, its errors and its rules, written once for every backend.
 
 Errors::
 
@@ -22,7 +22,8 @@ Lifecycle of a mail's status::
 
 ``claim`` is atomic: of two concurrent deliveries of the same mail only one gets ``CLAIMED``;
 a mail already delivered or bounced is never claimed again (at-least-once made effectively once).
-Rules every backend follows (the shared suite tests them on each):
+The rules (:class:`DeliveryRecord` implements them over a backend's
+:class:`~mailpipe.record.store.Store`; the shared suite tests them on each backend):
 
 - A claim holds a lease (``lease_until``); while it is unexpired every other claim gets
   ``IN_PROGRESS``, whatever the status. ``finish`` ends the lease; an expired lease (a crashed
@@ -52,15 +53,35 @@ Rules every backend follows (the shared suite tests them on each):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TypeVar
 
+from mailpipe.record.store import (
+    IDEMPOTENCY,
+    MAILS,
+    Condition,
+    Store,
+    Transaction,
+    decode,
+    encode,
+    id_problem,
+    key_hash,
+    page_token,
+    parse_page_token,
+    utc,
+    utc_now,
+)
+
+R = TypeVar("R")
 # How long a reservation holds its idempotency key unless the caller says (the publisher passes
 # MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS); also the expiry of reservations written before
 # records carried ``reserved_until``.
 DEFAULT_RESERVATION_SECONDS = 300.0
+MAX_PAGE_SIZE = 1000
 
 
 class RecordError(Exception):
@@ -104,6 +125,20 @@ class MailStatus(enum.StrEnum):
         return self in (MailStatus.DELIVERED, MailStatus.BOUNCED)
 
 
+# Replayed mails are back on the mail topic: until delivered they count toward the lag alert.
+# So do reservations (accepting): one left behind by a crash must not go unseen. Unconfirmed mails
+# do not (reconcile settled them as far as the record can; Pub/Sub's own backlog alert covers a
+# copy it still holds), nor do dead-lettered ones.
+UNDELIVERED = (
+    MailStatus.ACCEPTING,
+    MailStatus.QUEUED,
+    MailStatus.SENDING,
+    MailStatus.DEFERRED,
+    MailStatus.REPLAYED,
+)
+_OUTCOMES = {s: MailStatus(s) for s in ("delivered", "deferred", "bounced")}
+
+
 @dataclass(frozen=True)
 class Attempt:
     """One delivery attempt: when, by whom, and what the SMTP server answered."""
@@ -120,9 +155,25 @@ class Attempt:
     message_id: str | None = None  # the Pub/Sub message id of this delivery
 
 
+# The fields the status API shows, in its order (not the idempotency or lease bookkeeping).
+_SHOWN = (
+    "mail_id",
+    "status",
+    "accepted_at",
+    "updated_at",
+    "delivered_at",
+    "trace_id",
+    "message_id",
+    "recipient_domains",
+    "last_error",
+    "replays",
+    "attempts",
+)
+
+
 @dataclass(frozen=True)
 class MailRecord:
-    """Everything known about one mail."""
+    """Everything known about one mail (stored as the document of its mail id, field by field)."""
 
     mail_id: str
     status: MailStatus
@@ -143,36 +194,8 @@ class MailRecord:
     reserved_until: dt.datetime | None = None  # while accepting: when the reservation expires
 
     def to_json(self) -> dict[str, object]:
-        def iso(value: dt.datetime | None) -> str | None:
-            return value.isoformat() if value else None
-
-        return {
-            "mail_id": self.mail_id,
-            "status": str(self.status),
-            "accepted_at": iso(self.accepted_at),
-            "updated_at": iso(self.updated_at),
-            "delivered_at": iso(self.delivered_at),
-            "trace_id": self.trace_id,
-            "message_id": self.message_id,
-            "recipient_domains": list(self.recipient_domains),
-            "last_error": self.last_error,
-            "replays": list(self.replays),
-            "attempts": [
-                {
-                    "number": a.number,
-                    "started_at": iso(a.started_at),
-                    "finished_at": iso(a.finished_at),
-                    "outcome": a.outcome,
-                    "reply_code": a.reply_code,
-                    "enhanced_status": a.enhanced_status,
-                    "reply_message": a.reply_message,
-                    "failed_step": a.failed_step,
-                    "trace_id": a.trace_id,
-                    "message_id": a.message_id,
-                }
-                for a in self.attempts
-            ],
-        }
+        fields = encode(self, time=dt.datetime.isoformat)
+        return {name: fields[name] for name in _SHOWN}
 
 
 class ClaimResult(enum.StrEnum):
@@ -216,9 +239,113 @@ class Page:
     next_page_token: str | None = None
 
 
-@runtime_checkable
-class DeliveryRecord(Protocol):
-    """The delivery record. Implementations are safe to share between threads."""
+def check_mail_id(mail_id: str) -> None:
+    """Raise :class:`InvalidMailId` unless ``mail_id`` can key a record."""
+    problem = id_problem(mail_id)
+    if problem is not None:
+        shown = mail_id[:80] if isinstance(mail_id, str) else mail_id
+        raise InvalidMailId(f"mail id {shown!r} {problem}")
+
+
+def _positive(seconds: float, name: str) -> dt.timedelta:
+    if seconds <= 0:
+        raise ValueError(f"{name} must be positive")
+    return dt.timedelta(seconds=seconds)
+
+
+def describe_error(attempt: Attempt) -> str:
+    """``last_error`` for a failed attempt, e.g. ``"451 4.3.0 at rcpt to: try later"``."""
+    parts = [str(attempt.reply_code) if attempt.reply_code is not None else attempt.outcome or "?"]
+    if attempt.enhanced_status:
+        parts.append(attempt.enhanced_status)
+    if attempt.failed_step:
+        parts.append(f"at {attempt.failed_step}")
+    text = " ".join(parts)
+    return f"{text}: {attempt.reply_message}" if attempt.reply_message else text
+
+
+# --- reconcile's rules: records no live request or delivery will move on ---------------------
+
+
+def reservation_expires_at(record: MailRecord) -> dt.datetime | None:
+    """When an ``accepting`` record's reservation expires; ``None`` for any other status.
+
+    Records written before reservations carried ``reserved_until`` expire
+    :data:`DEFAULT_RESERVATION_SECONDS` after their last write.
+    """
+    if record.status is not MailStatus.ACCEPTING:
+        return None
+    if record.reserved_until is not None:
+        return record.reserved_until
+    return record.updated_at + dt.timedelta(seconds=DEFAULT_RESERVATION_SECONDS)
+
+
+def delivery_stalled_at(record: MailRecord, grace_seconds: float) -> dt.datetime | None:
+    """When a ``sending`` record counts as stalled (its lease's end + grace); ``None`` for any
+    other status. A ``sending`` without a lease (not written by a claim) counts from its last
+    write."""
+    if record.status is not MailStatus.SENDING:
+        return None
+    base = record.lease_until if record.lease_until is not None else record.updated_at
+    return base + dt.timedelta(seconds=grace_seconds)
+
+
+def passed(moment: dt.datetime | None, now: dt.datetime) -> bool:
+    """Whether ``moment`` (from the two functions above) is set and not in the future."""
+    return moment is not None and moment <= now
+
+
+# A rule: from the mail's record (None: there is none) and the time, the answer and the record
+# to write (None: write nothing).
+Rule = Callable[[MailRecord | None, dt.datetime], tuple[R, MailRecord | None]]
+
+
+class DeliveryRecord:
+    """The delivery record over a backend's store; safe to share between threads.
+
+    Open one with :func:`open_record`; the backends are :mod:`mailpipe.record.sqlite` and
+    :mod:`mailpipe.record.firestore`.
+    """
+
+    def __init__(self, store: Store, *, clock: Callable[[], dt.datetime] = utc_now) -> None:
+        self._store = store
+        self._clock = clock
+
+    # --- the one read-decide-write of a mail ------------------------------------------------
+
+    @staticmethod
+    def _read(txn: Transaction, mail_id: str) -> MailRecord | None:
+        doc = txn.get(MAILS, mail_id)
+        return None if doc is None else decode(MailRecord, doc)
+
+    @staticmethod
+    def _write(txn: Transaction, record: MailRecord, *, new: bool = False) -> None:
+        txn.put(MAILS, record.mail_id, encode(record), retain_from=record.accepted_at, new=new)
+
+    def _apply(self, operation: str, mail_id: str, rule: Rule[R]) -> R:
+        """Read the mail's record, apply ``rule``, write what it returns: one transaction."""
+
+        def body(txn: Transaction) -> R:
+            answer, new = rule(self._read(txn, mail_id), self._clock())
+            if new is not None:
+                self._write(txn, new)
+            return answer
+
+        return self._store.transact(operation, body)
+
+    def _forget(self, txn: Transaction, record: MailRecord) -> None:
+        """Delete a reservation and its key document, if the key still points at it."""
+        key = (
+            None
+            if record.idempotency_key is None
+            else key_hash(record.idempotency_key, record.idempotency_scope)
+        )
+        held = txn.get(IDEMPOTENCY, key) if key is not None else None  # reads before writes
+        txn.delete(MAILS, record.mail_id)
+        if key is not None and held is not None and held.get("mail_id") == record.mail_id:
+            txn.delete(IDEMPOTENCY, key)
+
+    # --- the interface ------------------------------------------------------------------------
 
     def reserve(
         self,
@@ -242,7 +369,43 @@ class DeliveryRecord(Protocol):
         reservation left by a crash: it is deleted and the key goes to this reserve. A second
         reserve of an existing ``mail_id`` also returns ``created=False`` with it.
         """
-        ...
+        check_mail_id(mail_id)
+        hold = _positive(reservation_seconds, "reservation_seconds")
+        key = None if idempotency_key is None else key_hash(idempotency_key, idempotency_scope)
+
+        def body(txn: Transaction) -> Reservation:
+            now = self._clock()
+            held = txn.get(IDEMPOTENCY, key) if key is not None else None
+            holder = self._read(txn, held["mail_id"]) if held is not None else None
+            if holder is not None and not passed(reservation_expires_at(holder), now):
+                return Reservation(created=False, record=holder)
+            existing = self._read(txn, mail_id)
+            if existing is not None:
+                return Reservation(created=False, record=existing)
+            record = MailRecord(
+                mail_id=mail_id,
+                status=MailStatus.ACCEPTING,
+                accepted_at=utc(accepted_at),
+                updated_at=now,
+                idempotency_key=idempotency_key,
+                recipient_domains=tuple(recipient_domains),
+                idempotency_scope=idempotency_scope if idempotency_key is not None else None,
+                request_hash=request_hash,
+                reserved_until=now + hold,
+            )
+            if holder is not None:
+                # A reservation left by a crash (its publish never completed in time): the key
+                # is ours. A key whose mail is gone (Firestore's TTL took it first) is too.
+                txn.delete(MAILS, holder.mail_id)
+            self._write(txn, record, new=True)
+            if key is not None:
+                retain = record.accepted_at
+                txn.put(
+                    IDEMPOTENCY, key, {"mail_id": mail_id}, retain_from=retain, new=held is None
+                )
+            return Reservation(created=True, record=record)
+
+        return self._store.transact("reserve", body)
 
     def mark_queued(
         self,
@@ -260,7 +423,30 @@ class DeliveryRecord(Protocol):
         :meth:`reserve`, which only a mail with an idempotency key needs) it is created in
         ``queued``; without it :class:`MailNotFound` is raised.
         """
-        ...
+        check_mail_id(mail_id)
+
+        def rule(record: MailRecord | None, now: dt.datetime) -> tuple[None, MailRecord]:
+            if record is None:
+                if accepted_at is None:
+                    raise MailNotFound(f"no record for mail {mail_id}")
+                record = MailRecord(
+                    mail_id=mail_id,
+                    status=MailStatus.ACCEPTING,
+                    accepted_at=utc(accepted_at),
+                    updated_at=now,
+                    recipient_domains=tuple(recipient_domains),
+                )
+            status = MailStatus.QUEUED if record.status is MailStatus.ACCEPTING else record.status
+            return None, dataclasses.replace(
+                record,
+                status=status,
+                reserved_until=None,  # the reservation's work is done: the key now holds for good
+                message_id=record.message_id or message_id,
+                trace_id=record.trace_id or trace_id,
+                updated_at=now,
+            )
+
+        self._apply("mark_queued", mail_id, rule)
 
     def release(self, mail_id: str) -> None:
         """The publish failed: forget the reservation so a retry with the same key can succeed.
@@ -268,7 +454,15 @@ class DeliveryRecord(Protocol):
         Deletes the record only while it is ``accepting`` (a record a delivery has claimed shows
         the publish did go through); otherwise, or without a record, does nothing.
         """
-        ...
+        if id_problem(mail_id):
+            return  # no record can have this id
+
+        def body(txn: Transaction) -> None:
+            record = self._read(txn, mail_id)
+            if record is not None and record.status is MailStatus.ACCEPTING:
+                self._forget(txn, record)
+
+        self._store.transact("release", body)
 
     def release_expired_reservation(self, mail_id: str) -> MailRecord | None:
         """Reconcile: delete the record if it is still ``accepting`` past its
@@ -276,16 +470,55 @@ class DeliveryRecord(Protocol):
         free its key. Returns the deleted record, ``None`` when nothing was deleted (the record
         moved on, is not expired yet, or is gone). Checked and done atomically.
         """
-        ...
+        if id_problem(mail_id):
+            return None  # no record can have this id
+
+        def body(txn: Transaction) -> MailRecord | None:
+            record = self._read(txn, mail_id)
+            if record is None or not passed(reservation_expires_at(record), self._clock()):
+                return None
+            self._forget(txn, record)
+            return record
+
+        return self._store.transact("release_expired_reservation", body)
 
     def mark_unconfirmed(self, mail_id: str, *, grace_seconds: float) -> MailRecord | None:
         """Reconcile: ``sending`` whose lease ended more than ``grace_seconds`` ago →
         ``unconfirmed``, the lease cleared and ``last_error`` saying what is known.
 
         Returns the new record, ``None`` when nothing changed (another delivery claimed it since,
-        or it finished, or it is not stalled). Checked and done atomically.
+        or it finished, or it is not stalled). Checked and done atomically. ``unconfirmed`` is
+        claimable like any non-final status, so nothing Pub/Sub still holds is lost.
         """
-        ...
+        if id_problem(mail_id):
+            return None  # no record can have this id
+
+        def rule(record: MailRecord | None, now: dt.datetime) -> tuple[MailRecord | None, ...]:
+            if record is None or not passed(delivery_stalled_at(record, grace_seconds), now):
+                return None, None
+            number = record.attempt_count
+            recorded = any(a.number == number and a.outcome for a in record.attempts)
+            note = (
+                f"delivery attempt {number} left the mail sending"
+                if recorded
+                else f"the outcome of delivery attempt {number} was never recorded"
+            )
+            new = dataclasses.replace(
+                record,
+                status=MailStatus.UNCONFIRMED,
+                lease_until=None,
+                last_error=(
+                    f"{note}: its worker stopped, or the record write after the relay's answer "
+                    "failed. If Pub/Sub still holds the message it will be delivered (the mail "
+                    "stays claimable); if the subscriber logged that it could not record this "
+                    "attempt, the relay answered and the mail was acknowledged. Last error "
+                    f"before: {record.last_error or 'none'}"
+                ),
+                updated_at=now,
+            )
+            return new, new
+
+        return self._apply("mark_unconfirmed", mail_id, rule)  # type: ignore[arg-type]
 
     def claim(
         self,
@@ -304,7 +537,36 @@ class DeliveryRecord(Protocol):
         ``recipient_domains`` (from the queued mail) are used only when the claim has to create
         the record; without them it is created as accepted now, with no domains.
         """
-        ...
+        check_mail_id(mail_id)
+        lease = _positive(lease_seconds, "lease_seconds")
+
+        def rule(record: MailRecord | None, now: dt.datetime) -> tuple[Claim, MailRecord | None]:
+            if record is None:
+                # The mail reached the subscriber without a record (the publisher's write lagged
+                # or failed, or the mail predates the record): deliver it, record it from here.
+                record = MailRecord(
+                    mail_id=mail_id,
+                    status=MailStatus.QUEUED,
+                    accepted_at=utc(accepted_at) if accepted_at is not None else now,
+                    updated_at=now,
+                    trace_id=trace_id,
+                    message_id=message_id,
+                    recipient_domains=tuple(recipient_domains),
+                )
+            if record.status.final:
+                return Claim(ClaimResult.ALREADY_FINAL, record.attempt_count, record), None
+            if record.lease_until is not None and record.lease_until > now:
+                return Claim(ClaimResult.IN_PROGRESS, record.attempt_count, record), None
+            new = dataclasses.replace(
+                record,
+                status=MailStatus.SENDING,
+                attempt_count=record.attempt_count + 1,
+                lease_until=now + lease,
+                updated_at=now,
+            )
+            return Claim(ClaimResult.CLAIMED, new.attempt_count, new), new
+
+        return self._apply("claim", mail_id, rule)
 
     def renew_lease(
         self, mail_id: str, *, attempt_number: int, lease_seconds: float
@@ -315,9 +577,27 @@ class DeliveryRecord(Protocol):
         or later if it already did) while the mail is not delivered or bounced and its latest
         claim is this one — even if this lease had run out, as long as nobody claimed since.
         ``LOST`` when a later claim was made (or the record is gone), ``FINAL`` when the mail was
-        delivered or bounced; both change nothing.
+        delivered or bounced; both change nothing. The status is left as it is (``finish`` sets
+        it from the outcome).
         """
-        ...
+        lease = _positive(lease_seconds, "lease_seconds")
+        if id_problem(mail_id):
+            return LeaseRenewal(RenewalResult.LOST)  # no record can have this id
+
+        def rule(
+            record: MailRecord | None, now: dt.datetime
+        ) -> tuple[LeaseRenewal, MailRecord | None]:
+            if record is None:
+                return LeaseRenewal(RenewalResult.LOST), None
+            if record.status.final:
+                return LeaseRenewal(RenewalResult.FINAL, record), None
+            if record.attempt_count != attempt_number:
+                return LeaseRenewal(RenewalResult.LOST, record), None
+            until = max(now + lease, record.lease_until or now)
+            new = dataclasses.replace(record, lease_until=until, updated_at=now)
+            return LeaseRenewal(RenewalResult.RENEWED, new), new
+
+        return self._apply("renew_lease", mail_id, rule)
 
     def finish(self, mail_id: str, attempt: Attempt) -> MailRecord:
         """Record the attempt's outcome and set the status from it.
@@ -328,14 +608,72 @@ class DeliveryRecord(Protocol):
         expired and was taken over) does not override the newer claim. Creates the record if it
         is missing.
         """
-        ...
+        check_mail_id(mail_id)
+        outcome = _OUTCOMES.get(attempt.outcome or "")
+        if outcome is None:
+            raise ValueError(
+                f"attempt outcome must be delivered, deferred or bounced, got {attempt.outcome!r}"
+            )
+
+        def rule(record: MailRecord | None, now: dt.datetime) -> tuple[MailRecord, MailRecord]:
+            done = attempt if attempt.finished_at else dataclasses.replace(attempt, finished_at=now)
+            if record is None:
+                record = MailRecord(
+                    mail_id=mail_id,
+                    status=MailStatus.SENDING,
+                    accepted_at=utc(done.started_at),
+                    updated_at=now,
+                    trace_id=done.trace_id,
+                    message_id=done.message_id,
+                    attempt_count=done.number,
+                )
+            kept = dataclasses.replace(
+                record,
+                attempts=(*record.attempts, done),
+                attempt_count=max(record.attempt_count, done.number),
+                updated_at=now,
+            )
+            superseded = (
+                done.number < record.attempt_count
+                and record.lease_until is not None
+                and record.lease_until > now
+            )
+            # Never leave delivered/bounced; a stale deferral must not end a newer claim's lease:
+            # either way the late attempt is only kept for the history.
+            if record.status.final or (superseded and not outcome.final):
+                return kept, kept
+            assert done.finished_at is not None
+            new = dataclasses.replace(
+                kept,
+                status=outcome,
+                lease_until=None,
+                last_error=None if outcome is MailStatus.DELIVERED else describe_error(done),
+                delivered_at=utc(done.finished_at) if outcome is MailStatus.DELIVERED else None,
+            )
+            return new, new
+
+        return self._apply("finish", mail_id, rule)
 
     def mark_dead_lettered(self, mail_id: str, *, last_error: str | None) -> MailRecord | None:
         """The dead-letter consumer saw the mail; ``None`` if it has no record.
 
         A delivered or bounced record is returned unchanged.
         """
-        ...
+        if id_problem(mail_id):
+            return None  # no record can have this id
+
+        def rule(record: MailRecord | None, now: dt.datetime) -> tuple[MailRecord | None, ...]:
+            if record is None or record.status.final:
+                return record, None
+            new = dataclasses.replace(
+                record,
+                status=MailStatus.DEAD_LETTERED,
+                last_error=last_error if last_error is not None else record.last_error,
+                updated_at=now,
+            )
+            return new, new
+
+        return self._apply("mark_dead_lettered", mail_id, rule)  # type: ignore[arg-type]
 
     def mark_replayed(self, mail_id: str, *, trace_id: str | None) -> MailRecord:
         """``mailpipe dlq replay`` republishes it: status ``replayed``, ``trace_id`` appended to
@@ -344,13 +682,30 @@ class DeliveryRecord(Protocol):
         Call it *before* republishing: it raises :class:`AlreadyFinal` for a delivered or bounced
         mail (never send twice) and :class:`MailNotFound` without a record.
         """
-        ...
+        check_mail_id(mail_id)
 
-    def get(self, mail_id: str) -> MailRecord | None: ...
+        def rule(record: MailRecord | None, now: dt.datetime) -> tuple[MailRecord, MailRecord]:
+            if record is None:
+                raise MailNotFound(f"no record for mail {mail_id}")
+            if record.status.final:
+                raise AlreadyFinal(f"mail {mail_id} is {record.status}: not replayed")
+            replays = (*record.replays, trace_id) if trace_id else record.replays
+            new = dataclasses.replace(
+                record, status=MailStatus.REPLAYED, replays=replays, updated_at=now
+            )
+            return new, new
 
-    def get_by_idempotency_key(
-        self, key: str, *, scope: str | None = None
-    ) -> MailRecord | None: ...
+        return self._apply("mark_replayed", mail_id, rule)
+
+    def get(self, mail_id: str) -> MailRecord | None:
+        if id_problem(mail_id):
+            return None  # no record can have this id (and Firestore would refuse the path)
+        doc = self._store.get(MAILS, mail_id)
+        return None if doc is None else decode(MailRecord, doc)
+
+    def get_by_idempotency_key(self, key: str, *, scope: str | None = None) -> MailRecord | None:
+        held = self._store.get(IDEMPOTENCY, key_hash(key, scope))
+        return None if held is None else self.get(held["mail_id"])
 
     def list(
         self,
@@ -366,14 +721,34 @@ class DeliveryRecord(Protocol):
         under concurrent inserts), ``None`` on the last page. ``limit`` is 1..1000 (else
         ValueError); a malformed ``page_token`` raises ValueError.
         """
-        ...
+        if not 1 <= limit <= MAX_PAGE_SIZE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}, got {limit}")
+        where: list[Condition] = []
+        if status is not None:
+            where.append(("status", "==", str(MailStatus(status))))
+        if since is not None:
+            where.append(("accepted_at", ">=", utc(since)))
+        after = parse_page_token(page_token) if page_token is not None else None
+        # One more than asked tells whether there is a next page.
+        docs = self._store.query(MAILS, where, order="accepted_at", after=after, limit=limit + 1)
+        items = [decode(MailRecord, doc) for doc in docs[:limit]]
+        last = items[-1] if len(docs) > limit else None
+        return Page(items, page_token_of(last) if last is not None else None)
 
     def oldest_undelivered(self) -> MailRecord | None:
         """The oldest mail still accepting, queued, sending, deferred or replayed (drives the
         lag alert; accepting too, so a reservation left by a crash is seen)."""
-        ...
+        where = [("status", "in", [str(s) for s in UNDELIVERED])]
+        docs = self._store.query(MAILS, where, order="accepted_at", limit=1)
+        return decode(MailRecord, docs[0]) if docs else None
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        self._store.close()
+
+
+def page_token_of(record: MailRecord) -> str:
+    """An opaque cursor just after ``record`` in ``(accepted_at, mail_id)`` order."""
+    return page_token(record.accepted_at, record.mail_id)
 
 
 def open_record(url: str) -> DeliveryRecord:

@@ -31,7 +31,7 @@ from mailpipe.record.base import (
     open_record,
 )
 from mailpipe.record.firestore import FirestoreRecord
-from mailpipe.record.lifecycle import key_hash
+from mailpipe.record.store import key_hash
 from mailpipe.record.sqlite import SCHEMA_VERSION, SqliteRecord
 from ops.reconcile import fix
 
