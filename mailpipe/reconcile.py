@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mailpipe.record import DeliveryRecord, MailRecord, MailStatus, RecordError
@@ -146,22 +146,15 @@ class Survey:
         }
 
 
-def _records(record: DeliveryRecord, status: MailStatus, limit: int) -> Iterator[MailRecord | None]:
-    """Every record in ``status``, oldest first, at most ``limit``; yields ``None`` once if
-    there were more (the caller marks the survey incomplete)."""
+def _scan(record: DeliveryRecord, status: MailStatus, limit: int) -> tuple[list[MailRecord], bool]:
+    """Up to ``limit`` records in ``status``, oldest first, and whether that was all of them."""
+    items: list[MailRecord] = []
     token: str | None = None
-    seen = 0
     while True:
         page = record.list(status=status, limit=_PAGE, page_token=token)
-        for item in page.items:
-            if seen >= limit:
-                yield None
-                return
-            seen += 1
-            yield item
-        token = page.next_page_token
-        if token is None:
-            return
+        items, token = items + page.items, page.next_page_token
+        if len(items) > limit or token is None:
+            return items[:limit], len(items) <= limit
 
 
 def survey(
@@ -177,27 +170,18 @@ def survey(
     """
     if grace_seconds < 0:
         raise ValueError("grace_seconds must not be negative")
-    stuck: list[StuckMail] = []
-    unconfirmed: list[str] = []
-    complete = True
-    for status in (MailStatus.ACCEPTING, MailStatus.SENDING, MailStatus.UNCONFIRMED):
-        for item in _records(record, status, scan_limit):
-            if item is None:
-                complete = False
-                break
-            if status is MailStatus.UNCONFIRMED:
-                unconfirmed.append(item.mail_id)
-                continue
-            found = diagnose(item, now=now, grace_seconds=grace_seconds)
-            if found is not None:
-                stuck.append(found)
-    stuck.sort(key=lambda mail: (mail.stuck_since, mail.mail_id))
+    statuses = (MailStatus.ACCEPTING, MailStatus.SENDING, MailStatus.UNCONFIRMED)
+    (accepting, a_all), (sending, s_all), (unconfirmed, u_all) = (
+        _scan(record, status, scan_limit) for status in statuses
+    )
+    found = (diagnose(item, now=now, grace_seconds=grace_seconds) for item in accepting + sending)
+    stuck = sorted((m for m in found if m), key=lambda mail: (mail.stuck_since, mail.mail_id))
     return Survey(
         now=now,
         grace_seconds=grace_seconds,
         stuck=tuple(stuck),
-        unconfirmed=tuple(unconfirmed),
-        complete=complete,
+        unconfirmed=tuple(item.mail_id for item in unconfirmed),
+        complete=a_all and s_all and u_all,
     )
 
 

@@ -58,7 +58,7 @@ import datetime as dt
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from mailpipe.record.store import (
     IDEMPOTENCY,
@@ -295,32 +295,28 @@ def passed(moment: dt.datetime | None, now: dt.datetime) -> bool:
     return moment is not None and moment <= now
 
 
+Found = MailRecord | None
 # A rule: from the mail's record (None: there is none) and the time, the answer and the record
 # to write (None: write nothing).
-Rule = Callable[[MailRecord | None, dt.datetime], tuple[R, MailRecord | None]]
+Rule = Callable[[Found, dt.datetime], tuple[R, Found]]
 
 
 class DeliveryRecord:
-    """The delivery record over a backend's store; safe to share between threads.
-
-    Open one with :func:`open_record`; the backends are :mod:`mailpipe.record.sqlite` and
-    :mod:`mailpipe.record.firestore`.
-    """
+    """The delivery record over a backend's store (see the module docstring for the rules);
+    safe to share between threads. :func:`open_record` opens one."""
 
     def __init__(self, store: Store, *, clock: Callable[[], dt.datetime] = utc_now) -> None:
         self._store = store
         self._clock = clock
 
-    # --- the one read-decide-write of a mail ------------------------------------------------
-
     @staticmethod
-    def _read(txn: Transaction, mail_id: str) -> MailRecord | None:
+    def _read(txn: Transaction, mail_id: str) -> Found:
         doc = txn.get(MAILS, mail_id)
         return None if doc is None else decode(MailRecord, doc)
 
     @staticmethod
     def _write(txn: Transaction, record: MailRecord, *, new: bool = False) -> None:
-        txn.put(MAILS, record.mail_id, encode(record), retain_from=record.accepted_at, new=new)
+        txn.put(MAILS, record.mail_id, encode(record), record.accepted_at, new)
 
     def _apply(self, operation: str, mail_id: str, rule: Rule[R]) -> R:
         """Read the mail's record, apply ``rule``, write what it returns: one transaction."""
@@ -334,18 +330,13 @@ class DeliveryRecord:
         return self._store.transact(operation, body)
 
     def _forget(self, txn: Transaction, record: MailRecord) -> None:
-        """Delete a reservation and its key document, if the key still points at it."""
-        key = (
-            None
-            if record.idempotency_key is None
-            else key_hash(record.idempotency_key, record.idempotency_scope)
-        )
-        held = txn.get(IDEMPOTENCY, key) if key is not None else None  # reads before writes
+        """Delete a reservation, and its key document if the key still points at it."""
+        key = record.idempotency_key
+        key_id = None if key is None else key_hash(key, record.idempotency_scope)
+        held = None if key_id is None else txn.get(IDEMPOTENCY, key_id)  # reads before writes
         txn.delete(MAILS, record.mail_id)
-        if key is not None and held is not None and held.get("mail_id") == record.mail_id:
-            txn.delete(IDEMPOTENCY, key)
-
-    # --- the interface ------------------------------------------------------------------------
+        if key_id is not None and held is not None and held.get("mail_id") == record.mail_id:
+            txn.delete(IDEMPOTENCY, key_id)
 
     def reserve(
         self,
@@ -358,25 +349,23 @@ class DeliveryRecord:
         request_hash: str | None = None,
         reservation_seconds: float = DEFAULT_RESERVATION_SECONDS,
     ) -> Reservation:
-        """Create the record in status ``accepting``, atomically claiming ``idempotency_key``
-        within ``idempotency_scope``.
+        """Create the record ``accepting`` until now + ``reservation_seconds``, atomically
+        claiming ``idempotency_key`` within ``idempotency_scope``.
 
-        If the key is already held, return ``Reservation(created=False, record=<the holder>)``
-        (the caller answers with the original mail, or refuses a different ``request_hash``) and
-        create nothing. The holder may still be ``accepting``: raising
-        :class:`IdempotencyConflict` for that case is the caller's choice. A holder still
-        ``accepting`` after its ``reserved_until`` (now + ``reservation_seconds``) is a
-        reservation left by a crash: it is deleted and the key goes to this reserve. A second
-        reserve of an existing ``mail_id`` also returns ``created=False`` with it.
+        If the key is held, or ``mail_id`` exists, return ``created=False`` with that record and
+        create nothing (the holder may still be ``accepting``: raising
+        :class:`IdempotencyConflict` then is the caller's choice; so is refusing a different
+        ``request_hash``). A holder ``accepting`` past its ``reserved_until`` was left by a
+        crash: it is deleted and the key goes to this reserve.
         """
         check_mail_id(mail_id)
         hold = _positive(reservation_seconds, "reservation_seconds")
-        key = None if idempotency_key is None else key_hash(idempotency_key, idempotency_scope)
+        key_id = None if idempotency_key is None else key_hash(idempotency_key, idempotency_scope)
 
         def body(txn: Transaction) -> Reservation:
             now = self._clock()
-            held = txn.get(IDEMPOTENCY, key) if key is not None else None
-            holder = self._read(txn, held["mail_id"]) if held is not None else None
+            held = None if key_id is None else txn.get(IDEMPOTENCY, key_id)
+            holder = None if held is None else self._read(txn, held["mail_id"])
             if holder is not None and not passed(reservation_expires_at(holder), now):
                 return Reservation(created=False, record=holder)
             existing = self._read(txn, mail_id)
@@ -393,16 +382,11 @@ class DeliveryRecord:
                 request_hash=request_hash,
                 reserved_until=now + hold,
             )
-            if holder is not None:
-                # A reservation left by a crash (its publish never completed in time): the key
-                # is ours. A key whose mail is gone (Firestore's TTL took it first) is too.
+            if holder is not None:  # left by a crash: the key is ours
                 txn.delete(MAILS, holder.mail_id)
             self._write(txn, record, new=True)
-            if key is not None:
-                retain = record.accepted_at
-                txn.put(
-                    IDEMPOTENCY, key, {"mail_id": mail_id}, retain_from=retain, new=held is None
-                )
+            if key_id is not None:  # a key whose mail is gone (TTL) is taken over, too
+                txn.put(IDEMPOTENCY, key_id, {"mail_id": mail_id}, record.accepted_at, not held)
             return Reservation(created=True, record=record)
 
         return self._store.transact("reserve", body)
@@ -418,28 +402,22 @@ class DeliveryRecord:
     ) -> None:
         """The publish succeeded: ``accepting`` → ``queued`` with Pub/Sub's message id.
 
-        If a delivery already moved the record on, only ``message_id``/``trace_id`` are filled
-        in. If there is no record: with ``accepted_at`` (a mail published without
-        :meth:`reserve`, which only a mail with an idempotency key needs) it is created in
-        ``queued``; without it :class:`MailNotFound` is raised.
+        Without a record: created ``queued`` when ``accepted_at`` is given (a mail published
+        without :meth:`reserve`, which only a mail with an idempotency key needs), else
+        :class:`MailNotFound`.
         """
         check_mail_id(mail_id)
 
-        def rule(record: MailRecord | None, now: dt.datetime) -> tuple[None, MailRecord]:
+        def rule(record: Found, now: dt.datetime) -> tuple[None, Found]:
             if record is None:
                 if accepted_at is None:
                     raise MailNotFound(f"no record for mail {mail_id}")
-                record = MailRecord(
-                    mail_id=mail_id,
-                    status=MailStatus.ACCEPTING,
-                    accepted_at=utc(accepted_at),
-                    updated_at=now,
-                    recipient_domains=tuple(recipient_domains),
-                )
-            status = MailStatus.QUEUED if record.status is MailStatus.ACCEPTING else record.status
+                record = _new(mail_id, MailStatus.ACCEPTING, accepted_at, now, recipient_domains)
             return None, dataclasses.replace(
                 record,
-                status=status,
+                status=MailStatus.QUEUED
+                if record.status is MailStatus.ACCEPTING
+                else record.status,
                 reserved_until=None,  # the reservation's work is done: the key now holds for good
                 message_id=record.message_id or message_id,
                 trace_id=record.trace_id or trace_id,
@@ -449,11 +427,8 @@ class DeliveryRecord:
         self._apply("mark_queued", mail_id, rule)
 
     def release(self, mail_id: str) -> None:
-        """The publish failed: forget the reservation so a retry with the same key can succeed.
-
-        Deletes the record only while it is ``accepting`` (a record a delivery has claimed shows
-        the publish did go through); otherwise, or without a record, does nothing.
-        """
+        """The publish failed: delete the record while still ``accepting`` (a claimed record
+        shows the publish did go through) and free its key for the client's retry."""
         if id_problem(mail_id):
             return  # no record can have this id
 
@@ -465,15 +440,12 @@ class DeliveryRecord:
         self._store.transact("release", body)
 
     def release_expired_reservation(self, mail_id: str) -> MailRecord | None:
-        """Reconcile: delete the record if it is still ``accepting`` past its
-        ``reserved_until`` (its publisher crashed or lost the record before releasing it), and
-        free its key. Returns the deleted record, ``None`` when nothing was deleted (the record
-        moved on, is not expired yet, or is gone). Checked and done atomically.
-        """
+        """Reconcile: delete the record (and free its key) if still ``accepting`` past its
+        ``reserved_until``; the deleted record, or ``None`` when there was nothing to delete."""
         if id_problem(mail_id):
             return None  # no record can have this id
 
-        def body(txn: Transaction) -> MailRecord | None:
+        def body(txn: Transaction) -> Found:
             record = self._read(txn, mail_id)
             if record is None or not passed(reservation_expires_at(record), self._clock()):
                 return None
@@ -483,17 +455,13 @@ class DeliveryRecord:
         return self._store.transact("release_expired_reservation", body)
 
     def mark_unconfirmed(self, mail_id: str, *, grace_seconds: float) -> MailRecord | None:
-        """Reconcile: ``sending`` whose lease ended more than ``grace_seconds`` ago →
-        ``unconfirmed``, the lease cleared and ``last_error`` saying what is known.
-
-        Returns the new record, ``None`` when nothing changed (another delivery claimed it since,
-        or it finished, or it is not stalled). Checked and done atomically. ``unconfirmed`` is
-        claimable like any non-final status, so nothing Pub/Sub still holds is lost.
-        """
+        """Reconcile: ``sending`` whose lease ended over ``grace_seconds`` ago → ``unconfirmed``,
+        its lease cleared, ``last_error`` saying what is known; ``None`` if it changed nothing
+        (claimed again since, finished, or not stalled)."""
         if id_problem(mail_id):
             return None  # no record can have this id
 
-        def rule(record: MailRecord | None, now: dt.datetime) -> tuple[MailRecord | None, ...]:
+        def rule(record: Found, now: dt.datetime) -> tuple[Found, Found]:
             if record is None or not passed(delivery_stalled_at(record, grace_seconds), now):
                 return None, None
             number = record.attempt_count
@@ -518,7 +486,7 @@ class DeliveryRecord:
             )
             return new, new
 
-        return self._apply("mark_unconfirmed", mail_id, rule)  # type: ignore[arg-type]
+        return self._apply("mark_unconfirmed", mail_id, rule)
 
     def claim(
         self,
@@ -530,63 +498,47 @@ class DeliveryRecord:
         accepted_at: dt.datetime | None = None,
         recipient_domains: tuple[str, ...] = (),
     ) -> Claim:
-        """Atomically start a delivery attempt (see the module docstring).
-
-        ``CLAIMED`` carries the new attempt number (pass it to :meth:`finish` in
-        ``Attempt.number``) and the record as written. ``accepted_at`` and
-        ``recipient_domains`` (from the queued mail) are used only when the claim has to create
-        the record; without them it is created as accepted now, with no domains.
-        """
+        """Start a delivery attempt. ``CLAIMED`` carries its number (``Attempt.number`` for
+        :meth:`finish`) and the record as written; ``accepted_at`` and ``recipient_domains``
+        (from the queued mail) serve only to create a missing record (else: accepted now)."""
         check_mail_id(mail_id)
         lease = _positive(lease_seconds, "lease_seconds")
 
-        def rule(record: MailRecord | None, now: dt.datetime) -> tuple[Claim, MailRecord | None]:
+        def rule(record: Found, now: dt.datetime) -> tuple[Claim, Found]:
             if record is None:
                 # The mail reached the subscriber without a record (the publisher's write lagged
                 # or failed, or the mail predates the record): deliver it, record it from here.
-                record = MailRecord(
-                    mail_id=mail_id,
-                    status=MailStatus.QUEUED,
-                    accepted_at=utc(accepted_at) if accepted_at is not None else now,
-                    updated_at=now,
-                    trace_id=trace_id,
-                    message_id=message_id,
-                    recipient_domains=tuple(recipient_domains),
-                )
+                at = accepted_at or now
+                record = _new(mail_id, MailStatus.QUEUED, at, now, recipient_domains)
+                record = dataclasses.replace(record, trace_id=trace_id, message_id=message_id)
+            count = record.attempt_count
             if record.status.final:
-                return Claim(ClaimResult.ALREADY_FINAL, record.attempt_count, record), None
+                return Claim(ClaimResult.ALREADY_FINAL, count, record), None
             if record.lease_until is not None and record.lease_until > now:
-                return Claim(ClaimResult.IN_PROGRESS, record.attempt_count, record), None
+                return Claim(ClaimResult.IN_PROGRESS, count, record), None
             new = dataclasses.replace(
                 record,
                 status=MailStatus.SENDING,
-                attempt_count=record.attempt_count + 1,
+                attempt_count=count + 1,
                 lease_until=now + lease,
                 updated_at=now,
             )
-            return Claim(ClaimResult.CLAIMED, new.attempt_count, new), new
+            return Claim(ClaimResult.CLAIMED, count + 1, new), new
 
         return self._apply("claim", mail_id, rule)
 
     def renew_lease(
         self, mail_id: str, *, attempt_number: int, lease_seconds: float
     ) -> LeaseRenewal:
-        """Atomically check that claim ``attempt_number`` still holds the mail, and extend it.
-
-        Called right before sending: ``RENEWED`` (the lease now ends ``lease_seconds`` from now,
-        or later if it already did) while the mail is not delivered or bounced and its latest
-        claim is this one — even if this lease had run out, as long as nobody claimed since.
-        ``LOST`` when a later claim was made (or the record is gone), ``FINAL`` when the mail was
-        delivered or bounced; both change nothing. The status is left as it is (``finish`` sets
-        it from the outcome).
-        """
+        """The claimant's check just before it sends: ``RENEWED`` (the lease then ends
+        ``lease_seconds`` from now, never earlier than it did) while the mail is not final and
+        ``attempt_number`` is still its latest claim, even if that lease ran out; else ``LOST``
+        (a later claim, or no record) or ``FINAL``, and nothing changes. The status is kept."""
         lease = _positive(lease_seconds, "lease_seconds")
         if id_problem(mail_id):
             return LeaseRenewal(RenewalResult.LOST)  # no record can have this id
 
-        def rule(
-            record: MailRecord | None, now: dt.datetime
-        ) -> tuple[LeaseRenewal, MailRecord | None]:
+        def rule(record: Found, now: dt.datetime) -> tuple[LeaseRenewal, Found]:
             if record is None:
                 return LeaseRenewal(RenewalResult.LOST), None
             if record.status.final:
@@ -600,91 +552,70 @@ class DeliveryRecord:
         return self._apply("renew_lease", mail_id, rule)
 
     def finish(self, mail_id: str, attempt: Attempt) -> MailRecord:
-        """Record the attempt's outcome and set the status from it.
-
-        ``attempt.outcome`` must be ``delivered``, ``deferred`` or ``bounced`` (else ValueError).
-        Appends the attempt, sets ``last_error`` (``None`` when delivered) and ``delivered_at``,
-        and ends the lease. A final status is kept; a stale ``deferred`` (from a claim whose lease
-        expired and was taken over) does not override the newer claim. Creates the record if it
-        is missing.
-        """
+        """Record the attempt (``outcome`` delivered, deferred or bounced, else ValueError),
+        set the status, ``last_error`` and ``delivered_at`` from it and end the lease; creates
+        a missing record. A final status is kept, and so is a newer claim's lease over a stale
+        ``deferred`` (its lease expired and was taken over)."""
         check_mail_id(mail_id)
-        outcome = _OUTCOMES.get(attempt.outcome or "")
-        if outcome is None:
+        if attempt.outcome not in _OUTCOMES:
             raise ValueError(
                 f"attempt outcome must be delivered, deferred or bounced, got {attempt.outcome!r}"
             )
+        outcome = MailStatus(attempt.outcome)
 
-        def rule(record: MailRecord | None, now: dt.datetime) -> tuple[MailRecord, MailRecord]:
-            done = attempt if attempt.finished_at else dataclasses.replace(attempt, finished_at=now)
+        def rule(record: Found, now: dt.datetime) -> tuple[MailRecord, Found]:
+            done = dataclasses.replace(attempt, finished_at=attempt.finished_at or now)
             if record is None:
-                record = MailRecord(
-                    mail_id=mail_id,
-                    status=MailStatus.SENDING,
-                    accepted_at=utc(done.started_at),
-                    updated_at=now,
-                    trace_id=done.trace_id,
-                    message_id=done.message_id,
-                    attempt_count=done.number,
+                record = _new(mail_id, MailStatus.SENDING, done.started_at, now, ())
+                record = dataclasses.replace(
+                    record, trace_id=done.trace_id, message_id=done.message_id
                 )
-            kept = dataclasses.replace(
+            superseded = done.number < record.attempt_count and _leased(record, now)
+            new = dataclasses.replace(
                 record,
                 attempts=(*record.attempts, done),
                 attempt_count=max(record.attempt_count, done.number),
                 updated_at=now,
             )
-            superseded = (
-                done.number < record.attempt_count
-                and record.lease_until is not None
-                and record.lease_until > now
-            )
-            # Never leave delivered/bounced; a stale deferral must not end a newer claim's lease:
-            # either way the late attempt is only kept for the history.
+            # Kept for the history only: never leave delivered/bounced, nor end a newer lease.
             if record.status.final or (superseded and not outcome.final):
-                return kept, kept
-            assert done.finished_at is not None
+                return new, new
+            delivered = outcome is MailStatus.DELIVERED
             new = dataclasses.replace(
-                kept,
+                new,
                 status=outcome,
                 lease_until=None,
-                last_error=None if outcome is MailStatus.DELIVERED else describe_error(done),
-                delivered_at=utc(done.finished_at) if outcome is MailStatus.DELIVERED else None,
+                last_error=None if delivered else describe_error(done),
+                delivered_at=utc(done.finished_at or now) if delivered else None,
             )
             return new, new
 
         return self._apply("finish", mail_id, rule)
 
     def mark_dead_lettered(self, mail_id: str, *, last_error: str | None) -> MailRecord | None:
-        """The dead-letter consumer saw the mail; ``None`` if it has no record.
-
-        A delivered or bounced record is returned unchanged.
-        """
+        """The dead-letter consumer saw the mail; ``None`` without a record, a final record
+        unchanged."""
         if id_problem(mail_id):
             return None  # no record can have this id
 
-        def rule(record: MailRecord | None, now: dt.datetime) -> tuple[MailRecord | None, ...]:
+        def rule(record: Found, now: dt.datetime) -> tuple[Found, Found]:
             if record is None or record.status.final:
                 return record, None
+            error = last_error if last_error is not None else record.last_error
             new = dataclasses.replace(
-                record,
-                status=MailStatus.DEAD_LETTERED,
-                last_error=last_error if last_error is not None else record.last_error,
-                updated_at=now,
+                record, status=MailStatus.DEAD_LETTERED, last_error=error, updated_at=now
             )
             return new, new
 
-        return self._apply("mark_dead_lettered", mail_id, rule)  # type: ignore[arg-type]
+        return self._apply("mark_dead_lettered", mail_id, rule)
 
     def mark_replayed(self, mail_id: str, *, trace_id: str | None) -> MailRecord:
-        """``mailpipe dlq replay`` republishes it: status ``replayed``, ``trace_id`` appended to
-        ``replays``; the next claim moves it to ``sending``.
-
-        Call it *before* republishing: it raises :class:`AlreadyFinal` for a delivered or bounced
-        mail (never send twice) and :class:`MailNotFound` without a record.
-        """
+        """``mailpipe dlq replay`` republishes it: ``replayed``, ``trace_id`` added to
+        ``replays``. Call it *before* republishing: :class:`AlreadyFinal` for a delivered or
+        bounced mail (never send twice), :class:`MailNotFound` without a record."""
         check_mail_id(mail_id)
 
-        def rule(record: MailRecord | None, now: dt.datetime) -> tuple[MailRecord, MailRecord]:
+        def rule(record: Found, now: dt.datetime) -> tuple[MailRecord, Found]:
             if record is None:
                 raise MailNotFound(f"no record for mail {mail_id}")
             if record.status.final:
@@ -715,12 +646,10 @@ class DeliveryRecord:
         limit: int = 100,
         page_token: str | None = None,
     ) -> Page:
-        """Records, oldest first, optionally by status and accepted at or after ``since``.
-
-        Ordered by ``(accepted_at, mail_id)``; ``next_page_token`` is an opaque cursor (stable
-        under concurrent inserts), ``None`` on the last page. ``limit`` is 1..1000 (else
-        ValueError); a malformed ``page_token`` raises ValueError.
-        """
+        """Records by ``(accepted_at, mail_id)``, optionally in ``status`` and accepted at or
+        after ``since``. ``next_page_token`` is an opaque cursor (stable under concurrent
+        inserts), ``None`` on the last page. ValueError: ``limit`` not in 1..1000, a malformed
+        ``page_token``."""
         if not 1 <= limit <= MAX_PAGE_SIZE:
             raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}, got {limit}")
         where: list[Condition] = []
@@ -730,20 +659,30 @@ class DeliveryRecord:
             where.append(("accepted_at", ">=", utc(since)))
         after = parse_page_token(page_token) if page_token is not None else None
         # One more than asked tells whether there is a next page.
-        docs = self._store.query(MAILS, where, order="accepted_at", after=after, limit=limit + 1)
+        docs = self._store.query(MAILS, where, "accepted_at", after, limit + 1)
         items = [decode(MailRecord, doc) for doc in docs[:limit]]
-        last = items[-1] if len(docs) > limit else None
-        return Page(items, page_token_of(last) if last is not None else None)
+        return Page(items, page_token_of(items[-1]) if len(docs) > limit else None)
 
     def oldest_undelivered(self) -> MailRecord | None:
-        """The oldest mail still accepting, queued, sending, deferred or replayed (drives the
-        lag alert; accepting too, so a reservation left by a crash is seen)."""
+        """The oldest mail in an :data:`UNDELIVERED` status (drives the lag alert)."""
         where = [("status", "in", [str(s) for s in UNDELIVERED])]
-        docs = self._store.query(MAILS, where, order="accepted_at", limit=1)
+        docs = self._store.query(MAILS, where, "accepted_at", None, 1)
         return decode(MailRecord, docs[0]) if docs else None
 
     def close(self) -> None:
         self._store.close()
+
+
+def _new(
+    mail_id: str, status: MailStatus, accepted_at: dt.datetime, now: dt.datetime, domains: Any
+) -> MailRecord:
+    """A record written for the first time."""
+    accepted = utc(accepted_at)
+    return MailRecord(mail_id, status, accepted, now, recipient_domains=tuple(domains))
+
+
+def _leased(record: MailRecord, now: dt.datetime) -> bool:
+    return record.lease_until is not None and record.lease_until > now
 
 
 def page_token_of(record: MailRecord) -> str:

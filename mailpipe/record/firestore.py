@@ -33,17 +33,9 @@ from google.auth import exceptions as auth_exc
 from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 
+from mailpipe.record import store as s
 from mailpipe.record.base import DeliveryRecord, RecordError, RecordUnavailable
-from mailpipe.record.store import (
-    IDEMPOTENCY,
-    KINDS,
-    MAILS,
-    Condition,
-    Document,
-    Kind,
-    Transaction,
-    utc_now,
-)
+from mailpipe.record.store import Condition, Cursor, Document, Kind, Time
 
 T = TypeVar("T")
 _BACKOFF_BASE = 0.05  # seconds; doubled per try, full jitter
@@ -92,9 +84,7 @@ class _Transaction:
         snapshot = self.store.ref(kind, doc_id).get(transaction=self.transaction)
         return snapshot.to_dict() if snapshot.exists else None
 
-    def put(
-        self, kind: Kind, doc_id: str, doc: Document, *, retain_from: dt.datetime, new: bool = False
-    ) -> None:
+    def put(self, kind: Kind, doc_id: str, doc: Document, retain_from: Time, new: bool) -> None:
         write = self.transaction.create if new else self.transaction.set
         write(self.store.ref(kind, doc_id), {**doc, "expire_at": retain_from + self.store.ttl})
 
@@ -107,26 +97,19 @@ class FirestoreStore:
     a kind not named there is kept in ``mailpipe_<kind name>``)."""
 
     def __init__(
-        self,
-        client: Any,
-        collections: dict[str, str],
-        *,
-        ttl: dt.timedelta,
-        max_attempts: int,
-        owns_client: bool,
+        self, client: Any, collections: dict[str, str], ttl: dt.timedelta, tries: int, owns: bool
     ) -> None:
-        self.client, self.ttl, self._owns_client = client, ttl, owns_client
+        self.client, self.ttl, self._owns_client = client, ttl, owns
         self._collections = {
             kind.name: client.collection(collections.get(kind.name, f"mailpipe_{kind.name}"))
-            for kind in KINDS
+            for kind in s.KINDS
         }
-        # How often a transaction is tried when Firestore aborts it because of contention.
-        self._max_attempts = max_attempts
+        self._max_attempts = tries  # how often a transaction is tried while Firestore aborts it
 
     def ref(self, kind: Kind, doc_id: str) -> Any:
         return self._collections[kind.name].document(doc_id)
 
-    def transact(self, operation: str, body: Callable[[Transaction], T]) -> T:
+    def transact(self, operation: str, body: Callable[[s.Transaction], T]) -> T:
         """Run ``body`` atomically, retrying contention; ``body`` may run again."""
         with _translate_errors(operation):
             for attempt in range(1, self._max_attempts + 1):
@@ -151,13 +134,7 @@ class FirestoreStore:
         return snapshot.to_dict() if snapshot.exists else None
 
     def query(
-        self,
-        kind: Kind,
-        where: Sequence[Condition],
-        *,
-        order: str,
-        after: tuple[Any, str] | None = None,
-        limit: int,
+        self, kind: Kind, where: Sequence[Condition], order: str, after: Cursor, limit: int
     ) -> list[Document]:
         query: Any = self._collections[kind.name]
         for field, op, value in where:
@@ -187,7 +164,7 @@ class FirestoreRecord(DeliveryRecord):
         ttl_days: int = 30,
         idempotency_collection: str = "mailpipe_idempotency",
         max_attempts: int = 10,
-        clock: Callable[[], dt.datetime] = utc_now,
+        clock: s.Clock = s.utc_now,
     ) -> None:
         if ttl_days < 1:
             raise ValueError("ttl_days must be at least 1")
@@ -197,9 +174,9 @@ class FirestoreRecord(DeliveryRecord):
             own = client is None
             client = client or firestore.Client(project=project, database=database)
         self.collection, self.idempotency_collection = collection, idempotency_collection
-        names = {MAILS.name: collection, IDEMPOTENCY.name: idempotency_collection}
+        names = {s.MAILS.name: collection, s.IDEMPOTENCY.name: idempotency_collection}
         ttl = dt.timedelta(days=ttl_days)
-        store = FirestoreStore(client, names, ttl=ttl, max_attempts=max_attempts, owns_client=own)
+        store = FirestoreStore(client, names, ttl, max_attempts, own)
         super().__init__(store, clock=clock)
 
     def __repr__(self) -> str:

@@ -27,12 +27,22 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mailpipe.record.base import DeliveryRecord, RecordError, RecordUnavailable
-from mailpipe.record.store import KINDS, Condition, Document, Kind, utc, utc_now
+from mailpipe.record.store import (
+    KINDS,
+    Clock,
+    Condition,
+    Cursor,
+    Document,
+    Kind,
+    Time,
+    utc,
+    utc_now,
+)
 
 SCHEMA_VERSION = 2
 T = TypeVar("T")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_SQL_OPS = {"==": "=", ">=": ">="}
+_SQL_OPS = {"==": "=", ">=": ">=", "in": "IN"}
 
 
 def _schema() -> Iterator[str]:
@@ -92,17 +102,12 @@ class _Transaction:
         row = self.conn.execute(sql, (doc_id,)).fetchone()
         return json.loads(row[0]) if row else None
 
-    def put(
-        self, kind: Kind, doc_id: str, doc: Document, *, retain_from: dt.datetime, new: bool = False
-    ) -> None:
-        columns = ("id", *kind.indexed, "body")
+    def put(self, kind: Kind, doc_id: str, doc: Document, retain_from: Time, new: bool) -> None:
         body = json.dumps(doc, default=dt.datetime.isoformat, separators=(",", ":"))
         values = (doc_id, *(_column(doc.get(field)) for field in kind.indexed), body)
+        marks = ", ".join("?" for _ in values)  # the columns: id, the indexed fields, body
         verb = "INSERT" if new else "INSERT OR REPLACE"
-        marks = ", ".join("?" for _ in columns)
-        self.conn.execute(
-            f"{verb} INTO {kind.name} ({', '.join(columns)}) VALUES ({marks})", values
-        )
+        self.conn.execute(f"{verb} INTO {kind.name} VALUES ({marks})", values)
 
     def delete(self, kind: Kind, doc_id: str) -> None:
         self.conn.execute(f"DELETE FROM {kind.name} WHERE id = ?", (doc_id,))  # noqa: S608
@@ -190,19 +195,12 @@ class SqliteStore:
             return _Transaction(self._connection()).get(kind, doc_id)
 
     def query(
-        self,
-        kind: Kind,
-        where: Sequence[Condition],
-        *,
-        order: str,
-        after: tuple[Any, str] | None = None,
-        limit: int,
+        self, kind: Kind, where: Sequence[Condition], order: str, after: Cursor, limit: int
     ) -> list[Document]:
         clauses, params = [], []
         for field, op, value in where:
             values = value if op == "in" else [value]
-            marks = f"IN ({', '.join('?' for _ in values)})" if op == "in" else f"{_SQL_OPS[op]} ?"
-            clauses.append(f"{field} {marks}")
+            clauses.append(f"{field} {_SQL_OPS[op]} ({', '.join('?' for _ in values)})")
             params += [_column(v) for v in values]
         if after is not None:
             clauses.append(f"({order}, id) > (?, ?)")
@@ -227,11 +225,7 @@ class SqliteRecord(DeliveryRecord):
     """The delivery record in an SQLite file."""
 
     def __init__(
-        self,
-        path: str | Path,
-        *,
-        busy_timeout: float = 5.0,
-        clock: Callable[[], dt.datetime] = utc_now,
+        self, path: str | Path, *, busy_timeout: float = 5.0, clock: Clock = utc_now
     ) -> None:
         self.path = Path(path)
         super().__init__(SqliteStore(self.path, busy_timeout=busy_timeout), clock=clock)

@@ -22,7 +22,6 @@ import binascii
 import dataclasses
 import datetime as dt
 import enum
-import functools
 import hashlib
 import json
 import re
@@ -35,6 +34,9 @@ T = TypeVar("T")
 Document = dict[str, Any]
 # (field, op, value), op one of "==", ">=", "in": Firestore's spelling, which SQLite translates.
 Condition = tuple[str, str, Any]
+Cursor = tuple[Any, str] | None  # (order field's value, id) of the last document seen
+Time = dt.datetime
+Clock = Callable[[], dt.datetime]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,39 +58,29 @@ KINDS = (MAILS, IDEMPOTENCY)
 
 
 class Transaction(Protocol):
-    """Reads and writes inside one :meth:`Store.transact`."""
+    """Reads and writes inside one :meth:`Store.transact`. ``put`` writes a document whole;
+    with ``new`` it must not exist yet. ``retain_from``: when the document's retention starts
+    (Firestore's TTL counts from it; SQLite keeps everything)."""
 
     def get(self, kind: Kind, doc_id: str) -> Document | None: ...
 
-    def put(
-        self, kind: Kind, doc_id: str, doc: Document, *, retain_from: dt.datetime, new: bool = False
-    ) -> None:
-        """Write ``doc`` whole. ``new``: it must not exist (fails if it does). ``retain_from``:
-        when the document's retention starts (Firestore's TTL counts from it; SQLite keeps all)."""
-        ...
+    def put(self, kind: Kind, doc_id: str, doc: Document, retain_from: Time, new: bool) -> None: ...
 
     def delete(self, kind: Kind, doc_id: str) -> None: ...
 
 
 class Store(Protocol):
-    """A backend. Errors are raised as :class:`mailpipe.record.RecordError` (``RecordUnavailable``
-    when a retry may succeed), translated in one place per backend."""
+    """A backend. It raises :class:`mailpipe.record.RecordError` (``RecordUnavailable`` when a
+    retry may succeed), translated from its client's errors in one place. ``query`` returns the
+    documents matching every condition, ordered by ``(order, id)``, after the cursor ``after``."""
 
     def transact(self, operation: str, body: Callable[[Transaction], T]) -> T: ...
 
     def get(self, kind: Kind, doc_id: str) -> Document | None: ...
 
     def query(
-        self,
-        kind: Kind,
-        where: Sequence[Condition],
-        *,
-        order: str,
-        after: tuple[Any, str] | None = None,
-        limit: int,
-    ) -> list[Document]:
-        """Documents matching every condition, by ``(order, id)``, those after ``after`` only."""
-        ...
+        self, kind: Kind, where: Sequence[Condition], order: str, after: Cursor, limit: int
+    ) -> list[Document]: ...
 
     def close(self) -> None: ...
 
@@ -97,7 +89,6 @@ class Store(Protocol):
 
 
 def utc_now() -> dt.datetime:
-    """The default clock of the record."""
     return dt.datetime.now(dt.UTC)
 
 
@@ -120,19 +111,14 @@ def encode(value: Any, time: Callable[[dt.datetime], Any] = lambda d: d) -> Any:
 def decode(cls: type[T], doc: typing.Mapping[str, Any]) -> T:
     """The inverse of :func:`encode` (times as datetimes or ISO text); fields the document lacks
     (written before the field existed) take the dataclass' default, unknown ones are ignored."""
-    hints = _hints(cls)
-    return cls(
-        **{
-            name: _decode_value(hint, doc[name])
-            for name, hint in hints.items()
-            if doc.get(name) is not None
-        }
-    )
+    hints = _HINTS.get(cls) or _HINTS.setdefault(cls, typing.get_type_hints(cls))
+    values = {
+        name: _decode_value(hints[name], doc[name]) for name in hints if doc.get(name) is not None
+    }
+    return cls(**values)
 
 
-@functools.cache
-def _hints(cls: Any) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+_HINTS: dict[type, dict[str, Any]] = {}
 
 
 def _decode_value(hint: Any, value: Any) -> Any:
