@@ -20,35 +20,25 @@ Lifecycle of a mail's status::
     accepting past reserved_until ─reserve of its key / reconcile─▶ (released)
     sending past lease_until + grace ─reconcile─▶ unconfirmed ─claim─▶ sending …
 
-``claim`` is atomic: of two concurrent deliveries of the same mail only one gets ``CLAIMED``;
-a mail already delivered or bounced is never claimed again (at-least-once made effectively once).
-The rules (:class:`DeliveryRecord` implements them over a backend's
-:class:`~mailpipe.record.store.Store`; the shared suite tests them on each backend):
+The rules that span methods (each method's docstring says its own; :class:`DeliveryRecord`
+writes them once over a backend's :class:`~mailpipe.record.store.Store`, and the shared suite
+tests them on each backend):
 
-- A claim holds a lease (``lease_until``); while it is unexpired every other claim gets
-  ``IN_PROGRESS``, whatever the status. ``finish`` ends the lease; an expired lease (a crashed
-  worker) lets the next claim proceed with the next attempt number.
+- ``claim`` is atomic: of two concurrent deliveries of the same mail only one gets ``CLAIMED``.
+  A claim holds a lease (``lease_until``); while it is unexpired every other claim gets
+  ``IN_PROGRESS``, whatever the status. ``finish`` ends it; an expired lease (a crashed worker)
+  lets the next claim proceed with the next attempt number.
 - Every non-final status is claimable (``accepting`` too: the publisher's ``mark_queued`` may lag
-  behind the first delivery). A claim for a mail without a record creates it in ``sending``.
-- Statuses never leave ``delivered`` or ``bounced``; ``mark_queued`` and ``mark_dead_lettered``
-  never move a record backwards (they only fill in fields when it has moved on).
-- ``release`` deletes only a record still ``accepting``; ``mark_replayed`` raises
-  :class:`AlreadyFinal` for a delivered or bounced mail, so a replay never sends twice.
-- ``renew_lease`` is the claimant's check just before it sends (after waiting for an SMTP
-  connection): ``RENEWED`` only while the mail is not final and no later claim was made, and
-  then the lease runs ``lease_seconds`` from now (never shortened); else ``LOST`` or ``FINAL``
-  and nothing changes.
+  behind the first delivery); a mail delivered or bounced is never claimed again (at-least-once
+  made effectively once) and never leaves that status. ``mark_queued`` and
+  ``mark_dead_lettered`` never move a record backwards (they only fill in fields).
 - An idempotency key is unique within its scope (the caller's identity; ``None`` is the one
-  shared scope). A reservation holds its key until ``reserved_until``; after that the next
-  ``reserve`` of the key, or :meth:`DeliveryRecord.release_expired_reservation`, frees it.
-- ``unconfirmed`` is a ``sending`` whose delivery never recorded an outcome (its worker stopped,
-  or the record write after the relay's answer failed): not final, so a later delivery of the
-  mail still claims it, and a late ``finish`` of that attempt still records the real outcome.
+  shared scope), held by a reservation until ``reserved_until``, then freed by the next
+  ``reserve`` of it or by reconcile (:mod:`mailpipe.reconcile` says why ``unconfirmed`` exists).
 - Mail ids follow Firestore's document-id rules on every backend (so a local run refuses what
   production would): non-empty valid Unicode, at most 1,500 UTF-8 bytes, no ``/``, not ``.`` or
-  ``..``, not ``__…__``. Reads of any other id find nothing (``get`` → ``None``,
-  ``mark_dead_lettered``, ``release_expired_reservation``, ``mark_unconfirmed`` → ``None``,
-  ``release`` does nothing); writes raise :class:`InvalidMailId` before the backend is asked.
+  ``..``, not ``__…__``. Reads of any other id find nothing; writes raise
+  :class:`InvalidMailId` before the backend is asked.
 """
 
 from __future__ import annotations
@@ -76,6 +66,26 @@ from mailpipe.record.store import (
     utc_now,
 )
 
+__all__ = [
+    "DEFAULT_RESERVATION_SECONDS",
+    "AlreadyFinal",
+    "Attempt",
+    "Claim",
+    "ClaimResult",
+    "DeliveryRecord",
+    "IdempotencyConflict",
+    "InvalidMailId",
+    "LeaseRenewal",
+    "MailNotFound",
+    "MailRecord",
+    "MailStatus",
+    "Page",
+    "RecordError",
+    "RecordUnavailable",
+    "RenewalResult",
+    "Reservation",
+    "open_record",
+]
 R = TypeVar("R")
 # How long a reservation holds its idempotency key unless the caller says (the publisher passes
 # MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS); also the expiry of reservations written before
@@ -129,13 +139,7 @@ class MailStatus(enum.StrEnum):
 # So do reservations (accepting): one left behind by a crash must not go unseen. Unconfirmed mails
 # do not (reconcile settled them as far as the record can; Pub/Sub's own backlog alert covers a
 # copy it still holds), nor do dead-lettered ones.
-UNDELIVERED = (
-    MailStatus.ACCEPTING,
-    MailStatus.QUEUED,
-    MailStatus.SENDING,
-    MailStatus.DEFERRED,
-    MailStatus.REPLAYED,
-)
+UNDELIVERED = tuple(map(MailStatus, ("accepting", "queued", "sending", "deferred", "replayed")))
 _OUTCOMES = {s: MailStatus(s) for s in ("delivered", "deferred", "bounced")}
 
 
@@ -157,17 +161,8 @@ class Attempt:
 
 # The fields the status API shows, in its order (not the idempotency or lease bookkeeping).
 _SHOWN = (
-    "mail_id",
-    "status",
-    "accepted_at",
-    "updated_at",
-    "delivered_at",
-    "trace_id",
-    "message_id",
-    "recipient_domains",
-    "last_error",
-    "replays",
-    "attempts",
+    "mail_id status accepted_at updated_at delivered_at trace_id message_id recipient_domains"
+    " last_error replays attempts"
 )
 
 
@@ -195,7 +190,7 @@ class MailRecord:
 
     def to_json(self) -> dict[str, object]:
         fields = encode(self, time=dt.datetime.isoformat)
-        return {name: fields[name] for name in _SHOWN}
+        return {name: fields[name] for name in _SHOWN.split()}
 
 
 class ClaimResult(enum.StrEnum):
