@@ -111,26 +111,29 @@ def encode(value: Any, time: Callable[[dt.datetime], Any] = lambda d: d) -> Any:
 def decode(cls: type[T], doc: typing.Mapping[str, Any]) -> T:
     """The inverse of :func:`encode` (times as datetimes or ISO text); fields the document lacks
     (written before the field existed) take the dataclass' default, unknown ones are ignored."""
-    hints = _HINTS.get(cls) or _HINTS.setdefault(cls, typing.get_type_hints(cls))
-    values = {
-        name: _decode_value(hints[name], doc[name]) for name in hints if doc.get(name) is not None
-    }
-    return cls(**values)
+    converters = _CONVERTERS.get(cls) or _CONVERTERS.setdefault(cls, _converters(cls))
+    return cls(**{name: to(doc[name]) for name, to in converters if doc.get(name) is not None})
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+# Per dataclass, once: (field, function from its stored value); reading a page stays cheap.
+_CONVERTERS: dict[type, list[tuple[str, Callable[[Any], Any]]]] = {}
 
 
-def _decode_value(hint: Any, value: Any) -> Any:
-    if isinstance(hint, types.UnionType):  # X | None: the value is not None here
+def _converters(cls: type) -> list[tuple[str, Callable[[Any], Any]]]:
+    return [(name, _converter(hint)) for name, hint in typing.get_type_hints(cls).items()]
+
+
+def _converter(hint: Any) -> Callable[[Any], Any]:
+    if isinstance(hint, types.UnionType):  # X | None: the value is not None when converted
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
     if hint is dt.datetime:
-        return utc(value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(value))
+        return lambda v: utc(v if isinstance(v, dt.datetime) else dt.datetime.fromisoformat(v))
     if typing.get_origin(hint) is tuple:
-        return tuple(_decode_value(typing.get_args(hint)[0], item) for item in value)
+        item = _converter(typing.get_args(hint)[0])
+        return lambda v: tuple(map(item, v))
     if dataclasses.is_dataclass(hint):
-        return decode(typing.cast(type, hint), value)
-    return hint(value)  # str, int, enums
+        return lambda v: decode(typing.cast(type, hint), v)
+    return typing.cast(Callable[[Any], Any], hint)  # str, int, enums
 
 
 # --- ids, keys and page tokens ------------------------------------------------------------------
