@@ -503,13 +503,13 @@ class DeliveryRecord:
             if record is None:
                 # The mail reached the subscriber without a record (the publisher's write lagged
                 # or failed, or the mail predates the record): deliver it, record it from here.
+                ids = {"trace_id": trace_id, "message_id": message_id}
                 at = accepted_at or now
-                record = _new(mail_id, MailStatus.QUEUED, at, now, recipient_domains)
-                record = dataclasses.replace(record, trace_id=trace_id, message_id=message_id)
+                record = _new(mail_id, MailStatus.QUEUED, at, now, recipient_domains, **ids)
             count = record.attempt_count
             if record.status.final:
                 return Claim(ClaimResult.ALREADY_FINAL, count, record), None
-            if record.lease_until is not None and record.lease_until > now:
+            if _leased(record, now):
                 return Claim(ClaimResult.IN_PROGRESS, count, record), None
             new = dataclasses.replace(
                 record,
@@ -561,10 +561,8 @@ class DeliveryRecord:
         def rule(record: Found, now: dt.datetime) -> tuple[MailRecord, Found]:
             done = dataclasses.replace(attempt, finished_at=attempt.finished_at or now)
             if record is None:
-                record = _new(mail_id, MailStatus.SENDING, done.started_at, now, ())
-                record = dataclasses.replace(
-                    record, trace_id=done.trace_id, message_id=done.message_id
-                )
+                ids = {"trace_id": done.trace_id, "message_id": done.message_id}
+                record = _new(mail_id, MailStatus.SENDING, done.started_at, now, (), **ids)
             superseded = done.number < record.attempt_count and _leased(record, now)
             new = dataclasses.replace(
                 record,
@@ -669,11 +667,10 @@ class DeliveryRecord:
 
 
 def _new(
-    mail_id: str, status: MailStatus, accepted_at: dt.datetime, now: dt.datetime, domains: Any
+    mail_id: str, status: MailStatus, at: dt.datetime, now: dt.datetime, domains: Any, **ids: Any
 ) -> MailRecord:
-    """A record written for the first time."""
-    accepted = utc(accepted_at)
-    return MailRecord(mail_id, status, accepted, now, recipient_domains=tuple(domains))
+    """A record written for the first time, accepted ``at``."""
+    return MailRecord(mail_id, status, utc(at), now, recipient_domains=tuple(domains), **ids)
 
 
 def _leased(record: MailRecord, now: dt.datetime) -> bool:
