@@ -85,17 +85,13 @@ def _column(value: Any) -> Any:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-class _Holder:
-    """Owns one thread's connection; when the thread ends, it and the connection are freed."""
+class _Connection:
+    """One thread's connection (freed with it when the thread ends); inside ``BEGIN IMMEDIATE``
+    its ``get``, ``put`` and ``delete`` are the :class:`Transaction` primitives."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self.pid = os.getpid()
-
-
-class _Transaction:
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
 
     def get(self, kind: Kind, doc_id: str) -> Document | None:
         sql = f"SELECT body FROM {kind.name} WHERE id = ?"  # noqa: S608 (names are ours)
@@ -121,16 +117,16 @@ class SqliteStore:
         self._busy_ms = int(busy_timeout * 1000)
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._holders: weakref.WeakSet[_Holder] = weakref.WeakSet()
+        self._holders: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._closed = False
         with _translate_errors("open"):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.transact("open", self._migrate)
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self) -> _Connection:
         if self._closed:
             raise RecordError("sqlite record is closed")
-        holder: _Holder | None = getattr(self._local, "holder", None)
+        holder: _Connection | None = getattr(self._local, "holder", None)
         # A connection must not cross a fork: a child process opens its own.
         if holder is None or holder.pid != os.getpid():
             conn = sqlite3.connect(
@@ -142,11 +138,11 @@ class SqliteStore:
             conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
             self._enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")  # durable across crashes in WAL mode
-            holder = _Holder(conn)
+            holder = _Connection(conn)
             self._local.holder = holder
             with self._lock:
                 self._holders.add(holder)
-        return holder.conn
+        return holder
 
     def _enable_wal(self, conn: sqlite3.Connection) -> None:
         """Switch to WAL, retrying within the busy timeout while another process holds the lock.
@@ -165,7 +161,7 @@ class SqliteStore:
                     raise
                 time.sleep(0.01)
 
-    def _migrate(self, txn: _Transaction) -> None:
+    def _migrate(self, txn: _Connection) -> None:
         (version,) = txn.conn.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
             raise RecordError(
@@ -177,22 +173,22 @@ class SqliteStore:
                 txn.conn.execute(statement)
             txn.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    def transact(self, operation: str, body: Callable[[_Transaction], T]) -> T:
+    def transact(self, operation: str, body: Callable[[_Connection], T]) -> T:
         """Run ``body`` in one ``BEGIN IMMEDIATE`` transaction (the write lock is taken first)."""
         with _translate_errors(operation):
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
+            connection = self._connection()
+            connection.conn.execute("BEGIN IMMEDIATE")
             try:
-                result = body(_Transaction(conn))
+                result = body(connection)
             except BaseException:
-                conn.execute("ROLLBACK")
+                connection.conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
+            connection.conn.execute("COMMIT")
             return result
 
     def get(self, kind: Kind, doc_id: str) -> Document | None:
         with _translate_errors("get"):
-            return _Transaction(self._connection()).get(kind, doc_id)
+            return self._connection().get(kind, doc_id)
 
     def query(
         self, kind: Kind, where: Sequence[Condition], order: str, after: Cursor, limit: int
@@ -208,7 +204,7 @@ class SqliteStore:
         where_sql = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = f"SELECT body FROM {kind.name}{where_sql} ORDER BY {order}, id LIMIT ?"  # noqa: S608
         with _translate_errors("query"):
-            rows = self._connection().execute(sql, [*params, limit]).fetchall()
+            rows = self._connection().conn.execute(sql, [*params, limit]).fetchall()
         return [json.loads(row[0]) for row in rows]
 
     def close(self) -> None:
