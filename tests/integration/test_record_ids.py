@@ -27,8 +27,8 @@ from mailpipe.record import (
     MailStatus,
     RecordError,
 )
-from mailpipe.record.firestore import FirestoreRecord
 from mailpipe.record.base import page_token_of
+from mailpipe.record.firestore import FirestoreRecord
 from mailpipe.record.sqlite import SqliteRecord
 
 INVALID_IDS = [
