@@ -34,7 +34,10 @@ tests them on each backend):
   ``mark_dead_lettered`` never move a record backwards (they only fill in fields).
 - An idempotency key is unique within its scope (the caller's identity; ``None`` is the one
   shared scope), held by a reservation until ``reserved_until``, then freed by the next
-  ``reserve`` of it or by reconcile (:mod:`mailpipe.reconcile` says why ``unconfirmed`` exists).
+  ``reserve`` of it or by reconcile.
+- ``unconfirmed`` is reconcile's verdict on a ``sending`` whose outcome was never recorded
+  (:mod:`mailpipe.reconcile` says why): not final, so a later delivery of the mail still claims
+  it, and a late ``finish`` of that attempt still records the real outcome.
 - Mail ids follow Firestore's document-id rules on every backend (so a local run refuses what
   production would): non-empty valid Unicode, at most 1,500 UTF-8 bytes, no ``/``, not ``.`` or
   ``..``, not ``__…__``. Reads of any other id find nothing; writes raise
@@ -525,10 +528,11 @@ class DeliveryRecord:
     def renew_lease(
         self, mail_id: str, *, attempt_number: int, lease_seconds: float
     ) -> LeaseRenewal:
-        """The claimant's check just before it sends: ``RENEWED`` (the lease then ends
-        ``lease_seconds`` from now, never earlier than it did) while the mail is not final and
-        ``attempt_number`` is still its latest claim, even if that lease ran out; else ``LOST``
-        (a later claim, or no record) or ``FINAL``, and nothing changes. The status is kept."""
+        """The claimant's check just before it sends (after waiting for an SMTP connection):
+        ``RENEWED`` (the lease then ends ``lease_seconds`` from now, never earlier than it did)
+        while the mail is not final and ``attempt_number`` is still its latest claim, even if
+        that lease ran out; else ``LOST`` (a later claim, or no record) or ``FINAL``, and
+        nothing changes. The status is kept."""
         lease = _positive(lease_seconds, "lease_seconds")
         if id_problem(mail_id):
             return LeaseRenewal(RenewalResult.LOST)  # no record can have this id
