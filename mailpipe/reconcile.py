@@ -48,16 +48,11 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mailpipe.record import DeliveryRecord, MailRecord, MailStatus, RecordError
-from mailpipe.record.lifecycle import (
-    delivery_stalled,
-    delivery_stalled_at,
-    reservation_expired,
-    reservation_expires_at,
-)
+from mailpipe.record.base import delivery_stalled_at, passed, reservation_expires_at
 
 DEFAULT_GRACE_SECONDS = 900.0
 # Records scanned per status in one survey (stuck and unconfirmed records are few; in-flight
@@ -101,15 +96,14 @@ class StuckMail:
 
 def diagnose(record: MailRecord, *, now: dt.datetime, grace_seconds: float) -> StuckMail | None:
     """``record`` as a stuck mail, or ``None`` if something live may still move it on."""
-    if reservation_expired(record, now):
-        since = reservation_expires_at(record)
-        kind = StuckKind.EXPIRED_RESERVATION
-    elif delivery_stalled(record, now, grace_seconds):
-        since = delivery_stalled_at(record, grace_seconds)
-        kind = StuckKind.STALLED_DELIVERY
-    else:
+    # The same rules the record's release_expired_reservation and mark_unconfirmed check.
+    found = (
+        (StuckKind.EXPIRED_RESERVATION, reservation_expires_at(record)),
+        (StuckKind.STALLED_DELIVERY, delivery_stalled_at(record, grace_seconds)),
+    )
+    kind, since = next(((k, at) for k, at in found if passed(at, now)), (None, None))
+    if kind is None or since is None:
         return None
-    assert since is not None
     return StuckMail(
         mail_id=record.mail_id,
         kind=kind,
@@ -152,22 +146,15 @@ class Survey:
         }
 
 
-def _records(record: DeliveryRecord, status: MailStatus, limit: int) -> Iterator[MailRecord | None]:
-    """Every record in ``status``, oldest first, at most ``limit``; yields ``None`` once if
-    there were more (the caller marks the survey incomplete)."""
+def _scan(record: DeliveryRecord, status: MailStatus, limit: int) -> tuple[list[MailRecord], bool]:
+    """Up to ``limit`` records in ``status``, oldest first, and whether that was all of them."""
+    items: list[MailRecord] = []
     token: str | None = None
-    seen = 0
     while True:
         page = record.list(status=status, limit=_PAGE, page_token=token)
-        for item in page.items:
-            if seen >= limit:
-                yield None
-                return
-            seen += 1
-            yield item
-        token = page.next_page_token
-        if token is None:
-            return
+        items, token = items + page.items, page.next_page_token
+        if len(items) > limit or token is None:
+            return items[:limit], len(items) <= limit
 
 
 def survey(
@@ -183,27 +170,18 @@ def survey(
     """
     if grace_seconds < 0:
         raise ValueError("grace_seconds must not be negative")
-    stuck: list[StuckMail] = []
-    unconfirmed: list[str] = []
-    complete = True
-    for status in (MailStatus.ACCEPTING, MailStatus.SENDING, MailStatus.UNCONFIRMED):
-        for item in _records(record, status, scan_limit):
-            if item is None:
-                complete = False
-                break
-            if status is MailStatus.UNCONFIRMED:
-                unconfirmed.append(item.mail_id)
-                continue
-            found = diagnose(item, now=now, grace_seconds=grace_seconds)
-            if found is not None:
-                stuck.append(found)
-    stuck.sort(key=lambda mail: (mail.stuck_since, mail.mail_id))
+    statuses = (MailStatus.ACCEPTING, MailStatus.SENDING, MailStatus.UNCONFIRMED)
+    (accepting, a_all), (sending, s_all), (unconfirmed, u_all) = (
+        _scan(record, status, scan_limit) for status in statuses
+    )
+    found = (diagnose(item, now=now, grace_seconds=grace_seconds) for item in accepting + sending)
+    stuck = sorted((m for m in found if m), key=lambda mail: (mail.stuck_since, mail.mail_id))
     return Survey(
         now=now,
         grace_seconds=grace_seconds,
         stuck=tuple(stuck),
-        unconfirmed=tuple(unconfirmed),
-        complete=complete,
+        unconfirmed=tuple(item.mail_id for item in unconfirmed),
+        complete=a_all and s_all and u_all,
     )
 
 

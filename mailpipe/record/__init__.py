@@ -2,49 +2,10 @@
 
 One interface (:class:`DeliveryRecord`), two backends: SQLite (the embedded default,
 ``sqlite:///PATH``) and Firestore on GCP (``firestore://DATABASE``). Open one with
-:func:`open_record`. See :mod:`mailpipe.record.base` for the model and the error tree.
+:func:`open_record`. See :mod:`mailpipe.record.base` for the model, the rules and the error tree,
+:mod:`mailpipe.record.store` for what a backend implements.
 """
 
 from __future__ import annotations
 
-from mailpipe.record.base import (
-    DEFAULT_RESERVATION_SECONDS,
-    AlreadyFinal,
-    Attempt,
-    Claim,
-    ClaimResult,
-    DeliveryRecord,
-    IdempotencyConflict,
-    InvalidMailId,
-    LeaseRenewal,
-    MailNotFound,
-    MailRecord,
-    MailStatus,
-    Page,
-    RecordError,
-    RecordUnavailable,
-    RenewalResult,
-    Reservation,
-    open_record,
-)
-
-__all__ = [
-    "DEFAULT_RESERVATION_SECONDS",
-    "AlreadyFinal",
-    "Attempt",
-    "Claim",
-    "ClaimResult",
-    "DeliveryRecord",
-    "IdempotencyConflict",
-    "InvalidMailId",
-    "LeaseRenewal",
-    "MailNotFound",
-    "MailRecord",
-    "MailStatus",
-    "Page",
-    "RecordError",
-    "RecordUnavailable",
-    "RenewalResult",
-    "Reservation",
-    "open_record",
-]
+from mailpipe.record.base import *  # noqa: F403 (the names in base.__all__)

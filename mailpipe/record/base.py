@@ -1,4 +1,4 @@
-"""The delivery record's model and interface.
+"""The delivery record: its model, its errors and its rules, written once for every backend.
 
 Errors::
 
@@ -20,47 +20,81 @@ Lifecycle of a mail's status::
     accepting past reserved_until ─reserve of its key / reconcile─▶ (released)
     sending past lease_until + grace ─reconcile─▶ unconfirmed ─claim─▶ sending …
 
-``claim`` is atomic: of two concurrent deliveries of the same mail only one gets ``CLAIMED``;
-a mail already delivered or bounced is never claimed again (at-least-once made effectively once).
-Rules every backend follows (the shared suite tests them on each):
+The rules that span methods (each method's docstring says its own; :class:`DeliveryRecord`
+writes them once over a backend's :class:`~mailpipe.record.store.Store`, and the shared suite
+tests them on each backend):
 
-- A claim holds a lease (``lease_until``); while it is unexpired every other claim gets
-  ``IN_PROGRESS``, whatever the status. ``finish`` ends the lease; an expired lease (a crashed
-  worker) lets the next claim proceed with the next attempt number.
+- ``claim`` is atomic: of two concurrent deliveries of the same mail only one gets ``CLAIMED``.
+  A claim holds a lease (``lease_until``); while it is unexpired every other claim gets
+  ``IN_PROGRESS``, whatever the status. ``finish`` ends it; an expired lease (a crashed worker)
+  lets the next claim proceed with the next attempt number.
 - Every non-final status is claimable (``accepting`` too: the publisher's ``mark_queued`` may lag
-  behind the first delivery). A claim for a mail without a record creates it in ``sending``.
-- Statuses never leave ``delivered`` or ``bounced``; ``mark_queued`` and ``mark_dead_lettered``
-  never move a record backwards (they only fill in fields when it has moved on).
-- ``release`` deletes only a record still ``accepting``; ``mark_replayed`` raises
-  :class:`AlreadyFinal` for a delivered or bounced mail, so a replay never sends twice.
-- ``renew_lease`` is the claimant's check just before it sends (after waiting for an SMTP
-  connection): ``RENEWED`` only while the mail is not final and no later claim was made, and
-  then the lease runs ``lease_seconds`` from now (never shortened); else ``LOST`` or ``FINAL``
-  and nothing changes.
+  behind the first delivery); a mail delivered or bounced is never claimed again (at-least-once
+  made effectively once) and never leaves that status. ``mark_queued`` and
+  ``mark_dead_lettered`` never move a record backwards (they only fill in fields).
 - An idempotency key is unique within its scope (the caller's identity; ``None`` is the one
-  shared scope). A reservation holds its key until ``reserved_until``; after that the next
-  ``reserve`` of the key, or :meth:`DeliveryRecord.release_expired_reservation`, frees it.
-- ``unconfirmed`` is a ``sending`` whose delivery never recorded an outcome (its worker stopped,
-  or the record write after the relay's answer failed): not final, so a later delivery of the
-  mail still claims it, and a late ``finish`` of that attempt still records the real outcome.
+  shared scope), held by a reservation until ``reserved_until``, then freed by the next
+  ``reserve`` of it or by reconcile.
+- ``unconfirmed`` is reconcile's verdict on a ``sending`` whose outcome was never recorded
+  (:mod:`mailpipe.reconcile` says why): not final, so a later delivery of the mail still claims
+  it, and a late ``finish`` of that attempt still records the real outcome.
 - Mail ids follow Firestore's document-id rules on every backend (so a local run refuses what
   production would): non-empty valid Unicode, at most 1,500 UTF-8 bytes, no ``/``, not ``.`` or
-  ``..``, not ``__…__``. Reads of any other id find nothing (``get`` → ``None``,
-  ``mark_dead_lettered``, ``release_expired_reservation``, ``mark_unconfirmed`` → ``None``,
-  ``release`` does nothing); writes raise :class:`InvalidMailId` before the backend is asked.
+  ``..``, not ``__…__``. Reads of any other id find nothing; writes raise
+  :class:`InvalidMailId` before the backend is asked.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, TypeVar
 
+from mailpipe.record.store import (
+    IDEMPOTENCY,
+    MAILS,
+    Condition,
+    Store,
+    Transaction,
+    decode,
+    encode,
+    id_problem,
+    key_hash,
+    page_token,
+    parse_page_token,
+    utc,
+    utc_now,
+)
+
+__all__ = [
+    "DEFAULT_RESERVATION_SECONDS",
+    "AlreadyFinal",
+    "Attempt",
+    "Claim",
+    "ClaimResult",
+    "DeliveryRecord",
+    "IdempotencyConflict",
+    "InvalidMailId",
+    "LeaseRenewal",
+    "MailNotFound",
+    "MailRecord",
+    "MailStatus",
+    "Page",
+    "RecordError",
+    "RecordUnavailable",
+    "RenewalResult",
+    "Reservation",
+    "open_record",
+]
+R = TypeVar("R")
 # How long a reservation holds its idempotency key unless the caller says (the publisher passes
 # MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS); also the expiry of reservations written before
 # records carried ``reserved_until``.
 DEFAULT_RESERVATION_SECONDS = 300.0
+MAX_PAGE_SIZE = 1000
 
 
 class RecordError(Exception):
@@ -104,6 +138,14 @@ class MailStatus(enum.StrEnum):
         return self in (MailStatus.DELIVERED, MailStatus.BOUNCED)
 
 
+# Replayed mails are back on the mail topic: until delivered they count toward the lag alert.
+# So do reservations (accepting): one left behind by a crash must not go unseen. Unconfirmed mails
+# do not (reconcile settled them as far as the record can; Pub/Sub's own backlog alert covers a
+# copy it still holds), nor do dead-lettered ones.
+UNDELIVERED = tuple(map(MailStatus, ("accepting", "queued", "sending", "deferred", "replayed")))
+_OUTCOMES = {s: MailStatus(s) for s in ("delivered", "deferred", "bounced")}
+
+
 @dataclass(frozen=True)
 class Attempt:
     """One delivery attempt: when, by whom, and what the SMTP server answered."""
@@ -120,9 +162,16 @@ class Attempt:
     message_id: str | None = None  # the Pub/Sub message id of this delivery
 
 
+# The fields the status API shows, in its order (not the idempotency or lease bookkeeping).
+_SHOWN = (
+    "mail_id status accepted_at updated_at delivered_at trace_id message_id recipient_domains"
+    " last_error replays attempts"
+)
+
+
 @dataclass(frozen=True)
 class MailRecord:
-    """Everything known about one mail."""
+    """Everything known about one mail (stored as the document of its mail id, field by field)."""
 
     mail_id: str
     status: MailStatus
@@ -143,36 +192,8 @@ class MailRecord:
     reserved_until: dt.datetime | None = None  # while accepting: when the reservation expires
 
     def to_json(self) -> dict[str, object]:
-        def iso(value: dt.datetime | None) -> str | None:
-            return value.isoformat() if value else None
-
-        return {
-            "mail_id": self.mail_id,
-            "status": str(self.status),
-            "accepted_at": iso(self.accepted_at),
-            "updated_at": iso(self.updated_at),
-            "delivered_at": iso(self.delivered_at),
-            "trace_id": self.trace_id,
-            "message_id": self.message_id,
-            "recipient_domains": list(self.recipient_domains),
-            "last_error": self.last_error,
-            "replays": list(self.replays),
-            "attempts": [
-                {
-                    "number": a.number,
-                    "started_at": iso(a.started_at),
-                    "finished_at": iso(a.finished_at),
-                    "outcome": a.outcome,
-                    "reply_code": a.reply_code,
-                    "enhanced_status": a.enhanced_status,
-                    "reply_message": a.reply_message,
-                    "failed_step": a.failed_step,
-                    "trace_id": a.trace_id,
-                    "message_id": a.message_id,
-                }
-                for a in self.attempts
-            ],
-        }
+        fields = encode(self, time=dt.datetime.isoformat)
+        return {name: fields[name] for name in _SHOWN.split()}
 
 
 class ClaimResult(enum.StrEnum):
@@ -216,9 +237,104 @@ class Page:
     next_page_token: str | None = None
 
 
-@runtime_checkable
-class DeliveryRecord(Protocol):
-    """The delivery record. Implementations are safe to share between threads."""
+def check_mail_id(mail_id: str) -> None:
+    """Raise :class:`InvalidMailId` unless ``mail_id`` can key a record."""
+    problem = id_problem(mail_id)
+    if problem is not None:
+        shown = mail_id[:80] if isinstance(mail_id, str) else mail_id
+        raise InvalidMailId(f"mail id {shown!r} {problem}")
+
+
+def _positive(seconds: float, name: str) -> dt.timedelta:
+    if seconds <= 0:
+        raise ValueError(f"{name} must be positive")
+    return dt.timedelta(seconds=seconds)
+
+
+def describe_error(attempt: Attempt) -> str:
+    """``last_error`` for a failed attempt, e.g. ``"451 4.3.0 at rcpt to: try later"``."""
+    parts = [str(attempt.reply_code) if attempt.reply_code is not None else attempt.outcome or "?"]
+    if attempt.enhanced_status:
+        parts.append(attempt.enhanced_status)
+    if attempt.failed_step:
+        parts.append(f"at {attempt.failed_step}")
+    text = " ".join(parts)
+    return f"{text}: {attempt.reply_message}" if attempt.reply_message else text
+
+
+# --- reconcile's rules: records no live request or delivery will move on ---------------------
+
+
+def reservation_expires_at(record: MailRecord) -> dt.datetime | None:
+    """When an ``accepting`` record's reservation expires; ``None`` for any other status.
+
+    Records written before reservations carried ``reserved_until`` expire
+    :data:`DEFAULT_RESERVATION_SECONDS` after their last write.
+    """
+    if record.status is not MailStatus.ACCEPTING:
+        return None
+    if record.reserved_until is not None:
+        return record.reserved_until
+    return record.updated_at + dt.timedelta(seconds=DEFAULT_RESERVATION_SECONDS)
+
+
+def delivery_stalled_at(record: MailRecord, grace_seconds: float) -> dt.datetime | None:
+    """When a ``sending`` record counts as stalled (its lease's end + grace); ``None`` for any
+    other status. A ``sending`` without a lease (not written by a claim) counts from its last
+    write."""
+    if record.status is not MailStatus.SENDING:
+        return None
+    base = record.lease_until if record.lease_until is not None else record.updated_at
+    return base + dt.timedelta(seconds=grace_seconds)
+
+
+def passed(moment: dt.datetime | None, now: dt.datetime) -> bool:
+    """Whether ``moment`` (from the two functions above) is set and not in the future."""
+    return moment is not None and moment <= now
+
+
+Found = MailRecord | None
+# A rule: from the mail's record (None: there is none) and the time, the answer and the record
+# to write (None: write nothing).
+Rule = Callable[[Found, dt.datetime], tuple[R, Found]]
+
+
+class DeliveryRecord:
+    """The delivery record over a backend's store (see the module docstring for the rules);
+    safe to share between threads. :func:`open_record` opens one."""
+
+    def __init__(self, store: Store, *, clock: Callable[[], dt.datetime] = utc_now) -> None:
+        self._store = store
+        self._clock = clock
+
+    @staticmethod
+    def _read(txn: Transaction, mail_id: str) -> Found:
+        doc = txn.get(MAILS, mail_id)
+        return None if doc is None else decode(MailRecord, doc)
+
+    @staticmethod
+    def _write(txn: Transaction, record: MailRecord, *, new: bool = False) -> None:
+        txn.put(MAILS, record.mail_id, encode(record), record.accepted_at, new)
+
+    def _apply(self, operation: str, mail_id: str, rule: Rule[R]) -> R:
+        """Read the mail's record, apply ``rule``, write what it returns: one transaction."""
+
+        def body(txn: Transaction) -> R:
+            answer, new = rule(self._read(txn, mail_id), self._clock())
+            if new is not None:
+                self._write(txn, new)
+            return answer
+
+        return self._store.transact(operation, body)
+
+    def _forget(self, txn: Transaction, record: MailRecord) -> None:
+        """Delete a reservation, and its key document if the key still points at it."""
+        key = record.idempotency_key
+        key_id = None if key is None else key_hash(key, record.idempotency_scope)
+        held = None if key_id is None else txn.get(IDEMPOTENCY, key_id)  # reads before writes
+        txn.delete(MAILS, record.mail_id)
+        if key_id is not None and held is not None and held.get("mail_id") == record.mail_id:
+            txn.delete(IDEMPOTENCY, key_id)
 
     def reserve(
         self,
@@ -231,18 +347,47 @@ class DeliveryRecord(Protocol):
         request_hash: str | None = None,
         reservation_seconds: float = DEFAULT_RESERVATION_SECONDS,
     ) -> Reservation:
-        """Create the record in status ``accepting``, atomically claiming ``idempotency_key``
-        within ``idempotency_scope``.
+        """Create the record ``accepting`` until now + ``reservation_seconds``, atomically
+        claiming ``idempotency_key`` within ``idempotency_scope``.
 
-        If the key is already held, return ``Reservation(created=False, record=<the holder>)``
-        (the caller answers with the original mail, or refuses a different ``request_hash``) and
-        create nothing. The holder may still be ``accepting``: raising
-        :class:`IdempotencyConflict` for that case is the caller's choice. A holder still
-        ``accepting`` after its ``reserved_until`` (now + ``reservation_seconds``) is a
-        reservation left by a crash: it is deleted and the key goes to this reserve. A second
-        reserve of an existing ``mail_id`` also returns ``created=False`` with it.
+        If the key is held, or ``mail_id`` exists, return ``created=False`` with that record and
+        create nothing (the holder may still be ``accepting``: raising
+        :class:`IdempotencyConflict` then is the caller's choice; so is refusing a different
+        ``request_hash``). A holder ``accepting`` past its ``reserved_until`` was left by a
+        crash: it is deleted and the key goes to this reserve.
         """
-        ...
+        check_mail_id(mail_id)
+        hold = _positive(reservation_seconds, "reservation_seconds")
+        key_id = None if idempotency_key is None else key_hash(idempotency_key, idempotency_scope)
+
+        def body(txn: Transaction) -> Reservation:
+            now = self._clock()
+            held = None if key_id is None else txn.get(IDEMPOTENCY, key_id)
+            holder = None if held is None else self._read(txn, held["mail_id"])
+            if holder is not None and not passed(reservation_expires_at(holder), now):
+                return Reservation(created=False, record=holder)
+            existing = self._read(txn, mail_id)
+            if existing is not None:
+                return Reservation(created=False, record=existing)
+            record = MailRecord(
+                mail_id=mail_id,
+                status=MailStatus.ACCEPTING,
+                accepted_at=utc(accepted_at),
+                updated_at=now,
+                idempotency_key=idempotency_key,
+                recipient_domains=tuple(recipient_domains),
+                idempotency_scope=idempotency_scope if idempotency_key is not None else None,
+                request_hash=request_hash,
+                reserved_until=now + hold,
+            )
+            if holder is not None:  # left by a crash: the key is ours
+                txn.delete(MAILS, holder.mail_id)
+            self._write(txn, record, new=True)
+            if key_id is not None:  # a key whose mail is gone (TTL) is taken over, too
+                txn.put(IDEMPOTENCY, key_id, {"mail_id": mail_id}, record.accepted_at, not held)
+            return Reservation(created=True, record=record)
+
+        return self._store.transact("reserve", body)
 
     def mark_queued(
         self,
@@ -255,37 +400,91 @@ class DeliveryRecord(Protocol):
     ) -> None:
         """The publish succeeded: ``accepting`` → ``queued`` with Pub/Sub's message id.
 
-        If a delivery already moved the record on, only ``message_id``/``trace_id`` are filled
-        in. If there is no record: with ``accepted_at`` (a mail published without
-        :meth:`reserve`, which only a mail with an idempotency key needs) it is created in
-        ``queued``; without it :class:`MailNotFound` is raised.
+        Without a record: created ``queued`` when ``accepted_at`` is given (a mail published
+        without :meth:`reserve`, which only a mail with an idempotency key needs), else
+        :class:`MailNotFound`.
         """
-        ...
+        check_mail_id(mail_id)
+
+        def rule(record: Found, now: dt.datetime) -> tuple[None, Found]:
+            if record is None:
+                if accepted_at is None:
+                    raise MailNotFound(f"no record for mail {mail_id}")
+                record = _new(mail_id, MailStatus.ACCEPTING, accepted_at, now, recipient_domains)
+            return None, dataclasses.replace(
+                record,
+                status=MailStatus.QUEUED
+                if record.status is MailStatus.ACCEPTING
+                else record.status,
+                reserved_until=None,  # the reservation's work is done: the key now holds for good
+                message_id=record.message_id or message_id,
+                trace_id=record.trace_id or trace_id,
+                updated_at=now,
+            )
+
+        self._apply("mark_queued", mail_id, rule)
 
     def release(self, mail_id: str) -> None:
-        """The publish failed: forget the reservation so a retry with the same key can succeed.
+        """The publish failed: delete the record while still ``accepting`` (a claimed record
+        shows the publish did go through) and free its key for the client's retry."""
+        if id_problem(mail_id):
+            return  # no record can have this id
 
-        Deletes the record only while it is ``accepting`` (a record a delivery has claimed shows
-        the publish did go through); otherwise, or without a record, does nothing.
-        """
-        ...
+        def body(txn: Transaction) -> None:
+            record = self._read(txn, mail_id)
+            if record is not None and record.status is MailStatus.ACCEPTING:
+                self._forget(txn, record)
+
+        self._store.transact("release", body)
 
     def release_expired_reservation(self, mail_id: str) -> MailRecord | None:
-        """Reconcile: delete the record if it is still ``accepting`` past its
-        ``reserved_until`` (its publisher crashed or lost the record before releasing it), and
-        free its key. Returns the deleted record, ``None`` when nothing was deleted (the record
-        moved on, is not expired yet, or is gone). Checked and done atomically.
-        """
-        ...
+        """Reconcile: delete the record (and free its key) if still ``accepting`` past its
+        ``reserved_until``; the deleted record, or ``None`` when there was nothing to delete."""
+        if id_problem(mail_id):
+            return None  # no record can have this id
+
+        def body(txn: Transaction) -> Found:
+            record = self._read(txn, mail_id)
+            if record is None or not passed(reservation_expires_at(record), self._clock()):
+                return None
+            self._forget(txn, record)
+            return record
+
+        return self._store.transact("release_expired_reservation", body)
 
     def mark_unconfirmed(self, mail_id: str, *, grace_seconds: float) -> MailRecord | None:
-        """Reconcile: ``sending`` whose lease ended more than ``grace_seconds`` ago →
-        ``unconfirmed``, the lease cleared and ``last_error`` saying what is known.
+        """Reconcile: ``sending`` whose lease ended over ``grace_seconds`` ago → ``unconfirmed``,
+        its lease cleared, ``last_error`` saying what is known; ``None`` if it changed nothing
+        (claimed again since, finished, or not stalled)."""
+        if id_problem(mail_id):
+            return None  # no record can have this id
 
-        Returns the new record, ``None`` when nothing changed (another delivery claimed it since,
-        or it finished, or it is not stalled). Checked and done atomically.
-        """
-        ...
+        def rule(record: Found, now: dt.datetime) -> tuple[Found, Found]:
+            if record is None or not passed(delivery_stalled_at(record, grace_seconds), now):
+                return None, None
+            number = record.attempt_count
+            recorded = any(a.number == number and a.outcome for a in record.attempts)
+            note = (
+                f"delivery attempt {number} left the mail sending"
+                if recorded
+                else f"the outcome of delivery attempt {number} was never recorded"
+            )
+            new = dataclasses.replace(
+                record,
+                status=MailStatus.UNCONFIRMED,
+                lease_until=None,
+                last_error=(
+                    f"{note}: its worker stopped, or the record write after the relay's answer "
+                    "failed. If Pub/Sub still holds the message it will be delivered (the mail "
+                    "stays claimable); if the subscriber logged that it could not record this "
+                    "attempt, the relay answered and the mail was acknowledged. Last error "
+                    f"before: {record.last_error or 'none'}"
+                ),
+                updated_at=now,
+            )
+            return new, new
+
+        return self._apply("mark_unconfirmed", mail_id, rule)
 
     def claim(
         self,
@@ -297,60 +496,144 @@ class DeliveryRecord(Protocol):
         accepted_at: dt.datetime | None = None,
         recipient_domains: tuple[str, ...] = (),
     ) -> Claim:
-        """Atomically start a delivery attempt (see the module docstring).
+        """Start a delivery attempt. ``CLAIMED`` carries its number (``Attempt.number`` for
+        :meth:`finish`) and the record as written; ``accepted_at`` and ``recipient_domains``
+        (from the queued mail) serve only to create a missing record (else: accepted now)."""
+        check_mail_id(mail_id)
+        lease = _positive(lease_seconds, "lease_seconds")
 
-        ``CLAIMED`` carries the new attempt number (pass it to :meth:`finish` in
-        ``Attempt.number``) and the record as written. ``accepted_at`` and
-        ``recipient_domains`` (from the queued mail) are used only when the claim has to create
-        the record; without them it is created as accepted now, with no domains.
-        """
-        ...
+        def rule(record: Found, now: dt.datetime) -> tuple[Claim, Found]:
+            if record is None:
+                # The mail reached the subscriber without a record (the publisher's write lagged
+                # or failed, or the mail predates the record): deliver it, record it from here.
+                ids = {"trace_id": trace_id, "message_id": message_id}
+                at = accepted_at or now
+                record = _new(mail_id, MailStatus.QUEUED, at, now, recipient_domains, **ids)
+            count = record.attempt_count
+            if record.status.final:
+                return Claim(ClaimResult.ALREADY_FINAL, count, record), None
+            if _leased(record, now):
+                return Claim(ClaimResult.IN_PROGRESS, count, record), None
+            new = dataclasses.replace(
+                record,
+                status=MailStatus.SENDING,
+                attempt_count=count + 1,
+                lease_until=now + lease,
+                updated_at=now,
+            )
+            return Claim(ClaimResult.CLAIMED, count + 1, new), new
+
+        return self._apply("claim", mail_id, rule)
 
     def renew_lease(
         self, mail_id: str, *, attempt_number: int, lease_seconds: float
     ) -> LeaseRenewal:
-        """Atomically check that claim ``attempt_number`` still holds the mail, and extend it.
+        """The claimant's check just before it sends (after waiting for an SMTP connection):
+        ``RENEWED`` (the lease then ends ``lease_seconds`` from now, never earlier than it did)
+        while the mail is not final and ``attempt_number`` is still its latest claim, even if
+        that lease ran out; else ``LOST`` (a later claim, or no record) or ``FINAL``, and
+        nothing changes. The status is kept."""
+        lease = _positive(lease_seconds, "lease_seconds")
+        if id_problem(mail_id):
+            return LeaseRenewal(RenewalResult.LOST)  # no record can have this id
 
-        Called right before sending: ``RENEWED`` (the lease now ends ``lease_seconds`` from now,
-        or later if it already did) while the mail is not delivered or bounced and its latest
-        claim is this one — even if this lease had run out, as long as nobody claimed since.
-        ``LOST`` when a later claim was made (or the record is gone), ``FINAL`` when the mail was
-        delivered or bounced; both change nothing.
-        """
-        ...
+        def rule(record: Found, now: dt.datetime) -> tuple[LeaseRenewal, Found]:
+            if record is None:
+                return LeaseRenewal(RenewalResult.LOST), None
+            if record.status.final:
+                return LeaseRenewal(RenewalResult.FINAL, record), None
+            if record.attempt_count != attempt_number:
+                return LeaseRenewal(RenewalResult.LOST, record), None
+            until = max(now + lease, record.lease_until or now)
+            new = dataclasses.replace(record, lease_until=until, updated_at=now)
+            return LeaseRenewal(RenewalResult.RENEWED, new), new
+
+        return self._apply("renew_lease", mail_id, rule)
 
     def finish(self, mail_id: str, attempt: Attempt) -> MailRecord:
-        """Record the attempt's outcome and set the status from it.
+        """Record the attempt (``outcome`` delivered, deferred or bounced, else ValueError),
+        set the status, ``last_error`` and ``delivered_at`` from it and end the lease; creates
+        a missing record. A final status is kept, and so is a newer claim's lease over a stale
+        ``deferred`` (its lease expired and was taken over)."""
+        check_mail_id(mail_id)
+        if attempt.outcome not in _OUTCOMES:
+            raise ValueError(
+                f"attempt outcome must be delivered, deferred or bounced, got {attempt.outcome!r}"
+            )
+        outcome = MailStatus(attempt.outcome)
 
-        ``attempt.outcome`` must be ``delivered``, ``deferred`` or ``bounced`` (else ValueError).
-        Appends the attempt, sets ``last_error`` (``None`` when delivered) and ``delivered_at``,
-        and ends the lease. A final status is kept; a stale ``deferred`` (from a claim whose lease
-        expired and was taken over) does not override the newer claim. Creates the record if it
-        is missing.
-        """
-        ...
+        def rule(record: Found, now: dt.datetime) -> tuple[MailRecord, Found]:
+            done = dataclasses.replace(attempt, finished_at=attempt.finished_at or now)
+            if record is None:
+                ids = {"trace_id": done.trace_id, "message_id": done.message_id}
+                record = _new(mail_id, MailStatus.SENDING, done.started_at, now, (), **ids)
+            superseded = done.number < record.attempt_count and _leased(record, now)
+            new = dataclasses.replace(
+                record,
+                attempts=(*record.attempts, done),
+                attempt_count=max(record.attempt_count, done.number),
+                updated_at=now,
+            )
+            # Kept for the history only: never leave delivered/bounced, nor end a newer lease.
+            if record.status.final or (superseded and not outcome.final):
+                return new, new
+            delivered = outcome is MailStatus.DELIVERED
+            new = dataclasses.replace(
+                new,
+                status=outcome,
+                lease_until=None,
+                last_error=None if delivered else describe_error(done),
+                delivered_at=utc(done.finished_at or now) if delivered else None,
+            )
+            return new, new
+
+        return self._apply("finish", mail_id, rule)
 
     def mark_dead_lettered(self, mail_id: str, *, last_error: str | None) -> MailRecord | None:
-        """The dead-letter consumer saw the mail; ``None`` if it has no record.
+        """The dead-letter consumer saw the mail; ``None`` without a record, a final record
+        unchanged."""
+        if id_problem(mail_id):
+            return None  # no record can have this id
 
-        A delivered or bounced record is returned unchanged.
-        """
-        ...
+        def rule(record: Found, now: dt.datetime) -> tuple[Found, Found]:
+            if record is None or record.status.final:
+                return record, None
+            error = last_error if last_error is not None else record.last_error
+            new = dataclasses.replace(
+                record, status=MailStatus.DEAD_LETTERED, last_error=error, updated_at=now
+            )
+            return new, new
+
+        return self._apply("mark_dead_lettered", mail_id, rule)
 
     def mark_replayed(self, mail_id: str, *, trace_id: str | None) -> MailRecord:
-        """``mailpipe dlq replay`` republishes it: status ``replayed``, ``trace_id`` appended to
-        ``replays``; the next claim moves it to ``sending``.
+        """``mailpipe dlq replay`` republishes it: ``replayed``, ``trace_id`` added to
+        ``replays``. Call it *before* republishing: :class:`AlreadyFinal` for a delivered or
+        bounced mail (never send twice), :class:`MailNotFound` without a record."""
+        check_mail_id(mail_id)
 
-        Call it *before* republishing: it raises :class:`AlreadyFinal` for a delivered or bounced
-        mail (never send twice) and :class:`MailNotFound` without a record.
-        """
-        ...
+        def rule(record: Found, now: dt.datetime) -> tuple[MailRecord, Found]:
+            if record is None:
+                raise MailNotFound(f"no record for mail {mail_id}")
+            if record.status.final:
+                raise AlreadyFinal(f"mail {mail_id} is {record.status}: not replayed")
+            replays = (*record.replays, trace_id) if trace_id else record.replays
+            new = dataclasses.replace(
+                record, status=MailStatus.REPLAYED, replays=replays, updated_at=now
+            )
+            return new, new
 
-    def get(self, mail_id: str) -> MailRecord | None: ...
+        return self._apply("mark_replayed", mail_id, rule)
 
-    def get_by_idempotency_key(
-        self, key: str, *, scope: str | None = None
-    ) -> MailRecord | None: ...
+    def get(self, mail_id: str) -> MailRecord | None:
+        if id_problem(mail_id):
+            return None  # no record can have this id (and Firestore would refuse the path)
+        doc = self._store.get(MAILS, mail_id)
+        return None if doc is None else decode(MailRecord, doc)
+
+    def get_by_idempotency_key(self, key: str, *, scope: str | None = None) -> MailRecord | None:
+        held = self._store.get(IDEMPOTENCY, key_hash(key, scope))
+        return None if held is None else self.get(held["mail_id"])
 
     def list(
         self,
@@ -360,20 +643,47 @@ class DeliveryRecord(Protocol):
         limit: int = 100,
         page_token: str | None = None,
     ) -> Page:
-        """Records, oldest first, optionally by status and accepted at or after ``since``.
-
-        Ordered by ``(accepted_at, mail_id)``; ``next_page_token`` is an opaque cursor (stable
-        under concurrent inserts), ``None`` on the last page. ``limit`` is 1..1000 (else
-        ValueError); a malformed ``page_token`` raises ValueError.
-        """
-        ...
+        """Records by ``(accepted_at, mail_id)``, optionally in ``status`` and accepted at or
+        after ``since``. ``next_page_token`` is an opaque cursor (stable under concurrent
+        inserts), ``None`` on the last page. ValueError: ``limit`` not in 1..1000, a malformed
+        ``page_token``."""
+        if not 1 <= limit <= MAX_PAGE_SIZE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}, got {limit}")
+        where: list[Condition] = []
+        if status is not None:
+            where.append(("status", "==", str(MailStatus(status))))
+        if since is not None:
+            where.append(("accepted_at", ">=", utc(since)))
+        after = parse_page_token(page_token) if page_token is not None else None
+        # One more than asked tells whether there is a next page.
+        docs = self._store.query(MAILS, where, "accepted_at", after, limit + 1)
+        items = [decode(MailRecord, doc) for doc in docs[:limit]]
+        return Page(items, page_token_of(items[-1]) if len(docs) > limit else None)
 
     def oldest_undelivered(self) -> MailRecord | None:
-        """The oldest mail still accepting, queued, sending, deferred or replayed (drives the
-        lag alert; accepting too, so a reservation left by a crash is seen)."""
-        ...
+        """The oldest mail in an :data:`UNDELIVERED` status (drives the lag alert)."""
+        where = [("status", "in", [str(s) for s in UNDELIVERED])]
+        docs = self._store.query(MAILS, where, "accepted_at", None, 1)
+        return decode(MailRecord, docs[0]) if docs else None
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        self._store.close()
+
+
+def _new(
+    mail_id: str, status: MailStatus, at: dt.datetime, now: dt.datetime, domains: Any, **ids: Any
+) -> MailRecord:
+    """A record written for the first time, accepted ``at``."""
+    return MailRecord(mail_id, status, utc(at), now, recipient_domains=tuple(domains), **ids)
+
+
+def _leased(record: MailRecord, now: dt.datetime) -> bool:
+    return record.lease_until is not None and record.lease_until > now
+
+
+def page_token_of(record: MailRecord) -> str:
+    """An opaque cursor just after ``record`` in ``(accepted_at, mail_id)`` order."""
+    return page_token(record.accepted_at, record.mail_id)
 
 
 def open_record(url: str) -> DeliveryRecord:

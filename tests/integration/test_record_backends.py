@@ -8,6 +8,7 @@ own uniquely named collections. Time is an injected clock, so lease expiry needs
 from __future__ import annotations
 
 import datetime as dt
+import json
 import multiprocessing
 import sqlite3
 import threading
@@ -31,8 +32,8 @@ from mailpipe.record.base import (
     open_record,
 )
 from mailpipe.record.firestore import FirestoreRecord
-from mailpipe.record.lifecycle import key_hash
 from mailpipe.record.sqlite import SCHEMA_VERSION, SqliteRecord
+from mailpipe.record.store import key_hash
 from ops.reconcile import fix
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
@@ -980,6 +981,48 @@ def test_sqlite_creates_parent_directories_and_a_versioned_schema(tmp_path: Path
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_sqlite_a_version_1_record_is_migrated_in_place(tmp_path: Path) -> None:
+    # Version 1 kept the idempotency key's hash in a UNIQUE column of the one mails table.
+    path = tmp_path / "record.sqlite3"
+    body = json.dumps(
+        {
+            "mail_id": "m-1",
+            "status": "queued",
+            "accepted_at": T0.isoformat(),
+            "updated_at": T0.isoformat(),
+            "idempotency_key": "order-1",
+            "recipient_domains": ["a.b"],
+        }
+    )
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            "CREATE TABLE mails (mail_id TEXT PRIMARY KEY, status TEXT NOT NULL, accepted_us"
+            " INTEGER NOT NULL, key_hash TEXT UNIQUE, body TEXT NOT NULL) WITHOUT ROWID;"
+            "CREATE INDEX mails_by_accepted ON mails (accepted_us, mail_id);"
+            "CREATE INDEX mails_by_status ON mails (status, accepted_us, mail_id);"
+            "PRAGMA user_version = 1;"
+        )
+        conn.execute(
+            "INSERT INTO mails VALUES ('m-1', 'queued', ?, ?, ?)",
+            (int(T0.timestamp() * 1_000_000), key_hash("order-1"), body),
+        )
+
+    record = SqliteRecord(path)
+    try:
+        by_key = record.get_by_idempotency_key("order-1")
+        assert by_key is not None
+        assert (by_key.mail_id, by_key.status, by_key.accepted_at) == ("m-1", MailStatus.QUEUED, T0)
+        assert [r.mail_id for r in record.list(status=MailStatus.QUEUED, since=T0).items] == ["m-1"]
+        again = record.reserve(
+            mail_id="m-2", accepted_at=T0, recipient_domains=(), idempotency_key="order-1"
+        )
+        assert (again.created, again.record.mail_id) == (False, "m-1")
+    finally:
+        record.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
 
 
 def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:

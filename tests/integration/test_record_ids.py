@@ -27,8 +27,8 @@ from mailpipe.record import (
     MailStatus,
     RecordError,
 )
+from mailpipe.record.base import page_token_of
 from mailpipe.record.firestore import FirestoreRecord
-from mailpipe.record.lifecycle import page_token
 from mailpipe.record.sqlite import SqliteRecord
 
 INVALID_IDS = [
@@ -158,7 +158,7 @@ def page_token_for(accepted: str, mail_id: str) -> str:
 
 def test_page_token_for_matches_the_records_own_tokens() -> None:
     record = MailRecord(mail_id="m-1", status=MailStatus.QUEUED, accepted_at=NOW, updated_at=NOW)
-    assert page_token_for(NOW.isoformat(), "m-1") == page_token(record)
+    assert page_token_for(NOW.isoformat(), "m-1") == page_token_of(record)
 
 
 def test_a_value_firestore_cannot_encode_is_a_record_error(
