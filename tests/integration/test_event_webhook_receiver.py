@@ -33,8 +33,10 @@ from examples.event_webhook_receiver import TokenVerifier, make_handler
 from mailpipe.events import EventEmitter, EventType
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.pubsub import publisher_client as tracing_client
-from tests.integration.test_push_auth import Keys
-from tests.integration.test_push_auth import keys  # noqa: F401 (the fixture `signing` asks for)
+from tests.integration.test_push_auth import (
+    Keys,
+    keys,  # noqa: F401 (the fixture `signing` asks for)
+)
 
 REPO = Path(__file__).resolve().parents[2]
 AUDIENCE = "https://hooks.example.com/mailpipe"
