@@ -13,7 +13,6 @@ import datetime as dt
 import enum
 import json
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -47,8 +46,7 @@ class EventType(enum.StrEnum):
 
 @dataclass(frozen=True)
 class EventsConfig:
-    """``MAILPIPE_EVENTS_TOPIC`` (default: topology.json's; ``none``: no events) and
-    ``MAILPIPE_EVENTS_TIMEOUT`` (seconds an emission may hold up the mail, default 5)."""
+    """``MAILPIPE_EVENTS_TOPIC`` (``none``: no events), ``MAILPIPE_EVENTS_TIMEOUT`` (seconds)."""
 
     topic: str | None
     timeout: float = 5.0
@@ -57,10 +55,7 @@ class EventsConfig:
     def from_env(cls, environ: Mapping[str, str], topology: Topology) -> EventsConfig:
         topic = environ.get("MAILPIPE_EVENTS_TOPIC", "").strip() or topology.events_topic.name
         text = environ.get("MAILPIPE_EVENTS_TIMEOUT", "").strip() or "5"
-        try:
-            timeout = float(text)
-        except ValueError:
-            timeout = math.nan
+        timeout = float(text) if text.replace(".", "", 1).isdigit() else -1.0
         if not 0.1 <= timeout <= 60.0:
             raise ConfigError({"MAILPIPE_EVENTS_TIMEOUT": f"must be 0.1..60 seconds, got {text!r}"})
         return cls(topic=None if topic.lower() == "none" else topic, timeout=timeout)
@@ -137,13 +132,19 @@ class EventEmitter:
 
 
 def build_emitter(
-    config: EventsConfig, *, project: str, emulator_host: str | None, address_style: AddressStyle
+    config: EventsConfig,
+    *,
+    project: str,
+    emulator_host: str | None,
+    address_style: AddressStyle,
+    meter: metrics.Meter | None = None,
 ) -> EventEmitter | None:
     """The services' emitter (None for ``MAILPIPE_EVENTS_TOPIC=none``), on its own client."""
     if config.topic is None:
         return None
-    client = publisher_client(
-        emulator_host, tracing=True, batch_settings=BatchSettings(max_latency=0.005)
+    batch = BatchSettings(max_latency=0.005)  # a lone event waits 5 ms at most
+    client = publisher_client(emulator_host, tracing=True, batch_settings=batch)
+    topic = f"projects/{project}/topics/{config.topic}"
+    return EventEmitter(
+        client, topic, address_style=address_style, timeout=config.timeout, meter=meter
     )
-    topic_path = f"projects/{project}/topics/{config.topic}"
-    return EventEmitter(client, topic_path, address_style=address_style, timeout=config.timeout)

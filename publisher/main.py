@@ -90,6 +90,7 @@ def build_app(
             project=config.pubsub.project,
             emulator_host=config.pubsub.emulator_host,
             address_style=config.telemetry.address_style,
+            meter=telemetry.meter_provider.get_meter("mailpipe.events"),
         )
         if events is not None
         else None

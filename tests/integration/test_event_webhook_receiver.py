@@ -79,7 +79,7 @@ def pushed_event(
 
 
 def wrapped(message: Any) -> tuple[bytes, dict[str, str]]:
-    """The push body Pub/Sub sends by default (the emulator's, docs: emulators.md section 5)."""
+    """The push body Pub/Sub sends by default (as the emulator sends it: docs/local-vs-gcp.md)."""
     body = {
         "message": {
             "data": base64.b64encode(message.data).decode(),
