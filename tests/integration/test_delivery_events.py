@@ -22,7 +22,11 @@ import pytest
 from opentelemetry.trace import SpanKind
 
 from emulator import RunningEmulator, publisher_client, subscriber_client
-from mailpipe.events import EventType
+from mailpipe.config import AddressStyle
+from mailpipe.events import EventEmitter, EventType
+from mailpipe.mail import MailRequest, QueuedMail
+from mailpipe.pubsub import publisher_client as tracing_publisher_client
+from ops.replay import DeadLetterReplayer, Selection
 from tests.fixtures.pipeline import Pipeline, PipelineFactory
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -254,3 +258,91 @@ def test_events_tail_shows_events_and_exits_on_count_and_on_ctrl_c(
     admin = publisher_client(pubsub_emulator.host)
     left = [s for s in admin.list_topic_subscriptions(topic=topic) if "events-tail" in s]
     assert left == []
+
+
+def test_dead_letter_and_replay_emit_their_events_in_their_traces(
+    events_pipeline: Pipeline, reader: EventReader, pubsub_emulator: RunningEmulator
+) -> None:
+    """Five deferrals, then Pub/Sub dead-letters the mail (the test topology's 5 attempts):
+    ``dead_lettered`` in the mail's trace; ``dlq replay`` emits ``replayed`` in the replay's new
+    trace, and the replayed mail's ``delivered`` follows in that trace."""
+    events_pipeline.smtp.fail("rcpt", 451, "4.3.0 Mailbox temporarily unavailable")  # until cleared
+    accepted = send(events_pipeline, "dora@example.org")
+    mail_id = accepted["mail_id"]
+    events = reader.until(mail_id, EventType.DEAD_LETTERED, timeout=90)
+    assert [(e["type"], e["attempt"]) for e in events] == [
+        ("accepted", 0),
+        *[("deferred", n) for n in range(1, 6)],
+        ("dead_lettered", 5),
+    ]
+    dead = events[-1]
+    assert (dead["reply_code"], dead["enhanced_status"]) == (451, "4.3.0")
+    assert dead["metadata"] == {"campaign": "spring", "n": 3}
+    assert_in_the_mails_trace(events_pipeline, reader, events, accepted["trace_id"])
+
+    events_pipeline.smtp.clear_faults()
+    pubsub = events_pipeline.publisher_config.pubsub
+    publisher = tracing_publisher_client(pubsub_emulator.host, tracing=True)
+    subscriber = subscriber_client(pubsub_emulator.host)
+    try:
+        report = DeadLetterReplayer(
+            subscriber=subscriber,
+            publisher=publisher,
+            record=events_pipeline.record,
+            tracer=events_pipeline.telemetry.tracer("mailpipe.cli.dlq"),
+            dead_letter_subscription=pubsub.dead_letter_subscription_path,
+            topic=pubsub.topic_path,
+            return_immediately=True,
+            events=events_pipeline.events,
+        ).replay(Selection(mail_ids=frozenset({mail_id})))
+    finally:
+        publisher.stop()
+        subscriber.close()
+    [outcome] = report.outcomes
+    assert outcome.status == "replayed", outcome
+    events = reader.until(mail_id, EventType.DELIVERED, timeout=60)
+    replayed, delivered = events[-2:]
+    assert (replayed["type"], delivered["type"]) == ("replayed", "delivered")
+    assert replayed["trace_id"] == delivered["trace_id"] == outcome.trace_id
+    assert replayed["trace_id"] != accepted["trace_id"]
+    assert (replayed["attempt"], delivered["attempt"]) == (5, 6)
+    assert_in_the_mails_trace(events_pipeline, reader, events[-2:], outcome.trace_id or "")
+
+
+@pytest.mark.parametrize(
+    ("style", "shown"),
+    [("full", "erin@example.org"), ("hashed", "sha256:"), ("domain", "@example.org")],
+)
+def test_recipients_in_events_follow_the_address_policy(
+    pubsub_emulator: RunningEmulator,
+    pubsub_project: str,
+    apply_mail_topology: Any,
+    style: AddressStyle,
+    shown: str,
+) -> None:
+    topology = apply_mail_topology()
+    reader = EventReader(pubsub_emulator, pubsub_project, topology.events_topic.name)
+    emitter = EventEmitter(
+        tracing_publisher_client(pubsub_emulator.host, tracing=True),
+        f"projects/{pubsub_project}/topics/{topology.events_topic.name}",
+        address_style=style,
+    )
+    try:
+        mail = QueuedMail.accept(
+            MailRequest.model_validate(
+                {"from": "a@example.com", "to": ["erin@example.org"], "subject": "s", "text": "t"}
+            )
+        )
+        reply = "550 5.1.1 <erin@example.org>: no such user"
+        assert emitter.emit(EventType.BOUNCED, mail.mail_id, mail=mail, attempt=1, reply=reply)
+        [event] = reader.until(mail.mail_id, EventType.BOUNCED)
+    finally:
+        emitter.close()
+        reader.close()
+    assert event["recipient_domains"] == ["example.org"]
+    [recipient] = event["recipients"]
+    assert recipient.startswith(shown)
+    if style != "full":
+        assert "erin@" not in json.dumps(event)
+    else:
+        assert "<erin@example.org>" in event["reply"]
