@@ -21,7 +21,7 @@ from google.api_core import retry as api_retry
 from google.cloud.pubsub_v1.types import BatchSettings
 from opentelemetry import metrics, trace
 
-from mailpipe.config import AddressStyle, ConfigError
+from mailpipe.config import AddressStyle, ConfigError, PubSubConfig, TelemetryConfig
 from mailpipe.logs import redact_address, redact_addresses, redact_secrets
 from mailpipe.mail import QueuedMail
 from mailpipe.pubsub import RETRYABLE_API_ERRORS, publisher_client
@@ -132,19 +132,18 @@ class EventEmitter:
 
 
 def build_emitter(
-    config: EventsConfig,
-    *,
-    project: str,
-    emulator_host: str | None,
-    address_style: AddressStyle,
-    meter: metrics.Meter | None = None,
+    config: EventsConfig | None,
+    pubsub: PubSubConfig,
+    telemetry: TelemetryConfig,
+    meters: metrics.MeterProvider | None = None,
 ) -> EventEmitter | None:
-    """The services' emitter (None for ``MAILPIPE_EVENTS_TOPIC=none``), on its own client."""
-    if config.topic is None:
+    """A service's emitter, on its own client; None when events are off (no ``config``)."""
+    if config is None or config.topic is None:
         return None
     batch = BatchSettings(max_latency=0.005)  # a lone event waits 5 ms at most
-    client = publisher_client(emulator_host, tracing=True, batch_settings=batch)
-    topic = f"projects/{project}/topics/{config.topic}"
+    client = publisher_client(pubsub.emulator_host, tracing=True, batch_settings=batch)
+    meter = (meters or metrics.get_meter_provider()).get_meter("mailpipe.events")
+    topic = f"projects/{pubsub.project}/topics/{config.topic}"
     return EventEmitter(
-        client, topic, address_style=address_style, timeout=config.timeout, meter=meter
+        client, topic, address_style=telemetry.address_style, timeout=config.timeout, meter=meter
     )

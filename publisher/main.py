@@ -84,17 +84,7 @@ def build_app(
     telemetry = telemetry or setup_telemetry(config.telemetry)
     configure_logging(config.telemetry, project=config.pubsub.project)
     publisher: MailPublisher = PubSubMailPublisher(config.pubsub, timeout=config.publish_timeout)
-    emitter = (
-        build_emitter(
-            events,
-            project=config.pubsub.project,
-            emulator_host=config.pubsub.emulator_host,
-            address_style=config.telemetry.address_style,
-            meter=telemetry.meter_provider.get_meter("mailpipe.events"),
-        )
-        if events is not None
-        else None
-    )
+    emitter = build_emitter(events, config.pubsub, config.telemetry, telemetry.meter_provider)
     if emitter is not None:
         publisher = AcceptedEvents(publisher, emitter)
     record = open_record(config.record)

@@ -77,17 +77,7 @@ def build_services(
         metrics=telemetry.metrics,
     )
     record = open_record(config.record)
-    emitter = (
-        build_emitter(
-            events,
-            project=config.pubsub.project,
-            emulator_host=config.pubsub.emulator_host,
-            address_style=config.telemetry.address_style,
-            meter=telemetry.meter_provider.get_meter("mailpipe.events"),
-        )
-        if events is not None
-        else None
-    )
+    emitter = build_emitter(events, config.pubsub, config.telemetry, telemetry.meter_provider)
     delivery = DeliveryService(
         sender=sender,
         record=record,

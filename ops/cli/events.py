@@ -23,7 +23,6 @@ from typing import Any
 from ops.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, sigterm_as_interrupt
 
 POLL_INTERVAL_SECONDS = 0.2
-TRACEPARENT_ATTRIBUTE = "googclient_traceparent"
 
 
 def register(subparsers: Any) -> None:

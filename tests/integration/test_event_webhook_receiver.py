@@ -140,6 +140,14 @@ def webhook_token(k: Keys, **overrides: Any) -> str:
     return k.sign({"aud": AUDIENCE, "email": WEBHOOK_ACCOUNT, **overrides})
 
 
+def push(url: str, body_and_headers: tuple[bytes, dict[str, str]], token: str | None) -> Any:
+    """POST one push as Pub/Sub does, with ``Authorization: Bearer token`` unless None."""
+    body, headers = body_and_headers
+    if token is not None:
+        headers = {**headers, "Authorization": f"Bearer {token}"}
+    return httpx.post(url, content=body, headers=headers)
+
+
 @pytest.mark.parametrize("form", [wrapped, unwrapped], ids=["wrapped", "no_wrapper"])
 def test_a_valid_push_is_read_once(
     receiver: Receiver,
@@ -147,10 +155,8 @@ def test_a_valid_push_is_read_once(
     pushed_event: Any,
     form: Any,
 ) -> None:
-    body, headers = form(pushed_event)
-    headers["Authorization"] = f"Bearer {webhook_token(signing[0])}"
     for _ in range(2):  # Pub/Sub delivers at least once: the second copy is answered, not used
-        response = httpx.post(receiver.url, content=body, headers=headers)
+        response = push(receiver.url, form(pushed_event), webhook_token(signing[0]))
         assert response.status_code == 204, response.text
     [(event, attributes)] = receiver.events
     assert (event["type"], event["attempt"], event["reply_code"]) == ("bounced", 1, 550)
@@ -183,11 +189,7 @@ def test_a_push_without_a_valid_token_is_refused(
     pushed_event: Any,
     case: str,
 ) -> None:
-    body, headers = wrapped(pushed_event)
-    token = REFUSED_TOKENS[case](signing[0])
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    response = httpx.post(receiver.url, content=body, headers=headers)
+    response = push(receiver.url, wrapped(pushed_event), REFUSED_TOKENS[case](signing[0]))
     assert response.status_code == 401, response.text
     assert response.json()["error"]["code"] == "unauthenticated"
     assert receiver.events == []
@@ -223,9 +225,8 @@ def test_the_example_runs_as_a_program(signing: tuple[Keys, str], pushed_event: 
     try:
         assert process.stdout is not None
         assert "listening on" in process.stdout.readline()
-        body, headers = unwrapped(pushed_event)
-        headers["Authorization"] = f"Bearer {webhook_token(signing[0])}"
-        response = httpx.post(f"http://127.0.0.1:{port}/", content=body, headers=headers)
+        url = f"http://127.0.0.1:{port}/"
+        response = push(url, unwrapped(pushed_event), webhook_token(signing[0]))
         assert response.status_code == 204, response.text
         line = process.stdout.readline()
         assert " bounced " in line and "attempt=1" in line and "traceparent=00-" in line

@@ -14,7 +14,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from emulator.process import free_port
-from mailpipe.config import ConfigError
+from mailpipe.config import ConfigError, PublisherConfig
 from mailpipe.events import EventEmitter, EventsConfig, EventType, build_emitter
 from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.pubsub import publisher_client
@@ -35,7 +35,8 @@ def test_the_events_topic_defaults_to_the_declaration() -> None:
 def test_events_can_be_turned_off() -> None:
     config = EventsConfig.from_env({"MAILPIPE_EVENTS_TOPIC": "none"}, load_topology())
     assert config.topic is None
-    assert build_emitter(config, project="p", emulator_host=None, address_style="domain") is None
+    services = PublisherConfig.from_env({})
+    assert build_emitter(config, services.pubsub, services.telemetry) is None
 
 
 @pytest.mark.parametrize("value", ["0", "61", "-1", "soon", "nan", "inf", "1e9"])
