@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="the ~2 minute profile")
     parser.add_argument(
-        "--tiny", action="store_true", help="a few mails through one scenario (checks the harness)"
+        "--tiny",
+        action="store_true",
+        help="a few mails through one scenario, or through each --only one (checks the harness)",
     )
     parser.add_argument(
         "--only", nargs="+", metavar="SCENARIO", help="run only these scenarios (see --list)"
@@ -36,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    profile = tiny() if args.tiny else PROFILES["quick" if args.quick else "full"]
+    if args.tiny and args.only:  # a few mails through each scenario named
+        profile = tiny(args.only[0], also=tuple(args.only[1:]))
+    else:
+        profile = tiny() if args.tiny else PROFILES["quick" if args.quick else "full"]
     console = Console()
     if args.list:
         for scenario in profile.scenarios:

@@ -24,9 +24,13 @@ _INDEX_MARK = "@@INDEX@@"
 
 
 class MailTemplate:
-    """A mail request of ``body_bytes`` text, as JSON bytes with the header values spliced in."""
+    """A mail request of ``body_bytes`` text, as JSON bytes with the header values spliced in.
 
-    def __init__(self, body_bytes: int, run: str) -> None:
+    ``per_request`` > 1: each request is a batch of that many mails (``POST /v1/messages:batch``,
+    ``{"messages": [...]}``), all stamped with the request's send time.
+    """
+
+    def __init__(self, body_bytes: int, run: str, per_request: int = 1) -> None:
         line = "mailpipe benchmark body line, 64 bytes long, ascii only....\n"
         text = (line * (body_bytes // len(line) + 1))[:body_bytes]
         mail = {
@@ -41,8 +45,17 @@ class MailTemplate:
         self._subject_head, self._subject_tail = head.split(_INDEX_MARK.encode())
         self._tail = tail
         self.body_bytes = body_bytes
+        self.per_request = per_request
 
     def render(self, index: int, sent: float) -> bytes:
+        """Request ``index``'s body (a batch's mails are numbered ``index * per_request + i``)."""
+        if self.per_request == 1:
+            return self._render_one(index, sent)
+        first = index * self.per_request
+        mails = b",".join(self._render_one(first + i, sent) for i in range(self.per_request))
+        return b'{"messages":[' + mails + b"]}"
+
+    def _render_one(self, index: int, sent: float) -> bytes:
         return b"".join(
             (
                 self._subject_head,
@@ -65,10 +78,12 @@ class LoadResult:
     errors: dict[str, int] = field(default_factory=dict)
     wall_seconds: float = 0.0
     client_cpu_seconds: float = 0.0
+    mails_per_request: int = 1  # a batch request's 202 accepts every one of its mails
 
     @property
     def accepted(self) -> int:
-        return self.statuses.get(202, 0)
+        """Mails accepted (a 202 to a batch request counts each of its mails)."""
+        return self.statuses.get(202, 0) * self.mails_per_request
 
     @property
     def requests(self) -> int:
@@ -80,6 +95,7 @@ class LoadResult:
         span = last - first if self.started else 0.0
         return {
             "requests": self.requests,
+            "mails_per_request": self.mails_per_request,
             "accepted": self.accepted,
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "errors": dict(self.errors),
@@ -204,7 +220,7 @@ async def _closed_loop(
     first_index: int,
     on_done: Callable[[], None] | None,
 ) -> LoadResult:
-    result = LoadResult()
+    result = LoadResult(mails_per_request=template.per_request)
     deadline = time.monotonic() + max_seconds
     indexes = iter(range(first_index, first_index + count))
 
@@ -230,7 +246,7 @@ async def _open_loop(
     first_index: int,
     on_done: Callable[[], None] | None,
 ) -> LoadResult:
-    result = LoadResult()
+    result = LoadResult(mails_per_request=template.per_request)
     count = max(1, int(rate * seconds))
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(max_in_flight)

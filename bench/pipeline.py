@@ -4,7 +4,9 @@ The stack is :func:`emulator.pipeline.run_local_pipeline` (a fresh Pub/Sub emula
 publisher`` under gunicorn, ``python -m subscriber pull|push``) delivering to the benchmark's
 own SMTP process (:mod:`bench.smtp_sink`), so the SMTP server's CPU is apart from the
 services'. Extra pull workers are started with :func:`emulator.pipeline.start_service` on the same
-subscription.
+subscription. A ``stack="peer"`` scenario runs the simplest pipeline a user would write instead
+(:mod:`bench.peer`) in the same way: its own fresh emulator, the same sink, the same load; a
+``batch`` scenario sends that many mails per request to ``POST /v1/messages:batch``.
 
 Per scenario: warm-up (not measured) → closed-loop throughput run (``mails`` requests,
 ``concurrency`` in flight; e2e rate = delivered / (last SMTP 250 - first request start)) →
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bench.load import LoadResult, MailTemplate, closed_loop, open_loop
+from bench.peer import PeerPipeline, run_peer_pipeline
 from bench.procstats import GroupSample, machine_cpu, sample_group, sample_pid
 from bench.profile import record, worker_pids
 from bench.smtp_sink import SmtpSink
@@ -61,6 +64,12 @@ class Scenario:
     max_seconds: float = 90.0
     client: Literal["raw", "httpx"] = "raw"
     stages: bool = False  # also measure the publisher alone and the subscriber alone
+    stack: Literal["mailpipe", "peer"] = "mailpipe"  # peer: the simplest pipeline (bench.peer)
+    batch: int = 1  # mails per request; > 1: POST /v1/messages:batch
+
+    @property
+    def path(self) -> str:
+        return "/v1/messages:batch" if self.batch > 1 else "/v1/messages"
 
     def env(self) -> dict[str, str]:
         return {
@@ -76,10 +85,13 @@ class Scenario:
 
     @property
     def label(self) -> str:
-        tracing = "off" if self.traces == "none" else f"{self.sample_ratio:g}"
         size = f"{self.body_bytes // 1024} KiB"
+        if self.stack == "peer":
+            return f"the simplest pipeline (peer): pull {size}, no record, no tracing"
+        tracing = "off" if self.traces == "none" else f"{self.sample_ratio:g}"
         workers = f"{self.subscribers}x" if self.subscribers > 1 else ""
-        return f"{workers}{self.mode} {size}, tracing {tracing}, pool {self.pool_size}"
+        batch = f", {self.batch} mails per request" if self.batch > 1 else ""
+        return f"{workers}{self.mode} {size}, tracing {tracing}, pool {self.pool_size}{batch}"
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:
@@ -107,7 +119,9 @@ def latency_summary(latencies_s: Sequence[float]) -> dict[str, float | None]:
 class _Processes:
     """The scenario's processes, measured by name."""
 
-    def __init__(self, pipe: LocalPipeline, extra: list[ServiceProcess], sink: SmtpSink) -> None:
+    def __init__(
+        self, pipe: LocalPipeline | PeerPipeline, extra: list[ServiceProcess], sink: SmtpSink
+    ) -> None:
         self.pipe, self.extra, self.sink = pipe, extra, sink
 
     def samples(self) -> dict[str, GroupSample]:
@@ -201,8 +215,8 @@ class ScenarioRunner:
             pipe = stack.enter_context(self._pipeline(sink))
             extra = list(self._extra_subscribers(pipe, stack))
             processes = _Processes(pipe, extra, sink)
-            url = f"{pipe.publisher_url}/v1/messages"
-            template = MailTemplate(s.body_bytes, run=s.name)
+            url = f"{pipe.publisher_url}{s.path}"
+            template = MailTemplate(s.body_bytes, run=s.name, per_request=s.batch)
 
             self._closed(url, template, s.warmup, processes, label="warm-up")
             sink.take()
@@ -237,6 +251,10 @@ class ScenarioRunner:
     # -- set-up ---------------------------------------------------------------------------
 
     def _pipeline(self, sink: SmtpSink) -> Any:
+        if self.s.stack == "peer":
+            if self.s.mode != "pull" or self.s.batch > 1:
+                raise ValueError("the peer is a pull pipeline of single-mail requests")
+            return run_peer_pipeline(state_dir=self.work_dir / self.s.name, smtp_port=sink.port)
         # run_local_pipeline only reads the given server's port and leaves it alone: a stand-in
         # pointing at the sink process (never started here) keeps the SMTP CPU in that process.
         return run_local_pipeline(
@@ -247,9 +265,11 @@ class ScenarioRunner:
             reuse_env=False,
         )
 
-    def _extra_subscribers(self, pipe: LocalPipeline, stack: ExitStack) -> Iterator[ServiceProcess]:
-        if self.s.subscribers > 1 and self.s.mode != "pull":
-            raise ValueError("several subscriber workers are a pull-mode scenario")
+    def _extra_subscribers(
+        self, pipe: LocalPipeline | PeerPipeline, stack: ExitStack
+    ) -> Iterator[ServiceProcess]:
+        if self.s.subscribers > 1 and (self.s.mode != "pull" or self.s.stack != "mailpipe"):
+            raise ValueError("several subscriber workers are a mailpipe pull-mode scenario")
         started = []
         for number in range(2, self.s.subscribers + 1):
             service = start_service(
@@ -266,6 +286,10 @@ class ScenarioRunner:
             yield service
 
     # -- runs -----------------------------------------------------------------------------
+
+    def _requests(self, mails: int) -> int:
+        """Requests that carry ``mails`` (a batch scenario's last request may carry more)."""
+        return max(1, math.ceil(mails / self.s.batch))
 
     def _drain_timeout(self, mails: int) -> float:
         return 30.0 + mails / 20  # a pipeline slower than 20 mails/s is broken, not slow
@@ -328,10 +352,10 @@ class ScenarioRunner:
             lambda on_done: closed_loop(
                 url,
                 template,
-                count=count,
+                count=self._requests(count),
                 concurrency=self.s.concurrency,
                 max_seconds=self.s.max_seconds if max_seconds is None else max_seconds,
-                first_index=self._expected,
+                first_index=self._expected // self.s.batch,
                 client=self.s.client,
                 on_done=on_done,
             ),
@@ -344,9 +368,9 @@ class ScenarioRunner:
             lambda on_done: open_loop(
                 url,
                 template,
-                rate=rate,
+                rate=rate / self.s.batch,
                 seconds=self.s.latency_seconds,
-                first_index=self._expected,
+                first_index=self._expected // self.s.batch,
                 client=self.s.client,
                 on_done=on_done,
             ),
@@ -403,10 +427,10 @@ class ScenarioRunner:
             load = closed_loop(
                 url,
                 template,
-                count=self.s.mails,
+                count=self._requests(self.s.mails),
                 concurrency=self.s.concurrency,
                 max_seconds=self.s.max_seconds,
-                first_index=self._expected,
+                first_index=self._expected // self.s.batch,
                 client=self.s.client,
             )
             published = _cpu(processes.samples())

@@ -17,6 +17,15 @@ REFERENCE = "pull-1k"
 # the effect measured. The quick profile runs one pair.
 TRACE_ON_RUNS = ("pull-1k-trace-1.0", "pull-1k-trace-1.0-2")
 TRACE_OFF_RUNS = ("pull-1k-trace-off", "pull-1k-trace-off-2")
+# The peer (bench.peer, the simplest pipeline) runs between mailpipe's tracing-on runs, ABBA again
+# (on, peer, peer, on): the headline compares the means of PEER_RUNS and TRACE_ON_RUNS.
+PEER_RUNS = ("peer-1k", "peer-1k-2")
+# mailpipe through POST /v1/messages:batch, 100 mails a request, everything else the reference's.
+BATCH_SIZE = 100
+BATCH_RUNS = ("pull-1k-batch-100", "pull-1k-batch-100-2")
+# Requests in flight in a batch run: 4 x 100 mails keeps the publisher's threads busy and lets a
+# run of a few thousand mails go round several times (32 x 100 would send it all at once).
+BATCH_CONCURRENCY = 4
 
 
 @dataclass(frozen=True)
@@ -62,12 +71,30 @@ def _scenarios(
     on = replace(scaled, name=TRACE_ON_RUNS[0], group="tracing")  # the reference's configuration
     tenth = replace(scaled, name="pull-1k-trace-0.1", group="tracing", sample_ratio=0.1)
     two_workers = replace(scaled, name="pull-1k-2-workers", group="workers", subscribers=2)
+    peer = replace(scaled, name=PEER_RUNS[0], group="peer", stack="peer", traces="none")
+    batch = replace(
+        scaled,
+        name=BATCH_RUNS[0],
+        group="batch",
+        batch=BATCH_SIZE,
+        concurrency=BATCH_CONCURRENCY,
+        mails=max(2 * mails, BATCH_SIZE * BATCH_CONCURRENCY * 3),
+        warmup=max(warmup, BATCH_SIZE * BATCH_CONCURRENCY),
+    )
     if quick:  # one scenario per question
-        return (ref, big, push, off, on, tenth, two_workers)
-    tracing = [off, on, replace(on, name=TRACE_ON_RUNS[1]), replace(off, name=TRACE_OFF_RUNS[1])]
+        return (ref, big, push, off, on, peer, batch, tenth, two_workers)
+    tracing = [
+        off,
+        on,
+        peer,
+        replace(peer, name=PEER_RUNS[1]),
+        replace(on, name=TRACE_ON_RUNS[1]),
+        replace(off, name=TRACE_OFF_RUNS[1]),
+    ]
+    batches = [batch, replace(batch, name=BATCH_RUNS[1])]
     four_workers = replace(two_workers, name="pull-1k-4-workers", subscribers=4)
     pools = [replace(scaled, name=f"pull-1k-pool-{n}", group="pool", pool_size=n) for n in (1, 16)]
-    return (ref, big, push, push_big, *tracing, tenth, two_workers, four_workers, *pools)
+    return (ref, big, push, push_big, *tracing, *batches, tenth, two_workers, four_workers, *pools)
 
 
 PROFILES = {
@@ -90,14 +117,24 @@ PROFILES = {
 }
 
 
-def tiny(name: str = REFERENCE, mails: int = 20) -> Profile:
-    """A few mails through one scenario: checks the harness works (the smoke test)."""
-    base = {s.name: s for s in PROFILES["quick"].scenarios}[name]
-    scenario = replace(base, mails=mails, warmup=5, latency_fractions=(0.5,), latency_seconds=1.0)
+def tiny(name: str = REFERENCE, mails: int = 20, *, also: tuple[str, ...] = ()) -> Profile:
+    """A few mails through one scenario (and those named in ``also``, without latency runs):
+    checks the harness works (the smoke test)."""
+    by_name = {s.name: s for s in PROFILES["quick"].scenarios}
+    scenario = replace(
+        by_name[name], mails=mails, warmup=5, latency_fractions=(0.5,), latency_seconds=1.0
+    )
+    others = tuple(_tiny(by_name[other], mails) for other in also)
     return Profile(
         name="tiny",
         smtp_mails=mails,
         smtp_new_connection_mails=mails,
         pubsub_messages=mails * 10,
-        scenarios=(scenario,),
+        scenarios=(scenario, *others),
     )
+
+
+def _tiny(scenario: Scenario, mails: int) -> Scenario:
+    # A batch scenario keeps its batch size: a few requests of it.
+    count = max(mails, 2 * scenario.batch)
+    return replace(scenario, mails=count, warmup=min(scenario.warmup, count), latency_fractions=())

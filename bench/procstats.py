@@ -1,9 +1,11 @@
 """What a process (group) costs: peak RSS and CPU seconds, read from ``/proc`` (Linux only).
 
 Peak RSS is the kernel's high-water mark ``VmHWM`` of each live process; CPU is
-``utime + stime`` (clock ticks) from ``/proc/PID/stat``. A service started by
-:func:`emulator.pipeline.start_service` leads its own process group (gunicorn's master and its
-worker, the emulator's supervising shell and java), so groups are measured as a whole.
+``utime + stime + cutime + cstime`` (clock ticks) from ``/proc/PID/stat``: every thread of the
+process, live or ended, and every child it has reaped — so a child that ends between two samples
+still counts (its parent's ``cutime`` takes over what the child's own line showed). A service
+started by :func:`emulator.pipeline.start_service` leads its own process group (gunicorn's master
+and its worker, the emulator's supervising shell and java), so groups are measured as a whole.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def proc_info(pid: int) -> ProcInfo | None:
     if stat is None or status is None:
         return None
     fields = stat[stat.rfind(")") + 2 :].split()
-    cpu = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+    cpu = sum(int(value) for value in fields[11:15]) / _TICKS  # utime, stime, cutime, cstime
     values: dict[str, int] = {}
     for line in status.splitlines():
         key, _, rest = line.partition(":")

@@ -8,12 +8,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bench.plan import REFERENCE, TRACE_OFF_RUNS, TRACE_ON_RUNS
+from bench.plan import BATCH_RUNS, PEER_RUNS, REFERENCE, TRACE_OFF_RUNS, TRACE_ON_RUNS
 
 TARGET_RATE = 500.0  # mails/s end to end, 1 KiB, tracing at 100 %
 TARGET_BASELINE_FRACTION = 0.5
 TARGET_TRACING_COST = 0.10
 TARGET_P99_MS = 1000.0
+TARGET_PEER_CPU_RATIO = 1.5  # issue 18: mailpipe's CPU per mail at most 1.5x the peer's
+TARGET_PEER_RATE_RATIO = 0.67  # ... and its throughput at least 0.67x the peer's
 SERVICES = ("publisher", "subscriber")
 PROFILE_TOP_INCLUSIVE = 12
 STEAL_WORTH_NOTING = 0.05  # cores of steal time in a throughput run
@@ -71,6 +73,9 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
     ref_cpu = _mean([cpu_per_mail(name) for name in TRACE_ON_RUNS])
     off_cpu = _mean([cpu_per_mail(name) for name in TRACE_OFF_RUNS])
+    vs_peer = _vs_peer(result, cpu_per_mail)
+    cpu_ratio, rate_ratio = vs_peer["cpu_ratio"], vs_peer["rate_ratio"]
+    batch_ratio = vs_peer["batch_cpu_ratio"]
     all_cpu = cpu_per_mail(REFERENCE, (*SERVICES, "emulator_java", "smtp", "client"))
     nproc = result.get("machine", {}).get("nproc") or 1
     fraction = ref_rate / slowest[1] if ref_rate and slowest else None
@@ -86,7 +91,25 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "tracing_cpu_cost": round(ref_cpu / off_cpu - 1, 3) if ref_cpu and off_cpu else None,
         "all_processes_cpu_ms_per_mail": all_cpu,
         "cpu_ceiling_mails_per_s": round(nproc * 1000 / all_cpu, 1) if all_cpu else None,
+        "vs_peer": vs_peer,
         "targets": [
+            {
+                "target": f"CPU per mail (publisher + subscriber) ≤ {TARGET_PEER_CPU_RATIO:g}x "
+                "the simplest pipeline's",
+                "value": cpu_ratio,
+                "met": check(cpu_ratio, (cpu_ratio or 0) <= TARGET_PEER_CPU_RATIO),
+            },
+            {
+                "target": f"mails/s end to end ≥ {TARGET_PEER_RATE_RATIO:g}x the simplest "
+                "pipeline's",
+                "value": rate_ratio,
+                "met": check(rate_ratio, (rate_ratio or 0) >= TARGET_PEER_RATE_RATIO),
+            },
+            {
+                "target": "batch (100 mails a request): CPU per mail < the simplest pipeline's",
+                "value": batch_ratio,
+                "met": check(batch_ratio, (batch_ratio or 1) < 1),
+            },
             {
                 "target": f"≥ {TARGET_RATE:g} mails/s end to end (1 KiB, tracing 100 %)",
                 "value": ref_rate,
@@ -114,6 +137,75 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             },
         ],
     }
+
+
+def _vs_peer(result: dict[str, Any], cpu_per_mail: Any) -> dict[str, Any]:
+    """mailpipe (tracing 100 %, tracing off, batch) against the peer: the raw means and ratios.
+
+    Each side is the mean over its runs (``runs``: those that produced numbers); CPU is the
+    publisher's and subscriber's process groups (children and threads included), per mail.
+    """
+
+    def side(names: tuple[str, ...]) -> dict[str, Any]:
+        ran = [name for name in names if _scenario(result, name)]
+        return {
+            "runs": ran,
+            "e2e_rate": _mean([_rate(result, name) for name in ran]),
+            "services_cpu_ms_per_mail": _mean([cpu_per_mail(name) for name in ran]),
+        }
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a and b else None
+
+    peer = side(PEER_RUNS)
+    sides = {
+        "peer": peer,
+        "mailpipe": side(TRACE_ON_RUNS),
+        "mailpipe_tracing_off": side(TRACE_OFF_RUNS),
+        "mailpipe_batch": side(BATCH_RUNS),
+    }
+    found: dict[str, Any] = dict(sides)
+    for key, prefix in (
+        ("mailpipe", ""),
+        ("mailpipe_tracing_off", "off_"),
+        ("mailpipe_batch", "batch_"),
+    ):
+        found[f"{prefix}rate_ratio"] = ratio(sides[key]["e2e_rate"], peer["e2e_rate"])
+        found[f"{prefix}cpu_ratio"] = ratio(
+            sides[key]["services_cpu_ms_per_mail"], peer["services_cpu_ms_per_mail"]
+        )
+    return found
+
+
+HEADLINE_ROWS = (  # docs/benchmarks.md says what each is
+    ("peer", "peer: the simplest pipeline"),
+    ("mailpipe", "mailpipe, tracing 100 %"),
+    ("mailpipe_tracing_off", "mailpipe, tracing off"),
+    ("mailpipe_batch", "mailpipe, batch of 100, tracing 100 %"),
+)
+
+
+def _headline_rows(result: dict[str, Any]) -> list[list[str]]:
+    vs = result.get("summary", {}).get("vs_peer") or {}
+    rows = []
+    for key, label in HEADLINE_ROWS:
+        side = vs.get(key)
+        if not side or not side["runs"]:
+            continue
+        prefix = {"peer": None, "mailpipe": "", "mailpipe_tracing_off": "off_"}.get(key, "batch_")
+        rate_ratio = 1.0 if prefix is None else vs.get(f"{prefix}rate_ratio")
+        cpu_ratio = 1.0 if prefix is None else vs.get(f"{prefix}cpu_ratio")
+        rows.append(
+            [
+                label,
+                str(len(side["runs"])),
+                _fmt(side["e2e_rate"]),
+                f"{rate_ratio:.2f}x" if rate_ratio is not None else "-",
+                _fmt(side["services_cpu_ms_per_mail"], 2),
+                f"{cpu_ratio:.2f}x" if cpu_ratio is not None else "-",
+            ]
+        )
+    return rows
 
 
 def _fmt(value: Any, digits: int = 0) -> str:
@@ -215,6 +307,7 @@ def _rows(result: dict[str, Any]) -> dict[str, list[list[str]]]:
             ]
         )
     return {
+        "headline": _headline_rows(result),
         "baselines": base_rows,
         "pipeline": pipe_rows,
         "stages": stage_rows,
@@ -224,6 +317,14 @@ def _rows(result: dict[str, Any]) -> dict[str, list[list[str]]]:
 
 
 HEADERS = {
+    "headline": [
+        "pipeline (pull, 1 KiB mails)",
+        "runs",
+        "e2e mails/s",
+        "x peer",
+        "CPU ms/mail publisher+subscriber",
+        "x peer",
+    ],
     "baselines": ["raw baseline", "msg/s", "count", "server CPU (cores)"],
     "pipeline": [
         "scenario",
@@ -246,6 +347,7 @@ HEADERS = {
     "targets": ["target", "value", "result"],
 }
 TITLES = {
+    "headline": "Headline: mailpipe vs the simplest pipeline (same run, emulator, sink and load)",
     "baselines": "Raw baselines",
     "pipeline": "Pipeline throughput (HTTP request → SMTP 250, closed loop, 32 in flight)",
     "stages": "Each side's own capacity (reference scenario)",
@@ -257,6 +359,13 @@ TITLES = {
 def findings(result: dict[str, Any]) -> list[str]:
     summary = result.get("summary", {})
     lines = []
+    cpu = summary.get("services_cpu_ms_per_mail") or {}
+    if summary.get("tracing_cpu_cost") is not None:
+        lines.append(
+            f"Tracing at 100 % costs {summary['tracing_cpu_cost']:+.1%} CPU per mail "
+            f"(publisher + subscriber {cpu['tracing_full']:.2f} ms with it, "
+            f"{cpu['tracing_off']:.2f} ms without; target ≤ {TARGET_TRACING_COST:.0%})."
+        )
     if summary.get("all_processes_cpu_ms_per_mail"):
         lines.append(
             f"CPU per mail, all processes of the reference scenario: "

@@ -3,5 +3,5 @@ a real mailbox over IMAP (docs/canary.md).
 
 ``python -m canary`` runs it (canary/Dockerfile); ``mailpipe canary`` is the same command.
 The probe itself is canary/probe.py, the command line canary/command.py. It imports only the core
-(mailpipe/), never a service.
+(mailpipe/) and the publisher API's client (client/), never a service.
 """

@@ -47,7 +47,7 @@ Outcomes (:class:`Outcome`) and their exit codes (the CLI returns them)::
 Errors (IMAP, socket and TLS exceptions are translated in one place, :func:`_translate`)::
 
     CanaryError                 .outcome, .exit_code
-    ├── PublishFailed           the publisher's API failed (mailpipe.api_client.ApiError)
+    ├── PublishFailed           the publisher's API failed (client.ApiError)
     ├── ImapUnavailable
     ├── ImapTlsFailed
     ├── ImapLoginRefused
@@ -82,7 +82,7 @@ from opentelemetry.context import Context
 from opentelemetry.metrics import Meter
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 
-from mailpipe.api_client import (
+from client import (
     DEFAULT_URL,
     Accepted,
     ApiError,

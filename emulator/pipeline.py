@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from client import PublisherApi
 from emulator.errors import EmulatorError
 from emulator.process import free_port
-from emulator.smtp import LocalSmtpServer
+from emulator.smtp import SIMULATOR_DOMAIN, LocalSmtpServer, MailboxSimulator
 from emulator.stack import DEFAULT_LOCAL_PROJECT, EmulatorStack, run_emulators
-from mailpipe.api_client import PublisherApi
 from mailpipe.topology import Topology, load_topology
 
 SubscriberMode = Literal["pull", "push"]
@@ -160,7 +160,7 @@ class LocalPipeline:
     @property
     def api(self) -> PublisherApi:
         """The publisher's API client (the CLI's and the canary's); it raises
-        :class:`mailpipe.api_client.ApiError`."""
+        :class:`client.ApiError`."""
         return PublisherApi(self.publisher_url)
 
     def post_mail(self, mail: Mapping[str, Any]) -> dict[str, Any]:
@@ -241,8 +241,12 @@ def run_local_pipeline(
     smtp_server: LocalSmtpServer | None = None,
     publisher_env: Mapping[str, str] | None = None,
     subscriber_env: Mapping[str, str] | None = None,
+    simulator_domain: str | None = SIMULATOR_DOMAIN,
 ) -> Iterator[LocalPipeline]:
     """Start everything, yield the running pipeline, stop everything (also on errors/Ctrl-C).
+
+    The local SMTP server runs the mailbox simulator at ``simulator_domain`` (None: off; see
+    :class:`emulator.smtp.MailboxSimulator`); a given ``smtp_server`` is used as it is.
 
     ``extra_env`` goes to both services; ``publisher_env`` / ``subscriber_env`` to one only
     (settings that must differ per process, such as ``MAILPIPE_METRICS_PORT``).
@@ -272,7 +276,10 @@ def run_local_pipeline(
             )
         )
         if smtp_server is None:
-            smtp_server = LocalSmtpServer(port=smtp_port or 0, maildir=state_dir / "maildir")
+            simulator = MailboxSimulator(simulator_domain) if simulator_domain else None
+            smtp_server = LocalSmtpServer(
+                port=smtp_port or 0, maildir=state_dir / "maildir", simulator=simulator
+            )
             smtp_server.start()
             stack.callback(smtp_server.stop)
         env = service_env(

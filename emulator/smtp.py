@@ -23,6 +23,22 @@ Faults are scripted per SMTP step (``connect``, ``ehlo``, ``mail``, ``rcpt``, ``
 A fault at ``connect`` happens before aiosmtpd sees the connection (:class:`_ConnectFault`):
 the reply replaces the greeting, or the connection is closed, or greeted late.
 
+The mailbox simulator (:class:`MailboxSimulator`, on in ``mailpipe up``; like SES's simulator
+addresses): reserved local parts at one reserved domain (:data:`SIMULATOR_DOMAIN`) answer scripted
+replies, so the whole pipeline can show a bounce, a deferral and a dead letter without set-up::
+
+    success@        accepted and kept, as any address
+    bounce@         550 5.1.1 at RCPT TO (a hard bounce)
+    defer-N@        451 4.2.0 after DATA for the first N attempts of a mail, then accepted
+    defer-forever@  451 4.2.0 after DATA on every attempt
+    slow@, slow-S@  the reply after DATA comes 5 (or S, at most 60) seconds late, then accepted
+    (anything else) 550 5.1.1 at RCPT TO naming the valid local parts
+
+Each may carry a ``+label`` (``bounce+1@``), matched ignoring case. Attempts are counted per mail
+(its ``Message-ID``, which the subscriber derives from the mail id, so Pub/Sub redeliveries and
+replays count as the same mail; without one, the message's bytes) and recipient: that is why
+the deferrals come after DATA, where the server first sees the mail. Scripted faults come first.
+
 Errors::
 
     EmulatorError (emulator.errors)
@@ -35,12 +51,15 @@ import asyncio
 import contextlib
 import email
 import errno
+import hashlib
 import mailbox
+import re
 import secrets
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
@@ -52,6 +71,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from emulator.errors import EmulatorError
+from mailpipe.mail import addr_spec
 
 Step = Literal["connect", "ehlo", "mail", "rcpt", "data"]
 STEPS: tuple[Step, ...] = ("connect", "ehlo", "mail", "rcpt", "data")
@@ -98,6 +118,164 @@ class _Fault:
         if self.step != step:
             return False
         return self.address is None or (address or "").lower() == self.address.lower()
+
+
+# The mailbox simulator's reserved domain. Under .example (RFC 2606/6761): never delegated in DNS,
+# so no real mailbox can be reached by mistake, and not one of email-validator's special-use names
+# (.test, .localhost, .invalid, .local, ...), which the publisher's address validation refuses.
+SIMULATOR_DOMAIN = "simulator.mailpipe.example"
+MAX_SIMULATED_DEFERRALS = 100  # Pub/Sub's max_delivery_attempts is at most 100 too
+DEFAULT_SLOW_SECONDS = 5
+MAX_SLOW_SECONDS = 60  # bounded: a relay that never answers is a fault (hang), not a mailbox
+_MAX_COUNTED = 100_000  # (mail, recipient) attempt counters kept; the oldest are forgotten
+_MAILBOX = re.compile(
+    r"(?P<name>success|bounce|defer-forever|defer-(?P<deferrals>[0-9]{1,4})"
+    r"|slow(?:-(?P<seconds>[0-9]{1,4}))?)(?:\+.*)?",
+    re.IGNORECASE | re.DOTALL,
+)
+SimulatedBehaviour = Literal["success", "bounce", "defer", "defer-forever", "slow", "unknown"]
+
+
+@dataclass(frozen=True)
+class SimulatedMailbox:
+    """What a simulator address does: its behaviour and its number (deferrals or seconds)."""
+
+    address: str
+    behaviour: SimulatedBehaviour
+    deferrals: int = 0
+    delay: float = 0.0
+
+
+class MailboxSimulator:
+    """Scripted replies for reserved local parts at ``domain`` (see the module docstring).
+
+    Raises ValueError for a domain the publisher would refuse in a recipient address.
+    """
+
+    local_parts = ("success", "bounce", "defer-N", "defer-forever", "slow", "slow-S")
+
+    def __init__(self, domain: str = SIMULATOR_DOMAIN) -> None:
+        self.domain = simulator_domain(domain)
+        self._lock = threading.Lock()
+        self._attempts: OrderedDict[tuple[str, str], int] = OrderedDict()
+
+    @property
+    def usage(self) -> str:
+        """The valid local parts, as the 550 for an unknown one names them."""
+        return (
+            f"success, bounce, defer-N (N = 1..{MAX_SIMULATED_DEFERRALS}: N deferrals, then "
+            f"accepted), defer-forever, slow or slow-S (S = 1..{MAX_SLOW_SECONDS} seconds late), "
+            f"each optionally with +label (bounce+1@{self.domain})"
+        )
+
+    def mailbox(self, address: str) -> SimulatedMailbox | None:
+        """The simulated mailbox at ``address``; None if it is not at the simulator's domain."""
+        local, at, domain = address.rpartition("@")
+        if not at or domain.lower().rstrip(".") != self.domain:
+            return None
+        unknown = SimulatedMailbox(address, "unknown")
+        match = _MAILBOX.fullmatch(local)
+        if match is None:
+            return unknown
+        name = match["name"].lower()
+        if match["deferrals"] is not None:
+            deferrals = int(match["deferrals"])
+            valid = 1 <= deferrals <= MAX_SIMULATED_DEFERRALS
+            return SimulatedMailbox(address, "defer", deferrals=deferrals) if valid else unknown
+        if name.startswith("slow"):
+            seconds = int(match["seconds"] or DEFAULT_SLOW_SECONDS)
+            valid = 1 <= seconds <= MAX_SLOW_SECONDS
+            return SimulatedMailbox(address, "slow", delay=float(seconds)) if valid else unknown
+        behaviours: dict[str, SimulatedBehaviour] = {
+            "success": "success",
+            "bounce": "bounce",
+            "defer-forever": "defer-forever",
+        }
+        return SimulatedMailbox(address, behaviours[name])
+
+    def rcpt_reply(self, address: str) -> str | None:
+        """The reply to ``RCPT TO:<address>``, or None to accept it as usual."""
+        box = self.mailbox(address)
+        if box is None:
+            return None
+        shown = _shown(address)
+        if box.behaviour == "bounce":
+            return f"550 5.1.1 <{shown}>: user unknown (mailbox simulator: always refused)"
+        if box.behaviour == "unknown":
+            return f"550 5.1.1 <{shown}>: no such mailbox simulator address; use {self.usage}"
+        return None
+
+    async def data_reply(
+        self, recipients: Iterable[str], raw: bytes, message: EmailMessage
+    ) -> str | None:
+        """After DATA: wait for the slow recipients, count this attempt for each deferring one,
+        and return the 451 if any of them still defers (None to accept the mail as usual)."""
+        mailboxes = [m for m in map(self.mailbox, recipients) if m is not None]
+        delay = max((m.delay for m in mailboxes), default=0.0)
+        if delay:
+            await asyncio.sleep(delay)
+        deferring = [m for m in mailboxes if m.behaviour in ("defer", "defer-forever")]
+        key = _mail_key(raw, message) if deferring else ""
+        deferred: list[str] = []
+        for box in deferring:
+            attempt = self._count(key, box.address)
+            shown = _shown(box.address)
+            if box.behaviour == "defer-forever":
+                deferred.append(f"<{shown}> never recovers (attempt {attempt})")
+            elif attempt <= box.deferrals:
+                deferred.append(f"<{shown}> attempt {attempt} of {box.deferrals} deferred")
+        if not deferred:
+            return None
+        return (
+            f"451 4.2.0 mailbox temporarily unavailable: {'; '.join(deferred)} (mailbox simulator)"
+        )
+
+    def attempts(self, message_id: str, address: str) -> int:
+        """How many times the mail with ``message_id`` reached DATA for deferring ``address``."""
+        with self._lock:
+            return self._attempts.get((message_id.strip(), address.lower()), 0)
+
+    def _count(self, key: str, address: str) -> int:
+        with self._lock:
+            counter = (key, address.lower())
+            attempt = self._attempts.pop(counter, 0) + 1
+            self._attempts[counter] = attempt  # most recent last: the oldest are evicted first
+            while len(self._attempts) > _MAX_COUNTED:
+                self._attempts.popitem(last=False)
+            return attempt
+
+
+def simulator_domain(domain: str) -> str:
+    """``domain`` as the simulator matches it (lower case); ValueError if the publisher would
+    refuse recipient addresses there (email-validator refuses special-use names such as .test)."""
+    candidate = domain.strip().lower().rstrip(".")
+    try:
+        addr_spec(f"success@{candidate}")
+    except ValueError as exc:
+        raise ValueError(
+            f"the mailbox simulator's domain {domain!r} cannot be used: the publisher refuses "
+            f"recipient addresses there ({exc}). Use a domain under .example, such as "
+            f"{SIMULATOR_DOMAIN}."
+        ) from None
+    if not candidate.isascii():
+        raise ValueError(f"the mailbox simulator's domain must be ASCII (IDNA), got {domain!r}")
+    return candidate
+
+
+def _mail_key(raw: bytes, message: EmailMessage) -> str:
+    """Which mail this is across attempts: its Message-ID, else a digest of its bytes."""
+    try:
+        message_id = message["Message-ID"]
+    except Exception:  # a header the parser cannot read: count the bytes instead
+        message_id = None
+    if message_id:
+        return str(message_id).strip()
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def _shown(address: str) -> str:
+    """An address for a reply line (which must stay short: RFC 5321 § 4.5.3.1.5)."""
+    return address if len(address) <= 100 else address[:97] + "..."
 
 
 class _Session(SMTP):
@@ -208,6 +386,8 @@ class _Handler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         status = await self._owner._scripted("rcpt", server, address)
+        if status is None and self._owner.simulator is not None:
+            status = self._owner.simulator.rcpt_reply(address)
         if status is not None:
             return status
         envelope.rcpt_tos.append(address)
@@ -219,6 +399,12 @@ class _Handler:
         if status is not None:
             return status
         raw = envelope.original_content or b""
+        message = email.message_from_bytes(raw, policy=policy.default)
+        assert isinstance(message, EmailMessage)  # policy.default makes EmailMessage objects
+        if self._owner.simulator is not None:
+            status = await self._owner.simulator.data_reply(envelope.rcpt_tos, raw, message)
+            if status is not None:
+                return status
         transport = server.transport
         tls = transport is not None and transport.get_extra_info("ssl_object") is not None
         auth_data = session.auth_data  # a LoginPassword once AUTH PLAIN/LOGIN succeeded
@@ -227,7 +413,7 @@ class _Handler:
             mail_from=envelope.mail_from or "",
             recipients=tuple(envelope.rcpt_tos),
             raw=raw,
-            message=email.message_from_bytes(raw, policy=policy.default),
+            message=message,
             tls=tls,
             login=login.decode("utf-8", "replace") if login is not None else None,
             peer=str(session.peer),
@@ -268,6 +454,7 @@ class LocalSmtpServer:
         smtputf8: bool = True,
         on_command: Callable[[Step, str | None], None] | None = None,
         on_mail: Callable[[ReceivedMail, str], None] | None = None,
+        simulator: MailboxSimulator | None = None,
     ) -> None:
         if tls_context is not None and implicit_tls_context is not None:
             raise ValueError("give tls_context (STARTTLS) or implicit_tls_context, not both")
@@ -287,6 +474,7 @@ class LocalSmtpServer:
         self._sessions: set[_Session | _ConnectFault] = set()
         self._on_command = on_command
         self._on_mail = on_mail
+        self.simulator = simulator  # scripted replies at its domain; None: every address as usual
         self._ready = False
         self._connections_total = 0
         self._max_open = 0

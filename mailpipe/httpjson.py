@@ -1,19 +1,14 @@
 """JSON over HTTP for both services: strict request bodies and JSON answers for every error.
 
-:func:`parse_json` reads a request body as the services accept it: UTF-8, RFC 8259 JSON, at most
-:data:`MAX_JSON_DEPTH` levels of arrays/objects, integers of at most :data:`MAX_INTEGER_DIGITS`
-digits, finite numbers only (no ``NaN``/``Infinity``), and no lone surrogates (``"\\ud800"``
-escapes are valid JSON text but not Unicode: they cannot be encoded for Pub/Sub, the record or
-SMTP). Anything else raises :class:`JsonBodyError`, which says what to fix.
+:func:`parse_json` accepts UTF-8 RFC 8259 JSON nested at most :data:`MAX_JSON_DEPTH` deep, with
+integers of at most :data:`MAX_INTEGER_DIGITS` digits, finite numbers (no ``NaN``/``Infinity``)
+and no lone surrogates (``"\\ud800"`` is valid JSON text but not Unicode: Pub/Sub, the record
+and SMTP cannot encode it). Anything else raises ``JsonBodyError (ValueError)``, with ``code``,
+``message`` (what to fix) and ``fields`` (``{dotted.path: what is wrong}``, may be empty).
 
-:func:`install_json_errors` makes a Flask app answer JSON for every status it produces itself —
-404, 405, 413, 408, any other ``HTTPException`` and any unexpected exception (500, logged) —
-in the one error format: ``{"error": {"code": "...", "message": "...", "fields": {...}}}``.
-
-Errors::
-
-    JsonBodyError (ValueError)   the body is not JSON the services accept; ``code``, ``message``,
-                                 ``fields`` (``{dotted.path: what is wrong}``, may be empty)
+:func:`install_json_errors` makes a Flask app answer every error it produces itself (404, 405,
+408, 413, any ``HTTPException``, any unexpected exception: 500, logged) in the one error format:
+``{"error": {"code": "...", "message": "...", "fields": {...}}}``.
 """
 
 from __future__ import annotations
@@ -52,6 +47,11 @@ class _Refused(ValueError):
     """Raised from inside ``json.loads`` hooks; becomes a :class:`JsonBodyError`."""
 
 
+def error_code(name: str) -> str:
+    """An HTTP reason phrase as an error code: ``Request Timeout`` → ``request_timeout``."""
+    return name.lower().replace(" ", "_").replace("-", "_") or "error"
+
+
 def _parse_int(text: str) -> int:
     digits = len(text) - text.startswith("-")
     if digits > MAX_INTEGER_DIGITS:
@@ -88,9 +88,9 @@ def _has_lone_surrogate(text: str) -> bool:
     return False
 
 
-def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> None:
-    """Raise :class:`JsonBodyError` if ``value`` (parsed JSON) nests deeper than ``max_depth``
-    or holds a lone surrogate in any string or key. Iterative: no recursion limit applies."""
+def check_json_value(value: Any) -> None:
+    """Raise :class:`JsonBodyError` if ``value`` (parsed JSON) nests deeper than
+    :data:`MAX_JSON_DEPTH` or holds a lone surrogate in a string or key. Iterative."""
     surrogates: dict[str, str] = {}
     stack: list[tuple[Any, int, tuple[str | int, ...]]] = [(value, 1, ())]
     while stack:
@@ -101,10 +101,10 @@ def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> None:
             continue
         if not isinstance(item, dict | list):
             continue
-        if depth > max_depth:
+        if depth > MAX_JSON_DEPTH:
             raise JsonBodyError(
                 "json_too_deep",
-                f"the JSON nests deeper than {max_depth} levels of arrays and objects at "
+                f"the JSON nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects at "
                 f"{_path(where)!r}: flatten it",
             )
         if isinstance(item, dict):
@@ -124,7 +124,7 @@ def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> None:
         )
 
 
-def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+def parse_json(raw: bytes) -> Any:
     """Parse a request body strictly (see the module docstring); raise :class:`JsonBodyError`."""
     try:
         text = raw.decode("utf-8")
@@ -143,7 +143,7 @@ def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     except RecursionError as exc:
         raise JsonBodyError(
             "json_too_deep",
-            f"the JSON nests deeper than {max_depth} levels of arrays and objects: flatten it",
+            f"the JSON nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects: flatten it",
         ) from exc
     except _Refused as exc:
         raise JsonBodyError("invalid_json", f"the body is not JSON this API reads: {exc}") from exc
@@ -152,7 +152,7 @@ def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
             "invalid_json",
             f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
         ) from exc
-    check_json_value(value, max_depth=max_depth)
+    check_json_value(value)
     return value
 
 
@@ -170,8 +170,7 @@ def error_response(
         body["fields"] = dict(fields)
     response = jsonify({"error": body})
     response.status_code = status
-    for name, value in (headers or {}).items():
-        response.headers[name] = value
+    response.headers.update(headers or {})
     return response
 
 
@@ -194,52 +193,32 @@ def _http_error_message(exc: HTTPException, not_found_hint: str) -> str:
     return exc.description or exc.name or "error"
 
 
-def _code_name(exc: HTTPException) -> str:
-    return (exc.name or "error").lower().replace(" ", "_").replace("-", "_")
-
-
-def http_error_response(exc: HTTPException, *, not_found_hint: str) -> Response:
-    """``exc`` (404, 405, 408, 413, …) in the error format, keeping what it says beyond its
-    body: Allow (405), Location, Retry-After."""
-    kept = {
-        name: value
-        for name, value in exc.get_response().headers.items()
-        if name.lower() not in ("content-type", "content-length")
-    }
-    return error_response(
-        exc.code or 500, _code_name(exc), _http_error_message(exc, not_found_hint), headers=kept
-    )
-
-
-def unexpected_error_response(log: logging.Logger) -> Response:
-    """500 for an exception nothing else handled; it is logged with its traceback."""
-    log.exception("unexpected error while handling %s %s", request.method, _shown_path())
-    return error_response(500, "internal", "an unexpected error occurred; it has been logged")
-
-
 def json_error_handlers(
     *, not_found_hint: str, log: logging.Logger
 ) -> dict[type[Exception], Callable[[Any], Response]]:
-    """Error handlers answering any ``HTTPException`` and any unexpected exception (500, logged)
-    in the error format, by exception class: for ``Flask.register_error_handler`` or
-    functions-framework's ``errorhandler``."""
+    """Handlers by exception class (for ``Flask.register_error_handler`` or functions-framework's
+    ``errorhandler``): any ``HTTPException`` and any unexpected exception (500, logged)."""
 
     def http_error(exc: HTTPException) -> Response:
-        return http_error_response(exc, not_found_hint=not_found_hint)
+        # Keep what it says beyond its body: Allow (405), Location, Retry-After.
+        kept = {
+            name: value
+            for name, value in exc.get_response().headers.items()
+            if name.lower() not in ("content-type", "content-length")
+        }
+        message = _http_error_message(exc, not_found_hint)
+        return error_response(exc.code or 500, error_code(exc.name), message, headers=kept)
 
     def unexpected(_exc: Exception) -> Response:
-        return unexpected_error_response(log)
+        log.exception("unexpected error while handling %s %s", request.method, _shown_path())
+        return error_response(500, "internal", "an unexpected error occurred; it has been logged")
 
     return {HTTPException: http_error, Exception: unexpected}
 
 
 def install_json_errors(app: Flask, *, not_found_hint: str, log: logging.Logger) -> None:
-    """Answer every error of ``app`` in JSON (see the module docstring).
-
-    ``not_found_hint`` tells a client where the app's paths are. Handlers registered for more
-    specific exception classes (before or after) take precedence: Flask resolves them by class.
-    """
-
+    """Answer every error of ``app`` in JSON; ``not_found_hint`` tells a client where the app's
+    paths are. Handlers for more specific exception classes still take precedence."""
     # Werkzeug answers a path with "//" (also "%2F" decoded next to a slash) with an HTML 308 to
     # the merged path, and Flask never routes redirects to error handlers: do not merge, so such a
     # path is simply not found, in JSON.

@@ -1,23 +1,14 @@
 """Structured logs in Cloud Logging's JSON format, joined to traces, with secrets kept out.
 
-``configure_logging(config, project=...)`` sends every log record to ``stream`` as one JSON object
-per line, which Cloud Run's logging agent parses into a structured entry::
+``configure_logging(config, project=...)`` writes every record as one JSON object per line, which
+Cloud Run's logging agent parses into a structured entry (example in docs/observability.md). The
+``logging.googleapis.com/trace``, ``spanId`` and ``trace_sampled`` fields come from the current
+span, so a line written inside ``mail deliver`` opens that trace in the console
+(cloud.google.com/trace/docs/trace-log-integration). Extra fields: ``extra={"json_fields": {}}``.
 
-    {"severity": "WARNING", "message": "delivery deferred", "time": "2026-01-01T12:00:00.000000Z",
-     "logger": "subscriber.delivery",
-     "logging.googleapis.com/trace": "projects/P/traces/4bf92f3577b34da6a3ce929d0e0e4736",
-     "logging.googleapis.com/spanId": "00f067aa0ba902b7",
-     "logging.googleapis.com/trace_sampled": true,
-     "serviceContext": {"service": "mailpipe-subscriber"},
-     "mailpipe.mail_id": "…", "smtp.reply.code": 451}
-
-The trace fields come from the current span, so a log line written inside ``mail deliver`` opens
-that trace in the console (cloud.google.com/trace/docs/trace-log-integration). Extra fields go in
-``extra={"json_fields": {...}}``.
-
-Secrets: :func:`register_secret` (the SMTP password, tokens) adds a value that is replaced by
-``[REDACTED]`` everywhere in every line: message, arguments, extra fields and tracebacks. Bodies
-are never logged; addresses only through :func:`redact_address`.
+:func:`register_secret` (the SMTP password, tokens) makes a value ``[REDACTED]`` everywhere in
+every line: message, arguments, extra fields, tracebacks. Bodies are never logged; addresses only
+as :func:`redact_address` shows them.
 """
 
 from __future__ import annotations
@@ -30,7 +21,7 @@ import re
 import sys
 import threading
 from collections.abc import Mapping
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
 from opentelemetry import trace
 
@@ -42,8 +33,6 @@ SPAN_ID_KEY = "logging.googleapis.com/spanId"
 TRACE_SAMPLED_KEY = "logging.googleapis.com/trace_sampled"
 SOURCE_LOCATION_KEY = "logging.googleapis.com/sourceLocation"
 HASH_HEX_DIGITS = 12
-
-Severity = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 # --- secrets -------------------------------------------------------------------------------------
 
@@ -85,11 +74,9 @@ def _redact_value(value: Any) -> Any:
 class SecretFilter(logging.Filter):
     """Replaces registered secrets in a record's message and ``json_fields``.
 
-    :func:`configure_logging` applies it to every record as it is created (a record factory), so
-    every handler sees a redacted message whatever the handlers' order (gunicorn's, a test's
-    caplog). ``extra`` fields are attached after creation: the mailpipe handler's copy of this
-    filter covers them, and :class:`CloudLoggingFormatter` redacts its whole output once more
-    (tracebacks included).
+    Applied to every record as it is created (a record factory), so every handler (gunicorn's, a
+    test's caplog) sees it redacted; ``extra`` fields, attached later, are covered by the mailpipe
+    handler's own copy, and :class:`CloudLoggingFormatter` redacts its whole output once more.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -106,12 +93,10 @@ class SecretFilter(logging.Filter):
 
 
 def redact_address(address: str, style: AddressStyle) -> str:
-    """An address as logs and spans may show it.
-
-    ``full`` keeps it, ``domain`` keeps ``@example.com``, ``hashed`` gives ``sha256:`` and 12 hex
-    digits of the lower-cased address: the same recipient always maps to the same value, so its
-    deliveries can be followed without its name. (An unkeyed hash of a guessable address can be
-    brute-forced: ``hashed`` hides addresses from casual readers, not from a determined one.)
+    """An address as logs and spans may show it: ``full``, ``domain`` (``@example.com``) or
+    ``hashed`` (``sha256:`` + 12 hex digits of the lower-cased address, the same for every
+    delivery to it). An unkeyed hash of a guessable address can be brute-forced: ``hashed``
+    hides addresses from casual readers, not from a determined one.
     """
     address = address.strip()
     if style == "full":
@@ -123,9 +108,8 @@ def redact_address(address: str, style: AddressStyle) -> str:
     return f"sha256:{digest[:HASH_HEX_DIGITS]}"
 
 
-# Addresses inside free text: SMTP replies ("550 5.1.1 <bob@example.org>: no such user"),
-# exception messages. Good enough to find them; not an RFC 5322 parser. \w, not A-Za-z0-9:
-# internationalised addresses (RFC 6531, "jürgen@bücher.example") are addresses too.
+# Addresses in free text (SMTP replies, exception messages); not an RFC 5322 parser. \w, not
+# A-Za-z0-9: internationalised addresses (RFC 6531, "jürgen@bücher.example") are addresses too.
 _ADDRESS_IN_TEXT = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
 
 
@@ -138,20 +122,14 @@ def redact_addresses(text: str, style: AddressStyle) -> str:
 
 # --- formatting ----------------------------------------------------------------------------------
 
-_SEVERITY: dict[int, Severity] = {
-    logging.DEBUG: "DEBUG",
-    logging.INFO: "INFO",
-    logging.WARNING: "WARNING",
-    logging.ERROR: "ERROR",
-    logging.CRITICAL: "CRITICAL",
-}
+
+# Spelled out, not logging.getLevelName(): a library may rename a level; Cloud Logging may not.
+_SEVERITIES = ((50, "CRITICAL"), (40, "ERROR"), (30, "WARNING"), (20, "INFO"))
 
 
-def _severity(levelno: int) -> Severity:
-    for level in (logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO):
-        if levelno >= level:
-            return _SEVERITY[level]
-    return "DEBUG"
+def _severity(levelno: int) -> str:
+    """Cloud Logging's severity: the standard level at or below ``levelno`` (custom levels)."""
+    return next((name for level, name in _SEVERITIES if levelno >= level), "DEBUG")
 
 
 class CloudLoggingFormatter(logging.Formatter):
@@ -196,7 +174,7 @@ class CloudLoggingFormatter(logging.Formatter):
             for key, value in fields.items():
                 payload.setdefault(str(key), value)
         line = json.dumps(_redact_value(payload), default=str, ensure_ascii=False)
-        # Belt and braces: whatever slipped into the serialised text (an escaped form aside).
+        # Once more over the serialised text (an escaped form aside).
         return redact_addresses(redact_secrets(line), self.address_style)
 
     def _trace_fields(self) -> dict[str, Any]:
@@ -231,16 +209,11 @@ def _install_redacting_record_factory() -> None:
     logging.setLogRecordFactory(redacting_factory)
 
 
-class _KnownLibraryNoise(logging.Filter):
-    """Drops one known, harmless warning: google-cloud-pubsub 2.44 with OpenTelemetry on ends
-    its subscribe span twice per acked message, and the SDK logs "Calling end() on an ended
-    span." each time (python-pubsub PR #1513, unmerged). Once per mail, it drowns real warnings."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "Calling end() on an ended span."
-
-
-_NOISE_FILTER = _KnownLibraryNoise()
+def _not_known_library_noise(record: logging.LogRecord) -> bool:
+    """google-cloud-pubsub 2.44 with OpenTelemetry ends its subscribe span twice per acked
+    message and the SDK warns each time (python-pubsub PR #1513, unmerged): once per mail, it
+    would drown real warnings."""
+    return record.getMessage() != "Calling end() on an ended span."
 
 
 def configure_logging(
@@ -250,21 +223,15 @@ def configure_logging(
     level: str | int = "INFO",
     project: str | None = None,
 ) -> logging.Handler:
-    """Send the root logger's records to ``stream`` (stdout) as Cloud Logging JSON lines.
-
-    ``project`` is the Google Cloud project (``GOOGLE_CLOUD_PROJECT``) used in the trace field.
-    Calling it again replaces the handler it installed before, so tests can reconfigure. Returns
-    the handler.
-    """
+    """Send the root logger's records to ``stream`` (stdout) as Cloud Logging JSON lines and
+    return the handler; ``project`` (``GOOGLE_CLOUD_PROJECT``) goes into the trace field. A second
+    call replaces the handler the first one installed."""
     _install_redacting_record_factory()
     handler = logging.StreamHandler(sys.stdout if stream is None else stream)
-    handler.setFormatter(
-        CloudLoggingFormatter(
-            project=project,
-            service_name=config.service_name,
-            address_style=config.address_style,
-        )
+    formatter = CloudLoggingFormatter(
+        project=project, service_name=config.service_name, address_style=config.address_style
     )
+    handler.setFormatter(formatter)
     handler.addFilter(SecretFilter())
     setattr(handler, _HANDLER_MARK, True)
     root = logging.getLogger()
@@ -273,6 +240,6 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(level)
     sdk_logger = logging.getLogger("opentelemetry.sdk.trace")
-    if _NOISE_FILTER not in sdk_logger.filters:
-        sdk_logger.addFilter(_NOISE_FILTER)
+    if _not_known_library_noise not in sdk_logger.filters:
+        sdk_logger.addFilter(_not_known_library_noise)
     return handler

@@ -1,28 +1,19 @@
 """Serving a WSGI app with gunicorn, configured in code (both services use it).
 
-The app is built by ``build()`` inside the worker, after the fork, because gRPC clients must not
-cross a fork. On SIGTERM (Cloud Run's stop signal) gunicorn stops accepting, finishes requests in
-flight within ``graceful_timeout``, then ``close()`` runs in the worker: it flushes the Pub/Sub
-publisher's batch and the telemetry so the last spans are exported.
+``build()`` makes the app inside the worker, after the fork: gRPC clients must not cross a fork.
+On SIGTERM (Cloud Run's stop signal) gunicorn stops accepting, finishes requests in flight within
+``graceful_timeout``, then ``close()`` runs in the worker: it flushes the Pub/Sub publisher's
+batch and the telemetry so the last spans are exported.
 
-Slow clients. gunicorn's gthread worker hands a connection to a thread as soon as it is readable,
-and the thread then reads the request with blocking calls: a client sending one byte now and
-then holds a thread for as long as it likes, and 16 of them starve the service (``/healthz``
-included). :class:`BufferingThreadWorker` keeps the gthread model but reads each request into
-memory without blocking first — a thread takes a readable connection, reads what has arrived,
-and gives it back to the worker's poller until the request is complete — so threads only ever
-run requests that have fully arrived. Limits (``MAILPIPE_HTTP_*``, :class:`HttpConfig`):
-
-- a request must arrive within ``read_timeout`` of its first byte, else 408 (JSON) and the
-  connection is closed; the same deadline bounds the rest of a request too big to buffer;
-- a connection that sends nothing, or stays idle between requests, is closed after
-  ``keepalive_timeout`` seconds;
-- at most ``buffer_bytes`` of a request are held before it goes to a thread (bigger bodies are
-  then read by the thread, still within the deadline); at most ``worker_connections``
-  connections are open at once (gunicorn's default, 1000), which bounds the memory held.
-
-Errors gunicorn answers itself (a malformed request line or header, a head too large) are JSON in
-the services' error format too, instead of gunicorn's HTML page.
+Slow clients (docs/hostile-input.md): gunicorn's gthread worker gives a thread a connection as
+soon as it is readable, and the thread reads with blocking calls, so 16 clients sending a byte
+now and then starve the service (``/healthz`` included). :class:`BufferingThreadWorker` reads
+each request into memory without blocking first (what has arrived, then back to the poller), so
+threads only run requests that have fully arrived: within ``read_timeout`` of their first byte
+(else a JSON 408 and the connection closed); idle connections close after
+``keepalive_timeout``; at most ``buffer_bytes`` per request are held (the thread reads the rest,
+within the deadline) on at most ``worker_connections`` (1000) connections. Errors gunicorn
+answers itself (malformed request, head too large) are JSON too, not its HTML page.
 """
 
 from __future__ import annotations
@@ -41,6 +32,7 @@ from gunicorn.workers.gthread import _DEFER, ThreadWorker
 from werkzeug.exceptions import RequestTimeout
 
 from mailpipe.config import HttpConfig
+from mailpipe.httpjson import error_code
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +59,8 @@ class RequestReadTimeout(RequestTimeout):
 
 
 class _RequestSocket:
-    """A client socket as gunicorn sees it: reading a request stops at the request's deadline.
-
-    Also holds the bytes of the request being buffered. Everything else is the socket's own.
-    """
+    """A client socket as gunicorn sees it: reads stop at the request's deadline; also holds
+    the bytes of the request being buffered."""
 
     def __init__(self, sock: socket.socket, read_timeout: float) -> None:
         self.raw = sock
@@ -161,10 +151,8 @@ def _request_complete(data: bytearray) -> bool:
 
 
 class BufferingThreadWorker(ThreadWorker):
-    """gunicorn's gthread worker, with each request read into memory before a thread runs it.
-
-    ``read_timeout`` and ``buffer_bytes`` are set on a subclass by :func:`worker_class`.
-    """
+    """gunicorn's gthread worker, with each request read into memory before a thread runs it
+    (``read_timeout`` and ``buffer_bytes`` are set on a subclass by :func:`worker_class`)."""
 
     read_timeout: float = HttpConfig.read_timeout
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
@@ -282,8 +270,7 @@ class _CapturedAnswer:
 
 
 def _write_json_error(sock: Any, status: int, reason: str, message: str) -> None:
-    code = reason.lower().replace(" ", "_").replace("-", "_") or "error"
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    body = json.dumps({"error": {"code": error_code(reason), "message": message}}).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -334,12 +321,9 @@ def serve_wsgi(
     threads: int = 16,
     graceful_timeout: int = 8,
 ) -> None:
-    """Serve ``build()``'s app on ``host:port`` with one buffering gthread worker until
-    SIGTERM/SIGINT.
-
-    One worker with threads: the process holds one Pub/Sub client and one SMTP pool; Cloud Run
-    scales by instances. ``graceful_timeout`` stays under Cloud Run's 10 s SIGTERM grace period.
-    """
+    """Serve ``build()``'s app on ``host:port`` until SIGTERM/SIGINT. One worker with threads:
+    the process holds one Pub/Sub client and one SMTP pool; Cloud Run scales by instances.
+    ``graceful_timeout`` stays under Cloud Run's 10 s SIGTERM grace period."""
     http = http or HttpConfig()
     options: dict[str, Any] = {
         "bind": f"{host}:{port}",

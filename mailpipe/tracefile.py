@@ -1,10 +1,7 @@
 """The local trace store's writer: spans as JSON lines in one file (``MAILPIPE_TRACES=file``).
 
-``JsonLinesSpanExporter`` appends one JSON object per span; the publisher and the subscriber can
-share the file because each line is written with a single ``write()`` on a file opened with
-``O_APPEND``. ``mailpipe trace`` reads it back and draws it (ops/trace_view.py).
-
-A line looks like::
+The publisher and the subscriber can share the file: each line is one ``write()`` on a file
+opened with ``O_APPEND``. ``mailpipe trace`` reads it back (ops/trace_view.py). A line::
 
     {"trace_id": "4bf9…", "span_id": "00f0…", "parent_span_id": null, "name": "POST /v1/messages",
      "kind": "SERVER", "service": "mailpipe-publisher", "start": 1700000000000000000,
@@ -35,18 +32,13 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _line(data: Mapping[str, Any]) -> bytes:
-    return (json.dumps(data, separators=(",", ":")) + "\n").encode()
-
-
 def _attributes(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
     return {key: _jsonable(value) for key, value in (attributes or {}).items()}
 
 
 def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
     """The JSON object written for one finished span."""
-    context = span.get_span_context()
-    parent = span.parent
+    context, parent = span.get_span_context(), span.parent
     return {
         "trace_id": format_trace_id(context.trace_id) if context else None,
         "span_id": format_span_id(context.span_id) if context else None,
@@ -58,16 +50,13 @@ def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
         "end": span.end_time,
         "status": {"code": span.status.status_code.name, "description": span.status.description},
         "attributes": _attributes(span.attributes),
-        "events": [
-            {"name": event.name, "attributes": _attributes(event.attributes)}
-            for event in span.events
-        ],
+        "events": [{"name": e.name, "attributes": _attributes(e.attributes)} for e in span.events],
         "links": [
             {
-                "trace_id": format_trace_id(link.context.trace_id),
-                "span_id": format_span_id(link.context.span_id),
+                "trace_id": format_trace_id(ln.context.trace_id),
+                "span_id": format_span_id(ln.context.span_id),
             }
-            for link in span.links
+            for ln in span.links
         ],
     }
 
@@ -90,19 +79,6 @@ class JsonLinesSpanExporter(SpanExporter):
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         return self._fd
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = [_line(span_to_dict(span)) for span in spans]
-        try:
-            with self._lock:
-                fd = self._open()
-                for line in lines:
-                    # One write() per line: with O_APPEND the kernel places each line whole at the
-                    # end of the file, so two processes' lines never interleave.
-                    os.write(fd, line)
-        except OSError:
-            return SpanExportResult.FAILURE
-        return SpanExportResult.SUCCESS
-
     def _still_at_path(self, fd: int) -> bool:
         try:
             current = os.stat(self.path)
@@ -110,6 +86,19 @@ class JsonLinesSpanExporter(SpanExporter):
             return False
         opened = os.fstat(fd)
         return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        lines = [
+            (json.dumps(span_to_dict(s), separators=(",", ":")) + "\n").encode() for s in spans
+        ]
+        try:
+            with self._lock:
+                fd = self._open()
+                for line in lines:  # one write() each: O_APPEND never interleaves two processes'
+                    os.write(fd, line)
+        except OSError:
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
         with self._lock:

@@ -7,7 +7,9 @@ whatever the exception). Idempotency keys (scope, fingerprint, lifetime): publis
 ``create_app`` builds the app from its collaborators (kept as one :class:`ApiServices` in
 ``app.extensions["mailpipe"]``) and registers the :data:`api` blueprint, whose views read them
 from there; :func:`accept_mail` is ``POST /v1/messages`` without HTTP: validate, reserve the
-idempotency key, publish, record the mail queued, answer.
+idempotency key, publish, record the mail queued, answer. :func:`accept_mails` is
+``POST /v1/messages:batch`` without HTTP: the same steps for each mail (the same functions), all
+mails handed to Pub/Sub before waiting for any, each in its own trace linked to the request's.
 
 Errors are JSON: ``{"error": {"code": "...", "message": "...", "fields": {...}}}``.
 """
@@ -15,19 +17,21 @@ Errors are JSON: ``{"error": {"code": "...", "message": "...", "fields": {...}}}
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.instrumentation.flask import FlaskInstrumentor
 from pydantic import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from mailpipe.attributes import SPAN_MAIL_ID
+from mailpipe.attributes import SPAN_LINK_KIND, SPAN_MAIL_ID
 from mailpipe.config import PublisherConfig
 from mailpipe.httpjson import JsonBodyError, error_response, install_json_errors, parse_json
 from mailpipe.mail import MailRequest, QueuedMail
@@ -48,7 +52,7 @@ from publisher.idempotency import (
     header_key,
     request_fingerprint,
 )
-from publisher.openapi import MAIL_ID_PATTERN, openapi_document
+from publisher.openapi import MAIL_ID_PATTERN, MAX_BATCH_MAILS, openapi_document
 from publisher.pubsub import MailPublisher, MailTooLarge, PublishError
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,9 @@ EXTENSION = "mailpipe"  # the app's ApiServices: current_app.extensions[EXTENSIO
 UNTRACED_PATHS = (
     r"/healthz(\?.*)?$"  # FlaskInstrumentor matches these regexes against the request URL
 )
+BATCH_MAIL_SPAN = "mail accept"  # each batch mail's own root span, linked to the request's
+BATCH_LINK_KIND = "batch_request"  # the link's SPAN_LINK_KIND
+_T = TypeVar("_T")
 
 # The API's routes; create_app registers them on each app it builds.
 api = Blueprint("api", __name__)
@@ -139,6 +146,7 @@ class ApiServices:
     now: Callable[[], dt.datetime]
     metrics: MailMetrics | None = None
     identify_caller: CallerIdentity | None = None
+    tracer: trace.Tracer | None = None  # the batch mails' spans (None: the global provider's)
 
 
 @dataclass(frozen=True)
@@ -176,6 +184,7 @@ def create_app(
         now=clock or (lambda: dt.datetime.now(dt.UTC)),
         metrics=metrics,
         identify_caller=identify_caller,
+        tracer=trace.get_tracer(__name__, tracer_provider=tracer_provider),
     )
     # Cloud Run's startup and liveness probes hit /healthz every few seconds per instance: a trace
     # (and, with the per-request span flush, a Cloud Trace write) for each would be noise and cost.
@@ -255,6 +264,32 @@ def accept_mail(
     Raises :class:`ApiError` for every refusal; a reservation is released whatever fails before
     Pub/Sub confirmed the publish.
     """
+    admitted = _admit(services, payload, key_in_header=key_in_header, scope=scope)
+    if isinstance(admitted, Answer):
+        return admitted  # an idempotent replay
+    publisher = services.publisher
+    return _queued(
+        services, admitted, _guarded(services, admitted, lambda: publisher.publish(admitted.mail))
+    )
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    """A mail validated, its idempotency key (if any) reserved, not yet published."""
+
+    mail: QueuedMail
+    request: MailRequest
+    reserved: bool
+
+
+def _admit(
+    services: ApiServices,
+    payload: dict[str, Any],
+    *,
+    key_in_header: str | None,
+    scope: Callable[[], str | None],
+) -> _Admitted | Answer:
+    """Validate → reserve the key: the mail to publish, or the replay of its key's mail."""
     config, record = services.config, services.record
     if key_in_header is not None:
         body_key = payload.get("idempotency_key")
@@ -310,17 +345,23 @@ def accept_mail(
             ) from exc
         if not reservation.created:
             return _idempotent_replay(reservation.record, fingerprint)
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute(SPAN_MAIL_ID, mail.mail_id)
+    return _Admitted(mail, mail_request, reserved)
 
+
+def _guarded(services: ApiServices, admitted: _Admitted, step: Callable[[], _T]) -> _T:
+    """Run a publish ``step`` of the admitted mail; on any failure release its key and raise
+    the :class:`ApiError` that answers it."""
+    mail = admitted.mail
     try:
-        span = trace.get_current_span()
-        if span.is_recording():
-            span.set_attribute(SPAN_MAIL_ID, mail.mail_id)
-        message_id = services.publisher.publish(mail)
+        return step()
     except BaseException as exc:
         # Whatever failed before Pub/Sub confirmed, the key must not stay held: release it
         # (a process killed here leaves it until it expires; see mailpipe/reconcile.py).
-        if reserved:
-            _release(record, mail.mail_id)
+        if admitted.reserved:
+            _release(services.record, mail.mail_id)
         if not isinstance(exc, PublishError):
             raise
         if isinstance(exc, MailTooLarge):
@@ -332,9 +373,14 @@ def accept_mail(
             f"the mail was not accepted because Pub/Sub did not take it ({exc}); "
             "retry later (with the same idempotency_key to be safe)",
         ) from exc
+
+
+def _queued(services: ApiServices, admitted: _Admitted, message_id: str) -> Answer:
+    """Record the published mail queued and answer 202."""
+    mail, mail_request = admitted.mail, admitted.request
     trace_id = _current_trace_id()
     try:
-        record.mark_queued(
+        services.record.mark_queued(
             mail.mail_id,
             message_id=message_id,
             trace_id=trace_id,
@@ -378,6 +424,141 @@ def _idempotent_replay(held: MailRecord, fingerprint: str) -> Answer:
         202,
         _accepted_body(held.mail_id, held.message_id, held.trace_id),
         {"Idempotent-Replayed": "true", "Location": f"/v1/messages/{held.mail_id}"},
+    )
+
+
+@api.post("/v1/messages:batch")
+def send_batch() -> tuple[Response, int]:
+    """Up to :data:`MAX_BATCH_MAILS` mails in ``{"messages": [...]}``; each answered on its own.
+
+    202: every mail was accepted. 207: read ``items``, some (or all) were not; each refused item
+    carries the error the single endpoint would have answered, and only those need sending again.
+    A request that is not a batch at all (not JSON, no list, too many mails, too large, an
+    ``Idempotency-Key`` header) is refused whole with the usual error and nothing is accepted.
+    """
+    services = _services()
+    payload = _parse_json_body()
+    if request.headers.get(IDEMPOTENCY_HEADER) is not None:
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"a batch takes no {IDEMPOTENCY_HEADER} header (it would name one mail among many): "
+            "give each mail that needs one its own idempotency_key",
+            {IDEMPOTENCY_HEADER: "not allowed on a batch; use each mail's idempotency_key"},
+        )
+    shape = 'send {"messages": [mail, ...]}: a JSON object whose "messages" is a list of mails'
+    if not isinstance(payload, dict):
+        raise ApiError(400, "invalid_request", f"the body must be a JSON object: {shape}")
+    unknown = sorted(str(key) for key in payload if key != "messages")
+    fields = {key[:80]: "is not a batch field (the mails go in messages)" for key in unknown[:10]}
+    mails = payload.get("messages")
+    if not isinstance(mails, list):
+        fields["messages"] = "is required: a list of mails" if mails is None else "must be a list"
+    elif not 1 <= len(mails) <= MAX_BATCH_MAILS:
+        fields["messages"] = (
+            f"must hold 1 to {MAX_BATCH_MAILS} mails (it holds {len(mails)}): "
+            "split larger batches into several requests"
+        )
+    if fields:
+        raise ApiError(
+            400, "invalid_request", f"the batch is invalid: fix the fields listed ({shape})", fields
+        )
+    items = accept_mails(
+        services,
+        cast(list[Any], mails),  # a list of 1 to MAX_BATCH_MAILS items: checked above
+        scope=lambda: caller_scope(services.identify_caller, request),
+    )
+    return _respond(_batch_answer(items))
+
+
+def accept_mails(
+    services: ApiServices,
+    payloads: Sequence[Any],
+    *,
+    scope: Callable[[], str | None] = lambda: None,
+) -> list[Answer | ApiError]:
+    """Accept each mail of a batch as :func:`accept_mail` does; one outcome per mail, in order.
+
+    Every mail is validated and (with its own ``idempotency_key``) reserved, and handed to the
+    Pub/Sub client without waiting, before any publish is waited for: the client sends them in
+    its batches. Each mail then waits for its own confirmation, so a mail answered 202 is on
+    Pub/Sub, and is recorded queued. Each mail has its own trace, rooted in a
+    :data:`BATCH_MAIL_SPAN` span linked to the request's span (the current span).
+    """
+    tracer = services.tracer or trace.get_tracer(__name__)
+    request_span = trace.get_current_span().get_span_context()
+    links = (
+        [trace.Link(request_span, {SPAN_LINK_KIND: BATCH_LINK_KIND})]
+        if request_span.is_valid
+        else []
+    )
+    outcomes: list[Answer | ApiError | None] = [None] * len(payloads)
+    started: list[tuple[int, trace.Span, _Admitted, Callable[[], str]]] = []
+    for index, payload in enumerate(payloads):
+        span = tracer.start_span(BATCH_MAIL_SPAN, context=Context(), links=links)
+        with trace.use_span(span, end_on_exit=False):
+            try:
+                if not isinstance(payload, dict):
+                    raise ApiError(
+                        400,
+                        "invalid_request",
+                        "each item of messages must be a JSON object describing a mail",
+                    )
+                admitted = _admit(services, payload, key_in_header=None, scope=scope)
+                if isinstance(admitted, _Admitted):
+                    start = functools.partial(services.publisher.start, admitted.mail)
+                    wait = _guarded(services, admitted, start)
+                    started.append((index, span, admitted, wait))
+                    continue
+                outcomes[index] = admitted  # an idempotent replay
+            except Exception as exc:  # one mail's failure is that mail's answer, not the batch's
+                outcomes[index] = _item_error(exc, span)
+        span.end()
+    for index, span, admitted, wait in started:
+        with trace.use_span(span, end_on_exit=True):
+            try:
+                outcomes[index] = _queued(services, admitted, _guarded(services, admitted, wait))
+            except Exception as exc:  # as above
+                outcomes[index] = _item_error(exc, span)
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _item_error(exc: Exception, span: trace.Span) -> ApiError:
+    if not isinstance(exc, ApiError):
+        log.exception("unexpected error accepting a batch mail; it is answered 500")
+        exc = ApiError(
+            500,
+            "internal",
+            "an unexpected error occurred with this mail (it has been logged); send it again, "
+            "with an idempotency_key so that it cannot be queued twice",
+        )
+    span.set_status(trace.Status(trace.StatusCode.ERROR, exc.code))
+    return exc
+
+
+def _batch_answer(items: list[Answer | ApiError]) -> Answer:
+    """202 when every mail was accepted, else 207; one item per mail with its ``index``."""
+    body: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        if isinstance(item, Answer):
+            replayed = (
+                {"idempotent_replayed": True} if "Idempotent-Replayed" in item.headers else {}
+            )
+            body.append({"index": index, "status_code": item.status, **item.body, **replayed})
+        else:
+            error: dict[str, Any] = {"code": item.code, "message": item.message}
+            if item.fields:
+                error["fields"] = item.fields
+            body.append({"index": index, "status_code": item.status, "error": error})
+    accepted = sum(1 for item in items if isinstance(item, Answer))
+    return Answer(
+        202 if accepted == len(items) else 207,
+        {
+            "accepted": accepted,
+            "refused": len(items) - accepted,
+            "trace_id": _current_trace_id(),
+            "items": body,
+        },
     )
 
 

@@ -15,14 +15,15 @@ from flask import Flask
 
 from mailpipe.config import PublisherConfig
 from mailpipe.events import EventsConfig, build_emitter
+from mailpipe.id_token import GOOGLE_JWKS_URL, TokenError, TokenKeysUnavailable
 from mailpipe.logs import configure_logging
-from mailpipe.oidc import GOOGLE_JWKS_URL, TokenError, TokenKeysUnavailable, identify_caller
 from mailpipe.reconcile import stuck_counts
 from mailpipe.record import DeliveryRecord, open_record
 from mailpipe.serving import serve_wsgi
 from mailpipe.telemetry import Telemetry, idle_span_flush, setup_telemetry
 from mailpipe.topology import load_topology
 from publisher.app import ApiError, create_app
+from publisher.caller import identify_caller
 from publisher.events import AcceptedEvents
 from publisher.idempotency import CallerIdentity
 from publisher.pubsub import MailPublisher, PubSubMailPublisher
@@ -48,7 +49,7 @@ def caller_identity(*, local_mode: bool, jwks_url: str = GOOGLE_JWKS_URL) -> Cal
 
     The publisher sits behind Cloud Run IAM (Terraform grants ``run.invoker`` to named callers
     only), which checks the caller's ID token and strips its signature; the token's claims name
-    the caller (:func:`mailpipe.oidc.identify_caller`). Local mode has no front and no token: one
+    the caller (:func:`publisher.caller.identify_caller`). Local mode has no front and no token: one
     shared scope. An unacceptable token answers 401 (503 while Google's keys cannot be fetched).
     """
 

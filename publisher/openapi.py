@@ -16,6 +16,9 @@ from mailpipe.record import MailStatus
 _REF = "#/components/schemas/{model}"
 # The text form of the ids mailpipe.mail.new_mail_id() assigns (UUIDv7, lowercase hex).
 MAIL_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+# Mails one POST /v1/messages:batch takes: Postmark's batch limit (its /email/batch takes up to
+# 500), which users moving from it expect; the request's size limit applies to the whole batch.
+MAX_BATCH_MAILS = 500
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -47,6 +50,58 @@ def openapi_document() -> dict[str, Any]:
                 "message_id": {"type": ["string", "null"], "description": "Pub/Sub message id"},
                 "trace_id": {"type": ["string", "null"], "description": "W3C trace id (32 hex)"},
                 "status": {"type": "string", "enum": ["queued"]},
+            },
+        },
+        "BatchRequest": {
+            "type": "object",
+            "required": ["messages"],
+            "additionalProperties": False,
+            "properties": {
+                "messages": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_BATCH_MAILS,
+                    "items": {"$ref": "#/components/schemas/MailRequest"},
+                    "description": "The mails, each as POST /v1/messages takes it (its own "
+                    "idempotency_key included)",
+                }
+            },
+        },
+        "BatchResult": {
+            "type": "object",
+            "required": ["accepted", "refused", "trace_id", "items"],
+            "properties": {
+                "accepted": {"type": "integer", "description": "Mails queued"},
+                "refused": {"type": "integer", "description": "Mails not accepted"},
+                "trace_id": {
+                    "type": ["string", "null"],
+                    "description": "The request's trace; each mail has its own, linked to it",
+                },
+                "items": {
+                    "type": "array",
+                    "items": {"$ref": "#/components/schemas/BatchItem"},
+                    "description": "One per mail, in the request's order",
+                },
+            },
+        },
+        "BatchItem": {
+            "type": "object",
+            "required": ["index", "status_code"],
+            "description": "An accepted mail: POST /v1/messages's 202 body (plus "
+            "`idempotent_replayed` when its key's earlier mail is answered); a refused one: "
+            "its error as POST /v1/messages would have answered it (send it again once fixed)",
+            "properties": {
+                "index": {"type": "integer", "description": "The mail's place in messages"},
+                "status_code": {
+                    "type": "integer",
+                    "description": "What POST /v1/messages would have answered for this mail",
+                },
+                "mail_id": {"type": "string"},
+                "message_id": {"type": ["string", "null"]},
+                "trace_id": {"type": ["string", "null"], "description": "The mail's own trace"},
+                "status": {"type": "string", "enum": ["queued"]},
+                "idempotent_replayed": {"type": "boolean"},
+                "error": {"$ref": "#/components/schemas/Error/properties/error"},
             },
         },
         "Error": {
@@ -216,6 +271,38 @@ def openapi_document() -> dict[str, Any]:
                         },
                         "400": _error("Invalid query"),
                         "503": _error("The delivery record is unavailable"),
+                    },
+                },
+            },
+            "/v1/messages:batch": {
+                "post": {
+                    "operationId": "sendMessages",
+                    "summary": f"Queue up to {MAX_BATCH_MAILS} mails in one request",
+                    "description": "Each mail is validated, published and answered on its own, "
+                    "as POST /v1/messages would: 202 when every mail was queued, 207 when one "
+                    "or more were not (read `items`; send only the refused ones again). Each "
+                    "mail may carry its own idempotency_key; the Idempotency-Key header is "
+                    "refused here. A request that is not a valid batch is refused whole "
+                    "(400/413/415) and nothing in it is queued.",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/BatchRequest"}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "202": _json("BatchResult", "Every mail queued: Pub/Sub has them all"),
+                        "207": _json(
+                            "BatchResult",
+                            "Some or all mails were not queued: each item says why",
+                        ),
+                        "400": _error(
+                            'Not a batch: the body is not {"messages": [...]}, holds 0 or more '
+                            f"than {MAX_BATCH_MAILS} mails, or has an Idempotency-Key header"
+                        ),
+                        **json_only,
                     },
                 },
             },

@@ -4,7 +4,11 @@
 as a child of the current span (the Flask request) and put its context in the
 ``googclient_traceparent`` attribute; we do not hand-roll propagation on top of it.
 
-Errors (translated in :meth:`PubSubMailPublisher.publish`; google-api-core's through
+:meth:`PubSubMailPublisher.start` hands a mail to the client's batch without waiting and returns
+the wait: ``POST /v1/messages:batch`` starts all its mails before it waits for any, so they go to
+Pub/Sub together; :meth:`~PubSubMailPublisher.publish` is start-then-wait.
+
+Errors (translated in :meth:`PubSubMailPublisher.start`'s wait; google-api-core's through
 :func:`mailpipe.pubsub.translate_api_errors`)::
 
     PublishError                  base: the mail was NOT accepted (HTTP 503 / 413)
@@ -15,6 +19,8 @@ Errors (translated in :meth:`PubSubMailPublisher.publish`; google-api-core's thr
 from __future__ import annotations
 
 import concurrent.futures
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import google.cloud.pubsub_v1 as pubsub_v1
@@ -59,6 +65,11 @@ class MailPublisher(Protocol):
 
     def publish(self, mail: QueuedMail) -> str: ...
 
+    def start(self, mail: QueuedMail) -> Callable[[], str]:
+        """Begin publishing ``mail``; the returned call waits for its message id and raises
+        what :meth:`publish` raises (``start`` itself raises nothing of its own)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -93,11 +104,14 @@ class PubSubMailPublisher:
         self._client = client
 
     def publish(self, mail: QueuedMail) -> str:
+        return self.start(mail)()
+
+    def start(self, mail: QueuedMail) -> Callable[[], str]:
         data, attributes = mail.to_pubsub()
         if len(data) > MAX_PUBSUB_DATA_BYTES:
-            raise MailTooLarge(len(data))
+            return _raise(MailTooLarge(len(data)))
         try:
-            with translate_api_errors("Pub/Sub publish failed", PublishUnavailable):
+            with self._translated(len(data)):
                 future = self._client.publish(
                     self._topic_path,
                     data,
@@ -105,10 +119,23 @@ class PubSubMailPublisher:
                     timeout=self._rpc_timeout,
                     **attributes,
                 )
+        except PublishError as exc:
+            return _raise(exc)
+
+        def wait() -> str:
+            with self._translated(len(data)):
                 # The retries end within the timeout; the margin covers batching and callbacks.
                 return str(future.result(timeout=self._timeout + _RESULT_MARGIN_SECONDS))
+
+        return wait
+
+    @contextmanager
+    def _translated(self, size: int) -> Iterator[None]:
+        try:
+            with translate_api_errors("Pub/Sub publish failed", PublishUnavailable):
+                yield
         except publisher_exceptions.MessageTooLargeError as exc:
-            raise MailTooLarge(len(data)) from exc
+            raise MailTooLarge(size) from exc
         except (concurrent.futures.TimeoutError, TimeoutError) as exc:
             raise PublishUnavailable(
                 f"Pub/Sub did not confirm the publish within {self._timeout:g} s"
@@ -117,3 +144,12 @@ class PubSubMailPublisher:
     def close(self) -> None:
         """Send what is batched and stop the client (called on SIGTERM)."""
         self._client.stop()
+
+
+def _raise(error: PublishError) -> Callable[[], str]:
+    """A wait that raises ``error``: a publish that failed before it began fails when waited on."""
+
+    def wait() -> str:
+        raise error
+
+    return wait

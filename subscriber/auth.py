@@ -2,17 +2,25 @@
 
 The push subscription carries ``oidc_token {service_account_email, audience}``, so every push has
 ``Authorization: Bearer <Google-signed ID token>`` for that account and audience. Where the check
-happens is a deployment declaration, ``MAILPIPE_PUSH_AUTH`` (the token logic is
-:mod:`mailpipe.oidc`):
+happens is a deployment declaration, ``MAILPIPE_PUSH_AUTH`` (what both services read of a token
+is :mod:`mailpipe.id_token`):
 
 ``cloud-run``
     The subscriber runs on Cloud Run with IAM in front (invoker check on, ``run.invoker`` for the
     push account only). Cloud Run verifies the signature and the invoker, then forwards the token
-    with its signature replaced by ``SIGNATURE_REMOVED_BY_GOOGLE``; the subscriber checks the
-    claims: issuer, audience, the push account's email, ``email_verified``, expiry.
+    with its signature replaced by ``SIGNATURE_REMOVED_BY_GOOGLE``
+    (cloud.google.com/run/docs/troubleshooting#signature-removed), so an app that verifies the
+    signature refuses every request. The subscriber checks the claims: issuer, audience, the push
+    account's email, ``email_verified``, expiry. The header Cloud Run checked (and stripped) is
+    ``X-Serverless-Authorization`` when the request has it, otherwise ``Authorization``
+    (:func:`mailpipe.id_token.checked_header`), so that is the header read. A stripped token
+    proves nothing by itself (anyone can write the marker): this mode is safe only when every
+    request passes Cloud Run IAM, which is why it is a deployment declaration and never guessed
+    from ``K_SERVICE``. A token that still carries a signature is verified in full.
 ``signature`` (default)
-    Anywhere else: the subscriber verifies the RS256 signature against Google's keys, then the
-    claims. A stripped token is refused here: without Cloud Run IAM in front, nobody verified it.
+    Anywhere else (functions-framework elsewhere, a container with public access, a VM): the
+    subscriber verifies the RS256 signature against Google's keys, then the claims. A stripped
+    token is refused here: without Cloud Run IAM in front, nobody verified it.
 
 The emulator never sends a token, so the check is off only in local mode (``PUBSUB_EMULATOR_HOST``)
 without ``MAILPIPE_PUSH_AUDIENCE``.
@@ -20,29 +28,150 @@ without ``MAILPIPE_PUSH_AUDIENCE``.
 Errors::
 
     PushAuthError          the request is not from our push subscription (HTTP 401)
+
+(:class:`PushAuthenticator` translates :class:`mailpipe.id_token.TokenError`, which the lower
+pieces raise, into it.)
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
-from mailpipe.oidc import (
+from mailpipe.id_token import (
     AUTHORIZATION,
+    DEFAULT_LEEWAY_SECONDS,
     GOOGLE_ISSUERS,
     GOOGLE_JWKS_URL,
     SERVERLESS_AUTHORIZATION,
-    ExpectedToken,
-    PushAuthMode,
-    RequestAuthenticator,
+    SigningKeys,
     TokenError,
+    decode_claims,
+    is_signature_removed,
+    request_token,
 )
 
 __all__ = ["GOOGLE_ISSUERS", "GOOGLE_JWKS_URL", "PushAuthError", "PushAuthenticator"]
 
+PushAuthMode = Literal["cloud-run", "signature"]
+PUSH_AUTH_MODES: tuple[str, ...] = get_args(PushAuthMode)
+
 
 class PushAuthError(Exception):
     """The push request's credentials are missing or invalid. The message is safe to return."""
+
+
+@dataclass(frozen=True)
+class ExpectedToken:
+    """What a token must say to be accepted.
+
+    ``email`` is the caller's service account (for Pub/Sub push: the subscription's
+    ``oidc_token.service_account_email``); ``None`` accepts any caller (never in production: the
+    subscriber's config requires it outside local mode).
+    """
+
+    audience: str
+    email: str | None = None
+    issuers: tuple[str, ...] = GOOGLE_ISSUERS
+    leeway_seconds: float = DEFAULT_LEEWAY_SECONDS
+
+
+def claims_of_verified_token(token: str, expected: ExpectedToken) -> dict[str, Any]:
+    """The claims of a token Cloud Run IAM has verified (signature stripped), checked.
+
+    Checks the header (a Google ID token is RS256), issuer, audience, expiry and issue time, and
+    the caller's email. Does **not** check a signature: call it only for requests that passed
+    Cloud Run IAM (``MAILPIPE_PUSH_AUTH=cloud-run``).
+    """
+    if not is_signature_removed(token):
+        raise TokenError("the token's signature was not removed by Cloud Run")
+    header = _json_segment(token, 0, "header")
+    if header.get("alg") != "RS256":
+        raise TokenError(f"invalid token: a Google ID token is RS256, not {header.get('alg')!r}")
+    claims = decode_claims(
+        token,
+        expected.audience,
+        expected.issuers,
+        expected.leeway_seconds,
+        options={
+            "verify_signature": False,
+            "verify_exp": True,
+            "verify_iat": True,
+            "verify_nbf": True,
+            "verify_aud": True,
+            "verify_iss": True,
+        },
+    )
+    _check_email(claims, expected.email)
+    return claims
+
+
+class SignatureVerifier:
+    """Full verification of Google-signed ID tokens: RS256 signature against Google's JWKS, then
+    the claims of :class:`ExpectedToken`.
+
+    ``jwks_url`` is Google's by default; tests point it at a JWKS served on loopback. Keys are
+    cached (Google rotates them about daily); a token with an unknown ``kid`` refetches them.
+    """
+
+    def __init__(self, expected: ExpectedToken, *, jwks_url: str = GOOGLE_JWKS_URL) -> None:
+        self.expected = expected
+        self._keys = SigningKeys(jwks_url)
+
+    def verify(self, token: str) -> dict[str, Any]:
+        """The token's claims, or :class:`TokenError`."""
+        if is_signature_removed(token):
+            raise TokenError(
+                "the token's signature was removed by Cloud Run (SIGNATURE_REMOVED_BY_GOOGLE): "
+                "this service runs behind Cloud Run IAM, which verified it; declare that with "
+                "MAILPIPE_PUSH_AUTH=cloud-run"
+            )
+        claims = decode_claims(
+            token,
+            self.expected.audience,
+            self.expected.issuers,
+            self.expected.leeway_seconds,
+            key=self._keys.key_for(token),
+            algorithms=["RS256"],
+        )
+        _check_email(claims, self.expected.email)
+        return claims
+
+
+class RequestAuthenticator:
+    """Checks the ID token of a request in one of the two modes (see the module docstring).
+
+    ``verify(headers)`` reads the header Cloud Run checks
+    (:func:`mailpipe.id_token.checked_header`) and returns the token's claims or raises
+    :class:`TokenError`.
+    """
+
+    def __init__(
+        self,
+        mode: PushAuthMode,
+        expected: ExpectedToken,
+        *,
+        jwks_url: str = GOOGLE_JWKS_URL,
+    ) -> None:
+        if mode not in PUSH_AUTH_MODES:
+            raise ValueError(f"mode must be one of {', '.join(PUSH_AUTH_MODES)}, got {mode!r}")
+        if mode == "cloud-run" and expected.email is None:
+            # Behind Cloud Run IAM every invoker of the service gets in; the email names ours.
+            raise ValueError("cloud-run mode needs the caller's service account email")
+        self.mode: PushAuthMode = mode
+        self.expected = expected
+        self._signature = SignatureVerifier(expected, jwks_url=jwks_url)
+
+    def verify(self, headers: Mapping[str, str]) -> dict[str, Any]:
+        token = request_token(headers)
+        if self.mode == "cloud-run" and is_signature_removed(token):
+            return claims_of_verified_token(token, self.expected)
+        # signature mode, or a token Cloud Run forwarded with its signature: verify it in full.
+        return self._signature.verify(token)
 
 
 class PushAuthenticator:
@@ -94,3 +223,24 @@ class PushAuthenticator:
             return self._check.verify(headers)
         except TokenError as exc:
             raise PushAuthError(str(exc)) from exc
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _json_segment(token: str, index: int, what: str) -> dict[str, Any]:
+    try:
+        segment = token.split(".")[index]
+        value = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (IndexError, ValueError, binascii.Error) as exc:
+        raise TokenError(f"invalid token: its {what} is not base64url JSON") from exc
+    if not isinstance(value, dict):
+        raise TokenError(f"invalid token: its {what} is not a JSON object")
+    return value
+
+
+def _check_email(claims: Mapping[str, Any], email: str | None) -> None:
+    if email is None:
+        return
+    if claims.get("email") != email or claims.get("email_verified") is not True:
+        raise TokenError("the token was not issued for the expected service account")

@@ -2,7 +2,7 @@
 
 ``mailpipe status MAIL_ID`` shows one mail's record; ``mailpipe status`` alone shows the pipeline's
 (``/v1/stats``): the oldest undelivered mail and the stuck records ``mailpipe reconcile --fix``
-would settle. Both talk to the publisher through :class:`mailpipe.api_client.PublisherApi`.
+would settle. Both talk to the publisher through :class:`client.PublisherApi`.
 Exit codes: 0 ok, 1 the publisher could not be reached or answered an error (``send``: 5xx, or
 the mail was not delivered within ``--wait``), 2 usage error (``send``: the publisher refused the
 mail with a 4xx), 4 (``status`` alone) stuck records were found.
@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mailpipe.api_client import DEFAULT_URL, ApiError, ApiHttpError, PublisherApi
+from client import DEFAULT_URL, ApiError, ApiHttpError, PublisherApi
 from ops.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 

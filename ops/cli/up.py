@@ -1,7 +1,8 @@
 """``mailpipe up``: the whole pipeline locally, a sample mail through it, and its trace.
 
 Starts Google's Pub/Sub emulator with the topology applied, a local SMTP server that keeps what it
-receives (a Maildir under ``--state-dir``), the publisher and the subscriber as their own
+receives (a Maildir under ``--state-dir``; with the mailbox simulator of
+:class:`emulator.smtp.MailboxSimulator`), the publisher and the subscriber as their own
 processes; sends a sample mail, waits until the SMTP server has it, shows the received mail and
 the trace from the HTTP request to the SMTP server's reply, then keeps running until Ctrl-C
 (``--once`` stops right away).
@@ -22,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mailpipe.api_client import FINAL_STATUSES, ApiError
+from client import FINAL_STATUSES, ApiError
 from ops.cli import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -61,6 +62,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--smtp-port", type=int, default=2525, help="local SMTP server port (default 2525)"
     )
     parser.add_argument(
+        "--simulator-domain",
+        type=_simulator_domain,
+        default=None,
+        help="domain of the local SMTP server's mailbox simulator "
+        "(default simulator.mailpipe.example; README: Mailbox simulator)",
+    )
+    parser.add_argument(
+        "--no-simulator",
+        action="store_true",
+        help="no mailbox simulator: every address is accepted as usual",
+    )
+    parser.add_argument(
         "--state-dir",
         type=Path,
         default=Path(".mailpipe"),
@@ -73,6 +86,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead")
     parser.set_defaults(handler=run)
+
+
+def _simulator_domain(value: str) -> str:
+    from emulator.smtp import simulator_domain
+
+    try:
+        return simulator_domain(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def chosen_simulator_domain(args: argparse.Namespace) -> str | None:
+    """The mailbox simulator's domain for this run; None with ``--no-simulator``."""
+    from emulator.smtp import SIMULATOR_DOMAIN
+
+    if args.no_simulator:
+        return None
+    return str(args.simulator_domain or SIMULATOR_DOMAIN)
 
 
 def _received_table(message: Any) -> Table:
@@ -103,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
                         subscriber_mode=args.mode,
                         publisher_port=args.port,
                         smtp_port=args.smtp_port,
+                        simulator_domain=chosen_simulator_domain(args),
                     )
                 )
         except EmulatorNotInstalled as exc:
@@ -134,6 +166,12 @@ def _demo(
         f"  ·  SMTP 127.0.0.1:{pipeline.smtp.port}  ·  Pub/Sub emulator "
         f"{pipeline.emulators.pubsub.host}"
     )
+    simulator = pipeline.smtp.simulator
+    if simulator is not None:
+        console.print(
+            f"[green]✓[/] mailbox simulator at [bold]@{simulator.domain}[/]: "
+            f"{', '.join(simulator.local_parts)} (README: Mailbox simulator)"
+        )
     try:
         accepted = pipeline.api.send(SAMPLE_MAIL)
         mail_id = accepted.mail_id
@@ -163,6 +201,7 @@ def _demo(
                     "spans": len(spans),
                     "publisher_url": pipeline.publisher_url,
                     "trace_file": str(pipeline.trace_file),
+                    "simulator_domain": simulator.domain if simulator is not None else None,
                 }
             )
         )
@@ -180,6 +219,14 @@ def _demo(
             f"  curl -s {pipeline.publisher_url}/v1/messages/{mail_id}\n"
             f"  received mail: {pipeline.state_dir / 'maildir' / 'new'}\n"
         )
+        if simulator is not None:
+            console.print(
+                "A bounce and a deferral that recovers on Pub/Sub's redelivery:\n"
+                f"  mailpipe send --url {pipeline.publisher_url} "
+                f"--to bounce@{simulator.domain} --subject hi --text hello --wait 30\n"
+                f"  mailpipe send --url {pipeline.publisher_url} "
+                f"--to defer-2@{simulator.domain} --subject hi --text hello --wait 60\n"
+            )
     if record["status"] != "delivered" or not received:
         return EXIT_FAILED
     if args.once:

@@ -385,7 +385,8 @@ def test_every_module_in_the_image_imports(
     images: Callable[[str], ImageEnvironment], name: str
 ) -> None:
     image = images(name)
-    # Every package the Dockerfile copies in (the publisher image also carries ops/ and canary/).
+    # Every package the Dockerfile copies in (the publisher image also carries ops/, canary/ and
+    # client/; the canary image, client/).
     packages = [d.rstrip("/") for _, d in image.build.copies if d.endswith("/") and d != "./"]
     assert "mailpipe" in packages and name in packages, packages
     result = image.run(["python", "-c", IMPORT_EVERY_MODULE, *packages], {})

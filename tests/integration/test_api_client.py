@@ -1,4 +1,4 @@
-"""The publisher's API client (mailpipe/api_client.py) and the CLI commands on it, over real HTTP.
+"""The publisher's API client (client/api.py) and the CLI commands on it, over real HTTP.
 
 The first test goes through the real pipeline (publisher, Pub/Sub emulator, subscriber, SMTP
 server); test_idempotency_reconcile.py runs ``mailpipe status`` against it, and the canary and
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from mailpipe.api_client import (
+from client import (
     ApiAuthError,
     ApiBadAnswer,
     ApiHttpError,

@@ -42,13 +42,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from emulator.process import free_port
 from emulator.smtp import LocalSmtpServer
 from mailpipe.config import ConfigError, PublisherConfig, SubscriberConfig
+from mailpipe.id_token import TokenError
 from mailpipe.mail import MailRequest, QueuedMail
-from mailpipe.oidc import PushAuthMode, TokenError, identify_caller
 from mailpipe.record import open_record
 from publisher.app import create_app
+from publisher.caller import identify_caller
 from publisher.main import caller_identity
 from publisher.pubsub import PubSubMailPublisher
-from subscriber.auth import PushAuthenticator
+from subscriber.auth import PushAuthenticator, PushAuthMode
 from subscriber.dead_letters import DeadLetterRecorder
 from subscriber.delivery import DeliveryService
 from subscriber.main import build_push_handler, build_services

@@ -4,8 +4,8 @@ The images install ``[project.dependencies]`` only (``pip install -c constraints
 import served by a test extra (PyJWT once was) or by some other package's dependencies (a
 transitive one can disappear with any upgrade) is a service that cannot start. This walks the
 syntax tree of every module in the deployed packages (mailpipe/, publisher/, subscriber/,
-canary/, and ops/: the CLI the publisher image carries), finds the distribution that installs
-each imported module in this environment, and requires it to be named in
+canary/, client/, and ops/: the CLI the publisher image carries), finds the distribution that
+installs each imported module in this environment, and requires it to be named in
 ``[project.dependencies]`` itself. Imports under ``if TYPE_CHECKING:`` never run and are left
 out; first-party packages and the standard library need no declaration.
 
@@ -28,8 +28,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICE_PACKAGES = ("mailpipe", "publisher", "subscriber", "canary", "ops")
-FIRST_PARTY = {"mailpipe", "publisher", "subscriber", "canary", "ops", "emulator"}
+SERVICE_PACKAGES = ("mailpipe", "publisher", "subscriber", "canary", "client", "ops")
+FIRST_PARTY = {"mailpipe", "publisher", "subscriber", "canary", "client", "ops", "emulator"}
 
 
 def _is_type_checking(test: ast.expr) -> bool:

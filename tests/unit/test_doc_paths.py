@@ -104,7 +104,8 @@ def top_level_names() -> frozenset[str]:
 
 
 def _looks_like_path(token: str) -> bool:
-    if not token or any(char in token for char in " *{}$<>"):
+    # An e-mail address (`bounce@simulator.mailpipe.example`) is not a path, whatever it ends in.
+    if not token or any(char in token for char in " *{}$<>@"):
         return False
     if "://" in token or token.startswith(("/", "~", "-", "@")):
         return False

@@ -2,8 +2,10 @@
 
     mailpipe/   the core: imports no other package of the repository
     publisher/, subscriber/   the services: the core only (they meet through Pub/Sub and the record)
-    canary/     a deployable of its own (a Cloud Run job): the core only
-    emulator/   local runs and tests: the core and the services, never the operator tooling
+    client/     the publisher API's client: imports no other package; no service or core imports it
+    canary/     a deployable of its own (a Cloud Run job): the core and the client
+    emulator/   local runs and tests: the core, the services and the client, never the operator
+                tooling
     ops/        operator tooling (the CLI, replay, the trace viewer): may import every package;
                 nothing but tests and bench imports it
 
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = {"mailpipe", "publisher", "subscriber", "canary", "emulator", "ops"}
+PACKAGES = {"mailpipe", "publisher", "subscriber", "client", "canary", "emulator", "ops"}
 
 
 def imported_top_levels(package: str) -> dict[str, set[str]]:
@@ -41,8 +43,9 @@ ALLOWED = {
     "mailpipe": {"mailpipe"},
     "publisher": {"mailpipe", "publisher"},
     "subscriber": {"mailpipe", "subscriber"},
-    "canary": {"mailpipe", "canary"},
-    "emulator": {"mailpipe", "publisher", "subscriber", "emulator"},
+    "client": {"client"},
+    "canary": {"mailpipe", "client", "canary"},
+    "emulator": {"mailpipe", "publisher", "subscriber", "client", "emulator"},
     "ops": PACKAGES,
 }
 

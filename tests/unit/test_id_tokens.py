@@ -1,5 +1,6 @@
-"""mailpipe.oidc without servers: the claims of tokens Cloud Run IAM verified, and the caller's
-identity the publisher reads from them.
+"""Google ID tokens without servers: the claims of push tokens Cloud Run IAM verified
+(subscriber/auth.py), and the caller's identity the publisher reads from them (publisher/caller.py),
+on the token reading both share (mailpipe/id_token.py).
 
 The tokens here are built as Cloud Run forwards them: header and claims base64url-encoded, the
 signature replaced by ``SIGNATURE_REMOVED_BY_GOOGLE``. Signature verification against a JWKS, and
@@ -15,15 +16,9 @@ from typing import Any
 
 import pytest
 
-from mailpipe.oidc import (
-    ExpectedToken,
-    RequestAuthenticator,
-    TokenError,
-    checked_header,
-    claims_of_verified_token,
-    identify_caller,
-    is_signature_removed,
-)
+from mailpipe.id_token import TokenError, checked_header, is_signature_removed
+from publisher.caller import identify_caller
+from subscriber.auth import ExpectedToken, RequestAuthenticator, claims_of_verified_token
 
 AUDIENCE = "mailpipe-push:mailpipe-test:mailpipe-delivery"
 PUSHER = "pubsub-invoker@mailpipe-test.iam.gserviceaccount.com"

@@ -9,8 +9,8 @@
     stats = api.stats()                            # GET /v1/stats → dict
     record = api.wait(mail_id, {"delivered"}, timeout=60)   # polls record() until then
 
-It imports no service (only ``requests``, and google-auth for :func:`google_id_token_auth`), so
-it can move with the tools. One timeout, :data:`DEFAULT_TIMEOUT`, per request unless the caller
+It imports nothing of the repository (only ``requests``, and google-auth for
+:func:`google_id_token_auth`). One timeout, :data:`DEFAULT_TIMEOUT`, per request unless the caller
 gives another. Without a ``requests.Session`` threads may share a client; with one, requests
 reuse its connections (one thread at a time).
 

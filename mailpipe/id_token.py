@@ -1,0 +1,134 @@
+"""Google ID tokens as a service on Cloud Run receives them: the parts both services read.
+
+The subscriber checks Pub/Sub's push token (subscriber/auth.py); the publisher names its caller
+(publisher/caller.py). Both read the token from the header Cloud Run IAM checked
+(:func:`request_token`), recognise a signature Cloud Run removed after verifying it
+(:func:`is_signature_removed`), fetch Google's signing keys (:class:`SigningKeys`) and check claims
+with PyJWT (:func:`decode_claims`); what each then requires of the claims is its own.
+
+Errors::
+
+    TokenError                 the request's credentials are missing or unacceptable (HTTP 401);
+    │                          the message names the failed check, never the token
+    └── TokenKeysUnavailable   Google's signing keys could not be fetched (the JWKS request failed)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, cast
+
+import jwt
+
+if TYPE_CHECKING:
+    from jwt.types import Options
+
+GOOGLE_JWKS_URL = "https://www.googleapis.com/oauth2/v3/certs"
+GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
+SIGNATURE_REMOVED = "SIGNATURE_REMOVED_BY_GOOGLE"
+AUTHORIZATION = "Authorization"
+SERVERLESS_AUTHORIZATION = "X-Serverless-Authorization"
+DEFAULT_LEEWAY_SECONDS = 30.0
+
+# What a Google ID token always carries; a token without one of them is refused.
+_REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud"]
+
+
+class TokenError(Exception):
+    """The request's ID token is missing or unacceptable. The message is safe to return."""
+
+
+class TokenKeysUnavailable(TokenError):
+    """Google's token signing keys could not be fetched."""
+
+
+def checked_header(headers: Mapping[str, str]) -> tuple[str, str | None]:
+    """The header Cloud Run IAM checks, and its value: ``X-Serverless-Authorization`` if present,
+    else ``Authorization``. Names are matched case-insensitively (HTTP headers are).
+
+    With both, Cloud Run checks only ``X-Serverless-Authorization`` and forwards ``Authorization``
+    untouched (cloud.google.com/run/docs/authenticating/service-to-service).
+    """
+    serverless = _header(headers, SERVERLESS_AUTHORIZATION)
+    if serverless is not None:
+        return SERVERLESS_AUTHORIZATION, serverless
+    return AUTHORIZATION, _header(headers, AUTHORIZATION)
+
+
+def bearer_token(value: str | None, header: str = AUTHORIZATION) -> str:
+    """The token of a ``Bearer <token>`` header value, or :class:`TokenError`."""
+    scheme, _, token = (value or "").strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise TokenError(f"missing '{header}: Bearer <ID token>' header")
+    return token
+
+
+def request_token(headers: Mapping[str, str]) -> str:
+    """The bearer token of the header Cloud Run IAM checks (:func:`checked_header`), or
+    :class:`TokenError`."""
+    header, value = checked_header(headers)
+    return bearer_token(value, header)
+
+
+def is_signature_removed(token: str) -> bool:
+    """True for a token whose signature Cloud Run replaced after verifying it
+    (cloud.google.com/run/docs/troubleshooting#signature-removed)."""
+    return token.count(".") == 2 and token.rsplit(".", 1)[1] == SIGNATURE_REMOVED
+
+
+class SigningKeys:
+    """The keys that sign the tokens, from the JWKS at ``jwks_url`` (Google's by default; tests
+    serve one on loopback). Cached: Google rotates them about daily, and a token with an unknown
+    ``kid`` refetches them."""
+
+    def __init__(self, jwks_url: str = GOOGLE_JWKS_URL) -> None:
+        self._client = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=3600, timeout=10)
+
+    def key_for(self, token: str) -> Any:
+        """The key that signed ``token`` (its ``kid``), or :class:`TokenKeysUnavailable` /
+        :class:`TokenError`."""
+        try:
+            return self._client.get_signing_key_from_jwt(token).key
+        except jwt.PyJWKClientConnectionError as exc:
+            raise TokenKeysUnavailable("could not fetch the token signing keys") from exc
+        except jwt.PyJWTError as exc:
+            raise TokenError(f"invalid token: {exc}") from exc
+
+
+def decode_claims(
+    token: str,
+    audience: str | None,
+    issuers: tuple[str, ...],
+    leeway_seconds: float,
+    *,
+    key: Any = None,
+    algorithms: list[str] | None = None,
+    options: dict[str, bool] | None = None,
+) -> dict[str, Any]:
+    """PyJWT's claim checks (and signature, when ``key`` is given), errors as TokenError."""
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=algorithms,
+            audience=audience,
+            issuer=list(issuers),
+            leeway=leeway_seconds,
+            options=cast("Options", {**(options or {}), "require": _REQUIRED_CLAIMS}),
+        )
+    except jwt.PyJWTError as exc:
+        # PyJWT's messages name the failed check, never the token itself.
+        raise TokenError(f"invalid token: {exc}") from exc
+    return claims
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is not None:
+        return value
+    lowered = name.lower()
+    for key, candidate in headers.items():  # a plain dict: HTTP header names are case-insensitive
+        if key.lower() == lowered:
+            return candidate
+    return None
