@@ -346,3 +346,20 @@ def test_recipients_in_events_follow_the_address_policy(
         assert "erin@" not in json.dumps(event)
     else:
         assert "<erin@example.org>" in event["reply"]
+
+
+def test_each_mail_of_a_batch_is_accepted_in_its_own_trace(
+    events_pipeline: Pipeline, reader: EventReader
+) -> None:
+    mails = [
+        {"from": "sender@example.com", "to": [f"r{n}@example.org"], "subject": "s", "text": "t"}
+        for n in range(3)
+    ]
+    response = events_pipeline.http.post("/v1/messages:batch", json={"messages": mails})
+    assert response.status_code == 202, response.text
+    items = response.json()["items"]
+    assert len({item["trace_id"] for item in items}) == 3
+    for item in items:
+        events = reader.until(item["mail_id"], EventType.DELIVERED)
+        assert [e["type"] for e in events] == ["accepted", "delivered"]
+        assert_in_the_mails_trace(events_pipeline, reader, events, item["trace_id"])
