@@ -209,6 +209,7 @@ def service_env(
             "MAILPIPE_DEAD_LETTER_RECORD_SUBSCRIPTION": (
                 topology.dead_letter_record_subscription.name
             ),
+            "MAILPIPE_EVENTS_TOPIC": topology.events_topic.name,
             "MAILPIPE_SMTP_HOST": "127.0.0.1",
             "MAILPIPE_SMTP_PORT": str(smtp_port),
             "MAILPIPE_SMTP_TLS": "none",  # the local server is plain SMTP on loopback

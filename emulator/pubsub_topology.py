@@ -31,6 +31,7 @@ from google.pubsub_v1 import types as pubsub_types
 
 from emulator.clients import publisher_client, resolve_pubsub_host, subscriber_client
 from emulator.errors import TopologyApplyError
+from mailpipe.pubsub import translate_api_errors
 from mailpipe.topology import (
     DeadLetterPolicy,
     RetryPolicy,
@@ -39,7 +40,6 @@ from mailpipe.topology import (
     Topology,
     duration_seconds,
 )
-from publisher.pubsub import translate_api_errors
 
 log = logging.getLogger(__name__)
 

@@ -10,17 +10,57 @@ way for the publisher, the pull worker, ``mailpipe dlq`` and the emulator helper
 * with the library's own OpenTelemetry tracing (``tracing=True``) where a trace must cross Pub/Sub:
   it writes and reads the ``googclient_traceparent`` attribute (:mod:`mailpipe.attributes`).
 
-Google's API errors are translated in one place, :func:`publisher.pubsub.translate_api_errors` (the
-subscriber makes no unary API call: it is pushed to, or pulls by streaming).
+Google's API errors are translated in one place, :func:`translate_api_errors`::
+
+    PubSubUnavailable     Pub/Sub could not be reached, timed out or refused the request; callers
+                          subclass it (PublishUnavailable, DeadLetterUnavailable) and pass the
+                          subclass to translate_api_errors
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import google.cloud.pubsub_v1 as pubsub_v1
 import grpc
+from google.api_core import exceptions as api_exceptions
 from google.cloud.pubsub_v1.types import BatchSettings, PublisherOptions, SubscriberOptions
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
+
+# What the client library retries by default (google.pubsub_v1 publisher transport).
+RETRYABLE_API_ERRORS: tuple[type[Exception], ...] = (
+    api_exceptions.Aborted,
+    api_exceptions.Cancelled,
+    api_exceptions.DeadlineExceeded,
+    api_exceptions.InternalServerError,
+    api_exceptions.ResourceExhausted,
+    api_exceptions.ServiceUnavailable,
+    api_exceptions.Unknown,
+)
+
+
+class PubSubUnavailable(Exception):
+    """Pub/Sub could not be reached, timed out or refused the request."""
+
+    @property
+    def deadline_exceeded(self) -> bool:
+        """True when the request ran out of time (a waiting pull that found nothing)."""
+        return isinstance(self.__cause__, api_exceptions.DeadlineExceeded)
+
+
+@contextmanager
+def translate_api_errors(
+    what: str, error: Callable[[str], Exception] = PubSubUnavailable
+) -> Iterator[None]:
+    """The one place Google's API errors become mailpipe's: ``error(f"{what}: {reason}")``."""
+    try:
+        yield
+    except api_exceptions.GoogleAPICallError as exc:
+        raise error(f"{what}: {exc.message or exc}") from exc
+    except api_exceptions.RetryError as exc:
+        raise error(f"{what}: Pub/Sub could not be reached (retries exhausted)") from exc
 
 
 def emulator_channel(host: str) -> grpc.Channel:

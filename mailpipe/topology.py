@@ -100,6 +100,11 @@ class Topology:
         return self.topics["dead_letter"]
 
     @property
+    def events_topic(self) -> Topic:
+        """Delivery events, one per state change of a mail (mailpipe.events)."""
+        return self.topics["events"]
+
+    @property
     def delivery_subscription(self) -> Subscription:
         return self.subscriptions["delivery"]
 
@@ -118,7 +123,7 @@ class Topology:
 
     def validate(self) -> None:
         problems: list[str] = []
-        for required in ("mail", "dead_letter"):
+        for required in ("mail", "dead_letter", "events"):
             if required not in self.topics:
                 problems.append(f"topics.{required} is missing")
         for required in ("delivery", "dead_letter", "dead_letter_record"):

@@ -60,7 +60,9 @@ from mailpipe.attributes import (
 )
 from mailpipe.durations import DurationError, parse_duration
 from mailpipe.durations import describe as describe_duration
+from mailpipe.events import EventEmitter, EventType
 from mailpipe.mail import MailDecodeError, QueuedMail
+from mailpipe.pubsub import PubSubUnavailable, translate_api_errors
 from mailpipe.record import (
     AlreadyFinal,
     DeliveryRecord,
@@ -69,7 +71,6 @@ from mailpipe.record import (
     MailStatus,
     RecordError,
 )
-from publisher.pubsub import PubSubUnavailable, translate_api_errors
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +360,9 @@ class DeadLetterReplayer:
         pull_timeout: float = 10.0,
         return_immediately: bool = False,
         publish_timeout: float = 30.0,
+        events: EventEmitter | None = None,
     ) -> None:
+        self._events = events  # `replayed`, inside the `mail replay` span (docs/events.md)
         self._subscriber = subscriber
         self._publisher = publisher
         self._record = record
@@ -555,6 +558,8 @@ class DeadLetterReplayer:
                 self._undo_replayed(mail_id, detail)
                 return outcome(ReplayStatus.FAILED, detail), False
             span.set_attribute(MESSAGING_MESSAGE_ID, message_id)
+            if self._events is not None:
+                self._emit_replayed(mail_id, data, attributes, marked)
             return outcome(
                 ReplayStatus.REPLAYED,
                 f"republished as message {message_id}",
@@ -562,6 +567,16 @@ class DeadLetterReplayer:
                 message_id=message_id,
                 trace_id=trace_id,
             ), True
+
+    def _emit_replayed(
+        self, mail_id: str, data: bytes, attributes: Mapping[str, str], marked: MailRecord
+    ) -> None:
+        assert self._events is not None
+        try:
+            mail: QueuedMail | None = QueuedMail.from_pubsub(data, dict(attributes))
+        except MailDecodeError:
+            mail = None  # replayed all the same; recipients and metadata unknown
+        self._events.emit(EventType.REPLAYED, mail_id, mail=mail, attempt=marked.attempt_count)
 
     def _undo_replayed(self, mail_id: str, detail: str) -> None:
         """Put a mail whose republish failed back to ``dead_lettered``: ``dlq list`` shows it."""

@@ -13,17 +13,20 @@ from typing import cast
 import flask
 from flask import Flask
 
+from mailpipe.events import EventsConfig, build_emitter
 from mailpipe.id_token import GOOGLE_JWKS_URL, TokenError, TokenKeysUnavailable
 from mailpipe.logs import configure_logging
 from mailpipe.reconcile import stuck_counts
 from mailpipe.record import DeliveryRecord, open_record
 from mailpipe.serving import serve_wsgi
 from mailpipe.telemetry import Telemetry, idle_span_flush, setup_telemetry
+from mailpipe.topology import load_topology
 from publisher.app import ApiError, create_app
 from publisher.caller import identify_caller
 from publisher.config import PublisherConfig
+from publisher.events import AcceptedEvents
 from publisher.idempotency import CallerIdentity
-from publisher.pubsub import PubSubMailPublisher
+from publisher.pubsub import MailPublisher, PubSubMailPublisher
 
 
 def oldest_undelivered_age(
@@ -69,16 +72,22 @@ def caller_identity(*, local_mode: bool, jwks_url: str = GOOGLE_JWKS_URL) -> Cal
 
 
 def build_app(
-    config: PublisherConfig, *, telemetry: Telemetry | None = None
+    config: PublisherConfig,
+    *,
+    telemetry: Telemetry | None = None,
+    events: EventsConfig | None = None,
 ) -> tuple[Flask, Callable[[], None]]:
     """Wire the production collaborators; returns the app and its ``close()``.
 
     ``telemetry`` replaces the one built from the config (tests pass stand-ins for Google's
-    exporters' clients there).
+    exporters' clients there); ``events`` turns the ``accepted`` event on.
     """
     telemetry = telemetry or setup_telemetry(config.telemetry)
     configure_logging(config.telemetry, project=config.pubsub.project)
-    publisher = PubSubMailPublisher(config.pubsub, timeout=config.publish_timeout)
+    publisher: MailPublisher = PubSubMailPublisher(config.pubsub, timeout=config.publish_timeout)
+    emitter = build_emitter(events, config.pubsub, config.telemetry, telemetry.meter_provider)
+    if emitter is not None:
+        publisher = AcceptedEvents(publisher, emitter)
     record = open_record(config.record)
     # The lag alert's metric (delivery lagging > 10 min); read at each metric collection.
     telemetry.metrics.set_oldest_undelivered_source(oldest_undelivered_age(record))
@@ -113,5 +122,12 @@ def build_app(
 
 def serve(environ: Mapping[str, str] | None = None) -> None:
     """Read the config (failing fast) and serve until SIGTERM."""
-    config = PublisherConfig.from_env(os.environ if environ is None else environ)
-    serve_wsgi(lambda: build_app(config), host=config.host, port=config.port, http=config.http)
+    environ = os.environ if environ is None else environ
+    config = PublisherConfig.from_env(environ)
+    events = EventsConfig.from_env(environ, load_topology())
+    serve_wsgi(
+        lambda: build_app(config, events=events),
+        host=config.host,
+        port=config.port,
+        http=config.http,
+    )

@@ -9,16 +9,12 @@ the wait: ``POST /v1/messages:batch`` starts all its mails before it waits for a
 Pub/Sub together; :meth:`~PubSubMailPublisher.publish` is start-then-wait.
 
 Errors (translated in :meth:`PubSubMailPublisher.start`'s wait; Google's API errors in
-:func:`translate_api_errors` only, which ``mailpipe dlq`` and the emulator helpers use too)::
+:func:`mailpipe.pubsub.translate_api_errors`, the one mapping)::
 
     PublishError                  base: the mail was NOT accepted (HTTP 503 / 413)
     ├── PublishUnavailable        Pub/Sub unreachable, timed out or refused the request (also a
     │                             PubSubUnavailable)
     └── MailTooLarge              the encoded mail exceeds Pub/Sub's 10 MB message limit
-
-    PubSubUnavailable             Pub/Sub could not be reached, timed out or refused the request;
-                                  callers subclass it (PublishUnavailable, DeadLetterUnavailable)
-                                  and pass the subclass to translate_api_errors
 """
 
 from __future__ import annotations
@@ -29,51 +25,23 @@ from contextlib import contextmanager
 from typing import Protocol
 
 import google.cloud.pubsub_v1 as pubsub_v1
-from google.api_core import exceptions as api_exceptions
 from google.api_core import retry as api_retry
 from google.cloud.pubsub_v1.publisher import exceptions as publisher_exceptions
 from google.cloud.pubsub_v1.types import BatchSettings
 
 from mailpipe.config import PubSubConfig
 from mailpipe.mail import QueuedMail
-from mailpipe.pubsub import publisher_client
+from mailpipe.pubsub import (
+    RETRYABLE_API_ERRORS,
+    PubSubUnavailable,
+    publisher_client,
+    translate_api_errors,
+)
 
 _RESULT_MARGIN_SECONDS = 5.0
 # Pub/Sub's hard limit is 10,000,000 bytes per publish request; the client library counts the
 # request envelope too, so keep a margin for attributes and framing.
 MAX_PUBSUB_DATA_BYTES = 9_990_000
-# What the client library retries by default (google.pubsub_v1 publisher transport).
-RETRYABLE_API_ERRORS: tuple[type[Exception], ...] = (
-    api_exceptions.Aborted,
-    api_exceptions.Cancelled,
-    api_exceptions.DeadlineExceeded,
-    api_exceptions.InternalServerError,
-    api_exceptions.ResourceExhausted,
-    api_exceptions.ServiceUnavailable,
-    api_exceptions.Unknown,
-)
-
-
-class PubSubUnavailable(Exception):
-    """Pub/Sub could not be reached, timed out or refused the request."""
-
-    @property
-    def deadline_exceeded(self) -> bool:
-        """True when the request ran out of time (a waiting pull that found nothing)."""
-        return isinstance(self.__cause__, api_exceptions.DeadlineExceeded)
-
-
-@contextmanager
-def translate_api_errors(
-    what: str, error: Callable[[str], Exception] = PubSubUnavailable
-) -> Iterator[None]:
-    """The one place Google's API errors become mailpipe's: ``error(f"{what}: {reason}")``."""
-    try:
-        yield
-    except api_exceptions.GoogleAPICallError as exc:
-        raise error(f"{what}: {exc.message or exc}") from exc
-    except api_exceptions.RetryError as exc:
-        raise error(f"{what}: Pub/Sub could not be reached (retries exhausted)") from exc
 
 
 class PublishError(Exception):

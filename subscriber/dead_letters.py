@@ -24,8 +24,10 @@ from mailpipe.attributes import (
     SPAN_MAIL_ID,
     SPAN_OUTCOME,
 )
+from mailpipe.events import EventEmitter, EventType
+from mailpipe.mail import MailDecodeError, QueuedMail
 from mailpipe.metrics import MailMetrics
-from mailpipe.record import DeliveryRecord, RecordError
+from mailpipe.record import DeliveryRecord, MailRecord, RecordError
 from subscriber.delivery import ReceivedMessage
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,14 @@ class DeadLetterRecorder:
     """Handles one dead-lettered message; returns whether to ack it."""
 
     def __init__(
-        self, *, record: DeliveryRecord, tracer: trace.Tracer, metrics: MailMetrics | None = None
+        self,
+        *,
+        record: DeliveryRecord,
+        tracer: trace.Tracer,
+        metrics: MailMetrics | None = None,
+        events: EventEmitter | None = None,
     ) -> None:
+        self._events = events
         self._record = record
         self._tracer = tracer
         self._metrics = metrics
@@ -72,8 +80,34 @@ class DeadLetterRecorder:
                 log.warning("dead-lettered mail %s has no delivery record", mail_id)
             if self._metrics is not None:
                 self._metrics.dead_lettered()
+            if self._events is not None and (updated is None or updated.status == "dead_lettered"):
+                self._emit(message, mail_id, updated, attempts)
             log.warning(
                 "mail dead-lettered",
                 extra={"json_fields": {"mail_id": mail_id, "delivery_count": attempts}},
             )
             return True
+
+    def _emit(
+        self, message: ReceivedMessage, mail_id: str, updated: MailRecord | None, count: str | None
+    ) -> None:
+        """``dead_lettered``, inside the span (the mail's trace): a redelivered copy emits it
+        again with the same ``event_id`` (docs/events.md)."""
+        assert self._events is not None
+        try:
+            mail: QueuedMail | None = QueuedMail.from_pubsub(message.data, dict(message.attributes))
+        except MailDecodeError:
+            mail = None  # still an event: its recipients and metadata are unknown
+        last = updated.attempts[-1] if updated is not None and updated.attempts else None
+        attempt = updated.attempt_count if updated is not None else 0
+        if updated is None and count and count.isdigit():
+            attempt = int(count)
+        self._events.emit(
+            EventType.DEAD_LETTERED,
+            mail_id,
+            mail=mail,
+            attempt=attempt,
+            reply_code=last.reply_code if last else None,
+            enhanced_status=last.enhanced_status if last else None,
+            reply=last.reply_message if last else None,
+        )

@@ -57,6 +57,7 @@ from mailpipe.attributes import (
     current_traceparent,
 )
 from mailpipe.config import AddressStyle
+from mailpipe.events import EventEmitter, EventType
 from mailpipe.logs import redact_address, redact_addresses, redact_secrets
 from mailpipe.mail import MailDecodeError, QueuedMail, UnsendableMail
 from mailpipe.metrics import MailMetrics
@@ -149,8 +150,10 @@ class DeliveryService:
         lease_seconds: float = 120.0,
         address_style: AddressStyle = "domain",
         delivery_timeout: float | None = None,
+        events: EventEmitter | None = None,
     ) -> None:
         self._sender = sender
+        self._events = events  # one event per finished attempt (docs/events.md)
         self._record = record
         self._tracer = tracer
         self._message_id_domain = message_id_domain
@@ -415,6 +418,10 @@ class DeliveryService:
         if self._metrics is not None:
             self._metrics.bounced(reply_code=None, enhanced_status=None)
             self._metrics.delivery_attempts(claim.attempt_number)
+        if self._events is not None:
+            self._events.emit(
+                EventType.BOUNCED, mail_id, attempt=claim.attempt_number, reply=error.summary()
+            )
         return DeliveryResult(Outcome.BOUNCED, mail_id, detail=error.summary())
 
     def _clean(self, text: str) -> str:
@@ -491,6 +498,20 @@ class DeliveryService:
         return DeliveryResult(Outcome.DEFERRED, mail.mail_id, detail=stop.detail)
 
     def _finish(self, mail: QueuedMail, attempt: Attempt) -> None:
+        self._record_attempt(mail, attempt)
+        # Inside `mail deliver`: the event joins the mail's trace.
+        if self._events is not None and attempt.outcome:
+            self._events.emit(
+                EventType(attempt.outcome),
+                mail.mail_id,
+                mail=mail,
+                attempt=attempt.number,
+                reply_code=attempt.reply_code,
+                enhanced_status=attempt.enhanced_status,
+                reply=attempt.reply_message,
+            )
+
+    def _record_attempt(self, mail: QueuedMail, attempt: Attempt) -> None:
         # After a 250 the mail is out: a record failure here must not nack (that would send it
         # again). The claim's lease expires and a redelivery would find the mail `sending`.
         for delay in (0.0, 0.2, 1.0):

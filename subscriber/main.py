@@ -20,6 +20,7 @@ from types import FrameType
 
 from flask import Flask
 
+from mailpipe.events import EventEmitter, EventsConfig, build_emitter
 from mailpipe.logs import configure_logging, register_secret
 from mailpipe.record import DeliveryRecord, open_record
 from mailpipe.serving import serve_wsgi
@@ -46,14 +47,23 @@ class Services:
     sender: SmtpSender
     record: DeliveryRecord
     telemetry: Telemetry
+    events: EventEmitter | None = None
 
     def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
         self.sender.close()
         self.record.close()
         self.telemetry.shutdown()
 
 
-def build_services(config: SubscriberConfig, *, telemetry: Telemetry | None = None) -> Services:
+def build_services(
+    config: SubscriberConfig,
+    *,
+    telemetry: Telemetry | None = None,
+    events: EventsConfig | None = None,
+) -> Services:
+    """``events`` turns the delivery events on (docs/events.md)."""
     telemetry = telemetry or setup_telemetry(config.telemetry)
     configure_logging(config.telemetry, project=config.pubsub.project)
     # The password in every form AUTH gives it, so no log line can show one.
@@ -67,6 +77,7 @@ def build_services(config: SubscriberConfig, *, telemetry: Telemetry | None = No
         metrics=telemetry.metrics,
     )
     record = open_record(config.record)
+    emitter = build_emitter(events, config.pubsub, config.telemetry, telemetry.meter_provider)
     delivery = DeliveryService(
         sender=sender,
         record=record,
@@ -76,9 +87,12 @@ def build_services(config: SubscriberConfig, *, telemetry: Telemetry | None = No
         lease_seconds=config.delivery_lease_seconds,
         address_style=config.telemetry.address_style,
         delivery_timeout=config.delivery_timeout,
+        events=emitter,
     )
-    dead_letters = DeadLetterRecorder(record=record, tracer=tracer, metrics=telemetry.metrics)
-    return Services(delivery, dead_letters, sender, record, telemetry)
+    dead_letters = DeadLetterRecorder(
+        record=record, tracer=tracer, metrics=telemetry.metrics, events=emitter
+    )
+    return Services(delivery, dead_letters, sender, record, telemetry, emitter)
 
 
 def build_push_handler(config: SubscriberConfig, services: Services) -> PushHandler:
@@ -108,10 +122,13 @@ def build_push_handler(config: SubscriberConfig, services: Services) -> PushHand
 
 
 def build_push_app(
-    config: SubscriberConfig, *, telemetry: Telemetry | None = None
+    config: SubscriberConfig,
+    *,
+    telemetry: Telemetry | None = None,
+    events: EventsConfig | None = None,
 ) -> tuple[Flask, Callable[[], None]]:
     """The push app and its ``close()``; ``telemetry`` replaces the one built from the config."""
-    services = build_services(config, telemetry=telemetry)
+    services = build_services(config, telemetry=telemetry, events=events)
     handler = build_push_handler(config, services)
     topology = load_topology()
     app = create_push_app(
@@ -122,13 +139,23 @@ def build_push_app(
     return app, services.close
 
 
-def serve_push(config: SubscriberConfig) -> None:
-    serve_wsgi(lambda: build_push_app(config), host=config.host, port=config.port, http=config.http)
+def serve_push(config: SubscriberConfig, *, events: EventsConfig | None = None) -> None:
+    serve_wsgi(
+        lambda: build_push_app(config, events=events),
+        host=config.host,
+        port=config.port,
+        http=config.http,
+    )
 
 
-def run_pull(config: SubscriberConfig, *, stop: threading.Event | None = None) -> None:
+def run_pull(
+    config: SubscriberConfig,
+    *,
+    stop: threading.Event | None = None,
+    events: EventsConfig | None = None,
+) -> None:
     """Deliver with streaming pull until ``stop`` is set or SIGTERM/SIGINT arrives."""
-    services = build_services(config)
+    services = build_services(config, events=events)
     client = make_subscriber_client(config.pubsub)
     workers = [
         PullWorker(
@@ -170,10 +197,10 @@ def run_pull(config: SubscriberConfig, *, stop: threading.Event | None = None) -
 
 
 def main(mode: str, environ: Mapping[str, str] | None = None) -> None:
-    config = SubscriberConfig.from_env(
-        os.environ if environ is None else environ, push=mode == "push"
-    )
+    environ = os.environ if environ is None else environ
+    config = SubscriberConfig.from_env(environ, push=mode == "push")
+    events = EventsConfig.from_env(environ, load_topology())
     if mode == "push":
-        serve_push(config)
+        serve_push(config, events=events)
     else:
-        run_pull(config)
+        run_pull(config, events=events)

@@ -557,3 +557,31 @@ variable "reconcile" {
     error_message = "reconcile: schedule must be a 5-field cron expression, timeout_seconds 60..3600, image null or a full image reference with a tag or @sha256 digest."
   }
 }
+
+variable "event_webhooks" {
+  type = map(object({
+    endpoint    = string
+    audience    = optional(string)
+    no_wrapper  = optional(bool, false)
+    event_types = optional(list(string), [])
+  }))
+  description = "Integrators' HTTPS endpoints that receive the delivery events (docs/events.md) as Pub/Sub push requests, keyed by a name (the subscription is mailpipe-events-<name>). Each request carries a Google-signed OIDC token of the mailpipe-event-webhooks service account, for `audience` (default: the endpoint URL). no_wrapper = true sends the raw event JSON with the attributes (googclient_traceparent, event_type, mail_id) as HTTP headers instead of Pub/Sub's JSON envelope. event_types (default: all) keeps only those types, with a subscription filter."
+  default     = {}
+
+  validation {
+    condition     = alltrue([for name in keys(var.event_webhooks) : can(regex("^[a-z][a-z0-9-]{0,39}$", name))])
+    error_message = "event_webhooks keys must be 1-40 of a-z, 0-9 and '-', starting with a letter (they name the subscriptions)."
+  }
+  validation {
+    condition     = alltrue([for hook in values(var.event_webhooks) : can(regex("^https://[^/?#@\\s]+(/[^\\s]*)?$", hook.endpoint))])
+    error_message = "event_webhooks endpoints must be https:// URLs without credentials (Pub/Sub push sends the OIDC token in the clear over http)."
+  }
+  validation {
+    condition     = alltrue([for hook in values(var.event_webhooks) : hook.audience == null || try(length(trimspace(hook.audience)) > 0, false)])
+    error_message = "event_webhooks audience, when set, must not be empty (leave it out to use the endpoint URL)."
+  }
+  validation {
+    condition     = alltrue(flatten([for hook in values(var.event_webhooks) : [for t in hook.event_types : contains(["accepted", "delivered", "deferred", "bounced", "suppressed", "dead_lettered", "expired", "replayed", "sandboxed"], t)]]))
+    error_message = "event_webhooks event_types must be among accepted, delivered, deferred, bounced, suppressed, dead_lettered, expired, replayed, sandboxed (mailpipe.events.EventType)."
+  }
+}

@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "ops.cli.trace",
     "ops.cli.canary",
     "ops.cli.dlq",
+    "ops.cli.events",
     "ops.cli.reconcile",
 )
 

@@ -167,6 +167,7 @@ class ReplayServices:
     tracer: Any  # opentelemetry.trace.Tracer
     return_immediately: bool = False
     close: Callable[[], None] = lambda: None
+    events: Any = None  # mailpipe.events.EventEmitter: `replayed` events (None: off)
 
     def replayer(self) -> DeadLetterReplayer:
         return DeadLetterReplayer(
@@ -177,15 +178,22 @@ class ReplayServices:
             dead_letter_subscription=self.pubsub.dead_letter_subscription_path,
             topic=self.pubsub.topic_path,
             return_immediately=self.return_immediately,
+            events=self.events,
         )
 
 
 def open_replay_services(args: argparse.Namespace, environ: Mapping[str, str]) -> ReplayServices:
     """Real clients (emulator-aware through PUBSUB_EMULATOR_HOST), the record and telemetry."""
+    from mailpipe.events import EventEmitter, EventsConfig
     from mailpipe.pubsub import publisher_client, subscriber_client
     from mailpipe.telemetry import setup_telemetry
+    from mailpipe.topology import load_topology
 
     config = read_config(environ)
+    try:
+        events_config = EventsConfig.from_env(environ, load_topology())
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
     record = open_existing_record(record_url(args.record, config.record))
     # The CLI is its own service in traces; it must not take the services' Prometheus port.
     telemetry_config: TelemetryConfig = dataclasses.replace(
@@ -196,6 +204,14 @@ def open_replay_services(args: argparse.Namespace, environ: Mapping[str, str]) -
     # The republish carries the new trace to the subscriber; pull and ack need no tracing.
     publisher = publisher_client(host, tracing=True)
     subscriber = subscriber_client(host, tracing=False)
+    events = None
+    if events_config.topic is not None:  # on the same tracing client: inside `mail replay`
+        events = EventEmitter(
+            publisher,
+            f"projects/{config.pubsub.project}/topics/{events_config.topic}",
+            address_style=config.telemetry.address_style,
+            timeout=events_config.timeout,
+        )
 
     def close() -> None:
         publisher.stop()
@@ -213,6 +229,7 @@ def open_replay_services(args: argparse.Namespace, environ: Mapping[str, str]) -
         # The emulator answers an immediate pull exactly; production may answer it empty.
         return_immediately=bool(host),
         close=close,
+        events=events,
     )
 
 

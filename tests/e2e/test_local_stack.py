@@ -71,7 +71,9 @@ def test_processes_deliver_a_mail_in_one_trace(
         accepted = pipeline.post_mail(MAIL)
         record = pipeline.wait_for_status(accepted["mail_id"], {"delivered", "bounced"})
         [received] = pipeline.smtp.wait_for(1)
+        # The services as processes emit delivery events (docs/events.md), in the mail's trace.
         expected = {"POST /v1/messages", "mail deliver", "smtp data"}
+        expected.add(f"{topology.events_topic.name} create")
         if mode == "pull":  # the library ends its subscribe span at the ack, after delivery
             expected.add(f"{topology.delivery_subscription.name} subscribe")
         spans = wait_for_spans(pipeline, accepted["trace_id"], expected)
@@ -101,6 +103,13 @@ def test_processes_deliver_a_mail_in_one_trace(
     assert f"{topology.mail_topic.name} create" in chain
     # The received mail's traceparent names the `mail deliver` span.
     assert message["traceparent"].split("-")[2] == deliver.span_id
+    # One event per state change, published from the request (accepted) and `mail deliver`.
+    event_parents = sorted(
+        by_id[s.parent_span_id].name
+        for s in spans
+        if s.name == f"{topology.events_topic.name} create"
+    )
+    assert event_parents == ["POST /v1/messages", "mail deliver"]
 
 
 def test_subscriber_replaced_mid_stream_loses_nothing(

@@ -483,6 +483,9 @@ def test_file_exporter_across_processes(
         "MAILPIPE_SMTP_USERNAME": SMTP_USER,
         "MAILPIPE_SMTP_PASSWORD": SMTP_PASSWORD,
         "MAILPIPE_SMTP_ALLOW_PLAINTEXT_AUTH": "1",  # loopback only
+        # The mail path's trees only: the event publishes in them (an `<events topic> create`
+        # under the request and each handler span) are checked in test_delivery_events.py.
+        "MAILPIPE_EVENTS_TOPIC": "none",
     }
     with (
         smtp,

@@ -11,9 +11,13 @@ import pytest
 from google.api_core import exceptions as api_exceptions
 from google.cloud.pubsub_v1.types import BatchSettings, PublisherOptions
 
-from mailpipe.pubsub import publisher_client, subscriber_client
+from mailpipe.pubsub import (
+    PubSubUnavailable,
+    publisher_client,
+    subscriber_client,
+    translate_api_errors,
+)
 from ops.replay import DeadLetterUnavailable
-from publisher.pubsub import PubSubUnavailable, translate_api_errors
 
 NOBODY = "127.0.0.1:9"  # discard port: never contacted, clients connect lazily
 

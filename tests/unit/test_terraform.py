@@ -301,7 +301,8 @@ def test_topics_and_subscriptions_are_for_each_over_the_declaration(
     topics = module.of_type("google_pubsub_topic")
     subscriptions = module.of_type("google_pubsub_subscription")
     assert list(topics) == ["topic"], "one for_each topic resource, no hand-written extras"
-    assert list(subscriptions) == ["subscription"]
+    # Beside the declaration's: only the integrators' webhooks (var.event_webhooks, events.tf).
+    assert sorted(subscriptions) == ["event_webhook", "subscription"]
     assert topics["topic"]["for_each"] == "${local.topics}"
     assert topics["topic"]["name"] == "${each.value.name}"
     sub = subscriptions["subscription"]
@@ -1596,3 +1597,119 @@ def test_cloud_run_keeps_cpu_for_telemetry_and_declares_cloud_run_push_auth(
         else None
     )
     assert declared == "cloud-run"
+
+
+# ------------------------------------------------------------------------------------------------
+# Delivery events (docs/events.md): the topic, who may publish, integrators' webhooks
+# ------------------------------------------------------------------------------------------------
+
+
+def test_every_emitter_may_publish_events_and_only_there(
+    module: Module, topology: Topology
+) -> None:
+    assert topology.events_topic.name == "mailpipe-delivery-events"
+    grant = module.resource("google_pubsub_topic_iam_member", "emitters_publish_events")
+    assert grant["for_each"] == "${local.event_publishers}"
+    assert grant["topic"] == '${google_pubsub_topic.topic["events"].name}'
+    assert grant["role"] == "roles/pubsub.publisher"
+    publishers = module.locals["event_publishers"]
+    for who in (
+        "google_service_account.publisher.member",
+        "google_service_account.subscriber.member",
+        "var.operators",  # `mailpipe dlq replay` emits `replayed`
+    ):
+        assert who in publishers, who
+    # The services get the topic from topology.json (mailpipe.events.EventsConfig): no env needed.
+    assert "MAILPIPE_EVENTS_TOPIC" not in module.text
+
+
+def test_event_webhooks_push_with_an_oidc_token_of_their_own_account(module: Module) -> None:
+    subscription = module.resource("google_pubsub_subscription", "event_webhook")
+    assert subscription["for_each"] == "${var.event_webhooks}"
+    assert subscription["topic"] == '${google_pubsub_topic.topic["events"].id}'
+    assert subscription["name"] == "mailpipe-events-${each.key}"
+    assert subscription["expiration_policy"] == [{"ttl": ""}]
+    [push] = subscription["push_config"]
+    assert push["push_endpoint"] == "${each.value.endpoint}"
+    assert push["oidc_token"] == [
+        {
+            "service_account_email": "${google_service_account.event_webhooks[0].email}",
+            "audience": "${coalesce(each.value.audience, each.value.endpoint)}",
+        }
+    ]
+    unwrapped = _dynamic(push, "no_wrapper")
+    assert unwrapped["for_each"] == "${each.value.no_wrapper ? [true] : []}"
+    assert unwrapped["content"] == [{"write_metadata": True}]
+
+    minting = module.resource(
+        "google_service_account_iam_member", "pubsub_agent_mints_event_webhook_tokens"
+    )
+    assert minting["role"] == "roles/iam.serviceAccountTokenCreator"
+    assert minting["service_account_id"] == "${google_service_account.event_webhooks[0].name}"
+    assert minting["member"] == "${local.pubsub_service_agent}"
+    # The webhook identity is only named in tokens: no grant is made to it.
+    grants = [
+        f"{rtype}.{name}"
+        for (rtype, name), body in module.resources.items()
+        if "_iam_" in rtype and "event_webhooks" in str(body.get("member", ""))
+    ]
+    assert grants == []
+    for rtype, name in (
+        ("google_service_account", "event_webhooks"),
+        ("google_service_account_iam_member", "pubsub_agent_mints_event_webhook_tokens"),
+    ):
+        assert module.resource(rtype, name)["count"] == "${local.event_webhooks_enabled ? 1 : 0}"
+
+
+EVENT_WEBHOOK_CASES = [
+    ({"crm": {"endpoint": "https://hooks.example.com/mailpipe"}}, True),
+    ({"crm": {"endpoint": "https://hooks.example.com", "no_wrapper": True}}, True),
+    ({"crm": {"endpoint": "https://h.example.com/x", "audience": "crm-events"}}, True),
+    ({"crm": {"endpoint": "https://h.example.com/x", "event_types": ["bounced"]}}, True),
+    ({"crm": {"endpoint": "http://hooks.example.com/mailpipe"}}, False),
+    ({"crm": {"endpoint": "hooks.example.com/mailpipe"}}, False),
+    ({"crm": {"endpoint": "https://user:secret@hooks.example.com/"}}, False),
+    ({"crm": {"endpoint": "https://h.example.com/x", "audience": " "}}, False),
+    ({"crm": {"endpoint": "https://h.example.com/x", "event_types": ["opened"]}}, False),
+    ({"CRM_Hook": {"endpoint": "https://hooks.example.com/"}}, False),
+    ({"crm": {"no_wrapper": True}}, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"), EVENT_WEBHOOK_CASES, ids=[json.dumps(v) for v, _ in EVENT_WEBHOOK_CASES]
+)
+def test_event_webhooks_validation(
+    module: Module, tmp_path: Path, value: dict[str, Any], accepted: bool
+) -> None:
+    ok, result = _evaluate(
+        module, tmp_path, {"value": "var.event_webhooks"}, {"event_webhooks": value}
+    )
+    assert ok is accepted, result
+    if not ok:
+        assert "event_webhooks" in result
+
+
+def test_event_webhook_filters_evaluated(module: Module, tmp_path: Path) -> None:
+    ok, result = _evaluate(
+        module,
+        tmp_path,
+        {"filters": "local.event_webhook_filters", "on": "local.event_webhooks_enabled"},
+        {
+            "event_webhooks": {
+                "all": {"endpoint": "https://a.example.com/"},
+                "problems": {
+                    "endpoint": "https://b.example.com/",
+                    "event_types": ["bounced", "dead_lettered"],
+                },
+            }
+        },
+    )
+    assert ok, result
+    assert result["on"] is True
+    assert result["filters"] == {
+        "all": None,
+        "problems": 'attributes.event_type = "bounced" OR attributes.event_type = "dead_lettered"',
+    }
+    ok, result = _evaluate(module, tmp_path, {"on": "local.event_webhooks_enabled"})
+    assert ok and result["on"] is False, result
