@@ -33,6 +33,7 @@ MAIL_TRACEPARENT_HEADER = "traceparent"
 
 PUBSUB_MAIL_ID = "mail_id"
 PUBSUB_SCHEMA_VERSION = "schema_version"
+PUBSUB_DELIVER_BY = "deliver_by"  # RFC 3339: the mail's give-up time (docs/deliver-by.md)
 PUBSUB_TRACEPARENT = "googclient_traceparent"  # W3C traceparent of the publisher's create span
 # Added by Pub/Sub to a dead-lettered copy: how many deliveries the original had.
 PUBSUB_DEAD_LETTER_DELIVERY_COUNT = "CloudPubSubDeadLetterSourceDeliveryCount"

@@ -19,6 +19,10 @@ Schema versions on Pub/Sub::
     1   mailboxes as text ("Ada <ada@example.com>"): still decoded, with the same parser
     2   mailboxes as objects {"name": ..., "address": ...} (published since issue 16)
 
+The give-up time (``deliver_by``, issue 19) rides in the ``deliver_by`` attribute, not in
+``data``: a subscriber of the previous version (which refuses unknown fields) still decodes the
+mail, and only ignores the give-up time (docs/deliver-by.md).
+
 Errors::
 
     pydantic.ValidationError   a request or a queued mail is invalid (HTTP 400 / dead on arrival)
@@ -49,7 +53,7 @@ from pydantic import (
 )
 from uuid6 import uuid7
 
-from mailpipe.attributes import PUBSUB_MAIL_ID, PUBSUB_SCHEMA_VERSION
+from mailpipe.attributes import PUBSUB_DELIVER_BY, PUBSUB_MAIL_ID, PUBSUB_SCHEMA_VERSION
 
 SCHEMA_VERSION = 2
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2})
@@ -322,6 +326,25 @@ class Attachment(BaseModel):
 MetadataValue = str | int | float | bool | None
 
 
+def rfc3339(value: Any) -> Any:
+    """An RFC 3339 time with an offset (or Unix seconds, as SendGrid takes) as an aware UTC time."""
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    try:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return dt.datetime.fromtimestamp(value, dt.UTC)
+        if isinstance(value, str) and len(value) <= 40 and value[:4].isdigit():
+            parsed = dt.datetime.fromisoformat(value.strip().replace("z", "Z"))
+            if parsed.tzinfo is not None:
+                return parsed.astimezone(dt.UTC)
+    except (ValueError, OverflowError, OSError):
+        pass
+    raise ValueError(
+        "must be an RFC 3339 time with an offset, such as 2026-12-01T09:00:00Z or "
+        "2026-12-01T10:00:00+01:00, or Unix seconds"
+    )
+
+
 class MailRequest(BaseModel):
     """A request to send one mail, as accepted by ``POST /v1/messages``."""
 
@@ -356,6 +379,15 @@ class MailRequest(BaseModel):
         default=None, min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$"
     )
     metadata: dict[UnicodeText, MetadataValue] = Field(default_factory=dict, max_length=50)
+    # Not in the queued mail's data (QueuedMail.deliver_by carries the resolved time).
+    deliver_by: Annotated[
+        dt.datetime | None, BeforeValidator(rfc3339, json_schema_input_type=str | int | None)
+    ] = Field(
+        default=None,
+        exclude=True,
+        description="Give up (status expired) if not delivered by then: RFC 3339 with an offset "
+        "(2026-12-01T09:00:00Z) or Unix seconds; default and maximum: docs/deliver-by.md",
+    )
 
     @field_validator("reply_to", mode="before")
     @classmethod
@@ -446,19 +478,30 @@ class QueuedMail(BaseModel):
     mail_id: str
     accepted_at: dt.datetime
     request: MailRequest
+    deliver_by: dt.datetime | None = Field(default=None, exclude=True)  # an attribute on Pub/Sub
 
     @classmethod
-    def accept(cls, request: MailRequest, *, mail_id: str | None = None) -> QueuedMail:
+    def accept(
+        cls,
+        request: MailRequest,
+        *,
+        mail_id: str | None = None,
+        deliver_by: dt.datetime | None = None,
+    ) -> QueuedMail:
         return cls(
             mail_id=mail_id or new_mail_id(),
             accepted_at=dt.datetime.now(dt.UTC),
             request=request,
+            deliver_by=deliver_by,
         )
 
     def to_pubsub(self) -> tuple[bytes, dict[str, str]]:
         """``(data, attributes)`` for ``PublisherClient.publish``."""
         data = self.model_dump_json(by_alias=True).encode("utf-8")
-        return data, {PUBSUB_MAIL_ID: self.mail_id, PUBSUB_SCHEMA_VERSION: str(self.schema_version)}
+        attributes = {PUBSUB_MAIL_ID: self.mail_id, PUBSUB_SCHEMA_VERSION: str(self.schema_version)}
+        if self.deliver_by is not None:
+            attributes[PUBSUB_DELIVER_BY] = self.deliver_by.isoformat()
+        return data, attributes
 
     @classmethod
     def from_pubsub(cls, data: bytes, attributes: dict[str, str] | None = None) -> QueuedMail:
@@ -471,7 +514,9 @@ class QueuedMail(BaseModel):
         if version not in {str(v) for v in SUPPORTED_SCHEMA_VERSIONS}:
             raise MailDecodeError(f"unsupported schema_version {version!r}")
         try:
-            return cls.model_validate_json(data)
+            mail = cls.model_validate_json(data)
+            by = (attributes or {}).get(PUBSUB_DELIVER_BY)
+            return mail.model_copy(update={"deliver_by": rfc3339(by)}) if by else mail
         except ValueError as exc:
             problem = _problems(exc) if isinstance(exc, ValidationError) else str(exc)
             try:

@@ -20,6 +20,12 @@ the record does not store). So:
   released at the end (``modify_ack_deadline 0``); a dry run releases everything and writes
   nothing.
 
+* ``Selection(due=True)`` (``mailpipe dlq replay --due``, the scheduled job; docs/deliver-by.md):
+  one pass that replays the ``dead_lettered`` mails whose ``next_attempt_at`` has come, expires
+  (record ``expired``, event ``expired``, copy acked) those past their ``deliver_by``, and leaves
+  the rest (``not_due``) for a later pass. Each replay is its own trace, linked to the previous
+  attempt's and to the mail's first trace (carried in :data:`ORIGIN_TRACEPARENT`).
+
 Errors::
 
     DlqError                     base of what this module raises
@@ -36,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,10 +59,14 @@ from mailpipe.attributes import (
     MESSAGING_SYSTEM,
     MESSAGING_SYSTEM_PUBSUB,
     PUBSUB_MAIL_ID,
+    PUBSUB_TRACEPARENT,
     SPAN_MAIL_ID,
     SPAN_REPLAY_ORIGINAL_TRACE_ID,
     SPAN_REPLAY_OUTCOME,
     SPAN_REPLAY_SOURCE_MESSAGE_ID,
+    context_from_traceparent,
+    context_link,
+    publisher_context,
     publisher_link,
 )
 from mailpipe.durations import DurationError, parse_duration
@@ -79,6 +90,8 @@ log = logging.getLogger(__name__)
 STRIPPED_ATTRIBUTE_PREFIXES = ("CloudPubSubDeadLetter", "googclient_")
 RELEASE_CHUNK = 500  # ack ids per modify_ack_deadline request (well under the 512 KB limit)
 MAX_ACK_DEADLINE_SECONDS = 600  # Pub/Sub's maximum
+# The mail's first traceparent, kept on replays so every attempt's trace links to the mail's.
+ORIGIN_TRACEPARENT = "mailpipe_origin_traceparent"
 
 
 class DlqError(Exception):
@@ -228,6 +241,9 @@ class ReplayStatus(enum.StrEnum):
     NOT_FOUND = "not_found"  # --id not on the dead-letter subscription: nothing to replay
     NO_RECORD = "no_record"  # a copy without a delivery record: refused (wrong --record?)
     FAILED = "failed"  # record or publish failed; the copy stays on the subscription
+    EXPIRED = "expired"  # --due: past its deliver_by: record expired, copy acked, not sent
+    WOULD_EXPIRE = "would_expire"  # dry run of --due: would expire
+    NOT_DUE = "not_due"  # --due: its next attempt has not come: the copy stays for a later pass
 
     @property
     def ok(self) -> bool:
@@ -300,10 +316,11 @@ class Selection:
     mail_ids: frozenset[str] = frozenset()
     all: bool = False
     since: dt.datetime | None = None
+    due: bool = False  # those whose next attempt has come; expire those past deliver_by
 
     def __post_init__(self) -> None:
-        if not (self.mail_ids or self.all or self.since is not None):
-            raise ValueError("select mails to replay: give mail ids, all=True or since")
+        if not (self.mail_ids or self.all or self.since is not None or self.due):
+            raise ValueError("select mails to replay: give mail ids, all=True, since or due")
 
     def matches(self, mail_id: str, accepted_at: dt.datetime | None) -> bool:
         if self.mail_ids and mail_id not in self.mail_ids:
@@ -320,6 +337,18 @@ def republished_attributes(attributes: Mapping[str, str]) -> dict[str, str]:
         for key, value in attributes.items()
         if not key.startswith(STRIPPED_ATTRIBUTE_PREFIXES)
     }
+
+
+def _decoded(data: bytes, attributes: Mapping[str, str]) -> QueuedMail | None:
+    try:
+        return QueuedMail.from_pubsub(data, dict(attributes))
+    except MailDecodeError:
+        return None
+
+
+def _deliver_by(data: bytes, attributes: Mapping[str, str]) -> dt.datetime | None:
+    mail = _decoded(data, attributes)
+    return mail.deliver_by if mail else None
 
 
 def _accepted_at(
@@ -476,6 +505,8 @@ class DeadLetterReplayer:
                 source,
             ), False
         status = str(record.status)
+        if selection.due and not record.status.final:
+            return self._due(mail_id, message.data, attributes, source, record, dry_run)
         if record.status.final:
             return ReplayOutcome(
                 mail_id,
@@ -496,6 +527,59 @@ class DeadLetterReplayer:
             ), False
         return self._republish(mail_id, message.data, attributes, source, record)
 
+    def _due(
+        self,
+        mail_id: str,
+        data: bytes,
+        attributes: Mapping[str, str],
+        source: str,
+        record: MailRecord,
+        dry_run: bool,
+    ) -> tuple[ReplayOutcome, bool]:
+        """``--due``: expire past deliver_by, replay when next_attempt_at has come, else leave."""
+        now = dt.datetime.now(dt.UTC)
+        status, due_at = str(record.status), record.next_attempt_at
+        deliver_by = record.deliver_by or _deliver_by(data, attributes)
+        out = functools.partial(ReplayOutcome, mail_id, record_status=status)
+        out = functools.partial(out, source_message_id=source, original_trace_id=record.trace_id)
+        if deliver_by is not None and deliver_by <= now:
+            if dry_run:
+                return out(ReplayStatus.WOULD_EXPIRE, f"deliver_by {deliver_by} passed"), False
+            return self._expire(mail_id, data, attributes, deliver_by, out), True
+        if record.status is not MailStatus.DEAD_LETTERED or due_at is None or due_at > now:
+            why = f"next attempt at {due_at.isoformat()}" if due_at else f"record: {status}"
+            return out(ReplayStatus.NOT_DUE, f"not due ({why}); left for a later pass"), False
+        if dry_run:
+            return out(ReplayStatus.WOULD_REPLAY, f"due since {due_at.isoformat()}"), False
+        return self._republish(mail_id, data, attributes, source, record)
+
+    def _expire(
+        self,
+        mail_id: str,
+        data: bytes,
+        attributes: Mapping[str, str],
+        deliver_by: dt.datetime,
+        out: Callable[..., ReplayOutcome],
+    ) -> ReplayOutcome:
+        """Past deliver_by: ``expired`` in the record, the ``expired`` event in the mail's trace."""
+        origin = context_from_traceparent(attributes.get(ORIGIN_TRACEPARENT))
+        with self._tracer.start_as_current_span(
+            "mail expire", context=origin or publisher_context(attributes) or otel_context.Context()
+        ) as span:
+            span.set_attribute(SPAN_MAIL_ID, mail_id)
+            reason = f"deliver_by {deliver_by.isoformat()} passed while dead-lettered"
+            try:
+                marked = self._record.expire(mail_id, reason=reason)
+            except RecordError as exc:
+                return out(ReplayStatus.FAILED, f"delivery record unavailable: {exc}")
+            if marked is not None and marked.status is not MailStatus.EXPIRED:
+                return out(ReplayStatus.ALREADY_FINAL, f"already {marked.status}: not expired")
+            if self._events is not None:
+                mail = _decoded(data, attributes)
+                attempt = marked.attempt_count if marked else 0
+                self._events.emit(EventType.EXPIRED, mail_id, mail=mail, attempt=attempt)
+            return out(ReplayStatus.EXPIRED, reason, record_status="expired")
+
     def _republish(
         self,
         mail_id: str,
@@ -504,12 +588,15 @@ class DeadLetterReplayer:
         source: str,
         record: MailRecord,
     ) -> tuple[ReplayOutcome, bool]:
-        link = publisher_link(attributes)
+        origin = attributes.get(ORIGIN_TRACEPARENT) or attributes.get(PUBSUB_TRACEPARENT)
+        links = [publisher_link(attributes)]  # the attempt before, and the mail's first trace:
+        if origin and origin != attributes.get(PUBSUB_TRACEPARENT):
+            links.append(context_link(context_from_traceparent(origin)))
         with self._tracer.start_as_current_span(
             "mail replay",
             context=otel_context.Context(),  # a new trace: the replay is its own operation
             kind=SpanKind.INTERNAL,
-            links=[link] if link else [],
+            links=[link for link in links if link],
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
@@ -548,14 +635,15 @@ class DeadLetterReplayer:
                 return outcome(ReplayStatus.FAILED, f"delivery record unavailable: {exc}"), False
 
             try:
-                future = self._publisher.publish(
-                    self._topic, data, **republished_attributes(attributes)
-                )
+                kept = republished_attributes(attributes)
+                if origin:
+                    kept[ORIGIN_TRACEPARENT] = origin
+                future = self._publisher.publish(self._topic, data, **kept)
                 message_id = str(future.result(timeout=self._publish_timeout))
             # Any failure (API error, timeout, too large) leaves the copy on the subscription.
             except Exception as exc:
                 detail = f"republish failed: {exc}"
-                self._undo_replayed(mail_id, detail)
+                self._undo_replayed(mail_id, detail, record.next_attempt_at)
                 return outcome(ReplayStatus.FAILED, detail), False
             span.set_attribute(MESSAGING_MESSAGE_ID, message_id)
             if self._events is not None:
@@ -578,10 +666,10 @@ class DeadLetterReplayer:
             mail = None  # replayed all the same; recipients and metadata unknown
         self._events.emit(EventType.REPLAYED, mail_id, mail=mail, attempt=marked.attempt_count)
 
-    def _undo_replayed(self, mail_id: str, detail: str) -> None:
+    def _undo_replayed(self, mail_id: str, detail: str, due: dt.datetime | None) -> None:
         """Put a mail whose republish failed back to ``dead_lettered``: ``dlq list`` shows it."""
         try:
-            self._record.mark_dead_lettered(mail_id, last_error=detail)
+            self._record.mark_dead_lettered(mail_id, last_error=detail, next_attempt_at=due)
         except RecordError:
             log.exception("could not put mail %s back to dead_lettered", mail_id)
 

@@ -44,6 +44,7 @@ from mailpipe.record import (
     RecordUnavailable,
 )
 from publisher.config import PublisherConfig
+from publisher.deliver_by import DeliverByError, resolve_deliver_by
 from publisher.idempotency import (
     IDEMPOTENCY_HEADER,
     CallerIdentity,
@@ -323,6 +324,18 @@ def _admit(
         )
 
     mail = QueuedMail.accept(mail_request)
+    try:
+        deliver_by = resolve_deliver_by(
+            mail_request.deliver_by,
+            mail.accepted_at,
+            default_within=config.default_deliver_within,
+            max_within=config.max_deliver_within,
+        )
+    except DeliverByError as exc:
+        raise ApiError(
+            400, "invalid_request", f"deliver_by {exc}", {"deliver_by": str(exc)}
+        ) from exc
+    mail = mail.model_copy(update={"deliver_by": deliver_by})
     reserved = mail_request.idempotency_key is not None
     if reserved:
         # Only a key needs claiming before the publish (so a retry never publishes twice);
@@ -337,6 +350,7 @@ def _admit(
                 idempotency_scope=scope(),
                 request_hash=fingerprint,
                 reservation_seconds=config.idempotency_reservation_seconds,
+                deliver_by=deliver_by,
             )
         except RecordError as exc:
             log.error("delivery record unavailable, refusing the mail: %s", exc)
@@ -386,6 +400,7 @@ def _queued(services: ApiServices, admitted: _Admitted, message_id: str) -> Answ
             trace_id=trace_id,
             accepted_at=mail.accepted_at,
             recipient_domains=mail_request.recipient_domains,
+            deliver_by=mail.deliver_by,
         )
     except Exception:
         # The mail IS on Pub/Sub: the subscriber's claim creates or completes the record, so

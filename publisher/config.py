@@ -13,6 +13,7 @@ from email_validator import EmailNotValidError, validate_email
 
 from mailpipe.config import EnvReader, HttpConfig, PubSubConfig, TelemetryConfig, read_record
 from mailpipe.topology import Topology, load_topology
+from publisher.deliver_by import max_deliver_within, read_deliver_within
 
 
 def ascii_domain(domain: str) -> str:
@@ -65,6 +66,9 @@ class PublisherConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     # The domains a mail's From may use (ASCII form); None: any (MAILPIPE_ALLOWED_SENDER_DOMAINS).
     allowed_sender_domains: frozenset[str] | None = None
+    # deliver_by: default (MAILPIPE_DEFAULT_DELIVER_WITHIN) and maximum (dead-letter retention).
+    default_deliver_within: float = 72 * 3600.0
+    max_deliver_within: float = 604_800.0
 
     def sender_allowed(self, domain: str) -> bool:
         """Whether a From address at ``domain`` may be sent (a valid domain, any form)."""
@@ -102,6 +106,8 @@ class PublisherConfig:
             ),
             http=HttpConfig.read(env),
             allowed_sender_domains=_read_sender_domains(env),
+            default_deliver_within=read_deliver_within(env, max_deliver_within(topology)),
+            max_deliver_within=max_deliver_within(topology),
         )
         env.finish()
         return config

@@ -138,6 +138,12 @@ def openapi_document() -> dict[str, Any]:
                 "last_error": {"type": ["string", "null"]},
                 "replays": {"type": "array", "items": {"type": "string"}},
                 "attempts": {"type": "array", "items": {"type": "object"}},
+                "deliver_by": {"type": ["string", "null"], "format": "date-time"},
+                "next_attempt_at": {
+                    "type": ["string", "null"],
+                    "format": "date-time",
+                    "description": "Dead-lettered: when `mailpipe dlq replay --due` retries it",
+                },
                 "stuck": {
                     "oneOf": [{"$ref": "#/components/schemas/StuckMail"}, {"type": "null"}],
                     "description": "Set when `mailpipe reconcile --fix` would settle this record",

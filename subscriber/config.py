@@ -26,6 +26,12 @@ from typing import Literal, cast
 
 from mailpipe.config import EnvReader, HttpConfig, PubSubConfig, TelemetryConfig, read_record
 from mailpipe.topology import Topology, load_topology
+from subscriber.retry_schedule import (
+    DEFAULT_RETRY_SCHEDULE,
+    RETRY_SCHEDULE_VARIABLE,
+    RetrySchedule,
+    RetryScheduleError,
+)
 
 DEFAULT_DELIVERY_TIMEOUT = 60.0  # seconds; never more than half the lease (see the module doc)
 DEFAULT_POOL_WAIT = 10.0  # seconds; never more than half the delivery timeout
@@ -136,6 +142,9 @@ class SubscriberConfig:
     delivery_lease_seconds: float = 120.0
     http: HttpConfig = field(default_factory=HttpConfig)
     delivery_timeout: float = DEFAULT_DELIVERY_TIMEOUT
+    retry_schedule: RetrySchedule = field(
+        default_factory=lambda: RetrySchedule.parse(DEFAULT_RETRY_SCHEDULE)
+    )
 
     @property
     def local_mode(self) -> bool:
@@ -181,7 +190,15 @@ class SubscriberConfig:
                         "(PUBSUB_EMULATOR_HOST unset): the push subscription's OIDC token is "
                         "checked against it"
                     )
+        try:
+            schedule = RetrySchedule.parse(
+                env.string(RETRY_SCHEDULE_VARIABLE, DEFAULT_RETRY_SCHEDULE)
+            )
+        except RetryScheduleError as exc:
+            env.problems[RETRY_SCHEDULE_VARIABLE] = str(exc)
+            schedule = RetrySchedule.parse(DEFAULT_RETRY_SCHEDULE)
         config = cls(
+            retry_schedule=schedule,
             pubsub=pubsub,
             smtp=smtp,
             telemetry=TelemetryConfig.read(env, "mailpipe-subscriber"),

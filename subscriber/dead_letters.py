@@ -4,10 +4,15 @@ Pub/Sub forwards a message to the dead-letter topic after ``max_delivery_attempt
 the original attributes (``mail_id``, ``googclient_traceparent``) and gains
 ``CloudPubSubDeadLetterSourceDeliveryCount``. This consumer reads the ``dead_letter_record``
 subscription; the ``dead_letter`` subscription keeps the data for ``mailpipe dlq replay``.
+
+Give-up time (docs/deliver-by.md): a mail dead-lettered before its ``deliver_by`` gets
+``next_attempt_at`` from the retry schedule (``mailpipe dlq replay --due`` replays it then; none
+when no attempt fits before ``deliver_by``); one past it becomes ``expired`` (event ``expired``).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 
 from opentelemetry import context as otel_context
@@ -29,6 +34,7 @@ from mailpipe.mail import MailDecodeError, QueuedMail
 from mailpipe.metrics import MailMetrics
 from mailpipe.record import DeliveryRecord, MailRecord, RecordError
 from subscriber.delivery import ReceivedMessage
+from subscriber.retry_schedule import DEFAULT_RETRY_SCHEDULE, RetrySchedule
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +49,9 @@ class DeadLetterRecorder:
         tracer: trace.Tracer,
         metrics: MailMetrics | None = None,
         events: EventEmitter | None = None,
+        schedule: RetrySchedule | None = None,
     ) -> None:
+        self._schedule = schedule or RetrySchedule.parse(DEFAULT_RETRY_SCHEDULE)
         self._events = events
         self._record = record
         self._tracer = tracer
@@ -71,39 +79,63 @@ class DeadLetterRecorder:
             if attempts and attempts.isdigit():
                 span.set_attribute(MESSAGING_DELIVERY_ATTEMPT, int(attempts))
             try:
-                updated = self._record.mark_dead_lettered(mail_id, last_error=None)
+                mail: QueuedMail | None = QueuedMail.from_pubsub(
+                    message.data, dict(message.attributes)
+                )
+            except MailDecodeError:
+                mail = None  # still recorded; its recipients, metadata and schedule are unknown
+            try:
+                updated = self._mark(mail_id, mail)
             except RecordError as exc:
                 log.error("could not mark mail %s dead-lettered: %s", mail_id, exc)
                 return False
-            span.set_attribute(SPAN_OUTCOME, "dead_lettered")
+            span.set_attribute(SPAN_OUTCOME, str(updated.status) if updated else "dead_lettered")
             if updated is None:
                 log.warning("dead-lettered mail %s has no delivery record", mail_id)
             if self._metrics is not None:
                 self._metrics.dead_lettered()
-            if self._events is not None and (updated is None or updated.status == "dead_lettered"):
-                self._emit(message, mail_id, updated, attempts)
+            if self._events is not None and (
+                updated is None or updated.status in ("dead_lettered", "expired")
+            ):
+                self._emit(mail, mail_id, updated, attempts)
             log.warning(
                 "mail dead-lettered",
                 extra={"json_fields": {"mail_id": mail_id, "delivery_count": attempts}},
             )
             return True
 
+    def _mark(self, mail_id: str, mail: QueuedMail | None) -> MailRecord | None:
+        """``dead_lettered`` with its next attempt, or ``expired`` past its deliver_by."""
+        found = self._record.get(mail_id)
+        deliver_by = (mail.deliver_by if mail else None) or (found.deliver_by if found else None)
+        accepted_at = mail.accepted_at if mail else found.accepted_at if found else None
+        now = dt.datetime.now(dt.UTC)
+        expired = deliver_by is not None and deliver_by <= now
+        next_at = None
+        if accepted_at is not None and not expired:
+            next_at = self._schedule.next_attempt(accepted_at, now, deliver_by)
+        note = f"deliver_by {deliver_by.isoformat()} passed" if expired and deliver_by else None
+        last = found.last_error if found else None
+        return self._record.mark_dead_lettered(
+            mail_id,
+            last_error=f"{note}; last error: {last}" if note else None,
+            next_attempt_at=next_at,
+            expire_at=deliver_by,
+        )
+
     def _emit(
-        self, message: ReceivedMessage, mail_id: str, updated: MailRecord | None, count: str | None
+        self, mail: QueuedMail | None, mail_id: str, updated: MailRecord | None, count: str | None
     ) -> None:
-        """``dead_lettered``, inside the span (the mail's trace): a redelivered copy emits it
-        again with the same ``event_id`` (docs/events.md)."""
+        """``dead_lettered`` (or ``expired``), inside the span (the mail's trace): a redelivered
+        copy emits it again with the same ``event_id`` (docs/events.md)."""
         assert self._events is not None
-        try:
-            mail: QueuedMail | None = QueuedMail.from_pubsub(message.data, dict(message.attributes))
-        except MailDecodeError:
-            mail = None  # still an event: its recipients and metadata are unknown
         last = updated.attempts[-1] if updated is not None and updated.attempts else None
         attempt = updated.attempt_count if updated is not None else 0
         if updated is None and count and count.isdigit():
             attempt = int(count)
+        expired = updated is not None and updated.status == "expired"
         self._events.emit(
-            EventType.DEAD_LETTERED,
+            EventType.EXPIRED if expired else EventType.DEAD_LETTERED,
             mail_id,
             mail=mail,
             attempt=attempt,

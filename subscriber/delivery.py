@@ -9,6 +9,7 @@ ack/nack decision lives in :func:`decide` and nowhere else::
                  (it cannot be built, or needs SMTPUTF8                  refuses or cannot build
                  that the relay lacks)                                   included: recorded)
     duplicate    the record says delivered/bounced        yes    204
+    expired      claimed past its deliver_by: not sent    yes    204   (docs/deliver-by.md)
     deferred     4xx, timeout, connection/TLS failure,    no     503   (Pub/Sub retries with
                  record unavailable, claimed elsewhere,                 backoff, then dead-letters)
                  no pooled connection in time, the
@@ -78,11 +79,12 @@ class Outcome(enum.StrEnum):
     BOUNCED = "bounced"
     DUPLICATE = "duplicate"
     UNDECODABLE = "undecodable"
+    EXPIRED = "expired"
 
 
 def decide(outcome: Outcome) -> bool:
     """Whether the Pub/Sub message is acknowledged (True) or handed back for a retry (False)."""
-    return outcome in (Outcome.DELIVERED, Outcome.BOUNCED, Outcome.DUPLICATE)
+    return outcome in (Outcome.DELIVERED, Outcome.BOUNCED, Outcome.DUPLICATE, Outcome.EXPIRED)
 
 
 class MailSender(Protocol):
@@ -228,7 +230,9 @@ class DeliveryService:
             trace_id=trace_id,
         )
 
-    def _deliver_in_span(self, message: ReceivedMessage, span: trace.Span) -> DeliveryResult:
+    def _deliver_in_span(  # noqa: PLR0911 - one return per row of the module's table
+        self, message: ReceivedMessage, span: trace.Span
+    ) -> DeliveryResult:
         deadline = time.monotonic() + self._delivery_timeout  # the whole delivery's budget
         try:
             mail = QueuedMail.from_pubsub(message.data, dict(message.attributes))
@@ -249,6 +253,7 @@ class DeliveryService:
                 # Used only if the record is missing (its write failed): the lag stays right.
                 accepted_at=mail.accepted_at,
                 recipient_domains=mail.request.recipient_domains,
+                deliver_by=mail.deliver_by,
             )
         except RecordError as exc:
             return DeliveryResult(
@@ -266,6 +271,10 @@ class DeliveryService:
                 mail.mail_id,
                 detail="another delivery of this mail is in progress",
             )
+        # Claimed past its give-up time: expired, never sent (docs/deliver-by.md).
+        deliver_by = mail.deliver_by or (claim.record.deliver_by if claim.record else None)
+        if deliver_by is not None and deliver_by <= dt.datetime.now(dt.UTC):
+            return self._expire(mail, claim.attempt_number, deliver_by)
         return self._send(mail, claim.attempt_number, message.message_id, trace_id, deadline)
 
     def _send(
@@ -423,6 +432,17 @@ class DeliveryService:
                 EventType.BOUNCED, mail_id, attempt=claim.attempt_number, reply=error.summary()
             )
         return DeliveryResult(Outcome.BOUNCED, mail_id, detail=error.summary())
+
+    def _expire(self, mail: QueuedMail, attempt: int, deliver_by: dt.datetime) -> DeliveryResult:
+        """Claimed past its deliver_by: ``expired`` (final), acked, never sent."""
+        detail = f"not sent: deliver_by {deliver_by.isoformat()} has passed"
+        try:
+            self._record.expire(mail.mail_id, reason=detail)
+        except RecordError as exc:  # nothing was sent: the retry expires it
+            return DeliveryResult(Outcome.DEFERRED, mail.mail_id, detail=f"record: {exc}")
+        if self._events is not None:
+            self._events.emit(EventType.EXPIRED, mail.mail_id, mail=mail, attempt=attempt)
+        return DeliveryResult(Outcome.EXPIRED, mail.mail_id, detail=detail)
 
     def _clean(self, text: str) -> str:
         """``text`` as it may be kept: no registered secret, addresses as configured."""

@@ -90,7 +90,11 @@ def build_services(
         events=emitter,
     )
     dead_letters = DeadLetterRecorder(
-        record=record, tracer=tracer, metrics=telemetry.metrics, events=emitter
+        record=record,
+        tracer=tracer,
+        metrics=telemetry.metrics,
+        events=emitter,
+        schedule=config.retry_schedule,
     )
     return Services(delivery, dead_letters, sender, record, telemetry, emitter)
 

@@ -16,6 +16,7 @@ Lifecycle of a mail's status::
         └─publish failed─▶ (released: the key is free again)   └─5xx─▶ bounced
     (no idempotency key) ─publish ok─▶ queued: nothing to reserve, one write after the publish
     deferred/queued/sending ─dead-letter consumer─▶ dead_lettered ─dlq replay─▶ replayed
+    past deliver_by: claimed, dead-lettered or due-replayed ─▶ expired (final; docs/deliver-by.md)
     replayed ─claim─▶ sending …
     accepting past reserved_until ─reserve of its key / reconcile─▶ (released)
     sending past lease_until + grace ─reconcile─▶ unconfirmed ─claim─▶ sending …
@@ -90,6 +91,7 @@ __all__ = [
     "open_record",
 ]
 R = TypeVar("R")
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 # How long a reservation holds its idempotency key unless the caller says (the publisher passes
 # MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS); also the expiry of reservations written before
 # records carried ``reserved_until``.
@@ -132,10 +134,11 @@ class MailStatus(enum.StrEnum):
     REPLAYED = "replayed"
     # Reconciled: the last delivery attempt's outcome was never recorded (see the docstring).
     UNCONFIRMED = "unconfirmed"
+    EXPIRED = "expired"  # its deliver_by passed before it was delivered: given up, never sent
 
     @property
     def final(self) -> bool:
-        return self in (MailStatus.DELIVERED, MailStatus.BOUNCED)
+        return self in (MailStatus.DELIVERED, MailStatus.BOUNCED, MailStatus.EXPIRED)
 
 
 # Replayed mails are back on the mail topic: until delivered they count toward the lag alert.
@@ -165,7 +168,7 @@ class Attempt:
 # The fields the status API shows, in its order (not the idempotency or lease bookkeeping).
 _SHOWN = (
     "mail_id status accepted_at updated_at delivered_at trace_id message_id recipient_domains"
-    " last_error replays attempts"
+    " last_error replays attempts deliver_by next_attempt_at"
 )
 
 
@@ -190,6 +193,8 @@ class MailRecord:
     idempotency_scope: str | None = None  # whose key it is (the caller); None: the shared scope
     request_hash: str | None = None  # fingerprint of the request that reserved the key
     reserved_until: dt.datetime | None = None  # while accepting: when the reservation expires
+    deliver_by: dt.datetime | None = None  # the give-up time (docs/deliver-by.md)
+    next_attempt_at: dt.datetime | None = None  # dead-lettered: when `dlq replay --due` retries
 
     def to_json(self) -> dict[str, object]:
         fields = encode(self, time=dt.datetime.isoformat)
@@ -346,6 +351,7 @@ class DeliveryRecord:
         idempotency_scope: str | None = None,
         request_hash: str | None = None,
         reservation_seconds: float = DEFAULT_RESERVATION_SECONDS,
+        deliver_by: dt.datetime | None = None,
     ) -> Reservation:
         """Create the record ``accepting`` until now + ``reservation_seconds``, atomically
         claiming ``idempotency_key`` within ``idempotency_scope``.
@@ -379,6 +385,7 @@ class DeliveryRecord:
                 idempotency_scope=idempotency_scope if idempotency_key is not None else None,
                 request_hash=request_hash,
                 reserved_until=now + hold,
+                deliver_by=deliver_by,
             )
             if holder is not None:  # left by a crash: the key is ours
                 txn.delete(MAILS, holder.mail_id)
@@ -397,6 +404,7 @@ class DeliveryRecord:
         trace_id: str | None,
         accepted_at: dt.datetime | None = None,
         recipient_domains: tuple[str, ...] = (),
+        deliver_by: dt.datetime | None = None,
     ) -> None:
         """The publish succeeded: ``accepting`` → ``queued`` with Pub/Sub's message id.
 
@@ -419,6 +427,7 @@ class DeliveryRecord:
                 reserved_until=None,  # the reservation's work is done: the key now holds for good
                 message_id=record.message_id or message_id,
                 trace_id=record.trace_id or trace_id,
+                deliver_by=record.deliver_by or deliver_by,
                 updated_at=now,
             )
 
@@ -495,6 +504,7 @@ class DeliveryRecord:
         lease_seconds: float,
         accepted_at: dt.datetime | None = None,
         recipient_domains: tuple[str, ...] = (),
+        deliver_by: dt.datetime | None = None,
     ) -> Claim:
         """Start a delivery attempt. ``CLAIMED`` carries its number (``Attempt.number`` for
         :meth:`finish`) and the record as written; ``accepted_at`` and ``recipient_domains``
@@ -506,7 +516,7 @@ class DeliveryRecord:
             if record is None:
                 # The mail reached the subscriber without a record (the publisher's write lagged
                 # or failed, or the mail predates the record): deliver it, record it from here.
-                ids = {"trace_id": trace_id, "message_id": message_id}
+                ids = {"trace_id": trace_id, "message_id": message_id, "deliver_by": deliver_by}
                 at = accepted_at or now
                 record = _new(mail_id, MailStatus.QUEUED, at, now, recipient_domains, **ids)
             count = record.attempt_count
@@ -589,9 +599,16 @@ class DeliveryRecord:
 
         return self._apply("finish", mail_id, rule)
 
-    def mark_dead_lettered(self, mail_id: str, *, last_error: str | None) -> MailRecord | None:
+    def mark_dead_lettered(
+        self,
+        mail_id: str,
+        *,
+        last_error: str | None,
+        next_attempt_at: dt.datetime | None = None,
+        expire_at: dt.datetime | None = None,
+    ) -> MailRecord | None:
         """The dead-letter consumer saw the mail; ``None`` without a record, a final record
-        unchanged."""
+        unchanged. ``expired`` instead when ``expire_at`` (its deliver_by) has passed."""
         if id_problem(mail_id):
             return None  # no record can have this id
 
@@ -599,12 +616,22 @@ class DeliveryRecord:
             if record is None or record.status.final:
                 return record, None
             error = last_error if last_error is not None else record.last_error
+            expired = expire_at is not None and expire_at <= now
             new = dataclasses.replace(
-                record, status=MailStatus.DEAD_LETTERED, last_error=error, updated_at=now
+                record,
+                status=MailStatus.EXPIRED if expired else MailStatus.DEAD_LETTERED,
+                last_error=error,
+                next_attempt_at=None if expired else next_attempt_at,
+                lease_until=None if expired else record.lease_until,
+                updated_at=now,
             )
             return new, new
 
         return self._apply("mark_dead_lettered", mail_id, rule)
+
+    def expire(self, mail_id: str, *, reason: str) -> MailRecord | None:
+        """Give the mail up now: ``expired`` (final) unless already final; ``None`` without one."""
+        return self.mark_dead_lettered(mail_id, last_error=reason, expire_at=_EPOCH)
 
     def mark_replayed(self, mail_id: str, *, trace_id: str | None) -> MailRecord:
         """``mailpipe dlq replay`` republishes it: ``replayed``, ``trace_id`` added to
@@ -619,7 +646,11 @@ class DeliveryRecord:
                 raise AlreadyFinal(f"mail {mail_id} is {record.status}: not replayed")
             replays = (*record.replays, trace_id) if trace_id else record.replays
             new = dataclasses.replace(
-                record, status=MailStatus.REPLAYED, replays=replays, updated_at=now
+                record,
+                status=MailStatus.REPLAYED,
+                replays=replays,
+                next_attempt_at=None,
+                updated_at=now,
             )
             return new, new
 

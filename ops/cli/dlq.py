@@ -54,6 +54,9 @@ _HUMAN_STATUS = {
     ReplayStatus.NOT_FOUND: "[red]not found[/]",
     ReplayStatus.NO_RECORD: "[red]no record[/]",
     ReplayStatus.FAILED: "[red]failed[/]",
+    ReplayStatus.EXPIRED: "[magenta]expired[/]",
+    ReplayStatus.WOULD_EXPIRE: "[cyan]would expire[/]",
+    ReplayStatus.NOT_DUE: "not due",
 }
 
 
@@ -112,6 +115,12 @@ def register(subparsers: Any) -> None:
     which.add_argument("--all", action="store_true", help="every dead-lettered mail")
     which.add_argument(
         "--since", metavar="T", help="mails accepted at or after T (ISO 8601, or 30m, 2h, 7d)"
+    )
+    which.add_argument(
+        "--due",
+        action="store_true",
+        help="one pass for the retry schedule: replay mails whose next attempt has come, expire "
+        "those past deliver_by, leave the rest (docs/deliver-by.md)",
     )
     replay.add_argument(
         "--dry-run", action="store_true", help="show what would be replayed; change nothing"
@@ -348,6 +357,7 @@ def run_replay(
             mail_ids=frozenset(args.ids or ()),
             all=bool(args.all),
             since=_since(args.since, dt.datetime.now(dt.UTC)),
+            due=bool(getattr(args, "due", False)),
         )
         if services is None:
             services = open_replay_services(args, os.environ if environ is None else environ)

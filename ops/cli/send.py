@@ -196,6 +196,9 @@ def _show_record(console: Console, record: dict[str, Any]) -> None:
     console.print(table)
     if record.get("last_error"):
         console.print(f"last error: {escape(str(record['last_error']))}")
+    for key, label in (("next_attempt_at", "next attempt"), ("deliver_by", "deliver by")):
+        if record.get(key):  # docs/deliver-by.md
+            console.print(f"{label}: {escape(str(record[key]))}")
     stuck = record.get("stuck")
     if stuck:
         console.print(
