@@ -9,6 +9,7 @@ locals {
   event_publishers = merge(
     { publisher = google_service_account.publisher.member, subscriber = google_service_account.subscriber.member },
     { for member in var.operators : "operator ${member}" => member },
+    local.dlq_replay_member, # replayed, expired (deliver_by.tf)
   )
 
   event_webhooks_enabled = length(var.event_webhooks) > 0

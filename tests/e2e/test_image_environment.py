@@ -601,11 +601,12 @@ def test_canary_job_of_the_canary_image_finds_its_probe_in_the_mailbox(
 def test_reconcile_job_of_the_publisher_image_releases_a_stuck_reservation(
     images: Callable[[str], ImageEnvironment], terraform: Module, tmp_path: Path
 ) -> None:
-    job = terraform.resource("google_cloud_run_v2_job", "reconcile")
-    command = container_command(job)
-    assert job["template"][0]["template"][0]["containers"][0]["image"] == (
-        "${coalesce(var.reconcile.image, var.publisher_image)}"
-    )
+    # The job's shape is shared (terraform/scheduled_jobs.tf); its command and image are its entry.
+    job = terraform.locals["reconcile_scheduled_job"]["reconcile"]
+    container = terraform.resource("google_cloud_run_v2_job", "scheduled")["template"][0]
+    assert container["template"][0]["containers"][0]["command"] == ["mailpipe"]
+    command = ["mailpipe", *job["args"]]
+    assert job["image"] == "${coalesce(var.reconcile.image, var.publisher_image)}"
     # A publisher that died between reserving an idempotency key and publishing, an hour ago.
     url = f"sqlite:///{tmp_path / 'record.sqlite3'}"
     an_hour_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)

@@ -1255,59 +1255,123 @@ def test_pull_mode_evaluated(module: Module, tmp_path: Path, topology: Topology)
 # ------------------------------------------------------------------------------------------------
 
 
+def _scheduled_grants(module: Module, account: str) -> dict[str, dict[str, Any]]:
+    """The IAM grants whose member is one of the scheduled jobs' accounts (scheduled_jobs.tf)."""
+    return {
+        f"{rtype}.{name}": body
+        for (rtype, name), body in module.resources.items()
+        if "_iam_" in rtype and account in str(body.get("member"))
+    }
+
+
+def test_scheduled_jobs_share_one_shape_with_least_privilege(module: Module) -> None:
+    """reconcile and dlq-replay: one for_each over local.scheduled_jobs (scheduled_jobs.tf)."""
+    assert (
+        "merge(local.reconcile_scheduled_job, local.dlq_replay_scheduled_job)"
+        in (module.locals["scheduled_jobs"])
+    )
+    job = module.resource("google_cloud_run_v2_job", "scheduled")
+    assert job["for_each"] == "${local.scheduled_jobs}"
+    assert job["name"] == "mailpipe-${each.key}"
+    template = job["template"][0]["template"][0]
+    assert template["service_account"] == "${google_service_account.job[each.key].email}"
+    assert template["containers"][0]["image"] == "${each.value.image}"
+    container = template["containers"][0]
+    assert (container["command"], container["args"]) == (["mailpipe"], "${each.value.args}")
+    assert _dynamic(template["containers"][0], "env")["for_each"] == "${each.value.env}"
+    assert "${each.value.holds}" in _conditions(job)
+
+    schedule = module.resource("google_cloud_scheduler_job", "scheduled")
+    assert schedule["schedule"] == "${each.value.schedule}"
+    target = schedule["http_target"][0]
+    assert target["uri"].endswith("jobs/${google_cloud_run_v2_job.scheduled[each.key].name}:run")
+    assert target["oauth_token"][0]["service_account_email"] == (
+        "${google_service_account.job_scheduler[each.key].email}"
+    )
+    # The scheduler's account may only run its own job.
+    assert set(_scheduled_grants(module, "google_service_account.job_scheduler")) == {
+        "google_cloud_run_v2_job_iam_member.scheduler_runs_job"
+    }
+    runner = module.resource("google_cloud_run_v2_job_iam_member", "scheduler_runs_job")
+    assert runner["role"] == "roles/run.invoker"
+    assert runner["name"] == "${google_cloud_run_v2_job.scheduled[each.key].name}"
+    assert '"cloudscheduler.googleapis.com"' in module.locals["services"]
+    assert "local.reconcile_enabled" in module.locals["services"]
+    assert "local.dlq_replay_enabled" in module.locals["services"]
+
+
 def test_reconcile_job_runs_on_a_schedule_with_least_privilege(module: Module) -> None:
     variable = module.variables["reconcile"]
     assert 'schedule = optional(string, "*/10 * * * *")' in variable["type"].replace("\n", " ")
     assert module.locals["reconcile_enabled"] == "${var.reconcile.enabled}"
-
-    job = module.resource("google_cloud_run_v2_job", "reconcile")
-    assert job["count"] == "${local.reconcile_enabled ? 1 : 0}"
-    assert container_command(job) == ["mailpipe", "reconcile", "--fix"]
-    template = job["template"][0]["template"][0]
+    [entry] = module.locals["reconcile_scheduled_job"].values()
+    assert entry["enabled"] == "${local.reconcile_enabled}"
+    assert entry["args"] == ["reconcile", "--fix"]
     # The publisher image carries the mailpipe CLI.
-    assert (
-        template["containers"][0]["image"]
-        == "${coalesce(var.reconcile.image, var.publisher_image)}"
-    )
-    assert template["service_account"] == "${google_service_account.reconcile[0].email}"
-    env = _dynamic(template["containers"][0], "env")
-    assert env["for_each"] == "${local.reconcile_env}"
+    assert entry["image"] == "${coalesce(var.reconcile.image, var.publisher_image)}"
     # It reads the publisher's configuration, so it gets the publisher's environment (the same
     # reservation expiry and grace); no telemetry export, hence no Trace/Monitoring role.
+    assert entry["env"] == "${local.reconcile_env}"
     assert module.locals["reconcile_env"] == (
         '${merge(local.publisher_env, {MAILPIPE_TRACES = "none"})}'
     )
-    assert "${var.reconcile_grace_seconds > local.delivery_max_backoff_seconds}" in _conditions(job)
+    assert entry["schedule"] == "${var.reconcile.schedule}"
+    assert entry["holds"] == "${var.reconcile_grace_seconds > local.delivery_max_backoff_seconds}"
 
-    schedule = module.resource("google_cloud_scheduler_job", "reconcile")
-    assert schedule["schedule"] == "${var.reconcile.schedule}"
-    target = schedule["http_target"][0]
-    assert target["uri"].endswith("jobs/${google_cloud_run_v2_job.reconcile[0].name}:run")
-    assert target["oauth_token"][0]["service_account_email"] == (
-        "${google_service_account.reconcile_scheduler[0].email}"
-    )
+    # Least privilege: the job's account holds one role, Firestore user on the record database.
+    grants = _scheduled_grants(module, 'google_service_account.job["reconcile"]')
+    assert set(grants) == {"google_project_iam_member.reconcile_record_access"}
+    record = grants["google_project_iam_member.reconcile_record_access"]
+    assert record["role"] == "roles/datastore.user"
+    assert "local.firestore_database_name" in record["condition"][0]["expression"]
+    # Its resources kept their objects when they moved into the shared shape.
+    for old, new in (
+        ("google_cloud_run_v2_job.reconcile[0]", 'google_cloud_run_v2_job.scheduled["reconcile"]'),
+        ("google_service_account.reconcile[0]", 'google_service_account.job["reconcile"]'),
+    ):
+        assert re.search(
+            rf"moved \{{\s*from = {re.escape(old)}\s*to\s*= {re.escape(new)}\s*\}}", module.text
+        ), old
 
-    # Least privilege: the job's account holds one role, Firestore user on the record database;
-    # the scheduler's account may only run this job.
+
+def test_dlq_replay_job_runs_every_n_minutes_with_least_privilege(module: Module) -> None:
+    """`mailpipe dlq replay --due` (deliver_by.tf): its own account, and only what it needs."""
+    assert "every_minutes = optional(number, 5)" in module.variables["dlq_replay"]["type"]
+    [entry] = module.locals["dlq_replay_scheduled_job"].values()
+    assert entry["args"] == ["dlq", "replay", "--due", "--json"]
+    assert entry["schedule"] == "*/${var.dlq_replay.every_minutes} * * * *"
+    assert entry["env"] == "${local.publisher_env}"
     grants = {
         f"{rtype}.{name}": body
         for (rtype, name), body in module.resources.items()
-        if "_iam_" in rtype and "google_service_account.reconcile" in str(body.get("member"))
+        if "_iam_" in rtype
+        and body.get("member") == "${each.value}"
+        and body.get("for_each") == "${local.dlq_replay_member}"
     }
-    assert set(grants) == {
-        "google_project_iam_member.reconcile_record_access",
-        "google_cloud_run_v2_job_iam_member.scheduler_runs_reconcile",
+    roles = {
+        name: (body["role"], body.get("subscription") or body.get("topic") or "project")
+        for name, body in grants.items()
     }
-    record = grants["google_project_iam_member.reconcile_record_access"]
-    assert record["role"] == "roles/datastore.user"
-    assert record["member"] == "${google_service_account.reconcile[0].member}"
+    assert roles == {
+        "google_pubsub_subscription_iam_member.dlq_replay_pulls_dead_letters": (
+            "roles/pubsub.subscriber",
+            '${google_pubsub_subscription.subscription["dead_letter"].name}',
+        ),
+        "google_pubsub_topic_iam_member.dlq_replay_publishes_mail": (
+            "roles/pubsub.publisher",
+            '${google_pubsub_topic.topic["mail"].name}',
+        ),
+        "google_project_iam_member.dlq_replay_record_access": ("roles/datastore.user", "project"),
+        "google_project_iam_member.dlq_replay_trace_writer": ("roles/cloudtrace.agent", "project"),
+        "google_project_iam_member.dlq_replay_metric_writer": (
+            "roles/monitoring.metricWriter",
+            "project",
+        ),
+    }
+    record = grants["google_project_iam_member.dlq_replay_record_access"]
     assert "local.firestore_database_name" in record["condition"][0]["expression"]
-    runner = grants["google_cloud_run_v2_job_iam_member.scheduler_runs_reconcile"]
-    assert runner["role"] == "roles/run.invoker"
-    assert runner["member"] == "${google_service_account.reconcile_scheduler[0].member}"
-    assert runner["name"] == "${google_cloud_run_v2_job.reconcile[0].name}"
-    assert '"cloudscheduler.googleapis.com"' in module.locals["services"]
-    assert "local.reconcile_enabled" in module.locals["services"]
+    # Its replayed and expired events: a publisher of the events topic.
+    assert "local.dlq_replay_member" in module.locals["event_publishers"]
 
 
 RECONCILE_CASES = [
@@ -1323,14 +1387,14 @@ RECONCILE_CASES = [
 def test_reconcile_job_evaluated(
     module: Module, tmp_path: Path, case: str, tfvars: dict[str, Any], holds: bool
 ) -> None:
-    [condition] = _conditions(module.resource("google_cloud_run_v2_job", "reconcile"))
     ok, result = _evaluate(
         module,
         tmp_path,
         {
-            "holds": condition[2:-1],
+            "holds": "local.reconcile_scheduled_job.reconcile.holds",
             "env": "local.reconcile_env",
             "publisher": "local.publisher_env",
+            "replay": "local.dlq_replay_scheduled_job",
         },
         tfvars,
     )
@@ -1341,6 +1405,7 @@ def test_reconcile_job_evaluated(
     assert result["env"]["MAILPIPE_RECONCILE_GRACE_SECONDS"] == str(
         tfvars.get("reconcile_grace_seconds", 900)
     )
+    assert result["replay"]["dlq-replay"]["schedule"] == "*/5 * * * *"
 
 
 def test_every_role_grant_says_why(module: Module) -> None:
@@ -1373,6 +1438,10 @@ VARIABLE_CASES = [
     ("canary_vpc_egress", {"subnetwork": "https://www.googleapis.com/x"}, False),
     ("reconcile", {"schedule": "*/5 * * * *"}, True),
     ("reconcile", {"schedule": "every 5 minutes"}, False),
+    ("dlq_replay", {"every_minutes": 10}, True),
+    ("dlq_replay", {"every_minutes": 0}, False),
+    ("dlq_replay", {"every_minutes": 2.5}, False),
+    ("dlq_replay", {"every_minutes": 31}, False),
     ("delivery_timeout_seconds", 0, False),
     ("smtp_pool_wait_seconds", 0, False),
 ]
