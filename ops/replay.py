@@ -660,10 +660,7 @@ class DeadLetterReplayer:
         self, mail_id: str, data: bytes, attributes: Mapping[str, str], marked: MailRecord
     ) -> None:
         assert self._events is not None
-        try:
-            mail: QueuedMail | None = QueuedMail.from_pubsub(data, dict(attributes))
-        except MailDecodeError:
-            mail = None  # replayed all the same; recipients and metadata unknown
+        mail = _decoded(data, attributes)  # None: replayed all the same, recipients unknown
         self._events.emit(EventType.REPLAYED, mail_id, mail=mail, attempt=marked.attempt_count)
 
     def _undo_replayed(self, mail_id: str, detail: str, due: dt.datetime | None) -> None:

@@ -45,36 +45,5 @@ resource "google_pubsub_topic_iam_member" "dlq_replay_publishes_mail" {
   member  = each.value
 }
 
-# Read a mail's next attempt and deliver_by, mark it replayed or expired: the mailpipe database
-# only, as the services' grant (iam.tf).
-resource "google_project_iam_member" "dlq_replay_record_access" {
-  for_each = local.dlq_replay_member
-
-  project = var.project_id
-  role    = "roles/datastore.user"
-  member  = each.value
-
-  condition {
-    title       = "mailpipe-record-only"
-    description = "Only the mailpipe Firestore database."
-    expression  = "resource.name == \"${local.firestore_database_name}\""
-  }
-}
-
-# Write the replay spans to Cloud Trace (MAILPIPE_TRACES=gcp). Project-level: no narrower scope.
-resource "google_project_iam_member" "dlq_replay_trace_writer" {
-  for_each = local.dlq_replay_member
-
-  project = var.project_id
-  role    = "roles/cloudtrace.agent"
-  member  = each.value
-}
-
-# Write the CLI's metrics (MAILPIPE_TRACES=gcp exports them too). Project-level: no narrower scope.
-resource "google_project_iam_member" "dlq_replay_metric_writer" {
-  for_each = local.dlq_replay_member
-
-  project = var.project_id
-  role    = "roles/monitoring.metricWriter"
-  member  = each.value
-}
+# Record access (to read next_attempt_at and deliver_by, mark mails replayed or expired), Cloud
+# Trace and Cloud Monitoring: the services' grants (iam.tf, local.runtime_members).

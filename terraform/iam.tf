@@ -45,10 +45,12 @@ resource "google_pubsub_topic_iam_member" "publisher_publishes_mail" {
 # --- Both services ---------------------------------------------------------------------------------
 
 locals {
-  runtime_members = {
+  # The dlq-replay job (deliver_by.tf) reads and writes the record and exports its spans and
+  # metrics as the services do, so it gets the same three grants.
+  runtime_members = merge({
     publisher  = google_service_account.publisher.member
     subscriber = google_service_account.subscriber.member
-  }
+  }, local.dlq_replay_member)
 
   # Firestore grants are limited to the mailpipe database with an IAM condition on its resource name
   # (Firestore "per-database access", cloud.google.com/firestore/docs/manage-databases).

@@ -103,7 +103,7 @@ resource "google_cloud_run_v2_job" "scheduled" {
   depends_on = [
     google_project_service.enabled,
     google_project_iam_member.reconcile_record_access,
-    google_project_iam_member.dlq_replay_record_access,
+    google_project_iam_member.runtime_record_access,
   ]
 }
 

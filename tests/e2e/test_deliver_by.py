@@ -58,10 +58,10 @@ def events(
     reader.close()
 
 
-def replay_due(pipeline: LocalPipeline) -> dict[str, Any]:
-    """One ``mailpipe dlq replay --due --json`` pass, as the Cloud Run job runs it."""
-    done = subprocess.run(
-        [sys.executable, "-m", "ops", "dlq", "replay", "--due", "--json"],
+def mailpipe(pipeline: LocalPipeline, *args: str) -> subprocess.CompletedProcess[str]:
+    """The ``mailpipe`` CLI as its own process, in the services' environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "ops", *args],
         env=pipeline.service_env,
         cwd=REPO,
         capture_output=True,
@@ -69,6 +69,11 @@ def replay_due(pipeline: LocalPipeline) -> dict[str, Any]:
         timeout=120,
         check=False,
     )
+
+
+def replay_due(pipeline: LocalPipeline) -> dict[str, Any]:
+    """One ``mailpipe dlq replay --due --json`` pass, as the Cloud Run job runs it."""
+    done = mailpipe(pipeline, "dlq", "replay", "--due", "--json")
     assert done.returncode == 0, done.stderr + done.stdout
     report: dict[str, Any] = json.loads(done.stdout)
     return report
@@ -139,15 +144,7 @@ def test_a_long_deferral_is_delivered_after_dead_letter_and_due_replays(
     dead = pipeline.wait_for_status(mail_id, {"dead_lettered"}, timeout=90)
     assert dead["next_attempt_at"] is not None
     assert accepted_at < dt.datetime.fromisoformat(dead["next_attempt_at"]) < deliver_by
-    status = subprocess.run(
-        [sys.executable, "-m", "ops", "status", mail_id, "--url", pipeline.publisher_url],
-        env=pipeline.service_env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    status = mailpipe(pipeline, "status", mail_id, "--url", pipeline.publisher_url)
     assert "next attempt:" in status.stdout and "deliver by:" in status.stdout, status.stdout
 
     outcomes = run_passes(pipeline, mail_id, "delivered")

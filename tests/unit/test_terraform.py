@@ -1361,15 +1361,11 @@ def test_dlq_replay_job_runs_every_n_minutes_with_least_privilege(module: Module
             "roles/pubsub.publisher",
             '${google_pubsub_topic.topic["mail"].name}',
         ),
-        "google_project_iam_member.dlq_replay_record_access": ("roles/datastore.user", "project"),
-        "google_project_iam_member.dlq_replay_trace_writer": ("roles/cloudtrace.agent", "project"),
-        "google_project_iam_member.dlq_replay_metric_writer": (
-            "roles/monitoring.metricWriter",
-            "project",
-        ),
     }
-    record = grants["google_project_iam_member.dlq_replay_record_access"]
-    assert "local.firestore_database_name" in record["condition"][0]["expression"]
+    # Record access (the database only), Cloud Trace and Monitoring: the services' own grants.
+    assert "local.dlq_replay_member" in module.locals["runtime_members"]
+    record = module.resource("google_project_iam_member", "runtime_record_access")
+    assert record["for_each"] == "${local.runtime_members}"
     # Its replayed and expired events: a publisher of the events topic.
     assert "local.dlq_replay_member" in module.locals["event_publishers"]
 
