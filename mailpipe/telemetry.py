@@ -58,6 +58,7 @@ from typing import Any
 from opentelemetry import metrics as metrics_api
 from opentelemetry import trace as trace_api
 from opentelemetry.context import Context
+from opentelemetry.metrics import Meter
 from opentelemetry.propagate import set_global_textmap
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -80,7 +81,6 @@ from opentelemetry.trace import Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mailpipe.config import TelemetryConfig
-from mailpipe.metrics import MailMetrics
 
 _log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Telemetry:
 
     tracer_provider: TracerProvider
     meter_provider: MeterProvider
-    metrics: MailMetrics
+    meter: Meter  # the services' instruments: publisher/metrics.py, subscriber/metrics.py
     _on_shutdown: list[Callable[[], None]] = field(default_factory=list, repr=False)
     _closed: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -187,7 +187,7 @@ def setup_telemetry(
     return Telemetry(
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
-        metrics=MailMetrics(meter_provider.get_meter(METER_NAME)),
+        meter=meter_provider.get_meter(METER_NAME),
         _on_shutdown=on_shutdown,
     )
 

@@ -36,7 +36,7 @@ tests them on each backend):
   shared scope), held by a reservation until ``reserved_until``, then freed by the next
   ``reserve`` of it or by reconcile.
 - ``unconfirmed`` is reconcile's verdict on a ``sending`` whose outcome was never recorded
-  (:mod:`mailpipe.reconcile` says why): not final, so a later delivery of the mail still claims
+  (:mod:`publisher.reconcile` says why): not final, so a later delivery of the mail still claims
   it, and a late ``finish`` of that attempt still records the real outcome.
 - Mail ids follow Firestore's document-id rules on every backend (so a local run refuses what
   production would): non-empty valid Unicode, at most 1,500 UTF-8 bytes, no ``/``, not ``.`` or

@@ -1,35 +1,23 @@
-"""The mail pipeline's metrics: one object the services call at each step of a mail's life.
+"""The subscriber's delivery metrics: one object the delivery path calls at each step of a mail.
 
-The instruments, their attributes and their names in Prometheus and Cloud Monitoring are listed
-in docs/observability.md; the names are an interface (dashboards and alerts query them).
-
-Exemplars: the SDK's default filter (``trace_based``) attaches the current trace and span id to a
-measurement made inside a *sampled* span, so deferrals, bounces and SMTP step durations are
-recorded inside the ``mail deliver`` span. Only OTLP carries exemplars; the Prometheus and Cloud
-Monitoring (1.15) exporters drop them, and the logs (``logging.googleapis.com/trace`` on every
-deferral and bounce) lead from a spike to its traces instead.
-
-The meter comes from :func:`mailpipe.telemetry.setup_telemetry` (tests: an in-memory reader's).
+The instruments, their attributes and their names in Prometheus and Cloud Monitoring (and why
+deferrals, bounces and SMTP steps are recorded inside the ``mail deliver`` span: exemplars) are
+in docs/observability.md; the names are an interface (dashboards and alerts query them). The
+meter is the service's, from :func:`mailpipe.telemetry.setup_telemetry` (``Telemetry.meter``).
 """
 
 from __future__ import annotations
 
-import logging
 import re
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
 
-from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.metrics import Meter
 
 from mailpipe.attributes import (
     METRIC_FIRST_ATTEMPT,
-    METRIC_STUCK_KIND,
     SMTP_ENHANCED_STATUS,
     SMTP_REPLY_CODE,
     SMTP_STEP,
 )
-
-_log = logging.getLogger(__name__)
 
 # Delivery latency: milliseconds (a healthy relay) to the ~16 hours Pub/Sub can keep retrying; an
 # SMTP step: milliseconds to the client timeout; attempts: up to Pub/Sub's ceiling of 100.
@@ -50,9 +38,6 @@ SMTP_STEPS = frozenset(
 # the metric's cardinality.
 _ENHANCED_STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 
-OldestUndeliveredSource = Callable[[], "float | None"]
-StuckSource = Callable[[], "Mapping[str, int] | None"]
-
 
 def _reply_attributes(reply_code: int | None, enhanced_status: str | None) -> dict[str, int | str]:
     attributes: dict[str, int | str] = {}
@@ -64,14 +49,11 @@ def _reply_attributes(reply_code: int | None, enhanced_status: str | None) -> di
     return attributes
 
 
-class MailMetrics:
-    """Records the pipeline's metrics through one ``Meter``; cheap and thread-safe, so called
+class DeliveryMetrics:
+    """Records the delivery metrics through one ``Meter``; cheap and thread-safe, so called
     inline. Outcomes: ``deferred`` once per attempt, the others once per mail."""
 
     def __init__(self, meter: Meter) -> None:
-        self._accepted = meter.create_counter(
-            "mailpipe.mails.accepted", unit="{mail}", description="Mails accepted (HTTP 202)."
-        )
         self._delivered = meter.create_counter(
             "mailpipe.mails.delivered", unit="{mail}", description="Mails the relay accepted (250)."
         )
@@ -108,26 +90,6 @@ class MailMetrics:
             description="Delivery attempts a mail took to reach its final outcome.",
             explicit_bucket_boundaries_advisory=ATTEMPT_BUCKETS,
         )
-        self._sources: dict[str, Callable[[], Any] | None] = {}
-        meter.create_observable_gauge(
-            "mailpipe.oldest_undelivered_age",
-            callbacks=[
-                self._gauge("oldest-undelivered", lambda age: [Observation(max(0.0, float(age)))])
-            ],
-            unit="s",
-            description="Age of the oldest accepted mail not yet delivered or given up on.",
-        )
-        meter.create_observable_gauge(
-            "mailpipe.mails.stuck",
-            callbacks=[self._gauge("stuck-records", _stuck_observations)],
-            unit="{mail}",
-            description="Records `mailpipe reconcile --fix` would settle (expired reservations, "
-            "stalled deliveries) and those it marked unconfirmed, by mailpipe.stuck.kind.",
-        )
-
-    def accepted(self) -> None:
-        """One mail was published and answered 202."""
-        self._accepted.add(1)
 
     def delivered(self, *, latency_seconds: float, attempt: int) -> None:
         """The relay answered 250 after DATA: the counter and the end-to-end latency (attribute
@@ -156,35 +118,3 @@ class MailMetrics:
     def delivery_attempts(self, attempt: int) -> None:
         """A mail reached its final outcome (delivered, bounced or dead-lettered) on ``attempt``."""
         self._attempts.record(max(1, attempt))
-
-    # The gauges' sources run on the metric reader's thread at each collection (keep them fast)
-    # and return None when there is nothing to report: no point then, not a zero.
-
-    def set_oldest_undelivered_source(self, source: OldestUndeliveredSource | None) -> None:
-        """The age in seconds of the oldest undelivered mail, for the lag gauge."""
-        self._sources["oldest-undelivered"] = source
-
-    def set_stuck_source(self, source: StuckSource | None) -> None:
-        """``{kind: count}`` (:func:`mailpipe.reconcile.stuck_counts`) for the stuck gauge."""
-        self._sources["stuck-records"] = source
-
-    def _gauge(
-        self, name: str, observations: Callable[[Any], list[Observation]]
-    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        def callback(_options: CallbackOptions) -> Iterable[Observation]:
-            source = self._sources.get(name)
-            try:
-                value = None if source is None else source()
-            except Exception:  # a broken source must not break every other metric's export
-                _log.exception("%s source failed", name)
-                return []
-            return [] if value is None else observations(value)
-
-        return callback
-
-
-def _stuck_observations(counts: Mapping[str, int]) -> list[Observation]:
-    return [
-        Observation(max(0, int(count)), {METRIC_STUCK_KIND: str(kind)})
-        for kind, count in sorted(counts.items())
-    ]
