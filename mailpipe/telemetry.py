@@ -84,7 +84,7 @@ class Telemetry:
         return self.tracer_provider.get_tracer(name)
 
     def force_flush(self, timeout_millis: int = 5000) -> bool:
-        """Export buffered **spans** now; metrics keep to their period (module docstring)."""
+        """Export buffered **spans** now; metrics keep to their period (docs/observability.md)."""
         return self.tracer_provider.force_flush(timeout_millis)
 
     def shutdown(self) -> None:

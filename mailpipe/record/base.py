@@ -102,7 +102,7 @@ class MailStatus(enum.StrEnum):
     BOUNCED = "bounced"
     DEAD_LETTERED = "dead_lettered"
     REPLAYED = "replayed"
-    # Reconciled: the last delivery attempt's outcome was never recorded (see the docstring).
+    # Reconciled: the last delivery attempt's outcome was never recorded (publisher/reconcile.py).
     UNCONFIRMED = "unconfirmed"
 
     @property
@@ -272,8 +272,8 @@ Rule = Callable[[Found, dt.datetime], tuple[R, Found]]
 
 
 class DeliveryRecord:
-    """The delivery record over a backend's store (see the module docstring for the rules);
-    safe to share between threads. :func:`open_record` opens one."""
+    """The delivery record over a backend's store, safe to share between threads (its rules: the
+    module docstring). :func:`open_record` opens one."""
 
     def __init__(self, store: Store, *, clock: Callable[[], dt.datetime] = utc_now) -> None:
         self._store = store
