@@ -31,9 +31,9 @@ from mailpipe.attributes import (
 )
 from mailpipe.events import EventEmitter, EventType
 from mailpipe.mail import MailDecodeError, QueuedMail
-from mailpipe.metrics import MailMetrics
 from mailpipe.record import DeliveryRecord, MailRecord, RecordError
 from subscriber.delivery import ReceivedMessage
+from subscriber.metrics import DeliveryMetrics
 from subscriber.retry_schedule import DEFAULT_RETRY_SCHEDULE, RetrySchedule
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class DeadLetterRecorder:
         *,
         record: DeliveryRecord,
         tracer: trace.Tracer,
-        metrics: MailMetrics | None = None,
+        metrics: DeliveryMetrics | None = None,
         events: EventEmitter | None = None,
         schedule: RetrySchedule | None = None,
     ) -> None:
@@ -94,6 +94,8 @@ class DeadLetterRecorder:
                 log.warning("dead-lettered mail %s has no delivery record", mail_id)
             if self._metrics is not None:
                 self._metrics.dead_lettered()
+                if updated is not None and updated.status == "expired":
+                    self._metrics.expired()
             if self._events is not None and (
                 updated is None or updated.status in ("dead_lettered", "expired")
             ):
