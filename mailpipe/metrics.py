@@ -85,6 +85,11 @@ class MailMetrics:
             unit="{mail}",
             description="Mails rejected permanently (5xx); never retried.",
         )
+        self._sandboxed = meter.create_counter(
+            "mailpipe.mails.sandboxed",
+            unit="{mail}",
+            description="Sandbox mails the relay accepted at RCPT TO (then RSET, not sent).",
+        )
         self._dead_lettered = meter.create_counter(
             "mailpipe.mails.dead_lettered",
             unit="{mail}",
@@ -142,6 +147,10 @@ class MailMetrics:
     def bounced(self, *, reply_code: int | None, enhanced_status: str | None) -> None:
         """The relay rejected the mail permanently (5xx)."""
         self._bounced.add(1, _reply_attributes(reply_code, enhanced_status))
+
+    def sandboxed(self) -> None:
+        """A sandbox mail ended with RSET after RCPT TO (``sandbox`` in the request)."""
+        self._sandboxed.add(1)
 
     def dead_lettered(self) -> None:
         """A mail reached the dead-letter subscription."""

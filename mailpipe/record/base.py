@@ -13,7 +13,8 @@ Lifecycle of a mail's status::
 
     accepting ─publish ok─▶ queued ─claim─▶ sending ─250─▶ delivered
         │                     ▲   │            ├─4xx/timeout─▶ deferred ─claim─▶ sending …
-        └─publish failed─▶ (released: the key is free again)   └─5xx─▶ bounced
+        └─publish failed─▶ (released: the key is free again)   ├─5xx─▶ bounced
+                                        sandbox: RCPT accepted, RSET └─▶ sandboxed (final)
     (no idempotency key) ─publish ok─▶ queued: nothing to reserve, one write after the publish
     deferred/queued/sending ─dead-letter consumer─▶ dead_lettered ─dlq replay─▶ replayed
     replayed ─claim─▶ sending …
@@ -132,10 +133,11 @@ class MailStatus(enum.StrEnum):
     REPLAYED = "replayed"
     # Reconciled: the last delivery attempt's outcome was never recorded (see the docstring).
     UNCONFIRMED = "unconfirmed"
+    SANDBOXED = "sandboxed"  # a sandbox mail the relay would have taken (RSET after RCPT)
 
     @property
     def final(self) -> bool:
-        return self in (MailStatus.DELIVERED, MailStatus.BOUNCED)
+        return self in (MailStatus.DELIVERED, MailStatus.BOUNCED, MailStatus.SANDBOXED)
 
 
 # Replayed mails are back on the mail topic: until delivered they count toward the lag alert.
@@ -143,7 +145,7 @@ class MailStatus(enum.StrEnum):
 # do not (reconcile settled them as far as the record can; Pub/Sub's own backlog alert covers a
 # copy it still holds), nor do dead-lettered ones.
 UNDELIVERED = tuple(map(MailStatus, ("accepting", "queued", "sending", "deferred", "replayed")))
-_OUTCOMES = {s: MailStatus(s) for s in ("delivered", "deferred", "bounced")}
+_OUTCOMES = {s: MailStatus(s) for s in ("delivered", "deferred", "bounced", "sandboxed")}
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ class Attempt:
     number: int
     started_at: dt.datetime
     finished_at: dt.datetime | None = None
-    outcome: str | None = None  # delivered | deferred | bounced
+    outcome: str | None = None  # delivered | deferred | bounced | sandboxed
     reply_code: int | None = None
     enhanced_status: str | None = None
     reply_message: str | None = None
@@ -558,7 +560,7 @@ class DeliveryRecord:
         check_mail_id(mail_id)
         if attempt.outcome not in _OUTCOMES:
             raise ValueError(
-                f"attempt outcome must be delivered, deferred or bounced, got {attempt.outcome!r}"
+                f"attempt outcome must be one of {', '.join(_OUTCOMES)}, got {attempt.outcome!r}"
             )
         outcome = MailStatus(attempt.outcome)
 
@@ -578,11 +580,12 @@ class DeliveryRecord:
             if record.status.final or (superseded and not outcome.final):
                 return new, new
             delivered = outcome is MailStatus.DELIVERED
+            sandboxed = outcome is MailStatus.SANDBOXED
             new = dataclasses.replace(
                 new,
                 status=outcome,
                 lease_until=None,
-                last_error=None if delivered else describe_error(done),
+                last_error=None if delivered or sandboxed else describe_error(done),
                 delivered_at=utc(done.finished_at or now) if delivered else None,
             )
             return new, new
