@@ -47,7 +47,7 @@ def _read_sender_domains(env: EnvReader) -> frozenset[str] | None:
 
 
 SANDBOX_EVERY_CALLER = "*"
-_CALLER = re.compile(r"^(sub:[\x21-\x7e]{1,255}|[^@\s,]{1,64}@[^@\s,]{1,253})$")
+_CALLER = re.compile(r"^(sub:[\x21-\x7e]{1,255}|[^@\s,:]{1,64}@[^@\s,]{1,253})$")
 
 
 def _read_sandbox_callers(env: EnvReader) -> frozenset[str]:

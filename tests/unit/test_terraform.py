@@ -1367,6 +1367,9 @@ VARIABLE_CASES = [
     ("allowed_sender_domains", ["*.example.com"], False),
     ("allowed_sender_domains", ["noreply@example.com"], False),
     ("allowed_sender_domains", ["a.example.com,b.example.com"], False),
+    ("sandbox_callers", ["ci@p.iam.gserviceaccount.com", "sub:1234", "*"], True),
+    ("sandbox_callers", ["serviceAccount:ci@p.iam.gserviceaccount.com"], False),
+    ("sandbox_callers", ["a@example.com,b@example.com"], False),
     ("alert_auto_close_seconds", 1800, True),
     ("alert_auto_close_seconds", 600, False),
     ("canary_vpc_egress", {"subnetwork": "projects/h/regions/europe-west1/subnetworks/s"}, True),
@@ -1405,6 +1408,7 @@ def test_the_publisher_gets_the_allowed_sender_domains(module: Module, tmp_path:
     assert ok, result
     assert result["env"]["MAILPIPE_ALLOWED_SENDER_DOMAINS"] == "mail.example.com,example.org"
     assert result["env"]["MAILPIPE_PUBLISH_TIMEOUT"] == "30"
+    assert result["env"]["MAILPIPE_SANDBOX_CALLERS"] == ""  # default: no caller is sandboxed
 
 
 # ------------------------------------------------------------------------------------------------
