@@ -134,8 +134,9 @@ def test_a_sandbox_mail_stops_after_rcpt_and_records_the_relays_replies(
     # One trace, each step its own span as for a real send, RSET in place of DATA.
     spans = spans_of(pipeline, trace_id, {"POST /v1/messages", "smtp rset"})
     names = [s.name for s in spans]
-    for step in ("POST /v1/messages", "mail deliver", "smtp mail from", "smtp rcpt to", "smtp rset"):
+    for step in ("POST /v1/messages", "mail deliver", "smtp mail from", "smtp rcpt to"):
         assert step in names, names
+    assert "smtp rset" in names
     assert "smtp data" not in names
     [deliver] = [s for s in spans if s.name == "mail deliver"]
     assert deliver.attributes["mailpipe.outcome"] == "sandboxed"
