@@ -266,8 +266,20 @@ def _mail(scenario: Scenario, domain: str) -> dict[str, Any]:
     }
 
 
+def _runs(items: Sequence[str]) -> str:
+    """``deferred x6, delivered`` for six ``deferred`` and a ``delivered``."""
+    runs: list[list[Any]] = []
+    for item in items:
+        if runs and runs[-1][0] == item:
+            runs[-1][1] += 1
+        else:
+            runs.append([item, 1])
+    return ", ".join(f"{item} x{n}" if n > 1 else str(item) for item, n in runs)
+
+
 def outcome_table(outcomes: Sequence[Outcome]) -> Table:
-    table = Table("scenario", "to", "status", "attempts", "events", "mail_id", title="demo")
+    table = Table("scenario", "to", "status", "attempts", "events", title="demo")
+    table.add_column("mail_id", overflow="fold")
     for o in outcomes:
         attempts = [a.get("outcome") or "?" for a in (o.record or {}).get("attempts") or []]
         mark = "[green]✓[/]" if o.ok else "[red]✗[/]"
@@ -275,8 +287,8 @@ def outcome_table(outcomes: Sequence[Outcome]) -> Table:
             f"{mark} {escape(o.scenario.name)}",
             escape(o.scenario.local),
             escape(" → ".join(o.statuses) or (o.error or "")),
-            escape(", ".join(attempts)),
-            escape(", ".join(o.events)),
+            escape(_runs(attempts)),
+            escape(_runs(o.events)),
             escape(o.mail_id or ""),
         )
     return table

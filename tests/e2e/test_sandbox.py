@@ -26,6 +26,7 @@ import pytest
 
 from emulator import RunningEmulator, subscriber_client
 from emulator.pipeline import LocalPipeline, run_local_pipeline
+from emulator.process import free_port
 from emulator.smtp import SIMULATOR_DOMAIN, Command, LocalSmtpServer, MailboxSimulator
 from mailpipe.mail import QueuedMail
 from mailpipe.record import open_record
@@ -37,6 +38,7 @@ from publisher.pubsub import PubSubMailPublisher
 from tests.fixtures.http import serve_app
 from tests.fixtures.pipeline import pipeline_env
 from tests.integration.test_delivery_events import EventReader
+from tests.integration.test_metrics_run import scrape_until, total, value
 
 SANDBOX_CALLER = "ci@example-project.iam.gserviceaccount.com"
 
@@ -69,7 +71,8 @@ class Relay(LocalSmtpServer):
 @pytest.fixture
 def stack(
     tmp_path: Path, stack_topology: Topology, pubsub_project: str
-) -> Iterator[tuple[LocalPipeline, Relay]]:
+) -> Iterator[tuple[LocalPipeline, Relay, int]]:
+    metrics_port = free_port()
     with (
         Relay() as relay,
         run_local_pipeline(
@@ -79,9 +82,10 @@ def stack(
             topology=stack_topology,
             smtp_server=relay,
             extra_env={"MAILPIPE_SMTP_TIMEOUT": "5", "MAILPIPE_SMTP_POOL_SIZE": "1"},
+            subscriber_env={"MAILPIPE_METRICS_PORT": str(metrics_port)},
         ) as pipeline,
     ):
-        yield pipeline, relay
+        yield pipeline, relay, metrics_port  # the subscriber's Prometheus endpoint
 
 
 def mail(*to: str, **extra: Any) -> dict[str, Any]:
@@ -99,12 +103,12 @@ def spans_of(pipeline: LocalPipeline, trace_id: str, needed: set[str]) -> list[S
 
 
 def test_a_sandbox_mail_stops_after_rcpt_and_records_the_relays_replies(
-    stack: tuple[LocalPipeline, Relay],
+    stack: tuple[LocalPipeline, Relay, int],
     pubsub_emulator: RunningEmulator,
     pubsub_project: str,
     stack_topology: Topology,
 ) -> None:
-    pipeline, relay = stack
+    pipeline, relay, metrics_port = stack
     events = EventReader(pubsub_emulator, pubsub_project, stack_topology.events_topic.name)
 
     mark = relay.mark()
@@ -166,9 +170,15 @@ def test_a_sandbox_mail_stops_after_rcpt_and_records_the_relays_replies(
     [real_deliver] = [s for s in real_spans if s.name == "mail deliver"]
     assert real_deliver.attributes["smtp.connection.reused"] is True
 
+    # Counted as sandboxed, not as delivered (the subscriber's Prometheus endpoint).
+    attempts = "mailpipe_delivery_attempts_count"
+    samples = scrape_until(metrics_port, lambda s: total(s, attempts) >= 2)
+    assert value(samples, "mailpipe_mails_sandboxed_total") == 1
+    assert value(samples, "mailpipe_mails_delivered_total") == 1
 
-def test_a_refused_rcpt_in_sandbox_is_a_bounce(stack: tuple[LocalPipeline, Relay]) -> None:
-    pipeline, relay = stack
+
+def test_a_refused_rcpt_in_sandbox_is_a_bounce(stack: tuple[LocalPipeline, Relay, int]) -> None:
+    pipeline, relay, _ = stack
     mark = relay.mark()
     accepted = pipeline.post_mail(mail(at("bounce"), sandbox=True))
     record = pipeline.wait_for_status(accepted["mail_id"], {"sandboxed", "delivered", "bounced"})
@@ -190,13 +200,13 @@ def test_a_refused_rcpt_in_sandbox_is_a_bounce(stack: tuple[LocalPipeline, Relay
     assert relay.messages == []
 
 
-def test_sandbox_must_be_a_json_boolean(stack: tuple[LocalPipeline, Relay]) -> None:
-    pipeline, relay = stack
-    for value in ("yes", "true", "false", 1, 0, [], {}, {"on": True}):
+def test_sandbox_must_be_a_json_boolean(stack: tuple[LocalPipeline, Relay, int]) -> None:
+    pipeline, relay, _ = stack
+    for hostile in ("yes", "true", "false", 1, 0, [], {}, {"on": True}):
         response = httpx.post(
-            f"{pipeline.publisher_url}/v1/messages", json=mail(at("success"), sandbox=value)
+            f"{pipeline.publisher_url}/v1/messages", json=mail(at("success"), sandbox=hostile)
         )
-        assert response.status_code == 400, (value, response.text)
+        assert response.status_code == 400, (hostile, response.text)
         error = response.json()["error"]
         assert error["code"] == "invalid_request"
         assert list(error["fields"]) == ["sandbox"], error
