@@ -5,10 +5,10 @@ Pub/Sub retries 1-2 s apart, the dead letter after 5 attempts) and the demo send
 :data:`SCENARIOS` entry to the mailbox simulator (README: Mailbox simulator): a delivery, a bounce,
 a deferral that recovers, a sandbox mail, and a dead letter that ``mailpipe dlq replay`` brings
 back. It runs the commands an operator would (``mailpipe events tail --json``, its output kept in
-``STATE_DIR/events.jsonl``; ``mailpipe dlq replay --id``), waits for each mail's record to reach
-its status, and reports, per mail, the record's attempts and the events seen.
+``events.jsonl`` in the state directory; ``mailpipe dlq replay --id``), waits for each mail's
+record to reach its status, and reports, per mail, the record's attempts and the events seen.
 
-``STATE_DIR/env.sh`` holds the stack's settings: ``. .mailpipe/env.sh`` in another shell and
+A file env.sh in the state directory holds the stack's settings: source it in another shell and
 ``mailpipe status``, ``mailpipe events tail``, ``mailpipe dlq list`` talk to it.
 """
 
@@ -133,7 +133,7 @@ def demo_topology(topology: Topology) -> Topology:
 
 
 def write_env_file(pipeline: LocalPipeline) -> Path:
-    """``STATE_DIR/env.sh``: the stack's settings for the CLI in another shell."""
+    """Write env.sh in the state directory: the stack's settings for the CLI in another shell."""
     names = ("PUBSUB_EMULATOR_HOST", "FIRESTORE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT")
     env = {k: v for k, v in pipeline.service_env.items() if k in names or k.startswith("MAILPIPE_")}
     env["MAILPIPE_URL"] = pipeline.publisher_url

@@ -7,7 +7,8 @@ processes; sends a sample mail, waits until the SMTP server has it, shows the re
 the trace from the HTTP request to the SMTP server's reply, then keeps running until Ctrl-C
 (``--once`` stops right away). ``--demo`` runs with fast delivery settings and then shows a
 bounce, a deferral, a sandbox mail, a dead letter and its replay, with their events
-(:mod:`ops.cli.demo`). ``STATE_DIR/env.sh`` gives the CLI in another shell the stack's settings.
+(:mod:`ops.cli.demo`). A file env.sh in the state directory gives the CLI in another shell the
+stack's settings.
 """
 
 from __future__ import annotations

@@ -73,8 +73,9 @@ def stack(
     tmp_path: Path, stack_topology: Topology, pubsub_project: str
 ) -> Iterator[tuple[LocalPipeline, Relay, int]]:
     metrics_port = free_port()
+    relay = Relay()
     with (
-        Relay() as relay,
+        relay,
         run_local_pipeline(
             state_dir=tmp_path / "state",
             subscriber_mode="push",
@@ -202,7 +203,8 @@ def test_a_refused_rcpt_in_sandbox_is_a_bounce(stack: tuple[LocalPipeline, Relay
 
 def test_sandbox_must_be_a_json_boolean(stack: tuple[LocalPipeline, Relay, int]) -> None:
     pipeline, relay, _ = stack
-    for hostile in ("yes", "true", "false", 1, 0, [], {}, {"on": True}):
+    hostiles: list[Any] = ["yes", "true", "false", 1, 0, [], {}, {"on": True}]
+    for hostile in hostiles:
         response = httpx.post(
             f"{pipeline.publisher_url}/v1/messages", json=mail(at("success"), sandbox=hostile)
         )
