@@ -8,8 +8,8 @@ accepts is kept in :attr:`LocalSmtpServer.messages` and, when a maildir is given
 ``maildir/new`` (:class:`mailbox.Maildir`) so another program can read it.
 
 Observers (called in the server's thread): ``on_command(step, address)`` for every command as it
-arrives, before any scripted fault (the steps below, and ``rset`` and ``quit``); ``on_mail(mail, queue_id)`` for every mail kept, before its
-250.
+arrives, before any scripted fault (the steps below, and ``rset`` and ``quit``);
+``on_mail(mail, queue_id)`` for every mail kept, before its 250.
 
 Faults are scripted per SMTP step (``connect``, ``ehlo``, ``mail``, ``rcpt``, ``data``)::
 

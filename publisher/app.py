@@ -363,7 +363,7 @@ def _sandbox_default(
             403,
             "sandbox_required",
             "this caller's mail is always sandboxed (MAILPIPE_SANDBOX_CALLERS): nothing would be "
-            "sent; remove \"sandbox\": false, or send as a caller that may deliver",
+            'sent; remove "sandbox": false, or send as a caller that may deliver',
             {"sandbox": "must be true or absent for this caller"},
         )
     return mail_request.model_copy(update={"sandbox": True})
