@@ -68,7 +68,7 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from emulator.errors import EmulatorError
 from mailpipe.mail import addr_spec
@@ -395,13 +395,13 @@ class _Handler:
         envelope.rcpt_options.extend(options)
         return RECIPIENT_OK
 
-    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> Any:
         self._owner._observe("rset")  # aiosmtpd has cleared the envelope
-        return "250 2.0.0 OK"
+        return MISSING  # aiosmtpd's own reply
 
-    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> Any:
         self._owner._observe("quit")
-        return "221 2.0.0 Bye"
+        return MISSING
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         status = await self._owner._scripted("data", server)
