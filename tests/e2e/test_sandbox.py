@@ -15,6 +15,8 @@ an ``X-Test-Caller`` header.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +39,9 @@ from publisher.config import PublisherConfig
 from publisher.pubsub import PubSubMailPublisher
 from tests.fixtures.http import serve_app
 from tests.fixtures.pipeline import pipeline_env
+from tests.fixtures.topic import pull_until
 from tests.integration.test_delivery_events import EventReader
+from tests.integration.test_idempotency_reconcile import CALLER_HEADER, caller_from_test_header
 from tests.integration.test_metrics_run import scrape_until, total, value
 
 SANDBOX_CALLER = "ci@example-project.iam.gserviceaccount.com"
@@ -136,6 +140,19 @@ def test_a_sandbox_mail_stops_after_rcpt_and_records_the_relays_replies(
     assert "success@" not in reply and "RSET, not sent" in reply
     assert record["last_error"] is None and record["delivered_at"] is None
 
+    # `mailpipe status` shows it, with the relay's replies.
+    shown = subprocess.run(
+        [sys.executable, "-m", "ops", "status", mail_id, "--url", pipeline.publisher_url],
+        env={**pipeline.service_env, "COLUMNS": "300"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert f"{mail_id}: sandboxed" in shown.stdout
+    assert "sandbox, not sent; the relay answered: 2.1.5 Recipient OK" in shown.stdout
+
     # One trace, each step its own span as for a real send, RSET in place of DATA.
     spans = spans_of(pipeline, trace_id, {"POST /v1/messages", "smtp rset"})
     names = [s.name for s in spans]
@@ -223,20 +240,15 @@ def test_sandbox_must_be_a_json_boolean(stack: tuple[LocalPipeline, Relay, int])
 # -- the per-caller default ----------------------------------------------------------------------
 
 
-def caller_from_test_header(request: Any) -> str | None:
-    """Stand-in for the Cloud Run-verified caller (publisher.main.caller_identity)."""
-    return request.headers.get("X-Test-Caller")
-
-
 @pytest.fixture
 def publisher(
     pubsub_emulator: RunningEmulator,
     pubsub_project: str,
     apply_mail_topology: Callable[..., Topology],
     tmp_path: Path,
-) -> Iterator[tuple[httpx.Client, Callable[[], list[QueuedMail]]]]:
-    """The publisher app with MAILPIPE_SANDBOX_CALLERS naming one caller, over HTTP, and a
-    function returning the mails it queued on Pub/Sub."""
+) -> Iterator[tuple[httpx.Client, Callable[[int], list[QueuedMail]]]]:
+    """The publisher app with MAILPIPE_SANDBOX_CALLERS naming callers, over HTTP, and
+    ``queued(n)``: the mails it queued on Pub/Sub, polled until ``n`` arrived."""
     topology = apply_mail_topology()
     env = {
         **pipeline_env(pubsub_emulator, pubsub_project, topology, tmp_path / "r.sqlite3", 25),
@@ -249,23 +261,9 @@ def publisher(
     pull = subscriber_client(pubsub_emulator.host)
     subscription = pull.subscription_path(pubsub_project, topology.delivery_subscription.name)
 
-    def queued() -> list[QueuedMail]:
-        response = pull.pull(
-            request={"subscription": subscription, "max_messages": 100, "return_immediately": True},
-            timeout=10,
-        )
-        if response.received_messages:
-            pull.acknowledge(
-                subscription=subscription, ack_ids=[m.ack_id for m in response.received_messages]
-            )
-        return [
-            QueuedMail.from_pubsub(m.message.data, dict(m.message.attributes))
-            for m in response.received_messages
-        ]
-
     try:
         with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as http:
-            yield http, queued
+            yield http, lambda expect: pull_until(pull, subscription, expect)
     finally:
         real.close()
         record.close()
@@ -273,13 +271,13 @@ def publisher(
 
 
 def test_a_sandbox_caller_always_sandboxes_and_cannot_turn_it_off(
-    publisher: tuple[httpx.Client, Callable[[], list[QueuedMail]]],
+    publisher: tuple[httpx.Client, Callable[[int], list[QueuedMail]]],
 ) -> None:
     http, queued = publisher
 
     def post(caller: str, **extra: Any) -> httpx.Response:
         return http.post(
-            "/v1/messages", json=mail("bob@example.org", **extra), headers={"X-Test-Caller": caller}
+            "/v1/messages", json=mail("bob@example.org", **extra), headers={CALLER_HEADER: caller}
         )
 
     by_default = post(SANDBOX_CALLER)
@@ -293,15 +291,11 @@ def test_a_sandbox_caller_always_sandboxes_and_cannot_turn_it_off(
     error = refused.json()["error"]
     assert error["code"] == "sandbox_required" and "sandbox" in error["fields"]
 
-    mails: dict[str, QueuedMail] = {}
-    deadline = time.monotonic() + 30
-    while len(mails) < 4 and time.monotonic() < deadline:
-        mails.update({m.mail_id: m for m in queued()})
-    sandbox = {mail_id: m.request.sandbox for mail_id, m in mails.items()}
+    sandbox = {m.mail_id: m.request.sandbox for m in queued(4)}
     assert sandbox == {
         by_default.json()["mail_id"]: True,
         by_subject.json()["mail_id"]: True,
         other.json()["mail_id"]: None,  # a real send, published without the field
         other_asks.json()["mail_id"]: True,
     }
-    assert queued() == []  # the refused mail was never queued
+    assert queued(0) == []  # the refused mail was never queued
