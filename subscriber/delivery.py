@@ -62,11 +62,11 @@ from mailpipe.config import AddressStyle
 from mailpipe.events import EventEmitter, EventType
 from mailpipe.logs import redact_address, redact_addresses, redact_secrets
 from mailpipe.mail import MailDecodeError, QueuedMail, UnsendableMail
-from mailpipe.metrics import MailMetrics
 from mailpipe.record import Attempt, ClaimResult, DeliveryRecord, RecordError, RenewalResult
 from subscriber.config import default_delivery_timeout
 from subscriber.errors import DeliveryError, UndeliverableMail
 from subscriber.message import build_message, envelope, message_bytes
+from subscriber.metrics import DeliveryMetrics
 from subscriber.smtp import SmtpReceipt
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class DeliveryService:
         record: DeliveryRecord,
         tracer: trace.Tracer,
         message_id_domain: str,
-        metrics: MailMetrics | None = None,
+        metrics: DeliveryMetrics | None = None,
         lease_seconds: float = 120.0,
         address_style: AddressStyle = "domain",
         delivery_timeout: float | None = None,
