@@ -37,7 +37,7 @@ from packaging.specifiers import SpecifierSet
 
 import mailpipe.record.firestore as firestore_record_module
 from mailpipe.record.firestore import FirestoreRecord
-from mailpipe.serving import serve_wsgi
+from mailpipe.serving import SERVER_THREADS
 from mailpipe.topology import Topology, default_topology_path, duration_seconds, load_topology
 from subscriber.config import SmtpConfig
 from tests.fixtures.terraform import Module, container_command, dynamic_block, parse_hcl, strings
@@ -782,7 +782,7 @@ def test_the_timeout_budget_evaluated(
 
 
 def test_concurrency_fits_the_server_threads(module: Module) -> None:
-    threads = inspect.signature(serve_wsgi).parameters["threads"].default
+    threads = SERVER_THREADS
     for service in ("publisher", "subscriber"):
         scaling = module.variables[f"{service}_scaling"]["type"]
         match = re.search(r"concurrency\s*=\s*optional\(number,\s*(\d+)\)", scaling)
