@@ -105,11 +105,17 @@ class MailStatus(enum.StrEnum):
     REPLAYED = "replayed"
     # Reconciled: the last delivery attempt's outcome was never recorded (publisher/reconcile.py).
     UNCONFIRMED = "unconfirmed"
+    SANDBOXED = "sandboxed"  # a sandbox mail the relay would have taken (RSET after RCPT)
     EXPIRED = "expired"  # its deliver_by passed before it was delivered: given up, never sent
 
     @property
     def final(self) -> bool:
-        return self in (MailStatus.DELIVERED, MailStatus.BOUNCED, MailStatus.EXPIRED)
+        return self in (
+            MailStatus.DELIVERED,
+            MailStatus.BOUNCED,
+            MailStatus.SANDBOXED,
+            MailStatus.EXPIRED,
+        )
 
 
 # Replayed mails are back on the mail topic: until delivered they count toward the lag alert.
@@ -117,7 +123,7 @@ class MailStatus(enum.StrEnum):
 # do not (reconcile settled them as far as the record can; Pub/Sub's own backlog alert covers a
 # copy it still holds), nor do dead-lettered ones.
 UNDELIVERED = tuple(map(MailStatus, ("accepting", "queued", "sending", "deferred", "replayed")))
-_OUTCOMES = {s: MailStatus(s) for s in ("delivered", "deferred", "bounced")}
+_OUTCOMES = {s: MailStatus(s) for s in ("delivered", "deferred", "bounced", "sandboxed")}
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,7 @@ class Attempt:
     number: int
     started_at: dt.datetime
     finished_at: dt.datetime | None = None
-    outcome: str | None = None  # delivered | deferred | bounced
+    outcome: str | None = None  # delivered | deferred | bounced | sandboxed
     reply_code: int | None = None
     enhanced_status: str | None = None
     reply_message: str | None = None
@@ -539,7 +545,7 @@ class DeliveryRecord:
         check_mail_id(mail_id)
         if attempt.outcome not in _OUTCOMES:
             raise ValueError(
-                f"attempt outcome must be delivered, deferred or bounced, got {attempt.outcome!r}"
+                f"attempt outcome must be one of {', '.join(_OUTCOMES)}, got {attempt.outcome!r}"
             )
         outcome = MailStatus(attempt.outcome)
 
@@ -559,11 +565,12 @@ class DeliveryRecord:
             if record.status.final or (superseded and not outcome.final):
                 return new, new
             delivered = outcome is MailStatus.DELIVERED
+            sandboxed = outcome is MailStatus.SANDBOXED
             new = dataclasses.replace(
                 new,
                 status=outcome,
                 lease_until=None,
-                last_error=None if delivered else describe_error(done),
+                last_error=None if delivered or sandboxed else describe_error(done),
                 delivered_at=utc(done.finished_at or now) if delivered else None,
             )
             return new, new
