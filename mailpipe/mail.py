@@ -322,22 +322,11 @@ class Attachment(BaseModel):
 MetadataValue = str | int | float | bool | None
 
 
-def rfc3339(value: Any) -> Any:
-    """An RFC 3339 time with an offset (or Unix seconds, as SendGrid takes) as an aware UTC time."""
-    if value is None or isinstance(value, dt.datetime):
+def _time_or_seconds(value: Any) -> Any:
+    if value is None or (isinstance(value, str | int) and not isinstance(value, bool)):
         return value
-    try:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return dt.datetime.fromtimestamp(value, dt.UTC)
-        if isinstance(value, str) and len(value) <= 40 and value[:4].isdigit():
-            parsed = dt.datetime.fromisoformat(value.strip().replace("z", "Z"))
-            if parsed.tzinfo is not None:
-                return parsed.astimezone(dt.UTC)
-    except (ValueError, OverflowError, OSError):
-        pass
     raise ValueError(
-        "must be an RFC 3339 time with an offset, such as 2026-12-01T09:00:00Z or "
-        "2026-12-01T10:00:00+01:00, or Unix seconds"
+        "must be an RFC 3339 time with an offset (2026-12-01T09:00:00Z) or Unix seconds"
     )
 
 
@@ -382,10 +371,8 @@ class MailRequest(BaseModel):
             "replies are recorded, status `sandboxed`, nothing is sent. Unset: the caller's default"
         ),
     )
-    # Not in the queued mail's data (QueuedMail.deliver_by carries the resolved time).
-    deliver_by: Annotated[
-        dt.datetime | None, BeforeValidator(rfc3339, json_schema_input_type=str | int | None)
-    ] = Field(
+    # Checked by the publisher (publisher/deliver_by.py); QueuedMail.deliver_by carries the time.
+    deliver_by: Annotated[str | int | None, BeforeValidator(_time_or_seconds)] = Field(
         default=None,
         exclude=True,
         description="Give up (status expired) if not delivered by then: RFC 3339 with an offset "
@@ -521,7 +508,11 @@ class QueuedMail(BaseModel):
         try:
             mail = cls.model_validate_json(data)
             by = (attributes or {}).get(PUBSUB_DELIVER_BY)
-            return mail.model_copy(update={"deliver_by": rfc3339(by)}) if by else mail
+            return (
+                mail.model_copy(update={"deliver_by": dt.datetime.fromisoformat(by)})
+                if by
+                else mail
+            )
         except ValueError as exc:
             problem = _problems(exc) if isinstance(exc, ValidationError) else str(exc)
             try:

@@ -52,25 +52,43 @@ def read_deliver_within(env: EnvReader, maximum: float) -> float:
     return seconds
 
 
+def parse_deliver_by(value: str | int) -> dt.datetime:
+    """An RFC 3339 time with an offset, or Unix seconds (as SendGrid takes), in UTC."""
+    try:
+        if isinstance(value, int):
+            return dt.datetime.fromtimestamp(value, dt.UTC)
+        if len(value) <= 40 and value[:4].isdigit():
+            parsed = dt.datetime.fromisoformat(value.strip().replace("z", "Z"))
+            if parsed.tzinfo is not None:
+                return parsed.astimezone(dt.UTC)
+    except (ValueError, OverflowError, OSError):
+        pass
+    raise DeliverByError(
+        "must be an RFC 3339 time with an offset, such as 2026-12-01T09:00:00Z or "
+        "2026-12-01T10:00:00+01:00, or Unix seconds"
+    )
+
+
 def resolve_deliver_by(
-    requested: dt.datetime | None,
+    requested: str | int | None,
     accepted_at: dt.datetime,
     *,
     default_within: float,
     max_within: float,
 ) -> dt.datetime:
-    """The mail's ``deliver_by``: ``requested`` (checked) or the default; UTC."""
+    """The mail's ``deliver_by``: ``requested`` (parsed and checked) or the default; UTC."""
     if requested is None:
         return accepted_at + dt.timedelta(seconds=default_within)
+    when = parse_deliver_by(requested)
     latest = accepted_at + dt.timedelta(seconds=max_within)
-    if requested <= accepted_at:
+    if when <= accepted_at:
         raise DeliverByError(
-            f"is in the past ({requested.isoformat()}; now is {accepted_at.isoformat()}): give "
+            f"is in the past ({when.isoformat()}; now is {accepted_at.isoformat()}): give "
             "a later time, or leave it out for the default"
         )
-    if requested > latest:
+    if when > latest:
         raise DeliverByError(
             f"is too far ahead: the maximum is {latest.isoformat()} (accepted + "
             f"{max_within / 3600:g} h, the dead-letter subscription's retention)"
         )
-    return requested
+    return when
