@@ -153,7 +153,6 @@ class PubSubConfig:
     project: str
     topic: str
     subscription: str
-    dead_letter_topic: str
     dead_letter_subscription: str
     dead_letter_record_subscription: str = ""
     emulator_host: str | None = None
@@ -180,9 +179,6 @@ class PubSubConfig:
             project=env.string("GOOGLE_CLOUD_PROJECT", DEFAULT_PROJECT),
             topic=env.string("MAILPIPE_TOPIC", topology.mail_topic.name),
             subscription=env.string("MAILPIPE_SUBSCRIPTION", topology.delivery_subscription.name),
-            dead_letter_topic=env.string(
-                "MAILPIPE_DEAD_LETTER_TOPIC", topology.dead_letter_topic.name
-            ),
             dead_letter_subscription=env.string(
                 "MAILPIPE_DEAD_LETTER_SUBSCRIPTION", topology.dead_letter_subscription.name
             ),

@@ -57,7 +57,6 @@ locals {
     GOOGLE_CLOUD_PROJECT              = var.project_id
     MAILPIPE_TOPIC                    = local.mail_topic_name
     MAILPIPE_SUBSCRIPTION             = local.delivery_subscription_name
-    MAILPIPE_DEAD_LETTER_TOPIC        = local.dead_letter_topic_name
     MAILPIPE_DEAD_LETTER_SUBSCRIPTION = local.dead_letter_subscription_name
     MAILPIPE_RECORD                   = "firestore://${var.firestore_database}"
     MAILPIPE_TRACES                   = "gcp"
