@@ -76,11 +76,9 @@ class JsonLinesSpanExporter(SpanExporter):
 
     def _still_at_path(self, fd: int) -> bool:
         try:
-            current = os.stat(self.path)
+            return os.path.samestat(os.stat(self.path), os.fstat(fd))
         except FileNotFoundError:
             return False
-        opened = os.fstat(fd)
-        return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         lines = [

@@ -290,7 +290,9 @@ def test_dead_letter_and_replay_emit_their_events_in_their_traces(
             publisher=publisher,
             record=events_pipeline.record,
             tracer=events_pipeline.telemetry.tracer("mailpipe.cli.dlq"),
-            dead_letter_subscription=pubsub.dead_letter_subscription_path,
+            dead_letter_subscription=subscriber.subscription_path(
+                pubsub.project, events_pipeline.topology.dead_letter_subscription.name
+            ),
             topic=pubsub.topic_path,
             return_immediately=True,
             events=events_pipeline.events,
