@@ -533,13 +533,12 @@ class _LibrarySpanRouter(SpanProcessor):
             provider = self._ensure_attached(sampler, resource)
             skip = exporter is not None and exporter in _exporters_of(provider)
             target = _Target(processor, skip)
-            self._targets.append(target)
+            self._targets = [*self._targets, target]
             return target
 
     def unregister(self, target: _Target) -> None:
         with self._lock:
-            if target in self._targets:
-                self._targets.remove(target)
+            self._targets = [t for t in self._targets if t is not target]
 
     def _ensure_attached(self, sampler: Sampler, resource: Resource) -> trace_api.TracerProvider:
         current = trace_api.get_tracer_provider()
@@ -555,7 +554,7 @@ class _LibrarySpanRouter(SpanProcessor):
                 self._warned = True
             current.add_span_processor(self)
         elif isinstance(current, trace_api.ProxyTracerProvider):
-            current = TracerProvider(
+            current = _HubProvider(
                 sampler=_WithoutLibraryHelpers(sampler), resource=resource, shutdown_on_exit=False
             )
             current.add_span_processor(self)
@@ -570,8 +569,8 @@ class _LibrarySpanRouter(SpanProcessor):
         return current
 
     def _current(self) -> _Target | None:
-        with self._lock:
-            return self._targets[-1] if self._targets else None
+        targets = self._targets  # replaced, never changed in place: read without the lock
+        return targets[-1] if targets else None
 
     def _exporting(self) -> SpanProcessor | None:
         target = self._current()
@@ -597,6 +596,29 @@ class _LibrarySpanRouter(SpanProcessor):
         if target is None or target.processor is None:
             return True
         return target.processor.force_flush(timeout_millis)
+
+
+class _HubProvider(TracerProvider):
+    """The global provider mailpipe makes. The Pub/Sub client asks it for a tracer for every
+    span, and the SDK's ``get_tracer`` registers a warnings filter each time: tracers cached."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._cached: dict[tuple[str, str | None, str | None], Tracer] = {}
+
+    def get_tracer(
+        self,
+        instrumenting_module_name: str,
+        instrumenting_library_version: str | None = None,
+        schema_url: str | None = None,
+        attributes: Any = None,
+    ) -> Tracer:
+        key = (instrumenting_module_name, instrumenting_library_version, schema_url)
+        if attributes is not None:
+            return super().get_tracer(*key, attributes)
+        if (tracer := self._cached.get(key)) is None:
+            tracer = self._cached.setdefault(key, super().get_tracer(*key))
+        return tracer
 
 
 # The Pub/Sub client's INTERNAL helper spans: each is current only inside a `with` that just
