@@ -204,7 +204,6 @@ def service_env(
         {
             "MAILPIPE_TOPIC": topology.mail_topic.name,
             "MAILPIPE_SUBSCRIPTION": topology.delivery_subscription.name,
-            "MAILPIPE_DEAD_LETTER_TOPIC": topology.dead_letter_topic.name,
             "MAILPIPE_DEAD_LETTER_SUBSCRIPTION": topology.dead_letter_subscription.name,
             "MAILPIPE_DEAD_LETTER_RECORD_SUBSCRIPTION": (
                 topology.dead_letter_record_subscription.name

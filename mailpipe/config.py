@@ -153,8 +153,6 @@ class PubSubConfig:
     project: str
     topic: str
     subscription: str
-    dead_letter_topic: str
-    dead_letter_subscription: str
     dead_letter_record_subscription: str = ""
     emulator_host: str | None = None
 
@@ -167,10 +165,6 @@ class PubSubConfig:
         return f"projects/{self.project}/subscriptions/{self.subscription}"
 
     @property
-    def dead_letter_subscription_path(self) -> str:
-        return f"projects/{self.project}/subscriptions/{self.dead_letter_subscription}"
-
-    @property
     def dead_letter_record_subscription_path(self) -> str:
         return f"projects/{self.project}/subscriptions/{self.dead_letter_record_subscription}"
 
@@ -180,12 +174,6 @@ class PubSubConfig:
             project=env.string("GOOGLE_CLOUD_PROJECT", DEFAULT_PROJECT),
             topic=env.string("MAILPIPE_TOPIC", topology.mail_topic.name),
             subscription=env.string("MAILPIPE_SUBSCRIPTION", topology.delivery_subscription.name),
-            dead_letter_topic=env.string(
-                "MAILPIPE_DEAD_LETTER_TOPIC", topology.dead_letter_topic.name
-            ),
-            dead_letter_subscription=env.string(
-                "MAILPIPE_DEAD_LETTER_SUBSCRIPTION", topology.dead_letter_subscription.name
-            ),
             dead_letter_record_subscription=env.string(
                 "MAILPIPE_DEAD_LETTER_RECORD_SUBSCRIPTION",
                 topology.dead_letter_record_subscription.name,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +28,7 @@ MAX_JSON_DEPTH = 32
 MAX_INTEGER_DIGITS = 100
 _MESSAGE_PATH_CHARS = 200  # how much of a request path an error message repeats
 _SURROGATE_PROBLEM = "contains a lone surrogate (a \\ud800-\\udfff escape without its pair)"
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what UTF-8 cannot encode
 
 
 class JsonBodyError(ValueError):
@@ -76,14 +78,6 @@ def _path(parts: tuple[str | int, ...]) -> str:
     return ".".join(str(part) for part in parts) or "body"
 
 
-def _has_lone_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
 def check_json_value(value: Any) -> None:
     """Raise :class:`JsonBodyError` if ``value`` (parsed JSON) nests deeper than
     :data:`MAX_JSON_DEPTH` or holds a lone surrogate in a string or key. Iterative."""
@@ -92,7 +86,7 @@ def check_json_value(value: Any) -> None:
     while stack:
         item, depth, where = stack.pop()
         if isinstance(item, str):
-            if _has_lone_surrogate(item):
+            if _LONE_SURROGATE.search(item):
                 surrogates.setdefault(_path(where), _SURROGATE_PROBLEM)
             continue
         if not isinstance(item, dict | list):
@@ -105,7 +99,7 @@ def check_json_value(value: Any) -> None:
             )
         if isinstance(item, dict):
             for key, child in item.items():
-                if _has_lone_surrogate(key):
+                if _LONE_SURROGATE.search(key):
                     surrogates.setdefault(_path(where), "has a key that " + _SURROGATE_PROBLEM)
                     continue
                 stack.append((child, depth + 1, (*where, key)))

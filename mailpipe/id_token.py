@@ -125,10 +125,6 @@ def decode_claims(
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
     value = headers.get(name)
-    if value is not None:
-        return value
-    lowered = name.lower()
-    for key, candidate in headers.items():  # a plain dict: HTTP header names are case-insensitive
-        if key.lower() == lowered:
-            return candidate
-    return None
+    # A plain dict: HTTP header names are case-insensitive.
+    same = (v for k, v in headers.items() if k.lower() == name.lower())
+    return value if value is not None else next(same, None)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import functools
 import json
 import re
 from typing import Annotated, Any
@@ -128,6 +129,7 @@ def display_name(value: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=4096)  # a pure check, asked again and again for the same senders
 def addr_spec(value: str) -> str:
     """A validated, normalised address (``local@domain``; the domain lower-case, IDN as Unicode).
 

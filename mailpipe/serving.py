@@ -156,7 +156,7 @@ class BufferingThreadWorker(ThreadWorker):
         if state == "wait":
             return _DEFER  # back to the poller until more arrives (or keepalive_timeout ends)
         if state == "expired":
-            self._answer_timeout(sock)
+            self._answer_timeout(sock.raw, "request")
         if state != "complete":
             sock.next_request()
             return False  # gunicorn closes the connection
@@ -217,19 +217,17 @@ class BufferingThreadWorker(ThreadWorker):
             return  # the client is gone; reading will tell
         sock.pending[: head_end + 2] = _EXPECT_LINE.sub(b"", head)
 
-    def _answer_timeout(self, sock: _RequestSocket) -> None:
-        self.log.info("closing a connection whose request did not arrive in time")
+    def _answer_timeout(self, sock: Any, what: str) -> None:
+        self.log.info("closing a connection whose %s did not arrive in time", what)
         error = RequestReadTimeout(self.read_timeout)
-        _write_json_error(sock.raw, 408, "Request Timeout", str(error.description))
+        _write_json_error(sock, 408, "Request Timeout", str(error.description))
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         """gunicorn's own answers (malformed request, head too large, a timeout while it read
         the head), in the services' JSON error format instead of an HTML page."""
         target = client.raw if isinstance(client, _RequestSocket) else client
         if isinstance(exc, RequestReadTimeout):
-            self.log.info("closing a connection whose request head did not arrive in time")
-            _write_json_error(target, 408, "Request Timeout", str(exc.description))
-            return
+            return self._answer_timeout(target, "request head")
         captured = _CapturedAnswer()
         super().handle_error(req, captured, addr, exc)
         status, reason, message = captured.parsed()

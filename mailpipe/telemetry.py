@@ -47,8 +47,14 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
-from opentelemetry.trace import Tracer
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mailpipe.config import TelemetryConfig
@@ -506,13 +512,12 @@ class _LibrarySpanRouter(SpanProcessor):
             provider = self._ensure_attached(sampler, resource)
             skip = exporter is not None and exporter in _exporters_of(provider)
             target = _Target(processor, skip)
-            self._targets.append(target)
+            self._targets = [*self._targets, target]
             return target
 
     def unregister(self, target: _Target) -> None:
         with self._lock:
-            if target in self._targets:
-                self._targets.remove(target)
+            self._targets = [t for t in self._targets if t is not target]
 
     def _ensure_attached(self, sampler: Sampler, resource: Resource) -> trace_api.TracerProvider:
         current = trace_api.get_tracer_provider()
@@ -528,7 +533,9 @@ class _LibrarySpanRouter(SpanProcessor):
                 self._warned = True
             current.add_span_processor(self)
         elif isinstance(current, trace_api.ProxyTracerProvider):
-            current = TracerProvider(sampler=sampler, resource=resource, shutdown_on_exit=False)
+            current = _HubProvider(
+                sampler=_WithoutLibraryHelpers(sampler), resource=resource, shutdown_on_exit=False
+            )
             current.add_span_processor(self)
             trace_api.set_tracer_provider(current)
         else:
@@ -541,8 +548,8 @@ class _LibrarySpanRouter(SpanProcessor):
         return current
 
     def _current(self) -> _Target | None:
-        with self._lock:
-            return self._targets[-1] if self._targets else None
+        targets = self._targets  # replaced, never changed in place: read without the lock
+        return targets[-1] if targets else None
 
     def _exporting(self) -> SpanProcessor | None:
         target = self._current()
@@ -553,8 +560,10 @@ class _LibrarySpanRouter(SpanProcessor):
             processor.on_start(span, parent_context)
 
     def on_end(self, span: ReadableSpan) -> None:
-        # The spans of the global provider (in production: the Pub/Sub client library's) pass
-        # here on their way out: the place to drop some (issue 18: its childless INTERNAL spans).
+        # The global provider's spans (the Pub/Sub client's) on their way out. The helper spans
+        # are never made by our hub (its sampler); a provider not ours made them: not exported.
+        if _library_helper(span.name, span.kind):
+            return
         if (processor := self._exporting()) is not None:
             processor.on_end(span)
 
@@ -566,6 +575,74 @@ class _LibrarySpanRouter(SpanProcessor):
         if target is None or target.processor is None:
             return True
         return target.processor.force_flush(timeout_millis)
+
+
+class _HubProvider(TracerProvider):
+    """The global provider mailpipe makes. The Pub/Sub client asks it for a tracer for every
+    span, and the SDK's ``get_tracer`` registers a warnings filter each time: tracers cached."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._cached: dict[tuple[str, str | None, str | None], Tracer] = {}
+
+    def get_tracer(
+        self,
+        instrumenting_module_name: str,
+        instrumenting_library_version: str | None = None,
+        schema_url: str | None = None,
+        attributes: Any = None,
+    ) -> Tracer:
+        key = (instrumenting_module_name, instrumenting_library_version, schema_url)
+        if attributes is not None:
+            return super().get_tracer(*key, attributes)
+        if (tracer := self._cached.get(key)) is None:
+            tracer = self._cached.setdefault(key, super().get_tracer(*key))
+        return tracer
+
+
+# The Pub/Sub client's INTERNAL helper spans: each is current only inside a `with` that just
+# stores it (google/cloud/pubsub_v1/open_telemetry), so no span can have one as its parent.
+# Dropping them (4 of a mail's 13 spans, 2 more per event) orphans nothing (issue 18).
+LIBRARY_HELPER_SPANS = frozenset(
+    {
+        "publisher flow control",
+        "publisher batching",
+        "subscriber concurrency control",
+        "subscriber scheduler",
+    }
+)
+
+
+def _library_helper(name: str, kind: SpanKind | None) -> bool:
+    return kind is SpanKind.INTERNAL and name in LIBRARY_HELPER_SPANS
+
+
+class _WithoutLibraryHelpers(Sampler):
+    """``sampler``, except that the library's helper spans are never recorded (cheaper than
+    recording and then dropping them: a non-recording span does no work)."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self._sampler = sampler
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Any = None,
+        links: Any = None,
+        trace_state: Any = None,
+    ) -> SamplingResult:
+        if _library_helper(name, kind):
+            parent = trace_api.get_current_span(parent_context).get_span_context()
+            return SamplingResult(Decision.DROP, trace_state=parent.trace_state)
+        return self._sampler.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return f"WithoutLibraryHelpers{{{self._sampler.get_description()}}}"
 
 
 def _exporters_of(provider: trace_api.TracerProvider) -> list[object]:

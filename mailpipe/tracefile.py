@@ -10,46 +10,40 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.trace import format_span_id, format_trace_id
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple | list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return str(value)
-
-
-def _attributes(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {key: _jsonable(value) for key, value in (attributes or {}).items()}
+def _attributes(attributes: Any) -> dict[str, Any]:
+    """A plain dict of span or event attributes (values: str, bool, int, float or tuples of
+    them; json writes anything else with ``str``). The SDK's BoundedAttributes reads each item
+    under a lock; its inner dict, read-only once the span ended, copies at C speed."""
+    return dict(getattr(attributes, "_dict", None) or attributes or {})
 
 
 def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
     """The JSON object written for one finished span."""
-    context, parent = span.get_span_context(), span.parent
+    context, parent = span.context, span.parent
     return {
-        "trace_id": format_trace_id(context.trace_id) if context else None,
-        "span_id": format_span_id(context.span_id) if context else None,
-        "parent_span_id": format_span_id(parent.span_id) if parent else None,
+        "trace_id": format(context.trace_id, "032x") if context else None,
+        "span_id": format(context.span_id, "016x") if context else None,
+        "parent_span_id": format(parent.span_id, "016x") if parent else None,
         "name": span.name,
         "kind": span.kind.name,
         "service": span.resource.attributes.get("service.name"),
         "start": span.start_time,
         "end": span.end_time,
         "status": {"code": span.status.status_code.name, "description": span.status.description},
-        "attributes": _attributes(span.attributes),
+        "attributes": _attributes(getattr(span, "_attributes", None) or span.attributes),
         "events": [{"name": e.name, "attributes": _attributes(e.attributes)} for e in span.events],
         "links": [
             {
-                "trace_id": format_trace_id(ln.context.trace_id),
-                "span_id": format_span_id(ln.context.span_id),
+                "trace_id": format(ln.context.trace_id, "032x"),
+                "span_id": format(ln.context.span_id, "016x"),
             }
             for ln in span.links
         ],
@@ -76,15 +70,14 @@ class JsonLinesSpanExporter(SpanExporter):
 
     def _still_at_path(self, fd: int) -> bool:
         try:
-            current = os.stat(self.path)
+            return os.path.samestat(os.stat(self.path), os.fstat(fd))
         except FileNotFoundError:
             return False
-        opened = os.fstat(fd)
-        return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         lines = [
-            (json.dumps(span_to_dict(s), separators=(",", ":")) + "\n").encode() for s in spans
+            (json.dumps(span_to_dict(s), separators=(",", ":"), default=str) + "\n").encode()
+            for s in spans
         ]
         try:
             with self._lock:

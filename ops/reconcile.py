@@ -2,20 +2,22 @@
 
 What counts as stuck, what each fix does and the races it handles: publisher/reconcile.py (the
 survey, which the publisher's ``/v1/stats`` shows too). Each fix is one atomic call of the record
-(``release_expired_reservation``, ``mark_unconfirmed``) that re-checks the record, so a mail that
+(``release(expired_only=True)``, :func:`mark_unconfirmed`) that re-checks the record, so a mail that
 moved on since the survey is left alone. A fix that fails is reported per mail and the others are
 still tried.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mailpipe.record import DeliveryRecord, RecordError
-from publisher.reconcile import StuckKind, StuckMail, Survey
+from mailpipe.record import DeliveryRecord, MailRecord, MailStatus, RecordError
+from mailpipe.record.base import Found, passed
+from publisher.reconcile import StuckKind, StuckMail, Survey, delivery_stalled_at
 
 
 class FixAction(enum.StrEnum):
@@ -50,6 +52,41 @@ class FixReport:
         return sum(1 for outcome in self.outcomes if outcome.action is action)
 
 
+def mark_unconfirmed(
+    record: DeliveryRecord, mail_id: str, *, grace_seconds: float
+) -> MailRecord | None:
+    """``sending`` whose lease ended over ``grace_seconds`` ago → ``unconfirmed``, its lease
+    cleared, ``last_error`` saying what is known; ``None`` if it changed nothing (claimed again
+    since, finished, or not stalled)."""
+
+    def rule(found: Found, now: dt.datetime) -> tuple[Found, Found]:
+        if found is None or not passed(delivery_stalled_at(found, grace_seconds), now):
+            return None, None
+        number = found.attempt_count
+        recorded = any(a.number == number and a.outcome for a in found.attempts)
+        note = (
+            f"delivery attempt {number} left the mail sending"
+            if recorded
+            else f"the outcome of delivery attempt {number} was never recorded"
+        )
+        new = dataclasses.replace(
+            found,
+            status=MailStatus.UNCONFIRMED,
+            lease_until=None,
+            last_error=(
+                f"{note}: its worker stopped, or the record write after the relay's answer "
+                "failed. If Pub/Sub still holds the message it will be delivered (the mail "
+                "stays claimable); if the subscriber logged that it could not record this "
+                "attempt, the relay answered and the mail was acknowledged. Last error "
+                f"before: {found.last_error or 'none'}"
+            ),
+            updated_at=now,
+        )
+        return new, new
+
+    return record.update(mail_id, rule, "mark_unconfirmed")
+
+
 def fix(
     record: DeliveryRecord,
     found: Survey,
@@ -62,7 +99,7 @@ def fix(
     for mail in found.stuck:
         try:
             if mail.kind is StuckKind.EXPIRED_RESERVATION:
-                released = record.release_expired_reservation(mail.mail_id)
+                released = record.release(mail.mail_id, expired_only=True)
                 action = FixAction.RELEASED if released else FixAction.LEFT_ALONE
                 detail = (
                     "reservation deleted; its idempotency key is free"
@@ -70,7 +107,7 @@ def fix(
                     else "no longer an expired reservation (published, or released already)"
                 )
             else:
-                marked = record.mark_unconfirmed(mail.mail_id, grace_seconds=found.grace_seconds)
+                marked = mark_unconfirmed(record, mail.mail_id, grace_seconds=found.grace_seconds)
                 action = FixAction.MARKED_UNCONFIRMED if marked else FixAction.LEFT_ALONE
                 detail = (
                     marked.last_error or ""

@@ -11,7 +11,7 @@ the record does not store). So:
 
   1. record says delivered or bounced → ack the copy, send nothing (``already_final``);
   2. otherwise, inside a new ``mail replay`` span (a new trace, linked to the original one from
-     the copy's ``googclient_traceparent``): ``record.mark_replayed`` *first* — it refuses a
+     the copy's ``googclient_traceparent``): :func:`mark_replayed` *first* — it refuses a
      delivered mail atomically, so a replay never sends twice — then republish the original data
      and attributes to the mail topic (the client library's tracing carries the new trace to the
      subscriber), then ack the copy.
@@ -40,6 +40,7 @@ Google's exceptions are translated in :func:`_translate_pubsub` only (through
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import enum
 import functools
@@ -351,6 +352,29 @@ def _deliver_by(data: bytes, attributes: Mapping[str, str]) -> dt.datetime | Non
     return mail.deliver_by if mail else None
 
 
+def mark_replayed(record: DeliveryRecord, mail_id: str, *, trace_id: str | None) -> MailRecord:
+    """The replay republishes it: ``replayed``, ``trace_id`` added to ``replays``. Call it
+    *before* republishing: :class:`AlreadyFinal` for a delivered or bounced mail (never send
+    twice), :class:`MailNotFound` without a record."""
+
+    def rule(found: MailRecord | None, now: dt.datetime) -> tuple[MailRecord, MailRecord]:
+        if found is None:
+            raise MailNotFound(f"no record for mail {mail_id}")
+        if found.status.final:
+            raise AlreadyFinal(f"mail {mail_id} is {found.status}: not replayed")
+        replays = (*found.replays, trace_id) if trace_id else found.replays
+        new = dataclasses.replace(
+            found,
+            status=MailStatus.REPLAYED,
+            replays=replays,
+            next_attempt_at=None,
+            updated_at=now,
+        )
+        return new, new
+
+    return record.update(mail_id, rule, "mark_replayed")
+
+
 def _accepted_at(
     record: MailRecord | None, data: bytes, attributes: Mapping[str, str]
 ) -> dt.datetime | None:
@@ -624,7 +648,7 @@ class DeadLetterReplayer:
             # Record first: mark_replayed refuses a delivered/bounced mail atomically, so a
             # delivery that finished after our read still cannot be sent twice.
             try:
-                marked = self._record.mark_replayed(mail_id, trace_id=trace_id)
+                marked = mark_replayed(self._record, mail_id, trace_id=trace_id)
             except AlreadyFinal as exc:
                 final = self._record.get(mail_id)
                 status = str(final.status) if final else None

@@ -52,7 +52,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mailpipe.record import DeliveryRecord, MailRecord, MailStatus, RecordError
-from mailpipe.record.base import delivery_stalled_at, passed, reservation_expires_at
+from mailpipe.record.base import passed, reservation_expires_at
 
 DEFAULT_GRACE_SECONDS = 900.0
 # Records scanned per status in one survey (stuck and unconfirmed records are few; in-flight
@@ -94,9 +94,19 @@ class StuckMail:
         }
 
 
+def delivery_stalled_at(record: MailRecord, grace_seconds: float) -> dt.datetime | None:
+    """When a ``sending`` record counts as stalled (its lease's end + grace); ``None`` for any
+    other status. A ``sending`` without a lease (not written by a claim) counts from its last
+    write."""
+    if record.status is not MailStatus.SENDING:
+        return None
+    base = record.lease_until if record.lease_until is not None else record.updated_at
+    return base + dt.timedelta(seconds=grace_seconds)
+
+
 def diagnose(record: MailRecord, *, now: dt.datetime, grace_seconds: float) -> StuckMail | None:
     """``record`` as a stuck mail, or ``None`` if something live may still move it on."""
-    # The same rules the record's release_expired_reservation and mark_unconfirmed check.
+    # The same rules the fixes check: ``release(expired_only=True)``, ops' ``mark_unconfirmed``.
     found = (
         (StuckKind.EXPIRED_RESERVATION, reservation_expires_at(record)),
         (StuckKind.STALLED_DELIVERY, delivery_stalled_at(record, grace_seconds)),

@@ -56,14 +56,12 @@ locals {
   # Environment shared by both services (names: mailpipe/config.py). PORT is set by Cloud Run itself
   # (it is a reserved name there), so it is not listed.
   common_env = {
-    GOOGLE_CLOUD_PROJECT              = var.project_id
-    MAILPIPE_TOPIC                    = local.mail_topic_name
-    MAILPIPE_SUBSCRIPTION             = local.delivery_subscription_name
-    MAILPIPE_DEAD_LETTER_TOPIC        = local.dead_letter_topic_name
-    MAILPIPE_DEAD_LETTER_SUBSCRIPTION = local.dead_letter_subscription_name
-    MAILPIPE_RECORD                   = "firestore://${var.firestore_database}"
-    MAILPIPE_TRACES                   = "gcp"
-    MAILPIPE_TRACE_SAMPLE_RATIO       = tostring(var.trace_sample_ratio)
+    GOOGLE_CLOUD_PROJECT        = var.project_id
+    MAILPIPE_TOPIC              = local.mail_topic_name
+    MAILPIPE_SUBSCRIPTION       = local.delivery_subscription_name
+    MAILPIPE_RECORD             = "firestore://${var.firestore_database}"
+    MAILPIPE_TRACES             = "gcp"
+    MAILPIPE_TRACE_SAMPLE_RATIO = tostring(var.trace_sample_ratio)
   }
 
   publisher_env = merge(local.common_env, {

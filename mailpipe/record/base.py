@@ -260,18 +260,8 @@ def reservation_expires_at(record: MailRecord) -> dt.datetime | None:
     return record.updated_at + dt.timedelta(seconds=DEFAULT_RESERVATION_SECONDS)
 
 
-def delivery_stalled_at(record: MailRecord, grace_seconds: float) -> dt.datetime | None:
-    """When a ``sending`` record counts as stalled (its lease's end + grace); ``None`` for any
-    other status. A ``sending`` without a lease (not written by a claim) counts from its last
-    write."""
-    if record.status is not MailStatus.SENDING:
-        return None
-    base = record.lease_until if record.lease_until is not None else record.updated_at
-    return base + dt.timedelta(seconds=grace_seconds)
-
-
 def passed(moment: dt.datetime | None, now: dt.datetime) -> bool:
-    """Whether ``moment`` (from the two functions above) is set and not in the future."""
+    """Whether ``moment`` (e.g. from the function above) is set and not in the future."""
     return moment is not None and moment <= now
 
 
@@ -410,67 +400,29 @@ class DeliveryRecord:
 
         self._apply("mark_queued", mail_id, rule)
 
-    def release(self, mail_id: str) -> None:
+    def release(self, mail_id: str, *, expired_only: bool = False) -> MailRecord | None:
         """The publish failed: delete the record while still ``accepting`` (a claimed record
-        shows the publish did go through) and free its key for the client's retry."""
-        if id_problem(mail_id):
-            return  # no record can have this id
-
-        def body(txn: Transaction) -> None:
-            record = self._read(txn, mail_id)
-            if record is not None and record.status is MailStatus.ACCEPTING:
-                self._forget(txn, record)
-
-        self._store.transact("release", body)
-
-    def release_expired_reservation(self, mail_id: str) -> MailRecord | None:
-        """Reconcile: delete the record (and free its key) if still ``accepting`` past its
-        ``reserved_until``; the deleted record, or ``None`` when there was nothing to delete."""
+        shows the publish did go through) and free its key for the client's retry. With
+        ``expired_only`` (reconcile), only past its ``reserved_until``. The deleted record."""
         if id_problem(mail_id):
             return None  # no record can have this id
 
         def body(txn: Transaction) -> Found:
             record = self._read(txn, mail_id)
-            if record is None or not passed(reservation_expires_at(record), self._clock()):
+            expires = None if record is None else reservation_expires_at(record)
+            if record is None or expires is None or (expired_only and expires > self._clock()):
                 return None
             self._forget(txn, record)
             return record
 
-        return self._store.transact("release_expired_reservation", body)
+        return self._store.transact("release", body)
 
-    def mark_unconfirmed(self, mail_id: str, *, grace_seconds: float) -> MailRecord | None:
-        """Reconcile: ``sending`` whose lease ended over ``grace_seconds`` ago → ``unconfirmed``,
-        its lease cleared, ``last_error`` saying what is known; ``None`` if it changed nothing
-        (claimed again since, finished, or not stalled)."""
-        if id_problem(mail_id):
-            return None  # no record can have this id
-
-        def rule(record: Found, now: dt.datetime) -> tuple[Found, Found]:
-            if record is None or not passed(delivery_stalled_at(record, grace_seconds), now):
-                return None, None
-            number = record.attempt_count
-            recorded = any(a.number == number and a.outcome for a in record.attempts)
-            note = (
-                f"delivery attempt {number} left the mail sending"
-                if recorded
-                else f"the outcome of delivery attempt {number} was never recorded"
-            )
-            new = dataclasses.replace(
-                record,
-                status=MailStatus.UNCONFIRMED,
-                lease_until=None,
-                last_error=(
-                    f"{note}: its worker stopped, or the record write after the relay's answer "
-                    "failed. If Pub/Sub still holds the message it will be delivered (the mail "
-                    "stays claimable); if the subscriber logged that it could not record this "
-                    "attempt, the relay answered and the mail was acknowledged. Last error "
-                    f"before: {record.last_error or 'none'}"
-                ),
-                updated_at=now,
-            )
-            return new, new
-
-        return self._apply("mark_unconfirmed", mail_id, rule)
+    def update(self, mail_id: str, change: Rule[R], operation: str = "update") -> R:
+        """For operations outside the core (ops' replay and reconcile): read the mail's record,
+        ``change`` it (``None``: there is none; see :data:`Rule`), write: one transaction.
+        :class:`InvalidMailId` if no record can have this id."""
+        check_mail_id(mail_id)
+        return self._apply(operation, mail_id, change)
 
     def claim(
         self,
@@ -610,29 +562,6 @@ class DeliveryRecord:
     def expire(self, mail_id: str, *, reason: str) -> MailRecord | None:
         """Give the mail up now: ``expired`` (final) unless already final; ``None`` without one."""
         return self.mark_dead_lettered(mail_id, last_error=reason, expire_at=_EPOCH)
-
-    def mark_replayed(self, mail_id: str, *, trace_id: str | None) -> MailRecord:
-        """``mailpipe dlq replay`` republishes it: ``replayed``, ``trace_id`` added to
-        ``replays``. Call it *before* republishing: :class:`AlreadyFinal` for a delivered or
-        bounced mail (never send twice), :class:`MailNotFound` without a record."""
-        check_mail_id(mail_id)
-
-        def rule(record: Found, now: dt.datetime) -> tuple[MailRecord, Found]:
-            if record is None:
-                raise MailNotFound(f"no record for mail {mail_id}")
-            if record.status.final:
-                raise AlreadyFinal(f"mail {mail_id} is {record.status}: not replayed")
-            replays = (*record.replays, trace_id) if trace_id else record.replays
-            new = dataclasses.replace(
-                record,
-                status=MailStatus.REPLAYED,
-                replays=replays,
-                next_attempt_at=None,
-                updated_at=now,
-            )
-            return new, new
-
-        return self._apply("mark_replayed", mail_id, rule)
 
     def get(self, mail_id: str) -> MailRecord | None:
         if id_problem(mail_id):

@@ -174,6 +174,7 @@ class ReplayServices:
     subscriber: Any  # google.cloud.pubsub_v1.SubscriberClient
     publisher: Any  # google.cloud.pubsub_v1.PublisherClient, OpenTelemetry tracing on
     tracer: Any  # opentelemetry.trace.Tracer
+    dead_letter_subscription: str  # its path: dead_letter_subscription_path()
     return_immediately: bool = False
     close: Callable[[], None] = lambda: None
     events: Any = None  # mailpipe.events.EventEmitter: `replayed` events (None: off)
@@ -184,11 +185,22 @@ class ReplayServices:
             publisher=self.publisher,
             record=self.record,
             tracer=self.tracer,
-            dead_letter_subscription=self.pubsub.dead_letter_subscription_path,
+            dead_letter_subscription=self.dead_letter_subscription,
             topic=self.pubsub.topic_path,
             return_immediately=self.return_immediately,
             events=self.events,
         )
+
+
+def dead_letter_subscription_path(project: str, environ: Mapping[str, str]) -> str:
+    """``MAILPIPE_DEAD_LETTER_SUBSCRIPTION`` (default: topology.json's) as a path; only ``dlq
+    replay`` reads that subscription, so only the CLI reads the variable."""
+    from mailpipe.topology import load_topology
+
+    name = environ.get("MAILPIPE_DEAD_LETTER_SUBSCRIPTION", "").strip()
+    return (
+        f"projects/{project}/subscriptions/{name or load_topology().dead_letter_subscription.name}"
+    )
 
 
 def open_replay_services(args: argparse.Namespace, environ: Mapping[str, str]) -> ReplayServices:
@@ -235,6 +247,7 @@ def open_replay_services(args: argparse.Namespace, environ: Mapping[str, str]) -
         publisher=publisher,
         # The instrumentation scope keeps its name from before the CLI moved to ops/.
         tracer=telemetry.tracer("mailpipe.cli.dlq"),
+        dead_letter_subscription=dead_letter_subscription_path(config.pubsub.project, environ),
         # The emulator answers an immediate pull exactly; production may answer it empty.
         return_immediately=bool(host),
         close=close,

@@ -81,6 +81,14 @@ def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> CliResult:
     return code, json.loads(capsys.readouterr().out)
 
 
+def dead_letter_path(pipeline: Pipeline) -> str:
+    project, name = (
+        pipeline.publisher_config.pubsub.project,
+        pipeline.topology.dead_letter_subscription.name,
+    )
+    return f"projects/{project}/subscriptions/{name}"
+
+
 @pytest.fixture
 def replay_services(pipeline: Pipeline, pubsub_emulator: RunningEmulator) -> Iterator[Any]:
     """``dlq replay`` with the pipeline's record and tracer, real emulator clients."""
@@ -95,6 +103,7 @@ def replay_services(pipeline: Pipeline, pubsub_emulator: RunningEmulator) -> Ite
         subscriber=subscriber,
         publisher=publisher,
         tracer=pipeline.telemetry.tracer("mailpipe.cli.dlq"),
+        dead_letter_subscription=dead_letter_path(pipeline),
         return_immediately=True,
     )
     publisher.stop()
@@ -280,7 +289,7 @@ def dead_letter(
 def copies_on_dead_letter_subscription(pipeline: Pipeline, pubsub_emulator: RunningEmulator) -> Any:
     """The mail ids of the copies still on the ``dead_letter`` subscription (released again)."""
     client = subscriber_client(pubsub_emulator.host)
-    path = pipeline.publisher_config.pubsub.dead_letter_subscription_path
+    path = dead_letter_path(pipeline)
     response = client.pull(
         request={"subscription": path, "max_messages": 100, "return_immediately": True}
     )

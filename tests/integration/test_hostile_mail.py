@@ -312,7 +312,9 @@ def test_replaying_a_dead_lettered_mail_that_cannot_be_built_bounces_it(
             publisher=publisher,
             record=record,
             tracer=pipeline.telemetry.tracer("mailpipe.cli.dlq"),
-            dead_letter_subscription=pubsub.dead_letter_subscription_path,
+            dead_letter_subscription=subscriber.subscription_path(
+                pubsub.project, pipeline.topology.dead_letter_subscription.name
+            ),
             topic=pubsub.topic_path,
             return_immediately=True,
         ).replay(Selection(mail_ids=frozenset({mail_id})))

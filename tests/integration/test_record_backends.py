@@ -33,7 +33,8 @@ from mailpipe.record.base import (
 from mailpipe.record.firestore import FirestoreRecord
 from mailpipe.record.sqlite import SCHEMA_VERSION, SqliteRecord
 from mailpipe.record.store import key_hash
-from ops.reconcile import fix
+from ops.reconcile import fix, mark_unconfirmed
+from ops.replay import mark_replayed
 from publisher.reconcile import survey
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
@@ -402,22 +403,22 @@ def test_a_published_reservation_never_expires(record: DeliveryRecord, clock: Fa
 
     assert not again.created
     assert again.record.mail_id == mail_id
-    assert record.release_expired_reservation(mail_id) is None
+    assert record.release(mail_id, expired_only=True) is None
 
 
 def test_release_expired_reservation(record: DeliveryRecord, clock: FakeClock) -> None:
     mail_id = reserve(record, key="order-1", reservation_seconds=60)
-    assert record.release_expired_reservation(mail_id) is None  # still within its time
+    assert record.release(mail_id, expired_only=True) is None  # still within its time
 
     clock.advance(61)
-    released = record.release_expired_reservation(mail_id)
+    released = record.release(mail_id, expired_only=True)
 
     assert released is not None
     assert released.mail_id == mail_id
     assert record.get(mail_id) is None
     assert record.get_by_idempotency_key("order-1") is None
-    assert record.release_expired_reservation(mail_id) is None  # once
-    assert record.release_expired_reservation("no-such-mail") is None
+    assert record.release(mail_id, expired_only=True) is None  # once
+    assert record.release("no-such-mail", expired_only=True) is None
     assert reserve(record, key="order-1")  # the key is free
 
 
@@ -431,7 +432,7 @@ def test_an_expired_reservation_a_delivery_claimed_is_not_released(
         ClaimResult.CLAIMED
     )
 
-    assert record.release_expired_reservation(mail_id) is None
+    assert record.release(mail_id, expired_only=True) is None
     stored = record.get(mail_id)
     assert stored is not None
     assert stored.status is MailStatus.SENDING
@@ -444,9 +445,9 @@ def test_mark_unconfirmed_settles_a_stalled_delivery_and_keeps_it_claimable(
     record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
 
     clock.advance(LEASE + 100)
-    assert record.mark_unconfirmed(mail_id, grace_seconds=101) is None  # within the grace
+    assert mark_unconfirmed(record, mail_id, grace_seconds=101) is None  # within the grace
     clock.advance(1)
-    marked = record.mark_unconfirmed(mail_id, grace_seconds=101)
+    marked = mark_unconfirmed(record, mail_id, grace_seconds=101)
 
     assert marked is not None
     assert marked.status is MailStatus.UNCONFIRMED
@@ -454,7 +455,7 @@ def test_mark_unconfirmed_settles_a_stalled_delivery_and_keeps_it_claimable(
     assert marked.last_error is not None
     assert "attempt 1 was never recorded" in marked.last_error
     assert record.get(mail_id) == marked
-    assert record.mark_unconfirmed(mail_id, grace_seconds=0) is None  # once
+    assert mark_unconfirmed(record, mail_id, grace_seconds=0) is None  # once
     oldest = record.oldest_undelivered()
     assert oldest is None  # settled: out of the lag gauge (Pub/Sub's backlog alert covers it)
     # A copy Pub/Sub still holds is delivered, not dropped as a duplicate.
@@ -471,7 +472,7 @@ def test_a_late_finish_of_the_attempt_records_the_real_outcome(
     mail_id = queue(record)
     record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
     clock.advance(LEASE + 1)
-    assert record.mark_unconfirmed(mail_id, grace_seconds=0) is not None
+    assert mark_unconfirmed(record, mail_id, grace_seconds=0) is not None
 
     done = record.finish(mail_id, attempt(1, "delivered", 250))
 
@@ -489,13 +490,13 @@ def test_mark_unconfirmed_leaves_alone_what_a_delivery_took_over(
         ClaimResult.CLAIMED
     )
 
-    assert record.mark_unconfirmed(mail_id, grace_seconds=0) is None
+    assert mark_unconfirmed(record, mail_id, grace_seconds=0) is None
     stored = record.get(mail_id)
     assert stored is not None
     assert (stored.status, stored.attempt_count) == (MailStatus.SENDING, 2)
     for other in (queue(record), reserve(record)):  # not sending: never touched
         clock.advance(3600)
-        assert record.mark_unconfirmed(other, grace_seconds=0) is None
+        assert mark_unconfirmed(record, other, grace_seconds=0) is None
 
 
 def test_survey_and_fix_on_the_record(record: DeliveryRecord, clock: FakeClock) -> None:
@@ -728,7 +729,7 @@ def test_dead_letter_then_replay_then_delivery(record: DeliveryRecord) -> None:
     assert dead.last_error == "451 4.3.0: mailbox busy"
     assert record.get(mail_id) == dead
 
-    replayed = record.mark_replayed(mail_id, trace_id="r" * 32)
+    replayed = mark_replayed(record, mail_id, trace_id="r" * 32)
     assert replayed.status is MailStatus.REPLAYED
     assert replayed.replays == ("r" * 32,)
 
@@ -747,7 +748,7 @@ def test_a_delivered_mail_is_never_replayed_nor_dead_lettered(record: DeliveryRe
 
     assert record.mark_dead_lettered(mail_id, last_error="late copy") == done
     with pytest.raises(AlreadyFinal):
-        record.mark_replayed(mail_id, trace_id="r" * 32)
+        mark_replayed(record, mail_id, trace_id="r" * 32)
 
     assert record.get(mail_id) == done
 
@@ -755,7 +756,7 @@ def test_a_delivered_mail_is_never_replayed_nor_dead_lettered(record: DeliveryRe
 def test_dead_letter_and_replay_of_an_unknown_mail(record: DeliveryRecord) -> None:
     assert record.mark_dead_lettered("no-such-mail", last_error="x") is None
     with pytest.raises(MailNotFound):
-        record.mark_replayed("no-such-mail", trace_id=None)
+        mark_replayed(record, "no-such-mail", trace_id=None)
 
 
 # --- list / oldest_undelivered -------------------------------------------------------------
@@ -845,7 +846,7 @@ def test_oldest_undelivered(record: DeliveryRecord) -> None:
     assert oldest.mail_id == newer
 
     # A replayed mail is back on the topic: it counts until delivered, so the lag alert sees it.
-    record.mark_replayed(dead, trace_id=None)
+    mark_replayed(record, dead, trace_id=None)
     oldest = record.oldest_undelivered()
     assert oldest is not None
     assert oldest.mail_id == dead

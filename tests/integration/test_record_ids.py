@@ -30,6 +30,7 @@ from mailpipe.record import (
 from mailpipe.record.base import page_token_of
 from mailpipe.record.firestore import FirestoreRecord
 from mailpipe.record.sqlite import SqliteRecord
+from ops.replay import mark_replayed
 
 INVALID_IDS = [
     "",
@@ -86,7 +87,7 @@ def test_writes_of_an_invalid_id_raise_invalid_mail_id(
         lambda: record.mark_queued(mail_id, message_id="1", trace_id=None, accepted_at=NOW),
         lambda: record.claim(mail_id, message_id="1", trace_id=None, lease_seconds=60),
         lambda: record.finish(mail_id, Attempt(number=1, started_at=NOW, outcome="delivered")),
-        lambda: record.mark_replayed(mail_id, trace_id=None),
+        lambda: mark_replayed(record, mail_id, trace_id=None),
     ]
     for write in writes:
         with pytest.raises(InvalidMailId) as caught:

@@ -841,8 +841,6 @@ def test_env_names_are_the_ones_the_services_read(module: Module) -> None:
         "GOOGLE_CLOUD_PROJECT",
         "MAILPIPE_TOPIC",
         "MAILPIPE_SUBSCRIPTION",
-        "MAILPIPE_DEAD_LETTER_TOPIC",
-        "MAILPIPE_DEAD_LETTER_SUBSCRIPTION",
         "MAILPIPE_RECORD",
         "MAILPIPE_TRACES",
         "MAILPIPE_TRACE_SAMPLE_RATIO",
