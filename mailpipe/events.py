@@ -92,14 +92,17 @@ class EventEmitter:
         reply_code: int | None = None,
         enhanced_status: str | None = None,
         reply: str | None = None,
+        recipients: list[str] | None = None,
     ) -> bool:
         """Publish one event from inside the mail's span; True once Pub/Sub has it. Never raises.
 
         ``mail`` (when known) gives recipients and metadata. Addresses (recipients, reply) are
-        shown as ``MAILPIPE_LOG_ADDRESSES`` allows; domains always.
+        shown as ``MAILPIPE_LOG_ADDRESSES`` allows; domains always. ``recipients``: the ones the
+        event is about (``suppressed``), if not all of the mail's.
         """
         try:
-            recipients = mail.request.recipients if mail is not None else []
+            if recipients is None:
+                recipients = mail.request.recipients if mail is not None else []
             context = trace.get_current_span().get_span_context()
             event = {
                 "schema_version": EVENT_SCHEMA_VERSION,

@@ -85,6 +85,11 @@ class MailMetrics:
             unit="{mail}",
             description="Mails rejected permanently (5xx); never retried.",
         )
+        self._suppressed = meter.create_counter(
+            "mailpipe.recipients.suppressed",
+            unit="{recipient}",
+            description="Recipients left out of a delivery: on the suppression list.",
+        )
         self._dead_lettered = meter.create_counter(
             "mailpipe.mails.dead_lettered",
             unit="{mail}",
@@ -142,6 +147,10 @@ class MailMetrics:
     def bounced(self, *, reply_code: int | None, enhanced_status: str | None) -> None:
         """The relay rejected the mail permanently (5xx)."""
         self._bounced.add(1, _reply_attributes(reply_code, enhanced_status))
+
+    def suppressed(self, count: int) -> None:
+        """``count`` recipients of an attempt were suppressed (not sent to)."""
+        self._suppressed.add(count)
 
     def dead_lettered(self) -> None:
         """A mail reached the dead-letter subscription."""

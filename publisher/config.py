@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from email_validator import EmailNotValidError, validate_email
 
 from mailpipe.config import EnvReader, HttpConfig, PubSubConfig, TelemetryConfig, read_record
+from mailpipe.record.suppressions import SuppressionPolicy
 from mailpipe.topology import Topology, load_topology
 
 
@@ -65,6 +66,8 @@ class PublisherConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     # The domains a mail's From may use (ASCII form); None: any (MAILPIPE_ALLOWED_SENDER_DOMAINS).
     allowed_sender_domains: frozenset[str] | None = None
+    # How the suppression list keys recipients (MAILPIPE_SUPPRESSION_KEY).
+    suppressions: SuppressionPolicy = field(default_factory=SuppressionPolicy)
 
     def sender_allowed(self, domain: str) -> bool:
         """Whether a From address at ``domain`` may be sent (a valid domain, any form)."""
@@ -102,6 +105,7 @@ class PublisherConfig:
             ),
             http=HttpConfig.read(env),
             allowed_sender_domains=_read_sender_domains(env),
+            suppressions=SuppressionPolicy.read(env),
         )
         env.finish()
         return config

@@ -13,7 +13,8 @@ Lifecycle of a mail's status::
 
     accepting ─publish ok─▶ queued ─claim─▶ sending ─250─▶ delivered
         │                     ▲   │            ├─4xx/timeout─▶ deferred ─claim─▶ sending …
-        └─publish failed─▶ (released: the key is free again)   └─5xx─▶ bounced
+        └─publish failed─▶ (released: the key is free again)   ├─5xx─▶ bounced
+                                        every recipient suppressed, nothing sent ─▶ suppressed
     (no idempotency key) ─publish ok─▶ queued: nothing to reserve, one write after the publish
     deferred/queued/sending ─dead-letter consumer─▶ dead_lettered ─dlq replay─▶ replayed
     replayed ─claim─▶ sending …
@@ -68,6 +69,13 @@ from mailpipe.record.store import (
     utc,
     utc_now,
 )
+from mailpipe.record.suppressions import (
+    Suppression,
+    SuppressionList,
+    SuppressionPolicy,
+    SuppressionReason,
+    mailbox_gone,
+)
 
 __all__ = [
     "DEFAULT_RESERVATION_SECONDS",
@@ -83,10 +91,16 @@ __all__ = [
     "MailRecord",
     "MailStatus",
     "Page",
+    "RecipientResult",
     "RecordError",
     "RecordUnavailable",
     "RenewalResult",
     "Reservation",
+    "Suppression",
+    "SuppressionList",
+    "SuppressionPolicy",
+    "SuppressionReason",
+    "mailbox_gone",
     "open_record",
 ]
 R = TypeVar("R")
@@ -132,10 +146,11 @@ class MailStatus(enum.StrEnum):
     REPLAYED = "replayed"
     # Reconciled: the last delivery attempt's outcome was never recorded (see the docstring).
     UNCONFIRMED = "unconfirmed"
+    SUPPRESSED = "suppressed"  # every recipient on the suppression list: nothing sent
 
     @property
     def final(self) -> bool:
-        return self in (MailStatus.DELIVERED, MailStatus.BOUNCED)
+        return self in (MailStatus.DELIVERED, MailStatus.BOUNCED, MailStatus.SUPPRESSED)
 
 
 # Replayed mails are back on the mail topic: until delivered they count toward the lag alert.
@@ -143,7 +158,18 @@ class MailStatus(enum.StrEnum):
 # do not (reconcile settled them as far as the record can; Pub/Sub's own backlog alert covers a
 # copy it still holds), nor do dead-lettered ones.
 UNDELIVERED = tuple(map(MailStatus, ("accepting", "queued", "sending", "deferred", "replayed")))
-_OUTCOMES = {s: MailStatus(s) for s in ("delivered", "deferred", "bounced")}
+_OUTCOMES = {s: MailStatus(s) for s in ("delivered", "deferred", "bounced", "suppressed")}
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """What became of one recipient in an attempt: ``suppressed`` (left out of RCPT) or
+    ``refused`` (5xx at RCPT); ``recipient`` as ``MAILPIPE_LOG_ADDRESSES`` allows."""
+
+    recipient: str
+    status: str
+    reply_code: int | None = None
+    enhanced_status: str | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +186,7 @@ class Attempt:
     failed_step: str | None = None  # e.g. "rcpt to", "data", "connect"
     trace_id: str | None = None
     message_id: str | None = None  # the Pub/Sub message id of this delivery
+    recipients: tuple[RecipientResult, ...] = ()  # the recipients not sent to, and why
 
 
 # The fields the status API shows, in its order (not the idempotency or lease bookkeeping).
@@ -551,14 +578,15 @@ class DeliveryRecord:
         return self._apply("renew_lease", mail_id, rule)
 
     def finish(self, mail_id: str, attempt: Attempt) -> MailRecord:
-        """Record the attempt (``outcome`` delivered, deferred or bounced, else ValueError),
+        """Record the attempt (``outcome`` delivered, deferred, bounced or suppressed, else
+        ValueError),
         set the status, ``last_error`` and ``delivered_at`` from it and end the lease; creates
         a missing record. A final status is kept, and so is a newer claim's lease over a stale
         ``deferred`` (its lease expired and was taken over)."""
         check_mail_id(mail_id)
         if attempt.outcome not in _OUTCOMES:
             raise ValueError(
-                f"attempt outcome must be delivered, deferred or bounced, got {attempt.outcome!r}"
+                f"attempt outcome must be one of {list(_OUTCOMES)}, not {attempt.outcome}"
             )
         outcome = MailStatus(attempt.outcome)
 
@@ -665,6 +693,10 @@ class DeliveryRecord:
         where = [("status", "in", [str(s) for s in UNDELIVERED])]
         docs = self._store.query(MAILS, where, "accepted_at", None, 1)
         return decode(MailRecord, docs[0]) if docs else None
+
+    def suppressions(self, policy: SuppressionPolicy) -> SuppressionList:
+        """The suppression list kept in this record's store, keyed as ``policy`` says."""
+        return SuppressionList(self._store, policy, self._clock)
 
     def close(self) -> None:
         self._store.close()

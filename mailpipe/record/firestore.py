@@ -7,6 +7,8 @@ they are plus ``"expire_at"`` = its ``retain_from`` + ``ttl_days``:
   an array of maps);
 - ``mailpipe_idempotency/<key_hash>`` (``idempotency_collection``): ``{mail_id}``, kept as long
   as its mail.
+- ``mailpipe_suppressions/<key>`` (``suppressions_collection``): a :class:`Suppression`, without
+  ``expire_at`` (kept until deleted); Terraform's TTL policy there is on ``expires_at``.
 
 Every transaction is a ``@firestore.transactional`` function: Firestore aborts a transaction
 whose documents changed underneath it and it is tried again, which makes claims atomic.
@@ -84,9 +86,12 @@ class _Transaction:
         snapshot = self.store.ref(kind, doc_id).get(transaction=self.transaction)
         return snapshot.to_dict() if snapshot.exists else None
 
-    def put(self, kind: Kind, doc_id: str, doc: Document, retain_from: Time, new: bool) -> None:
+    def put(
+        self, kind: Kind, doc_id: str, doc: Document, retain_from: Time | None, new: bool
+    ) -> None:
         write = self.transaction.create if new else self.transaction.set
-        write(self.store.ref(kind, doc_id), {**doc, "expire_at": retain_from + self.store.ttl})
+        ttl = {} if retain_from is None else {"expire_at": retain_from + self.store.ttl}
+        write(self.store.ref(kind, doc_id), {**doc, **ttl})
 
     def delete(self, kind: Kind, doc_id: str) -> None:
         self.transaction.delete(self.store.ref(kind, doc_id))
@@ -133,6 +138,12 @@ class FirestoreStore:
             snapshot = self.ref(kind, doc_id).get()
         return snapshot.to_dict() if snapshot.exists else None
 
+    def get_many(self, kind: Kind, doc_ids: Sequence[str]) -> dict[str, Document]:
+        refs = [self.ref(kind, doc_id) for doc_id in doc_ids]
+        with _translate_errors("get_many"):  # one BatchGetDocuments call
+            found = [snap for snap in self.client.get_all(refs) if snap.exists] if refs else []
+        return {snapshot.id: snapshot.to_dict() for snapshot in found}
+
     def query(
         self, kind: Kind, where: Sequence[Condition], order: str, after: Cursor, limit: int
     ) -> list[Document]:
@@ -163,6 +174,7 @@ class FirestoreRecord(DeliveryRecord):
         client: firestore.Client | None = None,
         ttl_days: int = 30,
         idempotency_collection: str = "mailpipe_idempotency",
+        suppressions_collection: str = "mailpipe_suppressions",
         max_attempts: int = 10,
         clock: s.Clock = s.utc_now,
     ) -> None:
@@ -175,6 +187,7 @@ class FirestoreRecord(DeliveryRecord):
             client = client or firestore.Client(project=project, database=database)
         self.collection, self.idempotency_collection = collection, idempotency_collection
         names = {s.MAILS.name: collection, s.IDEMPOTENCY.name: idempotency_collection}
+        names[s.SUPPRESSIONS.name] = suppressions_collection
         ttl = dt.timedelta(days=ttl_days)
         store = FirestoreStore(client, names, ttl, max_attempts, own)
         super().__init__(store, clock=clock)
