@@ -37,6 +37,46 @@ resource "google_firestore_field" "record_ttl" {
   index_config {}
 }
 
+# The suppression list: Firestore deletes an entry some time after its own `expires_at` (set by
+# PUT /v1/suppressions/{address}; entries without it are kept). mailpipe ignores an expired entry
+# from that moment on: the TTL deletion (typically within 24 h) only frees the storage.
+resource "google_firestore_field" "suppressions_ttl" {
+  project    = var.project_id
+  database   = google_firestore_database.record.name
+  collection = local.suppressions_collection
+  field      = local.suppressions_ttl_field
+
+  ttl_config {}
+
+  # Never queried: no single-field index.
+  index_config {}
+}
+
+# GET /v1/suppressions?reason= and ?domain= (equality, order by created_at, then __name__); with
+# both filters Firestore merges the two indexes.
+resource "google_firestore_index" "suppressions_by_filter" {
+  for_each = toset(["reason", "domain"])
+
+  project    = var.project_id
+  database   = google_firestore_database.record.name
+  collection = local.suppressions_collection
+
+  fields {
+    field_path = each.value
+    order      = "ASCENDING"
+  }
+
+  fields {
+    field_path = "created_at"
+    order      = "ASCENDING"
+  }
+
+  fields {
+    field_path = "__name__"
+    order      = "ASCENDING"
+  }
+}
+
 # FirestoreRecord.list (filter on status, order by accepted_at) and oldest_undelivered (status IN
 # [...], order by accepted_at) need this composite index in production; the emulator needs none.
 resource "google_firestore_index" "record_status_accepted_at" {
