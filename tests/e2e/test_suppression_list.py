@@ -8,7 +8,10 @@ A hard bounce at RCPT (``bounce@``: 550 5.1.1) adds the recipient with its reply
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -17,6 +20,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from google.cloud import pubsub_v1
 
 from emulator.pipeline import run_local_pipeline
 from emulator.smtp import SIMULATOR_DOMAIN, LocalSmtpServer, MailboxSimulator
@@ -66,6 +70,10 @@ def test_a_hard_bounce_suppresses_the_recipient_for_the_next_mails(
         ) as stack,
         httpx.Client(base_url=stack.publisher_url, timeout=30) as http,
     ):
+        events = pubsub_v1.SubscriberClient()
+        events_sub = events.subscription_path(pubsub_project, f"suppression-events-{label}")
+        topic = events.topic_path(pubsub_project, stack_topology.events_topic.name)
+        events.create_subscription(name=events_sub, topic=topic)
 
         def send(*recipients: str) -> str:
             mail = {"from": "s@example.com", "to": list(recipients), "subject": "s", "text": "t"}
@@ -99,12 +107,51 @@ def test_a_hard_bounce_suppresses_the_recipient_for_the_next_mails(
         assert [a["outcome"] for a in record["attempts"]] == ["suppressed"]
         assert smtp.connections_total == connections and simulator.rcpts.count(bounce) == 1
 
+        # The operator's view: `mailpipe status` and `mailpipe suppressions list`.
+        shown = cli("status", third, "--url", stack.publisher_url)
+        assert "suppressed" in shown and f"bounce+{label}" not in shown
+        listed = json.loads(cli("suppressions", "--url", stack.publisher_url, "--json", "list"))
+        assert entry["key"] in [item["key"] for item in listed]
+
+        # One `suppressed` event per mail that left the recipient out, naming only it (as the
+        # address policy shows it: the domain) and joined to the mail's trace.
+        suppressed = [e for e in pull_events(events, events_sub) if e["type"] == "suppressed"]
+        assert {e["mail_id"] for e in suppressed} == {second, third}
+        for event in suppressed:
+            assert event["recipients"] == [f"@{SIMULATOR_DOMAIN}"]
+            assert event["trace_id"] == stack.get_record(event["mail_id"])["trace_id"]
+        events.delete_subscription(subscription=events_sub)
+        events.close()
+
         # Reactivation (as Postmark's): the next mail is tried again, and bounces again.
         assert http.delete(f"/v1/suppressions/{quote(bounce, safe='@')}").status_code == 204
         assert final(send(bounce))["status"] == "bounced"
         assert simulator.rcpts.count(bounce) == 2
 
+    # Logs and spans show the recipient only as MAILPIPE_LOG_ADDRESSES (domain) allows.
+    for written in (
+        tmp_path / "state" / "traces.jsonl",
+        *(tmp_path / "state" / "logs" / f"{name}.log" for name in ("publisher", "subscriber")),
+    ):
+        assert f"bounce+{label}" not in written.read_text(errors="replace").lower(), written
     if backend == "sqlite":  # the hashed key is all the file holds of the address
         with sqlite3.connect(tmp_path / "state" / "record.sqlite3") as conn:
             rows = repr(conn.execute("SELECT * FROM suppressions").fetchall())
         assert f"bounce+{label}" not in rows and "hmac-sha256:" in rows
+
+
+def cli(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "ops", *args], capture_output=True, text=True, timeout=60, check=True
+    )
+    return done.stdout
+
+
+def pull_events(client: pubsub_v1.SubscriberClient, subscription: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for _ in range(5):
+        answer = client.pull(subscription=subscription, max_messages=100, timeout=10)
+        if not answer.received_messages and found:
+            break
+        found += [json.loads(m.message.data) for m in answer.received_messages]
+    return found

@@ -140,7 +140,7 @@ def test_which_refusals_suppress(code: int, enhanced: str | None, suppress: bool
 def test_a_short_key_is_refused_by_name() -> None:
     env = EnvReader({"MAILPIPE_SUPPRESSION_KEY": "short"})
     SuppressionPolicy.read(env)
-    with pytest.raises(ConfigError, match="MAILPIPE_SUPPRESSION_KEY.*at least 32 bytes"):
+    with pytest.raises(ConfigError, match=r"MAILPIPE_SUPPRESSION_KEY.*at least 32 bytes"):
         env.finish()
 
 

@@ -1725,6 +1725,7 @@ def test_suppression_list_key_ttl_and_indexes_are_wired(module: Module) -> None:
     assert "local.suppression_secret_env" in module.locals["subscriber_secret_env"]
     publisher = module.resource("google_cloud_run_v2_service", "publisher")
     plain, secret = publisher["template"][0]["containers"][0]["dynamic"]
+    assert plain["env"]["for_each"] == "${local.publisher_env}"
     assert secret["env"]["for_each"] == "${local.publisher_secret_env}"
     ref = secret["env"]["content"][0]["value_source"][0]["secret_key_ref"][0]
     assert ref == {"secret": "${env.value.secret}", "version": "${env.value.version}"}
