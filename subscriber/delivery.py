@@ -75,7 +75,7 @@ from subscriber.config import default_delivery_timeout
 from subscriber.errors import DeliveryError, UndeliverableMail
 from subscriber.message import build_message, envelope, message_bytes
 from subscriber.smtp import SmtpReceipt
-from subscriber.suppression import RecipientScreen, Screened
+from subscriber.suppression import CHECK_STEP, RecipientScreen, Screened
 
 log = logging.getLogger(__name__)
 
@@ -425,19 +425,11 @@ class DeliveryService:
         """Every recipient is suppressed: record the mail ``suppressed`` (final), send nothing."""
         detail = f"every recipient ({len(screened.suppressed)}) is on the suppression list"
         self._announce_suppressed(mail, screened, attempt_number)
+        ids = {"trace_id": trace_id, "message_id": message_id, "recipients": screened.results}
+        outcome = str(Outcome.SUPPRESSED)  # finish() sets finished_at: nothing was sent
         self._record_attempt(
             mail,
-            Attempt(
-                number=attempt_number,
-                started_at=started,
-                finished_at=dt.datetime.now(dt.UTC),
-                outcome=str(Outcome.SUPPRESSED),
-                reply_message=detail,
-                failed_step="suppression check",
-                trace_id=trace_id,
-                message_id=message_id,
-                recipients=screened.results,
-            ),
+            Attempt(attempt_number, started, None, outcome, None, None, detail, CHECK_STEP, **ids),
         )
         return DeliveryResult(Outcome.SUPPRESSED, mail.mail_id, detail=detail)
 

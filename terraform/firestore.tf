@@ -21,34 +21,26 @@ resource "google_firestore_database" "record" {
 }
 
 # Firestore deletes a mail's record, and its idempotency key, some time after `expire_at`
-# (accepted_at + the record's ttl_days, written by mailpipe/record/firestore.py).
+# (accepted_at + the record's ttl_days, written by mailpipe/record/firestore.py); a suppression
+# list entry some time after its own `expires_at` (set by PUT /v1/suppressions/{address}; entries
+# without one are kept; mailpipe ignores an expired entry from that moment on, the deletion,
+# typically within 24 h, only frees the storage). Keyed by collection: collection => TTL field.
 resource "google_firestore_field" "record_ttl" {
-  for_each = toset([local.record_collection, local.record_idempotency_collection])
+  for_each = {
+    (local.record_collection)             = local.record_ttl_field
+    (local.record_idempotency_collection) = local.record_ttl_field
+    (local.suppressions_collection)       = local.suppressions_ttl_field
+  }
 
   project    = var.project_id
   database   = google_firestore_database.record.name
-  collection = each.value
-  field      = local.record_ttl_field
+  collection = each.key
+  field      = each.value
 
   ttl_config {}
 
   # A TTL field is written once and never queried: exempt it from single-field indexing
   # (recommended for TTL fields; avoids index hot-spots on monotonically increasing timestamps).
-  index_config {}
-}
-
-# The suppression list: Firestore deletes an entry some time after its own `expires_at` (set by
-# PUT /v1/suppressions/{address}; entries without it are kept). mailpipe ignores an expired entry
-# from that moment on: the TTL deletion (typically within 24 h) only frees the storage.
-resource "google_firestore_field" "suppressions_ttl" {
-  project    = var.project_id
-  database   = google_firestore_database.record.name
-  collection = local.suppressions_collection
-  field      = local.suppressions_ttl_field
-
-  ttl_config {}
-
-  # Never queried: no single-field index.
   index_config {}
 }
 

@@ -118,7 +118,7 @@ data "google_secret_manager_secret" "suppression_key" {
   count = local.suppression_key ? 1 : 0
 
   project   = var.project_id
-  secret_id = var.suppression_key_secret_id
+  secret_id = var.suppression_key_secret.id
 }
 
 # secretAccessor on that one secret, for the two services that key recipients with it: the

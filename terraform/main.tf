@@ -28,7 +28,7 @@ locals {
   suppressions_collection = "mailpipe_suppressions"
   suppressions_ttl_field  = "expires_at"
   # Recipients are keyed by an HMAC under this secret unless full addresses may be kept.
-  suppression_key = var.log_addresses != "full" && var.suppression_key_secret_id != null
+  suppression_key = var.log_addresses != "full" && var.suppression_key_secret != null
 
   # Google-managed identity that delivers push requests and forwards messages to dead-letter topics,
   # as Service Usage reports it (pubsub.tf), not an address built by hand.
@@ -100,10 +100,7 @@ locals {
   # Secret-backed variables: name => Secret Manager reference. Only the reference is here; Cloud Run
   # resolves the value at instance start-up, so it is never in Terraform's state.
   suppression_secret_env = local.suppression_key ? {
-    MAILPIPE_SUPPRESSION_KEY = {
-      secret  = var.suppression_key_secret_id
-      version = var.suppression_key_secret_version
-    }
+    MAILPIPE_SUPPRESSION_KEY = { secret = var.suppression_key_secret.id, version = var.suppression_key_secret.version }
   } : {}
   publisher_secret_env = local.suppression_secret_env
   subscriber_secret_env = merge(local.smtp_auth ? {

@@ -599,24 +599,19 @@ variable "log_addresses" {
   }
 }
 
-variable "suppression_key_secret_id" {
-  type        = string
-  description = "ID of an existing Secret Manager secret in project_id holding the suppression list's HMAC key (MAILPIPE_SUPPRESSION_KEY, at least 32 bytes: `openssl rand -base64 48`). Used where log_addresses is not full; null there = the suppression list is off (docs/suppressions.md). Create it yourself so the key never passes through Terraform variables or state."
+variable "suppression_key_secret" {
+  type = object({
+    id      = string
+    version = optional(string, "latest")
+  })
+  description = "The suppression list's HMAC key (MAILPIPE_SUPPRESSION_KEY, at least 32 bytes: `openssl rand -base64 48`): id of an existing Secret Manager secret in project_id (create it yourself so the key never passes through Terraform variables or state) and its version (\"latest\" or a number; changing the key orphans every hashed entry: pin a number). Used where log_addresses is not full; null there = the suppression list is off (docs/suppressions.md)."
   default     = null
 
   validation {
-    condition     = var.suppression_key_secret_id == null || can(regex("^[A-Za-z0-9_-]{1,255}$", var.suppression_key_secret_id))
-    error_message = "suppression_key_secret_id must be a secret ID (not a full resource name, not the key)."
-  }
-}
-
-variable "suppression_key_secret_version" {
-  type        = string
-  description = "Version of the suppression key secret to mount (\"latest\" or a number). Changing the key orphans every hashed entry: pin a number."
-  default     = "latest"
-
-  validation {
-    condition     = can(regex("^(latest|[1-9][0-9]*)$", var.suppression_key_secret_version))
-    error_message = "suppression_key_secret_version must be \"latest\" or a version number."
+    condition = var.suppression_key_secret == null || (
+      can(regex("^[A-Za-z0-9_-]{1,255}$", var.suppression_key_secret.id)) &&
+      can(regex("^(latest|[1-9][0-9]*)$", var.suppression_key_secret.version))
+    )
+    error_message = "suppression_key_secret: id must be a secret ID (not a full resource name, not the key), version \"latest\" or a number."
   }
 }

@@ -919,11 +919,13 @@ def test_firestore_record_has_a_ttl_policy(module: Module) -> None:
     assert database["type"] == "FIRESTORE_NATIVE"
     assert database["name"] == "${var.firestore_database}"
     ttl = module.resource("google_firestore_field", "record_ttl")
-    assert ttl["for_each"] == (
-        "${toset([local.record_collection, local.record_idempotency_collection])}"
-    )
-    assert ttl["collection"] == "${each.value}"
-    assert ttl["field"] == "${local.record_ttl_field}"
+    assert ttl["for_each"] == {
+        "${(local.record_collection)}": "${local.record_ttl_field}",
+        "${(local.record_idempotency_collection)}": "${local.record_ttl_field}",
+        "${(local.suppressions_collection)}": "${local.suppressions_ttl_field}",
+    }
+    assert ttl["collection"] == "${each.key}"
+    assert ttl["field"] == "${each.value}"
     assert "ttl_config" in ttl
     # The names the Firestore record writes (its constructor's defaults).
     defaults = inspect.signature(FirestoreRecord.__init__).parameters
@@ -1741,12 +1743,10 @@ def test_suppression_list_key_ttl_and_indexes_are_wired(module: Module) -> None:
         assert "${google_secret_manager_secret_iam_member.reads_suppression_key}" in (
             module.resource(rtype, name)["depends_on"]
         ), f"{rtype}.{name} must wait for its access to the key"
-    ttl = module.resource("google_firestore_field", "suppressions_ttl")
-    assert ttl["collection"] == "${local.suppressions_collection}" and "ttl_config" in ttl
-    assert module.locals["suppressions_ttl_field"] == "expires_at"
+    assert module.locals["suppressions_ttl_field"] == "expires_at"  # record_ttl's third entry
     defaults = inspect.signature(FirestoreRecord.__init__).parameters
     assert module.locals["suppressions_collection"] == defaults["suppressions_collection"].default
     indexes = module.resource("google_firestore_index", "suppressions_by_filter")
     assert indexes["for_each"] == '${toset(["reason", "domain"])}'
-    for name in ("log_addresses", "suppression_key_secret_id", "suppression_key_secret_version"):
+    for name in ("log_addresses", "suppression_key_secret"):
         assert module.variables[name].get("validation"), f"{name} must be validated"
