@@ -1740,8 +1740,9 @@ def test_suppression_list_key_ttl_and_indexes_are_wired(module: Module) -> None:
         ("google_cloud_run_v2_service", "subscriber"),
         ("google_cloud_run_v2_worker_pool", "subscriber"),
     ):
-        assert "${google_secret_manager_secret_iam_member.reads_suppression_key}" in (
-            module.resource(rtype, name)["depends_on"]
+        assert (
+            "${google_secret_manager_secret_iam_member.reads_suppression_key}"
+            in (module.resource(rtype, name)["depends_on"])
         ), f"{rtype}.{name} must wait for its access to the key"
     assert module.locals["suppressions_ttl_field"] == "expires_at"  # record_ttl's third entry
     defaults = inspect.signature(FirestoreRecord.__init__).parameters
