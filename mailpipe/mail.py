@@ -6,13 +6,8 @@ The Pub/Sub message is ``data`` = ``QueuedMail`` as JSON, attributes ``mail_id``
 import this module, the only contract between them besides the delivery record: the subscriber
 validates a queued mail again, with the same model, at its trust boundary.
 
-Mailboxes are parsed once, here, at the boundary: from then on a mailbox is a :class:`Mailbox`
-(display name, addr-spec) and nothing downstream parses text again. Header-bound text (display
-names, subject, custom header names and values, attachment file names) is refused when it holds
-a control character or a line boundary (every ``str.splitlines()`` boundary); what the ``email``
-package would otherwise decode as an RFC 2047 encoded word is either refused (local parts, file
-names) or encoded by the message builder so that it round-trips (display names, subject, header
-values). docs/headers.md gives the choice per field.
+Mailboxes are parsed once, here (:class:`Mailbox`); nothing downstream parses text again. What
+header-bound text is refused or encoded, field by field, and why: docs/headers.md.
 
 Schema versions on Pub/Sub::
 

@@ -34,8 +34,6 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from mailpipe.attributes import SPAN_LINK_KIND, SPAN_MAIL_ID
 from mailpipe.httpjson import JsonBodyError, error_response, install_json_errors, parse_json
 from mailpipe.mail import MailRequest, QueuedMail
-from mailpipe.metrics import MailMetrics
-from mailpipe.reconcile import diagnose, survey
 from mailpipe.record import (
     DeliveryRecord,
     MailRecord,
@@ -53,8 +51,10 @@ from publisher.idempotency import (
     header_key,
     request_fingerprint,
 )
+from publisher.metrics import PublisherMetrics
 from publisher.openapi import MAIL_ID_PATTERN, MAX_BATCH_MAILS, openapi_document
 from publisher.pubsub import MailPublisher, MailTooLarge, PublishError
+from publisher.reconcile import diagnose, survey
 from publisher.suppressions import EXTENSION as SUPPRESSIONS
 from publisher.suppressions import suppressions_api
 
@@ -147,7 +147,7 @@ class ApiServices:
     publisher: MailPublisher
     record: DeliveryRecord
     now: Callable[[], dt.datetime]
-    metrics: MailMetrics | None = None
+    metrics: PublisherMetrics | None = None
     identify_caller: CallerIdentity | None = None
     tracer: trace.Tracer | None = None  # the batch mails' spans (None: the global provider's)
 
@@ -166,7 +166,7 @@ def create_app(
     *,
     publisher: MailPublisher,
     record: DeliveryRecord,
-    metrics: MailMetrics | None = None,
+    metrics: PublisherMetrics | None = None,
     tracer_provider: trace.TracerProvider | None = None,
     identify_caller: CallerIdentity | None = None,
     clock: Callable[[], dt.datetime] | None = None,
@@ -365,7 +365,7 @@ def _guarded(services: ApiServices, admitted: _Admitted, step: Callable[[], _T])
         return step()
     except BaseException as exc:
         # Whatever failed before Pub/Sub confirmed, the key must not stay held: release it
-        # (a process killed here leaves it until it expires; see mailpipe/reconcile.py).
+        # (a process killed here leaves it until it expires; see publisher/reconcile.py).
         if admitted.reserved:
             _release(services.record, mail.mail_id)
         if not isinstance(exc, PublishError):

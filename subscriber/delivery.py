@@ -62,7 +62,6 @@ from mailpipe.config import AddressStyle
 from mailpipe.events import EventEmitter, EventType
 from mailpipe.logs import redact_address, redact_addresses, redact_secrets
 from mailpipe.mail import MailDecodeError, QueuedMail, UnsendableMail
-from mailpipe.metrics import MailMetrics
 from mailpipe.record import (
     Attempt,
     ClaimResult,
@@ -74,6 +73,7 @@ from mailpipe.record import (
 from subscriber.config import default_delivery_timeout
 from subscriber.errors import DeliveryError, UndeliverableMail
 from subscriber.message import build_message, envelope, message_bytes
+from subscriber.metrics import DeliveryMetrics
 from subscriber.smtp import SmtpReceipt
 from subscriber.suppression import CHECK_STEP, RecipientScreen, Screened
 
@@ -157,7 +157,7 @@ class DeliveryService:
         record: DeliveryRecord,
         tracer: trace.Tracer,
         message_id_domain: str,
-        metrics: MailMetrics | None = None,
+        metrics: DeliveryMetrics | None = None,
         lease_seconds: float = 120.0,
         address_style: AddressStyle = "domain",
         delivery_timeout: float | None = None,
@@ -425,12 +425,17 @@ class DeliveryService:
         """Every recipient is suppressed: record the mail ``suppressed`` (final), send nothing."""
         detail = f"every recipient ({len(screened.suppressed)}) is on the suppression list"
         self._announce_suppressed(mail, screened, attempt_number)
-        ids = {"trace_id": trace_id, "message_id": message_id, "recipients": screened.results}
-        outcome = str(Outcome.SUPPRESSED)  # finish() sets finished_at: nothing was sent
-        self._record_attempt(
-            mail,
-            Attempt(attempt_number, started, None, outcome, None, None, detail, CHECK_STEP, **ids),
+        attempt = Attempt(  # nothing was sent: no reply; finish() sets finished_at
+            attempt_number,
+            started,
+            outcome=str(Outcome.SUPPRESSED),
+            reply_message=detail,
+            failed_step=CHECK_STEP,
+            trace_id=trace_id,
+            message_id=message_id,
+            recipients=screened.results,
         )
+        self._record_attempt(mail, attempt)
         return DeliveryResult(Outcome.SUPPRESSED, mail.mail_id, detail=detail)
 
     def _bounce_unsendable(

@@ -65,7 +65,6 @@ from mailpipe.attributes import (
 )
 from mailpipe.config import AddressStyle
 from mailpipe.logs import redact_address
-from mailpipe.metrics import MailMetrics
 from subscriber.config import SmtpConfig
 from subscriber.errors import (
     DeliveryError,
@@ -76,6 +75,7 @@ from subscriber.errors import (
     UndeliverableMail,
     parse_enhanced_status,
 )
+from subscriber.metrics import DeliveryMetrics
 from subscriber.redaction import ReplyRedactor
 from subscriber.smtp_pool import (
     Budget,
@@ -143,7 +143,7 @@ class SmtpSender:
         tracer: Tracer | None = None,
         ssl_context: ssl.SSLContext | None = None,
         address_style: AddressStyle = "domain",
-        metrics: MailMetrics | None = None,
+        metrics: DeliveryMetrics | None = None,
     ) -> None:
         self._config = config
         self._tracer = tracer or trace.get_tracer(__name__)

@@ -18,6 +18,7 @@ from mailpipe.record import MailStatus, open_record
 from mailpipe.telemetry import setup_telemetry
 from publisher.app import create_app
 from publisher.config import PublisherConfig
+from publisher.metrics import PublisherMetrics
 from publisher.pubsub import PubSubMailPublisher
 from tests.fixtures.http import serve_app
 from tests.fixtures.pipeline import pipeline_env
@@ -69,7 +70,7 @@ def api(
         config,
         publisher=publisher,
         record=record,
-        metrics=telemetry.metrics,
+        metrics=PublisherMetrics(telemetry.meter),
         tracer_provider=telemetry.tracer_provider,
     )
     subscriber = subscriber_client(pubsub_emulator.host)
