@@ -590,7 +590,7 @@ variable "event_webhooks" {
 
 variable "log_addresses" {
   type        = string
-  description = "How recipient addresses may be kept in logs, spans, events and the suppression list (MAILPIPE_LOG_ADDRESSES): full, domain (@example.com) or hashed. Anything but full keys the suppression list by an HMAC under suppression_key_secret_id."
+  description = "How recipient addresses may be kept in logs, spans, events and the suppression list (MAILPIPE_LOG_ADDRESSES): full, domain (@example.com) or hashed. Anything but full keys the suppression list by an HMAC under suppression_key_secret."
   default     = "domain"
 
   validation {
