@@ -19,6 +19,8 @@ import datetime as dt
 from typing import Any, cast
 
 from flask import Blueprint, Response, current_app, jsonify, request
+from flask.blueprints import BlueprintSetupState
+from werkzeug.routing import PathConverter
 
 from mailpipe.httpjson import JsonBodyError, error_response, parse_json
 from mailpipe.logs import redact_addresses
@@ -29,6 +31,19 @@ EXTENSION = "mailpipe.suppressions"  # the app's SuppressionList (None: none con
 suppressions_api = Blueprint("suppressions", __name__)
 _SETTABLE = (SuppressionReason.MANUAL, SuppressionReason.COMPLAINT)
 _PUT_FIELDS = ("reason", "expires_at")
+
+
+class _AnyText(PathConverter):
+    """The rest of the path, line breaks included (``path`` stops at one): whatever a client
+    puts there is answered by the address check, never by a 404 repeating the path."""
+
+    regex = "(?s:.+)"
+    part_isolating = False  # may span slashes: an address may hold "/" (RFC 5322 atext)
+
+
+@suppressions_api.record_once
+def _converter(state: BlueprintSetupState) -> None:  # before the routes below use it
+    state.app.url_map.converters["anytext"] = _AnyText
 
 
 class SuppressionApiError(Exception):
@@ -130,7 +145,7 @@ def list_suppressions() -> Response:
     return jsonify({"items": [item.to_json() for item in items], "next_page_token": token})
 
 
-@suppressions_api.get("/v1/suppressions/<path:address>")
+@suppressions_api.get("/v1/suppressions/<anytext:address>")
 def get_suppression(address: str) -> Response:
     suppressions = _list()
     entry = suppressions.get(_address(suppressions, address, key_allowed=True))
@@ -139,7 +154,7 @@ def get_suppression(address: str) -> Response:
     return jsonify(entry.to_json())
 
 
-@suppressions_api.put("/v1/suppressions/<path:address>")
+@suppressions_api.put("/v1/suppressions/<anytext:address>")
 def put_suppression(address: str) -> tuple[Response, int]:
     suppressions = _list()
     recipient = _address(suppressions, address, key_allowed=False)
@@ -164,7 +179,7 @@ def put_suppression(address: str) -> tuple[Response, int]:
     return jsonify(entry.to_json()), 200 if existed else 201
 
 
-@suppressions_api.delete("/v1/suppressions/<path:address>")
+@suppressions_api.delete("/v1/suppressions/<anytext:address>")
 def delete_suppression(address: str) -> tuple[str, int]:
     suppressions = _list()
     if not suppressions.remove(_address(suppressions, address, key_allowed=True)):

@@ -45,7 +45,6 @@ from mailpipe.record.suppressions import (
     SuppressionList,
     SuppressionPolicy,
     SuppressionReason,
-    mailbox_gone,
 )
 
 __all__ = [
@@ -71,7 +70,6 @@ __all__ = [
     "SuppressionList",
     "SuppressionPolicy",
     "SuppressionReason",
-    "mailbox_gone",
     "open_record",
 ]
 R = TypeVar("R")

@@ -35,16 +35,6 @@ from mailpipe.record.store import (
 KEY_PREFIX = "hmac-sha256:"
 _HEX = "0123456789abcdef"
 MIN_KEY_BYTES = 32  # RFC 2104 § 3: not shorter than the hash's output
-# RFC 3463 subjects and details that say the mailbox itself is gone for good: bad mailbox (1.1),
-# bad system (1.2), bad syntax (1.3), moved without forwarding (1.6), null MX (1.10, RFC 7505),
-# mailbox disabled (2.1). Not 2.2 (mailbox full: it empties), not 5.7.x (policy: spam, DMARC,
-# a sender block: about the sender, not the mailbox), not 5.0.0 or a 5xx without a code.
-MAILBOX_GONE = frozenset({"5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10", "5.2.1"})
-
-
-def mailbox_gone(reply_code: int | None, enhanced_status: str | None) -> bool:
-    """Whether a per-recipient refusal suppresses the recipient (see :data:`MAILBOX_GONE`)."""
-    return reply_code is not None and 500 <= reply_code < 600 and enhanced_status in MAILBOX_GONE
 
 
 class SuppressionReason(enum.StrEnum):

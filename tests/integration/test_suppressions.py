@@ -20,12 +20,12 @@ from mailpipe.record import (
     DeliveryRecord,
     SuppressionPolicy,
     SuppressionReason,
-    mailbox_gone,
 )
 from mailpipe.record.firestore import FirestoreRecord
 from mailpipe.record.sqlite import SqliteRecord
 from publisher.app import create_app
 from publisher.config import PublisherConfig
+from subscriber.suppression import mailbox_gone
 from tests.fixtures.http import serve_app
 
 KEY = b"k" * 40
@@ -211,6 +211,8 @@ def test_api_crud_in_hashed_mode_never_echoes_the_address(
         ("not-an-address", {}, "address"),
         ("a@b@example.org", {}, "address"),
         ("=?utf-8?q?x?=@example.org", {}, "address"),
+        ("line\nbreak@example.org", {}, "address"),  # no 404 repeating the path
+        ("a/b/../c@example.org/", {}, "address"),
         ("ok@example.org", {"expires_at": "tomorrow"}, "expires_at"),
         ("ok@example.org", {"expires_at": "2001-01-01T00:00:00Z"}, "expires_at"),
         ("ok@example.org", {"expires_at": 12}, "expires_at"),
@@ -242,3 +244,11 @@ def test_api_query_errors_and_disabled_list(sqlite_record: DeliveryRecord) -> No
         off = http.get("/v1/suppressions")
         assert off.status_code == 503
         assert "MAILPIPE_SUPPRESSION_KEY" in off.json()["error"]["message"]
+
+
+def test_an_address_with_a_slash_is_one_entry_in_full_mode(sqlite_record: DeliveryRecord) -> None:
+    with api(sqlite_record, "full", None) as url, httpx.Client(base_url=url) as http:
+        created = http.put(path("O/K@Example.org"), json={})
+        assert created.status_code == 201 and created.json()["address"] == "o/k@example.org"
+        assert http.get("/v1/suppressions/o/k@example.org").json()["key"] == "o%2Fk@example.org"
+        assert http.delete(path("o/k@example.org")).status_code == 204
