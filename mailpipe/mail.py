@@ -38,6 +38,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -351,6 +352,13 @@ class MailRequest(BaseModel):
         default=None, min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$"
     )
     metadata: dict[UnicodeText, MetadataValue] = Field(default_factory=dict, max_length=50)
+    sandbox: StrictBool | None = Field(
+        default=None,
+        description=(
+            "true: run everything but end the SMTP transaction after RCPT TO (RSET): the relay's "
+            "replies are recorded, status `sandboxed`, nothing is sent. Unset: the caller's default"
+        ),
+    )
 
     @field_validator("reply_to", mode="before")
     @classmethod
@@ -452,7 +460,9 @@ class QueuedMail(BaseModel):
 
     def to_pubsub(self) -> tuple[bytes, dict[str, str]]:
         """``(data, attributes)`` for ``PublisherClient.publish``."""
-        data = self.model_dump_json(by_alias=True).encode("utf-8")
+        # `sandbox` only when on: a subscriber older than the field still decodes every other mail.
+        exclude = None if self.request.sandbox else {"request": {"sandbox"}}
+        data = self.model_dump_json(by_alias=True, exclude=exclude).encode("utf-8")
         return data, {PUBSUB_MAIL_ID: self.mail_id, PUBSUB_SCHEMA_VERSION: str(self.schema_version)}
 
     @classmethod

@@ -300,6 +300,10 @@ class _Server(BaseApplication):
         return app
 
 
+# Cloud Run must not send more concurrent requests than this (tests/unit/test_terraform.py).
+SERVER_THREADS = 16
+
+
 def serve_wsgi(
     build: Build,
     *,
@@ -314,7 +318,7 @@ def serve_wsgi(
         "bind": f"{host}:{port}",
         "workers": 1,
         "worker_class": worker_class(http),
-        "threads": 16,
+        "threads": SERVER_THREADS,
         "keepalive": http.keepalive_timeout,
         "timeout": 0,  # Cloud Run enforces the request timeout; the arbiter must not kill us
         "graceful_timeout": 8,  # under Cloud Run's 10 s SIGTERM grace period

@@ -266,7 +266,7 @@ def accept_mail(
     """Accept one mail: validate → reserve its key → publish → record it queued → answer 202.
 
     ``payload`` is the request's JSON object, ``key_in_header`` the ``Idempotency-Key`` header's
-    key, ``scope()`` the scope of the caller's keys (asked only when there is a key).
+    key, ``scope()`` the caller (asked only for a key, or with MAILPIPE_SANDBOX_CALLERS).
     Raises :class:`ApiError` for every refusal; a reservation is released whatever fails before
     Pub/Sub confirmed the publish.
     """
@@ -328,7 +328,7 @@ def _admit(
             {"from": f"the domain {mail_request.from_.domain} is not an allowed sender domain"},
         )
 
-    mail = QueuedMail.accept(mail_request)
+    mail = QueuedMail.accept(_sandbox_default(config, mail_request, scope))
     reserved = mail_request.idempotency_key is not None
     if reserved:
         # Only a key needs claiming before the publish (so a retry never publishes twice);
@@ -355,6 +355,24 @@ def _admit(
     if span.is_recording():
         span.set_attribute(SPAN_MAIL_ID, mail.mail_id)
     return _Admitted(mail, mail_request, reserved)
+
+
+def _sandbox_default(
+    config: PublisherConfig, mail_request: MailRequest, caller: Callable[[], str | None]
+) -> MailRequest:
+    """The request as queued: sandboxed when its caller is one of MAILPIPE_SANDBOX_CALLERS
+    (a caller that asks for a real send there is refused: nothing would be sent)."""
+    if not (config.sandbox_callers and config.sandboxed_caller(caller())):
+        return mail_request
+    if mail_request.sandbox is False:
+        raise ApiError(
+            403,
+            "sandbox_required",
+            "this caller's mail is always sandboxed (MAILPIPE_SANDBOX_CALLERS): nothing would be "
+            'sent; remove "sandbox": false, or send as a caller that may deliver',
+            {"sandbox": "must be true or absent for this caller"},
+        )
+    return mail_request.model_copy(update={"sandbox": True})
 
 
 def _guarded(services: ApiServices, admitted: _Admitted, step: Callable[[], _T]) -> _T:

@@ -38,6 +38,7 @@ SMTP_STEPS = frozenset(
 _DELIVERED = "Mails the relay accepted (250)."
 _DEFERRED = "Delivery attempts deferred (4xx, timeout, connection error); retried."
 _BOUNCED = "Mails rejected permanently (5xx); never retried."
+_SANDBOXED = "Sandbox mails the relay accepted at RCPT TO (then RSET, not sent)."
 _DEAD_LETTERED = "Mails that exhausted their delivery attempts."
 _SUPPRESSED = "Recipients left out of a delivery: on the suppression list."
 _LATENCY = "Time from the HTTP 202 to the relay's 250 after DATA."
@@ -68,6 +69,7 @@ class DeliveryMetrics:
         self._delivered = counter("mailpipe.mails.delivered", "{mail}", _DELIVERED)
         self._deferred = counter("mailpipe.mails.deferred", "{attempt}", _DEFERRED)
         self._bounced = counter("mailpipe.mails.bounced", "{mail}", _BOUNCED)
+        self._sandboxed = counter("mailpipe.mails.sandboxed", "{mail}", _SANDBOXED)
         self._dead_lettered = counter("mailpipe.mails.dead_lettered", "{mail}", _DEAD_LETTERED)
         self._suppressed = counter("mailpipe.recipients.suppressed", "{recipient}", _SUPPRESSED)
         self._latency = histogram(
@@ -102,6 +104,10 @@ class DeliveryMetrics:
     def bounced(self, *, reply_code: int | None, enhanced_status: str | None) -> None:
         """The relay rejected the mail permanently (5xx)."""
         self._bounced.add(1, _reply_attributes(reply_code, enhanced_status))
+
+    def sandboxed(self) -> None:
+        """A sandbox mail ended with RSET after RCPT TO (``sandbox`` in the request)."""
+        self._sandboxed.add(1)
 
     def suppressed(self, count: int) -> None:
         """``count`` recipients of an attempt were suppressed (not sent to)."""

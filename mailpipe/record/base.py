@@ -115,11 +115,17 @@ class MailStatus(enum.StrEnum):
     REPLAYED = "replayed"
     # Reconciled: the last delivery attempt's outcome was never recorded (publisher/reconcile.py).
     UNCONFIRMED = "unconfirmed"
+    SANDBOXED = "sandboxed"  # a sandbox mail the relay would have taken (RSET after RCPT)
     SUPPRESSED = "suppressed"  # every recipient on the suppression list: nothing sent
 
     @property
     def final(self) -> bool:
-        return self in (MailStatus.DELIVERED, MailStatus.BOUNCED, MailStatus.SUPPRESSED)
+        return self in (
+            MailStatus.DELIVERED,
+            MailStatus.BOUNCED,
+            MailStatus.SANDBOXED,
+            MailStatus.SUPPRESSED,
+        )
 
 
 # Replayed mails are back on the mail topic: until delivered they count toward the lag alert.
@@ -127,7 +133,9 @@ class MailStatus(enum.StrEnum):
 # do not (reconcile settled them as far as the record can; Pub/Sub's own backlog alert covers a
 # copy it still holds), nor do dead-lettered ones.
 UNDELIVERED = tuple(map(MailStatus, ("accepting", "queued", "sending", "deferred", "replayed")))
-_OUTCOMES = {s: MailStatus(s) for s in ("delivered", "deferred", "bounced", "suppressed")}
+_OUTCOMES = {
+    s: MailStatus(s) for s in ("delivered", "deferred", "bounced", "sandboxed", "suppressed")
+}
 
 
 @dataclass(frozen=True)
@@ -148,7 +156,7 @@ class Attempt:
     number: int
     started_at: dt.datetime
     finished_at: dt.datetime | None = None
-    outcome: str | None = None  # delivered | deferred | bounced
+    outcome: str | None = None  # delivered | deferred | bounced | sandboxed
     reply_code: int | None = None
     enhanced_status: str | None = None
     reply_message: str | None = None
@@ -555,7 +563,7 @@ class DeliveryRecord:
         check_mail_id(mail_id)
         if attempt.outcome not in _OUTCOMES:
             raise ValueError(
-                f"attempt outcome must be one of {list(_OUTCOMES)}, not {attempt.outcome}"
+                f"attempt outcome must be one of {', '.join(_OUTCOMES)}, got {attempt.outcome!r}"
             )
         outcome = MailStatus(attempt.outcome)
 
@@ -575,11 +583,12 @@ class DeliveryRecord:
             if record.status.final or (superseded and not outcome.final):
                 return new, new
             delivered = outcome is MailStatus.DELIVERED
+            sandboxed = outcome is MailStatus.SANDBOXED
             new = dataclasses.replace(
                 new,
                 status=outcome,
                 lease_until=None,
-                last_error=None if delivered else describe_error(done),
+                last_error=None if delivered or sandboxed else describe_error(done),
                 delivered_at=utc(done.finished_at or now) if delivered else None,
             )
             return new, new
