@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal, cast
 
 from mailpipe.config import EnvReader, HttpConfig, PubSubConfig, TelemetryConfig, read_record
+from mailpipe.record.suppressions import SuppressionPolicy
 from mailpipe.topology import Topology, load_topology
 
 DEFAULT_DELIVERY_TIMEOUT = 60.0  # seconds; never more than half the lease (see the module doc)
@@ -136,6 +137,8 @@ class SubscriberConfig:
     delivery_lease_seconds: float = 120.0
     http: HttpConfig = field(default_factory=HttpConfig)
     delivery_timeout: float = DEFAULT_DELIVERY_TIMEOUT
+    # How the suppression list keys recipients (MAILPIPE_SUPPRESSION_KEY).
+    suppressions: SuppressionPolicy = field(default_factory=SuppressionPolicy)
 
     @property
     def local_mode(self) -> bool:
@@ -197,6 +200,7 @@ class SubscriberConfig:
             delivery_lease_seconds=lease,
             delivery_timeout=delivery_timeout,
             http=HttpConfig.read(env),
+            suppressions=SuppressionPolicy.read(env),
         )
         env.finish()
         return config
