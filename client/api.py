@@ -8,6 +8,9 @@
     page = api.records(status="dead_lettered")     # GET /v1/messages → {"items", ...}
     stats = api.stats()                            # GET /v1/stats → dict
     record = api.wait(mail_id, {"delivered"}, timeout=60)   # polls record() until then
+    api.suppressions(reason="bounce")              # GET /v1/suppressions → {"items", ...}
+    api.suppress("a@example.org", expires_at=None) # PUT /v1/suppressions/ADDRESS → the entry
+    api.unsuppress("a@example.org")                # DELETE …: True, False if not suppressed
 
 It imports nothing of the repository (only ``requests``, and google-auth for
 :func:`google_id_token_auth`). One timeout, :data:`DEFAULT_TIMEOUT`, per request unless the caller
@@ -41,7 +44,9 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 # Seconds per request: longer than the publisher's own Pub/Sub budget (30 s and a margin), so a
 # slow publish ends in the publisher's 503, which says what happened, not in a client timeout.
 DEFAULT_TIMEOUT = 60.0
-FINAL_STATUSES = frozenset({"delivered", "bounced", "dead_lettered", "expired", "sandboxed"})
+FINAL_STATUSES = frozenset(
+    {"delivered", "bounced", "dead_lettered", "expired", "sandboxed", "suppressed"}
+)
 _MAX_TEXT = 300  # how much of a body that is not the expected JSON a message repeats
 
 
@@ -218,6 +223,26 @@ class PublisherApi:
         """``GET /v1/stats``: the oldest undelivered mail and the stuck records."""
         return self._json("GET", "/v1/stats")
 
+    def suppressions(self, **query: str | int | None) -> dict[str, Any]:
+        """``GET /v1/suppressions``: one page (query: reason, domain, limit, page_token)."""
+        params = {name: str(value) for name, value in query.items() if value is not None}
+        return self._json("GET", "/v1/suppressions", params=params)
+
+    def suppress(
+        self, address: str, *, reason: str = "manual", expires_at: str | None = None
+    ) -> dict[str, Any]:
+        """``PUT /v1/suppressions/ADDRESS``: the entry as stored."""
+        body = {"reason": reason, **({"expires_at": expires_at} if expires_at else {})}
+        return self._json("PUT", _suppression_path(address), json=body, expect=(200, 201))
+
+    def unsuppress(self, address_or_key: str) -> bool:
+        """``DELETE /v1/suppressions/ADDRESS``: True if it was suppressed (now reactivated)."""
+        url = self.url + _suppression_path(address_or_key)
+        response = self._request("DELETE", url)
+        if response.status_code not in (204, 404):
+            raise _http_error("DELETE", url, response)
+        return response.status_code == 204
+
     def wait(
         self,
         mail_id: str,
@@ -287,6 +312,10 @@ class PublisherApi:
             raise ApiUnreachable(
                 f"cannot reach the publisher at {self.url}: {_reason(exc)}", url=url
             ) from exc
+
+
+def _suppression_path(address: str) -> str:
+    return "/v1/suppressions/" + quote(address, safe="@:")
 
 
 def _http_error(method: str, url: str, response: requests.Response) -> ApiHttpError:

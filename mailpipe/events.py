@@ -97,14 +97,17 @@ class EventEmitter:
         reply_code: int | None = None,
         enhanced_status: str | None = None,
         reply: str | None = None,
+        recipients: list[str] | None = None,
     ) -> None:
         """Publish one event from inside the mail's span, without waiting. Never raises.
 
         ``mail`` (when known) gives recipients and metadata. Addresses (recipients, reply) are
-        shown as ``MAILPIPE_LOG_ADDRESSES`` allows; domains always.
+        shown as ``MAILPIPE_LOG_ADDRESSES`` allows; domains always. ``recipients``: the ones the
+        event is about (``suppressed``), if not all of the mail's.
         """
         try:
-            recipients = mail.request.recipients if mail is not None else []
+            if recipients is None:
+                recipients = mail.request.recipients if mail is not None else []
             context = trace.get_current_span().get_span_context()
             event = {
                 "schema_version": EVENT_SCHEMA_VERSION,
@@ -112,8 +115,8 @@ class EventEmitter:
                 "type": str(event_type),
                 "mail_id": mail_id,
                 "attempt": attempt,
-                # `accepted` happened when the publisher accepted the mail, which may be after
-                # the subscriber already delivered it by the time this event is published.
+                # `accepted` is dated when the publisher accepted the mail: it may be published
+                # after the same mail's `delivered`.
                 "occurred_at": (
                     mail.accepted_at
                     if event_type is EventType.ACCEPTED and mail is not None

@@ -40,6 +40,7 @@ from mailpipe.record import (
     MailStatus,
     RecordError,
     RecordUnavailable,
+    SuppressionList,
 )
 from publisher.config import PublisherConfig
 from publisher.deliver_by import DeliverByError, resolve_deliver_by
@@ -55,6 +56,8 @@ from publisher.metrics import PublisherMetrics
 from publisher.openapi import MAIL_ID_PATTERN, MAX_BATCH_MAILS, openapi_document
 from publisher.pubsub import MailPublisher, MailTooLarge, PublishError
 from publisher.reconcile import diagnose, survey
+from publisher.suppressions import EXTENSION as SUPPRESSIONS
+from publisher.suppressions import suppressions_api
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +67,8 @@ MAX_REQUEST_BYTES = 10 * 1024 * 1024
 STATS_STUCK_MAILS = 20  # stuck mails /v1/stats lists (all are counted); the CLI lists them all
 _MAIL_ID = re.compile(MAIL_ID_PATTERN)
 EXTENSION = "mailpipe"  # the app's ApiServices: current_app.extensions[EXTENSION]
-UNTRACED_PATHS = (
-    r"/healthz(\?.*)?$"  # FlaskInstrumentor matches these regexes against the request URL
+UNTRACED_PATHS = (  # FlaskInstrumentor matches these regexes against the request URL
+    r"/healthz(\?.*)?$,/v1/suppressions/"  # (the second has an address in the URL)
 )
 BATCH_MAIL_SPAN = "mail accept"  # each batch mail's own root span, linked to the request's
 BATCH_LINK_KIND = "batch_request"  # the link's SPAN_LINK_KIND
@@ -168,6 +171,7 @@ def create_app(
     tracer_provider: trace.TracerProvider | None = None,
     identify_caller: CallerIdentity | None = None,
     clock: Callable[[], dt.datetime] | None = None,
+    suppressions: SuppressionList | None = None,
 ) -> Flask:
     """Build the publisher app. Collaborators are injected; nothing global is touched.
 
@@ -209,6 +213,8 @@ def create_app(
     # Every other status (404, 405, 408, unexpected exceptions as 500) is JSON too.
     install_json_errors(app, not_found_hint="the API's paths are listed at /openapi.json", log=log)
     app.register_blueprint(api)
+    app.extensions[SUPPRESSIONS] = suppressions  # /v1/suppressions (None: answers 503)
+    app.register_blueprint(suppressions_api)
     return app
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from email_validator import EmailNotValidError, validate_email
 
 from mailpipe.config import EnvReader, HttpConfig, PubSubConfig, TelemetryConfig, read_record
+from mailpipe.record.suppressions import SuppressionPolicy
 from mailpipe.topology import Topology, load_topology
 from publisher.deliver_by import max_deliver_within, read_deliver_within
 
@@ -97,6 +98,9 @@ class PublisherConfig:
         """Whether ``caller`` (None: unidentified, as in local mode) must sandbox its mail."""
         return SANDBOX_EVERY_CALLER in self.sandbox_callers or caller in self.sandbox_callers
 
+    # How the suppression list keys recipients (MAILPIPE_SUPPRESSION_KEY).
+    suppressions: SuppressionPolicy = field(default_factory=SuppressionPolicy)
+
     def sender_allowed(self, domain: str) -> bool:
         """Whether a From address at ``domain`` may be sent (a valid domain, any form)."""
         if self.allowed_sender_domains is None:
@@ -136,6 +140,7 @@ class PublisherConfig:
             default_deliver_within=read_deliver_within(env, max_deliver_within(topology)),
             max_deliver_within=max_deliver_within(topology),
             sandbox_callers=_read_sandbox_callers(env),
+            suppressions=SuppressionPolicy.read(env),
         )
         env.finish()
         return config

@@ -11,7 +11,7 @@ from typing import Any
 
 from mailpipe import __version__
 from mailpipe.mail import MailRequest
-from mailpipe.record import MailStatus
+from mailpipe.record import MailStatus, SuppressionReason
 
 _REF = "#/components/schemas/{model}"
 # The text form of the ids mailpipe.mail.new_mail_id() assigns (UUIDv7, lowercase hex).
@@ -148,6 +148,25 @@ def openapi_document() -> dict[str, Any]:
                     "oneOf": [{"$ref": "#/components/schemas/StuckMail"}, {"type": "null"}],
                     "description": "Set when `mailpipe reconcile --fix` would settle this record",
                 },
+            },
+        },
+        "Suppression": {
+            "type": "object",
+            "required": ["key", "reason", "created_at", "domain"],
+            "properties": {
+                "key": {"type": "string", "description": "The address, or hmac-sha256:<hex>"},
+                "reason": {"type": "string", "enum": [r.value for r in SuppressionReason]},
+                "created_at": {"type": "string", "format": "date-time"},
+                "domain": {"type": "string"},
+                "address": {
+                    "type": ["string", "null"],
+                    "description": "Only where MAILPIPE_LOG_ADDRESSES=full",
+                },
+                "reply_code": {"type": ["integer", "null"]},
+                "enhanced_status": {"type": ["string", "null"]},
+                "reply": {"type": ["string", "null"]},
+                "mail_id": {"type": ["string", "null"], "description": "The bounced mail"},
+                "expires_at": {"type": ["string", "null"], "format": "date-time"},
             },
         },
         "StuckMail": {
@@ -376,6 +395,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            **_suppression_paths(),
             "/healthz": {
                 "get": {
                     "operationId": "healthz",
@@ -384,4 +404,94 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         "components": {"schemas": schemas},
+    }
+
+
+def _suppression_paths() -> dict[str, Any]:
+    """``/v1/suppressions[/{address}]`` (publisher/suppressions.py)."""
+    off = _error("The suppression list is off (code suppressions_disabled) or unavailable")
+    address = {
+        "name": "address",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "minLength": 3},
+        "description": "A percent-encoded email address; for GET and DELETE also an entry's key",
+    }
+    query = [
+        {"name": name, "in": "query", "required": False, "schema": schema}
+        for name, schema in (
+            ("reason", {"type": "string", "enum": [r.value for r in SuppressionReason]}),
+            ("domain", {"type": "string"}),
+            ("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+            ("page_token", {"type": "string"}),
+        )
+    ]
+    page = {
+        "type": "object",
+        "properties": {
+            "items": {"type": "array", "items": {"$ref": "#/components/schemas/Suppression"}},
+            "next_page_token": {"type": ["string", "null"]},
+        },
+    }
+    put_body = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "reason": {"type": "string", "enum": ["manual", "complaint"], "default": "manual"},
+            "expires_at": {"type": ["string", "null"], "format": "date-time"},
+        },
+    }
+    bad = _error("Invalid address or body; `fields` names what to fix")
+    return {
+        "/v1/suppressions": {
+            "get": {
+                "operationId": "listSuppressions",
+                "summary": "Suppressed recipients, oldest first (expired entries left out)",
+                "parameters": query,
+                "responses": {
+                    "200": {
+                        "description": "A page of entries",
+                        "content": {"application/json": {"schema": page}},
+                    },
+                    "400": _error("Invalid query"),
+                    "503": off,
+                },
+            }
+        },
+        "/v1/suppressions/{address}": {
+            "parameters": [address],
+            "get": {
+                "operationId": "getSuppression",
+                "responses": {
+                    "200": _json("Suppression", "The entry"),
+                    "400": bad,
+                    "404": _error("Not suppressed"),
+                    "503": off,
+                },
+            },
+            "put": {
+                "operationId": "putSuppression",
+                "summary": "Suppress a recipient (manual or complaint), optionally until a time",
+                "requestBody": {
+                    "required": False,
+                    "content": {"application/json": {"schema": put_body}},
+                },
+                "responses": {
+                    "200": _json("Suppression", "Replaced"),
+                    "201": _json("Suppression", "Added"),
+                    "400": bad,
+                    "503": off,
+                },
+            },
+            "delete": {
+                "operationId": "deleteSuppression",
+                "summary": "Reactivate a recipient",
+                "responses": {
+                    "204": {"description": "Removed"},
+                    "400": bad,
+                    "404": _error("Not suppressed"),
+                    "503": off,
+                },
+            },
+        },
     }

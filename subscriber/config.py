@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal, cast
 
 from mailpipe.config import EnvReader, HttpConfig, PubSubConfig, TelemetryConfig, read_record
+from mailpipe.record.suppressions import SuppressionPolicy
 from mailpipe.topology import Topology, load_topology
 from subscriber.retry_schedule import (
     DEFAULT_RETRY_SCHEDULE,
@@ -142,6 +143,8 @@ class SubscriberConfig:
     delivery_lease_seconds: float = 120.0
     http: HttpConfig = field(default_factory=HttpConfig)
     delivery_timeout: float = DEFAULT_DELIVERY_TIMEOUT
+    # How the suppression list keys recipients (MAILPIPE_SUPPRESSION_KEY).
+    suppressions: SuppressionPolicy = field(default_factory=SuppressionPolicy)
     retry_schedule: RetrySchedule = field(
         default_factory=lambda: RetrySchedule.parse(DEFAULT_RETRY_SCHEDULE)
     )
@@ -214,6 +217,7 @@ class SubscriberConfig:
             delivery_lease_seconds=lease,
             delivery_timeout=delivery_timeout,
             http=HttpConfig.read(env),
+            suppressions=SuppressionPolicy.read(env),
         )
         env.finish()
         return config

@@ -11,6 +11,8 @@ ack/nack decision lives in :func:`decide` and nowhere else::
                  (it cannot be built, or needs SMTPUTF8                  refuses or cannot build
                  that the relay lacks)                                   included: recorded)
     duplicate    the record says delivered/bounced        yes    204
+    suppressed   every recipient on the suppression list  yes    204   (nothing sent; some of
+                                                                        them: the rest is sent)
     expired      claimed past its deliver_by: not sent    yes    204   (docs/deliver-by.md)
     deferred     4xx, timeout, connection/TLS failure,    no     503   (Pub/Sub retries with
                  record unavailable, claimed elsewhere,                 backoff, then dead-letters)
@@ -63,12 +65,20 @@ from mailpipe.config import AddressStyle
 from mailpipe.events import EventEmitter, EventType
 from mailpipe.logs import redact_address, redact_addresses, redact_secrets
 from mailpipe.mail import MailDecodeError, QueuedMail, UnsendableMail
-from mailpipe.record import Attempt, ClaimResult, DeliveryRecord, RecordError, RenewalResult
+from mailpipe.record import (
+    Attempt,
+    ClaimResult,
+    DeliveryRecord,
+    RecipientResult,
+    RecordError,
+    RenewalResult,
+)
 from subscriber.config import default_delivery_timeout
 from subscriber.errors import DeliveryError, UndeliverableMail
 from subscriber.message import build_message, envelope, message_bytes
 from subscriber.metrics import DeliveryMetrics
 from subscriber.smtp import SmtpReceipt
+from subscriber.suppression import CHECK_STEP, RecipientScreen, Screened
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +91,7 @@ class Outcome(enum.StrEnum):
     DEFERRED = "deferred"
     BOUNCED = "bounced"
     DUPLICATE = "duplicate"
+    SUPPRESSED = "suppressed"
     UNDECODABLE = "undecodable"
     EXPIRED = "expired"
 
@@ -92,6 +103,7 @@ def decide(outcome: Outcome) -> bool:
         Outcome.SANDBOXED,
         Outcome.BOUNCED,
         Outcome.DUPLICATE,
+        Outcome.SUPPRESSED,
         Outcome.EXPIRED,
     )
 
@@ -163,8 +175,10 @@ class DeliveryService:
         address_style: AddressStyle = "domain",
         delivery_timeout: float | None = None,
         events: EventEmitter | None = None,
+        screen: RecipientScreen | None = None,
     ) -> None:
         self._sender = sender
+        self._screen = screen  # the suppression list (None: off)
         self._events = events  # one event per finished attempt (docs/events.md)
         self._record = record
         self._tracer = tracer
@@ -297,10 +311,17 @@ class DeliveryService:
     ) -> DeliveryResult:
         started = dt.datetime.now(dt.UTC)
         traceparent = current_traceparent()  # the current span is `mail deliver`
+        screened, recipients = Screened([], []), list[str]()
         try:
             # Inside the try: a mail that cannot be built bounces (UndeliverableMail, step
             # "build"), recorded and acked, instead of failing the same way on every redelivery.
             mail_from, recipients = envelope(mail)
+            if self._screen is not None:
+                screened = self._screen.screen(mail, recipients)
+                recipients = screened.send_to
+                if not recipients:
+                    numbers = (attempt_number, started, message_id, trace_id)
+                    return self._suppressed(mail, screened, *numbers)
             data = message_bytes(
                 build_message(
                     mail,
@@ -320,6 +341,11 @@ class DeliveryService:
             return self._not_sent(mail, stop, attempt_number, started, message_id, trace_id)
         except DeliveryError as exc:
             outcome = Outcome.DEFERRED if exc.transient else Outcome.BOUNCED
+            refusals = exc.refused
+            if exc.step == "data" and len(recipients) == 1 and not exc.transient:
+                refusals = {recipients[0]: (exc.reply_code or 0, exc.reply_message or "")}
+            results = screened.results + self._learn(mail, refusals)
+            self._announce_suppressed(mail, screened, attempt_number)
             self._finish(
                 mail,
                 Attempt(
@@ -333,6 +359,7 @@ class DeliveryService:
                     failed_step=exc.step,
                     trace_id=trace_id,
                     message_id=message_id,
+                    recipients=results,
                 ),
             )
             if self._metrics is not None:
@@ -359,6 +386,8 @@ class DeliveryService:
         )
         reply = self._clean(receipt.reply_message or "")
         outcome = Outcome.SANDBOXED if receipt.sandboxed else Outcome.DELIVERED
+        results = screened.results + self._learn(mail, receipt.refused)
+        self._announce_suppressed(mail, screened, attempt_number)
         self._finish(
             mail,
             Attempt(
@@ -371,6 +400,7 @@ class DeliveryService:
                 reply_message=reply + (f" (refused: {self._clean(refused)})" if refused else ""),
                 trace_id=trace_id,
                 message_id=message_id,
+                recipients=results,
             ),
         )
         if self._metrics is not None:
@@ -387,6 +417,51 @@ class DeliveryService:
             reply_code=receipt.reply_code,
             enhanced_status=receipt.enhanced_status,
         )
+
+    def _learn(
+        self, mail: QueuedMail, refused: Mapping[str, tuple[int, str]]
+    ) -> tuple[RecipientResult, ...]:
+        return self._screen.learn(mail, refused) if self._screen and refused else ()
+
+    def _announce_suppressed(self, mail: QueuedMail, screened: Screened, number: int) -> None:
+        """The ``suppressed`` event and metric of the recipients left out of this attempt."""
+        if not screened.suppressed:
+            return
+        if self._metrics is not None:
+            self._metrics.suppressed(len(screened.suppressed))
+        if self._events is not None:
+            self._events.emit(
+                EventType.SUPPRESSED,
+                mail.mail_id,
+                mail=mail,
+                attempt=number,
+                recipients=screened.suppressed,
+            )
+
+    def _suppressed(
+        self,
+        mail: QueuedMail,
+        screened: Screened,
+        attempt_number: int,
+        started: dt.datetime,
+        message_id: str,
+        trace_id: str,
+    ) -> DeliveryResult:
+        """Every recipient is suppressed: record the mail ``suppressed`` (final), send nothing."""
+        detail = f"every recipient ({len(screened.suppressed)}) is on the suppression list"
+        self._announce_suppressed(mail, screened, attempt_number)
+        attempt = Attempt(  # nothing was sent: no reply; finish() sets finished_at
+            attempt_number,
+            started,
+            outcome=str(Outcome.SUPPRESSED),
+            reply_message=detail,
+            failed_step=CHECK_STEP,
+            trace_id=trace_id,
+            message_id=message_id,
+            recipients=screened.results,
+        )
+        self._record_attempt(mail, attempt)
+        return DeliveryResult(Outcome.SUPPRESSED, mail.mail_id, detail=detail)
 
     def _bounce_unsendable(
         self, unsendable: UnsendableMail, message_id: str, span: trace.Span

@@ -54,6 +54,8 @@ class DeliveryError(Exception):
         self.reply_message = reply_message
         self.enhanced_status = parse_enhanced_status(reply_message)
         self.server = server
+        # Per-recipient 5xx refusals at RCPT {address: (code, redacted reply)}, when all were.
+        self.refused: dict[str, tuple[int, str]] = {}
 
     def summary(self) -> str:
         """One line for the record and logs: ``"451 4.3.0 try later (at rcpt to)"``."""

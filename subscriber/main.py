@@ -35,6 +35,7 @@ from subscriber.pull import PullWorker, make_subscriber_client
 from subscriber.push import PushHandler, create_push_app
 from subscriber.redaction import credential_forms
 from subscriber.smtp import SmtpSender
+from subscriber.suppression import RecipientScreen
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,14 @@ def build_services(
         metrics=metrics,
     )
     record = open_record(config.record)
+    screen = None
+    if config.suppressions.enabled:
+        register_secret((config.suppressions.key or b"").decode())
+        screen = RecipientScreen(
+            record.suppressions(config.suppressions), config.telemetry.address_style
+        )
+    else:
+        log.warning("%s: every recipient is sent to", config.suppressions.disabled_reason)
     emitter = build_emitter(events, config.pubsub, config.telemetry, telemetry.meter_provider)
     delivery = DeliveryService(
         sender=sender,
@@ -90,6 +99,7 @@ def build_services(
         address_style=config.telemetry.address_style,
         delivery_timeout=config.delivery_timeout,
         events=emitter,
+        screen=screen,
     )
     dead_letters = DeadLetterRecorder(
         record=record,

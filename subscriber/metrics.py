@@ -40,6 +40,7 @@ _DEFERRED = "Delivery attempts deferred (4xx, timeout, connection error); retrie
 _BOUNCED = "Mails rejected permanently (5xx); never retried."
 _SANDBOXED = "Sandbox mails the relay accepted at RCPT TO (then RSET, not sent)."
 _DEAD_LETTERED = "Mails that exhausted their delivery attempts."
+_SUPPRESSED = "Recipients left out of a delivery: on the suppression list."
 _EXPIRED = "Mails given up at their deliver_by (docs/deliver-by.md); never sent."
 _LATENCY = "Time from the HTTP 202 to the relay's 250 after DATA."
 _STEP = "Duration of one SMTP step (attribute smtp.step)."
@@ -71,6 +72,7 @@ class DeliveryMetrics:
         self._bounced = counter("mailpipe.mails.bounced", "{mail}", _BOUNCED)
         self._sandboxed = counter("mailpipe.mails.sandboxed", "{mail}", _SANDBOXED)
         self._dead_lettered = counter("mailpipe.mails.dead_lettered", "{mail}", _DEAD_LETTERED)
+        self._suppressed = counter("mailpipe.recipients.suppressed", "{recipient}", _SUPPRESSED)
         self._expired = counter("mailpipe.mails.expired", "{mail}", _EXPIRED)
         self._latency = histogram(
             "mailpipe.delivery.latency",
@@ -108,6 +110,10 @@ class DeliveryMetrics:
     def sandboxed(self) -> None:
         """A sandbox mail ended with RSET after RCPT TO (``sandbox`` in the request)."""
         self._sandboxed.add(1)
+
+    def suppressed(self, count: int) -> None:
+        """``count`` recipients of an attempt were suppressed (not sent to)."""
+        self._suppressed.add(count)
 
     def dead_lettered(self) -> None:
         """A mail reached the dead-letter subscription."""

@@ -477,10 +477,14 @@ class SmtpSender:
                     raise smtplib.SMTPResponseException(code, reply)
         if not accepted:
             code, text = next(iter(refused.values()))
-            with translate_errors("rcpt to", server=self.server, redact=tx.redact):
-                raise smtplib.SMTPResponseException(
-                    code, f"{text} (every recipient was refused)".encode()
-                )
+            try:
+                with translate_errors("rcpt to", server=self.server, redact=tx.redact):
+                    raise smtplib.SMTPResponseException(
+                        code, f"{text} (every recipient was refused)".encode()
+                    )
+            except DeliveryError as exc:
+                exc.refused = refused  # each recipient's own reply (the suppression list's)
+                raise
         return accepted, refused
 
     def _data(self, conn: Connection, tx: _Tx, message: bytes) -> tuple[int, bytes]:

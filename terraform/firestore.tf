@@ -21,20 +21,52 @@ resource "google_firestore_database" "record" {
 }
 
 # Firestore deletes a mail's record, and its idempotency key, some time after `expire_at`
-# (accepted_at + the record's ttl_days, written by mailpipe/record/firestore.py).
+# (accepted_at + the record's ttl_days, written by mailpipe/record/firestore.py); a suppression
+# list entry some time after its own `expires_at` (set by PUT /v1/suppressions/{address}; entries
+# without one are kept; mailpipe ignores an expired entry from that moment on, the deletion,
+# typically within 24 h, only frees the storage). Keyed by collection: collection => TTL field.
 resource "google_firestore_field" "record_ttl" {
-  for_each = toset([local.record_collection, local.record_idempotency_collection])
+  for_each = {
+    (local.record_collection)             = local.record_ttl_field
+    (local.record_idempotency_collection) = local.record_ttl_field
+    (local.suppressions_collection)       = local.suppressions_ttl_field
+  }
 
   project    = var.project_id
   database   = google_firestore_database.record.name
-  collection = each.value
-  field      = local.record_ttl_field
+  collection = each.key
+  field      = each.value
 
   ttl_config {}
 
   # A TTL field is written once and never queried: exempt it from single-field indexing
   # (recommended for TTL fields; avoids index hot-spots on monotonically increasing timestamps).
   index_config {}
+}
+
+# GET /v1/suppressions?reason= and ?domain= (equality, order by created_at, then __name__); with
+# both filters Firestore merges the two indexes.
+resource "google_firestore_index" "suppressions_by_filter" {
+  for_each = toset(["reason", "domain"])
+
+  project    = var.project_id
+  database   = google_firestore_database.record.name
+  collection = local.suppressions_collection
+
+  fields {
+    field_path = each.value
+    order      = "ASCENDING"
+  }
+
+  fields {
+    field_path = "created_at"
+    order      = "ASCENDING"
+  }
+
+  fields {
+    field_path = "__name__"
+    order      = "ASCENDING"
+  }
 }
 
 # FirestoreRecord.list (filter on status, order by accepted_at) and oldest_undelivered (status IN

@@ -115,6 +115,28 @@ resource "google_secret_manager_secret_iam_member" "subscriber_reads_smtp_passwo
   member    = google_service_account.subscriber.member
 }
 
+# The suppression list's HMAC key (MAILPIPE_SUPPRESSION_KEY), only where recipients are hashed.
+data "google_secret_manager_secret" "suppression_key" {
+  count = local.suppression_key ? 1 : 0
+
+  project   = var.project_id
+  secret_id = var.suppression_key_secret.id
+}
+
+# secretAccessor on that one secret, for the two services that key recipients with it: the
+# publisher (the /v1/suppressions API) and the subscriber (lookups before sending, auto-add).
+resource "google_secret_manager_secret_iam_member" "reads_suppression_key" {
+  for_each = local.suppression_key ? {
+    publisher  = google_service_account.publisher.member
+    subscriber = google_service_account.subscriber.member
+  } : {}
+
+  project   = var.project_id
+  secret_id = data.google_secret_manager_secret.suppression_key[0].secret_id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = each.value
+}
+
 # --- Push path -------------------------------------------------------------------------------------
 
 # The Pub/Sub service agent mints OIDC tokens for the invoker account (required for authenticated

@@ -26,6 +26,11 @@ locals {
   record_collection             = "mailpipe_mails"
   record_idempotency_collection = "mailpipe_idempotency"
   record_ttl_field              = "expire_at"
+  # The suppression list: one document per recipient, deleted after its own expires_at (if any).
+  suppressions_collection = "mailpipe_suppressions"
+  suppressions_ttl_field  = "expires_at"
+  # Recipients are keyed by an HMAC under this secret unless full addresses may be kept.
+  suppression_key = var.log_addresses != "full" && var.suppression_key_secret != null
 
   # Google-managed identity that delivers push requests and forwards messages to dead-letter topics,
   # as Service Usage reports it (pubsub.tf), not an address built by hand.
@@ -62,6 +67,7 @@ locals {
     MAILPIPE_RECORD             = "firestore://${var.firestore_database}"
     MAILPIPE_TRACES             = "gcp"
     MAILPIPE_TRACE_SAMPLE_RATIO = tostring(var.trace_sample_ratio)
+    MAILPIPE_LOG_ADDRESSES      = var.log_addresses
   }
 
   publisher_env = merge(local.common_env, {
@@ -94,12 +100,16 @@ locals {
 
   # Secret-backed variables: name => Secret Manager reference. Only the reference is here; Cloud Run
   # resolves the value at instance start-up, so it is never in Terraform's state.
-  subscriber_secret_env = local.smtp_auth ? {
+  suppression_secret_env = local.suppression_key ? {
+    MAILPIPE_SUPPRESSION_KEY = { secret = var.suppression_key_secret.id, version = var.suppression_key_secret.version }
+  } : {}
+  publisher_secret_env = local.suppression_secret_env
+  subscriber_secret_env = merge(local.smtp_auth ? {
     MAILPIPE_SMTP_PASSWORD = {
       secret  = var.smtp_password_secret_id
       version = var.smtp_password_secret_version
     }
-  } : {}
+  } : {}, local.suppression_secret_env)
 
   labels = merge(var.labels, { app = "mailpipe" })
 }

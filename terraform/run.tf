@@ -71,6 +71,20 @@ resource "google_cloud_run_v2_service" "publisher" {
           value = env.value
         }
       }
+
+      # The suppression list's HMAC key as a Secret Manager reference, never a plain value.
+      dynamic "env" {
+        for_each = local.publisher_secret_env
+        content {
+          name = env.key
+          value_source {
+            secret_key_ref {
+              secret  = env.value.secret
+              version = env.value.version
+            }
+          }
+        }
+      }
     }
   }
 
@@ -89,6 +103,7 @@ resource "google_cloud_run_v2_service" "publisher" {
     google_project_service.enabled,
     google_project_iam_member.runtime_record_access,
     google_pubsub_topic_iam_member.publisher_publishes_mail,
+    google_secret_manager_secret_iam_member.reads_suppression_key,
   ]
 }
 
@@ -224,6 +239,7 @@ resource "google_cloud_run_v2_service" "subscriber" {
     google_project_iam_member.runtime_record_access,
     # Cloud Run resolves the secret at deploy time with the service's own identity.
     google_secret_manager_secret_iam_member.subscriber_reads_smtp_password,
+    google_secret_manager_secret_iam_member.reads_suppression_key,
   ]
 }
 
@@ -314,6 +330,7 @@ resource "google_cloud_run_v2_worker_pool" "subscriber" {
     # The first pull must not be refused.
     google_pubsub_subscription_iam_member.subscriber_pulls,
     google_secret_manager_secret_iam_member.subscriber_reads_smtp_password,
+    google_secret_manager_secret_iam_member.reads_suppression_key,
   ]
 }
 

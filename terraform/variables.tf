@@ -621,3 +621,33 @@ variable "event_webhooks" {
     error_message = "event_webhooks event_types must be among accepted, delivered, deferred, bounced, suppressed, dead_lettered, expired, replayed, sandboxed (mailpipe.events.EventType)."
   }
 }
+
+# Addresses and the suppression list
+
+variable "log_addresses" {
+  type        = string
+  description = "How recipient addresses may be kept in logs, spans, events and the suppression list (MAILPIPE_LOG_ADDRESSES): full, domain (@example.com) or hashed. Anything but full keys the suppression list by an HMAC under suppression_key_secret."
+  default     = "domain"
+
+  validation {
+    condition     = contains(["full", "domain", "hashed"], var.log_addresses)
+    error_message = "log_addresses must be full, domain or hashed."
+  }
+}
+
+variable "suppression_key_secret" {
+  type = object({
+    id      = string
+    version = optional(string, "latest")
+  })
+  description = "The suppression list's HMAC key (MAILPIPE_SUPPRESSION_KEY, at least 32 bytes: `openssl rand -base64 48`): id of an existing Secret Manager secret in project_id (create it yourself so the key never passes through Terraform variables or state) and its version (\"latest\" or a number; changing the key orphans every hashed entry: pin a number). Used where log_addresses is not full; null there = the suppression list is off (docs/suppressions.md)."
+  default     = null
+
+  validation {
+    condition = var.suppression_key_secret == null || (
+      can(regex("^[A-Za-z0-9_-]{1,255}$", var.suppression_key_secret.id)) &&
+      can(regex("^(latest|[1-9][0-9]*)$", var.suppression_key_secret.version))
+    )
+    error_message = "suppression_key_secret: id must be a secret ID (not a full resource name, not the key), version \"latest\" or a number."
+  }
+}

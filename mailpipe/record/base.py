@@ -40,6 +40,12 @@ from mailpipe.record.store import (
     utc,
     utc_now,
 )
+from mailpipe.record.suppressions import (
+    Suppression,
+    SuppressionList,
+    SuppressionPolicy,
+    SuppressionReason,
+)
 
 __all__ = [
     "DEFAULT_RESERVATION_SECONDS",
@@ -55,10 +61,15 @@ __all__ = [
     "MailRecord",
     "MailStatus",
     "Page",
+    "RecipientResult",
     "RecordError",
     "RecordUnavailable",
     "RenewalResult",
     "Reservation",
+    "Suppression",
+    "SuppressionList",
+    "SuppressionPolicy",
+    "SuppressionReason",
     "open_record",
 ]
 R = TypeVar("R")
@@ -106,6 +117,7 @@ class MailStatus(enum.StrEnum):
     # Reconciled: the last delivery attempt's outcome was never recorded (publisher/reconcile.py).
     UNCONFIRMED = "unconfirmed"
     SANDBOXED = "sandboxed"  # a sandbox mail the relay would have taken (RSET after RCPT)
+    SUPPRESSED = "suppressed"  # every recipient on the suppression list: nothing sent
     EXPIRED = "expired"  # its deliver_by passed before it was delivered: given up, never sent
 
     @property
@@ -114,6 +126,7 @@ class MailStatus(enum.StrEnum):
             MailStatus.DELIVERED,
             MailStatus.BOUNCED,
             MailStatus.SANDBOXED,
+            MailStatus.SUPPRESSED,
             MailStatus.EXPIRED,
         )
 
@@ -123,7 +136,20 @@ class MailStatus(enum.StrEnum):
 # do not (reconcile settled them as far as the record can; Pub/Sub's own backlog alert covers a
 # copy it still holds), nor do dead-lettered ones.
 UNDELIVERED = tuple(map(MailStatus, ("accepting", "queued", "sending", "deferred", "replayed")))
-_OUTCOMES = {s: MailStatus(s) for s in ("delivered", "deferred", "bounced", "sandboxed")}
+_OUTCOMES = {
+    s: MailStatus(s) for s in ("delivered", "deferred", "bounced", "sandboxed", "suppressed")
+}
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """What became of one recipient in an attempt: ``suppressed`` (left out of RCPT) or
+    ``refused`` (5xx at RCPT); ``recipient`` as ``MAILPIPE_LOG_ADDRESSES`` allows."""
+
+    recipient: str
+    status: str
+    reply_code: int | None = None
+    enhanced_status: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +166,7 @@ class Attempt:
     failed_step: str | None = None  # e.g. "rcpt to", "data", "connect"
     trace_id: str | None = None
     message_id: str | None = None  # the Pub/Sub message id of this delivery
+    recipients: tuple[RecipientResult, ...] = ()  # the recipients not sent to, and why
 
 
 # The fields the status API shows, in its order (not the idempotency or lease bookkeeping).
@@ -490,7 +517,8 @@ class DeliveryRecord:
         return self._apply("renew_lease", mail_id, rule)
 
     def finish(self, mail_id: str, attempt: Attempt) -> MailRecord:
-        """Record the attempt (``outcome`` delivered, deferred or bounced, else ValueError),
+        """Record the attempt (``outcome`` delivered, deferred, bounced or suppressed, else
+        ValueError),
         set the status, ``last_error`` and ``delivered_at`` from it and end the lease; creates
         a missing record. A final status is kept, and so is a newer claim's lease over a stale
         ``deferred`` (its lease expired and was taken over)."""
@@ -603,6 +631,10 @@ class DeliveryRecord:
         where = [("status", "in", [str(s) for s in UNDELIVERED])]
         docs = self._store.query(MAILS, where, "accepted_at", None, 1)
         return decode(MailRecord, docs[0]) if docs else None
+
+    def suppressions(self, policy: SuppressionPolicy) -> SuppressionList:
+        """The suppression list kept in this record's store, keyed as ``policy`` says."""
+        return SuppressionList(self._store, policy, self._clock)
 
     def close(self) -> None:
         self._store.close()

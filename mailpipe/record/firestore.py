@@ -1,8 +1,9 @@
 """The Firestore delivery record (``MAILPIPE_RECORD=firestore://DATABASE``), for GCP.
 
 A collection per :class:`Kind` (``mailpipe_mails``, ``mailpipe_idempotency``), one document per
-record document, its fields plus ``expire_at`` = its ``retain_from`` + ``ttl_days``. Terraform
-sets a TTL policy on ``expire_at`` and the composite indexes of the queries; the emulator
+record document, its fields plus ``expire_at`` = its ``retain_from`` + ``ttl_days`` (none when
+``retain_from`` is None: ``mailpipe_suppressions``, whose TTL is on its own ``expires_at``).
+Terraform sets a TTL policy on ``expire_at`` and the composite indexes of the queries; the emulator
 enforces neither. A transaction is a ``@firestore.transactional`` function, tried again when
 Firestore aborts it (which makes claims atomic). ``FIRESTORE_EMULATOR_HOST`` points the client
 at the emulator. Google's exceptions are translated in :func:`_translate_errors` only.
@@ -73,9 +74,12 @@ class _Transaction:
         snapshot = self.store.ref(kind, doc_id).get(transaction=self.transaction)
         return snapshot.to_dict() if snapshot.exists else None
 
-    def put(self, kind: Kind, doc_id: str, doc: Document, retain_from: Time, new: bool) -> None:
+    def put(
+        self, kind: Kind, doc_id: str, doc: Document, retain_from: Time | None, new: bool
+    ) -> None:
         write = self.transaction.create if new else self.transaction.set
-        write(self.store.ref(kind, doc_id), {**doc, "expire_at": retain_from + self.store.ttl})
+        ttl = {} if retain_from is None else {"expire_at": retain_from + self.store.ttl}
+        write(self.store.ref(kind, doc_id), {**doc, **ttl})
 
     def delete(self, kind: Kind, doc_id: str) -> None:
         self.transaction.delete(self.store.ref(kind, doc_id))
@@ -122,6 +126,12 @@ class FirestoreStore:
             snapshot = self.ref(kind, doc_id).get()
         return snapshot.to_dict() if snapshot.exists else None
 
+    def get_many(self, kind: Kind, doc_ids: Sequence[str]) -> dict[str, Document]:
+        refs = [self.ref(kind, doc_id) for doc_id in doc_ids]
+        with _translate_errors("get_many"):  # one BatchGetDocuments call
+            found = [snap for snap in self.client.get_all(refs) if snap.exists] if refs else []
+        return {snapshot.id: snapshot.to_dict() for snapshot in found}
+
     def query(
         self, kind: Kind, where: Sequence[Condition], order: str, after: Cursor, limit: int
     ) -> list[Document]:
@@ -152,6 +162,7 @@ class FirestoreRecord(DeliveryRecord):
         client: firestore.Client | None = None,
         ttl_days: int = 30,
         idempotency_collection: str = "mailpipe_idempotency",
+        suppressions_collection: str = "mailpipe_suppressions",
         max_attempts: int = 10,
         clock: s.Clock = s.utc_now,
     ) -> None:
@@ -164,6 +175,7 @@ class FirestoreRecord(DeliveryRecord):
             client = client or firestore.Client(project=project, database=database)
         self.collection, self.idempotency_collection = collection, idempotency_collection
         names = {s.MAILS.name: collection, s.IDEMPOTENCY.name: idempotency_collection}
+        names[s.SUPPRESSIONS.name] = suppressions_collection
         ttl = dt.timedelta(days=ttl_days)
         store = FirestoreStore(client, names, ttl, max_attempts, own)
         super().__init__(store, clock=clock)

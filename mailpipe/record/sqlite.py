@@ -37,7 +37,7 @@ from mailpipe.record.store import (
     utc_now,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 T = TypeVar("T")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _SQL_OPS = {"==": "=", ">=": ">=", "in": "IN"}
@@ -96,7 +96,9 @@ class _Connection:
         row = self.conn.execute(sql, (doc_id,)).fetchone()
         return json.loads(row[0]) if row else None
 
-    def put(self, kind: Kind, doc_id: str, doc: Document, retain_from: Time, new: bool) -> None:
+    def put(
+        self, kind: Kind, doc_id: str, doc: Document, retain_from: Time | None, new: bool
+    ) -> None:
         body = json.dumps(doc, default=dt.datetime.isoformat, separators=(",", ":"))
         values = (doc_id, *(_column(doc.get(field)) for field in kind.indexed), body)
         marks = ", ".join("?" for _ in values)  # the columns: id, the indexed fields, body
@@ -187,6 +189,13 @@ class SqliteStore:
     def get(self, kind: Kind, doc_id: str) -> Document | None:
         with _translate_errors("get"):
             return self._connection().get(kind, doc_id)
+
+    def get_many(self, kind: Kind, doc_ids: Sequence[str]) -> dict[str, Document]:
+        marks = ", ".join("?" for _ in doc_ids)
+        sql = f"SELECT id, body FROM {kind.name} WHERE id IN ({marks})"  # noqa: S608
+        with _translate_errors("get_many"):
+            rows = self._connection().conn.execute(sql, list(doc_ids)).fetchall()
+        return {doc_id: json.loads(body) for doc_id, body in rows}
 
     def query(
         self, kind: Kind, where: Sequence[Condition], order: str, after: Cursor, limit: int

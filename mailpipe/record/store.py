@@ -54,17 +54,25 @@ MAILS = Kind("mails", ("status", "accepted_at"), (("accepted_at",), ("status", "
 # One document per idempotency key in its scope, id = key_hash(): {"mail_id": …}. Written in the
 # transaction that writes its mail, so a key is only ever held by one mail.
 IDEMPOTENCY = Kind("idempotency")
-KINDS = (MAILS, IDEMPOTENCY)
+# One document per suppressed recipient, id = its key (mailpipe.record.suppressions).
+SUPPRESSIONS = Kind(
+    "suppressions",
+    ("reason", "domain", "created_at"),
+    (("created_at",), ("reason", "created_at"), ("domain", "created_at")),
+)
+KINDS = (MAILS, IDEMPOTENCY, SUPPRESSIONS)
 
 
 class Transaction(Protocol):
     """Reads and writes inside one :meth:`Store.transact`. ``put`` writes a document whole;
     with ``new`` it must not exist yet. ``retain_from``: when the document's retention starts
-    (Firestore's TTL counts from it; SQLite keeps everything)."""
+    (Firestore's TTL counts from it; SQLite keeps everything; None: kept until deleted)."""
 
     def get(self, kind: Kind, doc_id: str) -> Document | None: ...
 
-    def put(self, kind: Kind, doc_id: str, doc: Document, retain_from: Time, new: bool) -> None: ...
+    def put(
+        self, kind: Kind, doc_id: str, doc: Document, retain_from: Time | None, new: bool
+    ) -> None: ...
 
     def delete(self, kind: Kind, doc_id: str) -> None: ...
 
@@ -77,6 +85,10 @@ class Store(Protocol):
     def transact(self, operation: str, body: Callable[[Transaction], T]) -> T: ...
 
     def get(self, kind: Kind, doc_id: str) -> Document | None: ...
+
+    def get_many(self, kind: Kind, doc_ids: Sequence[str]) -> dict[str, Document]:
+        """The documents of those ids that exist, by id: one round trip."""
+        ...
 
     def query(
         self, kind: Kind, where: Sequence[Condition], order: str, after: Cursor, limit: int

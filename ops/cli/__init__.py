@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "ops.cli.dlq",
     "ops.cli.events",
     "ops.cli.reconcile",
+    "ops.cli.suppressions",
 )
 
 

@@ -201,6 +201,13 @@ def _show_record(console: Console, record: dict[str, Any]) -> None:
             escape(attempt["failed_step"] or ""),
         )
     console.print(table)
+    for attempt in record["attempts"]:  # the recipients not sent to, and why
+        for rcpt in attempt.get("recipients") or ():
+            reply = " ".join(str(rcpt[k]) for k in ("reply_code", "enhanced_status") if rcpt[k])
+            console.print(
+                f"  attempt {attempt['number']}: {escape(rcpt['recipient'])} "
+                f"{escape(rcpt['status'])} {escape(reply)}".rstrip()
+            )
     if record.get("last_error"):
         console.print(f"last error: {escape(str(record['last_error']))}")
     for key, label in (("next_attempt_at", "next attempt"), ("deliver_by", "deliver by")):

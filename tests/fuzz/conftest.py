@@ -37,13 +37,16 @@ def publisher_url(
             "GOOGLE_CLOUD_PROJECT": pubsub_project,
             "MAILPIPE_TOPIC": topology.mail_topic.name,
             "MAILPIPE_RECORD": f"sqlite:///{record_path}",
+            "MAILPIPE_SUPPRESSION_KEY": "fuzz-only-suppression-key-0123456789abcdef",
         },
         topology,
     )
     publisher = PubSubMailPublisher(config.pubsub, timeout=10)
     record = open_record(config.record)
     try:
-        with serve_app(create_app(config, publisher=publisher, record=record)) as url:
+        suppressions = record.suppressions(config.suppressions)
+        app = create_app(config, publisher=publisher, record=record, suppressions=suppressions)
+        with serve_app(app) as url:
             yield url
     finally:
         publisher.close()

@@ -108,12 +108,13 @@ def test_naive_times_are_taken_as_utc() -> None:
     assert store.utc(dt.datetime(2026, 1, 1, 13, tzinfo=cet)).hour == 12
 
 
-def test_only_delivered_bounced_sandboxed_and_expired_are_final() -> None:
+def test_only_delivered_bounced_sandboxed_suppressed_and_expired_are_final() -> None:
     final = {s for s in MailStatus if s.final}
     assert final == {
         MailStatus.DELIVERED,
         MailStatus.BOUNCED,
         MailStatus.SANDBOXED,
+        MailStatus.SUPPRESSED,
         MailStatus.EXPIRED,
     }
 

@@ -917,11 +917,13 @@ def test_firestore_record_has_a_ttl_policy(module: Module) -> None:
     assert database["type"] == "FIRESTORE_NATIVE"
     assert database["name"] == "${var.firestore_database}"
     ttl = module.resource("google_firestore_field", "record_ttl")
-    assert ttl["for_each"] == (
-        "${toset([local.record_collection, local.record_idempotency_collection])}"
-    )
-    assert ttl["collection"] == "${each.value}"
-    assert ttl["field"] == "${local.record_ttl_field}"
+    assert ttl["for_each"] == {
+        "${(local.record_collection)}": "${local.record_ttl_field}",
+        "${(local.record_idempotency_collection)}": "${local.record_ttl_field}",
+        "${(local.suppressions_collection)}": "${local.suppressions_ttl_field}",
+    }
+    assert ttl["collection"] == "${each.key}"
+    assert ttl["field"] == "${each.value}"
     assert "ttl_config" in ttl
     # The names the Firestore record writes (its constructor's defaults).
     defaults = inspect.signature(FirestoreRecord.__init__).parameters
@@ -1780,3 +1782,39 @@ def test_event_webhook_filters_evaluated(module: Module, tmp_path: Path) -> None
     }
     ok, result = _evaluate(module, tmp_path, {"on": "local.event_webhooks_enabled"})
     assert ok and result["on"] is False, result
+
+
+def test_suppression_list_key_ttl_and_indexes_are_wired(module: Module) -> None:
+    """The HMAC key reaches both services only as a Secret Manager reference (and only where
+    recipients are hashed); expired entries are deleted by a TTL policy on their own field."""
+    suppression = module.locals["suppression_secret_env"]
+    assert "local.suppression_key ?" in suppression and "MAILPIPE_SUPPRESSION_KEY" in suppression
+    assert 'var.log_addresses != "full"' in module.locals["suppression_key"]
+    assert module.locals["publisher_secret_env"] == "${local.suppression_secret_env}"
+    assert "local.suppression_secret_env" in module.locals["subscriber_secret_env"]
+    publisher = module.resource("google_cloud_run_v2_service", "publisher")
+    plain, secret = publisher["template"][0]["containers"][0]["dynamic"]
+    assert plain["env"]["for_each"] == "${local.publisher_env}"
+    assert secret["env"]["for_each"] == "${local.publisher_secret_env}"
+    ref = secret["env"]["content"][0]["value_source"][0]["secret_key_ref"][0]
+    assert ref == {"secret": "${env.value.secret}", "version": "${env.value.version}"}
+    readers = module.resource("google_secret_manager_secret_iam_member", "reads_suppression_key")
+    assert readers["role"] == "roles/secretmanager.secretAccessor"
+    assert "google_service_account.publisher.member" in readers["for_each"]
+    assert "google_service_account.subscriber.member" in readers["for_each"]
+    for rtype, name in (
+        ("google_cloud_run_v2_service", "publisher"),
+        ("google_cloud_run_v2_service", "subscriber"),
+        ("google_cloud_run_v2_worker_pool", "subscriber"),
+    ):
+        assert (
+            "${google_secret_manager_secret_iam_member.reads_suppression_key}"
+            in (module.resource(rtype, name)["depends_on"])
+        ), f"{rtype}.{name} must wait for its access to the key"
+    assert module.locals["suppressions_ttl_field"] == "expires_at"  # record_ttl's third entry
+    defaults = inspect.signature(FirestoreRecord.__init__).parameters
+    assert module.locals["suppressions_collection"] == defaults["suppressions_collection"].default
+    indexes = module.resource("google_firestore_index", "suppressions_by_filter")
+    assert indexes["for_each"] == '${toset(["reason", "domain"])}'
+    for name in ("log_addresses", "suppression_key_secret"):
+        assert module.variables[name].get("validation"), f"{name} must be validated"

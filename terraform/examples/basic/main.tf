@@ -67,6 +67,12 @@ variable "smtp_password_secret_version" {
   default     = "latest"
 }
 
+variable "suppression_key_secret_id" {
+  type        = string
+  description = "Secret Manager secret ID holding the suppression list's HMAC key (docs/deploy.md step 2; null = the list is off)."
+  default     = null
+}
+
 variable "message_id_domain" {
   type        = string
   description = "Domain of the Message-ID of delivered mail."
@@ -118,6 +124,7 @@ module "mailpipe" {
   smtp_username                = var.smtp_username
   smtp_password_secret_id      = var.smtp_password_secret_id
   smtp_password_secret_version = var.smtp_password_secret_version
+  suppression_key_secret       = var.suppression_key_secret_id == null ? null : { id = var.suppression_key_secret_id }
   message_id_domain            = var.message_id_domain
   allowed_sender_domains       = var.allowed_sender_domains
   subscriber_mode              = var.subscriber_mode

@@ -1,0 +1,196 @@
+"""The suppression list: recipients the subscriber leaves out (docs/suppressions.md).
+
+One document per recipient (kind ``suppressions``), its id the recipient's *key*: where
+``MAILPIPE_LOG_ADDRESSES=full`` the lower-cased address (``%`` and ``/`` percent-escaped, which
+document ids cannot hold); otherwise ``hmac-sha256:`` + HMAC-SHA256 of it under
+``MAILPIPE_SUPPRESSION_KEY``, and the address is not stored. A plain hash of an address can be
+reversed by hashing guessed addresses; a keyed one only by whoever holds the key. An entry past
+its ``expires_at`` is ignored on every read (Firestore's TTL policy deletes it later).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import hashlib
+import hmac
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import cast
+
+from mailpipe.config import AddressStyle, EnvReader
+from mailpipe.record.store import (
+    SUPPRESSIONS,
+    Clock,
+    Condition,
+    Store,
+    Transaction,
+    decode,
+    encode,
+    page_token,
+    parse_page_token,
+)
+
+KEY_PREFIX = "hmac-sha256:"
+_HEX = "0123456789abcdef"
+MIN_KEY_BYTES = 32  # RFC 2104 § 3: not shorter than the hash's output
+
+
+class SuppressionReason(enum.StrEnum):
+    BOUNCE = "bounce"
+    COMPLAINT = "complaint"
+    MANUAL = "manual"
+
+
+@dataclass(frozen=True)
+class Suppression:
+    """One suppressed recipient; ``address`` only where full addresses may be kept."""
+
+    key: str
+    reason: SuppressionReason
+    created_at: dt.datetime
+    domain: str
+    address: str | None = None
+    reply_code: int | None = None
+    enhanced_status: str | None = None
+    reply: str | None = None  # as MAILPIPE_LOG_ADDRESSES allows (the sender redacted it)
+    mail_id: str | None = None  # the mail whose refusal added it
+    expires_at: dt.datetime | None = None
+
+    def active(self, now: dt.datetime) -> bool:
+        return self.expires_at is None or self.expires_at > now
+
+    def to_json(self) -> dict[str, object]:
+        return encode(self, time=dt.datetime.isoformat)
+
+
+@dataclass(frozen=True)
+class SuppressionPolicy:
+    """How recipients are keyed: ``MAILPIPE_LOG_ADDRESSES`` and ``MAILPIPE_SUPPRESSION_KEY``."""
+
+    style: AddressStyle = "domain"
+    key: bytes | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        """Full addresses may be kept, or there is a key to hash them with."""
+        return self.style == "full" or self.key is not None
+
+    @property
+    def disabled_reason(self) -> str:
+        return (
+            f"the suppression list is off: MAILPIPE_LOG_ADDRESSES={self.style} keeps no full "
+            "address, so it needs MAILPIPE_SUPPRESSION_KEY (an HMAC key of at least "
+            f"{MIN_KEY_BYTES} bytes, from Secret Manager) to key recipients by"
+        )
+
+    def key_of(self, address: str) -> str:
+        """The document id of ``address`` (a validated addr-spec)."""
+        text = address.strip().lower()
+        if self.style == "full":
+            return text.replace("%", "%25").replace("/", "%2F")
+        if self.key is None:
+            raise ValueError(self.disabled_reason)
+        return KEY_PREFIX + hmac.new(self.key, text.encode(), hashlib.sha256).hexdigest()
+
+    @classmethod
+    def read(cls, env: EnvReader) -> SuppressionPolicy:
+        style = env.choice("MAILPIPE_LOG_ADDRESSES", "domain", ("full", "domain", "hashed"))
+        raw = env.raw("MAILPIPE_SUPPRESSION_KEY")
+        if raw is not None and len(raw.encode()) < MIN_KEY_BYTES:
+            env.problems["MAILPIPE_SUPPRESSION_KEY"] = (
+                f"must be at least {MIN_KEY_BYTES} bytes (e.g. `openssl rand -base64 48`); "
+                f"got {len(raw.encode())}"
+            )
+        return cls(cast(AddressStyle, style), raw.encode() if raw else None)
+
+
+class SuppressionList:
+    """The suppression list over a record's store; :meth:`DeliveryRecord.suppressions`."""
+
+    def __init__(self, store: Store, policy: SuppressionPolicy, clock: Clock) -> None:
+        self._store, self.policy, self._clock = store, policy, clock
+
+    def is_key(self, text: str) -> bool:
+        """Whether ``text`` is a hashed key as :meth:`Suppression.key` shows it."""
+        digest = text.removeprefix(KEY_PREFIX)
+        return text.startswith(KEY_PREFIX) and len(digest) == 64 and not digest.strip(_HEX)
+
+    def _key(self, address_or_key: str) -> str:
+        return address_or_key if self.is_key(address_or_key) else self.policy.key_of(address_or_key)
+
+    def put(
+        self,
+        address: str,
+        reason: SuppressionReason,
+        *,
+        reply_code: int | None = None,
+        enhanced_status: str | None = None,
+        reply: str | None = None,
+        mail_id: str | None = None,
+        expires_at: dt.datetime | None = None,
+    ) -> Suppression:
+        """Add ``address`` (a validated addr-spec), or replace its entry."""
+        key = self.policy.key_of(address)
+        shown = address.strip().lower() if self.policy.style == "full" else None
+        domain = address.rpartition("@")[2].lower()
+        details = (reply_code, enhanced_status, reply, mail_id, expires_at)
+        entry = Suppression(key, reason, self._clock(), domain, shown, *details)
+        doc = encode(entry)
+        self._store.transact("suppress", lambda t: t.put(SUPPRESSIONS, key, doc, None, False))
+        return entry
+
+    def get(self, address_or_key: str) -> Suppression | None:
+        """The active entry of an address (or of a key), or None."""
+        doc = self._store.get(SUPPRESSIONS, self._key(address_or_key))
+        entry = None if doc is None else decode(Suppression, doc)
+        return entry if entry is not None and entry.active(self._clock()) else None
+
+    def remove(self, address_or_key: str) -> bool:
+        """Delete the entry (reactivate the recipient); whether an active one was there."""
+        key = self._key(address_or_key)
+
+        def body(txn: Transaction) -> bool:
+            doc = txn.get(SUPPRESSIONS, key)
+            txn.delete(SUPPRESSIONS, key)
+            return doc is not None and decode(Suppression, doc).active(self._clock())
+
+        return self._store.transact("unsuppress", body)
+
+    def lookup(self, addresses: Iterable[str]) -> dict[str, Suppression]:
+        """The suppressed ones of ``addresses`` (one batched read), by address."""
+        keys = {address: self.policy.key_of(address) for address in addresses}
+        found = self._store.get_many(SUPPRESSIONS, sorted(set(keys.values()))) if keys else {}
+        now, entries = self._clock(), {key: decode(Suppression, doc) for key, doc in found.items()}
+        active = {key for key, entry in entries.items() if entry.active(now)}
+        return {address: entries[key] for address, key in keys.items() if key in active}
+
+    def list(
+        self,
+        *,
+        reason: SuppressionReason | None = None,
+        domain: str | None = None,
+        limit: int = 100,
+        page_token: str | None = None,
+    ) -> tuple[list[Suppression], str | None]:
+        """Active entries by ``(created_at, key)``, and the next page's token (None: last).
+        ValueError: a malformed ``page_token``."""
+        where: list[Condition] = [("reason", "==", str(reason))] if reason else []
+        where += [("domain", "==", domain.lower())] if domain else []
+        after = parse_page_token(page_token) if page_token else None
+        now, items = self._clock(), list[Suppression]()
+        while True:
+            docs = self._store.query(SUPPRESSIONS, where, "created_at", after, limit + 1)
+            for entry in (decode(Suppression, doc) for doc in docs):
+                if entry.active(now):
+                    if len(items) == limit:
+                        return items, _token(items[-1])
+                    items.append(entry)
+                after = (entry.created_at, entry.key)
+            if len(docs) <= limit:
+                return items, None
+
+
+def _token(entry: Suppression) -> str:
+    return page_token(entry.created_at, entry.key)

@@ -1,0 +1,187 @@
+"""The suppression list's HTTP API (docs/suppressions.md)::
+
+    GET    /v1/suppressions                 active entries, newest last; ?reason= &domain=
+                                            &limit= (1..1000) &page_token=
+    GET    /v1/suppressions/{address|key}   one entry (404: not suppressed)
+    PUT    /v1/suppressions/{address}       {"reason": "manual"|"complaint", "expires_at": ISO}
+                                            201 added, 200 replaced
+    DELETE /v1/suppressions/{address|key}   reactivate the recipient: 204 (404: not suppressed)
+
+``{key}`` is the ``key`` an entry shows (``hmac-sha256:…`` where addresses are hashed), so an
+operator can remove an entry the list shows without knowing the address. Answers and error texts
+never repeat an address ``MAILPIPE_LOG_ADDRESSES`` does not allow to keep; these paths are not
+traced (the address is in the URL).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, cast
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from flask.blueprints import BlueprintSetupState
+from werkzeug.routing import PathConverter
+
+from mailpipe.httpjson import JsonBodyError, error_response, parse_json
+from mailpipe.logs import redact_addresses
+from mailpipe.mail import addr_spec
+from mailpipe.record import RecordUnavailable, SuppressionList, SuppressionReason
+
+EXTENSION = "mailpipe.suppressions"  # the app's SuppressionList (None: none configured)
+suppressions_api = Blueprint("suppressions", __name__)
+_SETTABLE = (SuppressionReason.MANUAL, SuppressionReason.COMPLAINT)
+_PUT_FIELDS = ("reason", "expires_at")
+
+
+class _AnyText(PathConverter):
+    """The rest of the path, line breaks included (``path`` stops at one): whatever a client
+    puts there is answered by the address check, never by a 404 repeating the path."""
+
+    regex = "(?s:.+)"
+    part_isolating = False  # may span slashes: an address may hold "/" (RFC 5322 atext)
+
+
+@suppressions_api.record_once
+def _converter(state: BlueprintSetupState) -> None:  # before the routes below use it
+    state.app.url_map.converters["anytext"] = _AnyText
+
+
+class SuppressionApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, **fields: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.fields = status, code, message, fields
+
+
+@suppressions_api.errorhandler(SuppressionApiError)
+def _error(exc: SuppressionApiError) -> Response:
+    return error_response(exc.status, exc.code, exc.message, exc.fields)
+
+
+@suppressions_api.errorhandler(RecordUnavailable)
+def _unavailable(_: RecordUnavailable) -> Response:
+    return error_response(503, "record_unavailable", "the delivery record is unavailable; retry")
+
+
+def _list() -> SuppressionList:
+    found = cast(SuppressionList | None, current_app.extensions.get(EXTENSION))
+    if found is None or not found.policy.enabled:
+        reason = found.policy.disabled_reason if found else "no suppression list is configured"
+        raise SuppressionApiError(503, "suppressions_disabled", reason)
+    return found
+
+
+def _address(suppressions: SuppressionList, text: str, *, key_allowed: bool) -> str:
+    """``text`` as a validated address (or a key, where allowed); 400 names what is wrong."""
+    if key_allowed and suppressions.is_key(text):
+        return text
+    try:
+        return addr_spec(text)
+    except ValueError as exc:
+        why = redact_addresses(str(exc), suppressions.policy.style)
+        hint = " or the key of an entry (hmac-sha256:...)" if key_allowed else ""
+        raise SuppressionApiError(
+            400,
+            "invalid_address",
+            f"the path must end in an email address such as user@example.com{hint}: "
+            "percent-encode it",
+            address=why,
+        ) from exc
+
+
+def _expiry(value: object, now: dt.datetime) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, str):
+            raise TypeError
+        when = dt.datetime.fromisoformat(value)
+        when = when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SuppressionApiError(
+            400,
+            "invalid_request",
+            "expires_at must be an ISO 8601 time such as 2027-01-31T00:00:00Z, or null",
+            expires_at="is not an ISO 8601 time",
+        ) from exc
+    if when <= now:
+        raise SuppressionApiError(
+            400,
+            "invalid_request",
+            "expires_at must be in the future (omit it for an entry that never expires)",
+            expires_at=f"{when.isoformat()} has passed",
+        )
+    return when
+
+
+@suppressions_api.get("/v1/suppressions")
+def list_suppressions() -> Response:
+    suppressions = _list()
+    args, fields = request.args, {}
+    reason = args.get("reason")
+    if reason is not None and reason not in set(SuppressionReason):
+        fields["reason"] = "must be one of " + ", ".join(SuppressionReason)
+    try:
+        limit = int(args.get("limit", "100"))
+        if not 1 <= limit <= 1000:
+            raise ValueError
+    except ValueError:
+        fields["limit"] = "must be an integer from 1 to 1000"
+    if fields:
+        raise SuppressionApiError(400, "invalid_query", "fix the fields listed", **fields)
+    try:
+        items, token = suppressions.list(
+            reason=SuppressionReason(reason) if reason else None,
+            domain=args.get("domain") or None,
+            limit=limit,
+            page_token=args.get("page_token") or None,
+        )
+    except ValueError as exc:
+        raise SuppressionApiError(
+            400,
+            "invalid_query",
+            "fix the fields listed",
+            page_token="was not issued by the API",  # noqa: S106
+        ) from exc
+    return jsonify({"items": [item.to_json() for item in items], "next_page_token": token})
+
+
+@suppressions_api.get("/v1/suppressions/<anytext:address>")
+def get_suppression(address: str) -> Response:
+    suppressions = _list()
+    entry = suppressions.get(_address(suppressions, address, key_allowed=True))
+    if entry is None:
+        raise SuppressionApiError(404, "not_found", "this recipient is not suppressed")
+    return jsonify(entry.to_json())
+
+
+@suppressions_api.put("/v1/suppressions/<anytext:address>")
+def put_suppression(address: str) -> tuple[Response, int]:
+    suppressions = _list()
+    recipient = _address(suppressions, address, key_allowed=False)
+    try:
+        body: Any = parse_json(request.get_data(cache=False) or b"{}")
+    except JsonBodyError as exc:
+        raise SuppressionApiError(400, exc.code, exc.message, **exc.fields) from exc
+    if not isinstance(body, dict):
+        raise SuppressionApiError(400, "invalid_request", 'send {"reason": "manual"} or {}')
+    unknown = {str(k)[:80]: "is not a field" for k in body if k not in _PUT_FIELDS}
+    reason = body.get("reason", "manual")
+    if reason not in set(_SETTABLE):
+        unknown["reason"] = "must be manual or complaint (bounces are added by the subscriber)"
+    if unknown:
+        fixes = f"fields: {', '.join(_PUT_FIELDS)}"
+        raise SuppressionApiError(
+            400, "invalid_request", f"fix the fields listed ({fixes})", **unknown
+        )
+    expires_at = _expiry(body.get("expires_at"), dt.datetime.now(dt.UTC))
+    existed = suppressions.get(recipient) is not None
+    entry = suppressions.put(recipient, SuppressionReason(reason), expires_at=expires_at)
+    return jsonify(entry.to_json()), 200 if existed else 201
+
+
+@suppressions_api.delete("/v1/suppressions/<anytext:address>")
+def delete_suppression(address: str) -> tuple[str, int]:
+    suppressions = _list()
+    if not suppressions.remove(_address(suppressions, address, key_allowed=True)):
+        raise SuppressionApiError(404, "not_found", "this recipient is not suppressed")
+    return "", 204
