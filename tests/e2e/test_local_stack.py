@@ -21,6 +21,7 @@ from emulator.pipeline import LocalPipeline, run_local_pipeline, start_service
 from emulator.process import free_port
 from mailpipe.topology import Topology
 from ops.trace_view import find_trace, read_spans
+from tests.fixtures.processes import read_processes
 
 MAIL: dict[str, Any] = {
     "from": "Ada Lovelace <ada@example.com>",
@@ -166,16 +167,8 @@ def test_subscriber_replaced_mid_stream_loses_nothing(
 
 
 def _processes_in(directory: Path) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if Path(os.readlink(entry / "cwd")) == directory:
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    cwds = read_processes(lambda entry: Path(os.readlink(entry / "cwd")))
+    return [pid for pid, cwd in cwds.items() if cwd == directory]
 
 
 def test_mailpipe_up_once_runs_the_sample_and_leaves_nothing_running(tmp_path: Path) -> None:

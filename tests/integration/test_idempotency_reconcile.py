@@ -52,6 +52,7 @@ from tests.fixtures.http import serve_app
 from tests.fixtures.pipeline import pipeline_env
 from tests.fixtures.smtp import make_smtp_config
 from tests.fixtures.telemetry import metric_points
+from tests.fixtures.topic import pull_acked
 
 MAIL: dict[str, Any] = {
     "from": "Ada <ada@example.com>",
@@ -193,21 +194,13 @@ def make_service(
     stack: list[Any] = []
 
     def pull() -> list[ReceivedMessage]:
-        response = subscriber.pull(
-            request={"subscription": subscription, "max_messages": 100, "return_immediately": True},
-            timeout=10,
-        )
-        if response.received_messages:
-            subscriber.acknowledge(
-                subscription=subscription, ack_ids=[m.ack_id for m in response.received_messages]
-            )
         return [
             ReceivedMessage(
                 data=m.message.data,
                 attributes=dict(m.message.attributes),
                 message_id=m.message.message_id,
             )
-            for m in response.received_messages
+            for m in pull_acked(subscriber, subscription)
         ]
 
     def make(wrap: Callable[[PubSubMailPublisher], Any] = lambda p: p) -> Service:
