@@ -580,12 +580,7 @@ def test_canary_job_of_the_canary_image_finds_its_probe_in_the_mailbox(
                 {
                     "MAILPIPE_URL": publisher_url,
                     "MAILPIPE_CANARY_PUBLISHER_AUTH": "none",
-                    "MAILPIPE_CANARY_IMAP_HOST": dovecot.host,
-                    "MAILPIPE_CANARY_IMAP_PORT": str(dovecot.port),
-                    "MAILPIPE_CANARY_IMAP_TLS": "starttls",
-                    "MAILPIPE_CANARY_IMAP_CA_FILE": str(dovecot.ca_file),
-                    "MAILPIPE_CANARY_IMAP_USER": dovecot.user,
-                    "MAILPIPE_CANARY_IMAP_PASSWORD": dovecot.password,
+                    **dovecot.canary_env(),
                     "MAILPIPE_CANARY_TO": "canary@example.org",
                     "MAILPIPE_CANARY_DEADLINE": "60",
                     "MAILPIPE_CANARY_POLL_INTERVAL": "0.2",

@@ -8,9 +8,7 @@ import httpx
 import pytest
 
 from emulator import RunningEmulator
-from publisher.app import create_app
-from tests.fixtures.http import serve_app
-from tests.fixtures.publishing import publishing
+from tests.fixtures.publishing import served_publisher
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +18,7 @@ def publisher_url(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     """A real publisher (Flask app over HTTP, emulator, SQLite record) for one test module."""
-    with (
-        publishing(pubsub_emulator, pubsub_project, tmp_path_factory.mktemp("fuzz")) as parts,
-        serve_app(create_app(parts.config, publisher=parts.publisher, record=parts.record)) as url,
-    ):
+    with served_publisher(pubsub_emulator, pubsub_project, tmp_path_factory.mktemp("fuzz")) as url:
         yield url
 
 

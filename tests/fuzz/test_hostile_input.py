@@ -28,9 +28,7 @@ from hypothesis import strategies as st
 
 from mailpipe.record import DeliveryRecord
 from mailpipe.record.firestore import FirestoreRecord
-from publisher.app import create_app
-from tests.fixtures.http import serve_app
-from tests.fixtures.publishing import publishing
+from tests.fixtures.publishing import served_publisher
 from tests.fuzz.hostile import (
     HOSTILE_CODES,
     INT_DIGIT_LIMIT,
@@ -114,10 +112,7 @@ def backend_url(
             idempotency_collection=f"hostile-keys-{suffix}",
         )
     record_dir = tmp_path_factory.mktemp("hostile")
-    with (
-        publishing(pubsub_emulator, pubsub_project, record_dir, record) as parts,
-        serve_app(create_app(parts.config, publisher=parts.publisher, record=parts.record)) as url,
-    ):
+    with served_publisher(pubsub_emulator, pubsub_project, record_dir, record) as url:
         yield url
 
 

@@ -658,14 +658,17 @@ def test_reconcile_fix_as_the_scheduled_job_runs_it(
         "from ops.cli import main; sys.exit(main(sys.argv[1:]))"
     )
 
-    job = subprocess.run(
-        [sys.executable, "-c", program, "reconcile", "--fix"],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    def run_job() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", program, "reconcile", "--fix"],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    job = run_job()
 
     assert job.returncode == 0, job.stderr
     lines = [json.loads(line) for line in job.stdout.splitlines()]
@@ -683,14 +686,7 @@ def test_reconcile_fix_as_the_scheduled_job_runs_it(
     settled = seed.get(stalled)
     assert settled is not None
     assert settled.status is MailStatus.UNCONFIRMED
-    again = subprocess.run(
-        [sys.executable, "-c", program, "reconcile", "--fix"],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = run_job()
     assert again.returncode == 0, again.stderr  # nothing stuck any more: a quiet INFO line
     [quiet] = [json.loads(line) for line in again.stdout.splitlines()]
     assert (quiet["severity"], quiet["unconfirmed"], quiet["released"]) == ("INFO", 1, 0)

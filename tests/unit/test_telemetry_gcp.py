@@ -140,20 +140,12 @@ def metadata_server(cloud_run_env: None, monkeypatch: pytest.MonkeyPatch) -> Ite
     thread.join(5)
 
 
-@pytest.fixture
-def made() -> Iterator[list[Telemetry]]:
-    built: list[Telemetry] = []
-    yield built
-    for telemetry in built:
-        telemetry.shutdown()
-
-
 def _labels(span: Any) -> dict[str, str]:
     return {key: value.string_value.value for key, value in span.attributes.attribute_map.items()}
 
 
 def _gcp_telemetry(
-    made: list[Telemetry],
+    built_telemetry: list[Telemetry],
 ) -> tuple[Telemetry, RecordingTraceClient, RecordingMetricClient]:
     trace_client, metric_client = RecordingTraceClient(), RecordingMetricClient()
     telemetry = setup_telemetry(
@@ -163,14 +155,14 @@ def _gcp_telemetry(
         cloud_trace_client=trace_client,
         cloud_monitoring_client=metric_client,
     )
-    made.append(telemetry)
+    built_telemetry.append(telemetry)
     return telemetry, trace_client, metric_client
 
 
 def test_gcp_mode_exports_to_cloud_trace_with_cloud_run_attributes(
-    made: list[Telemetry], metadata_server: None
+    built_telemetry: list[Telemetry], metadata_server: None
 ) -> None:
-    telemetry, trace_client, _ = _gcp_telemetry(made)
+    telemetry, trace_client, _ = _gcp_telemetry(built_telemetry)
 
     with telemetry.tracer("t").start_as_current_span("mail deliver") as span:
         span.set_attribute("mailpipe.mail_id", "m-1")
@@ -191,9 +183,9 @@ def test_gcp_mode_exports_to_cloud_trace_with_cloud_run_attributes(
 
 
 def test_gcp_mode_selects_the_cloud_trace_exporter(
-    made: list[Telemetry], metadata_unreachable: None
+    built_telemetry: list[Telemetry], metadata_unreachable: None
 ) -> None:
-    telemetry, _, _ = _gcp_telemetry(made)
+    telemetry, _, _ = _gcp_telemetry(built_telemetry)
 
     processors = telemetry.tracer_provider._active_span_processor._span_processors
     exporters = [p.span_exporter for p in processors]
@@ -202,9 +194,9 @@ def test_gcp_mode_selects_the_cloud_trace_exporter(
 
 
 def test_without_the_metadata_server_cloud_run_attributes_come_from_its_env_vars(
-    made: list[Telemetry], metadata_unreachable: None
+    built_telemetry: list[Telemetry], metadata_unreachable: None
 ) -> None:
-    telemetry, trace_client, _ = _gcp_telemetry(made)
+    telemetry, trace_client, _ = _gcp_telemetry(built_telemetry)
 
     with telemetry.tracer("t").start_as_current_span("mail deliver"):
         pass
@@ -218,9 +210,9 @@ def test_without_the_metadata_server_cloud_run_attributes_come_from_its_env_vars
 
 
 def test_gcp_mode_exports_metrics_to_cloud_monitoring(
-    made: list[Telemetry], metadata_unreachable: None
+    built_telemetry: list[Telemetry], metadata_unreachable: None
 ) -> None:
-    telemetry, _, metric_client = _gcp_telemetry(made)
+    telemetry, _, metric_client = _gcp_telemetry(built_telemetry)
 
     telemetry.metrics.bounced(reply_code=550, enhanced_status="5.1.1")
     telemetry.force_flush()
@@ -260,11 +252,11 @@ def test_outside_cloud_run_nothing_is_detected(
 
 
 def test_gcp_metrics_export_once_a_minute_and_once_at_shutdown(
-    made: list[Telemetry], metadata_server: None
+    built_telemetry: list[Telemetry], metadata_server: None
 ) -> None:
     """Cloud Monitoring refuses a point written to a series sooner than its sampling period after
     the previous one, so nothing but the reader's period and the shutdown may export metrics."""
-    telemetry, trace_client, metric_client = _gcp_telemetry(made)
+    telemetry, trace_client, metric_client = _gcp_telemetry(built_telemetry)
     (reader,) = telemetry.meter_provider._metric_readers
 
     for _ in range(20):  # twenty requests, each flushing its spans
@@ -289,9 +281,9 @@ def test_gcp_metrics_export_once_a_minute_and_once_at_shutdown(
 
 
 def test_without_the_instance_id_each_process_still_writes_its_own_series(
-    made: list[Telemetry], metadata_unreachable: None
+    built_telemetry: list[Telemetry], metadata_unreachable: None
 ) -> None:
-    telemetry, _, metric_client = _gcp_telemetry(made)
+    telemetry, _, metric_client = _gcp_telemetry(built_telemetry)
     telemetry.metrics.accepted()
     telemetry.shutdown()
 
