@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from emulator import RunningEmulator
-from tests.fixtures.publishing import served_publisher
+from tests.fixtures.publishing import publishing
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,10 @@ def publisher_url(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     """A real publisher (Flask app over HTTP, emulator, SQLite record) for one test module."""
-    with served_publisher(pubsub_emulator, pubsub_project, tmp_path_factory.mktemp("fuzz")) as url:
+    with (
+        publishing(pubsub_emulator, pubsub_project, tmp_path_factory.mktemp("fuzz")) as parts,
+        parts.served() as url,
+    ):
         yield url
 
 

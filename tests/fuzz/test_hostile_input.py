@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from mailpipe.record import DeliveryRecord
 from mailpipe.record.firestore import FirestoreRecord
-from tests.fixtures.publishing import served_publisher
+from tests.fixtures.publishing import publishing
 from tests.fuzz.hostile import (
     HOSTILE_CODES,
     INT_DIGIT_LIMIT,
@@ -112,14 +112,22 @@ def backend_url(
             idempotency_collection=f"hostile-keys-{suffix}",
         )
     record_dir = tmp_path_factory.mktemp("hostile")
-    with served_publisher(pubsub_emulator, pubsub_project, record_dir, record) as url:
+    with (
+        publishing(pubsub_emulator, pubsub_project, record_dir, record) as parts,
+        parts.served() as url,
+    ):
         yield url
 
 
 @pytest.fixture(scope="module")
-def api(backend_url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=backend_url, timeout=30) as client:
-        yield client
+def publisher_url(backend_url: str) -> str:
+    """The conftest's ``http`` client goes to the parametrised backend."""
+    return backend_url
+
+
+@pytest.fixture(scope="module")
+def api(http: httpx.Client) -> httpx.Client:
+    return http
 
 
 def json_error(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -72,6 +72,22 @@ def _private_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
+def _claims(**changes: Any) -> dict[str, Any]:
+    """The claims of a Google-signed ID token for SERVICE_ACCOUNT; a change to None drops one."""
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "aud": AUDIENCE,
+        "iss": ISSUER,
+        "iat": now,
+        "exp": now + 3600,
+        "sub": "112233445566778899",
+        "email": SERVICE_ACCOUNT,
+        "email_verified": True,
+    }
+    claims.update(changes)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
 class Keys:
     """The test's signing key (and an unrelated one), published as a JWKS on loopback."""
 
@@ -90,18 +106,7 @@ class Keys:
         kid: str = KID,
         drop: tuple[str, ...] = (),
     ) -> str:
-        now = int(time.time())
-        claims: dict[str, Any] = {
-            "aud": AUDIENCE,
-            "iss": ISSUER,
-            "iat": now,
-            "exp": now + 3600,
-            "sub": "112233445566778899",
-            "azp": "112233445566778899",
-            "email": SERVICE_ACCOUNT,
-            "email_verified": True,
-            **(overrides or {}),
-        }
+        claims = {**_claims(azp="112233445566778899"), **(overrides or {})}
         for name in drop:
             claims.pop(name, None)
         return jwt.encode(claims, key or self.key, algorithm="RS256", headers={"kid": kid})
@@ -427,6 +432,22 @@ class Front:
 
 
 @contextmanager
+def _served_behind_front(app: Any, keys: tuple[Keys, str]) -> Iterator[tuple[str, str]]:
+    """``app`` over HTTP behind Cloud Run's front (audience: the service URL): the front's URL
+    and the container's own."""
+    with (
+        serve_app(app) as backend,
+        cloud_run_front(
+            backend_url=backend,
+            jwks_url=keys[1],
+            audiences=(SERVICE_URL,),
+            invokers=frozenset({SERVICE_ACCOUNT, OTHER_INVOKER}),
+        ) as (url, _),
+    ):
+        yield url, backend
+
+
+@contextmanager
 def _front_of(keys: tuple[Keys, str], endpoint: PushEndpoint) -> Iterator[Front]:
     with cloud_run_front(
         backend_url=endpoint.url,
@@ -542,21 +563,6 @@ def _unsigned(claims: dict[str, Any], header: dict[str, Any] | None = None) -> s
     return f"{b64(header)}.{b64(claims)}.SIGNATURE_REMOVED_BY_GOOGLE"
 
 
-def _claims(**changes: Any) -> dict[str, Any]:
-    now = int(time.time())
-    claims: dict[str, Any] = {
-        "aud": AUDIENCE,
-        "iss": ISSUER,
-        "iat": now,
-        "exp": now + 3600,
-        "sub": "112233445566778899",
-        "email": SERVICE_ACCOUNT,
-        "email_verified": True,
-    }
-    claims.update(changes)
-    return {k: v for k, v in claims.items() if v is not None}
-
-
 # Stripped tokens with forged claims, sent straight to a cloud-run-mode endpoint (as if the front
 # had let them through). On GCP they cannot get there: Cloud Run verified the signature. The claim
 # check is what remains, and it must refuse each of these.
@@ -646,15 +652,7 @@ def test_the_caller_identity_is_the_invoker_cloud_run_verified(keys: tuple[Keys,
     def refused(exc: TokenError) -> tuple[Response, int]:
         return jsonify(error=str(exc)), 401
 
-    with (
-        serve_app(app) as backend,
-        cloud_run_front(
-            backend_url=backend,
-            jwks_url=keys[1],
-            audiences=(SERVICE_URL,),
-            invokers=frozenset({SERVICE_ACCOUNT, OTHER_INVOKER}),
-        ) as (url, _),
-    ):
+    with _served_behind_front(app, keys) as (url, _):
         operator = keys[0].sign({"aud": SERVICE_URL, "email": OTHER_INVOKER})
         answer = httpx.post(url, headers={"Authorization": f"Bearer {operator}"})
         assert answer.json() == {"caller": OTHER_INVOKER}
@@ -716,15 +714,7 @@ def test_behind_cloud_run_the_publisher_scopes_idempotency_keys_to_the_verified_
         "idempotency_key": "invoice-42",
     }
     try:
-        with (
-            serve_app(app) as backend,
-            cloud_run_front(
-                backend_url=backend,
-                jwks_url=keys[1],
-                audiences=(SERVICE_URL,),
-                invokers=frozenset({SERVICE_ACCOUNT, OTHER_INVOKER}),
-            ) as (url, _),
-        ):
+        with _served_behind_front(app, keys) as (url, backend):
 
             def post(invoker: str) -> httpx.Response:
                 token = keys[0].sign({"aud": SERVICE_URL, "email": invoker})
