@@ -27,7 +27,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ from subscriber.main import build_push_handler, build_services
 from subscriber.push import PushHandler, create_push_app
 from subscriber.smtp import SmtpSender
 from tests.fixtures.cloud_run import CloudRunFront, cloud_run_front, strip_signature
-from tests.fixtures.http import serve_app
+from tests.fixtures.http import QuietJsonHandler, serve_app
 from tests.fixtures.pipeline import pipeline_env
 from tests.fixtures.smtp import make_smtp_config
 
@@ -117,18 +118,10 @@ def keys() -> Iterator[tuple[Keys, str]]:
     """The keys and the URL of their JWKS (an HTTP server on 127.0.0.1)."""
     keys = Keys()
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietJsonHandler):
         def do_GET(self) -> None:
             keys.fetches += 1
-            body = json.dumps(keys.jwks).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            return
+            self.send_json(keys.jwks)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -140,11 +133,11 @@ def keys() -> Iterator[tuple[Keys, str]]:
         server.server_close()
 
 
+@dataclass
 class PushEndpoint:
-    def __init__(self, url: str, smtp: LocalSmtpServer, record_path: Path) -> None:
-        self.url = url
-        self.smtp = smtp
-        self.record_path = record_path
+    url: str
+    smtp: LocalSmtpServer
+    record_path: Path
 
     def post(
         self,
@@ -418,11 +411,11 @@ SERVICE_URL = "https://mailpipe-subscriber-abc123-ew.a.run.app"
 OTHER_INVOKER = "operator@mailpipe-test.iam.gserviceaccount.com"
 
 
+@dataclass
 class Front:
-    def __init__(self, url: str, proxy: CloudRunFront, endpoint: PushEndpoint) -> None:
-        self.url = url
-        self.proxy = proxy
-        self.endpoint = endpoint
+    url: str
+    proxy: CloudRunFront
+    endpoint: PushEndpoint
 
     def push(
         self, authorization: str | None, path: str = "/", **headers: str

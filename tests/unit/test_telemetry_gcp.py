@@ -9,12 +9,11 @@ metadata server would, or is closed (the metadata server is unreachable).
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -23,6 +22,7 @@ from opentelemetry.resourcedetector.gcp_resource_detector import _metadata
 
 from mailpipe.config import TelemetryConfig
 from mailpipe.telemetry import Telemetry, detect_gcp_resource, setup_telemetry
+from tests.fixtures.http import QuietJsonHandler
 
 # Both Google exporters warn that they are deprecated in favour of Google's OTLP endpoint
 # (telemetry.googleapis.com); mailpipe keeps them for now, see mailpipe/telemetry.py.
@@ -87,22 +87,14 @@ class _MetadataServer(ThreadingHTTPServer):
     }
 
     def __init__(self) -> None:
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietJsonHandler):
             def do_GET(self) -> None:
                 # Through a proxy the request line holds the absolute URL.
                 ok = self.path.startswith("http://metadata.google.internal/computeMetadata/v1/")
                 if not ok or self.headers.get("Metadata-Flavor") != "Google":
                     self.send_error(403)
                     return
-                body = json.dumps(_MetadataServer.METADATA).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
+                self.send_json(_MetadataServer.METADATA)
 
         super().__init__(("127.0.0.1", 0), Handler)
 
