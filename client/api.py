@@ -41,7 +41,7 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 # Seconds per request: longer than the publisher's own Pub/Sub budget (30 s and a margin), so a
 # slow publish ends in the publisher's 503, which says what happened, not in a client timeout.
 DEFAULT_TIMEOUT = 60.0
-FINAL_STATUSES = frozenset({"delivered", "bounced", "dead_lettered"})
+FINAL_STATUSES = frozenset({"delivered", "bounced", "dead_lettered", "sandboxed"})
 _MAX_TEXT = 300  # how much of a body that is not the expected JSON a message repeats
 
 

@@ -8,8 +8,8 @@ accepts is kept in :attr:`LocalSmtpServer.messages` and, when a maildir is given
 ``maildir/new`` (:class:`mailbox.Maildir`) so another program can read it.
 
 Observers (called in the server's thread): ``on_command(step, address)`` for every command as it
-arrives, before any scripted fault; ``on_mail(mail, queue_id)`` for every mail kept, before its
-250.
+arrives, before any scripted fault (the steps below, and ``rset`` and ``quit``);
+``on_mail(mail, queue_id)`` for every mail kept, before its 250.
 
 Faults are scripted per SMTP step (``connect``, ``ehlo``, ``mail``, ``rcpt``, ``data``)::
 
@@ -67,12 +67,13 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from emulator.errors import EmulatorError
 from mailpipe.mail import addr_spec
 
 Step = Literal["connect", "ehlo", "mail", "rcpt", "data"]
+Command = Literal["connect", "ehlo", "mail", "rcpt", "data", "rset", "quit"]  # what on_command sees
 STEPS: tuple[Step, ...] = ("connect", "ehlo", "mail", "rcpt", "data")
 
 # Replies (RFC 5321 § 4.2 with RFC 3463 enhanced status codes).
@@ -393,6 +394,14 @@ class _Handler:
         envelope.rcpt_options.extend(options)
         return RECIPIENT_OK
 
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> Any:
+        self._owner._observe("rset")  # aiosmtpd has cleared the envelope
+        return MISSING  # aiosmtpd's own reply
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> Any:
+        self._owner._observe("quit")
+        return MISSING
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         status = await self._owner._scripted("data", server)
         if status is not None:
@@ -451,7 +460,7 @@ class LocalSmtpServer:
         auth: dict[str, str] | None = None,
         hostname: str = "localhost",
         smtputf8: bool = True,
-        on_command: Callable[[Step, str | None], None] | None = None,
+        on_command: Callable[[Command, str | None], None] | None = None,
         on_mail: Callable[[ReceivedMail, str], None] | None = None,
         simulator: MailboxSimulator | None = None,
     ) -> None:
@@ -715,9 +724,12 @@ class LocalSmtpServer:
     # -- called in the server's event loop ---------------------------------------------------
 
     def _fault_for(self, step: Step, address: str | None = None) -> _Fault | None:
-        if self._on_command is not None:
-            self._on_command(step, address)
+        self._observe(step, address)
         return self._take_fault(step, address)
+
+    def _observe(self, command: Command, address: str | None = None) -> None:
+        if self._on_command is not None:
+            self._on_command(command, address)
 
     def _new_connection(self, session: Callable[[], _Session]) -> asyncio.Protocol:
         """The protocol for a new connection: a session, or its scripted connect fault."""

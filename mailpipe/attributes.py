@@ -1,19 +1,11 @@
 """The attribute names mailpipe writes, and reading trace context back from them.
 
-The names are an interface: dashboards, alert policies and Trace Explorer filters select on them
-(docs/observability.md lists them), so a value here never changes. Two namespaces share words:
-
-* ``PUBSUB_*`` are **Pub/Sub message attributes**, on every message of the mail topic (and on the
-  dead-letter copies);
-* ``SPAN_*``, ``SMTP_*``, ``SERVER_*`` and ``MESSAGING_*`` are **span attributes** (the SMTP ones
-  also label the delivery metrics, beside ``METRIC_*``).
-
-``PUBSUB_MAIL_ID`` (``mail_id``) and ``SPAN_MAIL_ID`` (``mailpipe.mail_id``) carry the same value
-under different names.
-
-The trace context crosses Pub/Sub in ``googclient_traceparent``, written and read by the client
-library (``enable_open_telemetry_tracing=True``); :func:`publisher_context` and
-:func:`publisher_link` read it where the library does not (push requests, dead-letter replays).
+The names are an interface (docs/observability.md lists them): a value here never changes.
+``PUBSUB_*`` are Pub/Sub message attributes; ``SPAN_*``, ``SMTP_*``, ``SERVER_*`` and
+``MESSAGING_*`` are span attributes (the SMTP ones also label metrics, beside ``METRIC_*``), so
+``PUBSUB_MAIL_ID`` and ``SPAN_MAIL_ID`` carry the same value under two names. The client library
+writes and reads ``googclient_traceparent``; :func:`publisher_context` and :func:`publisher_link`
+read it where the library does not (push requests, dead-letter replays).
 """
 
 from __future__ import annotations

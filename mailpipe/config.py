@@ -1,15 +1,12 @@
 """Configuration: read once from the environment into frozen dataclasses.
 
-Each service builds its config with ``XConfig.from_env(os.environ)`` at start-up
-(``publisher/config.py``, ``subscriber/config.py``) and passes it to its factory. This module holds
-what both read: the reader, the error and the shared parts (telemetry, Pub/Sub, HTTP, the record).
-One reader collects the shared and the service's own problems, so a bad start reports **every**
-bad variable at once::
+Each service builds its config with ``XConfig.from_env(os.environ)`` (``publisher/config.py``,
+``subscriber/config.py``) and passes it to its factory; this module holds the shared parts. One
+reader collects the shared and the service's own problems, so a bad start reports **every** bad
+variable at once (names, an interface: docs/configuration.md)::
 
     ConfigError
     └── (one exception carrying {VARIABLE: what is wrong with it, ...})
-
-Names are an interface (deploy configs set them): see docs/configuration.md.
 """
 
 from __future__ import annotations

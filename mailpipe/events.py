@@ -107,7 +107,13 @@ class EventEmitter:
                 "type": str(event_type),
                 "mail_id": mail_id,
                 "attempt": attempt,
-                "occurred_at": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+                # `accepted` happened when the publisher accepted the mail, which may be after
+                # the subscriber already delivered it by the time this event is published.
+                "occurred_at": (
+                    mail.accepted_at
+                    if event_type is EventType.ACCEPTED and mail is not None
+                    else dt.datetime.now(dt.UTC)
+                ).isoformat(timespec="milliseconds"),
                 "trace_id": format(context.trace_id, "032x") if context.is_valid else None,
                 "reply_code": reply_code,
                 "enhanced_status": enhanced_status,

@@ -1,13 +1,9 @@
 """JSON over HTTP for both services: strict request bodies and JSON answers for every error.
 
-:func:`parse_json` accepts UTF-8 RFC 8259 JSON nested at most :data:`MAX_JSON_DEPTH` deep, with
-integers of at most :data:`MAX_INTEGER_DIGITS` digits, finite numbers (no ``NaN``/``Infinity``)
-and no lone surrogates (``"\\ud800"`` is valid JSON text but not Unicode: Pub/Sub, the record
-and SMTP cannot encode it). Anything else raises ``JsonBodyError (ValueError)``, with ``code``,
-``message`` (what to fix) and ``fields`` (``{dotted.path: what is wrong}``, may be empty).
-
-:func:`install_json_errors` makes a Flask app answer every error it produces itself (404, 405,
-408, 413, any ``HTTPException``, any unexpected exception: 500, logged) in the one error format:
+:func:`parse_json` refuses what docs/hostile-input.md lists (too deep, too long an integer,
+``NaN``, lone surrogates, not UTF-8) with ``JsonBodyError (ValueError)``: ``code``, ``message``
+(what to fix), ``fields`` (``{dotted.path: what is wrong}``). :func:`install_json_errors` makes
+a Flask app answer every error it produces itself in the one format,
 ``{"error": {"code": "...", "message": "...", "fields": {...}}}``.
 """
 

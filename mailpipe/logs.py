@@ -1,14 +1,10 @@
 """Structured logs in Cloud Logging's JSON format, joined to traces, with secrets kept out.
 
-``configure_logging(config, project=...)`` writes every record as one JSON object per line, which
-Cloud Run's logging agent parses into a structured entry (example in docs/observability.md). The
-``logging.googleapis.com/trace``, ``spanId`` and ``trace_sampled`` fields come from the current
-span, so a line written inside ``mail deliver`` opens that trace in the console
-(cloud.google.com/trace/docs/trace-log-integration). Extra fields: ``extra={"json_fields": {}}``.
-
-:func:`register_secret` (the SMTP password, tokens) makes a value ``[REDACTED]`` everywhere in
-every line: message, arguments, extra fields, tracebacks. Bodies are never logged; addresses only
-as :func:`redact_address` shows them.
+``configure_logging`` writes each record as one JSON line, which Cloud Run parses into a
+structured entry carrying the current span's trace fields (docs/observability.md, "Logs ↔
+traces"); extra fields: ``extra={"json_fields": {}}``. :func:`register_secret` makes a value
+``[REDACTED]`` everywhere in every line (message, arguments, extra fields, tracebacks). Bodies
+are never logged; addresses only as :func:`redact_address` shows them.
 """
 
 from __future__ import annotations

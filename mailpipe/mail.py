@@ -6,13 +6,8 @@ The Pub/Sub message is ``data`` = ``QueuedMail`` as JSON, attributes ``mail_id``
 import this module, the only contract between them besides the delivery record: the subscriber
 validates a queued mail again, with the same model, at its trust boundary.
 
-Mailboxes are parsed once, here, at the boundary: from then on a mailbox is a :class:`Mailbox`
-(display name, addr-spec) and nothing downstream parses text again. Header-bound text (display
-names, subject, custom header names and values, attachment file names) is refused when it holds
-a control character or a line boundary (every ``str.splitlines()`` boundary); what the ``email``
-package would otherwise decode as an RFC 2047 encoded word is either refused (local parts, file
-names) or encoded by the message builder so that it round-trips (display names, subject, header
-values). docs/headers.md gives the choice per field.
+Mailboxes are parsed once, here (:class:`Mailbox`); nothing downstream parses text again. What
+header-bound text is refused or encoded, field by field, and why: docs/headers.md.
 
 Schema versions on Pub/Sub::
 
@@ -43,6 +38,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -356,6 +352,13 @@ class MailRequest(BaseModel):
         default=None, min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$"
     )
     metadata: dict[UnicodeText, MetadataValue] = Field(default_factory=dict, max_length=50)
+    sandbox: StrictBool | None = Field(
+        default=None,
+        description=(
+            "true: run everything but end the SMTP transaction after RCPT TO (RSET): the relay's "
+            "replies are recorded, status `sandboxed`, nothing is sent. Unset: the caller's default"
+        ),
+    )
 
     @field_validator("reply_to", mode="before")
     @classmethod
@@ -457,7 +460,9 @@ class QueuedMail(BaseModel):
 
     def to_pubsub(self) -> tuple[bytes, dict[str, str]]:
         """``(data, attributes)`` for ``PublisherClient.publish``."""
-        data = self.model_dump_json(by_alias=True).encode("utf-8")
+        # `sandbox` only when on: a subscriber older than the field still decodes every other mail.
+        exclude = None if self.request.sandbox else {"request": {"sandbox"}}
+        data = self.model_dump_json(by_alias=True, exclude=exclude).encode("utf-8")
         return data, {PUBSUB_MAIL_ID: self.mail_id, PUBSUB_SCHEMA_VERSION: str(self.schema_version)}
 
     @classmethod

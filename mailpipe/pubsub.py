@@ -1,14 +1,6 @@
-"""Pub/Sub clients for every part of mailpipe.
-
-:func:`publisher_client` and :func:`subscriber_client` build google-cloud-pubsub clients the same
-way for the publisher, the pull worker, ``mailpipe dlq`` and the emulator helpers:
-
-* against the emulator (``emulator_host`` given) over a channel without gRPC's size limits. With
-  ``PUBSUB_EMULATOR_HOST`` alone, google-cloud-pubsub builds ``grpc.insecure_channel(host)``, which
-  keeps gRPC's 4 MiB receive limit: messages over about 4 MiB then fail on unary pull and vanish
-  silently on streaming pull (docs/local-vs-gcp.md, row 9). Mail with attachments can be 10 MB;
-* with the library's own OpenTelemetry tracing (``tracing=True``) where a trace must cross Pub/Sub:
-  it writes and reads the ``googclient_traceparent`` attribute (:mod:`mailpipe.attributes`).
+"""Pub/Sub clients for every part of mailpipe, built one way: against the emulator over a channel
+without gRPC's 4 MiB receive limit (docs/local-vs-gcp.md, row 9), and with the library's own
+OpenTelemetry tracing where a trace must cross Pub/Sub (``googclient_traceparent``).
 
 Google's API errors are translated in one place, :func:`translate_api_errors`::
 

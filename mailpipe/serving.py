@@ -1,19 +1,10 @@
 """Serving a WSGI app with gunicorn, configured in code (both services use it).
 
 ``build()`` makes the app inside the worker, after the fork: gRPC clients must not cross a fork.
-On SIGTERM (Cloud Run's stop signal) gunicorn stops accepting, finishes requests in flight within
-``graceful_timeout``, then ``close()`` runs in the worker: it flushes the Pub/Sub publisher's
-batch and the telemetry so the last spans are exported.
-
-Slow clients (docs/hostile-input.md): gunicorn's gthread worker gives a thread a connection as
-soon as it is readable, and the thread reads with blocking calls, so 16 clients sending a byte
-now and then starve the service (``/healthz`` included). :class:`BufferingThreadWorker` reads
-each request into memory without blocking first (what has arrived, then back to the poller), so
-threads only run requests that have fully arrived: within ``read_timeout`` of their first byte
-(else a JSON 408 and the connection closed); idle connections close after
-``keepalive_timeout``; at most ``buffer_bytes`` per request are held (the thread reads the rest,
-within the deadline) on at most ``worker_connections`` (1000) connections. Errors gunicorn
-answers itself (malformed request, head too large) are JSON too, not its HTML page.
+On SIGTERM (Cloud Run's stop signal) gunicorn finishes requests in flight within
+``graceful_timeout``, then ``close()`` flushes the Pub/Sub publisher's batch and the telemetry.
+:class:`BufferingThreadWorker` keeps slow clients from holding threads, and answers gunicorn's own
+errors in JSON (docs/hostile-input.md, "Slow and idle clients", says how and why).
 """
 
 from __future__ import annotations
@@ -152,7 +143,7 @@ def _request_complete(data: bytearray) -> bool:
 
 class BufferingThreadWorker(ThreadWorker):
     """gunicorn's gthread worker, with each request read into memory before a thread runs it
-    (``read_timeout`` and ``buffer_bytes`` are set on a subclass by :func:`worker_class`)."""
+    (``read_timeout`` is set on a subclass by :func:`worker_class`)."""
 
     read_timeout: float = HttpConfig.read_timeout
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
@@ -282,13 +273,10 @@ def _write_json_error(sock: Any, status: int, reason: str, message: str) -> None
         log.debug("could not send the error answer: the client is gone or not reading")
 
 
-def worker_class(http: HttpConfig, *, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> type[Any]:
+def worker_class(http: HttpConfig) -> type[Any]:
     """The worker class gunicorn runs, with ``http``'s read timeout."""
-    return type(
-        "MailpipeThreadWorker",
-        (BufferingThreadWorker,),
-        {"read_timeout": http.read_timeout, "buffer_bytes": buffer_bytes},
-    )
+    timeout = {"read_timeout": http.read_timeout}
+    return type("MailpipeThreadWorker", (BufferingThreadWorker,), timeout)
 
 
 class _Server(BaseApplication):
@@ -312,27 +300,28 @@ class _Server(BaseApplication):
         return app
 
 
+# Cloud Run must not send more concurrent requests than this (tests/unit/test_terraform.py).
+SERVER_THREADS = 16
+
+
 def serve_wsgi(
     build: Build,
     *,
     host: str,
     port: int,
     http: HttpConfig | None = None,
-    threads: int = 16,
-    graceful_timeout: int = 8,
 ) -> None:
     """Serve ``build()``'s app on ``host:port`` until SIGTERM/SIGINT. One worker with threads:
-    the process holds one Pub/Sub client and one SMTP pool; Cloud Run scales by instances.
-    ``graceful_timeout`` stays under Cloud Run's 10 s SIGTERM grace period."""
+    the process holds one Pub/Sub client and one SMTP pool; Cloud Run scales by instances."""
     http = http or HttpConfig()
     options: dict[str, Any] = {
         "bind": f"{host}:{port}",
         "workers": 1,
         "worker_class": worker_class(http),
-        "threads": threads,
+        "threads": SERVER_THREADS,
         "keepalive": http.keepalive_timeout,
         "timeout": 0,  # Cloud Run enforces the request timeout; the arbiter must not kill us
-        "graceful_timeout": graceful_timeout,
+        "graceful_timeout": 8,  # under Cloud Run's 10 s SIGTERM grace period
         "accesslog": None,
         "loglevel": "warning",
     }

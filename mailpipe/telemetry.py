@@ -1,46 +1,17 @@
 """One telemetry set-up for both services: traces, metrics and the W3C propagator.
 
-``setup_telemetry(config)`` builds a tracer and a meter provider for ``MAILPIPE_TRACES``: ``gcp``
-(Cloud Trace + Cloud Monitoring, with the GCP resource detector so Cloud Run's service, revision
-and region are on every span), ``otlp`` (OTLP/HTTP), ``file`` (JSON lines in MAILPIPE_TRACE_FILE,
-see mailpipe/tracefile.py, batched every 200 ms so ``mailpipe trace`` sees a mail within about a
-second) or ``none`` (no exporter; spans still have ids for responses and logs).
-``MAILPIPE_METRICS_PORT`` adds a Prometheus endpoint on 127.0.0.1 in any mode. Sampling is
-``ParentBased(TraceIdRatioBased(MAILPIPE_TRACE_SAMPLE_RATIO))``. Nothing happens at import time.
-
-Getting telemetry out of Cloud Run (docs/observability.md):
-
-* **Spans** are batched, and :class:`IdleSpanFlush` exports them when the *last* request in
-  flight on the process finishes, before its response is sent: with request-based billing Cloud
-  Run throttles the CPU once no request is in flight, so nothing may wait for the batch timer
-  then. Export calls follow idle transitions, not the request rate (Cloud Trace allows 4,800
-  write calls a minute per project; a flush per request at 500 requests/s would need 30,000).
-* **Metrics** are never flushed on demand (:meth:`Telemetry.force_flush` flushes spans only):
-  Cloud Monitoring refuses a point written to a series sooner than its sampling period after the
-  previous one ("...written more frequently than the maximum sampling period"), so the exporter
-  runs on its own 60 s period and once more at shutdown (SIGTERM), spaced by
-  :class:`SpacedMetricExporter`. Each process writes its own series: ``service.instance.id``
-  (the task id) is Cloud Run's instance id, else a random one.
-
-The Google exporters (1.15) warn that they are deprecated in favour of Google's OTLP endpoint;
-they still work. Errors, translated in ``_translate`` (exporting itself never raises: the SDK
-logs a failed export and drops the batch)::
+``setup_telemetry(config)`` builds a tracer and a meter provider for ``MAILPIPE_TRACES`` (``gcp``,
+``otlp``, ``file``: mailpipe/tracefile.py, or ``none``: spans still get ids), sampling
+``ParentBased(TraceIdRatioBased(MAILPIPE_TRACE_SAMPLE_RATIO))``, plus a Prometheus endpoint with
+``MAILPIPE_METRICS_PORT``. Nothing happens at import time. How spans (:class:`IdleSpanFlush`) and
+metrics (:class:`SpacedMetricExporter`) get out of Cloud Run: docs/deploy.md ("CPU and
+telemetry"), docs/observability.md. Errors, translated in ``_translate`` (exporting itself never
+raises: the SDK logs a failed export and drops the batch)::
 
     TelemetryError
     ├── the Prometheus port cannot be bound (OSError)
     ├── gcp mode without Google credentials or project (google.auth DefaultCredentialsError)
     └── any other exporter construction failure
-
-The global tracer provider: the Pub/Sub client makes its spans (``<topic> create``...) with the
-*global* provider, which can be set once per process, while a process may build several
-Telemetry objects one after another (tests; ``mailpipe up`` runs both services in one process).
-So each Telemetry has its **own** provider (the services use ``telemetry.tracer(...)`` and
-``telemetry.tracer_provider``), and the global slot gets one process-wide *hub* provider (made by
-the first ``setup_telemetry(set_global=True)``, never shut down) whose only processor routes the
-library's spans to the newest running Telemetry's processor: one exporter, no duplicates (with
-both services in one process, they carry the first service's name). If an SDK provider mailpipe
-did not make is already global (tests/fixtures/telemetry.py), the router is attached to it, and
-a Telemetry whose exporter it already feeds is skipped (a warning, once).
 """
 
 from __future__ import annotations
@@ -58,6 +29,7 @@ from typing import Any
 from opentelemetry import metrics as metrics_api
 from opentelemetry import trace as trace_api
 from opentelemetry.context import Context
+from opentelemetry.metrics import Meter
 from opentelemetry.propagate import set_global_textmap
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -80,7 +52,6 @@ from opentelemetry.trace import Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mailpipe.config import TelemetryConfig
-from mailpipe.metrics import MailMetrics
 
 _log = logging.getLogger(__name__)
 
@@ -103,7 +74,7 @@ class Telemetry:
 
     tracer_provider: TracerProvider
     meter_provider: MeterProvider
-    metrics: MailMetrics
+    meter: Meter  # the services' instruments: publisher/metrics.py, subscriber/metrics.py
     _on_shutdown: list[Callable[[], None]] = field(default_factory=list, repr=False)
     _closed: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -113,7 +84,7 @@ class Telemetry:
         return self.tracer_provider.get_tracer(name)
 
     def force_flush(self, timeout_millis: int = 5000) -> bool:
-        """Export buffered **spans** now; metrics keep to their period (module docstring)."""
+        """Export buffered **spans** now; metrics keep to their period (docs/observability.md)."""
         return self.tracer_provider.force_flush(timeout_millis)
 
     def shutdown(self) -> None:
@@ -187,7 +158,7 @@ def setup_telemetry(
     return Telemetry(
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
-        metrics=MailMetrics(meter_provider.get_meter(METER_NAME)),
+        meter=meter_provider.get_meter(METER_NAME),
         _on_shutdown=on_shutdown,
     )
 
@@ -423,6 +394,7 @@ def _span_exporter_for(
     config: TelemetryConfig, project_id: str | None, client: Any
 ) -> SpanExporter | None:
     if config.traces == "gcp":
+        # Google's exporters (1.15) warn they are deprecated for its OTLP endpoint; they work.
         from opentelemetry.exporter.cloud_trace import CloudTraceSpanExporter
 
         return CloudTraceSpanExporter(
@@ -507,7 +479,14 @@ class _Target:
 
 
 class _LibrarySpanRouter(SpanProcessor):
-    """Hands spans made with the global provider to the newest running Telemetry's processor."""
+    """Hands spans made with the global provider to the newest running Telemetry's processor.
+
+    The Pub/Sub client makes its spans with the *global* provider, set once per process, while a
+    process may build several Telemetry objects (tests; ``mailpipe up`` runs both services in
+    one). So each Telemetry has its own provider, and the global slot gets a hub provider (never
+    shut down) with this one processor: one exporter, no duplicates. An SDK provider mailpipe did
+    not make (tests/fixtures/telemetry.py) gets the router attached instead.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -1,13 +1,8 @@
 """The local trace store's writer: spans as JSON lines in one file (``MAILPIPE_TRACES=file``).
 
 The publisher and the subscriber can share the file: each line is one ``write()`` on a file
-opened with ``O_APPEND``. ``mailpipe trace`` reads it back (ops/trace_view.py). A line::
-
-    {"trace_id": "4bf9…", "span_id": "00f0…", "parent_span_id": null, "name": "POST /v1/messages",
-     "kind": "SERVER", "service": "mailpipe-publisher", "start": 1700000000000000000,
-     "end": 1700000000004000000, "status": {"code": "UNSET", "description": null},
-     "attributes": {...}, "events": [{"name": "...", "attributes": {...}}],
-     "links": [{"trace_id": "…", "span_id": "…"}]}
+opened with ``O_APPEND``. ``mailpipe trace`` reads it back (ops/trace_view.py); a line is
+:func:`span_to_dict` of one span.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Settle the stuck records a survey found (``mailpipe reconcile --fix``).
 
-What counts as stuck, what each fix does and the races it handles: mailpipe/reconcile.py (the
+What counts as stuck, what each fix does and the races it handles: publisher/reconcile.py (the
 survey, which the publisher's ``/v1/stats`` shows too). Each fix is one atomic call of the record
 (``release_expired_reservation``, ``mark_unconfirmed``) that re-checks the record, so a mail that
 moved on since the survey is left alone. A fix that fails is reported per mail and the others are
@@ -14,8 +14,8 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mailpipe.reconcile import StuckKind, StuckMail, Survey
 from mailpipe.record import DeliveryRecord, RecordError
+from publisher.reconcile import StuckKind, StuckMail, Survey
 
 
 class FixAction(enum.StrEnum):

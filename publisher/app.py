@@ -34,8 +34,6 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from mailpipe.attributes import SPAN_LINK_KIND, SPAN_MAIL_ID
 from mailpipe.httpjson import JsonBodyError, error_response, install_json_errors, parse_json
 from mailpipe.mail import MailRequest, QueuedMail
-from mailpipe.metrics import MailMetrics
-from mailpipe.reconcile import diagnose, survey
 from mailpipe.record import (
     DeliveryRecord,
     MailRecord,
@@ -52,8 +50,10 @@ from publisher.idempotency import (
     header_key,
     request_fingerprint,
 )
+from publisher.metrics import PublisherMetrics
 from publisher.openapi import MAIL_ID_PATTERN, MAX_BATCH_MAILS, openapi_document
 from publisher.pubsub import MailPublisher, MailTooLarge, PublishError
+from publisher.reconcile import diagnose, survey
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class ApiServices:
     publisher: MailPublisher
     record: DeliveryRecord
     now: Callable[[], dt.datetime]
-    metrics: MailMetrics | None = None
+    metrics: PublisherMetrics | None = None
     identify_caller: CallerIdentity | None = None
     tracer: trace.Tracer | None = None  # the batch mails' spans (None: the global provider's)
 
@@ -163,7 +163,7 @@ def create_app(
     *,
     publisher: MailPublisher,
     record: DeliveryRecord,
-    metrics: MailMetrics | None = None,
+    metrics: PublisherMetrics | None = None,
     tracer_provider: trace.TracerProvider | None = None,
     identify_caller: CallerIdentity | None = None,
     clock: Callable[[], dt.datetime] | None = None,
@@ -260,7 +260,7 @@ def accept_mail(
     """Accept one mail: validate → reserve its key → publish → record it queued → answer 202.
 
     ``payload`` is the request's JSON object, ``key_in_header`` the ``Idempotency-Key`` header's
-    key, ``scope()`` the scope of the caller's keys (asked only when there is a key).
+    key, ``scope()`` the caller (asked only for a key, or with MAILPIPE_SANDBOX_CALLERS).
     Raises :class:`ApiError` for every refusal; a reservation is released whatever fails before
     Pub/Sub confirmed the publish.
     """
@@ -322,7 +322,7 @@ def _admit(
             {"from": f"the domain {mail_request.from_.domain} is not an allowed sender domain"},
         )
 
-    mail = QueuedMail.accept(mail_request)
+    mail = QueuedMail.accept(_sandbox_default(config, mail_request, scope))
     reserved = mail_request.idempotency_key is not None
     if reserved:
         # Only a key needs claiming before the publish (so a retry never publishes twice);
@@ -351,6 +351,24 @@ def _admit(
     return _Admitted(mail, mail_request, reserved)
 
 
+def _sandbox_default(
+    config: PublisherConfig, mail_request: MailRequest, caller: Callable[[], str | None]
+) -> MailRequest:
+    """The request as queued: sandboxed when its caller is one of MAILPIPE_SANDBOX_CALLERS
+    (a caller that asks for a real send there is refused: nothing would be sent)."""
+    if not (config.sandbox_callers and config.sandboxed_caller(caller())):
+        return mail_request
+    if mail_request.sandbox is False:
+        raise ApiError(
+            403,
+            "sandbox_required",
+            "this caller's mail is always sandboxed (MAILPIPE_SANDBOX_CALLERS): nothing would be "
+            'sent; remove "sandbox": false, or send as a caller that may deliver',
+            {"sandbox": "must be true or absent for this caller"},
+        )
+    return mail_request.model_copy(update={"sandbox": True})
+
+
 def _guarded(services: ApiServices, admitted: _Admitted, step: Callable[[], _T]) -> _T:
     """Run a publish ``step`` of the admitted mail; on any failure release its key and raise
     the :class:`ApiError` that answers it."""
@@ -359,7 +377,7 @@ def _guarded(services: ApiServices, admitted: _Admitted, step: Callable[[], _T])
         return step()
     except BaseException as exc:
         # Whatever failed before Pub/Sub confirmed, the key must not stay held: release it
-        # (a process killed here leaves it until it expires; see mailpipe/reconcile.py).
+        # (a process killed here leaves it until it expires; see publisher/reconcile.py).
         if admitted.reserved:
             _release(services.record, mail.mail_id)
         if not isinstance(exc, PublishError):

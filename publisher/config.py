@@ -6,6 +6,7 @@ variable at once (:class:`~mailpipe.config.ConfigError`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -45,6 +46,26 @@ def _read_sender_domains(env: EnvReader) -> frozenset[str] | None:
     return frozenset(domains)
 
 
+SANDBOX_EVERY_CALLER = "*"
+_CALLER = re.compile(r"^(sub:[\x21-\x7e]{1,255}|[^@\s,:]{1,64}@[^@\s,]{1,253})$")
+
+
+def _read_sandbox_callers(env: EnvReader) -> frozenset[str]:
+    """``MAILPIPE_SANDBOX_CALLERS``: the callers whose mail is always sandboxed, as
+    publisher/caller.py names them (an email, lower case, or ``sub:ID``); ``*``: every caller."""
+    name = "MAILPIPE_SANDBOX_CALLERS"
+    items = [item.strip() for item in (env.raw(name) or "").split(",") if item.strip()]
+    callers = frozenset(i if i.startswith("sub:") else i.lower() for i in items)
+    bad = [repr(c) for c in sorted(callers) if c != SANDBOX_EVERY_CALLER and not _CALLER.match(c)]
+    if bad:
+        env.problems[name] = (
+            "must be caller identities separated by commas: service account emails "
+            "(ci@PROJECT.iam.gserviceaccount.com), sub:SUBJECT_ID, or * for every caller; "
+            f"not one: {', '.join(bad)}"
+        )
+    return callers
+
+
 @dataclass(frozen=True)
 class PublisherConfig:
     """Everything the publisher service needs."""
@@ -65,6 +86,12 @@ class PublisherConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     # The domains a mail's From may use (ASCII form); None: any (MAILPIPE_ALLOWED_SENDER_DOMAINS).
     allowed_sender_domains: frozenset[str] | None = None
+    # Callers whose every mail is sandboxed (MAILPIPE_SANDBOX_CALLERS); "*": every caller.
+    sandbox_callers: frozenset[str] = frozenset()
+
+    def sandboxed_caller(self, caller: str | None) -> bool:
+        """Whether ``caller`` (None: unidentified, as in local mode) must sandbox its mail."""
+        return SANDBOX_EVERY_CALLER in self.sandbox_callers or caller in self.sandbox_callers
 
     def sender_allowed(self, domain: str) -> bool:
         """Whether a From address at ``domain`` may be sent (a valid domain, any form)."""
@@ -102,6 +129,7 @@ class PublisherConfig:
             ),
             http=HttpConfig.read(env),
             allowed_sender_domains=_read_sender_domains(env),
+            sandbox_callers=_read_sandbox_callers(env),
         )
         env.finish()
         return config

@@ -92,7 +92,11 @@ def _sf_string(value: str) -> str:
 
 def request_fingerprint(mail_request: MailRequest) -> str:
     """SHA-256 (hex) of the validated request without its idempotency key (see above)."""
-    canonical = mail_request.model_dump(mode="json", by_alias=True, exclude={"idempotency_key"})
+    # `sandbox` unset leaves the fingerprints of requests made before the field unchanged.
+    unset = {"sandbox"} if mail_request.sandbox is None else set()
+    canonical = mail_request.model_dump(
+        mode="json", by_alias=True, exclude={"idempotency_key", *unset}
+    )
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 

@@ -16,7 +16,6 @@ from flask import Flask
 from mailpipe.events import EventsConfig, build_emitter
 from mailpipe.id_token import GOOGLE_JWKS_URL, TokenError, TokenKeysUnavailable
 from mailpipe.logs import configure_logging
-from mailpipe.reconcile import stuck_counts
 from mailpipe.record import DeliveryRecord, open_record
 from mailpipe.serving import serve_wsgi
 from mailpipe.telemetry import Telemetry, idle_span_flush, setup_telemetry
@@ -26,7 +25,9 @@ from publisher.caller import identify_caller
 from publisher.config import PublisherConfig
 from publisher.events import AcceptedEvents
 from publisher.idempotency import CallerIdentity
+from publisher.metrics import PublisherMetrics
 from publisher.pubsub import MailPublisher, PubSubMailPublisher
+from publisher.reconcile import stuck_counts
 
 
 def oldest_undelivered_age(
@@ -89,17 +90,16 @@ def build_app(
     if emitter is not None:
         publisher = AcceptedEvents(publisher, emitter)
     record = open_record(config.record)
+    metrics = PublisherMetrics(telemetry.meter)
     # The lag alert's metric (delivery lagging > 10 min); read at each metric collection.
-    telemetry.metrics.set_oldest_undelivered_source(oldest_undelivered_age(record))
+    metrics.set_oldest_undelivered_source(oldest_undelivered_age(record))
     # What `mailpipe reconcile --fix` would settle, for an alert on stuck records.
-    telemetry.metrics.set_stuck_source(
-        stuck_counts(record, grace_seconds=config.reconcile_grace_seconds)
-    )
+    metrics.set_stuck_source(stuck_counts(record, grace_seconds=config.reconcile_grace_seconds))
     app = create_app(
         config,
         publisher=publisher,
         record=record,
-        metrics=telemetry.metrics,
+        metrics=metrics,
         tracer_provider=telemetry.tracer_provider,
         identify_caller=caller_identity(local_mode=config.pubsub.emulator_host is not None),
     )
@@ -112,8 +112,8 @@ def build_app(
 
     def close() -> None:
         publisher.close()
-        telemetry.metrics.set_oldest_undelivered_source(None)  # the last export must not read it
-        telemetry.metrics.set_stuck_source(None)
+        metrics.set_oldest_undelivered_source(None)  # the last export must not read it
+        metrics.set_stuck_source(None)
         record.close()
         telemetry.shutdown()
 

@@ -209,7 +209,9 @@ def openapi_document() -> dict[str, Any]:
                             "included); `fields` names every bad field"
                         ),
                         "403": _error(
-                            "The `from` domain is not in MAILPIPE_ALLOWED_SENDER_DOMAINS"
+                            "The `from` domain is not in MAILPIPE_ALLOWED_SENDER_DOMAINS, or "
+                            "`sandbox: false` from a caller in MAILPIPE_SANDBOX_CALLERS "
+                            "(code sandbox_required)"
                         ),
                         "409": _error("The idempotency key's first request is still in flight"),
                         "422": _error(

@@ -26,9 +26,9 @@ from mailpipe.attributes import (
 )
 from mailpipe.events import EventEmitter, EventType
 from mailpipe.mail import MailDecodeError, QueuedMail
-from mailpipe.metrics import MailMetrics
 from mailpipe.record import DeliveryRecord, MailRecord, RecordError
 from subscriber.delivery import ReceivedMessage
+from subscriber.metrics import DeliveryMetrics
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class DeadLetterRecorder:
         *,
         record: DeliveryRecord,
         tracer: trace.Tracer,
-        metrics: MailMetrics | None = None,
+        metrics: DeliveryMetrics | None = None,
         events: EventEmitter | None = None,
     ) -> None:
         self._events = events

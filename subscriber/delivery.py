@@ -5,6 +5,8 @@ ack/nack decision lives in :func:`decide` and nowhere else::
 
     outcome      reason                                   ack?   push answer
     delivered    250 after DATA                           yes    204
+    sandboxed    a sandbox mail (request ``sandbox``):    yes    204   (nothing sent: no DATA)
+                 RCPT accepted, then RSET
     bounced      5xx, or the message can never be sent    yes    204   (a mail this version
                  (it cannot be built, or needs SMTPUTF8                  refuses or cannot build
                  that the relay lacks)                                   included: recorded)
@@ -60,11 +62,11 @@ from mailpipe.config import AddressStyle
 from mailpipe.events import EventEmitter, EventType
 from mailpipe.logs import redact_address, redact_addresses, redact_secrets
 from mailpipe.mail import MailDecodeError, QueuedMail, UnsendableMail
-from mailpipe.metrics import MailMetrics
 from mailpipe.record import Attempt, ClaimResult, DeliveryRecord, RecordError, RenewalResult
 from subscriber.config import default_delivery_timeout
 from subscriber.errors import DeliveryError, UndeliverableMail
 from subscriber.message import build_message, envelope, message_bytes
+from subscriber.metrics import DeliveryMetrics
 from subscriber.smtp import SmtpReceipt
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ CLAIM_STEP = "claim"  # an attempt's failed_step when its claim was lost before 
 
 class Outcome(enum.StrEnum):
     DELIVERED = "delivered"
+    SANDBOXED = "sandboxed"
     DEFERRED = "deferred"
     BOUNCED = "bounced"
     DUPLICATE = "duplicate"
@@ -82,7 +85,7 @@ class Outcome(enum.StrEnum):
 
 def decide(outcome: Outcome) -> bool:
     """Whether the Pub/Sub message is acknowledged (True) or handed back for a retry (False)."""
-    return outcome in (Outcome.DELIVERED, Outcome.BOUNCED, Outcome.DUPLICATE)
+    return outcome in (Outcome.DELIVERED, Outcome.SANDBOXED, Outcome.BOUNCED, Outcome.DUPLICATE)
 
 
 class MailSender(Protocol):
@@ -100,6 +103,7 @@ class MailSender(Protocol):
         message: bytes,
         deadline: float | None = None,
         before_mail_from: Callable[[], None] | None = None,
+        sandbox: bool = False,
     ) -> SmtpReceipt: ...
 
 
@@ -146,7 +150,7 @@ class DeliveryService:
         record: DeliveryRecord,
         tracer: trace.Tracer,
         message_id_domain: str,
-        metrics: MailMetrics | None = None,
+        metrics: DeliveryMetrics | None = None,
         lease_seconds: float = 120.0,
         address_style: AddressStyle = "domain",
         delivery_timeout: float | None = None,
@@ -295,6 +299,7 @@ class DeliveryService:
                 message=data,
                 deadline=deadline,
                 before_mail_from=self._claim_check(mail.mail_id, attempt_number),
+                sandbox=bool(mail.request.sandbox),
             )
         except _NotSent as stop:
             return self._not_sent(mail, stop, attempt_number, started, message_id, trace_id)
@@ -338,13 +343,14 @@ class DeliveryService:
             for rcpt, (code, text) in receipt.refused.items()
         )
         reply = self._clean(receipt.reply_message or "")
+        outcome = Outcome.SANDBOXED if receipt.sandboxed else Outcome.DELIVERED
         self._finish(
             mail,
             Attempt(
                 number=attempt_number,
                 started_at=started,
                 finished_at=dt.datetime.now(dt.UTC),
-                outcome=str(Outcome.DELIVERED),
+                outcome=str(outcome),
                 reply_code=receipt.reply_code,
                 enhanced_status=receipt.enhanced_status,
                 reply_message=reply + (f" (refused: {self._clean(refused)})" if refused else ""),
@@ -354,10 +360,13 @@ class DeliveryService:
         )
         if self._metrics is not None:
             latency = (dt.datetime.now(dt.UTC) - mail.accepted_at).total_seconds()
-            self._metrics.delivered(latency_seconds=max(latency, 0.0), attempt=attempt_number)
+            if receipt.sandboxed:
+                self._metrics.sandboxed()
+            else:
+                self._metrics.delivered(latency_seconds=max(latency, 0.0), attempt=attempt_number)
             self._metrics.delivery_attempts(attempt_number)
         return DeliveryResult(
-            Outcome.DELIVERED,
+            outcome,
             mail.mail_id,
             detail=reply,
             reply_code=receipt.reply_code,

@@ -30,6 +30,7 @@ from subscriber.auth import PushAuthenticator
 from subscriber.config import SubscriberConfig
 from subscriber.dead_letters import DeadLetterRecorder
 from subscriber.delivery import DeliveryService
+from subscriber.metrics import DeliveryMetrics
 from subscriber.pull import PullWorker, make_subscriber_client
 from subscriber.push import PushHandler, create_push_app
 from subscriber.redaction import credential_forms
@@ -70,11 +71,12 @@ def build_services(
     for form in credential_forms(config.smtp.username, config.smtp.password):
         register_secret(form)
     tracer = telemetry.tracer("mailpipe.subscriber")
+    metrics = DeliveryMetrics(telemetry.meter)
     sender = SmtpSender(
         config.smtp,
         tracer=tracer,
         address_style=config.telemetry.address_style,
-        metrics=telemetry.metrics,
+        metrics=metrics,
     )
     record = open_record(config.record)
     emitter = build_emitter(events, config.pubsub, config.telemetry, telemetry.meter_provider)
@@ -83,15 +85,13 @@ def build_services(
         record=record,
         tracer=tracer,
         message_id_domain=config.smtp.message_id_domain,
-        metrics=telemetry.metrics,
+        metrics=metrics,
         lease_seconds=config.delivery_lease_seconds,
         address_style=config.telemetry.address_style,
         delivery_timeout=config.delivery_timeout,
         events=emitter,
     )
-    dead_letters = DeadLetterRecorder(
-        record=record, tracer=tracer, metrics=telemetry.metrics, events=emitter
-    )
+    dead_letters = DeadLetterRecorder(record=record, tracer=tracer, metrics=metrics, events=emitter)
     return Services(delivery, dead_letters, sender, record, telemetry, emitter)
 
 

@@ -30,6 +30,10 @@ was sent (the delivery core checks its claim on the mail there).
 Replies, refusals and error texts pass through :class:`subscriber.redaction.ReplyRedactor`
 before they are kept anywhere: no password in any AUTH form, addresses only as configured.
 
+Sandbox (``send(sandbox=True)``): the same dialogue up to RCPT TO, then RSET (span ``smtp rset``)
+instead of DATA: the receipt carries the relay's replies to MAIL and RCPT (``sandboxed``), the
+connection goes back to the pool clean (closed if RSET fails). Refusals are handled as below.
+
 Recipients: every RCPT refused → error (permanent if every refusal was 5xx); any 4xx → RSET and
 a transient error, so the whole mail is retried and nobody receives it twice; some 5xx and the
 others accepted → sent to the accepted ones, the refused listed in the :class:`SmtpReceipt`.
@@ -65,7 +69,6 @@ from mailpipe.attributes import (
 )
 from mailpipe.config import AddressStyle
 from mailpipe.logs import redact_address
-from mailpipe.metrics import MailMetrics
 from subscriber.config import SmtpConfig
 from subscriber.errors import (
     DeliveryError,
@@ -76,6 +79,7 @@ from subscriber.errors import (
     UndeliverableMail,
     parse_enhanced_status,
 )
+from subscriber.metrics import DeliveryMetrics
 from subscriber.redaction import ReplyRedactor
 from subscriber.smtp_pool import (
     Budget,
@@ -107,6 +111,7 @@ class SmtpReceipt:
     accepted: tuple[str, ...]
     refused: Mapping[str, tuple[int, str]] = field(default_factory=dict)
     connection_reused: bool = False
+    sandboxed: bool = False  # RSET after RCPT: the replies are MAIL's and RCPT's, nothing sent
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,7 @@ class SmtpSender:
         tracer: Tracer | None = None,
         ssl_context: ssl.SSLContext | None = None,
         address_style: AddressStyle = "domain",
-        metrics: MailMetrics | None = None,
+        metrics: DeliveryMetrics | None = None,
     ) -> None:
         self._config = config
         self._tracer = tracer or trace.get_tracer(__name__)
@@ -172,6 +177,7 @@ class SmtpSender:
         message: bytes,
         deadline: float | None = None,
         before_mail_from: Callable[[], None] | None = None,
+        sandbox: bool = False,
     ) -> SmtpReceipt:
         """Send one mail; raise :class:`~subscriber.errors.DeliveryError` if it was not accepted.
 
@@ -203,7 +209,7 @@ class SmtpSender:
                     raise
             try:
                 try:
-                    self._mail_from(conn, tx, mail_from, recipients, message)
+                    mail_reply = self._mail_from(conn, tx, mail_from, recipients, message)
                 except (SmtpConnectionError, SmtpTransientReply) as err:
                     stale = (
                         isinstance(err, SmtpConnectionError) or err.reply_code == SERVICE_CLOSING
@@ -217,14 +223,26 @@ class SmtpSender:
                     conn = self._open(tx)
                     conn.client.budget = tx.budget
                     self._mark_reused(False)
-                    self._mail_from(conn, tx, mail_from, recipients, message)
+                    mail_reply = self._mail_from(conn, tx, mail_from, recipients, message)
                 accepted, refused = self._rcpt_to(conn, tx, recipients)
-                code, reply = self._data(conn, tx, message)
+                if not sandbox:
+                    code, reply = self._data(conn, tx, message)
             except BaseException as exc:
                 if conn is not None:
                     self._after_failure(conn, tx, exc)
                 raise
-            self._put_back(conn)
+            if sandbox:
+                # The relay's last word on the mail is its last RCPT reply; the text lists all.
+                code, last = accepted[next(reversed(accepted))]
+                replies = [f"MAIL FROM: {mail_reply}"] + [
+                    f"RCPT TO {redact_address(rcpt, self._address_style)}: {code_} {text_}"
+                    for rcpt, (code_, text_) in accepted.items()
+                ]
+                reply = f"{last} (sandbox: {'; '.join(replies)}; RSET, not sent)".encode()
+            if not sandbox or self._reset(conn, tx):
+                self._put_back(conn)
+            else:
+                self._close_quietly(conn)
         finally:
             self._pool.release()
         text = tx.redact(reply_text(reply))
@@ -236,6 +254,7 @@ class SmtpSender:
             accepted=tuple(accepted),
             refused=refused,
             connection_reused=reused,
+            sandboxed=sandbox,
         )
 
     def close(self) -> None:
@@ -405,7 +424,8 @@ class SmtpSender:
         mail_from: str,
         recipients: Sequence[str],
         message: bytes,
-    ) -> None:
+    ) -> str:
+        """MAIL FROM; the relay's reply (``250 2.1.0 Sender OK``), redacted."""
         client = conn.client
         with self._step("mail from", tx) as step:
             options: list[str] = []
@@ -431,11 +451,13 @@ class SmtpSender:
             step.reply(code, reply)
             if code != ACTION_OK:
                 raise smtplib.SMTPSenderRefused(code, reply, mail_from)
+            return f"{code} {tx.redact(reply_text(reply))}"
 
     def _rcpt_to(
         self, conn: Connection, tx: _Tx, recipients: Sequence[str]
-    ) -> tuple[list[str], dict[str, tuple[int, str]]]:
-        accepted: list[str] = []
+    ) -> tuple[dict[str, tuple[int, str]], dict[str, tuple[int, str]]]:
+        """RCPT TO each recipient: ``(accepted, refused)``, each ``{recipient: (code, reply)}``."""
+        accepted: dict[str, tuple[int, str]] = {}
         refused: dict[str, tuple[int, str]] = {}
         for recipient in recipients:
             described = redact_address(recipient, self._address_style)
@@ -443,7 +465,7 @@ class SmtpSender:
                 code, reply = conn.client.rcpt(recipient)
                 step.reply(code, reply)
                 if code in (ACTION_OK, USER_NOT_LOCAL_WILL_FORWARD):
-                    accepted.append(recipient)
+                    accepted[recipient] = (code, tx.redact(reply_text(reply)))
                 elif 500 <= code < 600:
                     # Refused for good: the others may still get the mail (reported in the receipt).
                     text = tx.redact(reply_text(reply))
@@ -479,19 +501,22 @@ class SmtpSender:
             and conn.open
             and not tx.budget.out_of_time()
         )
-        if healthy:
-            try:
-                with self._step("rset", tx) as step:
-                    code, reply = conn.client.rset()
-                    step.reply(code, reply)
-                    if code != ACTION_OK:
-                        raise smtplib.SMTPResponseException(code, reply)
-            except DeliveryError:
-                healthy = False
-        if healthy:
+        if healthy and self._reset(conn, tx):
             self._put_back(conn)
         else:
             self._close_quietly(conn)
+
+    def _reset(self, conn: Connection, tx: _Tx) -> bool:
+        """RSET: whether the relay answered 250 (the connection is clean for the next mail)."""
+        try:
+            with self._step("rset", tx) as step:
+                code, reply = conn.client.rset()
+                step.reply(code, reply)
+                if code != ACTION_OK:
+                    raise smtplib.SMTPResponseException(code, reply)
+        except DeliveryError:
+            return False
+        return True
 
     def _quit(self, conn: Connection) -> None:
         try:

@@ -66,6 +66,7 @@ locals {
 
   publisher_env = merge(local.common_env, {
     MAILPIPE_ALLOWED_SENDER_DOMAINS          = join(",", var.allowed_sender_domains)
+    MAILPIPE_SANDBOX_CALLERS                 = join(",", var.sandbox_callers)
     MAILPIPE_PUBLISH_TIMEOUT                 = tostring(var.publish_timeout_seconds)
     MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS = tostring(var.idempotency_reservation_seconds)
     MAILPIPE_RECONCILE_GRACE_SECONDS         = tostring(var.reconcile_grace_seconds)

@@ -295,6 +295,20 @@ variable "allowed_sender_domains" {
   }
 }
 
+variable "sandbox_callers" {
+  type        = list(string)
+  description = "Callers whose every mail is sandboxed (MAILPIPE_SANDBOX_CALLERS): the whole pipeline runs, but the subscriber ends the SMTP transaction with RSET after RCPT TO, records the relay's replies and status `sandboxed`, and sends nothing. Each entry is a caller as the publisher identifies it from its Cloud Run-verified ID token: a service account or user email (\"ci@my-project.iam.gserviceaccount.com\"), \"sub:SUBJECT_ID\", or \"*\" for every caller (a staging deployment, like Postmark's sandbox servers). Such a caller's `\"sandbox\": false` is refused with 403 sandbox_required. Any caller may still ask for a sandbox mail with `\"sandbox\": true`."
+  default     = []
+
+  validation {
+    condition = alltrue([
+      for c in var.sandbox_callers :
+      c == "*" || can(regex("^(sub:[!-~]{1,255}|[^@\\s,:]{1,64}@[^@\\s,]{1,253})$", c))
+    ])
+    error_message = "sandbox_callers entries must be caller emails (ci@PROJECT.iam.gserviceaccount.com), \"sub:SUBJECT_ID\" or \"*\" (no comma, no \"serviceAccount:\" prefix)."
+  }
+}
+
 # ---------------------------------------------------------------------------------------------
 # Cloud Run
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,11 @@
 """The delivery record: its model, its errors and its rules, written once for every backend.
 
+The status lifecycle and the rules that span methods (atomic claims and leases, final statuses,
+idempotency scopes, ``unconfirmed``, which mail ids a record takes) are in
+docs/decisions/0002-delivery-record-effectively-once.md; each method's docstring says its own.
+:class:`DeliveryRecord` writes them once over a backend's :class:`~mailpipe.record.store.Store`;
+tests/integration/test_record_backends.py tests them on each backend.
+
 Errors::
 
     RecordError                 base of everything the record raises
@@ -8,40 +14,6 @@ Errors::
     ├── MailNotFound            the operation needs a record that does not exist
     ├── AlreadyFinal            the mail was delivered or bounced: replaying it is refused
     └── InvalidMailId           (also a ValueError) no backend can key a record by this id
-
-Lifecycle of a mail's status::
-
-    accepting ─publish ok─▶ queued ─claim─▶ sending ─250─▶ delivered
-        │                     ▲   │            ├─4xx/timeout─▶ deferred ─claim─▶ sending …
-        └─publish failed─▶ (released: the key is free again)   └─5xx─▶ bounced
-    (no idempotency key) ─publish ok─▶ queued: nothing to reserve, one write after the publish
-    deferred/queued/sending ─dead-letter consumer─▶ dead_lettered ─dlq replay─▶ replayed
-    replayed ─claim─▶ sending …
-    accepting past reserved_until ─reserve of its key / reconcile─▶ (released)
-    sending past lease_until + grace ─reconcile─▶ unconfirmed ─claim─▶ sending …
-
-The rules that span methods (each method's docstring says its own; :class:`DeliveryRecord`
-writes them once over a backend's :class:`~mailpipe.record.store.Store`, and the shared suite
-tests them on each backend):
-
-- ``claim`` is atomic: of two concurrent deliveries of the same mail only one gets ``CLAIMED``.
-  A claim holds a lease (``lease_until``); while it is unexpired every other claim gets
-  ``IN_PROGRESS``, whatever the status. ``finish`` ends it; an expired lease (a crashed worker)
-  lets the next claim proceed with the next attempt number.
-- Every non-final status is claimable (``accepting`` too: the publisher's ``mark_queued`` may lag
-  behind the first delivery); a mail delivered or bounced is never claimed again (at-least-once
-  made effectively once) and never leaves that status. ``mark_queued`` and
-  ``mark_dead_lettered`` never move a record backwards (they only fill in fields).
-- An idempotency key is unique within its scope (the caller's identity; ``None`` is the one
-  shared scope), held by a reservation until ``reserved_until``, then freed by the next
-  ``reserve`` of it or by reconcile.
-- ``unconfirmed`` is reconcile's verdict on a ``sending`` whose outcome was never recorded
-  (:mod:`mailpipe.reconcile` says why): not final, so a later delivery of the mail still claims
-  it, and a late ``finish`` of that attempt still records the real outcome.
-- Mail ids follow Firestore's document-id rules on every backend (so a local run refuses what
-  production would): non-empty valid Unicode, at most 1,500 UTF-8 bytes, no ``/``, not ``.`` or
-  ``..``, not ``__…__``. Reads of any other id find nothing; writes raise
-  :class:`InvalidMailId` before the backend is asked.
 """
 
 from __future__ import annotations
@@ -130,12 +102,13 @@ class MailStatus(enum.StrEnum):
     BOUNCED = "bounced"
     DEAD_LETTERED = "dead_lettered"
     REPLAYED = "replayed"
-    # Reconciled: the last delivery attempt's outcome was never recorded (see the docstring).
+    # Reconciled: the last delivery attempt's outcome was never recorded (publisher/reconcile.py).
     UNCONFIRMED = "unconfirmed"
+    SANDBOXED = "sandboxed"  # a sandbox mail the relay would have taken (RSET after RCPT)
 
     @property
     def final(self) -> bool:
-        return self in (MailStatus.DELIVERED, MailStatus.BOUNCED)
+        return self in (MailStatus.DELIVERED, MailStatus.BOUNCED, MailStatus.SANDBOXED)
 
 
 # Replayed mails are back on the mail topic: until delivered they count toward the lag alert.
@@ -143,7 +116,7 @@ class MailStatus(enum.StrEnum):
 # do not (reconcile settled them as far as the record can; Pub/Sub's own backlog alert covers a
 # copy it still holds), nor do dead-lettered ones.
 UNDELIVERED = tuple(map(MailStatus, ("accepting", "queued", "sending", "deferred", "replayed")))
-_OUTCOMES = {s: MailStatus(s) for s in ("delivered", "deferred", "bounced")}
+_OUTCOMES = {s: MailStatus(s) for s in ("delivered", "deferred", "bounced", "sandboxed")}
 
 
 @dataclass(frozen=True)
@@ -153,7 +126,7 @@ class Attempt:
     number: int
     started_at: dt.datetime
     finished_at: dt.datetime | None = None
-    outcome: str | None = None  # delivered | deferred | bounced
+    outcome: str | None = None  # delivered | deferred | bounced | sandboxed
     reply_code: int | None = None
     enhanced_status: str | None = None
     reply_message: str | None = None
@@ -300,8 +273,8 @@ Rule = Callable[[Found, dt.datetime], tuple[R, Found]]
 
 
 class DeliveryRecord:
-    """The delivery record over a backend's store (see the module docstring for the rules);
-    safe to share between threads. :func:`open_record` opens one."""
+    """The delivery record over a backend's store, safe to share between threads (its rules: the
+    module docstring). :func:`open_record` opens one."""
 
     def __init__(self, store: Store, *, clock: Callable[[], dt.datetime] = utc_now) -> None:
         self._store = store
@@ -558,7 +531,7 @@ class DeliveryRecord:
         check_mail_id(mail_id)
         if attempt.outcome not in _OUTCOMES:
             raise ValueError(
-                f"attempt outcome must be delivered, deferred or bounced, got {attempt.outcome!r}"
+                f"attempt outcome must be one of {', '.join(_OUTCOMES)}, got {attempt.outcome!r}"
             )
         outcome = MailStatus(attempt.outcome)
 
@@ -578,11 +551,12 @@ class DeliveryRecord:
             if record.status.final or (superseded and not outcome.final):
                 return new, new
             delivered = outcome is MailStatus.DELIVERED
+            sandboxed = outcome is MailStatus.SANDBOXED
             new = dataclasses.replace(
                 new,
                 status=outcome,
                 lease_until=None,
-                last_error=None if delivered else describe_error(done),
+                last_error=None if delivered or sandboxed else describe_error(done),
                 delivered_at=utc(done.finished_at or now) if delivered else None,
             )
             return new, new

@@ -1,22 +1,11 @@
 """The Firestore delivery record (``MAILPIPE_RECORD=firestore://DATABASE``), for GCP.
 
-Layout: a collection per :class:`Kind`, one document per record document, its fields as
-they are plus ``"expire_at"`` = its ``retain_from`` + ``ttl_days``:
-
-- ``mailpipe_mails/<mail_id>`` (``collection``): the fields of :class:`MailRecord` (attempts as
-  an array of maps);
-- ``mailpipe_idempotency/<key_hash>`` (``idempotency_collection``): ``{mail_id}``, kept as long
-  as its mail.
-
-Every transaction is a ``@firestore.transactional`` function: Firestore aborts a transaction
-whose documents changed underneath it and it is tried again, which makes claims atomic.
-Terraform sets a TTL policy on ``expire_at`` for both collection groups, and composite indexes
-for the queries (``status``, ``accepted_at``, ``__name__``). The emulator enforces neither: it
-keeps expired documents and runs every query without an index.
-
-With ``FIRESTORE_EMULATOR_HOST`` set, ``firestore.Client`` talks to the emulator with anonymous
-credentials. google.api_core's exceptions are translated into the record's in
-:func:`_translate_errors` only.
+A collection per :class:`Kind` (``mailpipe_mails``, ``mailpipe_idempotency``), one document per
+record document, its fields plus ``expire_at`` = its ``retain_from`` + ``ttl_days``. Terraform
+sets a TTL policy on ``expire_at`` and the composite indexes of the queries; the emulator
+enforces neither. A transaction is a ``@firestore.transactional`` function, tried again when
+Firestore aborts it (which makes claims atomic). ``FIRESTORE_EMULATOR_HOST`` points the client
+at the emulator. Google's exceptions are translated in :func:`_translate_errors` only.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """The SQLite delivery record: the embedded default (``MAILPIPE_RECORD=sqlite:///PATH``).
 
-One file shared by the publisher and subscriber processes of a local stack. WAL mode lets
-readers run beside the one writer; every transaction is ``BEGIN IMMEDIATE``, which takes the
-write lock up front, so a claim is atomic across threads and processes. Each thread (and each
-process after a fork) gets its own connection. A lock held longer than ``busy_timeout`` or an
-I/O failure surfaces as :class:`RecordUnavailable` (translated in :func:`_translate_errors` only).
+One file shared by the processes of a local stack, in WAL mode; every transaction is ``BEGIN
+IMMEDIATE`` (the write lock up front), so a claim is atomic across threads and processes. A
+lock held past ``busy_timeout`` or an I/O failure is :class:`RecordUnavailable`.
 
 Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`): a table per :class:`Kind`, one row per
 document: ``id``, a column per indexed field (times as microseconds since the epoch, so they

@@ -2,7 +2,7 @@
 (with ``--fix``) settle them. Safe to run at any time and repeatedly, by hand or as a scheduled
 job (the Cloud Run job runs ``mailpipe reconcile --fix``).
 
-Stuck records (details and races: mailpipe/reconcile.py):
+Stuck records (details and races: publisher/reconcile.py):
 
   expired_reservation  accepting past its reservation (MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS
                        after it was made): its publisher died before finishing. --fix releases
@@ -128,10 +128,10 @@ def run(
 ) -> int:
     """``record`` (a DeliveryRecord) and ``now`` are for tests and embedding; without them the
     record is opened from the environment and the time is now."""
-    from mailpipe.reconcile import survey
     from mailpipe.record import RecordError
     from ops.cli.dlq import UsageError, open_existing_record, read_config, record_url
     from ops.reconcile import FixAction, fix
+    from publisher.reconcile import survey
 
     environ = os.environ if environ is None else environ
     as_json = bool(args.json or environ.get("CLOUD_RUN_JOB"))

@@ -46,11 +46,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     send.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
     send.add_argument("--idempotency-key")
     send.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="run the whole pipeline but stop at RCPT TO (RSET): nothing is sent; status sandboxed",
+    )
+    send.add_argument(
         "--wait",
         type=float,
         default=0,
         metavar="SECONDS",
-        help="wait up to SECONDS for delivered/bounced; exit 1 if not delivered",
+        help="wait up to SECONDS for a final status; exit 1 unless delivered (or sandboxed)",
     )
     send.add_argument("--json", action="store_true", help="print the JSON answer")
     send.set_defaults(handler=run_send)
@@ -90,6 +95,8 @@ def _build_mail(args: argparse.Namespace) -> dict[str, Any]:
         ]
     if args.idempotency_key:
         mail["idempotency_key"] = args.idempotency_key
+    if args.sandbox:
+        mail["sandbox"] = True
     return mail
 
 
@@ -140,7 +147,7 @@ def run_send(args: argparse.Namespace) -> int:
         print(json.dumps(record or accepted.body))
     else:
         console.print(f"status: [bold]{escape(record['status']) if record else 'unknown'}[/]")
-    return EXIT_OK if record and record["status"] == "delivered" else EXIT_FAILED
+    return EXIT_OK if record and record["status"] in ("delivered", "sandboxed") else EXIT_FAILED
 
 
 EXIT_STUCK = 4  # as `mailpipe reconcile`: stuck records were found
@@ -196,6 +203,9 @@ def _show_record(console: Console, record: dict[str, Any]) -> None:
     console.print(table)
     if record.get("last_error"):
         console.print(f"last error: {escape(str(record['last_error']))}")
+    if record["status"] == "sandboxed" and record["attempts"]:
+        reply = record["attempts"][-1]["reply_message"]
+        console.print(f"sandbox, not sent; the relay answered: {escape(str(reply))}")
     stuck = record.get("stuck")
     if stuck:
         console.print(

@@ -5,7 +5,10 @@ receives (a Maildir under ``--state-dir``; with the mailbox simulator of
 :class:`emulator.smtp.MailboxSimulator`), the publisher and the subscriber as their own
 processes; sends a sample mail, waits until the SMTP server has it, shows the received mail and
 the trace from the HTTP request to the SMTP server's reply, then keeps running until Ctrl-C
-(``--once`` stops right away).
+(``--once`` stops right away). ``--demo`` runs with fast delivery settings and then shows a
+bounce, a deferral, a sandbox mail, a dead letter and its replay, with their events
+(:mod:`ops.cli.demo`). A file env.sh in the state directory gives the CLI in another shell the
+stack's settings.
 """
 
 from __future__ import annotations
@@ -85,6 +88,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="stop after the sample mail instead of running until Ctrl-C",
     )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="fast delivery settings (retries seconds apart, 5 attempts), then one mail per "
+        "outcome to the mailbox simulator: bounce, deferral, sandbox, dead letter and replay",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead")
     parser.set_defaults(handler=run)
 
@@ -107,6 +116,21 @@ def chosen_simulator_domain(args: argparse.Namespace) -> str | None:
     return str(args.simulator_domain or SIMULATOR_DOMAIN)
 
 
+def _run_demo(args: argparse.Namespace, console: Console, pipeline: Any) -> bool:
+    """The demo's scenarios (ops/cli/demo.py); whether each ended as expected."""
+    from ops.cli.demo import outcome_table, run_demo, try_it, write_env_file
+
+    env_file = write_env_file(pipeline)
+    with console.status("demo: a bounce, a deferral, a sandbox mail, a dead letter, a replay…"):
+        outcomes = run_demo(pipeline)
+    if args.json:
+        print(json.dumps({"demo": [o.to_json() for o in outcomes], "env_file": str(env_file)}))
+    else:
+        console.print(outcome_table(outcomes))
+        console.print(try_it(pipeline, env_file, outcomes))
+    return all(o.ok for o in outcomes)
+
+
 def _received_table(message: Any) -> Table:
     table = Table(title="Received by the local SMTP server", show_header=False, box=None)
     parsed = message.message
@@ -120,6 +144,8 @@ def _received_table(message: Any) -> Table:
 def run(args: argparse.Namespace) -> int:
     from emulator.errors import EmulatorError, EmulatorNotInstalled
     from emulator.pipeline import run_local_pipeline
+    from mailpipe.topology import load_topology
+    from ops.cli.demo import DEMO_ENV, demo_topology
     from ops.trace_view import find_trace, read_spans, render_waterfall
 
     console = Console(stderr=args.json)
@@ -136,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
                         publisher_port=args.port,
                         smtp_port=args.smtp_port,
                         simulator_domain=chosen_simulator_domain(args),
+                        topology=demo_topology(load_topology()) if args.demo else None,
+                        extra_env=DEMO_ENV if args.demo else None,
                     )
                 )
         except EmulatorNotInstalled as exc:
@@ -229,6 +257,8 @@ def _demo(
                 f"--to defer-2@{simulator.domain} --subject hi --text hello --wait 60\n"
             )
     if record["status"] != "delivered" or not received:
+        return EXIT_FAILED
+    if args.demo and not _run_demo(args, console, pipeline):
         return EXIT_FAILED
     if args.once:
         return EXIT_OK

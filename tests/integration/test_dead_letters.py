@@ -35,7 +35,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from emulator import RunningEmulator, publisher_client, subscriber_client
 from emulator.process import free_port
 from mailpipe.mail import MailRequest, QueuedMail
-from mailpipe.metrics import MailMetrics
 from mailpipe.record import Attempt, MailStatus, open_record
 from mailpipe.topology import Topology
 from ops.cli import EXIT_FAILED, EXIT_OK, build_parser, main
@@ -43,6 +42,7 @@ from ops.cli.dlq import ReplayServices
 from publisher.app import create_app
 from publisher.config import PublisherConfig
 from publisher.main import oldest_undelivered_age
+from publisher.metrics import PublisherMetrics
 from publisher.pubsub import PubSubMailPublisher
 from tests.fixtures.http import serve_app
 from tests.fixtures.pipeline import Pipeline, pipeline_env
@@ -423,7 +423,7 @@ def test_an_undelivered_mail_shows_a_growing_lag(
     # The gauge, as the publisher registers it, read at two moments of an injected clock.
     accepted_at = record.get(accepted["mail_id"]).accepted_at
     now = [accepted_at + dt.timedelta(minutes=11)]
-    metrics = MailMetrics(metric_meter)
+    metrics = PublisherMetrics(metric_meter)
     metrics.set_oldest_undelivered_source(oldest_undelivered_age(record, clock=lambda: now[0]))
     [point] = metric_points(metric_reader)["mailpipe.oldest_undelivered_age"]
     assert point.value == pytest.approx(660)  # over the 10-minute alert threshold

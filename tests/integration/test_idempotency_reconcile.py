@@ -34,8 +34,6 @@ from werkzeug.serving import make_server
 from emulator import RunningEmulator, subscriber_client
 from emulator.smtp import LocalSmtpServer
 from mailpipe.mail import QueuedMail
-from mailpipe.metrics import MailMetrics
-from mailpipe.reconcile import stuck_counts
 from mailpipe.record import DeliveryRecord, MailStatus, RecordUnavailable
 from mailpipe.record.firestore import FirestoreRecord
 from mailpipe.record.sqlite import SqliteRecord
@@ -45,7 +43,9 @@ from ops.cli import reconcile as reconcile_cli
 from publisher.app import create_app
 from publisher.config import PublisherConfig
 from publisher.main import oldest_undelivered_age
+from publisher.metrics import PublisherMetrics
 from publisher.pubsub import PubSubMailPublisher
+from publisher.reconcile import stuck_counts
 from subscriber.delivery import DeliveryService, Outcome, ReceivedMessage
 from subscriber.smtp import SmtpSender
 from tests.fixtures.http import serve_app
@@ -453,7 +453,7 @@ def crash_with_a_reserved_key(service: Service, key: str) -> None:
 def test_a_crash_between_reserve_and_publish_is_seen_expires_and_is_released_by_reconcile(
     service: Service, metric_meter: Any, metric_reader: Any
 ) -> None:
-    metrics = MailMetrics(metric_meter)
+    metrics = PublisherMetrics(metric_meter)
     metrics.set_stuck_source(stuck_counts(service.record, grace_seconds=GRACE, clock=service.clock))
     key = f"invoice-{uuid.uuid4()}"
     crash_with_a_reserved_key(service, key)

@@ -17,6 +17,7 @@ from mailpipe.record import MailStatus, open_record
 from mailpipe.telemetry import setup_telemetry
 from publisher.app import create_app
 from publisher.config import PublisherConfig
+from publisher.metrics import PublisherMetrics
 from publisher.pubsub import PubSubMailPublisher
 from tests.fixtures.http import serve_app
 from tests.fixtures.pipeline import pipeline_env
@@ -59,7 +60,7 @@ def api(
             config,
             publisher=parts.publisher,
             record=parts.record,
-            metrics=telemetry.metrics,
+            metrics=PublisherMetrics(telemetry.meter),
             tracer_provider=telemetry.tracer_provider,
         )
         with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as http:

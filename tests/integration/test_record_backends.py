@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from google.cloud import firestore
 
-from mailpipe.reconcile import survey
 from mailpipe.record.base import (
     AlreadyFinal,
     Attempt,
@@ -35,6 +34,7 @@ from mailpipe.record.firestore import FirestoreRecord
 from mailpipe.record.sqlite import SCHEMA_VERSION, SqliteRecord
 from mailpipe.record.store import key_hash
 from ops.reconcile import fix
+from publisher.reconcile import survey
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 LEASE = 60.0

@@ -178,11 +178,14 @@ def test_observers_see_every_command_and_every_kept_mail() -> None:
         ("ehlo", None),
         ("mail", "a@example.com"),
         ("rcpt", "b@example.com"),
+        ("rset", None),  # smtplib's sendmail resets after the refusal
+        ("quit", None),
         ("connect", None),
         ("ehlo", None),
         ("mail", "a@example.com"),
         ("rcpt", "b@example.com"),
         ("data", None),
+        ("quit", None),
     ]
     [(sender, queue_id)] = kept
     assert sender == "a@example.com" and queue_id

@@ -1,4 +1,5 @@
-"""MailMetrics: what each call records, read back through an in-memory metric reader."""
+"""The services' metrics (publisher/metrics.py, subscriber/metrics.py): what each call records,
+read back through an in-memory metric reader."""
 
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
-from mailpipe.metrics import MailMetrics
+from publisher.metrics import PublisherMetrics
+from subscriber.metrics import DeliveryMetrics
 from tests.fixtures.telemetry import metric_points
 
 
 @pytest.fixture
-def mail_metrics(metric_meter) -> MailMetrics:
-    return MailMetrics(metric_meter)
+def publisher_metrics(metric_meter) -> PublisherMetrics:
+    return PublisherMetrics(metric_meter)
+
+
+@pytest.fixture
+def delivery_metrics(metric_meter) -> DeliveryMetrics:
+    return DeliveryMetrics(metric_meter)
 
 
 def _sum(points, **attributes) -> float:
@@ -23,12 +30,16 @@ def _sum(points, **attributes) -> float:
     )
 
 
-def test_outcome_counters(mail_metrics: MailMetrics, metric_reader: InMemoryMetricReader) -> None:
-    mail_metrics.accepted()
-    mail_metrics.accepted()
-    mail_metrics.delivered(latency_seconds=1.5, attempt=1)
-    mail_metrics.bounced(reply_code=550, enhanced_status="5.1.1")
-    mail_metrics.dead_lettered()
+def test_outcome_counters(
+    publisher_metrics: PublisherMetrics,
+    delivery_metrics: DeliveryMetrics,
+    metric_reader: InMemoryMetricReader,
+) -> None:
+    publisher_metrics.accepted()
+    publisher_metrics.accepted()
+    delivery_metrics.delivered(latency_seconds=1.5, attempt=1)
+    delivery_metrics.bounced(reply_code=550, enhanced_status="5.1.1")
+    delivery_metrics.dead_lettered()
 
     points = metric_points(metric_reader)
 
@@ -43,12 +54,12 @@ def test_outcome_counters(mail_metrics: MailMetrics, metric_reader: InMemoryMetr
 
 
 def test_deferred_counts_by_reply_code(
-    mail_metrics: MailMetrics, metric_reader: InMemoryMetricReader
+    delivery_metrics: DeliveryMetrics, metric_reader: InMemoryMetricReader
 ) -> None:
-    mail_metrics.deferred(reply_code=451, enhanced_status="4.3.0")
-    mail_metrics.deferred(reply_code=451, enhanced_status="4.3.0")
-    mail_metrics.deferred(reply_code=421, enhanced_status=None)
-    mail_metrics.deferred(reply_code=None, enhanced_status=None)  # connection refused
+    delivery_metrics.deferred(reply_code=451, enhanced_status="4.3.0")
+    delivery_metrics.deferred(reply_code=451, enhanced_status="4.3.0")
+    delivery_metrics.deferred(reply_code=421, enhanced_status=None)
+    delivery_metrics.deferred(reply_code=None, enhanced_status=None)  # connection refused
 
     points = metric_points(metric_reader)["mailpipe.mails.deferred"]
 
@@ -58,21 +69,21 @@ def test_deferred_counts_by_reply_code(
 
 
 def test_unrecognised_enhanced_status_is_collapsed(
-    mail_metrics: MailMetrics, metric_reader: InMemoryMetricReader
+    delivery_metrics: DeliveryMetrics, metric_reader: InMemoryMetricReader
 ) -> None:
-    mail_metrics.deferred(reply_code=451, enhanced_status="try again later, friend")
+    delivery_metrics.deferred(reply_code=451, enhanced_status="try again later, friend")
 
     (point,) = metric_points(metric_reader)["mailpipe.mails.deferred"]
 
     assert point.attributes["smtp.reply.enhanced_status"] == "other"
 
 
-def test_histograms(mail_metrics: MailMetrics, metric_reader: InMemoryMetricReader) -> None:
-    mail_metrics.delivered(latency_seconds=0.2, attempt=1)
-    mail_metrics.delivered(latency_seconds=700.0, attempt=3)
-    mail_metrics.smtp_step("data", 0.03, reply_code=250)
-    mail_metrics.smtp_step("rcpt to", 0.01, reply_code=250)
-    mail_metrics.delivery_attempts(3)
+def test_histograms(delivery_metrics: DeliveryMetrics, metric_reader: InMemoryMetricReader) -> None:
+    delivery_metrics.delivered(latency_seconds=0.2, attempt=1)
+    delivery_metrics.delivered(latency_seconds=700.0, attempt=3)
+    delivery_metrics.smtp_step("data", 0.03, reply_code=250)
+    delivery_metrics.smtp_step("rcpt to", 0.01, reply_code=250)
+    delivery_metrics.delivery_attempts(3)
 
     points = metric_points(metric_reader)
 
@@ -90,26 +101,26 @@ def test_histograms(mail_metrics: MailMetrics, metric_reader: InMemoryMetricRead
 
 
 def test_oldest_undelivered_gauge_reads_the_registered_source(
-    mail_metrics: MailMetrics, metric_reader: InMemoryMetricReader
+    publisher_metrics: PublisherMetrics, metric_reader: InMemoryMetricReader
 ) -> None:
     assert "mailpipe.oldest_undelivered_age" not in metric_points(metric_reader)
 
-    mail_metrics.set_oldest_undelivered_source(lambda: 42.0)
+    publisher_metrics.set_oldest_undelivered_source(lambda: 42.0)
     (point,) = metric_points(metric_reader)["mailpipe.oldest_undelivered_age"]
     assert point.value == 42.0
 
-    mail_metrics.set_oldest_undelivered_source(lambda: None)  # nothing pending: no point
+    publisher_metrics.set_oldest_undelivered_source(lambda: None)  # nothing pending: no point
     assert "mailpipe.oldest_undelivered_age" not in metric_points(metric_reader)
 
 
 def test_a_failing_gauge_source_does_not_stop_other_metrics(
-    mail_metrics: MailMetrics, metric_reader: InMemoryMetricReader
+    publisher_metrics: PublisherMetrics, metric_reader: InMemoryMetricReader
 ) -> None:
     def broken() -> float:
         raise RuntimeError("record unavailable")
 
-    mail_metrics.set_oldest_undelivered_source(broken)
-    mail_metrics.accepted()
+    publisher_metrics.set_oldest_undelivered_source(broken)
+    publisher_metrics.accepted()
 
     points = metric_points(metric_reader)
 
@@ -118,18 +129,20 @@ def test_a_failing_gauge_source_does_not_stop_other_metrics(
 
 
 def test_exemplars_carry_the_trace_of_a_sampled_span(
-    mail_metrics: MailMetrics, metric_reader: InMemoryMetricReader
+    publisher_metrics: PublisherMetrics,
+    delivery_metrics: DeliveryMetrics,
+    metric_reader: InMemoryMetricReader,
 ) -> None:
     """SDK 1.45's default exemplar filter is trace_based: a measurement made inside a sampled span
     keeps that span's trace id; one made inside an unsampled span or outside any span does not."""
     tracer = TracerProvider().get_tracer("test")
     with tracer.start_as_current_span("mail deliver") as span:
-        mail_metrics.deferred(reply_code=451, enhanced_status="4.3.0")
-        mail_metrics.smtp_step("data", 0.02, reply_code=451)
+        delivery_metrics.deferred(reply_code=451, enhanced_status="4.3.0")
+        delivery_metrics.smtp_step("data", 0.02, reply_code=451)
     sampled = span.get_span_context()
     with TracerProvider(sampler=ALWAYS_OFF).get_tracer("test").start_as_current_span("x"):
-        mail_metrics.bounced(reply_code=550, enhanced_status="5.1.1")
-    mail_metrics.accepted()
+        delivery_metrics.bounced(reply_code=550, enhanced_status="5.1.1")
+    publisher_metrics.accepted()
 
     points = metric_points(metric_reader)
 
@@ -148,7 +161,8 @@ def test_exemplars_carry_the_trace_of_a_sampled_span(
 def test_metric_points_helper_is_empty_before_anything_is_recorded() -> None:
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
-    MailMetrics(provider.get_meter("t"))
+    PublisherMetrics(provider.get_meter("t"))
+    DeliveryMetrics(provider.get_meter("t"))
     try:
         assert metric_points(reader) == {}
     finally:
@@ -156,11 +170,11 @@ def test_metric_points_helper_is_empty_before_anything_is_recorded() -> None:
 
 
 def test_stuck_gauge_reports_each_kind_from_the_registered_source(
-    mail_metrics: MailMetrics, metric_reader: InMemoryMetricReader
+    publisher_metrics: PublisherMetrics, metric_reader: InMemoryMetricReader
 ) -> None:
     assert "mailpipe.mails.stuck" not in metric_points(metric_reader)
 
-    mail_metrics.set_stuck_source(
+    publisher_metrics.set_stuck_source(
         lambda: {"expired_reservation": 2, "stalled_delivery": 0, "unconfirmed": 1}
     )
     points = metric_points(metric_reader)["mailpipe.mails.stuck"]
@@ -170,14 +184,14 @@ def test_stuck_gauge_reports_each_kind_from_the_registered_source(
         "unconfirmed": 1,
     }
 
-    mail_metrics.set_stuck_source(lambda: None)  # the record cannot tell: no point, no zero
+    publisher_metrics.set_stuck_source(lambda: None)  # the record cannot tell: no point, no zero
     assert "mailpipe.mails.stuck" not in metric_points(metric_reader)
 
     def broken() -> dict[str, int]:
         raise RuntimeError("record unavailable")
 
-    mail_metrics.set_stuck_source(broken)
-    mail_metrics.accepted()
+    publisher_metrics.set_stuck_source(broken)
+    publisher_metrics.accepted()
     points = metric_points(metric_reader)
     assert "mailpipe.mails.stuck" not in points
     assert _sum(points["mailpipe.mails.accepted"]) == 1

@@ -11,6 +11,8 @@ import pytest
 
 from mailpipe.config import TelemetryConfig
 from mailpipe.telemetry import Telemetry, TelemetryError, setup_telemetry
+from publisher.metrics import PublisherMetrics
+from subscriber.metrics import DeliveryMetrics
 
 
 def _free_port() -> int:
@@ -51,16 +53,16 @@ def test_metrics_are_scraped_from_the_prometheus_endpoint(
     served: tuple[Telemetry, int],
 ) -> None:
     telemetry, port = served
-    metrics = telemetry.metrics
-    metrics.accepted()
-    metrics.accepted()
-    metrics.delivered(latency_seconds=0.3, attempt=1)
-    metrics.deferred(reply_code=451, enhanced_status="4.3.0")
-    metrics.bounced(reply_code=550, enhanced_status="5.1.1")
-    metrics.dead_lettered()
-    metrics.smtp_step("data", 0.02, reply_code=250)
-    metrics.delivery_attempts(2)
-    metrics.set_oldest_undelivered_source(lambda: 12.5)
+    published, delivery = PublisherMetrics(telemetry.meter), DeliveryMetrics(telemetry.meter)
+    published.accepted()
+    published.accepted()
+    delivery.delivered(latency_seconds=0.3, attempt=1)
+    delivery.deferred(reply_code=451, enhanced_status="4.3.0")
+    delivery.bounced(reply_code=550, enhanced_status="5.1.1")
+    delivery.dead_lettered()
+    delivery.smtp_step("data", 0.02, reply_code=250)
+    delivery.delivery_attempts(2)
+    published.set_oldest_undelivered_source(lambda: 12.5)
 
     samples = _scrape(port)
 

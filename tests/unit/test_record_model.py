@@ -108,8 +108,9 @@ def test_naive_times_are_taken_as_utc() -> None:
     assert store.utc(dt.datetime(2026, 1, 1, 13, tzinfo=cet)).hour == 12
 
 
-def test_only_delivered_and_bounced_are_final() -> None:
-    assert {s for s in MailStatus if s.final} == {MailStatus.DELIVERED, MailStatus.BOUNCED}
+def test_only_delivered_bounced_and_sandboxed_are_final() -> None:
+    final = {s for s in MailStatus if s.final}
+    assert final == {MailStatus.DELIVERED, MailStatus.BOUNCED, MailStatus.SANDBOXED}
 
 
 def test_open_record_rejects_unknown_backends() -> None:

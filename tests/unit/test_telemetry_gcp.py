@@ -22,6 +22,8 @@ from opentelemetry.resourcedetector.gcp_resource_detector import _metadata
 
 from mailpipe.config import TelemetryConfig
 from mailpipe.telemetry import Telemetry, detect_gcp_resource, setup_telemetry
+from publisher.metrics import PublisherMetrics
+from subscriber.metrics import DeliveryMetrics
 from tests.fixtures.http import QuietJsonHandler
 
 # Both Google exporters warn that they are deprecated in favour of Google's OTLP endpoint
@@ -206,7 +208,7 @@ def test_gcp_mode_exports_metrics_to_cloud_monitoring(
 ) -> None:
     telemetry, _, metric_client = _gcp_telemetry(built_telemetry)
 
-    telemetry.metrics.bounced(reply_code=550, enhanced_status="5.1.1")
+    DeliveryMetrics(telemetry.meter).bounced(reply_code=550, enhanced_status="5.1.1")
     telemetry.force_flush()
     assert metric_client.time_series == []  # a flush is for spans; metrics keep their period
     telemetry.shutdown()  # SIGTERM on Cloud Run: the last export
@@ -250,10 +252,11 @@ def test_gcp_metrics_export_once_a_minute_and_once_at_shutdown(
     the previous one, so nothing but the reader's period and the shutdown may export metrics."""
     telemetry, trace_client, metric_client = _gcp_telemetry(built_telemetry)
     (reader,) = telemetry.meter_provider._metric_readers
+    metrics = DeliveryMetrics(telemetry.meter)
 
     for _ in range(20):  # twenty requests, each flushing its spans
         with telemetry.tracer("t").start_as_current_span("mail deliver"):
-            telemetry.metrics.delivered(latency_seconds=0.5, attempt=1)
+            metrics.delivered(latency_seconds=0.5, attempt=1)
         telemetry.force_flush()
 
     assert reader._export_interval_millis >= 60_000  # the exporter's guidance: once a minute
@@ -276,7 +279,7 @@ def test_without_the_instance_id_each_process_still_writes_its_own_series(
     built_telemetry: list[Telemetry], metadata_unreachable: None
 ) -> None:
     telemetry, _, metric_client = _gcp_telemetry(built_telemetry)
-    telemetry.metrics.accepted()
+    PublisherMetrics(telemetry.meter).accepted()
     telemetry.shutdown()
 
     (series,) = metric_client.time_series

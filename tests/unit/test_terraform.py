@@ -37,7 +37,7 @@ from packaging.specifiers import SpecifierSet
 
 import mailpipe.record.firestore as firestore_record_module
 from mailpipe.record.firestore import FirestoreRecord
-from mailpipe.serving import serve_wsgi
+from mailpipe.serving import SERVER_THREADS
 from mailpipe.topology import Topology, default_topology_path, duration_seconds, load_topology
 from subscriber.config import SmtpConfig
 from tests.fixtures.terraform import Module, container_command, dynamic_block, parse_hcl, strings
@@ -782,7 +782,7 @@ def test_the_timeout_budget_evaluated(
 
 
 def test_concurrency_fits_the_server_threads(module: Module) -> None:
-    threads = inspect.signature(serve_wsgi).parameters["threads"].default
+    threads = SERVER_THREADS
     for service in ("publisher", "subscriber"):
         scaling = module.variables[f"{service}_scaling"]["type"]
         match = re.search(r"concurrency\s*=\s*optional\(number,\s*(\d+)\)", scaling)
@@ -1411,6 +1411,9 @@ VARIABLE_CASES = [
     ("allowed_sender_domains", ["*.example.com"], False),
     ("allowed_sender_domains", ["noreply@example.com"], False),
     ("allowed_sender_domains", ["a.example.com,b.example.com"], False),
+    ("sandbox_callers", ["ci@p.iam.gserviceaccount.com", "sub:1234", "*"], True),
+    ("sandbox_callers", ["serviceAccount:ci@p.iam.gserviceaccount.com"], False),
+    ("sandbox_callers", ["a@example.com,b@example.com"], False),
     ("alert_auto_close_seconds", 1800, True),
     ("alert_auto_close_seconds", 600, False),
     ("canary_vpc_egress", {"subnetwork": "projects/h/regions/europe-west1/subnetworks/s"}, True),
@@ -1449,6 +1452,7 @@ def test_the_publisher_gets_the_allowed_sender_domains(module: Module, tmp_path:
     assert ok, result
     assert result["env"]["MAILPIPE_ALLOWED_SENDER_DOMAINS"] == "mail.example.com,example.org"
     assert result["env"]["MAILPIPE_PUBLISH_TIMEOUT"] == "30"
+    assert result["env"]["MAILPIPE_SANDBOX_CALLERS"] == ""  # default: no caller is sandboxed
 
 
 # ------------------------------------------------------------------------------------------------
