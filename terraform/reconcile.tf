@@ -35,17 +35,6 @@ resource "google_service_account" "reconcile" {
   depends_on = [google_project_service.enabled]
 }
 
-resource "google_service_account" "reconcile_scheduler" {
-  count = local.reconcile_enabled ? 1 : 0
-
-  project      = var.project_id
-  account_id   = "mailpipe-reconcile-scheduler"
-  display_name = "mailpipe reconcile scheduler"
-  description  = "Identity of the Cloud Scheduler job that starts the reconcile job; may only run that job."
-
-  depends_on = [google_project_service.enabled]
-}
-
 # Read the records and rewrite the stuck ones (in transactions, like the services), in the mailpipe
 # database only: the same condition as the services' grant (iam.tf). roles/datastore.user is the
 # smallest predefined role with entity read/write.
@@ -63,18 +52,7 @@ resource "google_project_iam_member" "reconcile_record_access" {
   }
 }
 
-# The scheduler's identity may start this job and nothing else (run.jobs.run is in run.invoker).
-resource "google_cloud_run_v2_job_iam_member" "scheduler_runs_reconcile" {
-  count = local.reconcile_enabled ? 1 : 0
-
-  project  = var.project_id
-  location = google_cloud_run_v2_job.reconcile[0].location
-  name     = google_cloud_run_v2_job.reconcile[0].name
-  role     = "roles/run.invoker"
-  member   = google_service_account.reconcile_scheduler[0].member
-}
-
-# --- The job and its schedule ------------------------------------------------------------------------
+# --- The job (its schedule: schedules.tf) ------------------------------------------------------------
 
 resource "google_cloud_run_v2_job" "reconcile" {
   count = local.reconcile_enabled ? 1 : 0
@@ -133,35 +111,3 @@ resource "google_cloud_run_v2_job" "reconcile" {
   ]
 }
 
-resource "google_cloud_scheduler_job" "reconcile" {
-  count = local.reconcile_enabled ? 1 : 0
-
-  project          = var.project_id
-  region           = var.region
-  name             = local.reconcile_job
-  description      = "Starts the mailpipe reconcile job (mailpipe reconcile --fix)."
-  schedule         = var.reconcile.schedule
-  time_zone        = "Etc/UTC"
-  attempt_deadline = "60s"
-
-  # A missed start is made up by the next one.
-  retry_config {
-    retry_count = 0
-  }
-
-  # Cloud Run Admin API v2: jobs.run (cloud.google.com/run/docs/execute/jobs-on-schedule).
-  http_target {
-    http_method = "POST"
-    uri         = "https://run.googleapis.com/v2/projects/${var.project_id}/locations/${var.region}/jobs/${google_cloud_run_v2_job.reconcile[0].name}:run"
-
-    oauth_token {
-      service_account_email = google_service_account.reconcile_scheduler[0].email
-      scope                 = "https://www.googleapis.com/auth/cloud-platform"
-    }
-  }
-
-  depends_on = [
-    google_project_service.enabled,
-    google_cloud_run_v2_job_iam_member.scheduler_runs_reconcile,
-  ]
-}

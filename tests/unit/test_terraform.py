@@ -1255,6 +1255,63 @@ def test_pull_mode_evaluated(module: Module, tmp_path: Path, topology: Topology)
 # ------------------------------------------------------------------------------------------------
 
 
+def _grants_to(module: Module, member: str) -> dict[str, dict[str, Any]]:
+    """Every IAM grant whose member expression names ``member``, by resource address."""
+    return {
+        f"{rtype}.{name}": body
+        for (rtype, name), body in module.resources.items()
+        if "_iam_" in rtype and member in str(body.get("member"))
+    }
+
+
+def _check_schedules(module: Module) -> None:
+    """Each scheduled job (local.scheduled_jobs, while enabled) is started by a scheduler job
+    whose own identity holds one grant: run.invoker on that job."""
+    assert module.locals["schedules"] == (
+        "${{for name, job in local.scheduled_jobs : name => job if job.enabled}}"
+    )
+    identity = module.resource("google_service_account", "scheduler")
+    assert identity["for_each"] == "${local.schedules}"
+    scheduler = module.resource("google_cloud_scheduler_job", "schedule")
+    assert scheduler["for_each"] == "${local.schedules}"
+    assert scheduler["schedule"] == "${each.value.schedule}"
+    target = scheduler["http_target"][0]
+    assert target["uri"].endswith("/jobs/${each.value.job}:run")
+    assert target["oauth_token"][0]["service_account_email"] == (
+        "${google_service_account.scheduler[each.key].email}"
+    )
+    grants = _grants_to(module, "google_service_account.scheduler")
+    assert set(grants) == {"google_cloud_run_v2_job_iam_member.scheduler_runs_job"}
+    runner = grants["google_cloud_run_v2_job_iam_member.scheduler_runs_job"]
+    assert runner["for_each"] == "${local.schedules}"
+    assert runner["role"] == "roles/run.invoker"
+    assert runner["member"] == "${google_service_account.scheduler[each.key].member}"
+    assert runner["name"] == "${each.value.job}"
+
+
+def test_the_canary_and_reconcile_schedules_keep_their_state(module: Module) -> None:
+    """schedules.tf replaced per-job resources: `moved` blocks carry the state of a deployment
+    made before, so the scheduler accounts and jobs are not destroyed and created again."""
+    moved = {(m["from"], m["to"]) for m in module.by_file["schedules.tf"]["moved"]}
+    for job in ("canary", "reconcile"):
+        assert job in module.locals["scheduled_jobs"]
+        assert (
+            f"${{google_service_account.{job}_scheduler[0]}}",
+            f'${{google_service_account.scheduler["{job}"]}}',
+        ) in moved
+        assert (
+            f"${{google_cloud_run_v2_job_iam_member.scheduler_runs_{job}[0]}}",
+            f'${{google_cloud_run_v2_job_iam_member.scheduler_runs_job["{job}"]}}',
+        ) in moved
+        assert (
+            f"${{google_cloud_scheduler_job.{job}[0]}}",
+            f'${{google_cloud_scheduler_job.schedule["{job}"]}}',
+        ) in moved
+    assert module.locals["scheduled_jobs"]["canary"]["schedule"] == (
+        "${try(local.canary.schedule, null)}"
+    )
+
+
 def test_reconcile_job_runs_on_a_schedule_with_least_privilege(module: Module) -> None:
     variable = module.variables["reconcile"]
     assert 'schedule = optional(string, "*/10 * * * *")' in variable["type"].replace("\n", " ")
@@ -1279,33 +1336,20 @@ def test_reconcile_job_runs_on_a_schedule_with_least_privilege(module: Module) -
     )
     assert "${var.reconcile_grace_seconds > local.delivery_max_backoff_seconds}" in _conditions(job)
 
-    schedule = module.resource("google_cloud_scheduler_job", "reconcile")
+    # Started by Cloud Scheduler (schedules.tf): its own scheduler identity, which may only run it.
+    schedule = module.locals["scheduled_jobs"]["reconcile"]
+    assert schedule["enabled"] == "${local.reconcile_enabled}"
+    assert schedule["job"] == "${one(google_cloud_run_v2_job.reconcile[*].name)}"
     assert schedule["schedule"] == "${var.reconcile.schedule}"
-    target = schedule["http_target"][0]
-    assert target["uri"].endswith("jobs/${google_cloud_run_v2_job.reconcile[0].name}:run")
-    assert target["oauth_token"][0]["service_account_email"] == (
-        "${google_service_account.reconcile_scheduler[0].email}"
-    )
+    _check_schedules(module)
 
-    # Least privilege: the job's account holds one role, Firestore user on the record database;
-    # the scheduler's account may only run this job.
-    grants = {
-        f"{rtype}.{name}": body
-        for (rtype, name), body in module.resources.items()
-        if "_iam_" in rtype and "google_service_account.reconcile" in str(body.get("member"))
-    }
-    assert set(grants) == {
-        "google_project_iam_member.reconcile_record_access",
-        "google_cloud_run_v2_job_iam_member.scheduler_runs_reconcile",
-    }
+    # Least privilege: the job's account holds one role, Firestore user on the record database.
+    grants = _grants_to(module, "google_service_account.reconcile")
+    assert set(grants) == {"google_project_iam_member.reconcile_record_access"}
     record = grants["google_project_iam_member.reconcile_record_access"]
     assert record["role"] == "roles/datastore.user"
     assert record["member"] == "${google_service_account.reconcile[0].member}"
     assert "local.firestore_database_name" in record["condition"][0]["expression"]
-    runner = grants["google_cloud_run_v2_job_iam_member.scheduler_runs_reconcile"]
-    assert runner["role"] == "roles/run.invoker"
-    assert runner["member"] == "${google_service_account.reconcile_scheduler[0].member}"
-    assert runner["name"] == "${google_cloud_run_v2_job.reconcile[0].name}"
     assert '"cloudscheduler.googleapis.com"' in module.locals["services"]
     assert "local.reconcile_enabled" in module.locals["services"]
 
