@@ -167,19 +167,17 @@ def _pubsub_baselines(
         stream.result(timeout=10)
     subscriber.close()
     publisher.stop()
+
+    def measured(messages: int, seconds: float, java_cpu_seconds: float) -> dict[str, Any]:
+        return {
+            "messages": messages,
+            "body_bytes": body_bytes,
+            "seconds": round(seconds, 4),
+            "rate": round(messages / seconds, 1),
+            "java_cpu_cores": round(java_cpu_seconds / seconds, 3),
+        }
+
     return {
-        "publish": {
-            "messages": published,
-            "body_bytes": body_bytes,
-            "seconds": round(publish_seconds, 4),
-            "rate": round(published / publish_seconds, 1),
-            "java_cpu_cores": round(java_publish / publish_seconds, 3),
-        },
-        "streaming_pull": {
-            "messages": received,
-            "body_bytes": body_bytes,
-            "seconds": round(pull_seconds, 4),
-            "rate": round(received / pull_seconds, 1),
-            "java_cpu_cores": round(java_pull / pull_seconds, 3),
-        },
+        "publish": measured(published, publish_seconds, java_publish),
+        "streaming_pull": measured(received, pull_seconds, java_pull),
     }

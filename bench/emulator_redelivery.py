@@ -33,7 +33,8 @@ from emulator import publisher_client, start_pubsub_emulator, subscriber_client
 ACK_DEADLINE_SECONDS = 10
 PROJECT = "redelivery-measure"
 
-_DYING_CONSUMER = r"""
+# The consumer a trial kills; tests/integration/test_emulator_contract.py runs the same one.
+DYING_CONSUMER = r"""
 import sys
 from google.cloud.pubsub_v1.types import FlowControl
 from emulator import subscriber_client
@@ -92,7 +93,7 @@ def _trial(host: str, load: int, observe: float, *, policies: bool, messages: in
         burner.start()
     try:
         consumer = subprocess.Popen(
-            [sys.executable, "-c", _DYING_CONSUMER, host, subscription],
+            [sys.executable, "-c", DYING_CONSUMER, host, subscription],
             stdout=subprocess.PIPE,
         )
         try:

@@ -64,7 +64,6 @@ from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from aiosmtpd.controller import Controller
@@ -547,12 +546,7 @@ class LocalSmtpServer:
     def __enter__(self) -> LocalSmtpServer:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def _bind(self) -> socket.socket:

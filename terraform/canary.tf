@@ -100,17 +100,6 @@ resource "google_service_account" "canary" {
   depends_on = [google_project_service.enabled]
 }
 
-resource "google_service_account" "canary_scheduler" {
-  count = local.canary_enabled ? 1 : 0
-
-  project      = var.project_id
-  account_id   = "mailpipe-canary-scheduler"
-  display_name = "mailpipe canary scheduler"
-  description  = "Identity of the Cloud Scheduler job that starts the canary job; may only run that job."
-
-  depends_on = [google_project_service.enabled]
-}
-
 # Send the probe (POST /v1/messages) and read its delivery record (GET /v1/messages/ID).
 resource "google_cloud_run_v2_service_iam_member" "canary_calls_publisher" {
   count = local.canary_enabled ? 1 : 0
@@ -158,18 +147,7 @@ resource "google_project_iam_member" "canary_metric_writer" {
   member  = google_service_account.canary[0].member
 }
 
-# The scheduler's identity may start this job and nothing else (run.jobs.run is in run.invoker).
-resource "google_cloud_run_v2_job_iam_member" "scheduler_runs_canary" {
-  count = local.canary_enabled ? 1 : 0
-
-  project  = var.project_id
-  location = google_cloud_run_v2_job.canary[0].location
-  name     = google_cloud_run_v2_job.canary[0].name
-  role     = "roles/run.invoker"
-  member   = google_service_account.canary_scheduler[0].member
-}
-
-# --- The job and its schedule ------------------------------------------------------------------------
+# --- The job (its schedule: schedules.tf) ------------------------------------------------------------
 
 resource "google_cloud_run_v2_job" "canary" {
   count = local.canary_enabled ? 1 : 0
@@ -273,38 +251,6 @@ resource "google_cloud_run_v2_job" "canary" {
     google_project_service.enabled,
     # Cloud Run resolves the secret at deploy time with the job's own identity.
     google_secret_manager_secret_iam_member.canary_reads_imap_password,
-  ]
-}
-
-resource "google_cloud_scheduler_job" "canary" {
-  count = local.canary_enabled ? 1 : 0
-
-  project          = var.project_id
-  region           = var.region
-  name             = local.canary_job
-  description      = "Starts the mailpipe canary job."
-  schedule         = local.canary.schedule
-  time_zone        = "Etc/UTC"
-  attempt_deadline = "60s"
-
-  retry_config {
-    retry_count = 0
-  }
-
-  # Cloud Run Admin API v2: jobs.run (cloud.google.com/run/docs/execute/jobs-on-schedule).
-  http_target {
-    http_method = "POST"
-    uri         = "https://run.googleapis.com/v2/projects/${var.project_id}/locations/${var.region}/jobs/${google_cloud_run_v2_job.canary[0].name}:run"
-
-    oauth_token {
-      service_account_email = google_service_account.canary_scheduler[0].email
-      scope                 = "https://www.googleapis.com/auth/cloud-platform"
-    }
-  }
-
-  depends_on = [
-    google_project_service.enabled,
-    google_cloud_run_v2_job_iam_member.scheduler_runs_canary,
   ]
 }
 

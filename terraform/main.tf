@@ -14,7 +14,6 @@
 #   canary.tf      the canary job, its schedule and alert (optional)
 #   reconcile.tf   the scheduled `mailpipe reconcile --fix` job
 #   deliver_by.tf  the scheduled `mailpipe dlq replay --due` job (retries past Pub/Sub's, expiry)
-#   scheduled_jobs.tf  the shape both scheduled jobs share
 # The environment variables of both services are built here, once, and also exported as outputs.
 
 locals {

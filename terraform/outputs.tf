@@ -59,7 +59,7 @@ output "service_accounts" {
     publisher    = google_service_account.publisher.email
     subscriber   = google_service_account.subscriber.email
     push_invoker = local.push_mode ? google_service_account.push_invoker[0].email : null
-    reconcile    = local.reconcile_enabled ? google_service_account.job["reconcile"].email : null
+    reconcile    = local.reconcile_enabled ? google_service_account.reconcile[0].email : null
   }
 }
 
@@ -84,7 +84,7 @@ output "alert_policies" {
 
 output "reconcile_job" {
   description = "Name of the reconcile job (run it now: gcloud run jobs execute NAME --region REGION), or null when disabled."
-  value       = local.reconcile_enabled ? google_cloud_run_v2_job.scheduled["reconcile"].name : null
+  value       = local.reconcile_enabled ? google_cloud_run_v2_job.reconcile[0].name : null
 }
 
 output "canary_job" {

@@ -1,10 +1,9 @@
 # The reconcile job (`mailpipe reconcile --fix`): a Cloud Run job that Cloud Scheduler starts every
-# 10 minutes by default (var.reconcile; the job's shape: scheduled_jobs.tf). It finds delivery
-# records stuck mid-way, an idempotency reservation still `accepting` past its expiry (the
-# publisher died between reserving the key and publishing) or a mail still `sending` past its lease
-# plus a grace period (the subscriber died mid-delivery), and settles them, so a client's retry is
-# not refused forever and `mailpipe status` tells the truth. It talks to Firestore only: no
-# Pub/Sub, no publisher, no network egress setting.
+# 10 minutes by default (var.reconcile). It finds delivery records stuck mid-way, an idempotency
+# reservation still `accepting` past its expiry (the publisher died between reserving the key and
+# publishing) or a mail still `sending` past its lease plus a grace period (the subscriber died
+# mid-delivery), and settles them, so a client's retry is not refused forever and `mailpipe status`
+# tells the truth. It talks to Firestore only: no Pub/Sub, no publisher, no network egress setting.
 
 locals {
   reconcile_enabled = var.reconcile.enabled
@@ -21,20 +20,19 @@ locals {
   delivery_max_backoff_seconds = tonumber(trimsuffix(
     try(local.subscriptions["delivery"].retry_policy.maximum_backoff, "600s"), "s"
   ))
+}
 
-  reconcile_scheduled_job = {
-    reconcile = {
-      enabled             = local.reconcile_enabled
-      account_description = "Runs `mailpipe reconcile --fix`: reads and repairs stuck records in the delivery record."
-      args                = ["reconcile", "--fix"]
-      image               = coalesce(var.reconcile.image, var.publisher_image)
-      env                 = local.reconcile_env
-      schedule            = var.reconcile.schedule
-      timeout_seconds     = var.reconcile.timeout_seconds
-      holds               = var.reconcile_grace_seconds > local.delivery_max_backoff_seconds
-      problem             = "reconcile_grace_seconds must exceed the delivery subscription's maximum retry backoff (${local.delivery_max_backoff_seconds} s, topology.json), or reconcile could settle a mail whose redelivery is still on its way."
-    }
-  }
+# --- Identities ------------------------------------------------------------------------------------
+
+resource "google_service_account" "reconcile" {
+  count = local.reconcile_enabled ? 1 : 0
+
+  project      = var.project_id
+  account_id   = "mailpipe-reconcile"
+  display_name = "mailpipe reconcile (Cloud Run job)"
+  description  = "Runs `mailpipe reconcile --fix`: reads and repairs stuck records in the delivery record."
+
+  depends_on = [google_project_service.enabled]
 }
 
 # Read the records and rewrite the stuck ones (in transactions, like the services), in the mailpipe
@@ -45,7 +43,7 @@ resource "google_project_iam_member" "reconcile_record_access" {
 
   project = var.project_id
   role    = "roles/datastore.user"
-  member  = google_service_account.job["reconcile"].member
+  member  = google_service_account.reconcile[0].member
 
   condition {
     title       = "mailpipe-record-only"
@@ -54,28 +52,62 @@ resource "google_project_iam_member" "reconcile_record_access" {
   }
 }
 
-# The job's resources before they shared one shape (scheduled_jobs.tf): the same objects, renamed.
-moved {
-  from = google_service_account.reconcile[0]
-  to   = google_service_account.job["reconcile"]
+# --- The job (its schedule: schedules.tf) ------------------------------------------------------------
+
+resource "google_cloud_run_v2_job" "reconcile" {
+  count = local.reconcile_enabled ? 1 : 0
+
+  project             = var.project_id
+  name                = local.reconcile_job
+  location            = var.region
+  deletion_protection = var.deletion_protection
+  labels              = local.labels
+
+  template {
+    task_count = 1
+
+    template {
+      service_account = google_service_account.reconcile[0].email
+      timeout         = "${var.reconcile.timeout_seconds}s"
+      # A repair is idempotent: a failed run may be retried once; the next schedule comes anyway.
+      max_retries = 1
+
+      containers {
+        name = "reconcile"
+        # The publisher image carries the mailpipe CLI; the console script `mailpipe` is on its
+        # PATH.
+        image   = coalesce(var.reconcile.image, var.publisher_image)
+        command = ["mailpipe"]
+        args    = ["reconcile", "--fix"]
+
+        resources {
+          limits = {
+            cpu    = "1"
+            memory = "512Mi"
+          }
+        }
+
+        dynamic "env" {
+          for_each = local.reconcile_env
+          content {
+            name  = env.key
+            value = env.value
+          }
+        }
+      }
+    }
+  }
+
+  lifecycle {
+    precondition {
+      condition     = var.reconcile_grace_seconds > local.delivery_max_backoff_seconds
+      error_message = "reconcile_grace_seconds must exceed the delivery subscription's maximum retry backoff (${local.delivery_max_backoff_seconds} s, topology.json), or reconcile could settle a mail whose redelivery is still on its way."
+    }
+  }
+
+  depends_on = [
+    google_project_service.enabled,
+    google_project_iam_member.reconcile_record_access,
+  ]
 }
 
-moved {
-  from = google_service_account.reconcile_scheduler[0]
-  to   = google_service_account.job_scheduler["reconcile"]
-}
-
-moved {
-  from = google_cloud_run_v2_job_iam_member.scheduler_runs_reconcile[0]
-  to   = google_cloud_run_v2_job_iam_member.scheduler_runs_job["reconcile"]
-}
-
-moved {
-  from = google_cloud_run_v2_job.reconcile[0]
-  to   = google_cloud_run_v2_job.scheduled["reconcile"]
-}
-
-moved {
-  from = google_cloud_scheduler_job.reconcile[0]
-  to   = google_cloud_scheduler_job.scheduled["reconcile"]
-}

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 
 from canary import command
+from ops.cli import add_command
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "canary",
-        help="send a probe mail and time its arrival in a mailbox over IMAP",
-        description=command.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "send a probe mail and time its arrival in a mailbox over IMAP",
+        command.__doc__,
     )
     command.add_arguments(parser)

@@ -30,7 +30,7 @@ from rich.table import Table
 
 from mailpipe.config import ConfigError, PubSubConfig, TelemetryConfig
 from mailpipe.record import DeliveryRecord, RecordError, open_record
-from ops.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from ops.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_command
 from ops.replay import (
     DeadLetterReplayer,
     DeadLetterUnavailable,
@@ -65,12 +65,7 @@ class UsageError(Exception):
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "dlq",
-        help="list and replay dead-lettered mails",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "dlq", "list and replay dead-lettered mails", __doc__)
     actions = parser.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
 
     common = argparse.ArgumentParser(add_help=False)

@@ -23,6 +23,7 @@ from ops.cli import (
     EXIT_MISSING_DEPENDENCY,
     EXIT_OK,
     EXIT_USAGE,
+    add_command,
     sigterm_as_interrupt,
 )
 
@@ -34,11 +35,11 @@ _HEALTH_INTERVAL = 1.0
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "emulator",
-        help="run Google's Pub/Sub (and Firestore) emulators with mailpipe's topology",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "run Google's Pub/Sub (and Firestore) emulators with mailpipe's topology",
+        __doc__,
     )
     actions = parser.add_subparsers(dest="emulator_command", metavar="ACTION", required=True)
     up = actions.add_parser(

@@ -43,18 +43,15 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from ops.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from ops.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_command
 
 EXIT_STUCK = 4
 SERVICE_NAME = "mailpipe-reconcile"
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "reconcile",
-        help="find (and with --fix settle) stuck delivery records",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = add_command(
+        subparsers, "reconcile", "find (and with --fix settle) stuck delivery records", __doc__
     )
     add_arguments(parser)
 
@@ -87,19 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ops.cli.reconcile``: this command alone (as ``mailpipe reconcile``)."""
-    parser = argparse.ArgumentParser(
-        prog="mailpipe reconcile",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    """``python -m ops.cli.reconcile``: the same as ``mailpipe reconcile``."""
+    from ops.cli import main as cli_main
+
+    return cli_main(["reconcile", *(sys.argv[1:] if argv is None else argv)])
 
 
 class _JsonLines:

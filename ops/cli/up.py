@@ -32,6 +32,7 @@ from ops.cli import (
     EXIT_INTERRUPTED,
     EXIT_MISSING_DEPENDENCY,
     EXIT_OK,
+    add_command,
     sigterm_as_interrupt,
 )
 
@@ -46,11 +47,11 @@ SAMPLE_MAIL: dict[str, Any] = {
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "up",
-        help="run the whole pipeline locally and send a sample mail through it",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "run the whole pipeline locally and send a sample mail through it",
+        __doc__,
     )
     parser.add_argument(
         "--mode",

@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,6 +292,20 @@ def service(
         started.stop()
 
 
+def http_service(
+    image: ImageEnvironment, name: str, env: Mapping[str, str], port: int
+) -> AbstractContextManager[ServiceProcess]:
+    """The image's own CMD serving on ``port`` (PORT, as Cloud Run sets it), ready once its
+    /healthz answers."""
+    return service(
+        image,
+        name,
+        image.build.cmd,
+        {**env, "PORT": str(port)},
+        health_url=f"http://127.0.0.1:{port}/healthz",
+    )
+
+
 @pytest.fixture(scope="module")
 def terraform() -> Module:
     return Module()
@@ -418,23 +432,10 @@ def test_push_images_take_a_mail_from_http_to_smtp(
     topology = apply_mail_topology(push_endpoint=f"http://127.0.0.1:{subscriber_port}/")
     env = stack_env(topology, smtp_server.port)
     publisher_url = f"http://127.0.0.1:{publisher_port}"
-    subscriber_url = f"http://127.0.0.1:{subscriber_port}"
 
     with (
-        service(
-            publisher,
-            "publisher",
-            publisher.build.cmd,
-            {**env, "PORT": str(publisher_port)},
-            health_url=f"{publisher_url}/healthz",
-        ),
-        service(
-            subscriber,
-            "subscriber-push",
-            subscriber.build.cmd,
-            {**env, "PORT": str(subscriber_port)},
-            health_url=f"{subscriber_url}/healthz",
-        ),
+        http_service(publisher, "publisher", env, publisher_port),
+        http_service(subscriber, "subscriber-push", env, subscriber_port),
     ):
         accepted = post_mail(publisher_url)
         [received] = smtp_server.wait_for(1, timeout=60)
@@ -461,13 +462,7 @@ def test_pull_worker_of_the_subscriber_image_delivers_a_mail(
     publisher_url = f"http://127.0.0.1:{publisher_port}"
 
     with (
-        service(
-            publisher,
-            "publisher",
-            publisher.build.cmd,
-            {**env, "PORT": str(publisher_port)},
-            health_url=f"{publisher_url}/healthz",
-        ),
+        http_service(publisher, "publisher", env, publisher_port),
         service(subscriber, "subscriber-pull", command, env, ready_marker=PULL_READY_MARKER),
     ):
         accepted = post_mail(publisher_url)
@@ -560,32 +555,15 @@ def test_canary_job_of_the_canary_image_finds_its_probe_in_the_mailbox(
     with LocalSmtpServer(maildir=dovecot.maildir) as relay:
         env = stack_env(topology, relay.port)
         with (
-            service(
-                publisher,
-                "publisher",
-                publisher.build.cmd,
-                {**env, "PORT": str(publisher_port)},
-                health_url=f"{publisher_url}/healthz",
-            ),
-            service(
-                subscriber,
-                "subscriber-push",
-                subscriber.build.cmd,
-                {**env, "PORT": str(subscriber_port)},
-                health_url=f"http://127.0.0.1:{subscriber_port}/healthz",
-            ),
+            http_service(publisher, "publisher", env, publisher_port),
+            http_service(subscriber, "subscriber-push", env, subscriber_port),
         ):
             result = canary.run(
                 command,
                 {
                     "MAILPIPE_URL": publisher_url,
                     "MAILPIPE_CANARY_PUBLISHER_AUTH": "none",
-                    "MAILPIPE_CANARY_IMAP_HOST": dovecot.host,
-                    "MAILPIPE_CANARY_IMAP_PORT": str(dovecot.port),
-                    "MAILPIPE_CANARY_IMAP_TLS": "starttls",
-                    "MAILPIPE_CANARY_IMAP_CA_FILE": str(dovecot.ca_file),
-                    "MAILPIPE_CANARY_IMAP_USER": dovecot.user,
-                    "MAILPIPE_CANARY_IMAP_PASSWORD": dovecot.password,
+                    **dovecot.canary_env(),
                     "MAILPIPE_CANARY_TO": "canary@example.org",
                     "MAILPIPE_CANARY_DEADLINE": "60",
                     "MAILPIPE_CANARY_POLL_INTERVAL": "0.2",
@@ -601,12 +579,11 @@ def test_canary_job_of_the_canary_image_finds_its_probe_in_the_mailbox(
 def test_reconcile_job_of_the_publisher_image_releases_a_stuck_reservation(
     images: Callable[[str], ImageEnvironment], terraform: Module, tmp_path: Path
 ) -> None:
-    # The job's shape is shared (terraform/scheduled_jobs.tf); its command and image are its entry.
-    job = terraform.locals["reconcile_scheduled_job"]["reconcile"]
-    container = terraform.resource("google_cloud_run_v2_job", "scheduled")["template"][0]
-    assert container["template"][0]["containers"][0]["command"] == ["mailpipe"]
-    command = ["mailpipe", *job["args"]]
-    assert job["image"] == "${coalesce(var.reconcile.image, var.publisher_image)}"
+    job = terraform.resource("google_cloud_run_v2_job", "reconcile")
+    command = container_command(job)
+    assert job["template"][0]["template"][0]["containers"][0]["image"] == (
+        "${coalesce(var.reconcile.image, var.publisher_image)}"
+    )
     # A publisher that died between reserving an idempotency key and publishing, an hour ago.
     url = f"sqlite:///{tmp_path / 'record.sqlite3'}"
     an_hour_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)

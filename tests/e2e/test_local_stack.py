@@ -16,11 +16,13 @@ from typing import Any
 
 import pytest
 
-from emulator import RunningEmulator, sync_topology
+from emulator import RunningEmulator
 from emulator.pipeline import LocalPipeline, run_local_pipeline, start_service
 from emulator.process import free_port
 from mailpipe.topology import Topology
 from ops.trace_view import find_trace, read_spans
+from tests.fixtures.pipeline import push_to
+from tests.fixtures.processes import read_processes
 
 MAIL: dict[str, Any] = {
     "from": "Ada Lovelace <ada@example.com>",
@@ -140,15 +142,7 @@ def test_subscriber_replaced_mid_stream_loses_nothing(
         )
         try:
             replacement.wait_healthy()
-            sync_topology(
-                topology,
-                project=pubsub_project,
-                push_endpoints={
-                    "delivery": f"http://127.0.0.1:{port}/",
-                    "dead_letter_record": f"http://127.0.0.1:{port}/dead-letter",
-                },
-                emulator_host=pubsub_emulator.host,
-            )
+            push_to(topology, pubsub_project, pubsub_emulator.host, f"http://127.0.0.1:{port}")
             assert pipeline.subscriber.stop() == 0  # SIGTERM: in-flight requests finish first
             delivered_by_the_old_one = len(pipeline.smtp.messages)
             received = pipeline.smtp.wait_for(total, timeout=120)
@@ -166,37 +160,28 @@ def test_subscriber_replaced_mid_stream_loses_nothing(
 
 
 def _processes_in(directory: Path) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if Path(os.readlink(entry / "cwd")) == directory:
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    cwds = read_processes(lambda entry: Path(os.readlink(entry / "cwd")))
+    return [pid for pid, cwd in cwds.items() if cwd == directory]
+
+
+def _mailpipe_up(*options: str) -> list[str]:
+    """`mailpipe up` (as `python -m ops up`) with ``options``, on free ports."""
+    ports = ["--port", str(free_port()), "--smtp-port", str(free_port())]
+    return [sys.executable, "-m", "ops", "up", *options, *ports]
+
+
+def _env_without_emulator() -> dict[str, str]:
+    """This environment without PUBSUB_EMULATOR_HOST: `mailpipe up` starts its own emulator."""
+    return {k: v for k, v in os.environ.items() if k != "PUBSUB_EMULATOR_HOST"}
 
 
 def test_mailpipe_up_once_runs_the_sample_and_leaves_nothing_running(tmp_path: Path) -> None:
     workdir = tmp_path / "clone"
     workdir.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PUBSUB_EMULATOR_HOST"}
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ops",
-            "up",
-            "--once",
-            "--json",
-            "--port",
-            str(free_port()),
-            "--smtp-port",
-            str(free_port()),
-        ],
+        _mailpipe_up("--once", "--json"),
         cwd=workdir,
-        env=env,
+        env=_env_without_emulator(),
         capture_output=True,
         text=True,
         timeout=180,
@@ -223,20 +208,10 @@ def test_mailpipe_up_leaves_nothing_running_however_it_is_stopped(
 ) -> None:
     """Ctrl-C and SIGTERM stop everything in order; even SIGKILL of `mailpipe up` takes the
     emulator and the services with it."""
-    env = {k: v for k, v in os.environ.items() if k != "PUBSUB_EMULATOR_HOST"}
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ops",
-            "up",
-            "--port",
-            str(free_port()),
-            "--smtp-port",
-            str(free_port()),
-        ],
+        _mailpipe_up(),
         cwd=tmp_path,
-        env={**env, "COLUMNS": "200"},
+        env={**_env_without_emulator(), "COLUMNS": "200"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -18,7 +18,6 @@ import http.client
 import json
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -27,13 +26,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailpipe.record import DeliveryRecord, open_record
+from mailpipe.record import DeliveryRecord
 from mailpipe.record.firestore import FirestoreRecord
-from publisher.app import create_app
-from publisher.config import PublisherConfig
-from publisher.pubsub import PubSubMailPublisher
-from tests.fixtures.http import serve_app
-from tests.fixtures.topology import unique_topology
+from tests.fixtures.publishing import publishing
 from tests.fuzz.hostile import (
     HOSTILE_CODES,
     INT_DIGIT_LIMIT,
@@ -107,21 +102,7 @@ def backend_url(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     """The publisher over HTTP with Pub/Sub on the emulator and the record on ``param``."""
-    from emulator import delete_topology, sync_topology
-
-    topology = unique_topology()
-    sync_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)
-    record_path: Path = tmp_path_factory.mktemp("hostile") / "record.sqlite3"
-    config = PublisherConfig.from_env(
-        {
-            "PUBSUB_EMULATOR_HOST": pubsub_emulator.host,
-            "GOOGLE_CLOUD_PROJECT": pubsub_project,
-            "MAILPIPE_TOPIC": topology.mail_topic.name,
-            "MAILPIPE_RECORD": f"sqlite:///{record_path}",
-        },
-        topology,
-    )
-    record: DeliveryRecord
+    record: DeliveryRecord | None = None
     if request.param == "firestore":
         request.getfixturevalue("firestore_emulator")  # sets FIRESTORE_EMULATOR_HOST
         suffix = uuid.uuid4().hex[:8]
@@ -130,22 +111,23 @@ def backend_url(
             collection=f"hostile-{suffix}",
             idempotency_collection=f"hostile-keys-{suffix}",
         )
-    else:
-        record = open_record(config.record)
-    publisher = PubSubMailPublisher(config.pubsub, timeout=10)
-    try:
-        with serve_app(create_app(config, publisher=publisher, record=record)) as url:
-            yield url
-    finally:
-        publisher.close()
-        record.close()
-        delete_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)
+    record_dir = tmp_path_factory.mktemp("hostile")
+    with (
+        publishing(pubsub_emulator, pubsub_project, record_dir, record) as parts,
+        parts.served() as url,
+    ):
+        yield url
 
 
 @pytest.fixture(scope="module")
-def api(backend_url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=backend_url, timeout=30) as client:
-        yield client
+def publisher_url(backend_url: str) -> str:
+    """The conftest's ``http`` client goes to the parametrised backend."""
+    return backend_url
+
+
+@pytest.fixture(scope="module")
+def api(http: httpx.Client) -> httpx.Client:
+    return http
 
 
 def json_error(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -29,11 +29,9 @@ from mailpipe.mail import MailRequest, QueuedMail
 from mailpipe.record import open_record
 from subscriber.config import SubscriberConfig
 from subscriber.dead_letters import DeadLetterRecorder
-from subscriber.delivery import DeliveryService
 from subscriber.push import PUBSUB_EVENT_TYPE, PushHandler, create_push_app
-from subscriber.smtp import SmtpSender
 from tests.fixtures.http import serve_app
-from tests.fixtures.smtp import make_smtp_config
+from tests.fixtures.pipeline import local_push_endpoint
 from tests.fuzz.hostile import with_hostile_leaf
 
 FUZZ = settings(
@@ -52,27 +50,9 @@ def relay() -> Iterator[LocalSmtpServer]:
 @pytest.fixture(scope="module")
 def push_url(relay: LocalSmtpServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The push endpoint in local mode (no token), with the real delivery core behind it."""
-    record_path: Path = tmp_path_factory.mktemp("push-fuzz") / "record.sqlite3"
-    config = SubscriberConfig.from_env(
-        {"PUBSUB_EMULATOR_HOST": "127.0.0.1:1", "MAILPIPE_RECORD": f"sqlite:///{record_path}"}
-    )
-    record = open_record(config.record)
-    tracer = TracerProvider().get_tracer("test")
-    sender = SmtpSender(make_smtp_config(relay), tracer=tracer)
-    handler = PushHandler(
-        config,
-        delivery=DeliveryService(
-            sender=sender, record=record, tracer=tracer, message_id_domain="mailpipe.test"
-        ),
-        dead_letters=DeadLetterRecorder(record=record, tracer=tracer),
-        authenticator=None,
-    )
-    try:
-        with serve_app(create_push_app(handler)) as url:
-            yield url
-    finally:
-        sender.close()
-        record.close()
+    record_path = tmp_path_factory.mktemp("push-fuzz") / "record.sqlite3"
+    with local_push_endpoint(relay, record_path) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,11 @@ from typing import Any
 
 import pytest
 
-from emulator import RunningEmulator, delete_topology, subscriber_client, sync_topology
+from emulator import RunningEmulator
 from mailpipe.mail import QueuedMail
-from mailpipe.record import DeliveryRecord, MailStatus, open_record
+from mailpipe.record import DeliveryRecord, MailStatus
 from publisher.app import ApiError, ApiServices, accept_mail
-from publisher.config import PublisherConfig
-from publisher.pubsub import PubSubMailPublisher
-from tests.fixtures.pipeline import pipeline_env
-from tests.fixtures.topic import pull_until
-from tests.fixtures.topology import unique_topology
+from tests.fixtures.publishing import Publishing, publishing
 
 MAIL: dict[str, Any] = {
     "from": "Ada <ada@example.com>",
@@ -31,13 +27,15 @@ MAIL: dict[str, Any] = {
 @dataclass
 class Accepting:
     services: ApiServices
-    record: DeliveryRecord
-    subscriber: Any
-    subscription: str
+    parts: Publishing
+
+    @property
+    def record(self) -> DeliveryRecord:
+        return self.parts.record
 
     def published(self, expect: int) -> list[QueuedMail]:
         """Mails on the topic since the last call; polls until ``expect`` arrived (or 10 s)."""
-        return pull_until(self.subscriber, self.subscription, expect)
+        return self.parts.published(expect)
 
 
 @pytest.fixture(scope="module")
@@ -46,29 +44,15 @@ def accepting(
     pubsub_project: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Accepting]:
-    topology = unique_topology()
-    sync_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)
-    record_path = tmp_path_factory.mktemp("accept") / "record.sqlite3"
-    env = pipeline_env(pubsub_emulator, pubsub_project, topology, record_path, 25)
-    config = PublisherConfig.from_env(env, topology)
-    record = open_record(config.record)
-    publisher = PubSubMailPublisher(config.pubsub, timeout=10)
-    services = ApiServices(
-        config=config,
-        publisher=publisher,
-        record=record,
-        now=lambda: dt.datetime.now(dt.UTC),
-    )
-    subscriber = subscriber_client(pubsub_emulator.host)
-    subscription = subscriber.subscription_path(pubsub_project, topology.delivery_subscription.name)
-
-    try:
-        yield Accepting(services, record, subscriber, subscription)
-    finally:
-        publisher.close()
-        record.close()
-        subscriber.close()
-        delete_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)
+    record_dir = tmp_path_factory.mktemp("accept")
+    with publishing(pubsub_emulator, pubsub_project, record_dir) as parts:
+        services = ApiServices(
+            config=parts.config,
+            publisher=parts.publisher,
+            record=parts.record,
+            now=lambda: dt.datetime.now(dt.UTC),
+        )
+        yield Accepting(services, parts)
 
 
 def test_an_accepted_mail_is_published_and_recorded_queued(accepting: Accepting) -> None:

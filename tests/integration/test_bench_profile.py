@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench.profile import find_py_spy, record
+from tests.fixtures.processes import command_line, read_processes
 
 SPINNER = textwrap.dedent(
     """
@@ -34,17 +35,11 @@ SPINNER = textwrap.dedent(
 
 def py_spies_on(pid: int) -> list[str]:
     """Command lines of the py-spy processes still running against ``pid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"py-spy") and str(pid).encode() in argv:
-            found.append(b" ".join(argv).decode())
-    return found
+    return [
+        b" ".join(argv).decode()
+        for argv in read_processes(command_line).values()
+        if argv and argv[0].endswith(b"py-spy") and str(pid).encode() in argv
+    ]
 
 
 @pytest.fixture

@@ -53,12 +53,7 @@ def smtp_server(dovecot: Dovecot) -> Iterator[LocalSmtpServer]:
 def canary_env(dovecot: Dovecot, publisher_url: str, **overrides: str) -> dict[str, str]:
     env = {
         "MAILPIPE_URL": publisher_url,
-        "MAILPIPE_CANARY_IMAP_HOST": dovecot.host,
-        "MAILPIPE_CANARY_IMAP_PORT": str(dovecot.port),
-        "MAILPIPE_CANARY_IMAP_TLS": "starttls",
-        "MAILPIPE_CANARY_IMAP_CA_FILE": str(dovecot.ca_file),
-        "MAILPIPE_CANARY_IMAP_USER": dovecot.user,
-        "MAILPIPE_CANARY_IMAP_PASSWORD": dovecot.password,
+        **dovecot.canary_env(),
         "MAILPIPE_CANARY_TO": MAILBOX_ADDRESS,
         "MAILPIPE_CANARY_DEADLINE": "30",
         "MAILPIPE_CANARY_POLL_INTERVAL": "0.1",
@@ -218,15 +213,17 @@ def test_probe_over_imaps_and_plain_imap(
     assert result.mail_id is not None and not probe_in_maildir(dovecot, result.mail_id)
 
 
-def test_cli_prints_one_json_line_per_run(
-    pipeline: Pipeline,
-    dovecot: Dovecot,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+@pytest.fixture
+def cli_env(pipeline: Pipeline, dovecot: Dovecot, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment `mailpipe canary` reads, pointing at the pipeline and Dovecot."""
     for name, value in canary_env(dovecot, pipeline.url).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("MAILPIPE_TRACES", "none")
+
+
+def test_cli_prints_one_json_line_per_run(
+    cli_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
 
     code = mailpipe_main(["canary", "--json", "--every", "0.1s", "--runs", "2"])
 
@@ -239,14 +236,11 @@ def test_cli_prints_one_json_line_per_run(
 
 
 def test_cli_human_output_and_exit_code(
-    pipeline: Pipeline,
+    cli_env: None,
     dovecot: Dovecot,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    for name, value in canary_env(dovecot, pipeline.url).items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("MAILPIPE_TRACES", "none")
 
     assert mailpipe_main(["canary"]) == 0
     ok = capsys.readouterr().out

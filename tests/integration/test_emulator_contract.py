@@ -26,6 +26,7 @@ from google.cloud import firestore, pubsub_v1
 from google.pubsub_v1 import types as pubsub_types
 from opentelemetry import trace
 
+from bench.emulator_redelivery import DYING_CONSUMER
 from emulator import publisher_client, subscriber_client
 from mailpipe.topology import RetryPolicy, Topology
 
@@ -421,20 +422,8 @@ def test_firestore_serves_a_transaction_and_resets(
 
 
 # ---------------------------------------------------------------------------------------------
-# Streaming pull: what happens to the messages of a consumer that dies
-
-_DYING_CONSUMER = r"""
-import sys
-from google.cloud.pubsub_v1.types import FlowControl
-from emulator import subscriber_client
-received = []
-def callback(message):
-    received.append(message)  # hold it: never ack, never nack
-    print("received", flush=True)
-subscriber_client(sys.argv[1]).subscribe(
-    sys.argv[2], callback, flow_control=FlowControl(max_duration_per_lease_extension=10)
-).result()
-"""
+# Streaming pull: what happens to the messages of a consumer that dies (DYING_CONSUMER: the same
+# process bench/emulator_redelivery.py measures)
 
 
 @pytest.mark.slow
@@ -459,7 +448,7 @@ def test_a_killed_streaming_consumers_messages_are_not_handed_out_before_their_a
     # deadline cannot pass before this instant plus the ack deadline.
     consumer_started = time.monotonic()
     consumer = subprocess.Popen(
-        [sys.executable, "-c", _DYING_CONSUMER, pubsub_emulator.host, delivery],
+        [sys.executable, "-c", DYING_CONSUMER, pubsub_emulator.host, delivery],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -28,24 +28,22 @@ from emulator import (
 )
 from emulator.process import answers_ok, free_port, process_group_alive, start_emulator
 from mailpipe.topology import load_topology
+from tests.fixtures.processes import command_line, read_processes
 
 DEADLINE = 60.0
 
 
 def java_processes(port: int) -> list[int]:
     """Live Java processes whose command line has ``--port=PORT`` (how the emulators are run)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and b"java" in argv[0] and f"--port={port}".encode() in argv:
-            found.append(int(entry.name))
-    return found
+
+    def argv_and_state(entry: Path) -> tuple[list[bytes], str]:
+        return command_line(entry), (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+
+    return [
+        pid
+        for pid, (argv, state) in read_processes(argv_and_state).items()
+        if state != "Z" and b"java" in argv[0] and f"--port={port}".encode() in argv
+    ]
 
 
 def wait_for(condition, what: str, timeout: float = DEADLINE):

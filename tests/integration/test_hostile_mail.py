@@ -38,13 +38,10 @@ from ops.replay import DeadLetterReplayer, ReplayStatus, Selection
 from publisher.app import create_app
 from publisher.config import PublisherConfig
 from publisher.pubsub import PubSubMailPublisher
-from subscriber.config import SubscriberConfig
-from subscriber.dead_letters import DeadLetterRecorder
 from subscriber.delivery import DeliveryService, Outcome, ReceivedMessage
-from subscriber.push import PushHandler, create_push_app
 from subscriber.smtp import SmtpSender
 from tests.fixtures.http import serve_app
-from tests.fixtures.pipeline import Pipeline, PipelineFactory, pipeline_env
+from tests.fixtures.pipeline import Pipeline, PipelineFactory, local_push_endpoint, pipeline_env
 from tests.fixtures.smtp import make_smtp_config
 
 SENDER = "sender@example.com"
@@ -224,29 +221,8 @@ def test_mails_already_on_the_topic_are_delivered_or_bounced_never_stuck(
 @pytest.fixture
 def push_endpoint(smtp_server: LocalSmtpServer, tmp_path: Path) -> Iterator[tuple[str, Any]]:
     """The push endpoint in local mode over HTTP, the real delivery core, SMTP server and record."""
-    config = SubscriberConfig.from_env(
-        {
-            "PUBSUB_EMULATOR_HOST": "127.0.0.1:1",
-            "MAILPIPE_RECORD": f"sqlite:///{tmp_path / 'record.sqlite3'}",
-        }
-    )
-    record = open_record(config.record)
-    tracer = TracerProvider().get_tracer("test")
-    sender = SmtpSender(make_smtp_config(smtp_server), tracer=tracer)
-    handler = PushHandler(
-        config,
-        delivery=DeliveryService(
-            sender=sender, record=record, tracer=tracer, message_id_domain="mailpipe.test"
-        ),
-        dead_letters=DeadLetterRecorder(record=record, tracer=tracer),
-        authenticator=None,
-    )
-    try:
-        with serve_app(create_push_app(handler)) as url:
-            yield url, record
-    finally:
-        sender.close()
-        record.close()
+    with local_push_endpoint(smtp_server, tmp_path / "record.sqlite3") as endpoint:
+        yield endpoint
 
 
 def test_the_push_endpoint_acks_a_mail_that_cannot_be_built_with_204_not_500(

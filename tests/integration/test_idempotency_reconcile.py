@@ -52,6 +52,7 @@ from tests.fixtures.http import serve_app
 from tests.fixtures.pipeline import pipeline_env
 from tests.fixtures.smtp import make_smtp_config
 from tests.fixtures.telemetry import metric_points
+from tests.fixtures.topic import pull_acked
 
 MAIL: dict[str, Any] = {
     "from": "Ada <ada@example.com>",
@@ -193,21 +194,13 @@ def make_service(
     stack: list[Any] = []
 
     def pull() -> list[ReceivedMessage]:
-        response = subscriber.pull(
-            request={"subscription": subscription, "max_messages": 100, "return_immediately": True},
-            timeout=10,
-        )
-        if response.received_messages:
-            subscriber.acknowledge(
-                subscription=subscription, ack_ids=[m.ack_id for m in response.received_messages]
-            )
         return [
             ReceivedMessage(
                 data=m.message.data,
                 attributes=dict(m.message.attributes),
                 message_id=m.message.message_id,
             )
-            for m in response.received_messages
+            for m in pull_acked(subscriber, subscription)
         ]
 
     def make(wrap: Callable[[PubSubMailPublisher], Any] = lambda p: p) -> Service:
@@ -665,14 +658,17 @@ def test_reconcile_fix_as_the_scheduled_job_runs_it(
         "from ops.cli import main; sys.exit(main(sys.argv[1:]))"
     )
 
-    job = subprocess.run(
-        [sys.executable, "-c", program, "reconcile", "--fix"],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    def run_job() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", program, "reconcile", "--fix"],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    job = run_job()
 
     assert job.returncode == 0, job.stderr
     lines = [json.loads(line) for line in job.stdout.splitlines()]
@@ -690,14 +686,7 @@ def test_reconcile_fix_as_the_scheduled_job_runs_it(
     settled = seed.get(stalled)
     assert settled is not None
     assert settled.status is MailStatus.UNCONFIRMED
-    again = subprocess.run(
-        [sys.executable, "-c", program, "reconcile", "--fix"],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = run_job()
     assert again.returncode == 0, again.stderr  # nothing stuck any more: a quiet INFO line
     [quiet] = [json.loads(line) for line in again.stdout.splitlines()]
     assert (quiet["severity"], quiet["unconfirmed"], quiet["released"]) == ("INFO", 1, 0)

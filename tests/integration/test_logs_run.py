@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from emulator.pipeline import LocalPipeline, run_local_pipeline
+from emulator.pipeline import LocalPipeline
 from emulator.smtp import LocalSmtpServer
 from mailpipe.topology import Topology
+from tests.fixtures.pipeline import pipeline_processes
 
 SMTP_USER = "mailer"
 SMTP_PASSWORD = "pw-marker-2c7a41"  # the local server's test login
@@ -70,16 +71,7 @@ def test_logs_are_cloud_logging_json_joined_to_traces_without_secrets(
         "MAILPIPE_SMTP_PASSWORD": SMTP_PASSWORD,
         "MAILPIPE_SMTP_ALLOW_PLAINTEXT_AUTH": "1",  # loopback only
     }
-    with (
-        smtp,
-        run_local_pipeline(
-            state_dir=tmp_path / "state",
-            project=pubsub_project,
-            topology=topology,
-            smtp_server=smtp,
-            extra_env=env,
-        ) as pipeline,
-    ):
+    with pipeline_processes(smtp, tmp_path, pubsub_project, topology, extra_env=env) as pipeline:
         cases = []
         for to, status, outcomes in [
             ("delivered@example.org", "delivered", ["delivered"]),

@@ -17,10 +17,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from emulator.pipeline import run_local_pipeline
 from emulator.process import free_port
 from emulator.smtp import LocalSmtpServer
 from mailpipe.topology import Topology
+from tests.fixtures.pipeline import pipeline_processes
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -70,19 +70,16 @@ def test_metrics_of_delivered_deferred_and_bounced_mails(
     smtp = LocalSmtpServer()
     smtp.fail("rcpt", 451, "4.3.0 try later", times=1, address="deferred@example.org")
     smtp.fail("rcpt", 550, "5.1.1 no such user", address="bounced@example.org")
-    with (
+    with pipeline_processes(
         smtp,
-        run_local_pipeline(
-            state_dir=tmp_path / "state",
-            project=pubsub_project,
-            topology=topology,
-            smtp_server=smtp,
-            extra_env={"MAILPIPE_SMTP_TIMEOUT": "5", "MAILPIPE_SMTP_POOL_SIZE": "1"},
-            # One port each: the two processes would otherwise fight over one.
-            publisher_env={"MAILPIPE_METRICS_PORT": str(publisher_port)},
-            subscriber_env={"MAILPIPE_METRICS_PORT": str(subscriber_port)},
-        ) as pipeline,
-    ):
+        tmp_path,
+        pubsub_project,
+        topology,
+        extra_env={"MAILPIPE_SMTP_TIMEOUT": "5", "MAILPIPE_SMTP_POOL_SIZE": "1"},
+        # One port each: the two processes would otherwise fight over one.
+        publisher_env={"MAILPIPE_METRICS_PORT": str(publisher_port)},
+        subscriber_env={"MAILPIPE_METRICS_PORT": str(subscriber_port)},
+    ) as pipeline:
         for to, status in [
             ("delivered@example.org", "delivered"),
             ("deferred@example.org", "delivered"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from emulator import RunningEmulator, delete_topology, subscriber_client, sync_topology
+from emulator import RunningEmulator, delete_topology
 from mailpipe.mail import Mailbox, QueuedMail
 from mailpipe.record import MailStatus, open_record
 from mailpipe.telemetry import setup_telemetry
@@ -22,6 +21,7 @@ from publisher.metrics import PublisherMetrics
 from publisher.pubsub import PubSubMailPublisher
 from tests.fixtures.http import serve_app
 from tests.fixtures.pipeline import pipeline_env
+from tests.fixtures.publishing import Publishing, publishing
 from tests.fixtures.topology import unique_topology
 
 VALID: dict[str, Any] = {
@@ -33,22 +33,17 @@ VALID: dict[str, Any] = {
 
 
 class Api:
-    def __init__(self, http: httpx.Client, record: Any, pull: Any) -> None:
+    def __init__(self, http: httpx.Client, parts: Publishing) -> None:
         self.http = http
-        self.record = record
-        self._pull = pull
+        self.record = parts.record
+        self._parts = parts
 
     def post(self, body: Any, **kwargs: Any) -> httpx.Response:
         return self.http.post("/v1/messages", json=body, **kwargs)
 
     def published(self, expect: int = 0) -> list[QueuedMail]:
         """Mails on the topic since the last call (pulled and acked); polls until ``expect``."""
-        deadline = time.monotonic() + 10
-        mails = self._pull()
-        while len(mails) < expect and time.monotonic() < deadline:
-            time.sleep(0.05)
-            mails += self._pull()
-        return mails
+        return self._parts.published(expect)
 
 
 @pytest.fixture(scope="module")
@@ -58,47 +53,21 @@ def api(
     span_exporter: Any,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Api]:
-    topology = unique_topology()
-    sync_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)
-    record_path = tmp_path_factory.mktemp("api") / "record.sqlite3"
-    env = pipeline_env(pubsub_emulator, pubsub_project, topology, record_path, 25)
-    config = PublisherConfig.from_env(env, topology)
-    telemetry = setup_telemetry(config.telemetry, span_exporter=span_exporter)
-    record = open_record(config.record)
-    publisher = PubSubMailPublisher(config.pubsub, timeout=10)
-    app = create_app(
-        config,
-        publisher=publisher,
-        record=record,
-        metrics=PublisherMetrics(telemetry.meter),
-        tracer_provider=telemetry.tracer_provider,
-    )
-    subscriber = subscriber_client(pubsub_emulator.host)
-    subscription = subscriber.subscription_path(pubsub_project, topology.delivery_subscription.name)
-
-    def pull() -> list[QueuedMail]:
-        response = subscriber.pull(
-            request={"subscription": subscription, "max_messages": 100, "return_immediately": True},
-            timeout=10,
+    with publishing(pubsub_emulator, pubsub_project, tmp_path_factory.mktemp("api")) as parts:
+        config = parts.config
+        telemetry = setup_telemetry(config.telemetry, span_exporter=span_exporter)
+        app = create_app(
+            config,
+            publisher=parts.publisher,
+            record=parts.record,
+            metrics=PublisherMetrics(telemetry.meter),
+            tracer_provider=telemetry.tracer_provider,
         )
-        if response.received_messages:
-            subscriber.acknowledge(
-                subscription=subscription, ack_ids=[m.ack_id for m in response.received_messages]
-            )
-        return [
-            QueuedMail.from_pubsub(m.message.data, dict(m.message.attributes))
-            for m in response.received_messages
-        ]
-
-    with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as http:
-        api = Api(http, record, pull)
-        api.published()  # start empty
-        yield api
-    publisher.close()
-    record.close()
-    subscriber.close()
-    telemetry.shutdown()
-    delete_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)
+        with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+            api = Api(http, parts)
+            api.published()  # start empty
+            yield api
+        telemetry.shutdown()
 
 
 def assert_json_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:

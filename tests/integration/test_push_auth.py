@@ -27,7 +27,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ from subscriber.main import build_push_handler, build_services
 from subscriber.push import PushHandler, create_push_app
 from subscriber.smtp import SmtpSender
 from tests.fixtures.cloud_run import CloudRunFront, cloud_run_front, strip_signature
-from tests.fixtures.http import serve_app
+from tests.fixtures.http import QuietJsonHandler, serve_app
 from tests.fixtures.pipeline import pipeline_env
 from tests.fixtures.smtp import make_smtp_config
 
@@ -70,6 +71,22 @@ KID = "test-key-1"
 
 def _private_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _claims(**changes: Any) -> dict[str, Any]:
+    """The claims of a Google-signed ID token for SERVICE_ACCOUNT; a change to None drops one."""
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "aud": AUDIENCE,
+        "iss": ISSUER,
+        "iat": now,
+        "exp": now + 3600,
+        "sub": "112233445566778899",
+        "email": SERVICE_ACCOUNT,
+        "email_verified": True,
+    }
+    claims.update(changes)
+    return {k: v for k, v in claims.items() if v is not None}
 
 
 class Keys:
@@ -90,18 +107,7 @@ class Keys:
         kid: str = KID,
         drop: tuple[str, ...] = (),
     ) -> str:
-        now = int(time.time())
-        claims: dict[str, Any] = {
-            "aud": AUDIENCE,
-            "iss": ISSUER,
-            "iat": now,
-            "exp": now + 3600,
-            "sub": "112233445566778899",
-            "azp": "112233445566778899",
-            "email": SERVICE_ACCOUNT,
-            "email_verified": True,
-            **(overrides or {}),
-        }
+        claims = {**_claims(azp="112233445566778899"), **(overrides or {})}
         for name in drop:
             claims.pop(name, None)
         return jwt.encode(claims, key or self.key, algorithm="RS256", headers={"kid": kid})
@@ -112,18 +118,10 @@ def keys() -> Iterator[tuple[Keys, str]]:
     """The keys and the URL of their JWKS (an HTTP server on 127.0.0.1)."""
     keys = Keys()
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietJsonHandler):
         def do_GET(self) -> None:
             keys.fetches += 1
-            body = json.dumps(keys.jwks).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            return
+            self.send_json(keys.jwks)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -135,11 +133,11 @@ def keys() -> Iterator[tuple[Keys, str]]:
         server.server_close()
 
 
+@dataclass
 class PushEndpoint:
-    def __init__(self, url: str, smtp: LocalSmtpServer, record_path: Path) -> None:
-        self.url = url
-        self.smtp = smtp
-        self.record_path = record_path
+    url: str
+    smtp: LocalSmtpServer
+    record_path: Path
 
     def post(
         self,
@@ -413,17 +411,33 @@ SERVICE_URL = "https://mailpipe-subscriber-abc123-ew.a.run.app"
 OTHER_INVOKER = "operator@mailpipe-test.iam.gserviceaccount.com"
 
 
+@dataclass
 class Front:
-    def __init__(self, url: str, proxy: CloudRunFront, endpoint: PushEndpoint) -> None:
-        self.url = url
-        self.proxy = proxy
-        self.endpoint = endpoint
+    url: str
+    proxy: CloudRunFront
+    endpoint: PushEndpoint
 
     def push(
         self, authorization: str | None, path: str = "/", **headers: str
     ) -> tuple[httpx.Response, str]:
         extra = {name.replace("_", "-"): value for name, value in headers.items()}
         return self.endpoint.post(authorization, path, via=self.url, headers=extra)
+
+
+@contextmanager
+def _served_behind_front(app: Any, keys: tuple[Keys, str]) -> Iterator[tuple[str, str]]:
+    """``app`` over HTTP behind Cloud Run's front (audience: the service URL): the front's URL
+    and the container's own."""
+    with (
+        serve_app(app) as backend,
+        cloud_run_front(
+            backend_url=backend,
+            jwks_url=keys[1],
+            audiences=(SERVICE_URL,),
+            invokers=frozenset({SERVICE_ACCOUNT, OTHER_INVOKER}),
+        ) as (url, _),
+    ):
+        yield url, backend
 
 
 @contextmanager
@@ -542,21 +556,6 @@ def _unsigned(claims: dict[str, Any], header: dict[str, Any] | None = None) -> s
     return f"{b64(header)}.{b64(claims)}.SIGNATURE_REMOVED_BY_GOOGLE"
 
 
-def _claims(**changes: Any) -> dict[str, Any]:
-    now = int(time.time())
-    claims: dict[str, Any] = {
-        "aud": AUDIENCE,
-        "iss": ISSUER,
-        "iat": now,
-        "exp": now + 3600,
-        "sub": "112233445566778899",
-        "email": SERVICE_ACCOUNT,
-        "email_verified": True,
-    }
-    claims.update(changes)
-    return {k: v for k, v in claims.items() if v is not None}
-
-
 # Stripped tokens with forged claims, sent straight to a cloud-run-mode endpoint (as if the front
 # had let them through). On GCP they cannot get there: Cloud Run verified the signature. The claim
 # check is what remains, and it must refuse each of these.
@@ -646,15 +645,7 @@ def test_the_caller_identity_is_the_invoker_cloud_run_verified(keys: tuple[Keys,
     def refused(exc: TokenError) -> tuple[Response, int]:
         return jsonify(error=str(exc)), 401
 
-    with (
-        serve_app(app) as backend,
-        cloud_run_front(
-            backend_url=backend,
-            jwks_url=keys[1],
-            audiences=(SERVICE_URL,),
-            invokers=frozenset({SERVICE_ACCOUNT, OTHER_INVOKER}),
-        ) as (url, _),
-    ):
+    with _served_behind_front(app, keys) as (url, _):
         operator = keys[0].sign({"aud": SERVICE_URL, "email": OTHER_INVOKER})
         answer = httpx.post(url, headers={"Authorization": f"Bearer {operator}"})
         assert answer.json() == {"caller": OTHER_INVOKER}
@@ -716,15 +707,7 @@ def test_behind_cloud_run_the_publisher_scopes_idempotency_keys_to_the_verified_
         "idempotency_key": "invoice-42",
     }
     try:
-        with (
-            serve_app(app) as backend,
-            cloud_run_front(
-                backend_url=backend,
-                jwks_url=keys[1],
-                audiences=(SERVICE_URL,),
-                invokers=frozenset({SERVICE_ACCOUNT, OTHER_INVOKER}),
-            ) as (url, _),
-        ):
+        with _served_behind_front(app, keys) as (url, backend):
 
             def post(invoker: str) -> httpx.Response:
                 token = keys[0].sign({"aud": SERVICE_URL, "email": invoker})

@@ -38,6 +38,7 @@ from subscriber.pull import make_subscriber_client
 from subscriber.push import create_push_app
 from tests.fixtures.http import serve_app
 from tests.fixtures.pipeline import pipeline_env
+from tests.fixtures.redaction import password_leaks
 from tests.fixtures.smtp import CommandLog
 
 USER = "relay-login"
@@ -58,17 +59,7 @@ AUTHZID = b64(f"{USER}\0{USER}\0{PASSWORD}")  # the same with an authorisation i
 
 def leaks(text: str) -> list[str]:
     """What of the password ``text`` shows: itself, or 6 characters of it inside base64."""
-    found = ["plain"] if PASSWORD in text else []
-    pieces = {PASSWORD[i : i + 6].encode() for i in range(len(PASSWORD) - 5)}
-    cleaned = "".join(c if c.isalnum() or c in "+/" else " " for c in text)
-    for run in cleaned.split():
-        for start in range(4):
-            chunk = run[start:]
-            chunk = chunk[: len(chunk) - len(chunk) % 4]
-            decoded = base64.b64decode(chunk) if chunk else b""
-            if any(piece in decoded for piece in pieces):
-                found.append(run[:12] + "…")
-    return found
+    return password_leaks(text, PASSWORD)
 
 
 def addresses_in(text: str) -> list[str]:

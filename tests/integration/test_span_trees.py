@@ -24,14 +24,14 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
 from emulator import RunningEmulator, delete_topology
-from emulator.pipeline import LocalPipeline, run_local_pipeline
+from emulator.pipeline import LocalPipeline
 from emulator.smtp import LocalSmtpServer
 from mailpipe.telemetry import LIBRARY_HELPER_SPANS
 from mailpipe.topology import Topology
 from ops.cli import main as mailpipe_main
 from ops.trace_view import SpanRecord, find_trace, read_spans
 from tests.fixtures.emulators import FAST_DELIVERY_SETTINGS
-from tests.fixtures.pipeline import Pipeline
+from tests.fixtures.pipeline import Pipeline, pipeline_processes
 from tests.fixtures.topology import unique_topology
 
 BODY = "body-marker-7f3c9e: the text of the mail must never reach a span"
@@ -498,16 +498,7 @@ def test_file_exporter_across_processes(
         # under the request and each handler span) are checked in test_delivery_events.py.
         "MAILPIPE_EVENTS_TOPIC": "none",
     }
-    with (
-        smtp,
-        run_local_pipeline(
-            state_dir=tmp_path / "state",
-            project=pubsub_project,
-            topology=topology,
-            extra_env=env,
-            smtp_server=smtp,
-        ) as pipeline,
-    ):
+    with pipeline_processes(smtp, tmp_path, pubsub_project, topology, extra_env=env) as pipeline:
         # (recipient, final status, SMTP steps of each attempt, outcome of each handler span)
         plan: list[tuple[str, str, list[tuple[str, ...]], list[str]]] = [
             ("delivered@example.org", "delivered",

@@ -9,6 +9,7 @@ import pytest
 
 from mailpipe.logs import REDACTED, redact_address
 from subscriber.redaction import ReplyRedactor, credential_forms
+from tests.fixtures.redaction import password_leaks
 
 USER = "relay-user@example.com"
 PASSWORD = "Tr0ub4dor&3-horse-battery"
@@ -20,18 +21,7 @@ def b64(raw: str) -> str:
 
 def leaks(text: str) -> bool:
     """Whether ``text`` holds the password, or 6 characters of it inside base64 (any alignment)."""
-    if PASSWORD in text:
-        return True
-    pieces = {PASSWORD[i : i + 6].encode() for i in range(len(PASSWORD) - 5)}
-    cleaned = "".join(c if c.isalnum() or c in "+/" else " " for c in text)
-    for run in cleaned.split():
-        for start in range(4):
-            chunk = run[start:]
-            chunk = chunk[: len(chunk) - len(chunk) % 4]
-            decoded = base64.b64decode(chunk) if chunk else b""
-            if any(piece in decoded for piece in pieces):
-                return True
-    return False
+    return bool(password_leaks(text, PASSWORD))
 
 
 @pytest.fixture

@@ -35,26 +35,17 @@ def _config(**changes) -> TelemetryConfig:
     return TelemetryConfig(service_name=changes.pop("service_name", "mailpipe-test"), **changes)
 
 
-@pytest.fixture
-def made() -> Iterator[list[Telemetry]]:
-    """Telemetry objects a test builds, shut down at teardown even when the test fails."""
-    built: list[Telemetry] = []
-    yield built
-    for telemetry in built:
-        telemetry.shutdown()
-
-
-def _setup(made: list[Telemetry], config: TelemetryConfig, **kwargs) -> Telemetry:
+def _setup(built_telemetry: list[Telemetry], config: TelemetryConfig, **kwargs) -> Telemetry:
     telemetry = setup_telemetry(config, **kwargs)
-    made.append(telemetry)
+    built_telemetry.append(telemetry)
     return telemetry
 
 
 # --- modes ---------------------------------------------------------------------------------------
 
 
-def test_none_mode_still_gives_spans_ids(made: list[Telemetry]) -> None:
-    telemetry = _setup(made, _config(traces="none"), set_global=False)
+def test_none_mode_still_gives_spans_ids(built_telemetry: list[Telemetry]) -> None:
+    telemetry = _setup(built_telemetry, _config(traces="none"), set_global=False)
 
     with telemetry.tracer("t").start_as_current_span("POST /v1/messages") as span:
         context = span.get_span_context()
@@ -65,10 +56,10 @@ def test_none_mode_still_gives_spans_ids(made: list[Telemetry]) -> None:
 
 
 def test_file_mode_writes_spans_the_viewer_sees_without_a_flush(
-    made: list[Telemetry], tmp_path: Path
+    built_telemetry: list[Telemetry], tmp_path: Path
 ) -> None:
     path = tmp_path / "nested" / "traces.jsonl"
-    telemetry = _setup(made, _config(traces="file", trace_file=path), set_global=False)
+    telemetry = _setup(built_telemetry, _config(traces="file", trace_file=path), set_global=False)
 
     with telemetry.tracer("t").start_as_current_span("mail deliver") as span:
         span.set_attribute("mailpipe.mail_id", "m-1")
@@ -81,9 +72,11 @@ def test_file_mode_writes_spans_the_viewer_sees_without_a_flush(
     assert record.attributes == {"mailpipe.mail_id": "m-1"}
 
 
-def test_shutdown_flushes_the_file_and_is_idempotent(made: list[Telemetry], tmp_path: Path) -> None:
+def test_shutdown_flushes_the_file_and_is_idempotent(
+    built_telemetry: list[Telemetry], tmp_path: Path
+) -> None:
     path = tmp_path / "traces.jsonl"
-    telemetry = _setup(made, _config(traces="file", trace_file=path), set_global=False)
+    telemetry = _setup(built_telemetry, _config(traces="file", trace_file=path), set_global=False)
     for index in range(5):
         with telemetry.tracer("t").start_as_current_span(f"span {index}"):
             pass
@@ -94,10 +87,12 @@ def test_shutdown_flushes_the_file_and_is_idempotent(made: list[Telemetry], tmp_
     assert sorted(r.name for r in read_spans(path)) == [f"span {i}" for i in range(5)]
 
 
-def test_resource_attributes_are_added_and_service_name_wins(made: list[Telemetry]) -> None:
+def test_resource_attributes_are_added_and_service_name_wins(
+    built_telemetry: list[Telemetry],
+) -> None:
     exporter = InMemorySpanExporter()
     telemetry = _setup(
-        made,
+        built_telemetry,
         _config(traces="none"),
         span_exporter=exporter,
         set_global=False,
@@ -148,12 +143,14 @@ def otlp_collector() -> Iterator[_OtlpCollector]:
 
 
 def test_otlp_mode_sends_spans_and_metrics_to_the_collector(
-    otlp_collector: _OtlpCollector, made: list[Telemetry]
+    otlp_collector: _OtlpCollector, built_telemetry: list[Telemetry]
 ) -> None:
     # Fixture order matters: the telemetry is shut down (its last export) before the collector.
     host, port = otlp_collector.server_address[:2]
     endpoint = f"http://{host}:{port}"
-    telemetry = _setup(made, _config(traces="otlp", otlp_endpoint=endpoint), set_global=False)
+    telemetry = _setup(
+        built_telemetry, _config(traces="otlp", otlp_endpoint=endpoint), set_global=False
+    )
 
     with telemetry.tracer("t").start_as_current_span("mail deliver"):
         PublisherMetrics(telemetry.meter).accepted()
@@ -195,10 +192,12 @@ def _remote_parent(sampled: bool):
     ],
 )
 def test_sampling_is_parent_based_ratio(
-    made: list[Telemetry], ratio: float, parent: bool | None, expected: bool
+    built_telemetry: list[Telemetry], ratio: float, parent: bool | None, expected: bool
 ) -> None:
     exporter = InMemorySpanExporter()
-    telemetry = _setup(made, _config(sample_ratio=ratio), span_exporter=exporter, set_global=False)
+    telemetry = _setup(
+        built_telemetry, _config(sample_ratio=ratio), span_exporter=exporter, set_global=False
+    )
     context = None if parent is None else _remote_parent(parent)
 
     with telemetry.tracer("t").start_as_current_span("mail deliver", context=context) as span:
@@ -208,8 +207,8 @@ def test_sampling_is_parent_based_ratio(
     assert len(exporter.get_finished_spans()) == int(expected)
 
 
-def test_sample_ratio_is_applied_to_new_traces(made: list[Telemetry]) -> None:
-    telemetry = _setup(made, _config(sample_ratio=0.25), set_global=False)
+def test_sample_ratio_is_applied_to_new_traces(built_telemetry: list[Telemetry]) -> None:
+    telemetry = _setup(built_telemetry, _config(sample_ratio=0.25), set_global=False)
     tracer = telemetry.tracer("t")
 
     sampled = 0

@@ -9,12 +9,11 @@ metadata server would, or is closed (the metadata server is unreachable).
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from mailpipe.config import TelemetryConfig
 from mailpipe.telemetry import Telemetry, detect_gcp_resource, setup_telemetry
 from publisher.metrics import PublisherMetrics
 from subscriber.metrics import DeliveryMetrics
+from tests.fixtures.http import QuietJsonHandler
 
 # Both Google exporters warn that they are deprecated in favour of Google's OTLP endpoint
 # (telemetry.googleapis.com); mailpipe keeps them for now, see mailpipe/telemetry.py.
@@ -89,22 +89,14 @@ class _MetadataServer(ThreadingHTTPServer):
     }
 
     def __init__(self) -> None:
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietJsonHandler):
             def do_GET(self) -> None:
                 # Through a proxy the request line holds the absolute URL.
                 ok = self.path.startswith("http://metadata.google.internal/computeMetadata/v1/")
                 if not ok or self.headers.get("Metadata-Flavor") != "Google":
                     self.send_error(403)
                     return
-                body = json.dumps(_MetadataServer.METADATA).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
+                self.send_json(_MetadataServer.METADATA)
 
         super().__init__(("127.0.0.1", 0), Handler)
 
@@ -142,20 +134,12 @@ def metadata_server(cloud_run_env: None, monkeypatch: pytest.MonkeyPatch) -> Ite
     thread.join(5)
 
 
-@pytest.fixture
-def made() -> Iterator[list[Telemetry]]:
-    built: list[Telemetry] = []
-    yield built
-    for telemetry in built:
-        telemetry.shutdown()
-
-
 def _labels(span: Any) -> dict[str, str]:
     return {key: value.string_value.value for key, value in span.attributes.attribute_map.items()}
 
 
 def _gcp_telemetry(
-    made: list[Telemetry],
+    built_telemetry: list[Telemetry],
 ) -> tuple[Telemetry, RecordingTraceClient, RecordingMetricClient]:
     trace_client, metric_client = RecordingTraceClient(), RecordingMetricClient()
     telemetry = setup_telemetry(
@@ -165,14 +149,14 @@ def _gcp_telemetry(
         cloud_trace_client=trace_client,
         cloud_monitoring_client=metric_client,
     )
-    made.append(telemetry)
+    built_telemetry.append(telemetry)
     return telemetry, trace_client, metric_client
 
 
 def test_gcp_mode_exports_to_cloud_trace_with_cloud_run_attributes(
-    made: list[Telemetry], metadata_server: None
+    built_telemetry: list[Telemetry], metadata_server: None
 ) -> None:
-    telemetry, trace_client, _ = _gcp_telemetry(made)
+    telemetry, trace_client, _ = _gcp_telemetry(built_telemetry)
 
     with telemetry.tracer("t").start_as_current_span("mail deliver") as span:
         span.set_attribute("mailpipe.mail_id", "m-1")
@@ -193,9 +177,9 @@ def test_gcp_mode_exports_to_cloud_trace_with_cloud_run_attributes(
 
 
 def test_gcp_mode_selects_the_cloud_trace_exporter(
-    made: list[Telemetry], metadata_unreachable: None
+    built_telemetry: list[Telemetry], metadata_unreachable: None
 ) -> None:
-    telemetry, _, _ = _gcp_telemetry(made)
+    telemetry, _, _ = _gcp_telemetry(built_telemetry)
 
     processors = telemetry.tracer_provider._active_span_processor._span_processors
     exporters = [p.span_exporter for p in processors]
@@ -204,9 +188,9 @@ def test_gcp_mode_selects_the_cloud_trace_exporter(
 
 
 def test_without_the_metadata_server_cloud_run_attributes_come_from_its_env_vars(
-    made: list[Telemetry], metadata_unreachable: None
+    built_telemetry: list[Telemetry], metadata_unreachable: None
 ) -> None:
-    telemetry, trace_client, _ = _gcp_telemetry(made)
+    telemetry, trace_client, _ = _gcp_telemetry(built_telemetry)
 
     with telemetry.tracer("t").start_as_current_span("mail deliver"):
         pass
@@ -220,9 +204,9 @@ def test_without_the_metadata_server_cloud_run_attributes_come_from_its_env_vars
 
 
 def test_gcp_mode_exports_metrics_to_cloud_monitoring(
-    made: list[Telemetry], metadata_unreachable: None
+    built_telemetry: list[Telemetry], metadata_unreachable: None
 ) -> None:
-    telemetry, _, metric_client = _gcp_telemetry(made)
+    telemetry, _, metric_client = _gcp_telemetry(built_telemetry)
 
     DeliveryMetrics(telemetry.meter).bounced(reply_code=550, enhanced_status="5.1.1")
     telemetry.force_flush()
@@ -262,11 +246,11 @@ def test_outside_cloud_run_nothing_is_detected(
 
 
 def test_gcp_metrics_export_once_a_minute_and_once_at_shutdown(
-    made: list[Telemetry], metadata_server: None
+    built_telemetry: list[Telemetry], metadata_server: None
 ) -> None:
     """Cloud Monitoring refuses a point written to a series sooner than its sampling period after
     the previous one, so nothing but the reader's period and the shutdown may export metrics."""
-    telemetry, trace_client, metric_client = _gcp_telemetry(made)
+    telemetry, trace_client, metric_client = _gcp_telemetry(built_telemetry)
     (reader,) = telemetry.meter_provider._metric_readers
     metrics = DeliveryMetrics(telemetry.meter)
 
@@ -292,9 +276,9 @@ def test_gcp_metrics_export_once_a_minute_and_once_at_shutdown(
 
 
 def test_without_the_instance_id_each_process_still_writes_its_own_series(
-    made: list[Telemetry], metadata_unreachable: None
+    built_telemetry: list[Telemetry], metadata_unreachable: None
 ) -> None:
-    telemetry, _, metric_client = _gcp_telemetry(made)
+    telemetry, _, metric_client = _gcp_telemetry(built_telemetry)
     PublisherMetrics(telemetry.meter).accepted()
     telemetry.shutdown()
 

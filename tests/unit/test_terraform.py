@@ -1255,104 +1255,122 @@ def test_pull_mode_evaluated(module: Module, tmp_path: Path, topology: Topology)
 # ------------------------------------------------------------------------------------------------
 
 
-def _scheduled_grants(module: Module, account: str) -> dict[str, dict[str, Any]]:
-    """The IAM grants whose member is one of the scheduled jobs' accounts (scheduled_jobs.tf)."""
+def _grants_to(module: Module, member: str) -> dict[str, dict[str, Any]]:
+    """Every IAM grant whose member expression names ``member``, by resource address."""
     return {
         f"{rtype}.{name}": body
         for (rtype, name), body in module.resources.items()
-        if "_iam_" in rtype and account in str(body.get("member"))
+        if "_iam_" in rtype and member in str(body.get("member"))
     }
 
 
-def test_scheduled_jobs_share_one_shape_with_least_privilege(module: Module) -> None:
-    """reconcile and dlq-replay: one for_each over local.scheduled_jobs (scheduled_jobs.tf)."""
-    assert (
-        "merge(local.reconcile_scheduled_job, local.dlq_replay_scheduled_job)"
-        in (module.locals["scheduled_jobs"])
+def _check_schedules(module: Module) -> None:
+    """Each scheduled job (local.scheduled_jobs, while enabled) is started by a scheduler job
+    whose own identity holds one grant: run.invoker on that job."""
+    assert module.locals["schedules"] == (
+        "${{for name, job in local.scheduled_jobs : name => job if job.enabled}}"
     )
-    job = module.resource("google_cloud_run_v2_job", "scheduled")
-    assert job["for_each"] == "${local.scheduled_jobs}"
-    assert job["name"] == "mailpipe-${each.key}"
-    template = job["template"][0]["template"][0]
-    assert template["service_account"] == "${google_service_account.job[each.key].email}"
-    assert template["containers"][0]["image"] == "${each.value.image}"
-    container = template["containers"][0]
-    assert (container["command"], container["args"]) == (["mailpipe"], "${each.value.args}")
-    assert _dynamic(template["containers"][0], "env")["for_each"] == "${each.value.env}"
-    assert "${each.value.holds}" in _conditions(job)
-
-    schedule = module.resource("google_cloud_scheduler_job", "scheduled")
-    assert schedule["schedule"] == "${each.value.schedule}"
-    target = schedule["http_target"][0]
-    assert target["uri"].endswith("jobs/${google_cloud_run_v2_job.scheduled[each.key].name}:run")
+    identity = module.resource("google_service_account", "scheduler")
+    assert identity["for_each"] == "${local.schedules}"
+    scheduler = module.resource("google_cloud_scheduler_job", "schedule")
+    assert scheduler["for_each"] == "${local.schedules}"
+    assert scheduler["schedule"] == "${each.value.schedule}"
+    target = scheduler["http_target"][0]
+    assert target["uri"].endswith("/jobs/${each.value.job}:run")
     assert target["oauth_token"][0]["service_account_email"] == (
-        "${google_service_account.job_scheduler[each.key].email}"
+        "${google_service_account.scheduler[each.key].email}"
     )
-    # The scheduler's account may only run its own job.
-    assert set(_scheduled_grants(module, "google_service_account.job_scheduler")) == {
-        "google_cloud_run_v2_job_iam_member.scheduler_runs_job"
-    }
-    runner = module.resource("google_cloud_run_v2_job_iam_member", "scheduler_runs_job")
+    grants = _grants_to(module, "google_service_account.scheduler")
+    assert set(grants) == {"google_cloud_run_v2_job_iam_member.scheduler_runs_job"}
+    runner = grants["google_cloud_run_v2_job_iam_member.scheduler_runs_job"]
+    assert runner["for_each"] == "${local.schedules}"
     assert runner["role"] == "roles/run.invoker"
-    assert runner["name"] == "${google_cloud_run_v2_job.scheduled[each.key].name}"
-    assert '"cloudscheduler.googleapis.com"' in module.locals["services"]
-    assert "local.reconcile_enabled" in module.locals["services"]
-    assert "local.dlq_replay_enabled" in module.locals["services"]
+    assert runner["member"] == "${google_service_account.scheduler[each.key].member}"
+    assert runner["name"] == "${each.value.job}"
+
+
+def test_the_canary_and_reconcile_schedules_keep_their_state(module: Module) -> None:
+    """schedules.tf replaced per-job resources: `moved` blocks carry the state of a deployment
+    made before, so the scheduler accounts and jobs are not destroyed and created again."""
+    moved = {(m["from"], m["to"]) for m in module.by_file["schedules.tf"]["moved"]}
+    for job in ("canary", "reconcile"):
+        assert job in module.locals["scheduled_jobs"]
+        assert (
+            f"${{google_service_account.{job}_scheduler[0]}}",
+            f'${{google_service_account.scheduler["{job}"]}}',
+        ) in moved
+        assert (
+            f"${{google_cloud_run_v2_job_iam_member.scheduler_runs_{job}[0]}}",
+            f'${{google_cloud_run_v2_job_iam_member.scheduler_runs_job["{job}"]}}',
+        ) in moved
+        assert (
+            f"${{google_cloud_scheduler_job.{job}[0]}}",
+            f'${{google_cloud_scheduler_job.schedule["{job}"]}}',
+        ) in moved
+    assert module.locals["scheduled_jobs"]["canary"]["schedule"] == (
+        "${try(local.canary.schedule, null)}"
+    )
 
 
 def test_reconcile_job_runs_on_a_schedule_with_least_privilege(module: Module) -> None:
     variable = module.variables["reconcile"]
     assert 'schedule = optional(string, "*/10 * * * *")' in variable["type"].replace("\n", " ")
     assert module.locals["reconcile_enabled"] == "${var.reconcile.enabled}"
-    [entry] = module.locals["reconcile_scheduled_job"].values()
-    assert entry["enabled"] == "${local.reconcile_enabled}"
-    assert entry["args"] == ["reconcile", "--fix"]
+
+    job = module.resource("google_cloud_run_v2_job", "reconcile")
+    assert job["count"] == "${local.reconcile_enabled ? 1 : 0}"
+    assert container_command(job) == ["mailpipe", "reconcile", "--fix"]
+    template = job["template"][0]["template"][0]
     # The publisher image carries the mailpipe CLI.
-    assert entry["image"] == "${coalesce(var.reconcile.image, var.publisher_image)}"
+    assert (
+        template["containers"][0]["image"]
+        == "${coalesce(var.reconcile.image, var.publisher_image)}"
+    )
+    assert template["service_account"] == "${google_service_account.reconcile[0].email}"
+    env = _dynamic(template["containers"][0], "env")
+    assert env["for_each"] == "${local.reconcile_env}"
     # It reads the publisher's configuration, so it gets the publisher's environment (the same
     # reservation expiry and grace); no telemetry export, hence no Trace/Monitoring role.
-    assert entry["env"] == "${local.reconcile_env}"
     assert module.locals["reconcile_env"] == (
         '${merge(local.publisher_env, {MAILPIPE_TRACES = "none"})}'
     )
-    assert entry["schedule"] == "${var.reconcile.schedule}"
-    assert entry["holds"] == "${var.reconcile_grace_seconds > local.delivery_max_backoff_seconds}"
+    assert "${var.reconcile_grace_seconds > local.delivery_max_backoff_seconds}" in _conditions(job)
+
+    # Started by Cloud Scheduler (schedules.tf): its own scheduler identity, which may only run it.
+    schedule = module.locals["scheduled_jobs"]["reconcile"]
+    assert schedule["enabled"] == "${local.reconcile_enabled}"
+    assert schedule["job"] == "${one(google_cloud_run_v2_job.reconcile[*].name)}"
+    assert schedule["schedule"] == "${var.reconcile.schedule}"
+    _check_schedules(module)
 
     # Least privilege: the job's account holds one role, Firestore user on the record database.
-    grants = _scheduled_grants(module, 'google_service_account.job["reconcile"]')
+    grants = _grants_to(module, "google_service_account.reconcile")
     assert set(grants) == {"google_project_iam_member.reconcile_record_access"}
     record = grants["google_project_iam_member.reconcile_record_access"]
     assert record["role"] == "roles/datastore.user"
+    assert record["member"] == "${google_service_account.reconcile[0].member}"
     assert "local.firestore_database_name" in record["condition"][0]["expression"]
-    # Its resources kept their objects when they moved into the shared shape.
-    for old, new in (
-        ("google_cloud_run_v2_job.reconcile[0]", 'google_cloud_run_v2_job.scheduled["reconcile"]'),
-        ("google_service_account.reconcile[0]", 'google_service_account.job["reconcile"]'),
-    ):
-        assert re.search(
-            rf"moved \{{\s*from = {re.escape(old)}\s*to\s*= {re.escape(new)}\s*\}}", module.text
-        ), old
+    assert '"cloudscheduler.googleapis.com"' in module.locals["services"]
+    assert "local.reconcile_enabled" in module.locals["services"]
 
 
 def test_dlq_replay_job_runs_every_n_minutes_with_least_privilege(module: Module) -> None:
     """`mailpipe dlq replay --due` (deliver_by.tf): its own account, and only what it needs."""
     assert "every_minutes = optional(number, 5)" in module.variables["dlq_replay"]["type"]
-    [entry] = module.locals["dlq_replay_scheduled_job"].values()
-    assert entry["args"] == ["dlq", "replay", "--due", "--json"]
+    job = module.resource("google_cloud_run_v2_job", "dlq_replay")
+    assert container_command(job) == ["mailpipe", "dlq", "replay", "--due", "--json"]
+    template = job["template"][0]["template"][0]
+    assert template["service_account"] == "${google_service_account.dlq_replay[0].email}"
+    assert _dynamic(template["containers"][0], "env")["for_each"] == "${local.publisher_env}"
+    entry = module.locals["scheduled_jobs"]["dlq-replay"]
     assert entry["schedule"] == "*/${var.dlq_replay.every_minutes} * * * *"
-    assert entry["env"] == "${local.publisher_env}"
+    assert entry["job"] == "${one(google_cloud_run_v2_job.dlq_replay[*].name)}"
     grants = {
-        f"{rtype}.{name}": body
+        f"{rtype}.{name}": (body["role"], body.get("subscription") or body.get("topic"))
         for (rtype, name), body in module.resources.items()
-        if "_iam_" in rtype
-        and body.get("member") == "${each.value}"
-        and body.get("for_each") == "${local.dlq_replay_member}"
+        if "_iam_" in rtype and body.get("for_each") == "${local.dlq_replay_member}"
     }
-    roles = {
-        name: (body["role"], body.get("subscription") or body.get("topic") or "project")
-        for name, body in grants.items()
-    }
-    assert roles == {
+    assert grants == {
         "google_pubsub_subscription_iam_member.dlq_replay_pulls_dead_letters": (
             "roles/pubsub.subscriber",
             '${google_pubsub_subscription.subscription["dead_letter"].name}',
@@ -1362,12 +1380,11 @@ def test_dlq_replay_job_runs_every_n_minutes_with_least_privilege(module: Module
             '${google_pubsub_topic.topic["mail"].name}',
         ),
     }
-    # Record access (the database only), Cloud Trace and Monitoring: the services' own grants.
+    # Record access (the database only), Cloud Trace and Monitoring: the services' own grants;
+    # its replayed and expired events: a publisher of the events topic.
     assert "local.dlq_replay_member" in module.locals["runtime_members"]
-    record = module.resource("google_project_iam_member", "runtime_record_access")
-    assert record["for_each"] == "${local.runtime_members}"
-    # Its replayed and expired events: a publisher of the events topic.
     assert "local.dlq_replay_member" in module.locals["event_publishers"]
+    assert "local.dlq_replay_enabled" in module.locals["services"]
 
 
 RECONCILE_CASES = [
@@ -1383,14 +1400,14 @@ RECONCILE_CASES = [
 def test_reconcile_job_evaluated(
     module: Module, tmp_path: Path, case: str, tfvars: dict[str, Any], holds: bool
 ) -> None:
+    [condition] = _conditions(module.resource("google_cloud_run_v2_job", "reconcile"))
     ok, result = _evaluate(
         module,
         tmp_path,
         {
-            "holds": "local.reconcile_scheduled_job.reconcile.holds",
+            "holds": condition[2:-1],
             "env": "local.reconcile_env",
             "publisher": "local.publisher_env",
-            "replay": "local.dlq_replay_scheduled_job",
         },
         tfvars,
     )
@@ -1401,7 +1418,6 @@ def test_reconcile_job_evaluated(
     assert result["env"]["MAILPIPE_RECONCILE_GRACE_SECONDS"] == str(
         tfvars.get("reconcile_grace_seconds", 900)
     )
-    assert result["replay"]["dlq-replay"]["schedule"] == "*/5 * * * *"
 
 
 def test_every_role_grant_says_why(module: Module) -> None:
