@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -219,11 +220,23 @@ def service_env(
             "MAILPIPE_TRACES": "file",
             "MAILPIPE_TRACE_FILE": str(state_dir / "traces.jsonl"),
             "MAILPIPE_MESSAGE_ID_DOMAIN": "mailpipe.local",
+            "MAILPIPE_SUPPRESSION_KEY": local_suppression_key(state_dir),
             "PYTHONUNBUFFERED": "1",
         }
     )
     env.update(extra or {})
     return env
+
+
+def local_suppression_key(state_dir: Path) -> str:
+    """The local stack's suppression-list key: random, made once per state directory and kept
+    there, so the list (hashed, as on GCP by default) outlives a restart of ``./dev up``."""
+    path = state_dir / "suppression.key"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32), encoding="utf-8")
+    return path.read_text(encoding="utf-8").strip()
 
 
 @contextmanager

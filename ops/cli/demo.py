@@ -3,10 +3,13 @@
 The local stack runs with fast delivery settings (:func:`demo_topology`: a 10 s ack deadline,
 Pub/Sub retries 1-2 s apart, the dead letter after 5 attempts) and the demo sends one mail per
 :data:`SCENARIOS` entry to the mailbox simulator (README: Mailbox simulator): a delivery, a bounce,
-a deferral that recovers, a sandbox mail, and a dead letter that ``mailpipe dlq replay`` brings
-back. It runs the commands an operator would (``mailpipe events tail --json``, its output kept in
-``events.jsonl`` in the state directory; ``mailpipe dlq replay --id``), waits for each mail's
-record to reach its status, and reports, per mail, the record's attempts and the events seen.
+a deferral that recovers, a sandbox mail, a dead letter that the scheduled retry (``mailpipe dlq
+replay --due``) brings back, a second mail to the bounced address (suppressed) and a mail given
+up at its ``deliver_by`` (expired). It runs the commands an operator would (``mailpipe events
+tail --json``, its output kept in ``events.jsonl`` in the state directory; ``mailpipe dlq replay
+--due``), waits for each mail's record to reach its status, and reports, per mail, the record's
+attempts and the events seen. Each run labels its addresses (``bounce+r1f2e@``), so a bounce
+kept on the suppression list from an earlier run does not change this one.
 
 A file env.sh in the state directory holds the stack's settings: source it in another shell and
 ``mailpipe status``, ``mailpipe events tail``, ``mailpipe dlq list`` talk to it.
@@ -15,7 +18,9 @@ A file env.sh in the state directory holds the stack's settings: source it in an
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
+import secrets
 import shlex
 import subprocess
 import sys
@@ -46,7 +51,8 @@ DEMO_DELIVERY: dict[str, Any] = {
 # Settings both services get in the demo (run_local_pipeline's extra_env).
 DEMO_ENV: dict[str, str] = {
     "MAILPIPE_SMTP_TIMEOUT": "10",
-    # LEAD (deliver-by, D): the retry schedule of `dlq replay --due` in seconds goes here.
+    # A dead-lettered mail is due again 2 s later (production: every 15 minutes at first).
+    "MAILPIPE_RETRY_SCHEDULE": "F,1h,2s",
 }
 STEP_TIMEOUT = 120.0  # seconds one scenario may take (the dead letter needs about 15)
 EVENTS_FILE = "events.jsonl"
@@ -65,6 +71,7 @@ class Scenario:
     replay: tuple[str, ...] = ()
     then: frozenset[str] = frozenset()
     after: str | None = None  # sent once the scenario of this name is done
+    deliver_within: float | None = None  # seconds: the mail's deliver_by, counted from sending
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -76,17 +83,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         "dead letter, then replay",
         "defer-6",  # 5 deferrals dead-letter it; the replay's first attempt is deferred too
         frozenset({"dead_lettered"}),
-        replay=("--id", "{mail_id}"),
+        # The scheduled retry's pass (a Cloud Run job every few minutes on GCP), once it is due.
+        replay=("--due",),
         then=frozenset({"delivered"}),
     ),
-    # ── LEAD: the sibling features slot in here once merged ───────────────────────────────
-    # S (suppression list): the second mail to bounce@ once the bounce added it to the list:
-    #   Scenario("suppressed", "bounce", frozenset({"suppressed"}), after="bounce"),
-    # D (deliver-by, `dlq replay --due`): a mail that never recovers, given up on time:
-    #   Scenario("expired", "defer-forever", frozenset({"dead_lettered"}),
-    #            {"deliver_by": "<now + 20 s, ISO 8601>"}, replay=("--due",),
-    #            then=frozenset({"expired"})),
-    # (a `fields` value may need computing at send time: see _send.)
+    # The bounce put bounce+<run>@ on the suppression list: this mail is not sent to it.
+    Scenario("suppressed", "bounce", frozenset({"suppressed"}), after="bounce"),
+    # Never recovers, and its give-up time comes before Pub/Sub's retries run out.
+    Scenario("expired", "defer-forever", frozenset({"expired"}), deliver_within=5.0),
 )
 
 
@@ -197,6 +201,7 @@ def run_demo(
     simulator = pipeline.smtp.simulator
     domain = simulator.domain if simulator is not None else SIMULATOR_DOMAIN
     outcomes = {s.name: Outcome(s) for s in scenarios}
+    run_label = f"r{secrets.token_hex(2)}"
     done = {s.name: threading.Event() for s in scenarios}
     with ExitStack() as stack:
         events = EventLog(pipeline)
@@ -207,7 +212,7 @@ def run_demo(
             try:
                 if scenario.after is not None:
                     done[scenario.after].wait(step_timeout)
-                _run(pipeline, scenario, outcome, domain, events, step_timeout)
+                _run(pipeline, scenario, outcome, domain, events, step_timeout, run_label)
             except Exception as exc:  # a failed scenario is reported, the others go on
                 outcome.error = f"{type(exc).__name__}: {exc}"
             finally:
@@ -225,8 +230,9 @@ def _run(
     domain: str,
     events: EventLog,
     timeout: float,
+    run: str,
 ) -> None:
-    accepted = pipeline.api.send(_mail(scenario, domain))
+    accepted = pipeline.api.send(_mail(scenario, domain, run))
     outcome.mail_id, outcome.trace_id = accepted.mail_id, accepted.trace_id
     final = set(FINAL_STATUSES) | set(scenario.reaches)
     outcome.record = pipeline.wait_for_status(accepted.mail_id, final, timeout=timeout)
@@ -234,6 +240,8 @@ def _run(
     outcome.events = events.wait_for(accepted.mail_id, outcome.record["status"])
     if not scenario.replay or outcome.record["status"] not in scenario.reaches:
         return
+    if "--due" in scenario.replay:
+        _wait_until_due(pipeline, accepted.mail_id, timeout)
     args = [a.replace("{mail_id}", accepted.mail_id) for a in scenario.replay]
     replayed = subprocess.run(  # noqa: S603 - our own interpreter and module
         [sys.executable, "-m", "ops", "dlq", "replay", *args, "--json"],
@@ -255,14 +263,32 @@ def _run(
     outcome.events = events.wait_for(accepted.mail_id, outcome.record["status"])
 
 
-def _mail(scenario: Scenario, domain: str) -> dict[str, Any]:
+def _wait_until_due(pipeline: LocalPipeline, mail_id: str, timeout: float) -> None:
+    """Wait for the record's ``next_attempt_at``, so the ``--due`` pass replays the mail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        due = (pipeline.api.record(mail_id) or {}).get("next_attempt_at")
+        if due and dt.datetime.fromisoformat(due) <= dt.datetime.now(dt.UTC):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"mail {mail_id} was not due for a retry within {timeout:.0f} s")
+
+
+def _mail(scenario: Scenario, domain: str, run: str) -> dict[str, Any]:
+    # A label per run (`bounce+r1f2e@`): a bounce of an earlier demo run, kept on the suppression
+    # list in the same state directory, must not turn this run's bounce into `suppressed`.
+    local = f"{scenario.local}-{run}" if "+" in scenario.local else f"{scenario.local}+{run}"
+    fields: dict[str, Any] = dict(scenario.fields)
+    if scenario.deliver_within is not None:
+        deliver_by = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=scenario.deliver_within)
+        fields["deliver_by"] = deliver_by.isoformat()
     return {
         "from": "mailpipe demo <demo@example.com>",
-        "to": [f"{scenario.local}@{domain}"],
+        "to": [f"{local}@{domain}"],
         "subject": f"mailpipe demo: {scenario.name}",
         "text": f"The demo's {scenario.name} mail.\n",
         "metadata": {"demo": scenario.name},
-        **scenario.fields,
+        **fields,
     }
 
 
@@ -307,7 +333,8 @@ def try_it(pipeline: LocalPipeline, env_file: Path, outcomes: Sequence[Outcome])
         f"  mailpipe trace {dead}\n"
         "  mailpipe dlq list                          # dead-lettered mails\n"
         f"  mailpipe send --to defer-forever@{domain} --text x --wait 60   # dead-letters\n"
-        "  mailpipe dlq replay --all\n"
+        "  mailpipe dlq replay --due                  # the scheduled retry's pass\n"
+        "  mailpipe suppressions list                 # the bounced address is on it\n"
         f"  mailpipe send --to success@{domain} --text x --sandbox --wait 30\n"
         f"Events the demo saw: {pipeline.state_dir / EVENTS_FILE}\n"
     )

@@ -32,6 +32,10 @@ def test_the_demo_shows_each_outcome_with_its_events(
     ) as pipeline:
         env_file = write_env_file(pipeline)
         outcomes = {o.scenario.name: o for o in run_demo(pipeline, step_timeout=120)}
+        # A second run on the same state: its addresses carry a new label, so its bounce is a
+        # bounce again (not `suppressed` by the first run's entry), then suppressed in turn.
+        pair = [s for s in SCENARIOS if s.name in ("bounce", "suppressed")]
+        again = {o.scenario.name: o for o in run_demo(pipeline, pair, step_timeout=120)}
         received = {
             str(m.message["Message-ID"]).strip("<>").split("@")[0] for m in pipeline.smtp.messages
         }
@@ -70,12 +74,30 @@ def test_the_demo_shows_each_outcome_with_its_events(
         assert kind in dead.events, dead.events
     assert dead.events.index("dead_lettered") < dead.events.index("replayed")
 
+    suppressed = outcomes["suppressed"]
+    assert suppressed.statuses == ["suppressed"] and suppressed.mail_id not in received
+    assert suppressed.events == ["accepted", "suppressed"]
+    assert [o.statuses for o in again.values()] == [["bounced"], ["suppressed"]]
+
+    expired = outcomes["expired"]
+    assert expired.statuses == ["expired"] and expired.mail_id not in received
+    assert expired.events[0] == "accepted" and expired.events[-1] == "expired"
+    assert "delivered" not in expired.events
+
     # What a user reads afterwards: the events file and the settings for another shell.
     kept = [
         json.loads(line)["event"]
         for line in (tmp_path / "state" / "events.jsonl").read_text().splitlines()
     ]
-    assert {e["type"] for e in kept} >= {"accepted", "bounced", "sandboxed", "dead_lettered"}
+    assert {e["type"] for e in kept} >= {
+        "accepted",
+        "bounced",
+        "sandboxed",
+        "dead_lettered",
+        "replayed",
+        "suppressed",
+        "expired",
+    }
     settings = env_file.read_text()
     assert f"export MAILPIPE_URL={pipeline.publisher_url}" in settings
     assert "PUBSUB_EMULATOR_HOST=" in settings and "MAILPIPE_RECORD=" in settings
