@@ -154,9 +154,7 @@ class BufferingThreadWorker(ThreadWorker):
         if not isinstance(sock, _RequestSocket):
             sock = conn.sock = _RequestSocket(conn.sock, self.read_timeout)
         state = self._read_available(conn, sock)
-        if state == "wait" and not self.alive:
-            # Stopping: gthread closes a deferred connection. Say so, with what was read (never a
-            # whole request: guarantee 2), so a client's "closed without response" is explained.
+        if state == "wait" and not self.alive:  # stopping: gthread would close it; say so
             self.log.warning(STOP_DROP_LOG, len(sock.pending))
             state = "closed"
         if state == "wait":
