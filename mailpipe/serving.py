@@ -31,6 +31,7 @@ WsgiApp = Callable[..., Any]
 Build = Callable[[], tuple[WsgiApp, Callable[[], None]]]
 
 DEFAULT_BUFFER_BYTES = 1024 * 1024
+STOP_DROP_LOG = "stopping: closed a connection whose request had not arrived whole (%d bytes read)"
 _HEAD_END = b"\r\n\r\n"
 # gunicorn's own ceiling for a request head is about 800 KiB (request line + 100 fields of 8 KiB);
 # a head still unfinished past this goes to gunicorn, which answers 431/414.
@@ -153,6 +154,9 @@ class BufferingThreadWorker(ThreadWorker):
         if not isinstance(sock, _RequestSocket):
             sock = conn.sock = _RequestSocket(conn.sock, self.read_timeout)
         state = self._read_available(conn, sock)
+        if state == "wait" and not self.alive:  # stopping: gthread would close it; say so
+            self.log.warning(STOP_DROP_LOG, len(sock.pending))
+            state = "closed"
         if state == "wait":
             return _DEFER  # back to the poller until more arrives (or keepalive_timeout ends)
         if state == "expired":

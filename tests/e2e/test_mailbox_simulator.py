@@ -1,9 +1,9 @@
 """End to end: the local stack's mailbox simulator, with the services as real processes.
 
 The publisher and the push subscriber run as ``mailpipe up`` runs them (``run_local_pipeline``,
-the simulator on by default), on a topology with the fast retry settings (1-2 s backoff, 5
-attempts): each simulator address ends in the status its README row promises, and a dead letter
-is replayed with ``python -m ops dlq replay`` as an operator would.
+the simulator on by default), with fast retries (each second, no retry policy; 5 attempts):
+each simulator address ends in the status its README row promises, and a dead letter is
+replayed with ``python -m ops dlq replay`` as an operator would.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 from emulator.pipeline import LocalPipeline, run_local_pipeline
 from emulator.smtp import SIMULATOR_DOMAIN
 from mailpipe.topology import Topology
+from tests.fixtures.topology import with_subscription
 
 FINAL = {"delivered", "bounced", "dead_lettered"}
 
@@ -30,12 +31,17 @@ def at(local: str) -> str:
 def local_stack(
     tmp_path: Path, topology: Topology, project: str
 ) -> AbstractContextManager[LocalPipeline]:
-    """The stack as `./dev up` runs it (push, the simulator on by default), fast retries."""
+    """The stack as `./dev up` runs it (push, the simulator on by default), fast retries.
+
+    The delivery subscription has no retry policy here: with one, the emulator's push loop stops
+    re-POSTing a message it got 503 for after 2-4 POSTs (the message is then not even pullable),
+    so a deferral never reaches its dead letter (docs/local-vs-gcp.md, row 4b). Without one it
+    re-POSTs every second, and the dead-letter policy (5 attempts) still decides the end."""
     return run_local_pipeline(
         state_dir=tmp_path / "state",
         subscriber_mode="push",
         project=project,
-        topology=topology,
+        topology=with_subscription(topology, "delivery", retry_policy=None),
         extra_env={"MAILPIPE_SMTP_TIMEOUT": "5"},
     )
 
