@@ -22,7 +22,8 @@ def test_the_demo_shows_each_outcome_with_its_events(
     topology = demo_topology(stack_topology)  # its own names, the demo's settings
     delivery = topology.delivery_subscription
     assert delivery.dead_letter is not None and delivery.dead_letter.max_delivery_attempts == 5
-    assert delivery.retry_policy is not None and delivery.retry_policy.maximum_seconds <= 2
+    # No retry policy, which the emulator under load does not honour (docs/local-vs-gcp.md 4b).
+    assert delivery.retry_policy is None
     with run_local_pipeline(
         state_dir=tmp_path / "state",
         subscriber_mode="push",
