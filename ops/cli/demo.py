@@ -1,14 +1,15 @@
-"""``mailpipe up --demo``: each delivery outcome once, in a minute, with no set-up. The local stack
-runs with fast delivery settings (:func:`demo_topology`: a 10 s ack deadline, Pub/Sub retries about
-a second apart, the dead letter after 5 attempts) and the demo sends one mail per :data:`SCENARIOS`
-entry to the mailbox simulator (README: Mailbox simulator): a delivery, a bounce, a deferral that
-recovers, a sandbox mail, a dead letter that the scheduled retry (``mailpipe dlq replay --due``)
-brings back, a second mail to the bounced address (suppressed) and a mail given up at its
-``deliver_by`` (expired). It runs the commands an operator would (``mailpipe events tail --json``,
-its output kept in ``events.jsonl`` in the state directory; ``mailpipe dlq replay --due``), waits
-for each mail's record to reach its status, and reports, per mail, the record's attempts and the
-events seen. Each run labels its addresses (``bounce+r1f2e@``), so a bounce kept on the suppression
-list from an earlier run does not change this one.
+"""``mailpipe up --demo``: each delivery outcome once, in a minute, with no set-up.
+
+The local stack runs with fast delivery settings (:func:`demo_topology`: a 10 s ack deadline,
+Pub/Sub retries about a second apart, the dead letter after 5 attempts) and the demo sends one mail
+per :data:`SCENARIOS` entry to the mailbox simulator (README: Mailbox simulator): a delivery, a
+bounce, a deferral that recovers, a sandbox mail, a dead letter that the scheduled retry
+(``mailpipe dlq replay --due``) brings back, a second mail to the bounced address (suppressed) and
+a mail given up at its ``deliver_by`` (expired). It runs the commands an operator would (``mailpipe
+events tail --json``, its output kept in ``events.jsonl`` in the state directory; ``mailpipe dlq
+replay --due``), waits for each mail's record to reach its status, and reports, per mail, the
+record's attempts and the events seen. Each run labels its addresses (``bounce+r1f2e@``), so a
+bounce kept on the suppression list from an earlier run does not change this one.
 
 A file env.sh in the state directory holds the stack's settings: source it in another shell and
 ``mailpipe status``, ``mailpipe events tail``, ``mailpipe dlq list`` talk to it.
