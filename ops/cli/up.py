@@ -6,9 +6,9 @@ receives (a Maildir under ``--state-dir``; with the mailbox simulator of
 processes; sends a sample mail, waits until the SMTP server has it, shows the received mail and
 the trace from the HTTP request to the SMTP server's reply, then keeps running until Ctrl-C
 (``--once`` stops right away). ``--demo`` runs with fast delivery settings and then shows a
-bounce, a deferral, a sandbox mail, a dead letter and its replay, with their events
-(:mod:`ops.cli.demo`). A file env.sh in the state directory gives the CLI in another shell the
-stack's settings.
+bounce, a deferral, a sandbox mail, a dead letter and its scheduled replay, a suppression and an
+expiry, with their events (:mod:`emulator.demo`). A file env.sh in the state directory gives the
+CLI in another shell the stack's settings.
 """
 
 from __future__ import annotations
@@ -117,11 +117,11 @@ def chosen_simulator_domain(args: argparse.Namespace) -> str | None:
 
 
 def _run_demo(args: argparse.Namespace, console: Console, pipeline: Any) -> bool:
-    """The demo's scenarios (ops/cli/demo.py); whether each ended as expected."""
-    from ops.cli.demo import outcome_table, run_demo, try_it, write_env_file
+    """The demo's scenarios (emulator/demo.py); whether each ended as expected."""
+    from emulator.demo import outcome_table, run_demo, try_it, write_env_file
 
     env_file = write_env_file(pipeline)
-    with console.status("demo: a bounce, a deferral, a sandbox mail, a dead letter, a replay…"):
+    with console.status("demo: seven outcomes, from delivered to expired…"):
         outcomes = run_demo(pipeline)
     if args.json:
         print(json.dumps({"demo": [o.to_json() for o in outcomes], "env_file": str(env_file)}))
@@ -142,10 +142,10 @@ def _received_table(message: Any) -> Table:
 
 
 def run(args: argparse.Namespace) -> int:
+    from emulator.demo import DEMO_ENV, demo_topology
     from emulator.errors import EmulatorError, EmulatorNotInstalled
     from emulator.pipeline import run_local_pipeline
     from mailpipe.topology import load_topology
-    from ops.cli.demo import DEMO_ENV, demo_topology
     from ops.trace_view import find_trace, read_spans, render_waterfall
 
     console = Console(stderr=args.json)

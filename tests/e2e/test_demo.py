@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from emulator.demo import DEMO_ENV, SCENARIOS, demo_topology, run_demo, write_env_file
 from emulator.pipeline import run_local_pipeline
 from mailpipe.topology import Topology
 from ops.cli import build_parser
-from ops.cli.demo import DEMO_ENV, SCENARIOS, demo_topology, run_demo, write_env_file
 
 
 def test_the_demo_shows_each_outcome_with_its_events(
