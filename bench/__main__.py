@@ -3,6 +3,12 @@ write JSON."""
 
 from __future__ import annotations
 
+import os
+
+# Before bench's modules import grpc: the benchmark starts the services with subprocess after
+# using Pub/Sub clients, and gRPC's fork handlers can make such a child abort before exec.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import argparse
 import sys
 from pathlib import Path

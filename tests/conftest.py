@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
+
+# Before anything imports grpc: the tests start services with subprocess after using Pub/Sub
+# clients, and gRPC's fork handlers can make such a child abort before exec (see ./dev).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 pytest_plugins = [
     "tests.fixtures.emulators",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before grpc is imported (the commands import it lazily): `mailpipe up` starts the services
+    # with subprocess after using Pub/Sub clients, and gRPC's fork handlers can make such a child
+    # abort before exec. mailpipe only forks to exec.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
