@@ -121,14 +121,16 @@ class Deduplicator:
         self._size = size
         self._lock = threading.Lock()
 
-    def first_time(self, event_id: str) -> bool:
+    def handled(self, event_id: str) -> bool:
         with self._lock:
-            if event_id in self._seen:
-                return False
+            return event_id in self._seen
+
+    def remember(self, event_id: str) -> None:
+        """Called once the event is handled: a failed handling must be retried, not deduplicated."""
+        with self._lock:
             self._seen[event_id] = None
             if len(self._seen) > self._size:
                 self._seen.popitem(last=False)
-            return True
 
 
 EventCallback = Callable[[dict[str, Any], dict[str, str]], None]
@@ -147,10 +149,12 @@ def make_handler(verifier: TokenVerifier, on_event: EventCallback) -> type[BaseH
             except Unauthorized as exc:
                 return self._answer(401, "unauthenticated", str(exc))
             except (BadEvent, ValueError) as exc:
-                # 400 is retried by Pub/Sub too: a subscription dead-letter topic ends that.
+                # Pub/Sub pushes it again (with backoff, for the subscription's 7-day retention):
+                # the body came with a valid token, so it is a bug to look into, not an attack.
                 return self._answer(400, "bad_event", str(exc))
-            if seen.first_time(event["event_id"]):
-                on_event(event, attributes)
+            if not seen.handled(event["event_id"]):
+                on_event(event, attributes)  # raises: no answer, Pub/Sub retries, not deduplicated
+                seen.remember(event["event_id"])
             return self._answer(204)
 
         def _answer(self, status: int, code: str = "", message: str = "") -> None:

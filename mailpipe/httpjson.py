@@ -19,6 +19,8 @@ from typing import Any
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
+from mailpipe.logs import redact_addresses
+
 # Deeper than any mail needs (a mail is 3 levels; metadata gets the rest) and far below the
 # interpreter's recursion limit, which json, pydantic and the encoders all depend on.
 MAX_JSON_DEPTH = 32
@@ -165,7 +167,8 @@ def error_response(
 
 
 def _shown_path() -> str:
-    path = request.path
+    # Paths can hold addresses (/v1/suppressions/ADDRESS): never echoed whole, whatever the policy.
+    path = redact_addresses(request.path, "domain")
     if len(path) > _MESSAGE_PATH_CHARS:
         path = path[:_MESSAGE_PATH_CHARS] + "…"
     return path

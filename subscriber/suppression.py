@@ -3,7 +3,7 @@
 Before MAIL FROM every recipient is looked up in one batched read; the suppressed ones are left
 out of RCPT TO and recorded per recipient (``suppressed``). After the attempt, each recipient
 the relay refused with a code that says its mailbox is gone
-(:data:`mailpipe.record.suppressions.MAILBOX_GONE`) is added with reason ``bounce``, the reply
+(:data:`MAILBOX_GONE`) is added with reason ``bounce``, the reply
 and the mail id. A suppression list that cannot be read defers the mail (it is not sent to a
 recipient that may be suppressed); one that cannot be written is logged, the mail unaffected.
 """

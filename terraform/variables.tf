@@ -577,7 +577,7 @@ variable "dlq_replay" {
   type = object({
     enabled         = optional(bool, true)
     every_minutes   = optional(number, 5)
-    timeout_seconds = optional(number, 600)
+    timeout_seconds = optional(number, 240)
     image           = optional(string)
   })
   description = "The dlq-replay job: a Cloud Run job that Cloud Scheduler starts every `every_minutes` minutes (1..30; keep it under the retry schedule's shortest gap, 15 min by default) to run `mailpipe dlq replay --due`: dead-lettered mails whose next attempt has come are republished, those past their deliver_by expire (docs/deliver-by.md). timeout_seconds: the job's limit per run. image: null = publisher_image. enabled = false: no job (dead-lettered mails then wait for a manual replay, and expire only when one runs)."
@@ -588,9 +588,10 @@ variable "dlq_replay" {
       var.dlq_replay.every_minutes >= 1 && var.dlq_replay.every_minutes <= 30 &&
       floor(var.dlq_replay.every_minutes) == var.dlq_replay.every_minutes &&
       var.dlq_replay.timeout_seconds >= 60 && var.dlq_replay.timeout_seconds <= 3600 &&
+      var.dlq_replay.timeout_seconds <= var.dlq_replay.every_minutes * 60 &&
       (var.dlq_replay.image == null || can(regex("^[a-z0-9.-]+(:[0-9]+)?/[^ ]+(:[A-Za-z0-9_.-]+|@sha256:[a-f0-9]{64})$", coalesce(var.dlq_replay.image, "x"))))
     )
-    error_message = "dlq_replay: every_minutes must be a whole number 1..30, timeout_seconds 60..3600, image null or a full image reference with a tag or @sha256 digest."
+    error_message = "dlq_replay: every_minutes must be a whole number 1..30, timeout_seconds 60..3600 and at most every_minutes * 60 (Cloud Scheduler starts the next pass whether or not the last one ended), image null or a full image reference with a tag or @sha256 digest."
   }
 }
 

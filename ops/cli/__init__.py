@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Before grpc is imported (the commands import it lazily): `mailpipe up` starts the services
+    # Before grpc is imported (build_parser imports the commands): `mailpipe up` starts the services
     # with subprocess after using Pub/Sub clients, and gRPC's fork handlers can make such a child
     # abort before exec. mailpipe only forks to exec.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")

@@ -205,6 +205,16 @@ def test_api_crud_in_hashed_mode_never_echoes_the_address(
         assert "lovelace" not in repr(conn.execute("SELECT * FROM suppressions").fetchall())
 
 
+def test_a_wrong_method_or_path_does_not_echo_the_address(sqlite_record: DeliveryRecord) -> None:
+    with api(sqlite_record, "hashed", "s" * 48) as url, httpx.Client(base_url=url) as http:
+        wrong_method = http.post(path(ADDRESS), json={})
+        wrong_path = http.get("/v1/suppression/" + quote(ADDRESS, safe="@"))  # a typo
+    assert (wrong_method.status_code, wrong_path.status_code) == (405, 404)
+    for answer in (wrong_method, wrong_path):
+        assert answer.json()["error"]["message"], answer.text
+        assert "lovelace" not in answer.text.lower(), answer.text
+
+
 @pytest.mark.parametrize(
     ("address", "body", "field"),
     [

@@ -1457,6 +1457,8 @@ VARIABLE_CASES = [
     ("dlq_replay", {"every_minutes": 0}, False),
     ("dlq_replay", {"every_minutes": 2.5}, False),
     ("dlq_replay", {"every_minutes": 31}, False),
+    ("dlq_replay", {"every_minutes": 2, "timeout_seconds": 600}, False),  # passes would overlap
+    ("dlq_replay", {"every_minutes": 10, "timeout_seconds": 600}, True),
     ("delivery_timeout_seconds", 0, False),
     ("smtp_pool_wait_seconds", 0, False),
 ]
