@@ -341,9 +341,11 @@ class DeliveryService:
             return self._not_sent(mail, stop, attempt_number, started, message_id, trace_id)
         except DeliveryError as exc:
             outcome = Outcome.DEFERRED if exc.transient else Outcome.BOUNCED
-            refusals = exc.refused
-            if exc.step == "data" and len(recipients) == 1 and not exc.transient:
-                refusals = {recipients[0]: (exc.reply_code or 0, exc.reply_message or "")}
+            refusals = dict(exc.refused)  # RCPT TO's refusals, even when DATA failed after them
+            left = [rcpt for rcpt in recipients if rcpt not in refusals]
+            if exc.step == "data" and len(left) == 1 and not exc.transient:
+                # A permanent refusal after DATA with one recipient left is that recipient's.
+                refusals[left[0]] = (exc.reply_code or 0, exc.reply_message or "")
             results = screened.results + self._learn(mail, refusals)
             self._announce_suppressed(mail, screened, attempt_number)
             self._finish(

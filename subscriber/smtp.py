@@ -226,7 +226,12 @@ class SmtpSender:
                     mail_reply = self._mail_from(conn, tx, mail_from, recipients, message)
                 accepted, refused = self._rcpt_to(conn, tx, recipients)
                 if not sandbox:
-                    code, reply = self._data(conn, tx, message)
+                    try:
+                        code, reply = self._data(conn, tx, message)
+                    except DeliveryError as exc:
+                        # What RCPT TO refused stays refused, whatever DATA answered afterwards.
+                        exc.refused = {**refused, **exc.refused}
+                        raise
             except BaseException as exc:
                 if conn is not None:
                     self._after_failure(conn, tx, exc)

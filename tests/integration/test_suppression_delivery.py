@@ -110,3 +110,17 @@ def test_a_single_recipient_refused_after_data_with_5_1_1_is_suppressed(
     assert outcome is Outcome.BOUNCED
     listing = services.record.suppressions(POLICY)  # what the API would open
     assert set(listing.lookup(["late@example.org"])) == {"late@example.org"}
+
+
+def test_a_recipient_refused_at_rcpt_is_suppressed_when_data_then_fails(
+    services: Services, relay: LocalSmtpServer
+) -> None:
+    relay.fail("rcpt", 550, "5.1.1 no such user", address="gone@example.org")
+    relay.fail("data", 451, "4.3.0 try again later", times=1)
+    mail, outcome = deliver(services, "gone@example.org", "ok@example.org")
+    assert outcome is Outcome.DEFERRED  # the accepted recipient is retried...
+    listing = services.record.suppressions(POLICY)
+    assert set(listing.lookup(["gone@example.org", "ok@example.org"])) == {"gone@example.org"}
+    [attempt] = services.record.get(mail.mail_id).attempts  # type: ignore[union-attr]
+    # ...and the refusal RCPT TO answered is in the attempt, not lost with DATA's 451.
+    assert [(r.status, r.reply_code) for r in attempt.recipients] == [("refused", 550)]
