@@ -252,9 +252,14 @@ def send_message() -> tuple[Response, int]:
         services,
         payload,
         key_in_header=key_in_header,
-        scope=lambda: caller_scope(services.identify_caller, request),
+        scope=_request_caller(services),
     )
     return _respond(answer)
+
+
+def _request_caller(services: ApiServices) -> Callable[[], str | None]:
+    """The request's caller as a key scope, identified (its token decoded) once per request."""
+    return functools.cache(lambda: caller_scope(services.identify_caller, request))
 
 
 def accept_mail(
@@ -502,10 +507,12 @@ def send_batch() -> tuple[Response, int]:
         raise ApiError(
             400, "invalid_request", f"the batch is invalid: fix the fields listed ({shape})", fields
         )
+    scope = _request_caller(services)
+    scope()  # a token that does not identify the caller refuses the request, not each mail
     items = accept_mails(
         services,
         cast(list[Any], mails),  # a list of 1 to MAX_BATCH_MAILS items: checked above
-        scope=lambda: caller_scope(services.identify_caller, request),
+        scope=scope,
     )
     return _respond(_batch_answer(items))
 

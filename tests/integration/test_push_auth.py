@@ -737,6 +737,16 @@ def test_behind_cloud_run_the_publisher_scopes_idempotency_keys_to_the_verified_
             assert refused.status_code == 401
             assert refused.json()["error"]["code"] == "unauthenticated"
             assert record.get_by_idempotency_key("invoice-43", scope=OTHER_INVOKER) is None
+            # A batch with that token is refused whole (one 401), not mail by mail in a 207.
+            batch = httpx.post(
+                f"{backend}/v1/messages:batch",
+                json={"messages": [{**mail, "idempotency_key": "invoice-44"}, mail]},
+                headers={"Authorization": f"Bearer {forged}"},
+                timeout=30,
+            )
+            assert batch.status_code == 401, batch.text
+            assert batch.json()["error"]["code"] == "unauthenticated"
+            assert record.get_by_idempotency_key("invoice-44", scope=OTHER_INVOKER) is None
     finally:
         publisher.close()
         record.close()
