@@ -1885,7 +1885,7 @@ def test_dockerfile_is_slim_pinned_non_root_and_runs_the_service(
     ), "the build needs constraints.txt in the image's build stage"
     copies = " ".join(line for line in lines if line.startswith("COPY "))
     # The publisher image also carries the operator CLI, which includes the canary's command: the
-    # reconcile job runs from it (terraform/reconcile.tf). The CLI and the canary talk to the
+    # reconcile job runs from it (terraform/cli_jobs.tf). The CLI and the canary talk to the
     # publisher through client/; no service imports it.
     carried = {"publisher": {"canary", "client", "ops"}, "canary": {"client"}}.get(service, set())
     others = {"publisher", "subscriber", "canary", "client", "ops"} - {service} - carried
