@@ -86,6 +86,23 @@ def _terraform() -> str | None:
     return shutil.which("terraform")
 
 
+def _run_terraform(
+    *args: str, cwd: Path | None = None, timeout: int = 120
+) -> subprocess.CompletedProcess[str]:
+    """`terraform ARGS` offline (the caller has skipped when the binary is missing)."""
+    terraform = _terraform()
+    assert terraform is not None
+    return subprocess.run(
+        [terraform, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=OFFLINE_ENV,
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # Syntax and schema
 # ------------------------------------------------------------------------------------------------
@@ -180,16 +197,8 @@ def initialized_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("where", ["terraform", "terraform/examples/basic"])
 def test_terraform_validate_with_the_real_providers(initialized_copy: Path, where: str) -> None:
-    terraform = _terraform()
-    assert terraform is not None
-    result = subprocess.run(
-        [terraform, "validate", "-json", "-no-color"],
-        cwd=initialized_copy / where,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-        env=OFFLINE_ENV,
+    result = _run_terraform(
+        "validate", "-json", "-no-color", cwd=initialized_copy / where, timeout=180
     )
     report = json.loads(result.stdout)
     problems = [
@@ -1626,8 +1635,7 @@ def test_the_moved_blocks_keep_every_object_in_a_real_plan(module: Module, tmp_p
     (terraform_data stand-ins, no provider needed): the plan only moves, never creates or
     destroys. A whole-resource move and instance moves into one resource (record_access) must be
     ordered right, which only Terraform can say."""
-    terraform = _terraform()
-    if terraform is None:
+    if _terraform() is None:
         pytest.skip("terraform binary not found: moved blocks not planned (HCL checks still ran)")
     operators = {'"user:ops@example.com"', '"group:sre@example.com"'}
     old: dict[str, set[str]] = {}
@@ -1647,15 +1655,7 @@ def test_the_moved_blocks_keep_every_object_in_a_real_plan(module: Module, tmp_p
         return {r: {k if k == "0" else json.loads(k) for k in ks} for r, ks in keys.items()}
 
     def run(*args: str) -> str:
-        result = subprocess.run(
-            [terraform, *args, "-no-color"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-            env=OFFLINE_ENV,
-        )
+        result = _run_terraform(*args, "-no-color", cwd=tmp_path)
         assert result.returncode == 0, f"terraform {args[0]}:\n{result.stdout}{result.stderr}"
         return result.stdout
 
@@ -1829,17 +1829,9 @@ def test_variables_and_outputs_are_typed_and_described(module: Module) -> None:
 
 
 def test_terraform_fmt_is_clean() -> None:
-    terraform = _terraform()
-    if terraform is None:
+    if _terraform() is None:
         pytest.skip("terraform binary not found: `terraform fmt -check` not run")
-    result = subprocess.run(
-        [terraform, "fmt", "-check", "-recursive", "-diff", str(TERRAFORM)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=OFFLINE_ENV,
-    )
+    result = _run_terraform("fmt", "-check", "-recursive", "-diff", str(TERRAFORM), timeout=60)
     assert result.returncode == 0, f"run `terraform fmt -recursive terraform/`:\n{result.stdout}"
 
 
