@@ -75,11 +75,12 @@ output "firestore_database" {
 }
 
 output "alert_policies" {
-  description = "Alert policy IDs: delivery_lag, dead_letters, delivery_error_ratio."
+  description = "Alert policy IDs: delivery_lag, dead_letters, delivery_error_ratio, event_webhook_dead_letters (null without event_webhooks)."
   value = {
-    delivery_lag         = google_monitoring_alert_policy.delivery_lag.id
-    dead_letters         = google_monitoring_alert_policy.dead_letters.id
-    delivery_error_ratio = google_monitoring_alert_policy.delivery_error_ratio.id
+    delivery_lag               = google_monitoring_alert_policy.delivery_lag.id
+    dead_letters               = google_monitoring_alert_policy.dead_letters["mails"].id
+    delivery_error_ratio       = google_monitoring_alert_policy.delivery_error_ratio.id
+    event_webhook_dead_letters = try(google_monitoring_alert_policy.dead_letters["event_webhooks"].id, null)
   }
 }
 

@@ -1030,11 +1030,22 @@ def test_alert_policies_watch_lag_dead_letters_and_error_ratio(module: Module) -
     assert threshold["threshold_value"] == "${var.oldest_unacked_age_threshold_seconds}"
     assert module.variables["oldest_unacked_age_threshold_seconds"]["default"] == 600
 
+    # One policy per subscription where dead letters wait: the mails', and the webhooks' events'.
     dead = module.resource("google_monitoring_alert_policy", "dead_letters")
+    assert dead["for_each"] == "${local.dead_letter_alerts}"
     threshold = dead["conditions"][0]["condition_threshold"][0]
     assert "subscription/num_undelivered_messages" in threshold["filter"]
-    assert "local.dead_letter_subscription_filter" in threshold["filter"]
+    assert (
+        'resource.labels.subscription_id = \\"${each.value.subscription}\\"'
+        in (threshold["filter"])
+    )
     assert (threshold["comparison"], threshold["threshold_value"]) == ("COMPARISON_GT", 0)
+    watched = module.locals["dead_letter_alerts"]
+    assert "mails = {subscription = local.dead_letter_subscription_name" in watched
+    assert (
+        "local.event_webhooks_enabled ? {event_webhooks = {subscription = "
+        "google_pubsub_subscription.event_webhook_dead_letter[0].name"
+    ) in watched
 
     ratio = module.resource("google_monitoring_alert_policy", "delivery_error_ratio")
     promql = ratio["conditions"][0]["condition_prometheus_query_language"][0]
@@ -1554,7 +1565,8 @@ def test_the_cli_jobs_accounts_hold_only_what_they_need(module: Module) -> None:
 
 
 # Every address a deployment made before the folds has, and where its object went: the CLI jobs
-# (cli_jobs.tf), the record grant (iam.tf), the dead-letter publish grant, keyed by topic now.
+# (cli_jobs.tf), the record grant (iam.tf), the dead-letter publish grant (keyed by topic now), the
+# dead-letter alert (one per dead-letter subscription now).
 RENAMED = {
     "google_service_account.reconcile[0]": 'google_service_account.cli_job["reconcile"]',
     "google_service_account.dlq_replay[0]": 'google_service_account.cli_job["dlq-replay"]',
@@ -1573,6 +1585,10 @@ RENAMED = {
     "google_project_iam_member.operators_record_access": "google_project_iam_member.record_access",
     'google_pubsub_topic_iam_member.pubsub_agent_publishes_dead_letters["delivery"]': (
         'google_pubsub_topic_iam_member.pubsub_agent_publishes_dead_letters["dead_letter"]'
+    ),
+    # One alert per dead-letter subscription now.
+    "google_monitoring_alert_policy.dead_letters": (
+        'google_monitoring_alert_policy.dead_letters["mails"]'
     ),
 }
 
@@ -1619,11 +1635,15 @@ def _stand_in(address: str) -> tuple[str, str | None]:
 
 
 def _stand_in_config(instances: dict[str, set[str]], moved: Mapping[str, str] | None = None) -> str:
-    """terraform_data resources with those instance keys ("0": count = 1), and moved blocks."""
+    """terraform_data resources with those instance keys ("0": count = 1; "": neither count nor
+    for_each), and moved blocks."""
     lines = []
     for resource, keys in sorted(instances.items()):
         name = resource.split(".", 1)[1]
-        each = "count = 1" if keys == {"0"} else f"for_each = toset({json.dumps(sorted(keys))})"
+        each = {
+            frozenset({"0"}): "count = 1",
+            frozenset({""}): "",
+        }.get(frozenset(keys), f"for_each = toset({json.dumps(sorted(keys))})")
         lines.append(f'resource "terraform_data" "{name}" {{\n  {each}\n}}')
     for old, new in (moved or {}).items():
         lines.append(f"moved {{\n  from = {old}\n  to   = {new}\n}}")
@@ -1643,7 +1663,9 @@ def test_the_moved_blocks_keep_every_object_in_a_real_plan(module: Module, tmp_p
     moves: dict[str, str] = {}
     for source, target in _moved(module).items():
         (old_resource, old_key), (new_resource, new_key) = _stand_in(source), _stand_in(target)
-        old_keys = {old_key} if old_key else operators
+        # No key on either side: the whole resource moves (the operators' grants, keyed by
+        # member); on the old side only: a single object without count or for_each.
+        old_keys = {old_key} if old_key else ({'""'} if new_key else operators)
         new_keys = {new_key} if new_key else operators
         old.setdefault(old_resource, set()).update(old_keys)
         new.setdefault(new_resource, set()).update(new_keys)
