@@ -67,8 +67,9 @@ locals {
 # Read and write the delivery record: the publisher reserves idempotency keys, marks mails queued
 # and answers the status API; the subscriber claims attempts and records outcomes; reconcile
 # rewrites stuck records and dlq-replay marks mails replayed or expired (both in transactions, like
-# the services); operators read it. roles/datastore.user is the smallest predefined role with
-# entity read/write (no index or database administration), and only on the mailpipe database.
+# the services); operators run `mailpipe status` and `dlq` with it. roles/datastore.user is the
+# smallest predefined role with entity read/write (no index or database administration), and only
+# on the mailpipe database.
 resource "google_project_iam_member" "record_access" {
   for_each = local.record_users
 
