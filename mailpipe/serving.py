@@ -64,9 +64,6 @@ class _RequestSocket:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.raw, name)
 
-    def fileno(self) -> int:
-        return self.raw.fileno()
-
     def next_request(self) -> None:
         """The request was answered (or abandoned): the next one starts afresh."""
         self.deadline = None
@@ -84,9 +81,6 @@ class _RequestSocket:
         self.raw.settimeout(0.0 if self.closing else value)
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        if self.closing:
-            self.raw.settimeout(0.0)  # BlockingIOError (an OSError) ends the drain
-            return self.raw.recv(bufsize, flags)
         if self.deadline is None:
             return self.raw.recv(bufsize, flags)
         remaining = self.deadline - time.monotonic()
@@ -101,18 +95,11 @@ class _RequestSocket:
         finally:
             self.raw.settimeout(previous)
 
-    def _responding(self, data: bytes | bytearray | memoryview) -> None:
+    def sendall(self, data: bytes, flags: int = 0) -> None:
         # Once the answer starts, reads (gunicorn draining an unread body) are not the request's
-        # any more; "100 Continue" is not the answer.
+        # any more; an interim "1xx" answer is not the answer.
         if not bytes(data[:10]).startswith(b"HTTP/1.1 1"):
             self.deadline = None
-
-    def send(self, data: bytes, flags: int = 0) -> int:
-        self._responding(data)
-        return self.raw.send(data, flags)
-
-    def sendall(self, data: bytes, flags: int = 0) -> None:
-        self._responding(data)
         self.raw.sendall(data, flags)
 
 
@@ -180,8 +167,6 @@ class BufferingThreadWorker(ThreadWorker):
         if conn.parser is not None:
             # Bytes of this request gunicorn read ahead with the previous one (pipelining).
             sock.pending += conn.parser.unreader.take_buffered()
-        if sock.pending and sock.deadline is None:
-            sock.deadline = time.monotonic() + self.read_timeout
         sock.raw.setblocking(False)
         complete = _request_complete(sock.pending)
         while not complete and len(sock.pending) < self.buffer_bytes:
@@ -193,11 +178,11 @@ class BufferingThreadWorker(ThreadWorker):
                 return "closed"
             if not chunk:
                 return "closed"  # the client left before its request was complete
-            if sock.deadline is None:
-                sock.deadline = time.monotonic() + self.read_timeout
             sock.pending += chunk
             self._expect_continue(sock)
             complete = _request_complete(sock.pending)
+        if sock.pending and sock.deadline is None:
+            sock.deadline = time.monotonic() + self.read_timeout
         if complete or len(sock.pending) >= self.buffer_bytes:
             return "complete"
         if sock.deadline is not None and time.monotonic() >= sock.deadline:
@@ -223,8 +208,8 @@ class BufferingThreadWorker(ThreadWorker):
 
     def _answer_timeout(self, sock: Any, what: str) -> None:
         self.log.info("closing a connection whose %s did not arrive in time", what)
-        error = RequestReadTimeout(self.read_timeout)
-        _write_json_error(sock, 408, "Request Timeout", str(error.description))
+        message = str(RequestReadTimeout(self.read_timeout).description)
+        _write_json_error(sock, 408, "Request Timeout", message)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         """gunicorn's own answers (malformed request, head too large, a timeout while it read
@@ -232,34 +217,15 @@ class BufferingThreadWorker(ThreadWorker):
         target = client.raw if isinstance(client, _RequestSocket) else client
         if isinstance(exc, RequestReadTimeout):
             return self._answer_timeout(target, "request head")
-        captured = _CapturedAnswer()
-        super().handle_error(req, captured, addr, exc)
-        status, reason, message = captured.parsed()
-        _write_json_error(target, status, reason, message)
-
-
-class _CapturedAnswer:
-    """Stands in for the client socket while gunicorn writes its HTML error page."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def gettimeout(self) -> float:
-        return 0.0
-
-    def setblocking(self, _flag: bool) -> None:
-        return None
-
-    def sendall(self, data: bytes) -> None:
-        self.data += data
-
-    def parsed(self) -> tuple[int, str, str]:
-        text = self.data.decode("latin-1")
-        match = re.match(r"HTTP/1\.1 (\d{3}) ([^\r\n]*)", text)
+        ours, theirs = socket.socketpair()  # gunicorn writes its HTML page here, to be read back
+        with ours, theirs:
+            super().handle_error(req, ours, addr, exc)
+            page = theirs.recv(1 << 20).decode("latin-1")
+        match = re.match(r"HTTP/1\.1 (\d{3}) ([^\r\n]*)", page)
         status, reason = (int(match[1]), match[2]) if match else (500, "Internal Server Error")
-        body = re.search(r"</h1>\s*(.*?)\s*</body>", text, re.DOTALL)
+        body = re.search(r"</h1>\s*(.*?)\s*</body>", page, re.DOTALL)
         message = html.unescape(body[1]) if body and body[1] else reason
-        return status, reason, message
+        _write_json_error(target, status, reason, message)
 
 
 def _write_json_error(sock: Any, status: int, reason: str, message: str) -> None:
@@ -285,20 +251,16 @@ class _Server(BaseApplication):
     def __init__(self, build: Build, options: dict[str, Any]) -> None:
         self._build = build
         self._options = options
-        self._close: Callable[[], None] | None = None
         super().__init__()
 
     def load_config(self) -> None:
         for key, value in self._options.items():
             self.cfg.set(key, value)
-        self.cfg.set("worker_exit", self._worker_exit)
-
-    def _worker_exit(self, _arbiter: Any, _worker: Any) -> None:
-        if self._close is not None:
-            self._close()
 
     def load(self) -> WsgiApp:
-        app, self._close = self._build()
+        # In the worker, after the fork; gunicorn calls worker_exit in the worker too.
+        app, close = self._build()
+        self.cfg.set("worker_exit", lambda _arbiter, _worker: close())
         return app
 
 
