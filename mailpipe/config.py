@@ -11,11 +11,10 @@ variable at once (names, an interface: docs/configuration.md)::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar, cast
+from typing import Literal, TypeVar, cast, get_args
 
 from mailpipe.topology import Topology
 
@@ -25,7 +24,8 @@ DEFAULT_RECORD = "sqlite:///.mailpipe/record.sqlite3"
 TraceMode = Literal["gcp", "otlp", "file", "none"]
 AddressStyle = Literal["full", "domain", "hashed"]  # MAILPIPE_LOG_ADDRESSES, in logs and spans
 
-_T = TypeVar("_T")
+_D = TypeVar("_D")
+_N = TypeVar("_N", int, float)
 
 
 class ConfigError(ValueError):
@@ -61,29 +61,27 @@ class EnvReader:
             return default or ""
         return value
 
-    def _convert(self, name: str, default: _T, convert: Callable[[str], _T], kind: str) -> _T:
+    def _bounded(
+        self, name: str, default: _D, convert: Callable[[str], _N], minimum: _N, maximum: _N
+    ) -> _N | _D:
         value = self.raw(name)
         if value is None:
             return default
         try:
-            return convert(value)
+            result = convert(value)
         except ValueError:
+            kind = "an integer" if convert is int else "a number"
             self.problems[name] = f"must be {kind}, got {value!r}"
             return default
-
-    def integer(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
-        result = self._convert(name, default, int, "an integer")
-        if name not in self.problems and not minimum <= result <= maximum:
+        if not minimum <= result <= maximum:  # also refuses nan and inf
             self.problems[name] = f"must be between {minimum} and {maximum}, got {result}"
         return result
 
-    def number(self, name: str, default: float, *, minimum: float, maximum: float) -> float:
-        result = self._convert(name, default, float, "a number")
-        if name not in self.problems and not (
-            math.isfinite(result) and minimum <= result <= maximum
-        ):
-            self.problems[name] = f"must be between {minimum} and {maximum}, got {result}"
-        return result
+    def integer(self, name: str, default: _D, *, minimum: int, maximum: int) -> int | _D:
+        return self._bounded(name, default, int, minimum, maximum)
+
+    def number(self, name: str, default: _D, *, minimum: float, maximum: float) -> float | _D:
+        return self._bounded(name, default, float, minimum, maximum)
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = (self.raw(name) or default).lower()
@@ -120,28 +118,20 @@ class TelemetryConfig:
 
     @classmethod
     def read(cls, env: EnvReader, service_name: str) -> TelemetryConfig:
-        traces = cast(
-            TraceMode, env.choice("MAILPIPE_TRACES", "none", ("gcp", "otlp", "file", "none"))
-        )
+        traces = cast(TraceMode, env.choice("MAILPIPE_TRACES", "none", get_args(TraceMode)))
         trace_file = env.path("MAILPIPE_TRACE_FILE")
         if traces == "file" and trace_file is None:
             env.problems["MAILPIPE_TRACE_FILE"] = "is required when MAILPIPE_TRACES=file"
-        metrics_port_text = env.raw("MAILPIPE_METRICS_PORT")
-        metrics_port = (
-            env.integer("MAILPIPE_METRICS_PORT", 0, minimum=1, maximum=65535)
-            if metrics_port_text
-            else None
-        )
         return cls(
             service_name=service_name,
             traces=traces,
             trace_file=trace_file,
             sample_ratio=env.number("MAILPIPE_TRACE_SAMPLE_RATIO", 1.0, minimum=0.0, maximum=1.0),
             otlp_endpoint=env.raw("OTEL_EXPORTER_OTLP_ENDPOINT"),
-            metrics_port=metrics_port,
+            metrics_port=env.integer("MAILPIPE_METRICS_PORT", None, minimum=1, maximum=65535),
             address_style=cast(
                 AddressStyle,
-                env.choice("MAILPIPE_LOG_ADDRESSES", "domain", ("full", "domain", "hashed")),
+                env.choice("MAILPIPE_LOG_ADDRESSES", "domain", get_args(AddressStyle)),
             ),
         )
 

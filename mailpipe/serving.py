@@ -30,13 +30,13 @@ log = logging.getLogger(__name__)
 WsgiApp = Callable[..., Any]
 Build = Callable[[], tuple[WsgiApp, Callable[[], None]]]
 
-DEFAULT_BUFFER_BYTES = 1024 * 1024
 STOP_DROP_LOG = "stopping: closed a connection whose request had not arrived whole (%d bytes read)"
 _HEAD_END = b"\r\n\r\n"
 # gunicorn's own ceiling for a request head is about 800 KiB (request line + 100 fields of 8 KiB);
 # a head still unfinished past this goes to gunicorn, which answers 431/414.
 _MAX_BUFFERED_HEAD = 64 * 1024
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,15})[ \t]*(?:\r\n|$)", re.IGNORECASE)
+_CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r\n]*chunked", re.IGNORECASE)
 _EXPECT_LINE = re.compile(rb"\r\nexpect[ \t]*:[ \t]*100-continue[ \t]*(?=\r\n)", re.IGNORECASE)
 
 
@@ -110,23 +110,15 @@ def _request_complete(data: bytearray) -> bool:
     if head_end < 0:
         # gunicorn refuses a bare LF line ending, and too long a head, without waiting for more.
         return data.count(b"\n") != data.count(b"\r\n") or len(data) > _MAX_BUFFERED_HEAD
-    length: bytes | None = None
-    chunked = False
-    for line in bytes(data[:head_end]).split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"content-length":
-            length = value.strip()
-        elif name == b"transfer-encoding":
-            chunked = b"chunked" in value.lower()
-    body = len(data) - head_end - len(_HEAD_END)
-    if chunked:
+    head = bytes(data[:head_end])
+    if _CHUNKED.search(head):
         # A guess (a chunk may end with these bytes too): too early only means the thread reads
         # the rest, still within the deadline.
         return data.endswith(b"0\r\n\r\n")
-    if length is None or not length.isdigit() or len(length) > 15:
+    length = _CONTENT_LENGTH.search(head)
+    if length is None:
         return True  # no body, or one gunicorn/the app refuses from the header alone
-    return body >= int(length)
+    return len(data) - head_end - len(_HEAD_END) >= int(length[1])
 
 
 class BufferingThreadWorker(ThreadWorker):
@@ -134,20 +126,19 @@ class BufferingThreadWorker(ThreadWorker):
     (``read_timeout`` is set on a subclass by :func:`worker_class`)."""
 
     read_timeout: float = HttpConfig.read_timeout
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES
+    buffer_bytes: int = 1024 * 1024  # held before a thread runs the request (and reads the rest)
 
     def handle(self, conn: Any) -> Any:
         sock = conn.sock
         if not isinstance(sock, _RequestSocket):
             sock = conn.sock = _RequestSocket(conn.sock, self.read_timeout)
         state = self._read_available(conn, sock)
-        if state == "wait" and not self.alive:  # stopping: gthread would close it; say so
-            self.log.warning(STOP_DROP_LOG, len(sock.pending))
-            state = "closed"
-        if state == "wait":
+        if state == "wait" and self.alive:
             return _DEFER  # back to the poller until more arrives (or keepalive_timeout ends)
+        if state == "wait":  # stopping: gthread would close it; say so
+            self.log.warning(STOP_DROP_LOG, len(sock.pending))
         if state == "expired":
-            self._answer_timeout(sock.raw, "request")
+            self._answer_timeout(sock, "request")
         if state != "complete":
             sock.next_request()
             return False  # gunicorn closes the connection
@@ -201,7 +192,7 @@ class BufferingThreadWorker(ThreadWorker):
         if not request_line.endswith(b"HTTP/1.1") or not _EXPECT_LINE.search(head):
             return
         try:
-            sock.raw.send(_CONTINUE)
+            sock.raw.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         except OSError:
             return  # the client is gone; reading will tell
         sock.pending[: head_end + 2] = _EXPECT_LINE.sub(b"", head)
@@ -214,9 +205,8 @@ class BufferingThreadWorker(ThreadWorker):
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         """gunicorn's own answers (malformed request, head too large, a timeout while it read
         the head), in the services' JSON error format instead of an HTML page."""
-        target = client.raw if isinstance(client, _RequestSocket) else client
         if isinstance(exc, RequestReadTimeout):
-            return self._answer_timeout(target, "request head")
+            return self._answer_timeout(client, "request head")
         ours, theirs = socket.socketpair()  # gunicorn writes its HTML page here, to be read back
         with ours, theirs:
             super().handle_error(req, ours, addr, exc)
@@ -225,7 +215,7 @@ class BufferingThreadWorker(ThreadWorker):
         status, reason = (int(match[1]), match[2]) if match else (500, "Internal Server Error")
         body = re.search(r"</h1>\s*(.*?)\s*</body>", page, re.DOTALL)
         message = html.unescape(body[1]) if body and body[1] else reason
-        _write_json_error(target, status, reason, message)
+        _write_json_error(client, status, reason, message)
 
 
 def _write_json_error(sock: Any, status: int, reason: str, message: str) -> None:

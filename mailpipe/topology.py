@@ -32,9 +32,8 @@ class TopologyError(ValueError):
 def duration_seconds(value: str) -> int:
     """A duration of the declaration, such as ``"600s"``, in whole seconds.
 
-    Terraform hands these strings to Pub/Sub as written (protobuf-JSON durations), so of
-    :mod:`mailpipe.durations`' grammar only whole seconds in that exact spelling are taken.
-    """
+    Terraform hands these strings to Pub/Sub as written (protobuf-JSON durations): only whole
+    seconds in that exact spelling are taken."""
     try:
         seconds = int(parse_duration(value, units=("s",), whole_seconds=True))
     except DurationError as exc:
@@ -55,14 +54,6 @@ class Topic:
 class RetryPolicy:
     minimum_backoff: str
     maximum_backoff: str
-
-    @property
-    def minimum_seconds(self) -> int:
-        return duration_seconds(self.minimum_backoff)
-
-    @property
-    def maximum_seconds(self) -> int:
-        return duration_seconds(self.maximum_backoff)
 
 
 @dataclass(frozen=True)
@@ -118,9 +109,6 @@ class Topology:
         """Feeds the consumer that marks dead-lettered mails in the delivery record."""
         return self.subscriptions["dead_letter_record"]
 
-    def topic_of(self, subscription: Subscription) -> Topic:
-        return self.topics[subscription.topic]
-
     def validate(self) -> None:
         problems: list[str] = []
         for required in ("mail", "dead_letter", "events"):
@@ -144,7 +132,8 @@ class Topology:
                 problems.append(f"{where}.ack_deadline_seconds must be 10..600 (Pub/Sub's limits)")
             if sub.retry_policy is not None:
                 try:
-                    low, high = sub.retry_policy.minimum_seconds, sub.retry_policy.maximum_seconds
+                    low = duration_seconds(sub.retry_policy.minimum_backoff)
+                    high = duration_seconds(sub.retry_policy.maximum_backoff)
                 except TopologyError as exc:
                     problems.append(f"{where}.retry_policy: {exc}")
                 else:
