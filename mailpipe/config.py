@@ -1,9 +1,6 @@
-"""Configuration: read once from the environment into frozen dataclasses.
-
-Each service builds its config with ``XConfig.from_env(os.environ)`` (``publisher/config.py``,
-``subscriber/config.py``) and passes it to its factory; this module holds the shared parts. One
-reader collects the shared and the service's own problems, so a bad start reports **every** bad
-variable at once (names, an interface: docs/configuration.md)::
+"""Configuration read once from the environment into frozen dataclasses: the shared parts of
+``publisher/config.py`` and ``subscriber/config.py``. One :class:`EnvReader` collects every problem,
+so a bad start reports every bad variable at once (the names: docs/configuration.md)::
 
     ConfigError
     └── (one exception carrying {VARIABLE: what is wrong with it, ...})
@@ -29,10 +26,7 @@ _N = TypeVar("_N", int, float)
 
 
 class ConfigError(ValueError):
-    """One or more environment variables are missing or invalid.
-
-    ``problems`` maps each variable name to a sentence saying what to fix.
-    """
+    """Environment variables are missing or invalid; ``problems``: {name: what to fix}."""
 
     def __init__(self, problems: Mapping[str, str]) -> None:
         self.problems = dict(problems)
@@ -48,18 +42,13 @@ class EnvReader:
         self.problems: dict[str, str] = {}
 
     def raw(self, name: str) -> str | None:
-        value = self.environ.get(name)
-        if value is None or value.strip() == "":
-            return None
-        return value.strip()
+        return (self.environ.get(name) or "").strip() or None
 
     def string(self, name: str, default: str | None = None, *, required: bool = False) -> str:
         value = self.raw(name)
-        if value is None:
-            if required and default is None:
-                self.problems[name] = "is required"
-            return default or ""
-        return value
+        if value is None and required and default is None:
+            self.problems[name] = "is required"
+        return value or default or ""
 
     def _bounded(
         self, name: str, default: _D, convert: Callable[[str], _N], minimum: _N, maximum: _N

@@ -9,9 +9,9 @@ errors in JSON (docs/hostile-input.md, "Slow and idle clients", says how and why
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
-import logging
 import re
 import socket
 import time
@@ -24,8 +24,6 @@ from werkzeug.exceptions import RequestTimeout
 
 from mailpipe.config import HttpConfig
 from mailpipe.httpjson import error_code
-
-log = logging.getLogger(__name__)
 
 WsgiApp = Callable[..., Any]
 Build = Callable[[], tuple[WsgiApp, Callable[[], None]]]
@@ -144,7 +142,6 @@ class BufferingThreadWorker(ThreadWorker):
             return False  # gunicorn closes the connection
         # Past here gunicorn parses and the app runs; the buffered bytes come first.
         conn.data_ready = True  # skip gthread's own wait for a first byte
-        sock.raw.setblocking(True)
         conn.init()
         conn.parser.unreader.unread(sock.pending)  # copied into the parser's buffer
         sock.pending = bytearray()
@@ -224,11 +221,9 @@ def _write_json_error(sock: Any, status: int, reason: str, message: str) -> None
         f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
-    try:
+    with contextlib.suppress(OSError):  # the client is gone or not reading
         sock.setblocking(False)  # never wait on a client that does not read
         sock.sendall(head.encode("latin-1") + body)
-    except OSError:
-        log.debug("could not send the error answer: the client is gone or not reading")
 
 
 def worker_class(http: HttpConfig) -> type[Any]:

@@ -58,8 +58,7 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class DeadLetterPolicy:
-    topic: str
-    """Key (not name) of the dead-letter topic in ``topics``."""
+    topic: str  # the key (not the name) of the dead-letter topic in ``topics``
     max_delivery_attempts: int
 
 
@@ -67,8 +66,7 @@ class DeadLetterPolicy:
 class Subscription:
     key: str
     name: str
-    topic: str
-    """Key (not name) of the topic in ``topics``."""
+    topic: str  # the key (not the name) of the topic in ``topics``
     delivery: DeliveryMode
     ack_deadline_seconds: int
     push_path: str = "/"
@@ -92,7 +90,6 @@ class Topology:
 
     @property
     def events_topic(self) -> Topic:
-        """Delivery events, one per state change of a mail (mailpipe.events)."""
         return self.topics["events"]
 
     @property
@@ -100,13 +97,11 @@ class Topology:
         return self.subscriptions["delivery"]
 
     @property
-    def dead_letter_subscription(self) -> Subscription:
-        """Holds dead-lettered mails for inspection and replay."""
+    def dead_letter_subscription(self) -> Subscription:  # dead-lettered mails, to inspect, replay
         return self.subscriptions["dead_letter"]
 
     @property
-    def dead_letter_record_subscription(self) -> Subscription:
-        """Feeds the consumer that marks dead-lettered mails in the delivery record."""
+    def dead_letter_record_subscription(self) -> Subscription:  # marks them in the record
         return self.subscriptions["dead_letter_record"]
 
     def validate(self) -> None:
