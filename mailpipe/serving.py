@@ -1,10 +1,9 @@
 """Serving a WSGI app with gunicorn, configured in code (both services use it).
 
-``build()`` makes the app inside the worker, after the fork: gRPC clients must not cross a fork.
-On SIGTERM (Cloud Run's stop signal) gunicorn finishes requests in flight within
-``graceful_timeout``, then ``close()`` flushes the Pub/Sub publisher's batch and the telemetry.
-:class:`BufferingThreadWorker` keeps slow clients from holding threads, and answers gunicorn's own
-errors in JSON (docs/hostile-input.md, "Slow and idle clients", says how and why).
+``build()`` makes the app in the worker, after the fork: gRPC clients must not cross a fork. On
+SIGTERM (Cloud Run's stop signal) gunicorn finishes requests in flight within ``graceful_timeout``,
+then ``close()`` flushes. :class:`BufferingThreadWorker` keeps slow clients from holding threads
+and answers gunicorn's own errors in JSON (docs/hostile-input.md, "Slow and idle clients").
 """
 
 from __future__ import annotations
