@@ -60,10 +60,7 @@ _propagator = TraceContextTextMapPropagator()
 
 def extract_context(carrier: Mapping[str, str]) -> Context | None:
     """The remote context in W3C ``traceparent``/``tracestate`` entries, or None if not valid.
-
-    Keys match in any case: HTTP header names are case-insensitive, and WSGI servers hand them
-    over as ``Traceparent``, which the propagator's lower-case lookup alone would miss.
-    """
+    Keys match in any case: WSGI servers hand headers over as ``Traceparent``."""
     lowered = {key.lower(): value for key, value in carrier.items()}
     context = _propagator.extract(lowered, getter=DefaultGetter())
     return context if trace.get_current_span(context).get_span_context().is_valid else None

@@ -81,12 +81,9 @@ class EnvReader:
 
     def path(self, name: str, *, must_exist: bool = False) -> Path | None:
         value = self.raw(name)
-        if value is None:
-            return None
-        path = Path(value)
-        if must_exist and not path.is_file():
+        if value is not None and must_exist and not Path(value).is_file():
             self.problems[name] = f"names a file that does not exist: {value}"
-        return path
+        return None if value is None else Path(value)
 
     def finish(self) -> None:
         if self.problems:
@@ -108,6 +105,7 @@ class TelemetryConfig:
     @classmethod
     def read(cls, env: EnvReader, service_name: str) -> TelemetryConfig:
         traces = cast(TraceMode, env.choice("MAILPIPE_TRACES", "none", get_args(TraceMode)))
+        style = env.choice("MAILPIPE_LOG_ADDRESSES", "domain", get_args(AddressStyle))
         trace_file = env.path("MAILPIPE_TRACE_FILE")
         if traces == "file" and trace_file is None:
             env.problems["MAILPIPE_TRACE_FILE"] = "is required when MAILPIPE_TRACES=file"
@@ -118,10 +116,7 @@ class TelemetryConfig:
             sample_ratio=env.number("MAILPIPE_TRACE_SAMPLE_RATIO", 1.0, minimum=0.0, maximum=1.0),
             otlp_endpoint=env.raw("OTEL_EXPORTER_OTLP_ENDPOINT"),
             metrics_port=env.integer("MAILPIPE_METRICS_PORT", None, minimum=1, maximum=65535),
-            address_style=cast(
-                AddressStyle,
-                env.choice("MAILPIPE_LOG_ADDRESSES", "domain", get_args(AddressStyle)),
-            ),
+            address_style=cast(AddressStyle, style),
         )
 
 
@@ -170,14 +165,9 @@ class HttpConfig:
 
     @classmethod
     def read(cls, env: EnvReader) -> HttpConfig:
-        return cls(
-            read_timeout=env.number(
-                "MAILPIPE_HTTP_READ_TIMEOUT", 30.0, minimum=0.5, maximum=3600.0
-            ),
-            keepalive_timeout=env.integer(
-                "MAILPIPE_HTTP_KEEPALIVE_TIMEOUT", 5, minimum=1, maximum=3600
-            ),
-        )
+        read_timeout = env.number("MAILPIPE_HTTP_READ_TIMEOUT", 30.0, minimum=0.5, maximum=3600.0)
+        keepalive = env.integer("MAILPIPE_HTTP_KEEPALIVE_TIMEOUT", 5, minimum=1, maximum=3600)
+        return cls(read_timeout=read_timeout, keepalive_timeout=keepalive)
 
 
 def read_record(env: EnvReader) -> str:

@@ -61,8 +61,7 @@ class _RequestSocket:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.raw, name)
 
-    def next_request(self) -> None:
-        """The request was answered (or abandoned): the next one starts afresh."""
+    def next_request(self) -> None:  # the request was answered (or abandoned)
         self.deadline = None
         self.pending = bytearray()
 
@@ -181,17 +180,13 @@ class BufferingThreadWorker(ThreadWorker):
         """Answer ``Expect: 100-continue`` here, so the client sends its body while the request
         is still being buffered; the header is taken out so gunicorn does not answer it again."""
         head_end = sock.pending.find(_HEAD_END)
-        if head_end < 0:
-            return
         head = bytes(sock.pending[: head_end + 2])
-        request_line = head.split(b"\r\n", 1)[0]
-        if not request_line.endswith(b"HTTP/1.1") or not _EXPECT_LINE.search(head):
+        if head_end < 0 or not head.split(b"\r\n", 1)[0].endswith(b"HTTP/1.1"):
             return
-        try:
-            sock.raw.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-        except OSError:
-            return  # the client is gone; reading will tell
-        sock.pending[: head_end + 2] = _EXPECT_LINE.sub(b"", head)
+        if _EXPECT_LINE.search(head):
+            with contextlib.suppress(OSError):  # the client is gone; reading will tell
+                sock.raw.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                sock.pending[: head_end + 2] = _EXPECT_LINE.sub(b"", head)
 
     def _answer_timeout(self, sock: Any, what: str) -> None:
         self.log.info("closing a connection whose %s did not arrive in time", what)
@@ -199,8 +194,8 @@ class BufferingThreadWorker(ThreadWorker):
         _write_json_error(sock, 408, "Request Timeout", message)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
-        """gunicorn's own answers (malformed request, head too large, a timeout while it read
-        the head), in the services' JSON error format instead of an HTML page."""
+        """gunicorn's own answers (a malformed or too large head, a timeout while it read one)
+        in the services' JSON error format, not as an HTML page."""
         if isinstance(exc, RequestReadTimeout):
             return self._answer_timeout(client, "request head")
         ours, theirs = socket.socketpair()  # gunicorn writes its HTML page here, to be read back

@@ -1,7 +1,5 @@
-"""The Pub/Sub topology, declared once in ``topology.json`` and read by Terraform and Python alike.
-
-Terraform reads the same file with ``jsondecode(file(...))`` (see ``terraform/topology.tf``); the
-emulator applies it with :func:`emulator.apply_topology`. There is no second list to drift.
+"""The Pub/Sub topology, declared once in ``topology.json``: Terraform reads the same file
+(``terraform/topology.tf``), the emulator applies it (:func:`emulator.apply_topology`).
 
 Errors::
 
@@ -151,11 +149,7 @@ def parse_topology(document: dict[str, Any]) -> Topology:
     """Build a validated :class:`Topology` from the JSON document."""
     try:
         topics = {
-            key: Topic(
-                key=key,
-                name=spec["name"],
-                message_retention_duration=spec.get("message_retention_duration"),
-            )
+            key: Topic(key, spec["name"], spec.get("message_retention_duration"))
             for key, spec in document["topics"].items()
         }
         subscriptions = {}
