@@ -32,12 +32,8 @@ RETRYABLE_API_ERRORS: tuple[type[Exception], ...] = (
 
 
 class PubSubUnavailable(Exception):
-    """Pub/Sub could not be reached, timed out or refused the request."""
-
-    @property
-    def deadline_exceeded(self) -> bool:
-        """The request ran out of time (a waiting pull that found nothing)."""
-        return isinstance(self.__cause__, api_exceptions.DeadlineExceeded)
+    """Pub/Sub could not be reached, timed out or refused the request (Google's error: the
+    ``__cause__``)."""
 
 
 @contextmanager
