@@ -10,7 +10,6 @@ from collections.abc import Mapping
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.propagators.textmap import DefaultGetter
 from opentelemetry.trace import Link
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -62,7 +61,7 @@ def extract_context(carrier: Mapping[str, str]) -> Context | None:
     """The remote context in W3C ``traceparent``/``tracestate`` entries, or None if not valid.
     Keys match in any case: WSGI servers hand headers over as ``Traceparent``."""
     lowered = {key.lower(): value for key, value in carrier.items()}
-    context = _propagator.extract(lowered, getter=DefaultGetter())
+    context = _propagator.extract(lowered)
     return context if trace.get_current_span(context).get_span_context().is_valid else None
 
 
