@@ -15,7 +15,7 @@ from flask import Flask
 
 from mailpipe.events import EventsConfig, build_emitter
 from mailpipe.id_token import GOOGLE_JWKS_URL, TokenError, TokenKeysUnavailable
-from mailpipe.logs import configure_logging, register_secret
+from mailpipe.logs import configure_logging
 from mailpipe.record import DeliveryRecord, open_record
 from mailpipe.serving import serve_wsgi
 from mailpipe.telemetry import Telemetry, idle_span_flush, setup_telemetry
@@ -85,7 +85,6 @@ def build_app(
     """
     telemetry = telemetry or setup_telemetry(config.telemetry)
     configure_logging(config.telemetry, project=config.pubsub.project)
-    register_secret((config.suppressions.key or b"").decode())
     publisher: MailPublisher = PubSubMailPublisher(config.pubsub, timeout=config.publish_timeout)
     emitter = build_emitter(events, config.pubsub, config.telemetry, telemetry.meter_provider)
     if emitter is not None:

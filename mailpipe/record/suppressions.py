@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from mailpipe.config import AddressStyle, EnvReader
+from mailpipe.logs import register_secret
 from mailpipe.record.store import (
     SUPPRESSIONS,
     Clock,
@@ -111,6 +112,7 @@ class SuppressionList:
 
     def __init__(self, store: Store, policy: SuppressionPolicy, clock: Clock) -> None:
         self._store, self.policy, self._clock = store, policy, clock
+        register_secret((policy.key or b"").decode())  # the key never shows in a log line
 
     def is_key(self, text: str) -> bool:
         """Whether ``text`` is a hashed key as :meth:`Suppression.key` shows it."""

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from mailpipe.config import ConfigError, EnvReader
+from mailpipe.logs import redact_secrets
 from mailpipe.record import (
     DeliveryRecord,
     SuppressionPolicy,
@@ -78,6 +79,7 @@ def test_hashed_keys_keep_no_address_and_expired_entries_are_ignored(
     stored = raw()
     assert "ada.lovelace" not in stored.lower() and "temp@" not in stored
     assert entry.key in stored and "example.org" in stored  # the domain is kept, as everywhere
+    assert KEY.decode() not in redact_secrets(f"key={KEY.decode()}")  # nor is the key logged
     # Case-blind lookup, one batched read, only the suppressed come back.
     found = hashed.lookup(["ada.lovelace@example.org", "other@example.org", "temp@example.org"])
     assert set(found) == {"ada.lovelace@example.org", "temp@example.org"}
