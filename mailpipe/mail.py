@@ -1,22 +1,13 @@
 """The mail: what a client sends (:class:`MailRequest`) and what travels on Pub/Sub
 (:class:`QueuedMail`: the request plus the ids the publisher assigned).
 
-The Pub/Sub message is ``data`` = ``QueuedMail`` as JSON, attributes ``mail_id`` and
-``schema_version`` (plus ``googclient_traceparent``, added by the client library). Both services
-import this module, the only contract between them besides the delivery record: the subscriber
-validates a queued mail again, with the same model, at its trust boundary.
-
-Mailboxes are parsed once, here (:class:`Mailbox`); nothing downstream parses text again. What
-header-bound text is refused or encoded, field by field, and why: docs/headers.md.
-
-Schema versions on Pub/Sub::
-
-    1   mailboxes as text ("Ada <ada@example.com>"): still decoded, with the same parser
-    2   mailboxes as objects {"name": ..., "address": ...} (published since issue 16)
-
-The give-up time (``deliver_by``, issue 19) rides in the ``deliver_by`` attribute, not in
-``data``: a subscriber of the previous version (which refuses unknown fields) still decodes the
-mail, and only ignores the give-up time (docs/deliver-by.md).
+The Pub/Sub message is ``data`` = ``QueuedMail`` as JSON, attributes ``mail_id``,
+``schema_version`` and ``deliver_by`` (the give-up time, outside ``data`` so that a subscriber of
+the previous version still decodes the mail: docs/deliver-by.md). Both services validate with this
+model: it is their contract, and the subscriber's trust boundary. Mailboxes are parsed once, here
+(:class:`Mailbox`); what header-bound text is refused or encoded, and why: docs/headers.md.
+Schema versions: 1 has mailboxes as text ("Ada <ada@example.com>", still decoded, with the same
+parser), 2 as objects {"name": ..., "address": ...} (published since issue 16).
 
 Errors::
 
@@ -29,7 +20,6 @@ Errors::
 from __future__ import annotations
 
 import base64
-import binascii
 import datetime as dt
 import functools
 import json
@@ -67,7 +57,9 @@ _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 field name: printable
 # latter cannot be encoded at all.
 _FORBIDDEN_IN_HEADERS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_NOT_UNICODE = "is not valid Unicode: lone surrogate"
 _BLANKS = re.compile("[ \t]+")
+_ESCAPED_CHAR = re.compile(r"\\(.)", re.DOTALL)  # a quoted-pair of RFC 5322
 # How an RFC 2047 encoded word starts: the email package decodes one wherever it finds it.
 ENCODED_WORD_START = "=?"
 # Headers mailpipe sets itself, or that change who receives the mail: a client may not set them.
@@ -115,7 +107,7 @@ def header_text(value: str) -> str:
 
 def valid_unicode(value: str) -> str:
     """``value`` if it can be encoded as UTF-8 (JSON allows lone surrogates; Pub/Sub does not)."""
-    return _refuse(_SURROGATE, value, "is not valid Unicode: lone surrogate")
+    return _refuse(_SURROGATE, value, _NOT_UNICODE)
 
 
 def display_name(value: str) -> str:
@@ -132,10 +124,8 @@ def display_name(value: str) -> str:
 @functools.lru_cache(maxsize=4096)  # a pure check, asked again and again for the same senders
 def addr_spec(value: str) -> str:
     """A validated, normalised address (``local@domain``; the domain lower-case, IDN as Unicode).
-
-    Refused: quoted local parts, domain literals, display names, and a local part holding
-    ``=?`` (a mail program would decode it as an encoded word: the address shown would differ).
-    """
+    Refused: quoted local parts, domain literals, display names, and ``=?`` in the local part (a
+    mail program would decode it as an encoded word: the address shown would differ)."""
     header_text(value)
     try:
         checked = validate_email(
@@ -160,29 +150,18 @@ def _unquote(quoted: str) -> str:
     """The text of an RFC 5322 quoted-string (``"Bob \\"B\\" Smith"`` → ``Bob "B" Smith``)."""
     if len(quoted) < 2 or not quoted.endswith('"'):
         raise ValueError("has a display name with an opening '\"' but no closing one")
-    text: list[str] = []
-    escaped = False
-    for char in quoted[1:-1]:
-        if escaped:
-            text.append(char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == '"':
-            raise ValueError("has a '\"' inside a quoted display name: escape it as '\\\"'")
-        else:
-            text.append(char)
-    if escaped:
+    unescaped = _ESCAPED_CHAR.sub("", quoted[1:-1])  # what is left outside the escape pairs
+    if '"' in unescaped:
+        raise ValueError("has a '\"' inside a quoted display name: escape it as '\\\"'")
+    if unescaped.endswith("\\"):
         raise ValueError("has a quoted display name ending in a lone backslash")
-    return "".join(text)
+    return _ESCAPED_CHAR.sub(r"\1", quoted[1:-1])
 
 
 def split_mailbox(text: str) -> tuple[str, str]:
     """``(display name, address)`` of ``addr@example.com``, ``Name <addr@example.com>`` or
-    ``"Quoted, Name" <addr@example.com>`` (backslash escapes as in RFC 5322).
-
-    The one place mailbox text is parsed; the parts are validated by :class:`Mailbox`.
-    """
+    ``"Quoted, Name" <addr@example.com>`` (RFC 5322 backslash escapes): the one place mailbox
+    text is parsed; :class:`Mailbox` validates the parts."""
     header_text(text)  # before stripping: a line boundary is refused, not trimmed away
     text = text.strip(" \t")
     if not text.endswith(">"):
@@ -238,7 +217,7 @@ def _mailbox_input(value: Any) -> Any:
     if isinstance(value, str):
         name, address = split_mailbox(value)
         return Mailbox.model_construct(name=display_name(name), address=addr_spec(address))
-    if value is None or not isinstance(value, dict | Mailbox):
+    if not isinstance(value, dict | Mailbox):
         raise ValueError(
             "must be a string such as 'Ada <ada@example.com>' or 'ada@example.com', or an "
             'object {"name": "Ada", "address": "ada@example.com"}'
@@ -313,7 +292,7 @@ class Attachment(BaseModel):
     def _base64(cls, value: str) -> str:
         try:
             base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError) as exc:
+        except ValueError as exc:  # binascii.Error too
             raise ValueError("must be valid base64") from exc
         return value
 
@@ -411,10 +390,7 @@ class MailRequest(BaseModel):
     def _metadata_text(cls, metadata: dict[str, MetadataValue]) -> dict[str, MetadataValue]:
         for key, value in metadata.items():
             if isinstance(value, str):
-                try:
-                    valid_unicode(value)
-                except ValueError as exc:
-                    raise ValueError(f"value of {key!r} {exc}") from None
+                _refuse(_SURROGATE, value, f"value of {key!r} {_NOT_UNICODE}")
         return metadata
 
     @model_validator(mode="after")
@@ -430,10 +406,7 @@ class MailRequest(BaseModel):
     @property
     def recipients(self) -> list[str]:
         """Every envelope recipient (to, cc, bcc), bare addresses, de-duplicated, in order."""
-        seen: dict[str, None] = {}
-        for mailbox in (*self.to, *self.cc, *self.bcc):
-            seen.setdefault(mailbox.address, None)
-        return list(seen)
+        return list(dict.fromkeys(mailbox.address for mailbox in (*self.to, *self.cc, *self.bcc)))
 
     @property
     def recipient_domains(self) -> tuple[str, ...]:
@@ -473,19 +446,8 @@ class QueuedMail(BaseModel):
     deliver_by: dt.datetime | None = Field(default=None, exclude=True)  # an attribute on Pub/Sub
 
     @classmethod
-    def accept(
-        cls,
-        request: MailRequest,
-        *,
-        mail_id: str | None = None,
-        deliver_by: dt.datetime | None = None,
-    ) -> QueuedMail:
-        return cls(
-            mail_id=mail_id or new_mail_id(),
-            accepted_at=dt.datetime.now(dt.UTC),
-            request=request,
-            deliver_by=deliver_by,
-        )
+    def accept(cls, request: MailRequest) -> QueuedMail:
+        return cls(mail_id=new_mail_id(), accepted_at=dt.datetime.now(dt.UTC), request=request)
 
     def to_pubsub(self) -> tuple[bytes, dict[str, str]]:
         """``(data, attributes)`` for ``PublisherClient.publish``."""
@@ -499,22 +461,17 @@ class QueuedMail(BaseModel):
 
     @classmethod
     def from_pubsub(cls, data: bytes, attributes: dict[str, str] | None = None) -> QueuedMail:
-        """Decode a Pub/Sub message of any supported schema version.
-
-        Raises :class:`UnsendableMail` for a mailpipe mail whose request this version refuses
-        (bounce it), :class:`MailDecodeError` for anything else that is not a known mail.
-        """
-        version = (attributes or {}).get(PUBSUB_SCHEMA_VERSION, str(SCHEMA_VERSION))
+        """Decode a Pub/Sub message of any supported schema version; :class:`UnsendableMail` for
+        a mailpipe mail this version refuses (bounce it), :class:`MailDecodeError` for the rest."""
+        attributes = attributes or {}
+        version = attributes.get(PUBSUB_SCHEMA_VERSION, str(SCHEMA_VERSION))
         if version not in {str(v) for v in SUPPORTED_SCHEMA_VERSIONS}:
             raise MailDecodeError(f"unsupported schema_version {version!r}")
         try:
             mail = cls.model_validate_json(data)
-            by = (attributes or {}).get(PUBSUB_DELIVER_BY)
-            return (
-                mail.model_copy(update={"deliver_by": dt.datetime.fromisoformat(by)})
-                if by
-                else mail
-            )
+            if by := attributes.get(PUBSUB_DELIVER_BY):
+                mail = mail.model_copy(update={"deliver_by": dt.datetime.fromisoformat(by)})
+            return mail
         except ValueError as exc:
             problem = _problems(exc) if isinstance(exc, ValidationError) else str(exc)
             try:
