@@ -24,13 +24,6 @@ from opentelemetry import trace
 from mailpipe.config import AddressStyle, TelemetryConfig
 
 REDACTED = "[REDACTED]"
-TRACE_KEY = "logging.googleapis.com/trace"
-SPAN_ID_KEY = "logging.googleapis.com/spanId"
-TRACE_SAMPLED_KEY = "logging.googleapis.com/trace_sampled"
-SOURCE_LOCATION_KEY = "logging.googleapis.com/sourceLocation"
-HASH_HEX_DIGITS = 12
-
-# --- secrets -------------------------------------------------------------------------------------
 
 _secrets_lock = threading.Lock()
 _secrets: tuple[str, ...] = ()
@@ -42,16 +35,14 @@ def register_secret(value: str | None) -> None:
     if not value:
         return
     with _secrets_lock:
-        if value not in _secrets:
-            # Longest first, so a secret containing another is replaced whole.
-            _secrets = tuple(sorted({*_secrets, value}, key=len, reverse=True))
+        # Longest first, so a secret containing another is replaced whole.
+        _secrets = tuple(sorted({*_secrets, value}, key=len, reverse=True))
 
 
 def redact_secrets(text: str) -> str:
     """``text`` with every registered secret replaced by ``[REDACTED]``."""
     for secret in _secrets:
-        if secret in text:
-            text = text.replace(secret, REDACTED)
+        text = text.replace(secret, REDACTED)
     return text
 
 
@@ -67,27 +58,6 @@ def _redact_value(value: Any) -> Any:
     return redact_secrets(str(value))
 
 
-class SecretFilter(logging.Filter):
-    """Replaces registered secrets in a record's message and ``json_fields``.
-
-    Applied to every record as it is created (a record factory), so every handler (gunicorn's, a
-    test's caplog) sees it redacted; ``extra`` fields, attached later, are covered by the mailpipe
-    handler's own copy, and :class:`CloudLoggingFormatter` redacts its whole output once more.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if _secrets:
-            record.msg = redact_secrets(record.getMessage())
-            record.args = None
-            fields = getattr(record, "json_fields", None)
-            if isinstance(fields, Mapping):
-                record.json_fields = _redact_value(fields)
-        return True
-
-
-# --- addresses -----------------------------------------------------------------------------------
-
-
 def redact_address(address: str, style: AddressStyle) -> str:
     """An address as logs and spans may show it: ``full``, ``domain`` (``@example.com``) or
     ``hashed`` (``sha256:`` + 12 hex digits of the lower-cased address, the same for every
@@ -100,8 +70,7 @@ def redact_address(address: str, style: AddressStyle) -> str:
     if style == "domain":
         _, at, domain = address.rpartition("@")
         return f"@{domain.lower()}" if at else "@"
-    digest = hashlib.sha256(address.lower().encode()).hexdigest()
-    return f"sha256:{digest[:HASH_HEX_DIGITS]}"
+    return f"sha256:{hashlib.sha256(address.lower().encode()).hexdigest()[:12]}"
 
 
 # Addresses in free text (SMTP replies, exception messages); not an RFC 5322 parser. \w, not
@@ -114,9 +83,6 @@ def redact_addresses(text: str, style: AddressStyle) -> str:
     if style == "full" or "@" not in text:
         return text
     return _ADDRESS_IN_TEXT.sub(lambda match: redact_address(match.group(0), style), text)
-
-
-# --- formatting ----------------------------------------------------------------------------------
 
 
 # Spelled out, not logging.getLevelName(): a library may rename a level; Cloud Logging may not.
@@ -156,7 +122,7 @@ class CloudLoggingFormatter(logging.Formatter):
             "message": message,
             "time": created.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             "logger": record.name,
-            SOURCE_LOCATION_KEY: {
+            "logging.googleapis.com/sourceLocation": {
                 "file": record.pathname,
                 "line": str(record.lineno),
                 "function": record.funcName,
@@ -178,30 +144,34 @@ class CloudLoggingFormatter(logging.Formatter):
         if not context.is_valid:
             return {}
         trace_id = trace.format_trace_id(context.trace_id)
-        return {
-            TRACE_KEY: f"projects/{self.project}/traces/{trace_id}" if self.project else trace_id,
-            SPAN_ID_KEY: trace.format_span_id(context.span_id),
-            TRACE_SAMPLED_KEY: context.trace_flags.sampled,
+        return {  # the fields Cloud Logging joins a line to its trace by
+            "logging.googleapis.com/trace": (
+                f"projects/{self.project}/traces/{trace_id}" if self.project else trace_id
+            ),
+            "logging.googleapis.com/spanId": trace.format_span_id(context.span_id),
+            "logging.googleapis.com/trace_sampled": context.trace_flags.sampled,
         }
 
 
-_HANDLER_MARK = "_mailpipe_handler"
-_FACTORY_MARK = "_mailpipe_redacting"
+_MARK = "_mailpipe"  # on the record factory and the handler configure_logging installed
 
 
 def _install_redacting_record_factory() -> None:
-    """Wrap the current log record factory so every new record is redacted (once per process)."""
+    """Wrap the log record factory (once per process) so that every handler (gunicorn's, a test's
+    caplog) gets each message with the secrets redacted. ``extra`` fields, set on the record after
+    the factory made it, and tracebacks are redacted by :class:`CloudLoggingFormatter`."""
     factory = logging.getLogRecordFactory()
-    if getattr(factory, _FACTORY_MARK, False):
+    if getattr(factory, _MARK, False):
         return
-    secret_filter = SecretFilter()
 
     def redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = factory(*args, **kwargs)
-        secret_filter.filter(record)
+        if _secrets:
+            record.msg = redact_secrets(record.getMessage())
+            record.args = None
         return record
 
-    setattr(redacting_factory, _FACTORY_MARK, True)
+    setattr(redacting_factory, _MARK, True)
     logging.setLogRecordFactory(redacting_factory)
 
 
@@ -228,10 +198,9 @@ def configure_logging(
         project=project, service_name=config.service_name, address_style=config.address_style
     )
     handler.setFormatter(formatter)
-    handler.addFilter(SecretFilter())
-    setattr(handler, _HANDLER_MARK, True)
+    setattr(handler, _MARK, True)
     root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+    for old in [h for h in root.handlers if getattr(h, _MARK, False)]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
