@@ -1,11 +1,5 @@
-"""Google ID tokens as a service on Cloud Run receives them: the parts both services read.
-
-The subscriber checks Pub/Sub's push token (subscriber/auth.py); the publisher names its caller
-(publisher/caller.py). Both read the token from the header Cloud Run IAM checked
-(:func:`request_token`), recognise a signature Cloud Run removed after verifying it
-(:func:`is_signature_removed`) and check the token with PyJWT (:func:`decode_claims`, against
-Google's keys, :class:`SigningKeys`, where the signature is still there); what each then requires
-of the claims is its own.
+"""Google ID tokens as a service on Cloud Run receives them: what the subscriber (push tokens,
+subscriber/auth.py) and the publisher (its caller, publisher/caller.py) both read of a token.
 
 Errors::
 
@@ -42,11 +36,8 @@ class TokenKeysUnavailable(TokenError):
 
 def checked_header(headers: Mapping[str, str]) -> tuple[str, str | None]:
     """The header Cloud Run IAM checks, and its value: ``X-Serverless-Authorization`` if present,
-    else ``Authorization``. Names are matched case-insensitively (HTTP headers are).
-
-    With both, Cloud Run checks only ``X-Serverless-Authorization`` and forwards ``Authorization``
-    untouched (cloud.google.com/run/docs/authenticating/service-to-service).
-    """
+    else ``Authorization`` (names match ignoring case). With both, Cloud Run checks only the first
+    (cloud.google.com/run/docs/authenticating/service-to-service)."""
     serverless = _header(headers, SERVERLESS_AUTHORIZATION)
     if serverless is not None:
         return SERVERLESS_AUTHORIZATION, serverless
@@ -54,8 +45,7 @@ def checked_header(headers: Mapping[str, str]) -> tuple[str, str | None]:
 
 
 def request_token(headers: Mapping[str, str]) -> str:
-    """The bearer token of the header Cloud Run IAM checks (:func:`checked_header`), or
-    :class:`TokenError`."""
+    """The bearer token of the header :func:`checked_header` names, or :class:`TokenError`."""
     header, value = checked_header(headers)
     scheme, _, token = (value or "").strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -77,8 +67,7 @@ class SigningKeys:
         self._client = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=3600, timeout=10)
 
     def key_for(self, token: str) -> Any:
-        """The key that signed ``token`` (its ``kid``), or :class:`TokenKeysUnavailable` /
-        :class:`TokenError`."""
+        """The key that signed ``token`` (its ``kid``), or :class:`TokenError`."""
         try:
             return self._client.get_signing_key_from_jwt(token).key
         except jwt.PyJWKClientConnectionError as exc:

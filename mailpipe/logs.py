@@ -10,6 +10,7 @@ are never logged; addresses only as :func:`redact_address` shows them.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -60,10 +61,8 @@ def _redact_value(value: Any) -> Any:
 
 def redact_address(address: str, style: AddressStyle) -> str:
     """An address as logs and spans may show it: ``full``, ``domain`` (``@example.com``) or
-    ``hashed`` (``sha256:`` + 12 hex digits of the lower-cased address, the same for every
-    delivery to it). An unkeyed hash of a guessable address can be brute-forced: ``hashed``
-    hides addresses from casual readers, not from a determined one.
-    """
+    ``hashed`` (``sha256:`` + 12 hex digits of the lower-cased address). An unkeyed hash of a
+    guessable address can be brute-forced: it hides addresses from casual readers only."""
     address = address.strip()
     if style == "full":
         return address
@@ -85,13 +84,9 @@ def redact_addresses(text: str, style: AddressStyle) -> str:
     return _ADDRESS_IN_TEXT.sub(lambda match: redact_address(match.group(0), style), text)
 
 
-# Spelled out, not logging.getLevelName(): a library may rename a level; Cloud Logging may not.
+# A record's severity is the standard level at or below its own (custom levels). Spelled out, not
+# logging.getLevelName(): a library may rename a level; Cloud Logging may not.
 _SEVERITIES = ((50, "CRITICAL"), (40, "ERROR"), (30, "WARNING"), (20, "INFO"))
-
-
-def _severity(levelno: int) -> str:
-    """Cloud Logging's severity: the standard level at or below ``levelno`` (custom levels)."""
-    return next((name for level, name in _SEVERITIES if levelno >= level), "DEBUG")
 
 
 class CloudLoggingFormatter(logging.Formatter):
@@ -117,8 +112,9 @@ class CloudLoggingFormatter(logging.Formatter):
         elif record.stack_info:
             message = f"{message}\n{self.formatStack(record.stack_info)}"
         created = dt.datetime.fromtimestamp(record.created, tz=dt.UTC)
+        severity = next((name for level, name in _SEVERITIES if record.levelno >= level), "DEBUG")
         payload: dict[str, Any] = {
-            "severity": _severity(record.levelno),
+            "severity": severity,
             "message": message,
             "time": created.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             "logger": record.name,
@@ -153,16 +149,15 @@ class CloudLoggingFormatter(logging.Formatter):
         }
 
 
-_MARK = "_mailpipe"  # on the record factory and the handler configure_logging installed
+_MARK = "_mailpipe_handler"  # on the handler configure_logging installed
 
 
+@functools.cache  # once per process
 def _install_redacting_record_factory() -> None:
-    """Wrap the log record factory (once per process) so that every handler (gunicorn's, a test's
-    caplog) gets each message with the secrets redacted. ``extra`` fields, set on the record after
-    the factory made it, and tracebacks are redacted by :class:`CloudLoggingFormatter`."""
+    """Wrap the log record factory so that every handler (gunicorn's, a test's caplog) gets each
+    message with the secrets redacted. ``extra`` fields, set on the record after the factory made
+    it, and tracebacks are redacted by :class:`CloudLoggingFormatter`."""
     factory = logging.getLogRecordFactory()
-    if getattr(factory, _MARK, False):
-        return
 
     def redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = factory(*args, **kwargs)
@@ -171,7 +166,6 @@ def _install_redacting_record_factory() -> None:
             record.args = None
         return record
 
-    setattr(redacting_factory, _MARK, True)
     logging.setLogRecordFactory(redacting_factory)
 
 
@@ -189,9 +183,8 @@ def configure_logging(
     level: str | int = "INFO",
     project: str | None = None,
 ) -> logging.Handler:
-    """Send the root logger's records to ``stream`` (stdout) as Cloud Logging JSON lines and
-    return the handler; ``project`` (``GOOGLE_CLOUD_PROJECT``) goes into the trace field. A second
-    call replaces the handler the first one installed."""
+    """Send the root logger's records to ``stream`` (stdout) as Cloud Logging JSON lines through
+    one handler (returned; a second call replaces it); ``project`` goes into the trace field."""
     _install_redacting_record_factory()
     handler = logging.StreamHandler(sys.stdout if stream is None else stream)
     formatter = CloudLoggingFormatter(

@@ -1,13 +1,10 @@
 """The mail: what a client sends (:class:`MailRequest`) and what travels on Pub/Sub
-(:class:`QueuedMail`: the request plus the ids the publisher assigned).
-
-The Pub/Sub message is ``data`` = ``QueuedMail`` as JSON, attributes ``mail_id``,
-``schema_version`` and ``deliver_by`` (the give-up time, outside ``data`` so that a subscriber of
-the previous version still decodes the mail: docs/deliver-by.md). Both services validate with this
-model: it is their contract, and the subscriber's trust boundary. Mailboxes are parsed once, here
-(:class:`Mailbox`); what header-bound text is refused or encoded, and why: docs/headers.md.
-Schema versions: 1 has mailboxes as text ("Ada <ada@example.com>", still decoded, with the same
-parser), 2 as objects {"name": ..., "address": ...} (published since issue 16).
+(:class:`QueuedMail`: the request plus the ids the publisher assigned; ``data`` is its JSON, the
+attributes ``mail_id``, ``schema_version`` and ``deliver_by``). Both services validate with this
+one model, the subscriber again at its trust boundary; mailboxes are parsed once, here
+(:class:`Mailbox`). What header-bound text is refused or encoded and why, and the schema versions
+(1: mailboxes as text, 2: as objects): docs/headers.md; why ``deliver_by`` is an attribute:
+docs/deliver-by.md.
 
 Errors::
 
@@ -123,9 +120,8 @@ def display_name(value: str) -> str:
 
 @functools.lru_cache(maxsize=4096)  # a pure check, asked again and again for the same senders
 def addr_spec(value: str) -> str:
-    """A validated, normalised address (``local@domain``; the domain lower-case, IDN as Unicode).
-    Refused: quoted local parts, domain literals, display names, and ``=?`` in the local part (a
-    mail program would decode it as an encoded word: the address shown would differ)."""
+    """A validated, normalised address (``local@domain``; the domain lower-case, IDN as Unicode);
+    ``=?`` in the local part is refused: mail programs decode it (docs/headers.md)."""
     header_text(value)
     try:
         checked = validate_email(
@@ -160,8 +156,7 @@ def _unquote(quoted: str) -> str:
 
 def split_mailbox(text: str) -> tuple[str, str]:
     """``(display name, address)`` of ``addr@example.com``, ``Name <addr@example.com>`` or
-    ``"Quoted, Name" <addr@example.com>`` (RFC 5322 backslash escapes): the one place mailbox
-    text is parsed; :class:`Mailbox` validates the parts."""
+    ``"Quoted, Name" <addr@example.com>``: the one place mailbox text is parsed."""
     header_text(text)  # before stripping: a line boundary is refused, not trimmed away
     text = text.strip(" \t")
     if not text.endswith(">"):
