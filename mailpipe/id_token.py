@@ -59,26 +59,15 @@ def is_signature_removed(token: str) -> bool:
     return token.count(".") == 2 and token.rsplit(".", 1)[1] == SIGNATURE_REMOVED
 
 
-class SigningKeys:
+def signing_keys(jwks_url: str = GOOGLE_JWKS_URL) -> jwt.PyJWKClient:
     """The keys that sign the tokens, from the JWKS at ``jwks_url`` (tests serve one on loopback).
     Cached: Google rotates them about daily, and a token with an unknown ``kid`` refetches them."""
-
-    def __init__(self, jwks_url: str = GOOGLE_JWKS_URL) -> None:
-        self._client = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=3600, timeout=10)
-
-    def key_for(self, token: str) -> Any:
-        """The key that signed ``token`` (its ``kid``), or :class:`TokenError`."""
-        try:
-            return self._client.get_signing_key_from_jwt(token).key
-        except jwt.PyJWKClientConnectionError as exc:
-            raise TokenKeysUnavailable("could not fetch the token signing keys") from exc
-        except jwt.PyJWTError as exc:
-            raise TokenError(f"invalid token: {exc}") from exc
+    return jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=3600, timeout=10)
 
 
 def decode_claims(
     token: str,
-    keys: SigningKeys | None,
+    keys: jwt.PyJWKClient | None,
     *,
     audience: str | None,
     issuers: tuple[str, ...] = GOOGLE_ISSUERS,
@@ -90,9 +79,10 @@ def decode_claims(
     checks = dict.fromkeys(["verify_exp", "verify_iat", "verify_nbf", "verify_iss"], True)
     options = {**checks, "verify_signature": keys is not None, "verify_aud": audience is not None}
     try:
+        key = keys.get_signing_key_from_jwt(token).key if keys else ""  # "": PyJWT's "no key"
         token_parts = jwt.decode_complete(
             token,
-            keys.key_for(token) if keys else "",  # PyJWT's "no key"
+            key,
             algorithms=["RS256"],
             audience=audience,
             issuer=list(issuers),
@@ -100,6 +90,8 @@ def decode_claims(
             # What a Google ID token always carries; a token without one of them is refused.
             options=cast("Options", {**options, "require": ["exp", "iat", "iss", "aud"]}),
         )
+    except jwt.PyJWKClientConnectionError as exc:
+        raise TokenKeysUnavailable("could not fetch the token signing keys") from exc
     except jwt.PyJWTError as exc:
         # PyJWT's messages name the failed check, never the token itself.
         raise TokenError(f"invalid token: {exc}") from exc

@@ -12,14 +12,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 
+from jwt import PyJWKClient
+
 from mailpipe.id_token import (
     DEFAULT_LEEWAY_SECONDS,
     GOOGLE_JWKS_URL,
-    SigningKeys,
     TokenError,
     decode_claims,
     is_signature_removed,
     request_token,
+    signing_keys,
 )
 
 
@@ -60,6 +62,6 @@ def identify_caller(
 
 
 @functools.lru_cache(maxsize=4)
-def _google_keys(jwks_url: str) -> SigningKeys:
+def _google_keys(jwks_url: str) -> PyJWKClient:
     """One key client per JWKS URL for the process (its cache is what saves the fetches)."""
-    return SigningKeys(jwks_url)
+    return signing_keys(jwks_url)

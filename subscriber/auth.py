@@ -39,17 +39,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from jwt import PyJWKClient
+
 from mailpipe.id_token import (
     AUTHORIZATION,
     DEFAULT_LEEWAY_SECONDS,
     GOOGLE_ISSUERS,
     GOOGLE_JWKS_URL,
     SERVERLESS_AUTHORIZATION,
-    SigningKeys,
     TokenError,
     decode_claims,
     is_signature_removed,
     request_token,
+    signing_keys,
 )
 
 __all__ = ["GOOGLE_ISSUERS", "GOOGLE_JWKS_URL", "PushAuthError", "PushAuthenticator"]
@@ -99,7 +101,7 @@ class SignatureVerifier:
 
     def __init__(self, expected: ExpectedToken, *, jwks_url: str = GOOGLE_JWKS_URL) -> None:
         self.expected = expected
-        self._keys = SigningKeys(jwks_url)
+        self._keys = signing_keys(jwks_url)
 
     def verify(self, token: str) -> dict[str, Any]:
         """The token's claims, or :class:`TokenError`."""
@@ -198,7 +200,7 @@ class PushAuthenticator:
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _checked(token: str, keys: SigningKeys | None, expected: ExpectedToken) -> dict[str, Any]:
+def _checked(token: str, keys: PyJWKClient | None, expected: ExpectedToken) -> dict[str, Any]:
     claims = decode_claims(
         token,
         keys,
