@@ -169,13 +169,6 @@ def _install_redacting_record_factory() -> None:
     logging.setLogRecordFactory(redacting_factory)
 
 
-def _not_known_library_noise(record: logging.LogRecord) -> bool:
-    """google-cloud-pubsub 2.44 with OpenTelemetry ends its subscribe span twice per acked
-    message and the SDK warns each time (python-pubsub PR #1513, unmerged): once per mail, it
-    would drown real warnings."""
-    return record.getMessage() != "Calling end() on an ended span."
-
-
 def configure_logging(
     config: TelemetryConfig,
     *,
@@ -197,7 +190,4 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    sdk_logger = logging.getLogger("opentelemetry.sdk.trace")
-    if _not_known_library_noise not in sdk_logger.filters:
-        sdk_logger.addFilter(_not_known_library_noise)
     return handler
