@@ -117,14 +117,13 @@ def parse_json(raw: bytes) -> Any:
     """Parse a request body strictly (see the module docstring); raise :class:`JsonBodyError`."""
     try:
         text = raw.decode("utf-8")
+        value = json.loads(
+            text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant
+        )
     except UnicodeDecodeError as exc:
         raise JsonBodyError(
             "invalid_encoding", f"the body is not valid UTF-8: {exc.reason} at byte {exc.start}"
         ) from exc
-    try:
-        value = json.loads(
-            text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant
-        )
     except RecursionError as exc:
         raise _too_deep() from exc
     except json.JSONDecodeError as exc:

@@ -35,9 +35,11 @@ def register_secret(value: str | None) -> None:
     global _secrets  # noqa: PLW0603 - a process-wide registry, read on every log line
     if not value:
         return
+    # Also as a JSON string carries it (quotes, backslashes and control characters escaped), for
+    # the serialised lines; longest first, so a secret containing another is replaced whole.
+    forms = {value, json.dumps(value, ensure_ascii=False)[1:-1]}
     with _secrets_lock:
-        # Longest first, so a secret containing another is replaced whole.
-        _secrets = tuple(sorted({*_secrets, value}, key=len, reverse=True))
+        _secrets = tuple(sorted({*_secrets, *forms}, key=len, reverse=True))
 
 
 def redact_secrets(text: str) -> str:
@@ -45,18 +47,6 @@ def redact_secrets(text: str) -> str:
     for secret in _secrets:
         text = text.replace(secret, REDACTED)
     return text
-
-
-def _redact_value(value: Any) -> Any:
-    if isinstance(value, str):
-        return redact_secrets(value)
-    if isinstance(value, Mapping):
-        return {redact_secrets(str(k)): _redact_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_redact_value(v) for v in value]
-    if isinstance(value, int | float | bool) or value is None:
-        return value
-    return redact_secrets(str(value))
 
 
 def redact_address(address: str, style: AddressStyle) -> str:
@@ -131,8 +121,7 @@ class CloudLoggingFormatter(logging.Formatter):
         if isinstance(fields, Mapping):
             for key, value in fields.items():
                 payload.setdefault(str(key), value)
-        line = json.dumps(_redact_value(payload), default=str, ensure_ascii=False)
-        # Once more over the serialised text (an escaped form aside).
+        line = json.dumps(payload, default=str, ensure_ascii=False)
         return redact_addresses(redact_secrets(line), self.address_style)
 
     def _trace_fields(self) -> dict[str, Any]:
