@@ -38,10 +38,13 @@ def checked_header(headers: Mapping[str, str]) -> tuple[str, str | None]:
     """The header Cloud Run IAM checks, and its value: ``X-Serverless-Authorization`` if present,
     else ``Authorization`` (names match ignoring case). With both, Cloud Run checks only the first
     (cloud.google.com/run/docs/authenticating/service-to-service)."""
-    serverless = _header(headers, SERVERLESS_AUTHORIZATION)
-    if serverless is not None:
-        return SERVERLESS_AUTHORIZATION, serverless
-    return AUTHORIZATION, _header(headers, AUTHORIZATION)
+    for name in (SERVERLESS_AUTHORIZATION, AUTHORIZATION):
+        # A plain dict: HTTP header names are case-insensitive.
+        same = (v for k, v in headers.items() if k.lower() == name.lower())
+        value = headers.get(name, next(same, None))
+        if value is not None:
+            return name, value
+    return AUTHORIZATION, None
 
 
 def request_token(headers: Mapping[str, str]) -> str:
@@ -99,10 +102,3 @@ def decode_claims(
     if alg != "RS256":  # only a removed signature gets here unchecked: Google's was RS256
         raise TokenError(f"invalid token: a Google ID token is RS256, not {alg!r}")
     return cast("dict[str, Any]", token_parts["payload"])
-
-
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    value = headers.get(name)
-    # A plain dict: HTTP header names are case-insensitive.
-    same = (v for k, v in headers.items() if k.lower() == name.lower())
-    return value if value is not None else next(same, None)

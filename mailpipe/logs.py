@@ -138,9 +138,6 @@ class CloudLoggingFormatter(logging.Formatter):
         }
 
 
-_MARK = "_mailpipe_handler"  # on the handler configure_logging installed
-
-
 @functools.cache  # once per process
 def _install_redacting_record_factory() -> None:
     """Wrap the log record factory so that every handler (gunicorn's, a test's caplog) gets each
@@ -173,9 +170,8 @@ def configure_logging(
         project=project, service_name=config.service_name, address_style=config.address_style
     )
     handler.setFormatter(formatter)
-    setattr(handler, _MARK, True)
     root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, _MARK, False)]:
+    for old in [h for h in root.handlers if isinstance(h.formatter, CloudLoggingFormatter)]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)

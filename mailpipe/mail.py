@@ -83,11 +83,6 @@ class UnsendableMail(MailDecodeError):
         self.reason = reason
 
 
-def new_mail_id() -> str:
-    """A time-sortable, unique mail id (UUIDv7, canonical text form)."""
-    return str(uuid7())
-
-
 def _refuse(pattern: re.Pattern[str], value: str, problem: str) -> str:
     """``value``, unless ``pattern`` finds a character in it: then ``problem`` names it."""
     found = pattern.search(value)
@@ -186,19 +181,15 @@ class Mailbox(BaseModel):
 
     name: Annotated[str, AfterValidator(display_name)] = Field(
         default="",
-        description=(
-            "Display name, shown exactly as given (runs of spaces and tabs become one space, "
-            f"none around it); at most {MAX_DISPLAY_NAME_CHARS} characters, no control characters "
-            "or line breaks. Any other text is allowed (quotes, commas, '<>', non-ASCII, even "
-            "'=?...?='): mailpipe sends it as an RFC 2047 encoded word when it is not plain ASCII"
-        ),
+        description="Display name, shown exactly as given (runs of spaces and tabs become one "
+        f"space, none around it); at most {MAX_DISPLAY_NAME_CHARS} characters, no control "
+        "characters or line breaks. Any other text is allowed (quotes, commas, '<>', non-ASCII, "
+        "even '=?...?='): mailpipe sends it as an RFC 2047 encoded word when it is not plain ASCII",
     )
     address: Annotated[str, AfterValidator(addr_spec)] = Field(
-        description=(
-            "The address (addr-spec). Non-ASCII domains are sent in their ASCII (IDNA) form; a "
-            "non-ASCII local part makes the mail need SMTPUTF8. No quoted local parts, no "
-            "domain literals, no '=?' in the local part"
-        )
+        description="The address (addr-spec). Non-ASCII domains are sent in their ASCII (IDNA) "
+        "form; a non-ASCII local part makes the mail need SMTPUTF8. No quoted local parts, no "
+        "domain literals, no '=?' in the local part"
     )
 
     @property
@@ -223,10 +214,8 @@ def _mailbox_input(value: Any) -> Any:
 MailboxText = Annotated[
     str,
     Field(
-        description=(
-            "'addr@example.com', 'Name <addr@example.com>' or '\"Quoted, Name\" "
-            "<addr@example.com>' (a name holding '\"', '<' or '>' must be quoted)"
-        )
+        description="'addr@example.com', 'Name <addr@example.com>' or '\"Quoted, Name\" "
+        "<addr@example.com>' (a name holding '\"', '<' or '>' must be quoted)"
     ),
 ]
 MailboxField = Annotated[
@@ -244,10 +233,8 @@ class Attachment(BaseModel):
     filename: HeaderText = Field(
         min_length=1,
         max_length=255,
-        description=(
-            "No control characters, line breaks or '=?' (refused, not encoded); surrounding "
-            "spaces are removed"
-        ),
+        description="No control characters, line breaks or '=?' (refused, not encoded); "
+        "surrounding spaces are removed",
     )
     content_type: str = Field(
         default="application/octet-stream",
@@ -319,21 +306,17 @@ class MailRequest(BaseModel):
     subject: HeaderText = Field(
         default="",
         max_length=MAX_SUBJECT_CHARS,
-        description=(
-            "Sent exactly as given: no control characters or line breaks; text that is not plain "
-            "ASCII, or holds '=?', is sent as RFC 2047 encoded words"
-        ),
+        description="Sent exactly as given: no control characters or line breaks; text that is "
+        "not plain ASCII, or holds '=?', is sent as RFC 2047 encoded words",
     )
     text: UnicodeText | None = None
     html: UnicodeText | None = None
     headers: dict[str, HeaderText] = Field(
         default_factory=dict,
         max_length=50,
-        description=(
-            "Extra headers, sent as unstructured text. Names: RFC 5322 field names, unique "
-            "ignoring case, not one mailpipe sets (From, To, Subject, Date, Message-ID, "
-            "Content-*, Resent-*, ...). Values: as the subject"
-        ),
+        description="Extra headers, sent as unstructured text. Names: RFC 5322 field names, "
+        "unique ignoring case, not one mailpipe sets (From, To, Subject, Date, Message-ID, "
+        "Content-*, Resent-*, ...). Values: as the subject",
     )
     attachments: list[Attachment] = Field(default_factory=list, max_length=100)
     idempotency_key: str | None = Field(
@@ -342,10 +325,9 @@ class MailRequest(BaseModel):
     metadata: dict[UnicodeText, MetadataValue] = Field(default_factory=dict, max_length=50)
     sandbox: StrictBool | None = Field(
         default=None,
-        description=(
-            "true: run everything but end the SMTP transaction after RCPT TO (RSET): the relay's "
-            "replies are recorded, status `sandboxed`, nothing is sent. Unset: the caller's default"
-        ),
+        description="true: run everything but end the SMTP transaction after RCPT TO (RSET): the "
+        "relay's replies are recorded, status `sandboxed`, nothing is sent. Unset: the caller's "
+        "default",
     )
     # Checked by the publisher (publisher/deliver_by.py); QueuedMail.deliver_by carries the time.
     deliver_by: Annotated[str | int | None, BeforeValidator(_time_or_seconds)] = Field(
@@ -370,12 +352,11 @@ class MailRequest(BaseModel):
             folded = name.lower()
             if folded in RESERVED_HEADERS or folded.startswith(RESERVED_HEADER_PREFIXES):
                 raise ValueError(f"header {name!r} is set by mailpipe or its own field; remove it")
-            if folded in seen:
+            if (first := seen.setdefault(folded, name)) != name:
                 raise ValueError(
-                    f"headers {seen[folded]!r} and {name!r} are the same header (names ignore "
-                    "case): send it once"
+                    f"headers {first!r} and {name!r} are the same header (names ignore case): "
+                    "send it once"
                 )
-            seen[folded] = name
             if len(value) > 998:
                 raise ValueError(f"header {name!r} is longer than 998 characters")
         return headers
@@ -442,7 +423,8 @@ class QueuedMail(BaseModel):
 
     @classmethod
     def accept(cls, request: MailRequest) -> QueuedMail:
-        return cls(mail_id=new_mail_id(), accepted_at=dt.datetime.now(dt.UTC), request=request)
+        """``request``, accepted now under a new time-sortable id (UUIDv7, canonical text)."""
+        return cls(mail_id=str(uuid7()), accepted_at=dt.datetime.now(dt.UTC), request=request)
 
     def to_pubsub(self) -> tuple[bytes, dict[str, str]]:
         """``(data, attributes)`` for ``PublisherClient.publish``."""
