@@ -9,6 +9,7 @@ are never logged; addresses only as :func:`redact_address` shows them.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import hashlib
@@ -79,20 +80,16 @@ def redact_addresses(text: str, style: AddressStyle) -> str:
 _SEVERITIES = ((50, "CRITICAL"), (40, "ERROR"), (30, "WARNING"), (20, "INFO"))
 
 
+@dataclasses.dataclass(eq=False, kw_only=True)
 class CloudLoggingFormatter(logging.Formatter):
     """Formats a record as one line of Cloud Logging structured JSON."""
 
-    def __init__(
-        self,
-        *,
-        project: str | None,
-        service_name: str | None = None,
-        address_style: AddressStyle = "full",
-    ) -> None:
+    project: str | None
+    service_name: str | None = None
+    address_style: AddressStyle = "full"
+
+    def __post_init__(self) -> None:
         super().__init__()
-        self.project = project
-        self.service_name = service_name
-        self.address_style = address_style
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
