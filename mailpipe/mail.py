@@ -85,8 +85,7 @@ class UnsendableMail(MailDecodeError):
 
 def _refuse(pattern: re.Pattern[str], value: str, problem: str) -> str:
     """``value``, unless ``pattern`` finds a character in it: then ``problem`` names it."""
-    found = pattern.search(value)
-    if found:
+    if found := pattern.search(value):
         raise ValueError(f"{problem} U+{ord(found.group()):04X} at position {found.start()}")
     return value
 
