@@ -77,10 +77,9 @@ def _translate_errors(operation: str) -> Iterator[None]:
 
 def _column(value: Any) -> Any:
     """An indexed field's value as stored in its column (times as sortable microseconds)."""
-    if not isinstance(value, dt.datetime):
-        return value
-    delta = utc(value) - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    if isinstance(value, dt.datetime):
+        return (utc(value) - _EPOCH) // dt.timedelta(microseconds=1)
+    return value
 
 
 class _Connection:

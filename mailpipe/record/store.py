@@ -17,13 +17,10 @@ of its dataclass, which :func:`encode` and :func:`decode` follow by its type hin
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import datetime as dt
 import enum
 import hashlib
-import json
 import re
 import types
 import typing
@@ -148,7 +145,7 @@ def _converter(hint: Any) -> Callable[[Any], Any]:
     return typing.cast(Callable[[Any], Any], hint)  # str, int, enums
 
 
-# --- ids, keys and page tokens ------------------------------------------------------------------
+# --- ids and keys ---------------------------------------------------------------------------
 
 # Firestore's document-id rules (firebase.google.com/docs/firestore/quotas, "Collections,
 # documents, and fields"): the emulator and production refuse these ids, or (with "/") read them
@@ -184,22 +181,3 @@ def key_hash(idempotency_key: str, scope: str | None = None) -> str:
     """
     text = idempotency_key if scope is None else f"{len(scope)}:{scope}\n{idempotency_key}"
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def page_token(at: dt.datetime, doc_id: str) -> str:
-    """An opaque cursor just after the document ``doc_id`` ordered at time ``at``."""
-    raw = json.dumps([at.isoformat(), doc_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def parse_page_token(token: str) -> tuple[dt.datetime, str]:
-    """``(at, doc_id)`` of the last document of the previous page; ValueError if malformed."""
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        at, doc_id = json.loads(raw)
-        if id_problem(doc_id):  # a forged id must not reach a backend as a cursor
-            raise ValueError(doc_id)
-        # OverflowError: a time at the calendar's edge whose offset has no UTC equivalent.
-        return utc(dt.datetime.fromisoformat(at)), doc_id
-    except (binascii.Error, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise ValueError("malformed page token") from exc
