@@ -105,9 +105,7 @@ class MailStatus(enum.StrEnum):
 
 
 _FINAL = frozenset(map(MailStatus, ("delivered", "bounced", "sandboxed", "suppressed", "expired")))
-_OUTCOMES = {
-    s: MailStatus(s) for s in ("delivered", "deferred", "bounced", "sandboxed", "suppressed")
-}
+_OUTCOMES = ("delivered", "deferred", "bounced", "sandboxed", "suppressed")
 
 
 @dataclass(frozen=True)
@@ -378,9 +376,8 @@ class DeliveryRecord:
         return self.store.transact("release", body)
 
     def update(self, mail_id: str, change: Rule[R], operation: str = "update") -> R:
-        """For operations outside the core (ops' replay and reconcile): read the mail's record,
-        ``change`` it (``None``: there is none; see :data:`Rule`), write: one transaction.
-        :class:`InvalidMailId` if no record can have this id."""
+        """For operations outside the core (ops' replay and reconcile): :data:`Rule` ``change``
+        applied in one transaction. :class:`InvalidMailId` if no record can have this id."""
         check_mail_id(mail_id)
         return self._apply(operation, mail_id, change)
 
@@ -524,10 +521,6 @@ class DeliveryRecord:
             return None  # no record can have this id (and Firestore would refuse the path)
         doc = self.store.get(MAILS, mail_id)
         return None if doc is None else decode(MailRecord, doc)
-
-    def get_by_idempotency_key(self, key: str, *, scope: str | None = None) -> MailRecord | None:
-        held = self.store.get(IDEMPOTENCY, key_hash(key, scope))
-        return None if held is None else self.get(held["mail_id"])
 
     def suppressions(self, policy: SuppressionPolicy) -> SuppressionList:
         """The suppression list kept in this record's store, keyed as ``policy`` says."""

@@ -25,17 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mailpipe.record.base import DeliveryRecord, RecordError, RecordUnavailable
-from mailpipe.record.store import (
-    KINDS,
-    Clock,
-    Condition,
-    Cursor,
-    Document,
-    Kind,
-    Time,
-    utc,
-    utc_now,
-)
+from mailpipe.record.store import KINDS, Clock, Condition, Cursor, Document, Kind, utc, utc_now
 
 SCHEMA_VERSION = 3
 T = TypeVar("T")
@@ -96,7 +86,7 @@ class _Connection:
         return json.loads(row[0]) if row else None
 
     def put(
-        self, kind: Kind, doc_id: str, doc: Document, retain_from: Time | None, new: bool
+        self, kind: Kind, doc_id: str, doc: Document, retain_from: dt.datetime | None, new: bool
     ) -> None:
         body = json.dumps(doc, default=dt.datetime.isoformat, separators=(",", ":"))
         values = (doc_id, *(_column(doc.get(field)) for field in kind.indexed), body)
@@ -134,7 +124,6 @@ class SqliteStore:
                 isolation_level=None,  # autocommit; transactions are explicit BEGIN IMMEDIATE
                 check_same_thread=False,  # only so close() may close it from another thread
             )
-            conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
             self._enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")  # durable across crashes in WAL mode
             holder = _Connection(conn)
@@ -231,6 +220,3 @@ class SqliteRecord(DeliveryRecord):
     ) -> None:
         self.path = Path(path)
         super().__init__(SqliteStore(self.path, busy_timeout=busy_timeout), clock=clock)
-
-    def __repr__(self) -> str:
-        return f"SqliteRecord({str(self.path)!r})"

@@ -1,17 +1,11 @@
-"""The storage contract of the delivery record: the primitives a backend implements.
+"""The storage contract of the delivery record: the primitives a backend implements, over which
+:class:`mailpipe.record.base.DeliveryRecord` writes the rules once.
 
-The record's rules (:class:`mailpipe.record.base.DeliveryRecord`) are written once, over these:
-
-- A *document* is a dict of plain values (str, int, float, bool, None, datetime, and lists and
-  dicts of them) kept under a string id in a :class:`Kind` (a table, a collection).
-- :meth:`Store.transact` runs a function atomically with a :class:`Transaction` that can
-  ``get``, ``put`` and ``delete`` documents. The function reads everything before it writes
-  (Firestore's rule) and may run again when the backend retries contention.
-- :meth:`Store.get` and :meth:`Store.query` read outside any transaction; a query filters on a
-  kind's indexed fields and orders by one of them, then by id (stable pages).
-
-SQLite keeps a kind as a table of JSON documents with a column per indexed field; Firestore as a
-collection. A new kind of document is one :class:`Kind` in :data:`KINDS`; a new field is a field
+A *document* is a dict of plain values (str, int, float, bool, None, datetime, lists and dicts
+of them) under a string id in a :class:`Kind` (an SQLite table, a Firestore collection).
+:meth:`Store.transact` runs a function atomically with a :class:`Transaction`; the function reads
+everything before it writes (Firestore's rule) and may run again when the backend retries
+contention. A new kind of document is one :class:`Kind` in :data:`KINDS`; a new field is a field
 of its dataclass, which :func:`encode` and :func:`decode` follow by its type hints.
 """
 
@@ -32,7 +26,6 @@ Document = dict[str, Any]
 # (field, op, value), op one of "==", ">=", "in": Firestore's spelling, which SQLite translates.
 Condition = tuple[str, str, Any]
 Cursor = tuple[Any, str] | None  # (order field's value, id) of the last document seen
-Time = dt.datetime
 Clock = Callable[[], dt.datetime]
 
 
@@ -68,7 +61,7 @@ class Transaction(Protocol):
     def get(self, kind: Kind, doc_id: str) -> Document | None: ...
 
     def put(
-        self, kind: Kind, doc_id: str, doc: Document, retain_from: Time | None, new: bool
+        self, kind: Kind, doc_id: str, doc: Document, retain_from: dt.datetime | None, new: bool
     ) -> None: ...
 
     def delete(self, kind: Kind, doc_id: str) -> None: ...

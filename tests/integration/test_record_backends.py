@@ -37,6 +37,7 @@ from ops.reconcile import fix, mark_unconfirmed
 from ops.replay import mark_replayed
 from publisher.listing import list_mails, oldest_undelivered
 from publisher.reconcile import survey
+from tests.fixtures.publishing import key_holder
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 LEASE = 60.0
@@ -174,8 +175,8 @@ def test_reserve_creates_an_accepting_record(record: DeliveryRecord) -> None:
     assert stored.recipient_domains == ("example.org", "example.net")
     assert stored.idempotency_key == "order-1"
     assert stored.attempts == ()
-    assert record.get_by_idempotency_key("order-1") == stored
-    assert record.get_by_idempotency_key("order-2") is None
+    assert key_holder(record, "order-1") == stored
+    assert key_holder(record, "order-2") is None
     assert record.get("no-such-mail") is None
 
 
@@ -206,7 +207,7 @@ def test_reserve_without_key_and_of_an_existing_mail_id(record: DeliveryRecord) 
     )
     assert not again.created
     assert again.record.mail_id == a
-    assert record.get_by_idempotency_key("fresh-key") is None
+    assert key_holder(record, "fresh-key") is None
 
 
 def test_mark_queued_sets_status_and_ids(record: DeliveryRecord) -> None:
@@ -297,9 +298,9 @@ def test_release_deletes_the_reservation_and_frees_the_key(record: DeliveryRecor
     record.release(first)
 
     assert record.get(first) is None
-    assert record.get_by_idempotency_key("order-1") is None
+    assert key_holder(record, "order-1") is None
     second = reserve(record, key="order-1")  # the client's retry now succeeds
-    holder = record.get_by_idempotency_key("order-1")
+    holder = key_holder(record, "order-1")
     assert holder is not None
     assert holder.mail_id == second
 
@@ -313,7 +314,7 @@ def test_release_leaves_a_queued_record_and_ignores_a_missing_one(record: Delive
     stored = record.get(mail_id)
     assert stored is not None
     assert stored.status is MailStatus.QUEUED
-    assert record.get_by_idempotency_key("order-1") == stored
+    assert key_holder(record, "order-1") == stored
 
 
 # --- idempotency scope, reservation expiry and reconcile -----------------------------------
@@ -327,13 +328,13 @@ def test_a_key_is_scoped_to_its_caller(record: DeliveryRecord) -> None:
     shared = reserve(record, key="order-1")  # no identity: the one shared scope
 
     assert len({alice, bob, shared}) == 3
-    held = record.get_by_idempotency_key("order-1", scope="alice@example.iam.gserviceaccount.com")
+    held = key_holder(record, "order-1", scope="alice@example.iam.gserviceaccount.com")
     assert held is not None
     assert held.mail_id == alice
-    unscoped = record.get_by_idempotency_key("order-1")
+    unscoped = key_holder(record, "order-1")
     assert unscoped is not None
     assert unscoped.mail_id == shared
-    assert record.get_by_idempotency_key("order-1", scope="carol") is None
+    assert key_holder(record, "order-1", scope="carol") is None
     again = record.reserve(
         mail_id="mail-again",
         accepted_at=T0,
@@ -389,7 +390,7 @@ def test_an_expired_reservation_is_taken_over_by_the_next_reserve_of_its_key(
     )
     assert retry.created
     assert record.get(crashed) is None
-    holder = record.get_by_idempotency_key("order-1")
+    holder = key_holder(record, "order-1")
     assert holder is not None
     assert holder.mail_id == "mail-retry"
 
@@ -417,7 +418,7 @@ def test_release_expired_reservation(record: DeliveryRecord, clock: FakeClock) -
     assert released is not None
     assert released.mail_id == mail_id
     assert record.get(mail_id) is None
-    assert record.get_by_idempotency_key("order-1") is None
+    assert key_holder(record, "order-1") is None
     assert record.release(mail_id, expired_only=True) is None  # once
     assert record.release("no-such-mail", expired_only=True) is None
     assert reserve(record, key="order-1")  # the key is free
@@ -1013,7 +1014,7 @@ def test_sqlite_a_version_1_record_is_migrated_in_place(tmp_path: Path) -> None:
 
     record = SqliteRecord(path)
     try:
-        by_key = record.get_by_idempotency_key("order-1")
+        by_key = key_holder(record, "order-1")
         assert by_key is not None
         assert (by_key.mail_id, by_key.status, by_key.accepted_at) == ("m-1", MailStatus.QUEUED, T0)
         assert [
