@@ -87,7 +87,8 @@ def _key(suppressions: SuppressionList, address_or_key: str) -> str:
 
 def get_entry(suppressions: SuppressionList, address_or_key: str) -> Suppression | None:
     """The active entry of an address (or of a key), or None."""
-    doc = suppressions.store.get(SUPPRESSIONS, _key(suppressions, address_or_key))
+    key = _key(suppressions, address_or_key)
+    doc = suppressions.store.get_many(SUPPRESSIONS, [key]).get(key)
     entry = None if doc is None else decode(Suppression, doc)
     return entry if entry is not None and entry.active(suppressions.clock()) else None
 

@@ -206,12 +206,9 @@ def _positive(seconds: float, name: str) -> dt.timedelta:
 
 def describe_error(attempt: Attempt) -> str:
     """``last_error`` for a failed attempt, e.g. ``"451 4.3.0 at rcpt to: try later"``."""
-    parts = [str(attempt.reply_code) if attempt.reply_code is not None else attempt.outcome or "?"]
-    if attempt.enhanced_status:
-        parts.append(attempt.enhanced_status)
-    if attempt.failed_step:
-        parts.append(f"at {attempt.failed_step}")
-    text = " ".join(parts)
+    code = str(attempt.reply_code) if attempt.reply_code is not None else attempt.outcome or "?"
+    step = attempt.failed_step and f"at {attempt.failed_step}"
+    text = " ".join(part for part in (code, attempt.enhanced_status, step) if part)
     return f"{text}: {attempt.reply_message}" if attempt.reply_message else text
 
 
@@ -519,7 +516,7 @@ class DeliveryRecord:
     def get(self, mail_id: str) -> MailRecord | None:
         if id_problem(mail_id):
             return None  # no record can have this id (and Firestore would refuse the path)
-        doc = self.store.get(MAILS, mail_id)
+        doc = self.store.get_many(MAILS, [mail_id]).get(mail_id)
         return None if doc is None else decode(MailRecord, doc)
 
     def suppressions(self, policy: SuppressionPolicy) -> SuppressionList:

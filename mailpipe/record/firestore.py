@@ -118,11 +118,6 @@ class FirestoreStore:
                 time.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt)))  # noqa: S311
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def get(self, kind: Kind, doc_id: str) -> Document | None:
-        with _translate_errors("get"):
-            snapshot = self.ref(kind, doc_id).get()
-        return snapshot.to_dict() if snapshot.exists else None
-
     def get_many(self, kind: Kind, doc_ids: Sequence[str]) -> dict[str, Document]:
         refs = [self.ref(kind, doc_id) for doc_id in doc_ids]
         with _translate_errors("get_many"):  # one BatchGetDocuments call

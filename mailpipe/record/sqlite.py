@@ -174,10 +174,6 @@ class SqliteStore:
             connection.conn.execute("COMMIT")
             return result
 
-    def get(self, kind: Kind, doc_id: str) -> Document | None:
-        with _translate_errors("get"):
-            return self._connection().get(kind, doc_id)
-
     def get_many(self, kind: Kind, doc_ids: Sequence[str]) -> dict[str, Document]:
         marks = ", ".join("?" for _ in doc_ids)
         sql = f"SELECT id, body FROM {kind.name} WHERE id IN ({marks})"  # noqa: S608
