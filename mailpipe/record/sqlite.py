@@ -103,7 +103,7 @@ class SqliteStore:
 
     def __init__(self, path: Path, *, busy_timeout: float) -> None:
         self.path = path
-        self._busy_ms = int(busy_timeout * 1000)
+        self._busy_timeout = busy_timeout
         self._local = threading.local()
         self._lock = threading.Lock()
         self._holders: weakref.WeakSet[_Connection] = weakref.WeakSet()
@@ -120,7 +120,7 @@ class SqliteStore:
         if holder is None or holder.pid != os.getpid():
             conn = sqlite3.connect(
                 self.path,
-                timeout=self._busy_ms / 1000,
+                timeout=self._busy_timeout,
                 isolation_level=None,  # autocommit; transactions are explicit BEGIN IMMEDIATE
                 check_same_thread=False,  # only so close() may close it from another thread
             )
@@ -139,7 +139,7 @@ class SqliteStore:
         is locked" at once instead of waiting on the busy handler: the publisher and the
         subscriber opening the same new record at the same moment hit it.
         """
-        deadline = time.monotonic() + self._busy_ms / 1000
+        deadline = time.monotonic() + self._busy_timeout
         while True:
             try:
                 conn.execute("PRAGMA journal_mode = WAL")
@@ -166,13 +166,8 @@ class SqliteStore:
         with _translate_errors(operation):
             connection = self._connection()
             connection.conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = body(connection)
-            except BaseException:
-                connection.conn.execute("ROLLBACK")
-                raise
-            connection.conn.execute("COMMIT")
-            return result
+            with connection.conn:  # COMMIT, or ROLLBACK on any exception (and a failed COMMIT)
+                return body(connection)
 
     def get_many(self, kind: Kind, doc_ids: Sequence[str]) -> dict[str, Document]:
         marks = ", ".join("?" for _ in doc_ids)

@@ -69,14 +69,13 @@ class Transaction(Protocol):
 
 class Store(Protocol):
     """A backend. It raises :class:`mailpipe.record.RecordError` (``RecordUnavailable`` when a
-    retry may succeed), translated from its client's errors in one place. ``query`` returns the
-    documents matching every condition, ordered by ``(order, id)``, after the cursor ``after``."""
+    retry may succeed), translated from its client's errors in one place. ``get_many``: the
+    documents of those ids that exist, by id, in one round trip; ``query``: the documents
+    matching every condition, ordered by ``(order, id)``, after the cursor ``after``."""
 
     def transact(self, operation: str, body: Callable[[Transaction], T]) -> T: ...
 
-    def get_many(self, kind: Kind, doc_ids: Sequence[str]) -> dict[str, Document]:
-        """The documents of those ids that exist, by id: one round trip."""
-        ...
+    def get_many(self, kind: Kind, doc_ids: Sequence[str]) -> dict[str, Document]: ...
 
     def query(
         self, kind: Kind, where: Sequence[Condition], order: str, after: Cursor, limit: int
