@@ -1,4 +1,4 @@
-"""The suppression list's HTTP API (docs/suppressions.md)::
+"""The suppression list's HTTP API, and the reads only it needs (docs/suppressions.md)::
 
     GET    /v1/suppressions                 active entries, newest last; ?reason= &domain=
                                             &limit= (1..1000) &page_token=
@@ -124,19 +124,15 @@ def list_entries(
         for entry in (decode(Suppression, doc) for doc in docs):
             if entry.active(now):
                 if len(items) == limit:
-                    return items, _token(items[-1])
+                    return items, token_after(items[-1].created_at, items[-1].key)
                 items.append(entry)
             after = (entry.created_at, entry.key)
         if len(docs) <= limit:
             return items, None
 
 
-def _token(entry: Suppression) -> str:
-    return token_after(entry.created_at, entry.key)
-
-
-def _json(entry: Suppression) -> dict[str, object]:
-    return cast(dict[str, object], encode(entry, time=dt.datetime.isoformat))
+def _json(entry: Suppression) -> Any:
+    return encode(entry, time=dt.datetime.isoformat)
 
 
 def _address(suppressions: SuppressionList, text: str, *, key_allowed: bool) -> str:
