@@ -84,6 +84,7 @@ from mailpipe.record import (
     MailStatus,
     RecordError,
 )
+from publisher.listing import list_mails
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,8 @@ def list_dead_letters(
     entries: list[DeadLetterEntry] = []
     token: str | None = None
     while len(entries) < limit:
-        page = record.list(
+        page = list_mails(
+            record,
             status=MailStatus.DEAD_LETTERED,
             since=since,
             limit=min(1000, limit - len(entries)),

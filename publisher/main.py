@@ -25,6 +25,7 @@ from publisher.caller import identify_caller
 from publisher.config import PublisherConfig
 from publisher.events import AcceptedEvents
 from publisher.idempotency import CallerIdentity
+from publisher.listing import oldest_undelivered
 from publisher.metrics import PublisherMetrics
 from publisher.pubsub import MailPublisher, PubSubMailPublisher
 from publisher.reconcile import stuck_counts
@@ -39,7 +40,7 @@ def oldest_undelivered_age(
     undelivered mail was accepted, ``None`` when every mail is delivered (or given up on)."""
 
     def age() -> float | None:
-        oldest = record.oldest_undelivered()
+        oldest = oldest_undelivered(record)
         return None if oldest is None else (clock() - oldest.accepted_at).total_seconds()
 
     return age

@@ -26,6 +26,7 @@ from mailpipe.record.firestore import FirestoreRecord
 from mailpipe.record.sqlite import SqliteRecord
 from publisher.app import create_app
 from publisher.config import PublisherConfig
+from publisher.suppressions import get_entry, list_entries, remove_entry
 from subscriber.suppression import mailbox_gone
 from tests.fixtures.http import serve_app
 
@@ -59,7 +60,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[De
         record = FirestoreRecord(project=project, suppressions_collection=name, clock=clock)
 
         def raw() -> str:
-            docs = record._store.client.collection(name).stream()  # type: ignore[attr-defined]
+            docs = record.store.client.collection(name).stream()  # type: ignore[attr-defined]
             return repr([(d.id, d.to_dict()) for d in docs])
 
     record.clock = clock  # type: ignore[attr-defined]
@@ -86,12 +87,12 @@ def test_hashed_keys_keep_no_address_and_expired_entries_are_ignored(
     assert found["ada.lovelace@example.org"].reply_code == 550
     clock.now += dt.timedelta(days=2)  # temp@ expired: ignored by every read
     assert set(hashed.lookup(["temp@example.org", ADDRESS])) == {ADDRESS}
-    assert hashed.get("temp@example.org") is None
-    assert [e.key for e in hashed.list()[0]] == [entry.key]
+    assert get_entry(hashed, "temp@example.org") is None
+    assert [e.key for e in list_entries(hashed)[0]] == [entry.key]
     # Another key (or none) cannot find it: the key is what protects the address.
     other = record.suppressions(SuppressionPolicy("hashed", b"x" * 40))
     assert other.lookup([ADDRESS]) == {}
-    assert hashed.remove(entry.key) and hashed.get(ADDRESS) is None
+    assert remove_entry(hashed, entry.key) and get_entry(hashed, ADDRESS) is None
 
 
 def test_full_mode_keeps_the_address_and_lists_by_filter_in_pages(
@@ -104,17 +105,17 @@ def test_full_mode_keeps_the_address_and_lists_by_filter_in_pages(
         clock.now += dt.timedelta(seconds=1)
         reason = SuppressionReason.BOUNCE if i % 2 else SuppressionReason.MANUAL
         full.put(f"u{i}/x@d{i % 2}.example", reason)
-    assert full.get("U1/X@d1.example").address == "u1/x@d1.example"  # type: ignore[union-attr]
+    assert get_entry(full, "U1/X@d1.example").address == "u1/x@d1.example"  # type: ignore[union-attr]
     seen, token = [], None
     while True:
-        page, token = full.list(limit=2, page_token=token)
+        page, token = list_entries(full, limit=2, page_token=token)
         seen += [e.address for e in page]
         if token is None:
             break
     assert seen == [f"u{i}/x@d{i % 2}.example" for i in range(5)]
-    bounces, _ = full.list(reason=SuppressionReason.BOUNCE)
+    bounces, _ = list_entries(full, reason=SuppressionReason.BOUNCE)
     assert [e.address for e in bounces] == ["u1/x@d1.example", "u3/x@d1.example"]
-    assert [e.address for e in full.list(domain="D0.example")[0]] == [
+    assert [e.address for e in list_entries(full, domain="D0.example")[0]] == [
         "u0/x@d0.example",
         "u2/x@d0.example",
         "u4/x@d0.example",
