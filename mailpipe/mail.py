@@ -256,9 +256,9 @@ class Attachment(BaseModel):
         name = value.strip(" \t")
         if not name:
             raise ValueError("must not be empty or only spaces")
-        if len(name) > 1 and name[0] + name[-1] in ('""', "<>"):
+        if len(name) > 1 and (pair := name[0] + name[-1]) in ('""', "<>"):
             # email.utils.unquote, which readers apply to a parameter, strips either pair.
-            raise ValueError(f"must not be wrapped in {name[0]}{name[-1]}: mail programs strip them")
+            raise ValueError(f"must not be wrapped in {pair}: mail programs strip them")
         return name
 
     @field_validator("content_type")
