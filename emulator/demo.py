@@ -39,15 +39,15 @@ from rich.table import Table
 from client import FINAL_STATUSES
 from emulator.pipeline import LocalPipeline, ServiceProcess, start_service
 from emulator.smtp import SIMULATOR_DOMAIN
-from mailpipe.topology import DeadLetterPolicy, Topology
+from mailpipe.topology import DeadLetterPolicy, RetryPolicy, Topology
 
 # The delivery subscription's settings in the demo: a transient failure is retried within
 # seconds and dead-lettered after Pub/Sub's minimum of 5 attempts (production: topology.json).
-# No retry policy: with one, the emulator under load stops re-pushing a message that keeps
-# failing (docs/local-vs-gcp.md, row 4b); without, it re-pushes it about every second.
+# Pushed, the subscription gets no retry policy at all (emulator.pubsub_topology: row 4b of
+# docs/local-vs-gcp.md) and is re-pushed about every second; pulled (--mode pull), this one.
 DEMO_DELIVERY: dict[str, Any] = {
     "ack_deadline_seconds": 10,
-    "retry_policy": None,
+    "retry_policy": RetryPolicy("1s", "2s"),
     "dead_letter": DeadLetterPolicy("dead_letter", 5),
 }
 # Settings both services get in the demo (run_local_pipeline's extra_env).
