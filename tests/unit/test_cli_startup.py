@@ -45,7 +45,7 @@ def heavy_modules_after(*code_or_argv: str) -> list[str]:
         ("--help",),
         ("status",),
         ("status", "m-1", "--json"),
-        ("send", "--to", "bob@example.org", "--text", "hi"),
+        ("send", "--to", "bob@example.org", "--text", "hi", "--deliver-by", "1796115600"),
         ("dlq", "replay", "--due"),  # parsed only: the Pub/Sub client comes when it runs
     ],
 )
