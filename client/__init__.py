@@ -20,6 +20,7 @@ from client.api import (
     ApiUnreachable,
     AuthHeader,
     PublisherApi,
+    deliver_by,
     google_id_token_auth,
     no_auth,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "ApiUnreachable",
     "AuthHeader",
     "PublisherApi",
+    "deliver_by",
     "google_id_token_auth",
     "no_auth",
 ]

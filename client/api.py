@@ -11,6 +11,7 @@
     api.suppressions(reason="bounce")              # GET /v1/suppressions → {"items", ...}
     api.suppress("a@example.org", expires_at=None) # PUT /v1/suppressions/ADDRESS → the entry
     api.unsuppress("a@example.org")                # DELETE …: True, False if not suppressed
+    mail["deliver_by"] = deliver_by("1796115600")  # typed text as the API takes it (an int)
 
 It imports nothing of the repository (only ``requests``, and google-auth for
 :func:`google_id_token_auth`). One timeout, :data:`DEFAULT_TIMEOUT`, per request unless the caller
@@ -24,8 +25,8 @@ Errors (``requests``' exceptions are translated in one place, :meth:`PublisherAp
     ├── ApiUnreachable      nothing answered: connection refused, unknown host, reset, TLS failure
     ├── ApiTimeout          no answer within the timeout (after a POST the mail may be accepted)
     ├── ApiHttpError        an error status; .status, and from the JSON error body .code,
-    │                       .message, .fields (code is None when the body is not the API's error
-    │                       format, e.g. a proxy's HTML page)
+    │                       .message, .fields, .body (the whole JSON answer; code and body are
+    │                       None when it is not the API's error format, e.g. a proxy's HTML page)
     └── ApiBadAnswer        a success status whose body is not the JSON the API documents
 """
 
@@ -82,12 +83,14 @@ class ApiHttpError(ApiError):
         code: str | None,
         detail: str,
         fields: Mapping[str, str] | None = None,
+        body: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(message, url=url)
         self.status = status
         self.code = code
         self.message = detail
         self.fields = dict(fields or {})
+        self.body = dict(body) if body is not None else None
 
 
 class ApiBadAnswer(ApiError):
@@ -134,6 +137,16 @@ def google_id_token_auth(audience: str) -> AuthHeader:
         return {"Authorization": f"Bearer {token}"}
 
     return header
+
+
+_UNIX_SECONDS = re.compile(r"[0-9]{1,18}")
+
+
+def deliver_by(text: str) -> str | int:
+    """A ``deliver_by`` typed by a person, as ``POST /v1/messages`` takes it: Unix seconds as a
+    JSON number, anything else as the text given. The publisher checks it, and its 400 says
+    what to send instead (docs/deliver-by.md)."""
+    return int(text) if _UNIX_SECONDS.fullmatch(text.strip()) else text
 
 
 def clip(text: object, limit: int = _MAX_TEXT) -> str:
@@ -321,7 +334,8 @@ def _suppression_path(address: str) -> str:
 def _http_error(method: str, url: str, response: requests.Response) -> ApiHttpError:
     status = response.status_code
     try:
-        error = response.json()["error"]
+        body = response.json()
+        error = body["error"]
         code, detail = str(error["code"]), str(error["message"])
         fields = {str(k): str(v) for k, v in (error.get("fields") or {}).items()}
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -340,4 +354,5 @@ def _http_error(method: str, url: str, response: requests.Response) -> ApiHttpEr
         code=code,
         detail=detail,
         fields=fields,
+        body=body,
     )

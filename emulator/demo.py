@@ -39,15 +39,15 @@ from rich.table import Table
 from client import FINAL_STATUSES
 from emulator.pipeline import LocalPipeline, ServiceProcess, start_service
 from emulator.smtp import SIMULATOR_DOMAIN
-from mailpipe.topology import DeadLetterPolicy, Topology
+from mailpipe.topology import DeadLetterPolicy, RetryPolicy, Topology
 
 # The delivery subscription's settings in the demo: a transient failure is retried within
 # seconds and dead-lettered after Pub/Sub's minimum of 5 attempts (production: topology.json).
-# No retry policy: with one, the emulator under load stops re-pushing a message that keeps
-# failing (docs/local-vs-gcp.md, row 4b); without, it re-pushes it about every second.
+# Pushed, the subscription gets no retry policy at all (emulator.pubsub_topology: row 4b of
+# docs/local-vs-gcp.md) and is re-pushed about every second; pulled (--mode pull), this one.
 DEMO_DELIVERY: dict[str, Any] = {
     "ack_deadline_seconds": 10,
-    "retry_policy": None,
+    "retry_policy": RetryPolicy("1s", "2s"),
     "dead_letter": DeadLetterPolicy("dead_letter", 5),
 }
 # Settings both services get in the demo (run_local_pipeline's extra_env).
@@ -154,6 +154,38 @@ def write_env_file(pipeline: LocalPipeline) -> Path:
     return path
 
 
+class FollowedEvents:
+    """The events in a file that ``mailpipe events tail --json`` appends to, read incrementally:
+    each call reads only what was appended since the last one (whole lines; other lines, such as
+    the tail's own messages, are skipped). Threads may share it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0  # bytes of the file consumed so far
+        self.lines: list[str] = []  # the event lines so far, as printed
+        self._by_mail: dict[str, list[tuple[str, int, str]]] = {}
+        self._lock = threading.Lock()
+
+    def read_new(self) -> None:
+        with self._lock, self.path.open("rb") as log:
+            log.seek(self.offset)
+            appended = log.read()
+            whole = appended[: appended.rfind(b"\n") + 1]  # a line still being written waits
+            self.offset += len(whole)
+            for line in whole.decode("utf-8", errors="replace").splitlines():
+                if line.startswith("{"):
+                    self.lines.append(line)
+                    event = json.loads(line)["event"]
+                    seen = (event["occurred_at"], event["attempt"], event["type"])
+                    self._by_mail.setdefault(event["mail_id"], []).append(seen)
+
+    def types(self, mail_id: str) -> list[str]:
+        """The event types of ``mail_id`` so far, in the order they happened."""
+        self.read_new()
+        with self._lock:
+            return [kind for _, _, kind in sorted(self._by_mail.get(mail_id, ()))]
+
+
 class EventLog:
     """``mailpipe events tail --json`` running beside the demo, its lines in a file."""
 
@@ -169,16 +201,11 @@ class EventLog:
             ready_marker="tailing ",
         )
         self._process.wait_healthy()
+        self._events = FollowedEvents(self._process.log_path)
 
     def types(self, mail_id: str) -> list[str]:
         """The event types of ``mail_id`` so far, in the order they happened."""
-        found = []
-        for line in self._process.log_path.read_text(encoding="utf-8").splitlines():
-            if line.startswith("{"):
-                event = json.loads(line)["event"]
-                if event["mail_id"] == mail_id:
-                    found.append((event["occurred_at"], event["attempt"], event["type"]))
-        return [kind for _, _, kind in sorted(found)]
+        return self._events.types(mail_id)
 
     def wait_for(self, mail_id: str, kind: str, timeout: float = 15.0) -> list[str]:
         deadline = time.monotonic() + timeout
@@ -188,9 +215,9 @@ class EventLog:
 
     def close(self) -> None:
         self._process.stop()
+        self._events.read_new()
         # Kept for the user: the events as `mailpipe events tail --json` printed them.
-        lines = self._process.log_path.read_text(encoding="utf-8").splitlines()
-        self.path.write_text("".join(f"{x}\n" for x in lines if x.startswith("{")), "utf-8")
+        self.path.write_text("".join(f"{x}\n" for x in self._events.lines), "utf-8")
 
 
 def run_demo(

@@ -9,6 +9,11 @@ Push subscriptions need an endpoint URL that only the caller knows (``push_endpo
 subscription key, e.g. ``"delivery"``, to a full URL). A subscription declared ``push`` without an
 endpoint is created as pull: that is how the local streaming-pull worker consumes it.
 
+A push subscription gets **no retry policy** on the emulator, whatever the declaration says: with
+one, the emulator stops re-pushing a message that keeps failing (docs/local-vs-gcp.md, row 4b),
+so a deferred mail would stay ``deferred``. Without one it re-pushes about every second until the
+dead-letter policy ends it. This is logged once per subscription; production keeps the policy.
+
 Only the emulator is ever addressed: the host comes from ``emulator_host`` or
 ``$PUBSUB_EMULATOR_HOST``, and without either these functions refuse to run.
 """
@@ -45,6 +50,8 @@ log = logging.getLogger(__name__)
 
 # A generous bound for admin calls: the emulator answers in milliseconds; never hang.
 _RPC_TIMEOUT = 30.0
+# Push subscriptions whose retry policy was left off, already logged (once per process).
+_TOLD_NO_PUSH_RETRY_POLICY: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,7 @@ def _desired_subscription(
         desired.push_config = pubsub_types.PushConfig(push_endpoint=push_endpoint)
     if sub.message_retention_duration is not None:
         desired.message_retention_duration = _duration(sub.message_retention_duration)
-    if sub.retry_policy is not None:
+    if sub.retry_policy is not None and not desired.push_config.push_endpoint:  # row 4b
         desired.retry_policy = pubsub_types.RetryPolicy(
             minimum_backoff=_duration(sub.retry_policy.minimum_backoff),
             maximum_backoff=_duration(sub.retry_policy.maximum_backoff),
@@ -142,6 +149,7 @@ def sync_topology(
     if unknown:
         raise TopologyApplyError(f"push_endpoints names unknown subscriptions: {sorted(unknown)}")
     changes: list[TopologyChange] = []
+    policy_left_off: list[str] = []
     publisher = publisher_client(host)
     subscriber = subscriber_client(host)
     try:
@@ -149,13 +157,29 @@ def sync_topology(
             changes.extend(_sync_topic(publisher, topic, project))
         for sub in topology.subscriptions.values():
             desired = _desired_subscription(topology, sub, project, endpoints.get(sub.key))
+            if sub.retry_policy is not None and "retry_policy" not in desired:
+                policy_left_off.append(sub.name)
             changes.extend(_sync_subscription(subscriber, sub, desired))
     finally:
         subscriber.close()
         publisher.transport.close()
     for change in changes:
         log.info("%s", change)
+    _tell_retry_policy_left_off(policy_left_off)
     return changes
+
+
+def _tell_retry_policy_left_off(names: list[str]) -> None:
+    new = [name for name in names if name not in _TOLD_NO_PUSH_RETRY_POLICY]
+    if new:
+        _TOLD_NO_PUSH_RETRY_POLICY.update(new)
+        log.warning(
+            "push subscription(s) %s applied to the emulator without their retry policy: with "
+            "one, the emulator stops re-pushing a message that keeps failing, so a deferred mail "
+            "would stay deferred; without, it re-pushes about every second (production keeps "
+            "the policy; docs/local-vs-gcp.md, row 4b)",
+            ", ".join(new),
+        )
 
 
 def _sync_topic(

@@ -343,16 +343,20 @@ def republished_attributes(attributes: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def _decoded(data: bytes, attributes: Mapping[str, str]) -> QueuedMail | None:
-    try:
-        return QueuedMail.from_pubsub(data, dict(attributes))
-    except MailDecodeError:
-        return None
+Decoded = Callable[[], QueuedMail | None]  # the copy's mail, decoded on first call
 
 
-def _deliver_by(data: bytes, attributes: Mapping[str, str]) -> dt.datetime | None:
-    mail = _decoded(data, attributes)
-    return mail.deliver_by if mail else None
+def _decoder(data: bytes, attributes: Mapping[str, str]) -> Decoded:
+    """The copy's mail, decoded on the first call only (None if it is not a mail)."""
+
+    @functools.cache
+    def decoded() -> QueuedMail | None:
+        try:
+            return QueuedMail.from_pubsub(data, dict(attributes))
+        except MailDecodeError:
+            return None
+
+    return decoded
 
 
 def mark_replayed(record: DeliveryRecord, mail_id: str, *, trace_id: str | None) -> MailRecord:
@@ -378,15 +382,11 @@ def mark_replayed(record: DeliveryRecord, mail_id: str, *, trace_id: str | None)
     return record.update(mail_id, rule, "mark_replayed")
 
 
-def _accepted_at(
-    record: MailRecord | None, data: bytes, attributes: Mapping[str, str]
-) -> dt.datetime | None:
+def _accepted_at(record: MailRecord | None, mail: Decoded) -> dt.datetime | None:
     if record is not None:
         return record.accepted_at
-    try:
-        return QueuedMail.from_pubsub(data, dict(attributes)).accepted_at
-    except MailDecodeError:
-        return None
+    decoded = mail()
+    return decoded.accepted_at if decoded is not None else None
 
 
 OnOutcome = Callable[[ReplayOutcome], None]
@@ -509,7 +509,9 @@ class DeadLetterReplayer:
             return ReplayOutcome(
                 mail_id, ReplayStatus.FAILED, f"delivery record unavailable: {exc}", None, source
             ), False
-        if not selection.matches(mail_id, _accepted_at(record, message.data, attributes)):
+        # Decoded at most once, and only if needed (a record's fields come first).
+        mail = _decoder(message.data, attributes)
+        if not selection.matches(mail_id, _accepted_at(record, mail)):
             return None, False
         first = handled.get(mail_id)
         if first is not None:
@@ -533,7 +535,7 @@ class DeadLetterReplayer:
             ), False
         status = str(record.status)
         if selection.due and not record.status.final:
-            return self._due(mail_id, message.data, attributes, source, record, dry_run)
+            return self._due(mail_id, message.data, mail, attributes, source, record, dry_run)
         if record.status.final:
             return ReplayOutcome(
                 mail_id,
@@ -552,12 +554,13 @@ class DeadLetterReplayer:
                 source,
                 original_trace_id=record.trace_id,
             ), False
-        return self._republish(mail_id, message.data, attributes, source, record)
+        return self._republish(mail_id, message.data, mail, attributes, source, record)
 
     def _due(
         self,
         mail_id: str,
         data: bytes,
+        mail: Decoded,
         attributes: Mapping[str, str],
         source: str,
         record: MailRecord,
@@ -566,24 +569,26 @@ class DeadLetterReplayer:
         """``--due``: expire past deliver_by, replay when next_attempt_at has come, else leave."""
         now = dt.datetime.now(dt.UTC)
         status, due_at = str(record.status), record.next_attempt_at
-        deliver_by = record.deliver_by or _deliver_by(data, attributes)
+        deliver_by = record.deliver_by
+        if deliver_by is None and (decoded := mail()) is not None:
+            deliver_by = decoded.deliver_by
         out = functools.partial(ReplayOutcome, mail_id, record_status=status)
         out = functools.partial(out, source_message_id=source, original_trace_id=record.trace_id)
         if deliver_by is not None and deliver_by <= now:
             if dry_run:
                 return out(ReplayStatus.WOULD_EXPIRE, f"deliver_by {deliver_by} passed"), False
-            return self._expire(mail_id, data, attributes, deliver_by, out), True
+            return self._expire(mail_id, mail, attributes, deliver_by, out), True
         if record.status is not MailStatus.DEAD_LETTERED or due_at is None or due_at > now:
             why = f"next attempt at {due_at.isoformat()}" if due_at else f"record: {status}"
             return out(ReplayStatus.NOT_DUE, f"not due ({why}); left for a later pass"), False
         if dry_run:
             return out(ReplayStatus.WOULD_REPLAY, f"due since {due_at.isoformat()}"), False
-        return self._republish(mail_id, data, attributes, source, record)
+        return self._republish(mail_id, data, mail, attributes, source, record)
 
     def _expire(
         self,
         mail_id: str,
-        data: bytes,
+        mail: Decoded,
         attributes: Mapping[str, str],
         deliver_by: dt.datetime,
         out: Callable[..., ReplayOutcome],
@@ -602,15 +607,15 @@ class DeadLetterReplayer:
             if marked is not None and marked.status is not MailStatus.EXPIRED:
                 return out(ReplayStatus.ALREADY_FINAL, f"already {marked.status}: not expired")
             if self._events is not None:
-                mail = _decoded(data, attributes)
                 attempt = marked.attempt_count if marked else 0
-                self._events.emit(EventType.EXPIRED, mail_id, mail=mail, attempt=attempt)
+                self._events.emit(EventType.EXPIRED, mail_id, mail=mail(), attempt=attempt)
             return out(ReplayStatus.EXPIRED, reason, record_status="expired")
 
     def _republish(
         self,
         mail_id: str,
         data: bytes,
+        mail: Decoded,
         attributes: Mapping[str, str],
         source: str,
         record: MailRecord,
@@ -674,7 +679,10 @@ class DeadLetterReplayer:
                 return outcome(ReplayStatus.FAILED, detail), False
             span.set_attribute(MESSAGING_MESSAGE_ID, message_id)
             if self._events is not None:
-                self._emit_replayed(mail_id, data, attributes, marked)
+                # mail() None: replayed all the same, recipients unknown
+                self._events.emit(
+                    EventType.REPLAYED, mail_id, mail=mail(), attempt=marked.attempt_count
+                )
             return outcome(
                 ReplayStatus.REPLAYED,
                 f"republished as message {message_id}",
@@ -682,13 +690,6 @@ class DeadLetterReplayer:
                 message_id=message_id,
                 trace_id=trace_id,
             ), True
-
-    def _emit_replayed(
-        self, mail_id: str, data: bytes, attributes: Mapping[str, str], marked: MailRecord
-    ) -> None:
-        assert self._events is not None
-        mail = _decoded(data, attributes)  # None: replayed all the same, recipients unknown
-        self._events.emit(EventType.REPLAYED, mail_id, mail=mail, attempt=marked.attempt_count)
 
     def _undo_replayed(self, mail_id: str, detail: str, due: dt.datetime | None) -> None:
         """Put a mail whose republish failed back to ``dead_lettered``: ``dlq list`` shows it."""

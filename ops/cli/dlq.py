@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -31,32 +31,27 @@ from rich.table import Table
 from mailpipe.config import ConfigError, PubSubConfig, TelemetryConfig
 from mailpipe.record import DeliveryRecord, RecordError, open_record
 from ops.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_command
-from ops.replay import (
-    DeadLetterReplayer,
-    DeadLetterUnavailable,
-    ReplayOutcome,
-    ReplayReport,
-    ReplayStatus,
-    Selection,
-    list_dead_letters,
-    parse_since,
-)
 from publisher.config import PublisherConfig
+
+if TYPE_CHECKING:
+    # ops.replay brings in the Pub/Sub client (a good part of a second): imported by the
+    # commands that run, so that `mailpipe --help` or `mailpipe status` does not pay for it.
+    from ops.replay import DeadLetterReplayer, ReplayOutcome, ReplayReport
 
 CLI_SERVICE_NAME = "mailpipe-cli"
 
-_HUMAN_STATUS = {
-    ReplayStatus.REPLAYED: "[green]replayed[/]",
-    ReplayStatus.WOULD_REPLAY: "[cyan]would replay[/]",
-    ReplayStatus.ALREADY_FINAL: "[yellow]already {record}[/]",
-    ReplayStatus.DUPLICATE_COPY: "[yellow]duplicate copy[/]",
-    ReplayStatus.IN_FLIGHT: "[yellow]in flight[/]",
-    ReplayStatus.NOT_FOUND: "[red]not found[/]",
-    ReplayStatus.NO_RECORD: "[red]no record[/]",
-    ReplayStatus.FAILED: "[red]failed[/]",
-    ReplayStatus.EXPIRED: "[magenta]expired[/]",
-    ReplayStatus.WOULD_EXPIRE: "[cyan]would expire[/]",
-    ReplayStatus.NOT_DUE: "not due",
+_HUMAN_STATUS = {  # ReplayStatus values (a StrEnum)
+    "replayed": "[green]replayed[/]",
+    "would_replay": "[cyan]would replay[/]",
+    "already_final": "[yellow]already {record}[/]",
+    "duplicate_copy": "[yellow]duplicate copy[/]",
+    "in_flight": "[yellow]in flight[/]",
+    "not_found": "[red]not found[/]",
+    "no_record": "[red]no record[/]",
+    "failed": "[red]failed[/]",
+    "expired": "[magenta]expired[/]",
+    "would_expire": "[cyan]would expire[/]",
+    "not_due": "not due",
 }
 
 
@@ -175,6 +170,8 @@ class ReplayServices:
     events: Any = None  # mailpipe.events.EventEmitter: `replayed` events (None: off)
 
     def replayer(self) -> DeadLetterReplayer:
+        from ops.replay import DeadLetterReplayer
+
         return DeadLetterReplayer(
             subscriber=self.subscriber,
             publisher=self.publisher,
@@ -266,6 +263,8 @@ def run_list(
     environ: Mapping[str, str] | None = None,
     now: dt.datetime | None = None,
 ) -> int:
+    from ops.replay import list_dead_letters
+
     err = Console(stderr=True)
     now = now or dt.datetime.now(dt.UTC)
     try:
@@ -314,6 +313,8 @@ def run_list(
 
 
 def _since(text: str | None, now: dt.datetime) -> dt.datetime | None:
+    from ops.replay import parse_since
+
     if not text:
         return None
     try:
@@ -358,6 +359,8 @@ def run_replay(
     environ: Mapping[str, str] | None = None,
 ) -> int:
     """``services`` is for tests and embedding; without it they are built from the environment."""
+    from ops.replay import DeadLetterUnavailable, Selection
+
     err = Console(stderr=True)
     owned = services is None
     try:
@@ -411,5 +414,5 @@ def _print_report(report: ReplayReport, *, as_json: bool) -> None:
     console.print(f"{prefix}{summary or 'no matching dead-lettered mails'}")
     if report.left_alone:
         console.print(f"{report.left_alone} other message(s) left on the dead-letter subscription")
-    if report.dry_run and counts.get(str(ReplayStatus.WOULD_REPLAY)):
+    if report.dry_run and counts.get("would_replay"):
         console.print("run again without --dry-run to replay")

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from client import DEFAULT_URL, ApiError, ApiHttpError, PublisherApi
+from client import DEFAULT_URL, ApiError, ApiHttpError, PublisherApi, deliver_by
 from ops.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 
@@ -51,13 +51,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run the whole pipeline but stop at RCPT TO (RSET): nothing is sent; status sandboxed",
     )
     send.add_argument(
+        "--deliver-by",
+        metavar="TIME",
+        help="give up (status expired) if not delivered by TIME: RFC 3339 with an offset "
+        "(2026-12-01T09:00:00Z) or Unix seconds; default and maximum: docs/deliver-by.md",
+    )
+    send.add_argument(
         "--wait",
         type=float,
         default=0,
         metavar="SECONDS",
         help="wait up to SECONDS for a final status; exit 1 unless delivered (or sandboxed)",
     )
-    send.add_argument("--json", action="store_true", help="print the JSON answer")
+    send.add_argument(
+        "--json", action="store_true", help="print the JSON answer (or the API's JSON error)"
+    )
     send.set_defaults(handler=run_send)
 
     status = subparsers.add_parser(
@@ -97,6 +105,8 @@ def _build_mail(args: argparse.Namespace) -> dict[str, Any]:
         mail["idempotency_key"] = args.idempotency_key
     if args.sandbox:
         mail["sandbox"] = True
+    if args.deliver_by is not None:  # checked by the publisher: its 400 says what to send
+        mail["deliver_by"] = deliver_by(args.deliver_by)
     return mail
 
 
@@ -128,6 +138,8 @@ def run_send(args: argparse.Namespace) -> int:
     try:
         accepted = api.send(mail)
     except ApiError as exc:
+        if args.json and isinstance(exc, ApiHttpError) and exc.body is not None:
+            print(json.dumps(exc.body))  # the API's JSON error, for scripts
         _print_error(console, exc)
         return _exit_code(exc)
     if args.json and not args.wait:

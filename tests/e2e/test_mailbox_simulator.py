@@ -19,7 +19,6 @@ from typing import Any
 from emulator.pipeline import LocalPipeline, run_local_pipeline
 from emulator.smtp import SIMULATOR_DOMAIN
 from mailpipe.topology import Topology
-from tests.fixtures.topology import with_subscription
 
 FINAL = {"delivered", "bounced", "dead_lettered"}
 
@@ -33,15 +32,15 @@ def local_stack(
 ) -> AbstractContextManager[LocalPipeline]:
     """The stack as `./dev up` runs it (push, the simulator on by default), fast retries.
 
-    The delivery subscription has no retry policy here: with one, the emulator's push loop stops
-    re-POSTing a message it got 503 for after 2-4 POSTs (the message is then not even pullable),
-    so a deferral never reaches its dead letter (docs/local-vs-gcp.md, row 4b). Without one it
-    re-POSTs every second, and the dead-letter policy (5 attempts) still decides the end."""
+    Applied to the emulator, the pushed delivery subscription gets no retry policy (with one, the
+    emulator's push loop stops re-POSTing a message it got 503 for after 2-4 POSTs, so a deferral
+    would never reach its dead letter: docs/local-vs-gcp.md, row 4b). It re-POSTs every second,
+    and the dead-letter policy (5 attempts) still decides the end."""
     return run_local_pipeline(
         state_dir=tmp_path / "state",
         subscriber_mode="push",
         project=project,
-        topology=with_subscription(topology, "delivery", retry_policy=None),
+        topology=topology,
         extra_env={"MAILPIPE_SMTP_TIMEOUT": "5"},
     )
 

@@ -379,8 +379,8 @@ def test_push_delivers_the_documented_envelope_and_acks_only_on_success(
 def test_push_dead_letters_after_max_failed_attempts(
     apply_mail_topology, pubsub_project, traced_publisher, subscriber, spans, push_server
 ):
-    # No retry policy: the emulator then retries a push every 1 s, which keeps this test short.
-    topology = apply_mail_topology(push_endpoint=f"{push_server.url}/push", retry_policy=None)
+    # Pushed, it gets no retry policy (emulator.pubsub_topology): a retry every 1 s, then.
+    topology = apply_mail_topology(push_endpoint=f"{push_server.url}/push")
     published = publish_traced(
         traced_publisher, spans, topology, pubsub_project, mail_id="m-push-dlq", respond="500"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 
@@ -35,6 +36,14 @@ def _push_endpoints(topology: Topology) -> dict[str, str]:
     }
 
 
+def _without_push_retry_policies(topology: Topology) -> Topology:
+    """What the emulator gets: the declaration, its push subscriptions without a retry policy."""
+    for key, sub in topology.subscriptions.items():
+        if sub.delivery == "push":
+            topology = with_subscription(topology, key, retry_policy=None)
+    return topology
+
+
 def test_applied_topology_equals_the_declaration(declared, pubsub_emulator, pubsub_project):
     apply_topology(
         declared,
@@ -42,7 +51,36 @@ def test_applied_topology_equals_the_declaration(declared, pubsub_emulator, pubs
         push_endpoints=_push_endpoints(declared),
         emulator_host=pubsub_emulator.host,
     )
-    assert read_topology(declared, project=pubsub_project) == declared
+    assert read_topology(declared, project=pubsub_project) == (
+        _without_push_retry_policies(declared)
+    )
+
+
+def test_push_subscriptions_get_no_retry_policy_on_the_emulator_and_it_is_said_once(
+    declared, pubsub_project, caplog
+):
+    """With a retry policy the emulator stops re-pushing a failing message (local-vs-gcp 4b)."""
+    pushed = [s for s in declared.subscriptions.values() if s.delivery == "push"]
+    assert pushed and all(s.retry_policy is not None for s in pushed)  # as in production
+    caplog.set_level(logging.WARNING, logger="emulator.pubsub_topology")
+
+    endpoints = _push_endpoints(declared)
+    sync_topology(declared, project=pubsub_project, push_endpoints=endpoints)
+    again = sync_topology(declared, project=pubsub_project, push_endpoints=endpoints)
+
+    live = read_topology(declared, project=pubsub_project)
+    for sub in pushed:
+        assert live.subscriptions[sub.key].delivery == "push"
+        assert live.subscriptions[sub.key].retry_policy is None, sub.key
+    assert again == []
+    [told] = [r.getMessage() for r in caplog.records if "retry policy" in r.getMessage()]
+    assert all(sub.name in told for sub in pushed) and "row 4b" in told
+    # Pulled (no endpoint: the local pull worker), the declared policy is applied as it is.
+    sync_topology(declared, project=pubsub_project)
+    live = read_topology(declared, project=pubsub_project)
+    assert live.delivery_subscription == dataclasses.replace(
+        declared.delivery_subscription, delivery="pull"
+    )
 
 
 def test_push_declared_without_endpoint_is_applied_as_pull(
@@ -83,8 +121,11 @@ def test_applying_a_changed_declaration_updates_only_what_differs(declared, pubs
         f"updated subscription {declared.delivery_subscription.name} "
         "(ack_deadline_seconds, push_config, retry_policy, dead_letter_policy)"
     ]
+    # Pushed: without the retry policy (row 4b of docs/local-vs-gcp.md), which is cleared.
     assert read_topology(changed, project=pubsub_project).delivery_subscription == (
-        with_subscription(changed, "delivery", push_path="/push").delivery_subscription
+        with_subscription(
+            changed, "delivery", push_path="/push", retry_policy=None
+        ).delivery_subscription
     )
 
 

@@ -19,8 +19,9 @@ from mailpipe.attributes import publisher_link
 from mailpipe.record import Attempt, DeliveryRecord
 from mailpipe.record.sqlite import SqliteRecord
 from ops.cli import EXIT_OK, EXIT_USAGE, build_parser
-from ops.cli.dlq import UsageError, record_url
+from ops.cli.dlq import _HUMAN_STATUS, UsageError, record_url
 from ops.replay import (
+    ReplayStatus,
     Selection,
     parse_since,
     republished_attributes,
@@ -230,3 +231,8 @@ def test_selection_needs_something_and_matches_by_id_or_time() -> None:
     assert since.matches("x", NOW) and not since.matches("x", NOW - dt.timedelta(seconds=1))
     assert not since.matches("x", None)  # unknown age: not replayed by time
     assert Selection(all=True).matches("anything", None)
+
+
+def test_every_replay_status_has_its_human_label() -> None:
+    # Keyed by the values, so that the module needs no ops.replay (and no Pub/Sub) at import.
+    assert set(_HUMAN_STATUS) == {str(status) for status in ReplayStatus}
