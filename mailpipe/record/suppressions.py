@@ -106,6 +106,12 @@ class SuppressionPolicy:
         return cls(cast(AddressStyle, style), raw.encode() if raw else None)
 
 
+# put_many's entry: address, reason, reply_code, enhanced_status, reply, mail_id, expires_at.
+Entry = tuple[
+    str, SuppressionReason, int | None, str | None, str | None, str | None, dt.datetime | None
+]
+
+
 class SuppressionList:
     """The suppression list over a record's store; :meth:`DeliveryRecord.suppressions`."""
 
@@ -132,14 +138,24 @@ class SuppressionList:
         expires_at: dt.datetime | None = None,
     ) -> Suppression:
         """Add ``address`` (a validated addr-spec), or replace its entry."""
-        key = self.policy.key_of(address)
-        shown = address.strip().lower() if self.policy.style == "full" else None
-        domain = address.rpartition("@")[2].lower()
         details = (reply_code, enhanced_status, reply, mail_id, expires_at)
-        entry = Suppression(key, reason, self._clock(), domain, shown, *details)
-        doc = encode(entry)
-        self._store.transact("suppress", lambda t: t.put(SUPPRESSIONS, key, doc, None, False))
-        return entry
+        return self.put_many([(address, reason, *details)])[0]
+
+    def put_many(self, entries: Iterable[Entry]) -> list[Suppression]:
+        """:meth:`put` of each ``(address, reason, reply_code, enhanced_status, reply, mail_id,
+        expires_at)``, all in one transaction."""
+        now, full, made = self._clock(), self.policy.style == "full", list[Suppression]()
+        for address, reason, code, status, reply, mail_id, expires_at in entries:
+            shown, domain = address.strip().lower() if full else None, address.rpartition("@")[2]
+            key, details = self.policy.key_of(address), (code, status, reply, mail_id, expires_at)
+            made.append(Suppression(key, reason, now, domain.lower(), shown, *details))
+
+        def body(txn: Transaction) -> None:
+            for entry in made:
+                txn.put(SUPPRESSIONS, entry.key, encode(entry), None, False)
+
+        self._store.transact("suppress", body)
+        return made
 
     def get(self, address_or_key: str) -> Suppression | None:
         """The active entry of an address (or of a key), or None."""
