@@ -69,7 +69,7 @@ def queued(*recipients: str, deliver_by: dt.datetime | None = None) -> QueuedMai
 def test_a_dead_letter_is_marked_in_one_transaction(
     store: CountingStore, past_deliver_by: bool
 ) -> None:
-    record = DeliveryRecord(store)  # type: ignore[arg-type]  # the SqliteStore, counted
+    record = DeliveryRecord(store)  # the SqliteStore, counted
     now = dt.datetime.now(dt.UTC)
     mail = queued(
         "b@example.org", deliver_by=now - dt.timedelta(minutes=1) if past_deliver_by else None
@@ -97,7 +97,7 @@ def test_a_dead_letter_is_marked_in_one_transaction(
 def test_a_dead_letter_without_a_record_or_with_an_impossible_id_is_acked(
     store: CountingStore,
 ) -> None:
-    recorder = DeadLetterRecorder(record=DeliveryRecord(store), tracer=NoOpTracer())  # type: ignore[arg-type]
+    recorder = DeadLetterRecorder(record=DeliveryRecord(store), tracer=NoOpTracer())
     mail = queued("b@example.org")
     data, attributes = mail.to_pubsub()
     assert recorder.handle(ReceivedMessage(data, attributes, "1"), parent=None)
@@ -107,7 +107,7 @@ def test_a_dead_letter_without_a_record_or_with_an_impossible_id_is_acked(
 
 
 def test_a_mails_refusals_are_suppressed_in_one_write(store: CountingStore) -> None:
-    record = DeliveryRecord(store)  # type: ignore[arg-type]
+    record = DeliveryRecord(store)
     screen = RecipientScreen(record.suppressions(POLICY), "hashed")
     mail = queued("gone@example.org", "moved@example.org", "policy@example.org", "ok@example.org")
     refused = {
