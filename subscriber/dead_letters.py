@@ -12,6 +12,7 @@ when no attempt fits before ``deliver_by``); one past it becomes ``expired`` (ev
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 
@@ -31,12 +32,13 @@ from mailpipe.attributes import (
 )
 from mailpipe.events import EventEmitter, EventType
 from mailpipe.mail import MailDecodeError, QueuedMail
-from mailpipe.record import DeliveryRecord, MailRecord, RecordError
+from mailpipe.record import DeliveryRecord, InvalidMailId, MailRecord, MailStatus, RecordError
 from subscriber.delivery import ReceivedMessage
 from subscriber.metrics import DeliveryMetrics
 from subscriber.retry_schedule import DEFAULT_RETRY_SCHEDULE, RetrySchedule
 
 log = logging.getLogger(__name__)
+Found = MailRecord | None
 
 
 class DeadLetterRecorder:
@@ -107,23 +109,35 @@ class DeadLetterRecorder:
             return True
 
     def _mark(self, mail_id: str, mail: QueuedMail | None) -> MailRecord | None:
-        """``dead_lettered`` with its next attempt, or ``expired`` past its deliver_by."""
-        found = self._record.get(mail_id)
-        deliver_by = (mail.deliver_by if mail else None) or (found.deliver_by if found else None)
-        accepted_at = mail.accepted_at if mail else found.accepted_at if found else None
-        now = dt.datetime.now(dt.UTC)
-        expired = deliver_by is not None and deliver_by <= now
-        next_at = None
-        if accepted_at is not None and not expired:
-            next_at = self._schedule.next_attempt(accepted_at, now, deliver_by)
-        note = f"deliver_by {deliver_by.isoformat()} passed" if expired and deliver_by else None
-        last = found.last_error if found else None
-        return self._record.mark_dead_lettered(
-            mail_id,
-            last_error=f"{note}; last error: {last}" if note else None,
-            next_attempt_at=next_at,
-            expire_at=deliver_by,
-        )
+        """``dead_lettered`` with its next attempt, or ``expired`` past its deliver_by: one read
+        and one write in one transaction. ``None`` without a record; a final one is kept."""
+
+        def rule(found: MailRecord | None, now: dt.datetime) -> tuple[Found, Found]:
+            if found is None or found.status.final:
+                return found, None
+            deliver_by = (mail.deliver_by if mail else None) or found.deliver_by
+            if deliver_by is not None and deliver_by <= now:
+                new = dataclasses.replace(
+                    found,
+                    status=MailStatus.EXPIRED,
+                    last_error=f"deliver_by {deliver_by.isoformat()} passed; "
+                    f"last error: {found.last_error}",
+                    next_attempt_at=None,
+                    lease_until=None,
+                    updated_at=now,
+                )
+            else:
+                accepted_at = mail.accepted_at if mail else found.accepted_at
+                next_at = self._schedule.next_attempt(accepted_at, now, deliver_by)
+                new = dataclasses.replace(
+                    found, status=MailStatus.DEAD_LETTERED, next_attempt_at=next_at, updated_at=now
+                )
+            return new, new
+
+        try:
+            return self._record.update(mail_id, rule, "mark_dead_lettered")
+        except InvalidMailId:
+            return None  # no record can have this id
 
     def _emit(
         self, mail: QueuedMail | None, mail_id: str, updated: MailRecord | None, count: str | None

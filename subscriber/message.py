@@ -61,22 +61,48 @@ from subscriber.errors import UndeliverableMail
 log = logging.getLogger(__name__)
 
 
+class _FoldOnceHeader(BaseHeader):
+    """A header that folds once per policy: header objects are immutable, and so are policies.
+
+    A message is folded once to check whether it needs SMTPUTF8 and once to write it, and the
+    shared headers of :class:`_CachedHeaderRegistry` are folded for every mail.
+    """
+
+    _folded: tuple[Policy, str] | None = None
+
+    def fold(self, *, policy: Policy) -> str:
+        folded = self._folded
+        if folded is None or folded[0] is not policy:
+            folded = self._folded = (policy, super().fold(policy=policy))
+        return folded[1]
+
+
 class _CachedHeaderRegistry(HeaderRegistry):
-    """The standard header registry, creating each header class once instead of per header.
+    """The standard header registry, creating each header class once instead of per header, and
+    each header the ``email`` package sets to the same value on every mail (``MIME-Version``,
+    ``Content-Type``, ``Content-Transfer-Encoding``) once.
 
     ``HeaderRegistry.__getitem__`` builds a new class with ``type()`` on every lookup (CPython
     3.11-3.13), twice per header set: a third of the time it takes to build a message. Keyed by
     the registered class, not the header name: mails may carry any custom header name, so the
     cache stays as small as the registry. Two threads racing to fill it store equivalent classes.
+    A header object is never changed once made (setting a parameter makes a new one), so one
+    object can serve every message; the values cache is emptied when full (multipart boundaries
+    and attachment names differ per mail).
     """
 
+    _SHARED = frozenset({"mime-version", "content-type", "content-transfer-encoding"})
+    _MAX_SHARED = 256
+
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(base_class=_FoldOnceHeader)
         self._classes: dict[type, type[BaseHeader]] = {}
+        self._headers: dict[tuple[str, str], BaseHeader] = {}
 
     def map_to_type(self, name: str, cls: type) -> None:
         super().map_to_type(name, cls)
         self._classes.clear()
+        self._headers.clear()
 
     def __getitem__(self, name: str) -> type[BaseHeader]:
         registered = self.registry.get(name.lower(), self.default_class)
@@ -84,6 +110,16 @@ class _CachedHeaderRegistry(HeaderRegistry):
         if cached is None:
             cached = self._classes[registered] = super().__getitem__(name)
         return cached
+
+    def __call__(self, name: str, value: str) -> BaseHeader:
+        if name.lower() not in self._SHARED:
+            return self[name](name, value)
+        header = self._headers.get((name, value))
+        if header is None:
+            if len(self._headers) >= self._MAX_SHARED:
+                self._headers.clear()
+            header = self._headers[name, value] = self[name](name, value)
+        return header
 
 
 # Bodies are encoded 7-bit clean when they are set, and headers are folded with RFC 2047: the
@@ -95,6 +131,8 @@ _DOMAIN = re.compile(
 )
 _ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")  # RFC 5322 atext
 _PLAIN = re.compile(r"[\x20-\x7e]*")  # printable ASCII and space
+_VISIBLE = re.compile(r"[\x21-\x7e]+(?: [\x21-\x7e]+)*")  # words of printable ASCII
+_PLAIN_ID = re.compile(r"<[A-Za-z0-9-]+@[A-Za-z0-9.-]+>")  # a msg-id its parser keeps as it is
 _UTF8 = Charset("utf-8")  # encoded words in base64: exact for any text
 LINE_LENGTH = 78  # RFC 5322 2.1.1: SHOULD
 MAX_LINE_LENGTH = 998  # and MUST
@@ -167,6 +205,14 @@ def text_header(name: str, value: str) -> _WrittenHeader:
     return _WrittenHeader(
         name, value, _fold(name, _encoded_words(value, LINE_LENGTH - len(name) - 2))
     )
+
+
+def _one_line(name: str, value: str) -> _WrittenHeader | str:
+    """A header of mailpipe's own (Date, Message-ID, traceparent) written as the ``email`` package
+    would write it, without parsing and refolding it per mail: as it is when it is printable ASCII
+    that fits on one line; else ``value``, for the package to write."""
+    fits = len(name) + 2 + len(value) <= LINE_LENGTH and ENCODED_WORD_START not in value
+    return _WrittenHeader(name, value, [value]) if fits and _VISIBLE.fullmatch(value) else value
 
 
 def _quoted(text: str) -> str:
@@ -281,10 +327,10 @@ def _build(mail: QueuedMail, msg_id: str, traceparent: str | None) -> EmailMessa
     accepted_at = mail.accepted_at
     if accepted_at.tzinfo is None:  # QueuedMail.accept uses UTC; be explicit for older records
         accepted_at = accepted_at.replace(tzinfo=dt.UTC)
-    msg["Date"] = format_datetime(accepted_at)
-    msg["Message-ID"] = msg_id
+    msg["Date"] = _one_line("Date", format_datetime(accepted_at))
+    msg["Message-ID"] = _one_line("Message-ID", msg_id) if _PLAIN_ID.fullmatch(msg_id) else msg_id
     if traceparent:
-        msg[MAIL_TRACEPARENT_HEADER] = traceparent
+        msg[MAIL_TRACEPARENT_HEADER] = _one_line(MAIL_TRACEPARENT_HEADER, traceparent)
     msg["MIME-Version"] = "1.0"
 
     if request.text is not None:
@@ -313,7 +359,11 @@ def requires_smtputf8(msg: EmailMessage) -> bool:
 
     Such a message can only be sent to a relay that offers SMTPUTF8 (the sender declares it).
     """
-    return any(not msg.policy.fold(name, value).isascii() for name, value in msg.raw_items())
+    # A header whose name and decoded text are ASCII folds to ASCII: only the others are folded.
+    return any(
+        not (name.isascii() and value.isascii()) and not msg.policy.fold(name, value).isascii()
+        for name, value in msg.raw_items()
+    )
 
 
 def message_bytes(msg: EmailMessage) -> bytes:

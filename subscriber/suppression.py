@@ -23,6 +23,7 @@ from mailpipe.record import (
     SuppressionList,
     SuppressionReason,
 )
+from mailpipe.record.suppressions import Entry
 from subscriber.errors import TransientDeliveryError, parse_enhanced_status
 from subscriber.message import ascii_address
 
@@ -76,22 +77,20 @@ class RecipientScreen:
     ) -> tuple[RecipientResult, ...]:
         """Suppress each refused recipient whose mailbox is gone; every refusal as a result."""
         originals = {ascii_address(address): address for address in mail.request.recipients}
-        results = []
+        results, gone = [], list[Entry]()
         for rcpt, (code, text) in refused.items():
             enhanced = parse_enhanced_status(text)
             shown = redact_address(rcpt, self._style)
             results.append(RecipientResult(shown, "refused", code, enhanced))
-            if not mailbox_gone(code, enhanced):
-                continue
-            try:
-                self._list.put(
-                    originals.get(rcpt, rcpt),
-                    SuppressionReason.BOUNCE,
-                    reply_code=code,
-                    enhanced_status=enhanced,
-                    reply=f"{code} {text}",
-                    mail_id=mail.mail_id,
+            if mailbox_gone(code, enhanced):
+                address, reply = originals.get(rcpt, rcpt), f"{code} {text}"
+                gone.append(
+                    (address, SuppressionReason.BOUNCE, code, enhanced, reply, mail.mail_id, None)
                 )
+        if gone:
+            try:
+                self._list.put_many(gone)  # one write for all of this attempt's refusals
             except RecordError as exc:
-                log.error("could not suppress %s after %s %s: %s", shown, code, enhanced, exc)
+                shown = ", ".join(redact_address(entry[0], self._style) for entry in gone)
+                log.error("could not suppress %s after their refusals: %s", shown, exc)
         return tuple(results)

@@ -98,6 +98,8 @@ def utc(value: dt.datetime) -> dt.datetime:
 
 def encode(value: Any, time: Callable[[dt.datetime], Any] = lambda d: d) -> Any:
     """A dataclass (and what it holds) as plain values; ``time`` converts each datetime."""
+    if type(value) in (str, int, float, bool, type(None)):  # most fields: the checks below cost
+        return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: encode(getattr(value, f.name), time) for f in dataclasses.fields(value)}
     if isinstance(value, tuple | list):

@@ -21,7 +21,7 @@ from typing import cast
 
 from mailpipe.config import AddressStyle, EnvReader
 from mailpipe.logs import register_secret
-from mailpipe.record.store import SUPPRESSIONS, Clock, Store, decode, encode
+from mailpipe.record.store import SUPPRESSIONS, Clock, Store, Transaction, decode, encode
 
 KEY_PREFIX = "hmac-sha256:"
 MIN_KEY_BYTES = 32  # RFC 2104 § 3: not shorter than the hash's output
@@ -93,6 +93,12 @@ class SuppressionPolicy:
         return cls(cast(AddressStyle, style), raw.encode() if raw else None)
 
 
+# put_many's entry: address, reason, reply_code, enhanced_status, reply, mail_id, expires_at.
+Entry = tuple[
+    str, SuppressionReason, int | None, str | None, str | None, str | None, dt.datetime | None
+]
+
+
 class SuppressionList:
     """The suppression list over a record's store (:meth:`DeliveryRecord.suppressions`): what
     the subscriber needs; the API's listing and removal are in publisher/suppressions.py."""
@@ -113,14 +119,24 @@ class SuppressionList:
         expires_at: dt.datetime | None = None,
     ) -> Suppression:
         """Add ``address`` (a validated addr-spec), or replace its entry."""
-        key = self.policy.key_of(address)
-        shown = address.strip().lower() if self.policy.style == "full" else None
-        domain = address.rpartition("@")[2].lower()
         details = (reply_code, enhanced_status, reply, mail_id, expires_at)
-        entry = Suppression(key, reason, self.clock(), domain, shown, *details)
-        doc = encode(entry)
-        self.store.transact("suppress", lambda t: t.put(SUPPRESSIONS, key, doc, None, False))
-        return entry
+        return self.put_many([(address, reason, *details)])[0]
+
+    def put_many(self, entries: Iterable[Entry]) -> list[Suppression]:
+        """:meth:`put` of each ``(address, reason, reply_code, enhanced_status, reply, mail_id,
+        expires_at)``, all in one transaction."""
+        now, full, made = self.clock(), self.policy.style == "full", list[Suppression]()
+        for address, reason, code, status, reply, mail_id, expires_at in entries:
+            shown, domain = address.strip().lower() if full else None, address.rpartition("@")[2]
+            key, details = self.policy.key_of(address), (code, status, reply, mail_id, expires_at)
+            made.append(Suppression(key, reason, now, domain.lower(), shown, *details))
+
+        def body(txn: Transaction) -> None:
+            for entry in made:
+                txn.put(SUPPRESSIONS, entry.key, encode(entry), None, False)
+
+        self.store.transact("suppress", body)
+        return made
 
     def lookup(self, addresses: Iterable[str]) -> dict[str, Suppression]:
         """The suppressed ones of ``addresses`` (one batched read), by address."""

@@ -8,7 +8,7 @@ import email
 import re
 from email import policy
 from email.message import EmailMessage
-from email.utils import parsedate_to_datetime
+from email.utils import format_datetime, parsedate_to_datetime
 
 import pytest
 
@@ -220,6 +220,27 @@ def test_the_cached_header_registry_writes_what_the_standard_one_writes(
     standard, _ = roundtrip(mail)
     random_boundary = re.compile(rb"={15}\d+==")
     assert random_boundary.sub(b"B", cached) == random_boundary.sub(b"B", standard)
+
+
+@pytest.mark.parametrize("mail_id", ["0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b", "x" * 120, 'a."b'])
+@pytest.mark.parametrize(
+    "accepted_at",
+    [ACCEPTED_AT, dt.datetime(2026, 1, 2, 3, 4, 5, 678, dt.timezone(-dt.timedelta(hours=5.5)))],
+)
+def test_date_message_id_and_traceparent_are_written_as_the_email_package_writes_them(
+    mail_id: str, accepted_at: dt.datetime
+) -> None:
+    # subscriber.message writes its own one-line headers without the package's parse and refold.
+    mail = queued().model_copy(update={"mail_id": mail_id, "accepted_at": accepted_at})
+    raw, _ = roundtrip(mail)
+    standard = policy.SMTP.clone(cte_type="7bit")
+    own = {
+        "Date": format_datetime(accepted_at),
+        "Message-ID": f"<{mail_id}@mail.example.net>",
+        "traceparent": TRACEPARENT,
+    }
+    for name, value in own.items():
+        assert standard.fold_binary(name, standard.header_factory(name, value)) in raw
 
 
 def addresses(msg: EmailMessage, name: str) -> list[tuple[str, str]]:
