@@ -62,7 +62,8 @@ def store(tmp_path: Path) -> Iterator[CountingStore]:
 
 def queued(*recipients: str, deliver_by: dt.datetime | None = None) -> QueuedMail:
     request = {"from": "a@example.com", "to": list(recipients), "subject": "s", "text": "t"}
-    return QueuedMail.accept(MailRequest.model_validate(request), deliver_by=deliver_by)
+    mail = QueuedMail.accept(MailRequest.model_validate(request))
+    return mail.model_copy(update={"deliver_by": deliver_by})
 
 
 @pytest.mark.parametrize("past_deliver_by", [False, True])
