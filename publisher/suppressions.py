@@ -174,9 +174,10 @@ def put_suppression(address: str) -> tuple[Response, int]:
             400, "invalid_request", f"fix the fields listed ({fixes})", **unknown
         )
     expires_at = _expiry(body.get("expires_at"), dt.datetime.now(dt.UTC))
-    existed = suppressions.get(recipient) is not None
-    entry = suppressions.put(recipient, SuppressionReason(reason), expires_at=expires_at)
-    return jsonify(entry.to_json()), 200 if existed else 201
+    entry, replaced = suppressions.upsert(
+        recipient, SuppressionReason(reason), expires_at=expires_at
+    )
+    return jsonify(entry.to_json()), 200 if replaced else 201
 
 
 @suppressions_api.delete("/v1/suppressions/<anytext:address>")

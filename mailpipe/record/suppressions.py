@@ -17,7 +17,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from mailpipe.config import AddressStyle, EnvReader
 from mailpipe.record.store import (
@@ -120,7 +120,11 @@ class SuppressionList:
     def _key(self, address_or_key: str) -> str:
         return address_or_key if self.is_key(address_or_key) else self.policy.key_of(address_or_key)
 
-    def put(
+    def put(self, address: str, reason: SuppressionReason, **details: Any) -> Suppression:
+        """Add ``address`` (a validated addr-spec), or replace its entry (:meth:`upsert`)."""
+        return self.upsert(address, reason, **details)[0]
+
+    def upsert(
         self,
         address: str,
         reason: SuppressionReason,
@@ -130,16 +134,21 @@ class SuppressionList:
         reply: str | None = None,
         mail_id: str | None = None,
         expires_at: dt.datetime | None = None,
-    ) -> Suppression:
-        """Add ``address`` (a validated addr-spec), or replace its entry."""
+    ) -> tuple[Suppression, bool]:
+        """:meth:`put`, and whether it replaced an active entry: decided in the write's own
+        transaction, so of concurrent puts of one address only one finds none."""
         key = self.policy.key_of(address)
         shown = address.strip().lower() if self.policy.style == "full" else None
         domain = address.rpartition("@")[2].lower()
         details = (reply_code, enhanced_status, reply, mail_id, expires_at)
         entry = Suppression(key, reason, self._clock(), domain, shown, *details)
-        doc = encode(entry)
-        self._store.transact("suppress", lambda t: t.put(SUPPRESSIONS, key, doc, None, False))
-        return entry
+
+        def body(txn: Transaction) -> bool:
+            held = txn.get(SUPPRESSIONS, key)  # reads before writes
+            txn.put(SUPPRESSIONS, key, encode(entry), None, False)
+            return held is not None and decode(Suppression, held).active(entry.created_at)
+
+        return entry, self._store.transact("suppress", body)
 
     def get(self, address_or_key: str) -> Suppression | None:
         """The active entry of an address (or of a key), or None."""
