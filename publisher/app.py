@@ -106,7 +106,11 @@ def _accepted_body(mail_id: str, message_id: str | None, trace_id: str | None) -
 
 
 def _current_trace_id() -> str | None:
-    context = trace.get_current_span().get_span_context()
+    return _trace_id(trace.get_current_span())
+
+
+def _trace_id(span: trace.Span) -> str | None:
+    context = span.get_span_context()
     return format(context.trace_id, "032x") if context.is_valid else None
 
 
@@ -420,21 +424,39 @@ def _guarded(services: ApiServices, admitted: _Admitted, step: Callable[[], _T])
 
 def _queued(services: ApiServices, admitted: _Admitted, message_id: str) -> Answer:
     """Record the published mail queued and answer 202."""
-    mail, mail_request = admitted.mail, admitted.request
-    trace_id = _current_trace_id()
+    _mark_queued(services, [(admitted, message_id, _current_trace_id())])
+    return _accepted(services, admitted, message_id)
+
+
+def _mark_queued(
+    services: ApiServices, published: Sequence[tuple[_Admitted, str, str | None]]
+) -> None:
+    """Record the published mails (with their message and trace ids) queued: one transaction."""
+    mails = [
+        {
+            "mail_id": admitted.mail.mail_id,
+            "message_id": message_id,
+            "trace_id": trace_id,
+            "accepted_at": admitted.mail.accepted_at,
+            "recipient_domains": admitted.request.recipient_domains,
+            "deliver_by": admitted.mail.deliver_by,
+        }
+        for admitted, message_id, trace_id in published
+    ]
     try:
-        services.record.mark_queued(
-            mail.mail_id,
-            message_id=message_id,
-            trace_id=trace_id,
-            accepted_at=mail.accepted_at,
-            recipient_domains=mail_request.recipient_domains,
-            deliver_by=mail.deliver_by,
-        )
+        if mails:
+            services.record.mark_queued_many(mails)
     except Exception:
-        # The mail IS on Pub/Sub: the subscriber's claim creates or completes the record, so
-        # answering 202 is right. Failing here would make the client send it twice.
-        log.warning("could not mark mail %s queued; the subscriber will", mail.mail_id)
+        # The mails ARE on Pub/Sub: the subscriber's claim creates or completes each record, so
+        # answering 202 is right. Failing here would make the client send them twice.
+        for mail in mails:
+            log.warning("could not mark mail %s queued; the subscriber will", mail["mail_id"])
+
+
+def _accepted(services: ApiServices, admitted: _Admitted, message_id: str) -> Answer:
+    """The 202 of a published mail recorded queued (inside its span: the log line's trace)."""
+    mail = admitted.mail
+    trace_id = _current_trace_id()
     if services.metrics is not None:
         services.metrics.accepted()
     log.info(
@@ -560,12 +582,20 @@ def accept_mails(
             except Exception as exc:  # one mail's failure is that mail's answer, not the batch's
                 outcomes[index] = _item_error(exc, span)
         span.end()
+    published: list[tuple[int, trace.Span, _Admitted, str]] = []
     for index, span, admitted, wait in started:
-        with trace.use_span(span, end_on_exit=True):
+        with trace.use_span(span, end_on_exit=False):
             try:
-                outcomes[index] = _queued(services, admitted, _guarded(services, admitted, wait))
+                published.append((index, span, admitted, _guarded(services, admitted, wait)))
+                continue
             except Exception as exc:  # as above
                 outcomes[index] = _item_error(exc, span)
+        span.end()
+    # The published mails recorded queued together: one record transaction per request.
+    _mark_queued(services, [(a, message_id, _trace_id(s)) for _, s, a, message_id in published])
+    for index, span, admitted, message_id in published:
+        with trace.use_span(span, end_on_exit=True):
+            outcomes[index] = _accepted(services, admitted, message_id)
     return [outcome for outcome in outcomes if outcome is not None]
 
 
