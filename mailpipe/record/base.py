@@ -406,7 +406,7 @@ class DeliveryRecord:
         without :meth:`reserve`, which only a mail with an idempotency key needs), else
         :class:`MailNotFound`.
         """
-        mail = {"mail_id": mail_id, "message_id": message_id, "trace_id": trace_id}
+        mail: dict[str, Any] = {"mail_id": mail_id, "message_id": message_id, "trace_id": trace_id}
         mail |= {"accepted_at": accepted_at, "recipient_domains": recipient_domains}
         self.mark_queued_many([{**mail, "deliver_by": deliver_by}])
 

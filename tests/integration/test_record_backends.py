@@ -15,6 +15,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.cloud import firestore
@@ -298,7 +299,7 @@ def test_mark_queued_many_records_a_whole_batch_in_one_transaction(
     record.claim(claimed, message_id=None, trace_id=None, lease_seconds=LEASE, accepted_at=T0)
     # A batch request's size limit (500) is Firestore's limit of writes per transaction.
     keyless = [f"keyless-{i}" for i in range(497)]
-    mails = [
+    mails: list[dict[str, Any]] = [
         {"mail_id": mail_id, "message_id": f"m-{mail_id}", "trace_id": f"t-{mail_id}"}
         for mail_id in [reserved, claimed, *keyless]
     ]

@@ -234,7 +234,7 @@ def test_concurrent_puts_of_one_address_answer_201_once(
 ) -> None:
     record, _ = backend
     config = PublisherConfig.from_env({"MAILPIPE_LOG_ADDRESSES": "full", **NO_PUBSUB})
-    store = SlowReads(record._store)  # type: ignore[attr-defined]
+    store = SlowReads(record._store)
     suppressions = SuppressionList(store, config.suppressions, utc_now)
     app = create_app(
         config,
