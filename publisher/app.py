@@ -9,7 +9,8 @@ whatever the exception). Idempotency keys (scope, fingerprint, lifetime): publis
 from there; :func:`accept_mail` is ``POST /v1/messages`` without HTTP: validate, reserve the
 idempotency key, publish, record the mail queued, answer. :func:`accept_mails` is
 ``POST /v1/messages:batch`` without HTTP: the same steps for each mail (the same functions), all
-mails handed to Pub/Sub before waiting for any, each in its own trace linked to the request's.
+mails handed to Pub/Sub before waiting for any, each in its own trace linked to the request's,
+and the published mails recorded queued in one transaction.
 
 Errors are JSON: ``{"error": {"code": "...", "message": "...", "fields": {...}}}``.
 """
@@ -550,8 +551,9 @@ def accept_mails(
     Every mail is validated and (with its own ``idempotency_key``) reserved, and handed to the
     Pub/Sub client without waiting, before any publish is waited for: the client sends them in
     its batches. Each mail then waits for its own confirmation, so a mail answered 202 is on
-    Pub/Sub, and is recorded queued. Each mail has its own trace, rooted in a
-    :data:`BATCH_MAIL_SPAN` span linked to the request's span (the current span).
+    Pub/Sub; the published mails are recorded queued in one transaction. Each mail has its own
+    trace, rooted in a :data:`BATCH_MAIL_SPAN` span linked to the request's span (the current
+    span).
     """
     tracer = services.tracer or trace.get_tracer(__name__)
     request_span = trace.get_current_span().get_span_context()
@@ -595,7 +597,10 @@ def accept_mails(
     _mark_queued(services, [(a, message_id, _trace_id(s)) for _, s, a, message_id in published])
     for index, span, admitted, message_id in published:
         with trace.use_span(span, end_on_exit=True):
-            outcomes[index] = _accepted(services, admitted, message_id)
+            try:
+                outcomes[index] = _accepted(services, admitted, message_id)
+            except Exception as exc:  # as above
+                outcomes[index] = _item_error(exc, span)
     return [outcome for outcome in outcomes if outcome is not None]
 
 
