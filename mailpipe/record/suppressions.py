@@ -17,7 +17,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 from mailpipe.config import AddressStyle, EnvReader
 from mailpipe.record.store import (
@@ -120,11 +120,7 @@ class SuppressionList:
     def _key(self, address_or_key: str) -> str:
         return address_or_key if self.is_key(address_or_key) else self.policy.key_of(address_or_key)
 
-    def put(self, address: str, reason: SuppressionReason, **details: Any) -> Suppression:
-        """Add ``address`` (a validated addr-spec), or replace its entry (:meth:`upsert`)."""
-        return self.upsert(address, reason, **details)[0]
-
-    def upsert(
+    def put(
         self,
         address: str,
         reason: SuppressionReason,
@@ -134,21 +130,16 @@ class SuppressionList:
         reply: str | None = None,
         mail_id: str | None = None,
         expires_at: dt.datetime | None = None,
-    ) -> tuple[Suppression, bool]:
-        """:meth:`put`, and whether it replaced an active entry: decided in the write's own
-        transaction, so of concurrent puts of one address only one finds none."""
+    ) -> Suppression:
+        """Add ``address`` (a validated addr-spec), or replace its entry."""
         key = self.policy.key_of(address)
         shown = address.strip().lower() if self.policy.style == "full" else None
         domain = address.rpartition("@")[2].lower()
         details = (reply_code, enhanced_status, reply, mail_id, expires_at)
         entry = Suppression(key, reason, self._clock(), domain, shown, *details)
-
-        def body(txn: Transaction) -> bool:
-            held = txn.get(SUPPRESSIONS, key)  # reads before writes
-            txn.put(SUPPRESSIONS, key, encode(entry), None, False)
-            return held is not None and decode(Suppression, held).active(entry.created_at)
-
-        return entry, self._store.transact("suppress", body)
+        doc = encode(entry)
+        self._store.transact("suppress", lambda t: t.put(SUPPRESSIONS, key, doc, None, False))
+        return entry
 
     def get(self, address_or_key: str) -> Suppression | None:
         """The active entry of an address (or of a key), or None."""
@@ -166,6 +157,24 @@ class SuppressionList:
             return doc is not None and decode(Suppression, doc).active(self._clock())
 
         return self._store.transact("unsuppress", body)
+
+    def upsert(
+        self, address: str, reason: SuppressionReason, *, expires_at: dt.datetime | None = None
+    ) -> tuple[Suppression, bool]:
+        """:meth:`put` an operator's entry, and whether it replaced an active one: decided in the
+        write's own transaction, so of concurrent upserts of one address only one finds none."""
+        key, full = self.policy.key_of(address), self.policy.style == "full"
+        shown, domain = address.strip().lower() if full else None, address.rpartition("@")[2]
+        entry = Suppression(
+            key, reason, self._clock(), domain.lower(), shown, expires_at=expires_at
+        )
+
+        def body(txn: Transaction) -> bool:
+            held = txn.get(SUPPRESSIONS, key)  # reads before writes
+            txn.put(SUPPRESSIONS, key, encode(entry), None, False)
+            return held is not None and decode(Suppression, held).active(entry.created_at)
+
+        return entry, self._store.transact("suppress", body)
 
     def lookup(self, addresses: Iterable[str]) -> dict[str, Suppression]:
         """The suppressed ones of ``addresses`` (one batched read), by address."""
