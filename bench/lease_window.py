@@ -28,7 +28,8 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from emulator.smtp import LocalSmtpServer, ReceivedMail
 from mailpipe.mail import MailRequest, QueuedMail
-from mailpipe.record import Attempt, LeaseRenewal, MailRecord
+from mailpipe.record import Attempt, MailRecord
+from mailpipe.record.base import Claim
 from mailpipe.record.sqlite import SqliteRecord
 from subscriber.config import SmtpConfig
 from subscriber.delivery import DeliveryService, Outcome, ReceivedMessage
@@ -53,9 +54,7 @@ class _StampedRecord(SqliteRecord):
         super().__init__(path)
         self.stamps = stamps
 
-    def renew_lease(
-        self, mail_id: str, *, attempt_number: int, lease_seconds: float
-    ) -> LeaseRenewal:
+    def renew_lease(self, mail_id: str, *, attempt_number: int, lease_seconds: float) -> Claim:
         renewal = super().renew_lease(
             mail_id, attempt_number=attempt_number, lease_seconds=lease_seconds
         )

@@ -88,7 +88,7 @@ def _desired_subscription(
 ) -> pubsub_types.Subscription:
     desired = pubsub_types.Subscription(
         name=f"projects/{project}/subscriptions/{sub.name}",
-        topic=f"projects/{project}/topics/{topology.topic_of(sub).name}",
+        topic=f"projects/{project}/topics/{topology.topics[sub.topic].name}",
         ack_deadline_seconds=sub.ack_deadline_seconds,
     )
     if sub.delivery == "push" and push_endpoint:

@@ -1,11 +1,7 @@
-"""The attribute names mailpipe writes, and reading trace context back from them.
-
-The names are an interface (docs/observability.md lists them): a value here never changes.
-``PUBSUB_*`` are Pub/Sub message attributes; ``SPAN_*``, ``SMTP_*``, ``SERVER_*`` and
-``MESSAGING_*`` are span attributes (the SMTP ones also label metrics, beside ``METRIC_*``), so
-``PUBSUB_MAIL_ID`` and ``SPAN_MAIL_ID`` carry the same value under two names. The client library
-writes and reads ``googclient_traceparent``; :func:`publisher_context` and :func:`publisher_link`
-read it where the library does not (push requests, dead-letter replays).
+"""The attribute names mailpipe writes (an interface: docs/observability.md), and reading trace
+context back from them. ``PUBSUB_*`` are Pub/Sub message attributes, the rest span (and metric)
+attributes. :func:`publisher_context` and :func:`publisher_link` read ``googclient_traceparent``
+where the client library does not (push requests, dead-letter replays).
 """
 
 from __future__ import annotations
@@ -14,7 +10,6 @@ from collections.abc import Mapping
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.propagators.textmap import DefaultGetter
 from opentelemetry.trace import Link
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -22,7 +17,6 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 MAIL_TRACEPARENT_HEADER = "traceparent"
 
 # --- Pub/Sub message attributes ------------------------------------------------------------------
-
 PUBSUB_MAIL_ID = "mail_id"
 PUBSUB_SCHEMA_VERSION = "schema_version"
 PUBSUB_DELIVER_BY = "deliver_by"  # RFC 3339: the mail's give-up time (docs/deliver-by.md)
@@ -31,7 +25,6 @@ PUBSUB_TRACEPARENT = "googclient_traceparent"  # W3C traceparent of the publishe
 PUBSUB_DEAD_LETTER_DELIVERY_COUNT = "CloudPubSubDeadLetterSourceDeliveryCount"
 
 # --- span attributes: mailpipe's own ------------------------------------------------------------
-
 SPAN_MAIL_ID = "mailpipe.mail_id"
 SPAN_OUTCOME = "mailpipe.outcome"  # subscriber.delivery.Outcome, or "dead_lettered"
 SPAN_DUPLICATE = "mailpipe.duplicate"  # a redelivery of a mail already final: nothing sent
@@ -41,7 +34,6 @@ SPAN_REPLAY_ORIGINAL_TRACE_ID = "mailpipe.replay.original_trace_id"
 SPAN_REPLAY_OUTCOME = "mailpipe.replay.outcome"
 
 # --- span (and metric) attributes: SMTP ----------------------------------------------------------
-
 SMTP_REPLY_CODE = "smtp.reply.code"
 SMTP_ENHANCED_STATUS = "smtp.reply.enhanced_status"
 SMTP_STEP = "smtp.step"
@@ -49,12 +41,10 @@ SMTP_RECIPIENT = "smtp.recipient"
 SMTP_CONNECTION_REUSED = "smtp.connection.reused"
 
 # --- metric attributes ---------------------------------------------------------------------------
-
 METRIC_FIRST_ATTEMPT = "mailpipe.first_attempt"  # on delivery latency: the first attempt or a retry
 METRIC_STUCK_KIND = "mailpipe.stuck.kind"  # on the stuck-mail gauge: reserved, queued, ...
 
 # --- span attributes: OpenTelemetry semantic conventions -----------------------------------------
-
 SERVER_ADDRESS = "server.address"
 SERVER_PORT = "server.port"
 MESSAGING_SYSTEM = "messaging.system"
@@ -64,18 +54,14 @@ MESSAGING_DESTINATION_NAME = "messaging.destination.name"
 MESSAGING_DELIVERY_ATTEMPT = "messaging.gcp_pubsub.message.delivery_attempt"
 
 # --- trace context -------------------------------------------------------------------------------
-
 _propagator = TraceContextTextMapPropagator()
 
 
 def extract_context(carrier: Mapping[str, str]) -> Context | None:
     """The remote context in W3C ``traceparent``/``tracestate`` entries, or None if not valid.
-
-    Keys match in any case: HTTP header names are case-insensitive, and WSGI servers hand them
-    over as ``Traceparent``, which the propagator's lower-case lookup alone would miss.
-    """
+    Keys match in any case: WSGI servers hand headers over as ``Traceparent``."""
     lowered = {key.lower(): value for key, value in carrier.items()}
-    context = _propagator.extract(lowered, getter=DefaultGetter())
+    context = _propagator.extract(lowered)
     return context if trace.get_current_span(context).get_span_context().is_valid else None
 
 

@@ -1,9 +1,6 @@
-"""Configuration: read once from the environment into frozen dataclasses.
-
-Each service builds its config with ``XConfig.from_env(os.environ)`` (``publisher/config.py``,
-``subscriber/config.py``) and passes it to its factory; this module holds the shared parts. One
-reader collects the shared and the service's own problems, so a bad start reports **every** bad
-variable at once (names, an interface: docs/configuration.md)::
+"""Configuration read once from the environment into frozen dataclasses: the shared parts of
+``publisher/config.py`` and ``subscriber/config.py``. One :class:`EnvReader` collects every problem,
+so a bad start reports every bad variable at once (the names: docs/configuration.md)::
 
     ConfigError
     └── (one exception carrying {VARIABLE: what is wrong with it, ...})
@@ -11,11 +8,10 @@ variable at once (names, an interface: docs/configuration.md)::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar, cast
+from typing import Literal, TypeVar, cast, get_args
 
 from mailpipe.topology import Topology
 
@@ -25,14 +21,12 @@ DEFAULT_RECORD = "sqlite:///.mailpipe/record.sqlite3"
 TraceMode = Literal["gcp", "otlp", "file", "none"]
 AddressStyle = Literal["full", "domain", "hashed"]  # MAILPIPE_LOG_ADDRESSES, in logs and spans
 
-_T = TypeVar("_T")
+_D = TypeVar("_D")
+_N = TypeVar("_N", int, float)
 
 
 class ConfigError(ValueError):
-    """One or more environment variables are missing or invalid.
-
-    ``problems`` maps each variable name to a sentence saying what to fix.
-    """
+    """Environment variables are missing or invalid; ``problems``: {name: what to fix}."""
 
     def __init__(self, problems: Mapping[str, str]) -> None:
         self.problems = dict(problems)
@@ -48,42 +42,35 @@ class EnvReader:
         self.problems: dict[str, str] = {}
 
     def raw(self, name: str) -> str | None:
-        value = self.environ.get(name)
-        if value is None or value.strip() == "":
-            return None
-        return value.strip()
+        return (self.environ.get(name) or "").strip() or None
 
     def string(self, name: str, default: str | None = None, *, required: bool = False) -> str:
         value = self.raw(name)
-        if value is None:
-            if required and default is None:
-                self.problems[name] = "is required"
-            return default or ""
-        return value
+        if value is None and required and default is None:
+            self.problems[name] = "is required"
+        return value or default or ""
 
-    def _convert(self, name: str, default: _T, convert: Callable[[str], _T], kind: str) -> _T:
+    def _bounded(
+        self, name: str, default: _D, convert: Callable[[str], _N], minimum: _N, maximum: _N
+    ) -> _N | _D:
         value = self.raw(name)
         if value is None:
             return default
         try:
-            return convert(value)
+            result = convert(value)
         except ValueError:
+            kind = "an integer" if convert is int else "a number"
             self.problems[name] = f"must be {kind}, got {value!r}"
             return default
-
-    def integer(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
-        result = self._convert(name, default, int, "an integer")
-        if name not in self.problems and not minimum <= result <= maximum:
+        if not minimum <= result <= maximum:  # also refuses nan and inf
             self.problems[name] = f"must be between {minimum} and {maximum}, got {result}"
         return result
 
-    def number(self, name: str, default: float, *, minimum: float, maximum: float) -> float:
-        result = self._convert(name, default, float, "a number")
-        if name not in self.problems and not (
-            math.isfinite(result) and minimum <= result <= maximum
-        ):
-            self.problems[name] = f"must be between {minimum} and {maximum}, got {result}"
-        return result
+    def integer(self, name: str, default: _D, *, minimum: int, maximum: int) -> int | _D:
+        return self._bounded(name, default, int, minimum, maximum)
+
+    def number(self, name: str, default: _D, *, minimum: float, maximum: float) -> float | _D:
+        return self._bounded(name, default, float, minimum, maximum)
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = (self.raw(name) or default).lower()
@@ -94,12 +81,9 @@ class EnvReader:
 
     def path(self, name: str, *, must_exist: bool = False) -> Path | None:
         value = self.raw(name)
-        if value is None:
-            return None
-        path = Path(value)
-        if must_exist and not path.is_file():
+        if value is not None and must_exist and not Path(value).is_file():
             self.problems[name] = f"names a file that does not exist: {value}"
-        return path
+        return None if value is None else Path(value)
 
     def finish(self) -> None:
         if self.problems:
@@ -120,29 +104,19 @@ class TelemetryConfig:
 
     @classmethod
     def read(cls, env: EnvReader, service_name: str) -> TelemetryConfig:
-        traces = cast(
-            TraceMode, env.choice("MAILPIPE_TRACES", "none", ("gcp", "otlp", "file", "none"))
-        )
+        traces = cast(TraceMode, env.choice("MAILPIPE_TRACES", "none", get_args(TraceMode)))
+        style = env.choice("MAILPIPE_LOG_ADDRESSES", "domain", get_args(AddressStyle))
         trace_file = env.path("MAILPIPE_TRACE_FILE")
         if traces == "file" and trace_file is None:
             env.problems["MAILPIPE_TRACE_FILE"] = "is required when MAILPIPE_TRACES=file"
-        metrics_port_text = env.raw("MAILPIPE_METRICS_PORT")
-        metrics_port = (
-            env.integer("MAILPIPE_METRICS_PORT", 0, minimum=1, maximum=65535)
-            if metrics_port_text
-            else None
-        )
         return cls(
             service_name=service_name,
             traces=traces,
             trace_file=trace_file,
             sample_ratio=env.number("MAILPIPE_TRACE_SAMPLE_RATIO", 1.0, minimum=0.0, maximum=1.0),
             otlp_endpoint=env.raw("OTEL_EXPORTER_OTLP_ENDPOINT"),
-            metrics_port=metrics_port,
-            address_style=cast(
-                AddressStyle,
-                env.choice("MAILPIPE_LOG_ADDRESSES", "domain", ("full", "domain", "hashed")),
-            ),
+            metrics_port=env.integer("MAILPIPE_METRICS_PORT", None, minimum=1, maximum=65535),
+            address_style=cast(AddressStyle, style),
         )
 
 
@@ -191,14 +165,9 @@ class HttpConfig:
 
     @classmethod
     def read(cls, env: EnvReader) -> HttpConfig:
-        return cls(
-            read_timeout=env.number(
-                "MAILPIPE_HTTP_READ_TIMEOUT", 30.0, minimum=0.5, maximum=3600.0
-            ),
-            keepalive_timeout=env.integer(
-                "MAILPIPE_HTTP_KEEPALIVE_TIMEOUT", 5, minimum=1, maximum=3600
-            ),
-        )
+        read_timeout = env.number("MAILPIPE_HTTP_READ_TIMEOUT", 30.0, minimum=0.5, maximum=3600.0)
+        keepalive = env.integer("MAILPIPE_HTTP_KEEPALIVE_TIMEOUT", 5, minimum=1, maximum=3600)
+        return cls(read_timeout=read_timeout, keepalive_timeout=keepalive)
 
 
 def read_record(env: EnvReader) -> str:

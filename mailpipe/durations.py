@@ -1,15 +1,12 @@
 """The one duration grammar: ``250ms``, ``60s``, ``30m``, ``2h``, ``7d``, ``1w``.
 
-A duration is a non-negative decimal number (ASCII digits) followed by a unit (``ms``, ``s``,
-``m``, ``h``, ``d``, ``w``; any case; spaces around and between are ignored). A site may take
-fewer units (``topology.json`` takes only seconds, as Pub/Sub does) or let a bare number mean
-one unit (the canary's ``--every 90`` is 90 seconds); the grammar and the error message are the
-same everywhere.
+A non-negative decimal number (ASCII digits) and a unit (any case; spaces around and between are
+ignored). A site may take fewer units (``topology.json``: seconds only) or let a bare number mean
+one unit (the canary's ``--every 90``); the grammar and the error message are the same everywhere.
 
 Errors::
 
-    DurationError (ValueError)   the text is not a duration this site accepts; the message says
-                                 what was given and what is accepted
+    DurationError (ValueError)   not a duration this site accepts; says what is accepted
 """
 
 from __future__ import annotations
@@ -50,11 +47,8 @@ def parse_duration(
     default_unit: str | None = None,
     whole_seconds: bool = False,
 ) -> float:
-    """``text`` as seconds; raise :class:`DurationError` saying what is accepted.
-
-    ``units`` limits the units this site takes; ``default_unit`` is the unit of a bare number
-    (none: a unit is required); ``whole_seconds`` refuses fractions of a second.
-    """
+    """``text`` as seconds. ``units``: the units this site takes; ``default_unit``: the unit of a
+    bare number (none: a unit is required); ``whole_seconds`` refuses fractions of a second."""
     allowed = tuple(units)
     unknown = [unit for unit in (*allowed, default_unit) if unit and unit not in _UNITS]
     if unknown:

@@ -1,11 +1,9 @@
 """Delivery events: one message on the events topic per state change of a mail (docs/events.md).
 
 :meth:`EventEmitter.emit` runs inside the mail's span, so the library's ``<topic> create`` span
-joins the mail's trace and its context rides in ``googclient_traceparent``. Guarantee: best
-effort, at most one publish per recorded state change (after the record write); ``emit`` never
-raises nor waits (the client publishes in the background, retrying for at most
-``MAILPIPE_EVENTS_TIMEOUT``): a failure is logged and counted (``mailpipe.events.failed``) when
-Pub/Sub answers, and the mail goes on untouched. Consumers dedupe on ``event_id``.
+joins the mail's trace. Best effort, never at the mail's expense: ``emit`` never raises nor waits;
+a failed publish is logged and counted (``mailpipe.events.failed``). Consumers dedupe on
+``event_id``.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from google.api_core import retry as api_retry
 from google.cloud.pubsub_v1.types import BatchSettings
 from opentelemetry import metrics, trace
 
-from mailpipe.config import AddressStyle, ConfigError, PubSubConfig, TelemetryConfig
+from mailpipe.config import AddressStyle, EnvReader, PubSubConfig, TelemetryConfig
 from mailpipe.logs import redact_address, redact_addresses, redact_secrets
 from mailpipe.mail import QueuedMail
 from mailpipe.pubsub import RETRYABLE_API_ERRORS, publisher_client
@@ -56,11 +54,10 @@ class EventsConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], topology: Topology) -> EventsConfig:
-        topic = environ.get("MAILPIPE_EVENTS_TOPIC", "").strip() or topology.events_topic.name
-        text = environ.get("MAILPIPE_EVENTS_TIMEOUT", "").strip() or "5"
-        timeout = float(text) if text.replace(".", "", 1).isdigit() else -1.0
-        if not 0.1 <= timeout <= 60.0:
-            raise ConfigError({"MAILPIPE_EVENTS_TIMEOUT": f"must be 0.1..60 seconds, got {text!r}"})
+        env = EnvReader(environ)
+        topic = env.string("MAILPIPE_EVENTS_TOPIC", topology.events_topic.name)
+        timeout = env.number("MAILPIPE_EVENTS_TIMEOUT", 5.0, minimum=0.1, maximum=60.0)
+        env.finish()
         return cls(topic=None if topic.lower() == "none" else topic, timeout=timeout)
 
 

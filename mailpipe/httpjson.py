@@ -43,8 +43,15 @@ class JsonBodyError(ValueError):
         self.fields = dict(fields or {})
 
 
-class _Refused(ValueError):
-    """Raised from inside ``json.loads`` hooks; becomes a :class:`JsonBodyError`."""
+def _unreadable(problem: str) -> JsonBodyError:
+    return JsonBodyError("invalid_json", f"the body is not JSON this API reads: {problem}")
+
+
+def _too_deep(at: str = "") -> JsonBodyError:
+    return JsonBodyError(
+        "json_too_deep",
+        f"the JSON nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects{at}: flatten it",
+    )
 
 
 def error_code(name: str) -> str:
@@ -55,25 +62,25 @@ def error_code(name: str) -> str:
 def _parse_int(text: str) -> int:
     digits = len(text) - text.startswith("-")
     if digits > MAX_INTEGER_DIGITS:
-        raise _Refused(
+        raise _unreadable(
             f"a number has {digits} digits; integers may have at most {MAX_INTEGER_DIGITS} "
             "(send big values as strings)"
         )
     try:
         return int(text)
     except ValueError as exc:  # a lower sys.set_int_max_str_digits() than our limit
-        raise _Refused(f"a number has {digits} digits, more than this service reads") from exc
+        raise _unreadable(f"a number has {digits} digits, more than this service reads") from exc
 
 
 def _parse_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise _Refused(f"the number {text[:40]} is out of range (beyond ±1.8e308)")
+        raise _unreadable(f"the number {text[:40]} is out of range (beyond ±1.8e308)")
     return value
 
 
 def _parse_constant(name: str) -> Any:
-    raise _Refused(f"{name} is not JSON: send numbers that are finite")
+    raise _unreadable(f"{name} is not JSON: send numbers that are finite")
 
 
 def _path(parts: tuple[str | int, ...]) -> str:
@@ -84,29 +91,19 @@ def check_json_value(value: Any) -> None:
     """Raise :class:`JsonBodyError` if ``value`` (parsed JSON) nests deeper than
     :data:`MAX_JSON_DEPTH` or holds a lone surrogate in a string or key. Iterative."""
     surrogates: dict[str, str] = {}
-    stack: list[tuple[Any, int, tuple[str | int, ...]]] = [(value, 1, ())]
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]
     while stack:
-        item, depth, where = stack.pop()
-        if isinstance(item, str):
-            if _LONE_SURROGATE.search(item):
-                surrogates.setdefault(_path(where), _SURROGATE_PROBLEM)
-            continue
-        if not isinstance(item, dict | list):
-            continue
-        if depth > MAX_JSON_DEPTH:
-            raise JsonBodyError(
-                "json_too_deep",
-                f"the JSON nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects at "
-                f"{_path(where)!r}: flatten it",
-            )
-        if isinstance(item, dict):
-            for key, child in item.items():
-                if _LONE_SURROGATE.search(key):
+        item, where = stack.pop()
+        if isinstance(item, str) and _LONE_SURROGATE.search(item):
+            surrogates.setdefault(_path(where), _SURROGATE_PROBLEM)
+        elif isinstance(item, dict | list):
+            if len(where) >= MAX_JSON_DEPTH:  # the value itself is level 1
+                raise _too_deep(f" at {_path(where)!r}")
+            for key, child in item.items() if isinstance(item, dict) else enumerate(item):
+                if isinstance(key, str) and _LONE_SURROGATE.search(key):
                     surrogates.setdefault(_path(where), "has a key that " + _SURROGATE_PROBLEM)
-                    continue
-                stack.append((child, depth + 1, (*where, key)))
-        else:
-            stack.extend((child, depth + 1, (*where, i)) for i, child in enumerate(item))
+                else:
+                    stack.append((child, (*where, key)))
     if surrogates:
         raise JsonBodyError(
             "invalid_encoding",
@@ -120,25 +117,15 @@ def parse_json(raw: bytes) -> Any:
     """Parse a request body strictly (see the module docstring); raise :class:`JsonBodyError`."""
     try:
         text = raw.decode("utf-8")
+        value = json.loads(
+            text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant
+        )
     except UnicodeDecodeError as exc:
         raise JsonBodyError(
-            "invalid_encoding",
-            f"the body is not valid UTF-8: {exc.reason} at byte {exc.start}",
+            "invalid_encoding", f"the body is not valid UTF-8: {exc.reason} at byte {exc.start}"
         ) from exc
-    try:
-        value = json.loads(
-            text,
-            parse_int=_parse_int,
-            parse_float=_parse_float,
-            parse_constant=_parse_constant,
-        )
     except RecursionError as exc:
-        raise JsonBodyError(
-            "json_too_deep",
-            f"the JSON nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects: flatten it",
-        ) from exc
-    except _Refused as exc:
-        raise JsonBodyError("invalid_json", f"the body is not JSON this API reads: {exc}") from exc
+        raise _too_deep() from exc
     except json.JSONDecodeError as exc:
         raise JsonBodyError(
             "invalid_json",
@@ -160,18 +147,13 @@ def error_response(
     body: dict[str, Any] = {"code": code, "message": message}
     if fields:
         body["fields"] = dict(fields)
-    response = jsonify({"error": body})
-    response.status_code = status
-    response.headers.update(headers or {})
-    return response
+    return current_app.make_response((jsonify({"error": body}), status, dict(headers or {})))
 
 
 def _shown_path() -> str:
     # Paths can hold addresses (/v1/suppressions/ADDRESS): never echoed whole, whatever the policy.
     path = redact_addresses(request.path, "domain")
-    if len(path) > _MESSAGE_PATH_CHARS:
-        path = path[:_MESSAGE_PATH_CHARS] + "…"
-    return path
+    return path[:_MESSAGE_PATH_CHARS] + "…" if len(path) > _MESSAGE_PATH_CHARS else path
 
 
 def _http_error_message(exc: HTTPException, not_found_hint: str) -> str:

@@ -1,10 +1,5 @@
-"""Google ID tokens as a service on Cloud Run receives them: the parts both services read.
-
-The subscriber checks Pub/Sub's push token (subscriber/auth.py); the publisher names its caller
-(publisher/caller.py). Both read the token from the header Cloud Run IAM checked
-(:func:`request_token`), recognise a signature Cloud Run removed after verifying it
-(:func:`is_signature_removed`), fetch Google's signing keys (:class:`SigningKeys`) and check claims
-with PyJWT (:func:`decode_claims`); what each then requires of the claims is its own.
+"""Google ID tokens as a service on Cloud Run receives them: what the subscriber (push tokens,
+subscriber/auth.py) and the publisher (its caller, publisher/caller.py) both read of a token.
 
 Errors::
 
@@ -30,9 +25,6 @@ AUTHORIZATION = "Authorization"
 SERVERLESS_AUTHORIZATION = "X-Serverless-Authorization"
 DEFAULT_LEEWAY_SECONDS = 30.0
 
-# What a Google ID token always carries; a token without one of them is refused.
-_REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud"]
-
 
 class TokenError(Exception):
     """The request's ID token is missing or unacceptable. The message is safe to return."""
@@ -44,31 +36,24 @@ class TokenKeysUnavailable(TokenError):
 
 def checked_header(headers: Mapping[str, str]) -> tuple[str, str | None]:
     """The header Cloud Run IAM checks, and its value: ``X-Serverless-Authorization`` if present,
-    else ``Authorization``. Names are matched case-insensitively (HTTP headers are).
-
-    With both, Cloud Run checks only ``X-Serverless-Authorization`` and forwards ``Authorization``
-    untouched (cloud.google.com/run/docs/authenticating/service-to-service).
-    """
-    serverless = _header(headers, SERVERLESS_AUTHORIZATION)
-    if serverless is not None:
-        return SERVERLESS_AUTHORIZATION, serverless
-    return AUTHORIZATION, _header(headers, AUTHORIZATION)
-
-
-def bearer_token(value: str | None, header: str = AUTHORIZATION) -> str:
-    """The token of a ``Bearer <token>`` header value, or :class:`TokenError`."""
-    scheme, _, token = (value or "").strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise TokenError(f"missing '{header}: Bearer <ID token>' header")
-    return token
+    else ``Authorization`` (names match ignoring case). With both, Cloud Run checks only the first
+    (cloud.google.com/run/docs/authenticating/service-to-service)."""
+    for name in (SERVERLESS_AUTHORIZATION, AUTHORIZATION):
+        # A plain dict: HTTP header names are case-insensitive.
+        same = (v for k, v in headers.items() if k.lower() == name.lower())
+        value = headers.get(name, next(same, None))
+        if value is not None:
+            return name, value
+    return AUTHORIZATION, None
 
 
 def request_token(headers: Mapping[str, str]) -> str:
-    """The bearer token of the header Cloud Run IAM checks (:func:`checked_header`), or
-    :class:`TokenError`."""
+    """The bearer token of the header :func:`checked_header` names, or :class:`TokenError`."""
     header, value = checked_header(headers)
-    return bearer_token(value, header)
+    scheme, _, token = (value or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise TokenError(f"missing '{header}: Bearer <ID token>' header")
+    return token.strip()
 
 
 def is_signature_removed(token: str) -> bool:
@@ -77,54 +62,43 @@ def is_signature_removed(token: str) -> bool:
     return token.count(".") == 2 and token.rsplit(".", 1)[1] == SIGNATURE_REMOVED
 
 
-class SigningKeys:
-    """The keys that sign the tokens, from the JWKS at ``jwks_url`` (Google's by default; tests
-    serve one on loopback). Cached: Google rotates them about daily, and a token with an unknown
-    ``kid`` refetches them."""
-
-    def __init__(self, jwks_url: str = GOOGLE_JWKS_URL) -> None:
-        self._client = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=3600, timeout=10)
-
-    def key_for(self, token: str) -> Any:
-        """The key that signed ``token`` (its ``kid``), or :class:`TokenKeysUnavailable` /
-        :class:`TokenError`."""
-        try:
-            return self._client.get_signing_key_from_jwt(token).key
-        except jwt.PyJWKClientConnectionError as exc:
-            raise TokenKeysUnavailable("could not fetch the token signing keys") from exc
-        except jwt.PyJWTError as exc:
-            raise TokenError(f"invalid token: {exc}") from exc
+def signing_keys(jwks_url: str = GOOGLE_JWKS_URL) -> jwt.PyJWKClient:
+    """The keys that sign the tokens, from the JWKS at ``jwks_url`` (tests serve one on loopback).
+    Cached: Google rotates them about daily, and a token with an unknown ``kid`` refetches them."""
+    return jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=3600, timeout=10)
 
 
 def decode_claims(
     token: str,
-    audience: str | None,
-    issuers: tuple[str, ...],
-    leeway_seconds: float,
+    keys: jwt.PyJWKClient | None,
     *,
-    key: Any = None,
-    algorithms: list[str] | None = None,
-    options: dict[str, bool] | None = None,
+    audience: str | None,
+    issuers: tuple[str, ...] = GOOGLE_ISSUERS,
+    leeway_seconds: float = DEFAULT_LEEWAY_SECONDS,
 ) -> dict[str, Any]:
-    """PyJWT's claim checks (and signature, when ``key`` is given), errors as TokenError."""
+    """The claims of a Google ID token (RS256), checked by PyJWT: expiry, issue and not-before
+    times, issuer, ``audience`` (``None``: Cloud Run checked it), and the signature against
+    ``keys``; ``keys=None`` only for a token whose signature Cloud Run IAM verified and removed."""
+    checks = dict.fromkeys(["verify_exp", "verify_iat", "verify_nbf", "verify_iss"], True)
+    options = {**checks, "verify_signature": keys is not None, "verify_aud": audience is not None}
     try:
-        claims: dict[str, Any] = jwt.decode(
+        key = keys.get_signing_key_from_jwt(token).key if keys else ""  # "": PyJWT's "no key"
+        token_parts = jwt.decode_complete(
             token,
             key,
-            algorithms=algorithms,
+            algorithms=["RS256"],
             audience=audience,
             issuer=list(issuers),
             leeway=leeway_seconds,
-            options=cast("Options", {**(options or {}), "require": _REQUIRED_CLAIMS}),
+            # What a Google ID token always carries; a token without one of them is refused.
+            options=cast("Options", {**options, "require": ["exp", "iat", "iss", "aud"]}),
         )
+    except jwt.PyJWKClientConnectionError as exc:
+        raise TokenKeysUnavailable("could not fetch the token signing keys") from exc
     except jwt.PyJWTError as exc:
         # PyJWT's messages name the failed check, never the token itself.
         raise TokenError(f"invalid token: {exc}") from exc
-    return claims
-
-
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    value = headers.get(name)
-    # A plain dict: HTTP header names are case-insensitive.
-    same = (v for k, v in headers.items() if k.lower() == name.lower())
-    return value if value is not None else next(same, None)
+    alg = token_parts["header"].get("alg")
+    if alg != "RS256":  # only a removed signature gets here unchecked: Google's was RS256
+        raise TokenError(f"invalid token: a Google ID token is RS256, not {alg!r}")
+    return cast("dict[str, Any]", token_parts["payload"])

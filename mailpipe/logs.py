@@ -9,7 +9,9 @@ are never logged; addresses only as :func:`redact_address` shows them.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -24,13 +26,6 @@ from opentelemetry import trace
 from mailpipe.config import AddressStyle, TelemetryConfig
 
 REDACTED = "[REDACTED]"
-TRACE_KEY = "logging.googleapis.com/trace"
-SPAN_ID_KEY = "logging.googleapis.com/spanId"
-TRACE_SAMPLED_KEY = "logging.googleapis.com/trace_sampled"
-SOURCE_LOCATION_KEY = "logging.googleapis.com/sourceLocation"
-HASH_HEX_DIGITS = 12
-
-# --- secrets -------------------------------------------------------------------------------------
 
 _secrets_lock = threading.Lock()
 _secrets: tuple[str, ...] = ()
@@ -41,67 +36,31 @@ def register_secret(value: str | None) -> None:
     global _secrets  # noqa: PLW0603 - a process-wide registry, read on every log line
     if not value:
         return
+    # Also as a JSON string carries it (quotes, backslashes and control characters escaped), for
+    # the serialised lines; longest first, so a secret containing another is replaced whole.
+    forms = {value, json.dumps(value, ensure_ascii=False)[1:-1]}
     with _secrets_lock:
-        if value not in _secrets:
-            # Longest first, so a secret containing another is replaced whole.
-            _secrets = tuple(sorted({*_secrets, value}, key=len, reverse=True))
+        _secrets = tuple(sorted({*_secrets, *forms}, key=len, reverse=True))
 
 
 def redact_secrets(text: str) -> str:
     """``text`` with every registered secret replaced by ``[REDACTED]``."""
     for secret in _secrets:
-        if secret in text:
-            text = text.replace(secret, REDACTED)
+        text = text.replace(secret, REDACTED)
     return text
-
-
-def _redact_value(value: Any) -> Any:
-    if isinstance(value, str):
-        return redact_secrets(value)
-    if isinstance(value, Mapping):
-        return {redact_secrets(str(k)): _redact_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_redact_value(v) for v in value]
-    if isinstance(value, int | float | bool) or value is None:
-        return value
-    return redact_secrets(str(value))
-
-
-class SecretFilter(logging.Filter):
-    """Replaces registered secrets in a record's message and ``json_fields``.
-
-    Applied to every record as it is created (a record factory), so every handler (gunicorn's, a
-    test's caplog) sees it redacted; ``extra`` fields, attached later, are covered by the mailpipe
-    handler's own copy, and :class:`CloudLoggingFormatter` redacts its whole output once more.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if _secrets:
-            record.msg = redact_secrets(record.getMessage())
-            record.args = None
-            fields = getattr(record, "json_fields", None)
-            if isinstance(fields, Mapping):
-                record.json_fields = _redact_value(fields)
-        return True
-
-
-# --- addresses -----------------------------------------------------------------------------------
 
 
 def redact_address(address: str, style: AddressStyle) -> str:
     """An address as logs and spans may show it: ``full``, ``domain`` (``@example.com``) or
-    ``hashed`` (``sha256:`` + 12 hex digits of the lower-cased address, the same for every
-    delivery to it). An unkeyed hash of a guessable address can be brute-forced: ``hashed``
-    hides addresses from casual readers, not from a determined one.
-    """
+    ``hashed`` (``sha256:`` + 12 hex digits of the lower-cased address). An unkeyed hash of a
+    guessable address can be brute-forced: it hides addresses from casual readers only."""
     address = address.strip()
     if style == "full":
         return address
     if style == "domain":
         _, at, domain = address.rpartition("@")
         return f"@{domain.lower()}" if at else "@"
-    digest = hashlib.sha256(address.lower().encode()).hexdigest()
-    return f"sha256:{digest[:HASH_HEX_DIGITS]}"
+    return f"sha256:{hashlib.sha256(address.lower().encode()).hexdigest()[:12]}"
 
 
 # Addresses in free text (SMTP replies, exception messages); not an RFC 5322 parser. \w, not
@@ -116,32 +75,21 @@ def redact_addresses(text: str, style: AddressStyle) -> str:
     return _ADDRESS_IN_TEXT.sub(lambda match: redact_address(match.group(0), style), text)
 
 
-# --- formatting ----------------------------------------------------------------------------------
-
-
-# Spelled out, not logging.getLevelName(): a library may rename a level; Cloud Logging may not.
+# A record's severity is the standard level at or below its own (custom levels). Spelled out, not
+# logging.getLevelName(): a library may rename a level; Cloud Logging may not.
 _SEVERITIES = ((50, "CRITICAL"), (40, "ERROR"), (30, "WARNING"), (20, "INFO"))
 
 
-def _severity(levelno: int) -> str:
-    """Cloud Logging's severity: the standard level at or below ``levelno`` (custom levels)."""
-    return next((name for level, name in _SEVERITIES if levelno >= level), "DEBUG")
-
-
+@dataclasses.dataclass(eq=False, kw_only=True)
 class CloudLoggingFormatter(logging.Formatter):
     """Formats a record as one line of Cloud Logging structured JSON."""
 
-    def __init__(
-        self,
-        *,
-        project: str | None,
-        service_name: str | None = None,
-        address_style: AddressStyle = "full",
-    ) -> None:
+    project: str | None
+    service_name: str | None = None
+    address_style: AddressStyle = "full"
+
+    def __post_init__(self) -> None:
         super().__init__()
-        self.project = project
-        self.service_name = service_name
-        self.address_style = address_style
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
@@ -151,12 +99,13 @@ class CloudLoggingFormatter(logging.Formatter):
         elif record.stack_info:
             message = f"{message}\n{self.formatStack(record.stack_info)}"
         created = dt.datetime.fromtimestamp(record.created, tz=dt.UTC)
+        severity = next((name for level, name in _SEVERITIES if record.levelno >= level), "DEBUG")
         payload: dict[str, Any] = {
-            "severity": _severity(record.levelno),
+            "severity": severity,
             "message": message,
             "time": created.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             "logger": record.name,
-            SOURCE_LOCATION_KEY: {
+            "logging.googleapis.com/sourceLocation": {
                 "file": record.pathname,
                 "line": str(record.lineno),
                 "function": record.funcName,
@@ -169,8 +118,7 @@ class CloudLoggingFormatter(logging.Formatter):
         if isinstance(fields, Mapping):
             for key, value in fields.items():
                 payload.setdefault(str(key), value)
-        line = json.dumps(_redact_value(payload), default=str, ensure_ascii=False)
-        # Once more over the serialised text (an escaped form aside).
+        line = json.dumps(payload, default=str, ensure_ascii=False)
         return redact_addresses(redact_secrets(line), self.address_style)
 
     def _trace_fields(self) -> dict[str, Any]:
@@ -178,38 +126,30 @@ class CloudLoggingFormatter(logging.Formatter):
         if not context.is_valid:
             return {}
         trace_id = trace.format_trace_id(context.trace_id)
-        return {
-            TRACE_KEY: f"projects/{self.project}/traces/{trace_id}" if self.project else trace_id,
-            SPAN_ID_KEY: trace.format_span_id(context.span_id),
-            TRACE_SAMPLED_KEY: context.trace_flags.sampled,
+        return {  # the fields Cloud Logging joins a line to its trace by
+            "logging.googleapis.com/trace": (
+                f"projects/{self.project}/traces/{trace_id}" if self.project else trace_id
+            ),
+            "logging.googleapis.com/spanId": trace.format_span_id(context.span_id),
+            "logging.googleapis.com/trace_sampled": context.trace_flags.sampled,
         }
 
 
-_HANDLER_MARK = "_mailpipe_handler"
-_FACTORY_MARK = "_mailpipe_redacting"
-
-
+@functools.cache  # once per process
 def _install_redacting_record_factory() -> None:
-    """Wrap the current log record factory so every new record is redacted (once per process)."""
+    """Wrap the log record factory so that every handler (gunicorn's, a test's caplog) gets each
+    message with the secrets redacted. ``extra`` fields, set on the record after the factory made
+    it, and tracebacks are redacted by :class:`CloudLoggingFormatter`."""
     factory = logging.getLogRecordFactory()
-    if getattr(factory, _FACTORY_MARK, False):
-        return
-    secret_filter = SecretFilter()
 
     def redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = factory(*args, **kwargs)
-        secret_filter.filter(record)
+        if _secrets:
+            record.msg = redact_secrets(record.getMessage())
+            record.args = None
         return record
 
-    setattr(redacting_factory, _FACTORY_MARK, True)
     logging.setLogRecordFactory(redacting_factory)
-
-
-def _not_known_library_noise(record: logging.LogRecord) -> bool:
-    """google-cloud-pubsub 2.44 with OpenTelemetry ends its subscribe span twice per acked
-    message and the SDK warns each time (python-pubsub PR #1513, unmerged): once per mail, it
-    would drown real warnings."""
-    return record.getMessage() != "Calling end() on an ended span."
 
 
 def configure_logging(
@@ -219,23 +159,17 @@ def configure_logging(
     level: str | int = "INFO",
     project: str | None = None,
 ) -> logging.Handler:
-    """Send the root logger's records to ``stream`` (stdout) as Cloud Logging JSON lines and
-    return the handler; ``project`` (``GOOGLE_CLOUD_PROJECT``) goes into the trace field. A second
-    call replaces the handler the first one installed."""
+    """Send the root logger's records to ``stream`` (stdout) as Cloud Logging JSON lines through
+    one handler (returned; a second call replaces it); ``project`` goes into the trace field."""
     _install_redacting_record_factory()
     handler = logging.StreamHandler(sys.stdout if stream is None else stream)
     formatter = CloudLoggingFormatter(
         project=project, service_name=config.service_name, address_style=config.address_style
     )
     handler.setFormatter(formatter)
-    handler.addFilter(SecretFilter())
-    setattr(handler, _HANDLER_MARK, True)
     root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+    for old in [h for h in root.handlers if isinstance(h.formatter, CloudLoggingFormatter)]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    sdk_logger = logging.getLogger("opentelemetry.sdk.trace")
-    if _not_known_library_noise not in sdk_logger.filters:
-        sdk_logger.addFilter(_not_known_library_noise)
     return handler

@@ -1,22 +1,10 @@
 """The mail: what a client sends (:class:`MailRequest`) and what travels on Pub/Sub
-(:class:`QueuedMail`: the request plus the ids the publisher assigned).
-
-The Pub/Sub message is ``data`` = ``QueuedMail`` as JSON, attributes ``mail_id`` and
-``schema_version`` (plus ``googclient_traceparent``, added by the client library). Both services
-import this module, the only contract between them besides the delivery record: the subscriber
-validates a queued mail again, with the same model, at its trust boundary.
-
-Mailboxes are parsed once, here (:class:`Mailbox`); nothing downstream parses text again. What
-header-bound text is refused or encoded, field by field, and why: docs/headers.md.
-
-Schema versions on Pub/Sub::
-
-    1   mailboxes as text ("Ada <ada@example.com>"): still decoded, with the same parser
-    2   mailboxes as objects {"name": ..., "address": ...} (published since issue 16)
-
-The give-up time (``deliver_by``, issue 19) rides in the ``deliver_by`` attribute, not in
-``data``: a subscriber of the previous version (which refuses unknown fields) still decodes the
-mail, and only ignores the give-up time (docs/deliver-by.md).
+(:class:`QueuedMail`: the request plus the ids the publisher assigned; ``data`` is its JSON, the
+attributes ``mail_id``, ``schema_version`` and ``deliver_by``). Both services validate with this
+one model, the subscriber again at its trust boundary; mailboxes are parsed once, here
+(:class:`Mailbox`). What header-bound text is refused or encoded and why, and the schema versions
+(1: mailboxes as text, 2: as objects): docs/headers.md; why ``deliver_by`` is an attribute:
+docs/deliver-by.md.
 
 Errors::
 
@@ -29,7 +17,6 @@ Errors::
 from __future__ import annotations
 
 import base64
-import binascii
 import datetime as dt
 import functools
 import json
@@ -67,7 +54,9 @@ _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 field name: printable
 # latter cannot be encoded at all.
 _FORBIDDEN_IN_HEADERS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_NOT_UNICODE = "is not valid Unicode: lone surrogate"
 _BLANKS = re.compile("[ \t]+")
+_ESCAPED_CHAR = re.compile(r"\\(.)", re.DOTALL)  # a quoted-pair of RFC 5322
 # How an RFC 2047 encoded word starts: the email package decodes one wherever it finds it.
 ENCODED_WORD_START = "=?"
 # Headers mailpipe sets itself, or that change who receives the mail: a client may not set them.
@@ -94,15 +83,9 @@ class UnsendableMail(MailDecodeError):
         self.reason = reason
 
 
-def new_mail_id() -> str:
-    """A time-sortable, unique mail id (UUIDv7, canonical text form)."""
-    return str(uuid7())
-
-
 def _refuse(pattern: re.Pattern[str], value: str, problem: str) -> str:
     """``value``, unless ``pattern`` finds a character in it: then ``problem`` names it."""
-    found = pattern.search(value)
-    if found:
+    if found := pattern.search(value):
         raise ValueError(f"{problem} U+{ord(found.group()):04X} at position {found.start()}")
     return value
 
@@ -115,7 +98,7 @@ def header_text(value: str) -> str:
 
 def valid_unicode(value: str) -> str:
     """``value`` if it can be encoded as UTF-8 (JSON allows lone surrogates; Pub/Sub does not)."""
-    return _refuse(_SURROGATE, value, "is not valid Unicode: lone surrogate")
+    return _refuse(_SURROGATE, value, _NOT_UNICODE)
 
 
 def display_name(value: str) -> str:
@@ -131,11 +114,8 @@ def display_name(value: str) -> str:
 
 @functools.lru_cache(maxsize=4096)  # a pure check, asked again and again for the same senders
 def addr_spec(value: str) -> str:
-    """A validated, normalised address (``local@domain``; the domain lower-case, IDN as Unicode).
-
-    Refused: quoted local parts, domain literals, display names, and a local part holding
-    ``=?`` (a mail program would decode it as an encoded word: the address shown would differ).
-    """
+    """A validated, normalised address (``local@domain``; the domain lower-case, IDN as Unicode);
+    ``=?`` in the local part is refused: mail programs decode it (docs/headers.md)."""
     header_text(value)
     try:
         checked = validate_email(
@@ -160,29 +140,17 @@ def _unquote(quoted: str) -> str:
     """The text of an RFC 5322 quoted-string (``"Bob \\"B\\" Smith"`` → ``Bob "B" Smith``)."""
     if len(quoted) < 2 or not quoted.endswith('"'):
         raise ValueError("has a display name with an opening '\"' but no closing one")
-    text: list[str] = []
-    escaped = False
-    for char in quoted[1:-1]:
-        if escaped:
-            text.append(char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == '"':
-            raise ValueError("has a '\"' inside a quoted display name: escape it as '\\\"'")
-        else:
-            text.append(char)
-    if escaped:
+    unescaped = _ESCAPED_CHAR.sub("", quoted[1:-1])  # what is left outside the escape pairs
+    if '"' in unescaped:
+        raise ValueError("has a '\"' inside a quoted display name: escape it as '\\\"'")
+    if unescaped.endswith("\\"):
         raise ValueError("has a quoted display name ending in a lone backslash")
-    return "".join(text)
+    return _ESCAPED_CHAR.sub(r"\1", quoted[1:-1])
 
 
 def split_mailbox(text: str) -> tuple[str, str]:
     """``(display name, address)`` of ``addr@example.com``, ``Name <addr@example.com>`` or
-    ``"Quoted, Name" <addr@example.com>`` (backslash escapes as in RFC 5322).
-
-    The one place mailbox text is parsed; the parts are validated by :class:`Mailbox`.
-    """
+    ``"Quoted, Name" <addr@example.com>``: the one place mailbox text is parsed."""
     header_text(text)  # before stripping: a line boundary is refused, not trimmed away
     text = text.strip(" \t")
     if not text.endswith(">"):
@@ -212,19 +180,15 @@ class Mailbox(BaseModel):
 
     name: Annotated[str, AfterValidator(display_name)] = Field(
         default="",
-        description=(
-            "Display name, shown exactly as given (runs of spaces and tabs become one space, "
-            f"none around it); at most {MAX_DISPLAY_NAME_CHARS} characters, no control characters "
-            "or line breaks. Any other text is allowed (quotes, commas, '<>', non-ASCII, even "
-            "'=?...?='): mailpipe sends it as an RFC 2047 encoded word when it is not plain ASCII"
-        ),
+        description="Display name, shown exactly as given (runs of spaces and tabs become one "
+        f"space, none around it); at most {MAX_DISPLAY_NAME_CHARS} characters, no control "
+        "characters or line breaks. Any other text is allowed (quotes, commas, '<>', non-ASCII, "
+        "even '=?...?='): mailpipe sends it as an RFC 2047 encoded word when it is not plain ASCII",
     )
     address: Annotated[str, AfterValidator(addr_spec)] = Field(
-        description=(
-            "The address (addr-spec). Non-ASCII domains are sent in their ASCII (IDNA) form; a "
-            "non-ASCII local part makes the mail need SMTPUTF8. No quoted local parts, no "
-            "domain literals, no '=?' in the local part"
-        )
+        description="The address (addr-spec). Non-ASCII domains are sent in their ASCII (IDNA) "
+        "form; a non-ASCII local part makes the mail need SMTPUTF8. No quoted local parts, no "
+        "domain literals, no '=?' in the local part"
     )
 
     @property
@@ -238,7 +202,7 @@ def _mailbox_input(value: Any) -> Any:
     if isinstance(value, str):
         name, address = split_mailbox(value)
         return Mailbox.model_construct(name=display_name(name), address=addr_spec(address))
-    if value is None or not isinstance(value, dict | Mailbox):
+    if not isinstance(value, dict | Mailbox):
         raise ValueError(
             "must be a string such as 'Ada <ada@example.com>' or 'ada@example.com', or an "
             'object {"name": "Ada", "address": "ada@example.com"}'
@@ -249,10 +213,8 @@ def _mailbox_input(value: Any) -> Any:
 MailboxText = Annotated[
     str,
     Field(
-        description=(
-            "'addr@example.com', 'Name <addr@example.com>' or '\"Quoted, Name\" "
-            "<addr@example.com>' (a name holding '\"', '<' or '>' must be quoted)"
-        )
+        description="'addr@example.com', 'Name <addr@example.com>' or '\"Quoted, Name\" "
+        "<addr@example.com>' (a name holding '\"', '<' or '>' must be quoted)"
     ),
 ]
 MailboxField = Annotated[
@@ -270,10 +232,8 @@ class Attachment(BaseModel):
     filename: HeaderText = Field(
         min_length=1,
         max_length=255,
-        description=(
-            "No control characters, line breaks or '=?' (refused, not encoded); surrounding "
-            "spaces are removed"
-        ),
+        description="No control characters, line breaks or '=?' (refused, not encoded); "
+        "surrounding spaces are removed",
     )
     content_type: str = Field(
         default="application/octet-stream",
@@ -296,6 +256,9 @@ class Attachment(BaseModel):
         name = value.strip(" \t")
         if not name:
             raise ValueError("must not be empty or only spaces")
+        if len(name) > 1 and (pair := name[0] + name[-1]) in ('""', "<>"):
+            # email.utils.unquote, which readers apply to a parameter, strips either pair.
+            raise ValueError(f"must not be wrapped in {pair}: mail programs strip them")
         return name
 
     @field_validator("content_type")
@@ -313,7 +276,7 @@ class Attachment(BaseModel):
     def _base64(cls, value: str) -> str:
         try:
             base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError) as exc:
+        except ValueError as exc:  # binascii.Error too
             raise ValueError("must be valid base64") from exc
         return value
 
@@ -345,21 +308,17 @@ class MailRequest(BaseModel):
     subject: HeaderText = Field(
         default="",
         max_length=MAX_SUBJECT_CHARS,
-        description=(
-            "Sent exactly as given: no control characters or line breaks; text that is not plain "
-            "ASCII, or holds '=?', is sent as RFC 2047 encoded words"
-        ),
+        description="Sent exactly as given: no control characters or line breaks; text that is "
+        "not plain ASCII, or holds '=?', is sent as RFC 2047 encoded words",
     )
     text: UnicodeText | None = None
     html: UnicodeText | None = None
     headers: dict[str, HeaderText] = Field(
         default_factory=dict,
         max_length=50,
-        description=(
-            "Extra headers, sent as unstructured text. Names: RFC 5322 field names, unique "
-            "ignoring case, not one mailpipe sets (From, To, Subject, Date, Message-ID, "
-            "Content-*, Resent-*, ...). Values: as the subject"
-        ),
+        description="Extra headers, sent as unstructured text. Names: RFC 5322 field names, "
+        "unique ignoring case, not one mailpipe sets (From, To, Subject, Date, Message-ID, "
+        "Content-*, Resent-*, ...). Values: as the subject",
     )
     attachments: list[Attachment] = Field(default_factory=list, max_length=100)
     idempotency_key: str | None = Field(
@@ -368,10 +327,9 @@ class MailRequest(BaseModel):
     metadata: dict[UnicodeText, MetadataValue] = Field(default_factory=dict, max_length=50)
     sandbox: StrictBool | None = Field(
         default=None,
-        description=(
-            "true: run everything but end the SMTP transaction after RCPT TO (RSET): the relay's "
-            "replies are recorded, status `sandboxed`, nothing is sent. Unset: the caller's default"
-        ),
+        description="true: run everything but end the SMTP transaction after RCPT TO (RSET): the "
+        "relay's replies are recorded, status `sandboxed`, nothing is sent. Unset: the caller's "
+        "default",
     )
     # Checked by the publisher (publisher/deliver_by.py); QueuedMail.deliver_by carries the time.
     deliver_by: Annotated[str | int | None, BeforeValidator(_time_or_seconds)] = Field(
@@ -396,12 +354,11 @@ class MailRequest(BaseModel):
             folded = name.lower()
             if folded in RESERVED_HEADERS or folded.startswith(RESERVED_HEADER_PREFIXES):
                 raise ValueError(f"header {name!r} is set by mailpipe or its own field; remove it")
-            if folded in seen:
+            if (first := seen.setdefault(folded, name)) != name:
                 raise ValueError(
-                    f"headers {seen[folded]!r} and {name!r} are the same header (names ignore "
-                    "case): send it once"
+                    f"headers {first!r} and {name!r} are the same header (names ignore case): "
+                    "send it once"
                 )
-            seen[folded] = name
             if len(value) > 998:
                 raise ValueError(f"header {name!r} is longer than 998 characters")
         return headers
@@ -411,10 +368,7 @@ class MailRequest(BaseModel):
     def _metadata_text(cls, metadata: dict[str, MetadataValue]) -> dict[str, MetadataValue]:
         for key, value in metadata.items():
             if isinstance(value, str):
-                try:
-                    valid_unicode(value)
-                except ValueError as exc:
-                    raise ValueError(f"value of {key!r} {exc}") from None
+                _refuse(_SURROGATE, value, f"value of {key!r} {_NOT_UNICODE}")
         return metadata
 
     @model_validator(mode="after")
@@ -430,10 +384,7 @@ class MailRequest(BaseModel):
     @property
     def recipients(self) -> list[str]:
         """Every envelope recipient (to, cc, bcc), bare addresses, de-duplicated, in order."""
-        seen: dict[str, None] = {}
-        for mailbox in (*self.to, *self.cc, *self.bcc):
-            seen.setdefault(mailbox.address, None)
-        return list(seen)
+        return list(dict.fromkeys(mailbox.address for mailbox in (*self.to, *self.cc, *self.bcc)))
 
     @property
     def recipient_domains(self) -> tuple[str, ...]:
@@ -473,19 +424,9 @@ class QueuedMail(BaseModel):
     deliver_by: dt.datetime | None = Field(default=None, exclude=True)  # an attribute on Pub/Sub
 
     @classmethod
-    def accept(
-        cls,
-        request: MailRequest,
-        *,
-        mail_id: str | None = None,
-        deliver_by: dt.datetime | None = None,
-    ) -> QueuedMail:
-        return cls(
-            mail_id=mail_id or new_mail_id(),
-            accepted_at=dt.datetime.now(dt.UTC),
-            request=request,
-            deliver_by=deliver_by,
-        )
+    def accept(cls, request: MailRequest) -> QueuedMail:
+        """``request``, accepted now under a new time-sortable id (UUIDv7, canonical text)."""
+        return cls(mail_id=str(uuid7()), accepted_at=dt.datetime.now(dt.UTC), request=request)
 
     def to_pubsub(self) -> tuple[bytes, dict[str, str]]:
         """``(data, attributes)`` for ``PublisherClient.publish``."""
@@ -499,22 +440,17 @@ class QueuedMail(BaseModel):
 
     @classmethod
     def from_pubsub(cls, data: bytes, attributes: dict[str, str] | None = None) -> QueuedMail:
-        """Decode a Pub/Sub message of any supported schema version.
-
-        Raises :class:`UnsendableMail` for a mailpipe mail whose request this version refuses
-        (bounce it), :class:`MailDecodeError` for anything else that is not a known mail.
-        """
-        version = (attributes or {}).get(PUBSUB_SCHEMA_VERSION, str(SCHEMA_VERSION))
+        """Decode a Pub/Sub message of any supported schema version; :class:`UnsendableMail` for
+        a mailpipe mail this version refuses (bounce it), :class:`MailDecodeError` for the rest."""
+        attributes = attributes or {}
+        version = attributes.get(PUBSUB_SCHEMA_VERSION, str(SCHEMA_VERSION))
         if version not in {str(v) for v in SUPPORTED_SCHEMA_VERSIONS}:
             raise MailDecodeError(f"unsupported schema_version {version!r}")
         try:
             mail = cls.model_validate_json(data)
-            by = (attributes or {}).get(PUBSUB_DELIVER_BY)
-            return (
-                mail.model_copy(update={"deliver_by": dt.datetime.fromisoformat(by)})
-                if by
-                else mail
-            )
+            if by := attributes.get(PUBSUB_DELIVER_BY):
+                mail = mail.model_copy(update={"deliver_by": dt.datetime.fromisoformat(by)})
+            return mail
         except ValueError as exc:
             problem = _problems(exc) if isinstance(exc, ValidationError) else str(exc)
             try:

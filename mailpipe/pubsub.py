@@ -1,12 +1,10 @@
-"""Pub/Sub clients for every part of mailpipe, built one way: against the emulator over a channel
-without gRPC's 4 MiB receive limit (docs/local-vs-gcp.md, row 9), and with the library's own
-OpenTelemetry tracing where a trace must cross Pub/Sub (``googclient_traceparent``).
+"""Pub/Sub clients built one way: against the emulator over a channel without gRPC's 4 MiB
+receive limit (docs/local-vs-gcp.md, row 9), with the library's own tracing where asked.
 
 Google's API errors are translated in one place, :func:`translate_api_errors`::
 
     PubSubUnavailable     Pub/Sub could not be reached, timed out or refused the request; callers
-                          subclass it (PublishUnavailable, DeadLetterUnavailable) and pass the
-                          subclass to translate_api_errors
+                          subclass it (PublishUnavailable, DeadLetterUnavailable)
 """
 
 from __future__ import annotations
@@ -34,12 +32,8 @@ RETRYABLE_API_ERRORS: tuple[type[Exception], ...] = (
 
 
 class PubSubUnavailable(Exception):
-    """Pub/Sub could not be reached, timed out or refused the request."""
-
-    @property
-    def deadline_exceeded(self) -> bool:
-        """True when the request ran out of time (a waiting pull that found nothing)."""
-        return isinstance(self.__cause__, api_exceptions.DeadlineExceeded)
+    """Pub/Sub could not be reached, timed out or refused the request (Google's error: the
+    ``__cause__``)."""
 
 
 @contextmanager
@@ -69,10 +63,7 @@ def publisher_client(
     publisher_options: PublisherOptions | None = None,
 ) -> pubsub_v1.PublisherClient:
     """A publisher (also the topic admin client): the emulator's if ``emulator_host`` is set.
-
-    ``tracing`` turns the library's OpenTelemetry tracing on (the ``<topic> create`` span and the
-    ``googclient_traceparent`` attribute); ``publisher_options`` may turn it on as well.
-    """
+    ``tracing`` adds the ``<topic> create`` span and the ``googclient_traceparent`` attribute."""
     options = publisher_options or PublisherOptions()
     if tracing:
         options = options._replace(enable_open_telemetry_tracing=True)
@@ -90,10 +81,7 @@ def subscriber_client(
     subscriber_options: SubscriberOptions | None = None,
 ) -> pubsub_v1.SubscriberClient:
     """A subscriber (also the subscription admin client): the emulator's if ``emulator_host``.
-
-    ``tracing`` turns the library's OpenTelemetry tracing on (the ``<subscription> subscribe``
-    span of streaming pull, parented on the publisher's ``create`` span).
-    """
+    ``tracing`` adds streaming pull's ``<subscription> subscribe`` span."""
     options = subscriber_options or SubscriberOptions()
     if tracing:
         options = options._replace(enable_open_telemetry_tracing=True)

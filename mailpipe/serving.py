@@ -1,17 +1,16 @@
 """Serving a WSGI app with gunicorn, configured in code (both services use it).
 
-``build()`` makes the app inside the worker, after the fork: gRPC clients must not cross a fork.
-On SIGTERM (Cloud Run's stop signal) gunicorn finishes requests in flight within
-``graceful_timeout``, then ``close()`` flushes the Pub/Sub publisher's batch and the telemetry.
-:class:`BufferingThreadWorker` keeps slow clients from holding threads, and answers gunicorn's own
-errors in JSON (docs/hostile-input.md, "Slow and idle clients", says how and why).
+``build()`` makes the app in the worker, after the fork: gRPC clients must not cross a fork. On
+SIGTERM (Cloud Run's stop signal) gunicorn finishes requests in flight within ``graceful_timeout``,
+then ``close()`` flushes. :class:`BufferingThreadWorker` keeps slow clients from holding threads
+and answers gunicorn's own errors in JSON (docs/hostile-input.md, "Slow and idle clients").
 """
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
-import logging
 import re
 import socket
 import time
@@ -25,18 +24,16 @@ from werkzeug.exceptions import RequestTimeout
 from mailpipe.config import HttpConfig
 from mailpipe.httpjson import error_code
 
-log = logging.getLogger(__name__)
-
 WsgiApp = Callable[..., Any]
 Build = Callable[[], tuple[WsgiApp, Callable[[], None]]]
 
-DEFAULT_BUFFER_BYTES = 1024 * 1024
 STOP_DROP_LOG = "stopping: closed a connection whose request had not arrived whole (%d bytes read)"
 _HEAD_END = b"\r\n\r\n"
 # gunicorn's own ceiling for a request head is about 800 KiB (request line + 100 fields of 8 KiB);
 # a head still unfinished past this goes to gunicorn, which answers 431/414.
 _MAX_BUFFERED_HEAD = 64 * 1024
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,15})[ \t]*(?:\r\n|$)", re.IGNORECASE)
+_CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r\n]*chunked", re.IGNORECASE)
 _EXPECT_LINE = re.compile(rb"\r\nexpect[ \t]*:[ \t]*100-continue[ \t]*(?=\r\n)", re.IGNORECASE)
 
 
@@ -64,11 +61,7 @@ class _RequestSocket:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.raw, name)
 
-    def fileno(self) -> int:
-        return self.raw.fileno()
-
-    def next_request(self) -> None:
-        """The request was answered (or abandoned): the next one starts afresh."""
+    def next_request(self) -> None:  # the request was answered (or abandoned)
         self.deadline = None
         self.pending = bytearray()
 
@@ -84,9 +77,6 @@ class _RequestSocket:
         self.raw.settimeout(0.0 if self.closing else value)
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        if self.closing:
-            self.raw.settimeout(0.0)  # BlockingIOError (an OSError) ends the drain
-            return self.raw.recv(bufsize, flags)
         if self.deadline is None:
             return self.raw.recv(bufsize, flags)
         remaining = self.deadline - time.monotonic()
@@ -101,18 +91,11 @@ class _RequestSocket:
         finally:
             self.raw.settimeout(previous)
 
-    def _responding(self, data: bytes | bytearray | memoryview) -> None:
+    def sendall(self, data: bytes, flags: int = 0) -> None:
         # Once the answer starts, reads (gunicorn draining an unread body) are not the request's
-        # any more; "100 Continue" is not the answer.
+        # any more; an interim "1xx" answer is not the answer.
         if not bytes(data[:10]).startswith(b"HTTP/1.1 1"):
             self.deadline = None
-
-    def send(self, data: bytes, flags: int = 0) -> int:
-        self._responding(data)
-        return self.raw.send(data, flags)
-
-    def sendall(self, data: bytes, flags: int = 0) -> None:
-        self._responding(data)
         self.raw.sendall(data, flags)
 
 
@@ -123,23 +106,15 @@ def _request_complete(data: bytearray) -> bool:
     if head_end < 0:
         # gunicorn refuses a bare LF line ending, and too long a head, without waiting for more.
         return data.count(b"\n") != data.count(b"\r\n") or len(data) > _MAX_BUFFERED_HEAD
-    length: bytes | None = None
-    chunked = False
-    for line in bytes(data[:head_end]).split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"content-length":
-            length = value.strip()
-        elif name == b"transfer-encoding":
-            chunked = b"chunked" in value.lower()
-    body = len(data) - head_end - len(_HEAD_END)
-    if chunked:
+    head = bytes(data[:head_end])
+    if _CHUNKED.search(head):
         # A guess (a chunk may end with these bytes too): too early only means the thread reads
         # the rest, still within the deadline.
         return data.endswith(b"0\r\n\r\n")
-    if length is None or not length.isdigit() or len(length) > 15:
+    length = _CONTENT_LENGTH.search(head)
+    if length is None:
         return True  # no body, or one gunicorn/the app refuses from the header alone
-    return body >= int(length)
+    return len(data) - head_end - len(_HEAD_END) >= int(length[1])
 
 
 class BufferingThreadWorker(ThreadWorker):
@@ -147,26 +122,24 @@ class BufferingThreadWorker(ThreadWorker):
     (``read_timeout`` is set on a subclass by :func:`worker_class`)."""
 
     read_timeout: float = HttpConfig.read_timeout
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES
+    buffer_bytes: int = 1024 * 1024  # held before a thread runs the request (and reads the rest)
 
     def handle(self, conn: Any) -> Any:
         sock = conn.sock
         if not isinstance(sock, _RequestSocket):
             sock = conn.sock = _RequestSocket(conn.sock, self.read_timeout)
         state = self._read_available(conn, sock)
-        if state == "wait" and not self.alive:  # stopping: gthread would close it; say so
-            self.log.warning(STOP_DROP_LOG, len(sock.pending))
-            state = "closed"
-        if state == "wait":
+        if state == "wait" and self.alive:
             return _DEFER  # back to the poller until more arrives (or keepalive_timeout ends)
+        if state == "wait":  # stopping: gthread would close it; say so
+            self.log.warning(STOP_DROP_LOG, len(sock.pending))
         if state == "expired":
-            self._answer_timeout(sock.raw, "request")
+            self._answer_timeout(sock, "request")
         if state != "complete":
             sock.next_request()
             return False  # gunicorn closes the connection
         # Past here gunicorn parses and the app runs; the buffered bytes come first.
         conn.data_ready = True  # skip gthread's own wait for a first byte
-        sock.raw.setblocking(True)
         conn.init()
         conn.parser.unreader.unread(sock.pending)  # copied into the parser's buffer
         sock.pending = bytearray()
@@ -180,8 +153,6 @@ class BufferingThreadWorker(ThreadWorker):
         if conn.parser is not None:
             # Bytes of this request gunicorn read ahead with the previous one (pipelining).
             sock.pending += conn.parser.unreader.take_buffered()
-        if sock.pending and sock.deadline is None:
-            sock.deadline = time.monotonic() + self.read_timeout
         sock.raw.setblocking(False)
         complete = _request_complete(sock.pending)
         while not complete and len(sock.pending) < self.buffer_bytes:
@@ -193,11 +164,11 @@ class BufferingThreadWorker(ThreadWorker):
                 return "closed"
             if not chunk:
                 return "closed"  # the client left before its request was complete
-            if sock.deadline is None:
-                sock.deadline = time.monotonic() + self.read_timeout
             sock.pending += chunk
             self._expect_continue(sock)
             complete = _request_complete(sock.pending)
+        if sock.pending and sock.deadline is None:
+            sock.deadline = time.monotonic() + self.read_timeout
         if complete or len(sock.pending) >= self.buffer_bytes:
             return "complete"
         if sock.deadline is not None and time.monotonic() >= sock.deadline:
@@ -209,57 +180,33 @@ class BufferingThreadWorker(ThreadWorker):
         """Answer ``Expect: 100-continue`` here, so the client sends its body while the request
         is still being buffered; the header is taken out so gunicorn does not answer it again."""
         head_end = sock.pending.find(_HEAD_END)
-        if head_end < 0:
-            return
         head = bytes(sock.pending[: head_end + 2])
-        request_line = head.split(b"\r\n", 1)[0]
-        if not request_line.endswith(b"HTTP/1.1") or not _EXPECT_LINE.search(head):
+        if head_end < 0 or not head.split(b"\r\n", 1)[0].endswith(b"HTTP/1.1"):
             return
-        try:
-            sock.raw.send(_CONTINUE)
-        except OSError:
-            return  # the client is gone; reading will tell
-        sock.pending[: head_end + 2] = _EXPECT_LINE.sub(b"", head)
+        if _EXPECT_LINE.search(head):
+            with contextlib.suppress(OSError):  # the client is gone; reading will tell
+                sock.raw.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                sock.pending[: head_end + 2] = _EXPECT_LINE.sub(b"", head)
 
     def _answer_timeout(self, sock: Any, what: str) -> None:
         self.log.info("closing a connection whose %s did not arrive in time", what)
-        error = RequestReadTimeout(self.read_timeout)
-        _write_json_error(sock, 408, "Request Timeout", str(error.description))
+        message = str(RequestReadTimeout(self.read_timeout).description)
+        _write_json_error(sock, 408, "Request Timeout", message)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
-        """gunicorn's own answers (malformed request, head too large, a timeout while it read
-        the head), in the services' JSON error format instead of an HTML page."""
-        target = client.raw if isinstance(client, _RequestSocket) else client
+        """gunicorn's own answers (a malformed or too large head, a timeout while it read one)
+        in the services' JSON error format, not as an HTML page."""
         if isinstance(exc, RequestReadTimeout):
-            return self._answer_timeout(target, "request head")
-        captured = _CapturedAnswer()
-        super().handle_error(req, captured, addr, exc)
-        status, reason, message = captured.parsed()
-        _write_json_error(target, status, reason, message)
-
-
-class _CapturedAnswer:
-    """Stands in for the client socket while gunicorn writes its HTML error page."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def gettimeout(self) -> float:
-        return 0.0
-
-    def setblocking(self, _flag: bool) -> None:
-        return None
-
-    def sendall(self, data: bytes) -> None:
-        self.data += data
-
-    def parsed(self) -> tuple[int, str, str]:
-        text = self.data.decode("latin-1")
-        match = re.match(r"HTTP/1\.1 (\d{3}) ([^\r\n]*)", text)
+            return self._answer_timeout(client, "request head")
+        ours, theirs = socket.socketpair()  # gunicorn writes its HTML page here, to be read back
+        with ours, theirs:
+            super().handle_error(req, ours, addr, exc)
+            page = theirs.recv(1 << 20).decode("latin-1")
+        match = re.match(r"HTTP/1\.1 (\d{3}) ([^\r\n]*)", page)
         status, reason = (int(match[1]), match[2]) if match else (500, "Internal Server Error")
-        body = re.search(r"</h1>\s*(.*?)\s*</body>", text, re.DOTALL)
+        body = re.search(r"</h1>\s*(.*?)\s*</body>", page, re.DOTALL)
         message = html.unescape(body[1]) if body and body[1] else reason
-        return status, reason, message
+        _write_json_error(client, status, reason, message)
 
 
 def _write_json_error(sock: Any, status: int, reason: str, message: str) -> None:
@@ -268,11 +215,9 @@ def _write_json_error(sock: Any, status: int, reason: str, message: str) -> None
         f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
-    try:
+    with contextlib.suppress(OSError):  # the client is gone or not reading
         sock.setblocking(False)  # never wait on a client that does not read
         sock.sendall(head.encode("latin-1") + body)
-    except OSError:
-        log.debug("could not send the error answer: the client is gone or not reading")
 
 
 def worker_class(http: HttpConfig) -> type[Any]:
@@ -285,20 +230,16 @@ class _Server(BaseApplication):
     def __init__(self, build: Build, options: dict[str, Any]) -> None:
         self._build = build
         self._options = options
-        self._close: Callable[[], None] | None = None
         super().__init__()
 
     def load_config(self) -> None:
         for key, value in self._options.items():
             self.cfg.set(key, value)
-        self.cfg.set("worker_exit", self._worker_exit)
-
-    def _worker_exit(self, _arbiter: Any, _worker: Any) -> None:
-        if self._close is not None:
-            self._close()
 
     def load(self) -> WsgiApp:
-        app, self._close = self._build()
+        # In the worker, after the fork; gunicorn calls worker_exit in the worker too.
+        app, close = self._build()
+        self.cfg.set("worker_exit", lambda _arbiter, _worker: close())
         return app
 
 

@@ -1,7 +1,5 @@
-"""The Pub/Sub topology, declared once in ``topology.json`` and read by Terraform and Python alike.
-
-Terraform reads the same file with ``jsondecode(file(...))`` (see ``terraform/topology.tf``); the
-emulator applies it with :func:`emulator.apply_topology`. There is no second list to drift.
+"""The Pub/Sub topology, declared once in ``topology.json``: Terraform reads the same file
+(``terraform/topology.tf``), the emulator applies it (:func:`emulator.apply_topology`).
 
 Errors::
 
@@ -32,9 +30,8 @@ class TopologyError(ValueError):
 def duration_seconds(value: str) -> int:
     """A duration of the declaration, such as ``"600s"``, in whole seconds.
 
-    Terraform hands these strings to Pub/Sub as written (protobuf-JSON durations), so of
-    :mod:`mailpipe.durations`' grammar only whole seconds in that exact spelling are taken.
-    """
+    Terraform hands these strings to Pub/Sub as written (protobuf-JSON durations): only whole
+    seconds in that exact spelling are taken."""
     try:
         seconds = int(parse_duration(value, units=("s",), whole_seconds=True))
     except DurationError as exc:
@@ -56,19 +53,10 @@ class RetryPolicy:
     minimum_backoff: str
     maximum_backoff: str
 
-    @property
-    def minimum_seconds(self) -> int:
-        return duration_seconds(self.minimum_backoff)
-
-    @property
-    def maximum_seconds(self) -> int:
-        return duration_seconds(self.maximum_backoff)
-
 
 @dataclass(frozen=True)
 class DeadLetterPolicy:
-    topic: str
-    """Key (not name) of the dead-letter topic in ``topics``."""
+    topic: str  # the key (not the name) of the dead-letter topic in ``topics``
     max_delivery_attempts: int
 
 
@@ -76,8 +64,7 @@ class DeadLetterPolicy:
 class Subscription:
     key: str
     name: str
-    topic: str
-    """Key (not name) of the topic in ``topics``."""
+    topic: str  # the key (not the name) of the topic in ``topics``
     delivery: DeliveryMode
     ack_deadline_seconds: int
     push_path: str = "/"
@@ -101,7 +88,6 @@ class Topology:
 
     @property
     def events_topic(self) -> Topic:
-        """Delivery events, one per state change of a mail (mailpipe.events)."""
         return self.topics["events"]
 
     @property
@@ -109,17 +95,12 @@ class Topology:
         return self.subscriptions["delivery"]
 
     @property
-    def dead_letter_subscription(self) -> Subscription:
-        """Holds dead-lettered mails for inspection and replay."""
+    def dead_letter_subscription(self) -> Subscription:  # dead-lettered mails, to inspect, replay
         return self.subscriptions["dead_letter"]
 
     @property
-    def dead_letter_record_subscription(self) -> Subscription:
-        """Feeds the consumer that marks dead-lettered mails in the delivery record."""
+    def dead_letter_record_subscription(self) -> Subscription:  # marks them in the record
         return self.subscriptions["dead_letter_record"]
-
-    def topic_of(self, subscription: Subscription) -> Topic:
-        return self.topics[subscription.topic]
 
     def validate(self) -> None:
         problems: list[str] = []
@@ -144,7 +125,8 @@ class Topology:
                 problems.append(f"{where}.ack_deadline_seconds must be 10..600 (Pub/Sub's limits)")
             if sub.retry_policy is not None:
                 try:
-                    low, high = sub.retry_policy.minimum_seconds, sub.retry_policy.maximum_seconds
+                    low = duration_seconds(sub.retry_policy.minimum_backoff)
+                    high = duration_seconds(sub.retry_policy.maximum_backoff)
                 except TopologyError as exc:
                     problems.append(f"{where}.retry_policy: {exc}")
                 else:
@@ -167,11 +149,7 @@ def parse_topology(document: dict[str, Any]) -> Topology:
     """Build a validated :class:`Topology` from the JSON document."""
     try:
         topics = {
-            key: Topic(
-                key=key,
-                name=spec["name"],
-                message_retention_duration=spec.get("message_retention_duration"),
-            )
+            key: Topic(key, spec["name"], spec.get("message_retention_duration"))
             for key, spec in document["topics"].items()
         }
         subscriptions = {}

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import google.cloud.pubsub_v1 as pubsub_v1
+from google.api_core import exceptions as api_exceptions
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -83,6 +84,7 @@ from mailpipe.record import (
     MailStatus,
     RecordError,
 )
+from publisher.listing import list_mails
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +217,8 @@ def list_dead_letters(
     entries: list[DeadLetterEntry] = []
     token: str | None = None
     while len(entries) < limit:
-        page = record.list(
+        page = list_mails(
+            record,
             status=MailStatus.DEAD_LETTERED,
             since=since,
             limit=min(1000, limit - len(entries)),
@@ -741,7 +744,7 @@ class DeadLetterReplayer:
             with _translate_pubsub("pull"):
                 response = self._subscriber.pull(request=request, timeout=self._pull_timeout)
         except DeadLetterUnavailable as exc:
-            if exc.deadline_exceeded:
+            if isinstance(exc.__cause__, api_exceptions.DeadlineExceeded):
                 return []  # a waiting pull that found nothing
             raise
         return list(response.received_messages)

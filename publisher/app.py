@@ -43,6 +43,7 @@ from mailpipe.record import (
     RecordUnavailable,
     SuppressionList,
 )
+from mailpipe.record.store import encode
 from publisher.config import PublisherConfig
 from publisher.deliver_by import DeliverByError, resolve_deliver_by
 from publisher.idempotency import (
@@ -53,6 +54,7 @@ from publisher.idempotency import (
     header_key,
     request_fingerprint,
 )
+from publisher.listing import list_mails, oldest_undelivered
 from publisher.metrics import PublisherMetrics
 from publisher.openapi import MAIL_ID_PATTERN, MAX_BATCH_MAILS, openapi_document
 from publisher.pubsub import MailPublisher, MailTooLarge, PublishError
@@ -664,10 +666,19 @@ def get_message(mail_id: str) -> Response:
     return jsonify(_record_json(services, found, services.now()))
 
 
+# The fields the status API shows, in its order (not the idempotency or lease bookkeeping).
+_SHOWN = (
+    "mail_id status accepted_at updated_at delivered_at trace_id message_id recipient_domains"
+    " last_error replays attempts deliver_by next_attempt_at"
+)
+
+
 def _record_json(services: ApiServices, found: MailRecord, at: dt.datetime) -> dict[str, Any]:
     """A record as the API shows it, with ``stuck`` when reconcile would settle it."""
     stuck = diagnose(found, now=at, grace_seconds=services.config.reconcile_grace_seconds)
-    return {**found.to_json(), "stuck": stuck.to_json(at) if stuck else None}
+    fields = encode(found, time=dt.datetime.isoformat)
+    shown = {name: fields[name] for name in _SHOWN.split()}
+    return {**shown, "stuck": stuck.to_json(at) if stuck else None}
 
 
 @api.get("/v1/messages")
@@ -697,7 +708,8 @@ def list_messages() -> Response:
         raise ApiError(400, "invalid_query", "the query is invalid: fix the fields listed", fields)
     try:
         page = _record_call(
-            lambda: services.record.list(
+            lambda: list_mails(
+                services.record,
                 status=status,
                 since=since,
                 limit=limit,
@@ -724,7 +736,7 @@ def list_messages() -> Response:
 def stats() -> Response:
     services = _services()
     at = services.now()
-    oldest = _record_call(services.record.oldest_undelivered)
+    oldest = _record_call(lambda: oldest_undelivered(services.record))
     age = None
     if oldest is not None:
         age = (at - oldest.accepted_at).total_seconds()

@@ -23,7 +23,7 @@ Modelled on the IETF draft "The Idempotency-Key HTTP Header Field"
   ``MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS`` (then it was left by a crash and is taken over or
   released by ``mailpipe reconcile --fix``); a retry meanwhile gets 409. Any failure before the
   publish completes releases it at once. A completed key is remembered as long as its mail's
-  record: forever in SQLite, ``ttl_days`` (30) in Firestore, whose TTL policy then deletes both.
+  record: forever in SQLite, 30 days (``TTL``) in Firestore, whose TTL policy then deletes both.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from flask import Flask
 
 from mailpipe.events import EventsConfig, build_emitter
 from mailpipe.id_token import GOOGLE_JWKS_URL, TokenError, TokenKeysUnavailable
-from mailpipe.logs import configure_logging, register_secret
+from mailpipe.logs import configure_logging
 from mailpipe.record import DeliveryRecord, open_record
 from mailpipe.serving import serve_wsgi
 from mailpipe.telemetry import Telemetry, idle_span_flush, setup_telemetry
@@ -25,6 +25,7 @@ from publisher.caller import identify_caller
 from publisher.config import PublisherConfig
 from publisher.events import AcceptedEvents
 from publisher.idempotency import CallerIdentity
+from publisher.listing import oldest_undelivered
 from publisher.metrics import PublisherMetrics
 from publisher.pubsub import MailPublisher, PubSubMailPublisher
 from publisher.reconcile import stuck_counts
@@ -39,7 +40,7 @@ def oldest_undelivered_age(
     undelivered mail was accepted, ``None`` when every mail is delivered (or given up on)."""
 
     def age() -> float | None:
-        oldest = record.oldest_undelivered()
+        oldest = oldest_undelivered(record)
         return None if oldest is None else (clock() - oldest.accepted_at).total_seconds()
 
     return age
@@ -85,7 +86,6 @@ def build_app(
     """
     telemetry = telemetry or setup_telemetry(config.telemetry)
     configure_logging(config.telemetry, project=config.pubsub.project)
-    register_secret((config.suppressions.key or b"").decode())
     publisher: MailPublisher = PubSubMailPublisher(config.pubsub, timeout=config.publish_timeout)
     emitter = build_emitter(events, config.pubsub, config.telemetry, telemetry.meter_provider)
     if emitter is not None:

@@ -14,7 +14,7 @@ from mailpipe.mail import MailRequest
 from mailpipe.record import MailStatus, SuppressionReason
 
 _REF = "#/components/schemas/{model}"
-# The text form of the ids mailpipe.mail.new_mail_id() assigns (UUIDv7, lowercase hex).
+# The text form of the ids QueuedMail.accept assigns (UUIDv7, lowercase hex).
 MAIL_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 # Mails one POST /v1/messages:batch takes: Postmark's batch limit (its /email/batch takes up to
 # 500), which users moving from it expect; the request's size limit applies to the whole batch.

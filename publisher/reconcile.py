@@ -53,6 +53,7 @@ from dataclasses import dataclass
 
 from mailpipe.record import DeliveryRecord, MailRecord, MailStatus, RecordError
 from mailpipe.record.base import passed, reservation_expires_at
+from publisher.listing import list_mails
 
 DEFAULT_GRACE_SECONDS = 900.0
 # Records scanned per status in one survey (stuck and unconfirmed records are few; in-flight
@@ -161,7 +162,7 @@ def _scan(record: DeliveryRecord, status: MailStatus, limit: int) -> tuple[list[
     items: list[MailRecord] = []
     token: str | None = None
     while True:
-        page = record.list(status=status, limit=_PAGE, page_token=token)
+        page = list_mails(record, status=status, limit=_PAGE, page_token=token)
         items, token = items + page.items, page.next_page_token
         if len(items) > limit or token is None:
             return items[:limit], len(items) <= limit

@@ -1,4 +1,4 @@
-"""The suppression list's HTTP API (docs/suppressions.md)::
+"""The suppression list's HTTP API, and the reads only it needs (docs/suppressions.md)::
 
     GET    /v1/suppressions                 active entries, newest last; ?reason= &domain=
                                             &limit= (1..1000) &page_token=
@@ -16,6 +16,7 @@ traced (the address is in the URL).
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from typing import Any, cast
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -26,6 +27,9 @@ from mailpipe.httpjson import JsonBodyError, error_response, parse_json
 from mailpipe.logs import redact_addresses
 from mailpipe.mail import addr_spec
 from mailpipe.record import RecordUnavailable, SuppressionList, SuppressionReason
+from mailpipe.record.store import SUPPRESSIONS, Condition, Transaction, decode, encode
+from mailpipe.record.suppressions import KEY_PREFIX, Suppression
+from publisher.listing import parse_page_token, token_after
 
 EXTENSION = "mailpipe.suppressions"  # the app's SuppressionList (None: none configured)
 suppressions_api = Blueprint("suppressions", __name__)
@@ -70,9 +74,97 @@ def _list() -> SuppressionList:
     return found
 
 
+def _is_key(text: str) -> bool:
+    """Whether ``text`` is a hashed key as an entry's ``key`` shows it."""
+    digest = text.removeprefix(KEY_PREFIX)
+    return (
+        text.startswith(KEY_PREFIX) and len(digest) == 64 and not digest.strip("0123456789abcdef")
+    )
+
+
+def _key(suppressions: SuppressionList, address_or_key: str) -> str:
+    return address_or_key if _is_key(address_or_key) else suppressions.policy.key_of(address_or_key)
+
+
+def get_entry(suppressions: SuppressionList, address_or_key: str) -> Suppression | None:
+    """The active entry of an address (or of a key), or None."""
+    key = _key(suppressions, address_or_key)
+    doc = suppressions.store.get_many(SUPPRESSIONS, [key]).get(key)
+    entry = None if doc is None else decode(Suppression, doc)
+    return entry if entry is not None and entry.active(suppressions.clock()) else None
+
+
+def remove_entry(suppressions: SuppressionList, address_or_key: str) -> bool:
+    """Delete the entry (reactivate the recipient); whether an active one was there."""
+    key = _key(suppressions, address_or_key)
+    return _change(suppressions, key, "unsuppress", lambda txn: txn.delete(SUPPRESSIONS, key))
+
+
+def put_entry(
+    suppressions: SuppressionList,
+    address: str,
+    reason: SuppressionReason,
+    expires_at: dt.datetime | None,
+) -> tuple[Suppression, bool]:
+    """Add an operator's entry for ``address`` (a validated addr-spec), or replace its entry;
+    whether an active one was replaced."""
+    style, now = suppressions.policy.style, suppressions.clock()
+    shown, domain = address.strip().lower() if style == "full" else None, address.rpartition("@")[2]
+    key = suppressions.policy.key_of(address)
+    entry = Suppression(key, reason, now, domain.lower(), shown, expires_at=expires_at)
+    doc = encode(entry)
+    return entry, _change(
+        suppressions, key, "suppress", lambda t: t.put(SUPPRESSIONS, key, doc, None, False)
+    )
+
+
+def _change(
+    suppressions: SuppressionList, key: str, operation: str, write: Callable[[Transaction], None]
+) -> bool:
+    """``write`` the entry of ``key`` in a transaction that reads it first; whether it was active.
+    Decided inside the write, so of concurrent PUTs of one address only one finds none (201)."""
+
+    def body(txn: Transaction) -> bool:
+        doc = txn.get(SUPPRESSIONS, key)  # reads before writes
+        write(txn)
+        return doc is not None and decode(Suppression, doc).active(suppressions.clock())
+
+    return suppressions.store.transact(operation, body)
+
+
+def list_entries(
+    suppressions: SuppressionList,
+    *,
+    reason: SuppressionReason | None = None,
+    domain: str | None = None,
+    limit: int = 100,
+    page_token: str | None = None,
+) -> tuple[list[Suppression], str | None]:
+    """Active entries by ``(created_at, key)``, and the next page's token (None: last).
+    ValueError: a malformed ``page_token``."""
+    where: list[Condition] = [("reason", "==", str(reason))] if reason else []
+    where += [("domain", "==", domain.lower())] if domain else []
+    after = parse_page_token(page_token) if page_token else None
+    now, items = suppressions.clock(), list[Suppression]()
+    while True:
+        docs = suppressions.store.query(SUPPRESSIONS, where, "created_at", after, limit + 1)
+        for entry in (decode(Suppression, doc) for doc in docs):
+            if entry.active(now):
+                if len(items) == limit:
+                    return items, token_after(items[-1].created_at, items[-1].key)
+                items.append(entry)
+            after = (entry.created_at, entry.key)
+        if len(docs) <= limit:
+            return items, None
+
+
+def _json(entry: Suppression) -> Any:
+    return encode(entry, time=dt.datetime.isoformat)
+
+
 def _address(suppressions: SuppressionList, text: str, *, key_allowed: bool) -> str:
     """``text`` as a validated address (or a key, where allowed); 400 names what is wrong."""
-    if key_allowed and suppressions.is_key(text):
+    if key_allowed and _is_key(text):
         return text
     try:
         return addr_spec(text)
@@ -129,7 +221,8 @@ def list_suppressions() -> Response:
     if fields:
         raise SuppressionApiError(400, "invalid_query", "fix the fields listed", **fields)
     try:
-        items, token = suppressions.list(
+        items, token = list_entries(
+            suppressions,
             reason=SuppressionReason(reason) if reason else None,
             domain=args.get("domain") or None,
             limit=limit,
@@ -142,16 +235,16 @@ def list_suppressions() -> Response:
             "fix the fields listed",
             page_token="was not issued by the API",  # noqa: S106
         ) from exc
-    return jsonify({"items": [item.to_json() for item in items], "next_page_token": token})
+    return jsonify({"items": [_json(item) for item in items], "next_page_token": token})
 
 
 @suppressions_api.get("/v1/suppressions/<anytext:address>")
 def get_suppression(address: str) -> Response:
     suppressions = _list()
-    entry = suppressions.get(_address(suppressions, address, key_allowed=True))
+    entry = get_entry(suppressions, _address(suppressions, address, key_allowed=True))
     if entry is None:
         raise SuppressionApiError(404, "not_found", "this recipient is not suppressed")
-    return jsonify(entry.to_json())
+    return jsonify(_json(entry))
 
 
 @suppressions_api.put("/v1/suppressions/<anytext:address>")
@@ -174,15 +267,13 @@ def put_suppression(address: str) -> tuple[Response, int]:
             400, "invalid_request", f"fix the fields listed ({fixes})", **unknown
         )
     expires_at = _expiry(body.get("expires_at"), dt.datetime.now(dt.UTC))
-    entry, replaced = suppressions.upsert(
-        recipient, SuppressionReason(reason), expires_at=expires_at
-    )
-    return jsonify(entry.to_json()), 200 if replaced else 201
+    entry, replaced = put_entry(suppressions, recipient, SuppressionReason(reason), expires_at)
+    return jsonify(_json(entry)), 200 if replaced else 201
 
 
 @suppressions_api.delete("/v1/suppressions/<anytext:address>")
 def delete_suppression(address: str) -> tuple[str, int]:
     suppressions = _list()
-    if not suppressions.remove(_address(suppressions, address, key_allowed=True)):
+    if not remove_entry(suppressions, _address(suppressions, address, key_allowed=True)):
         raise SuppressionApiError(404, "not_found", "this recipient is not suppressed")
     return "", 204

@@ -82,7 +82,6 @@ def build_services(
     record = open_record(config.record)
     screen = None
     if config.suppressions.enabled:
-        register_secret((config.suppressions.key or b"").decode())
         screen = RecipientScreen(
             record.suppressions(config.suppressions), config.telemetry.address_style
         )

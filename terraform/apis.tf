@@ -11,7 +11,7 @@ locals {
     "pubsub.googleapis.com",           # the mail topic, dead-letter topic and subscriptions
     "run.googleapis.com",              # the services, the worker pool and the jobs
     "secretmanager.googleapis.com",    # the SMTP password
-    ], local.reconcile_enabled || local.dlq_replay_enabled || local.canary_enabled ? [
+    ], length(local.cli_jobs) > 0 || local.canary_enabled ? [
     "cloudscheduler.googleapis.com", # starts the reconcile, dlq-replay and canary jobs
   ] : []))
 }

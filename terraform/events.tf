@@ -9,7 +9,7 @@ locals {
   event_publishers = merge(
     { publisher = google_service_account.publisher.member, subscriber = google_service_account.subscriber.member },
     { for member in var.operators : "operator ${member}" => member },
-    local.dlq_replay_member, # replayed, expired (deliver_by.tf)
+    local.dlq_replay_member, # replayed, expired (cli_jobs.tf)
   )
 
   event_webhooks_enabled = length(var.event_webhooks) > 0
@@ -76,10 +76,18 @@ resource "google_pubsub_subscription" "event_webhook" {
     ttl = ""
   }
 
-  # Back off from an endpoint that fails, up to Pub/Sub's 600 s maximum.
+  # Back off from an endpoint that fails, up to Pub/Sub's 600 s maximum...
   retry_policy {
     minimum_backoff = "10s"
     maximum_backoff = "600s"
+  }
+
+  # ...for max_delivery_attempts (default 100, some 15 hours of 600 s gaps), then forward the event
+  # to the webhooks' dead-letter topic, where it waits 7 more days (below) instead of expiring
+  # unseen with the retention. The Pub/Sub service agent's grants for it: pubsub.tf.
+  dead_letter_policy {
+    dead_letter_topic     = google_pubsub_topic.event_webhook_dead_letter[0].id
+    max_delivery_attempts = each.value.max_delivery_attempts
   }
 
   push_config {
@@ -102,4 +110,38 @@ resource "google_pubsub_subscription" "event_webhook" {
 
   # The agent must be able to mint the token before the first push.
   depends_on = [google_service_account_iam_member.pubsub_agent_mints_event_webhook_tokens]
+}
+
+# --- Webhooks' dead letters -------------------------------------------------------------------------
+
+# The events a webhook's endpoint did not take within its delivery attempts, from every webhook
+# (the attribute CloudPubSubDeadLetterSourceSubscription names the one it came from).
+resource "google_pubsub_topic" "event_webhook_dead_letter" {
+  #checkov:skip=CKV_GCP_83:Messages are encrypted at rest with Google-managed keys; CMEK is an organisation policy choice (add kms_key_name plus the Pub/Sub agent's encrypter grant where required).
+  count = local.event_webhooks_enabled ? 1 : 0
+
+  project                    = var.project_id
+  name                       = "mailpipe-event-webhooks-dead-letter"
+  message_retention_duration = "604800s"
+  labels                     = local.labels
+
+  depends_on = [google_project_service.enabled]
+}
+
+# Holds them for 7 days, for an operator to read (docs/events.md): a topic without a subscription
+# would keep them only as retained topic messages that nobody sees.
+resource "google_pubsub_subscription" "event_webhook_dead_letter" {
+  count = local.event_webhooks_enabled ? 1 : 0
+
+  project                    = var.project_id
+  name                       = "mailpipe-event-webhooks-dead-letter"
+  topic                      = google_pubsub_topic.event_webhook_dead_letter[0].id
+  ack_deadline_seconds       = 60
+  message_retention_duration = "604800s"
+  labels                     = local.labels
+
+  # Never expire: dead letters are rare, and the subscription must be there when one comes.
+  expiration_policy {
+    ttl = ""
+  }
 }

@@ -42,15 +42,22 @@ resource "google_pubsub_topic_iam_member" "publisher_publishes_mail" {
   member  = google_service_account.publisher.member
 }
 
-# --- Both services ---------------------------------------------------------------------------------
+# --- Both services (and the CLI jobs and operators where they need the same) ------------------------
 
 locals {
-  # The dlq-replay job (deliver_by.tf) reads and writes the record and exports its spans and
-  # metrics as the services do, so it gets the same three grants.
-  runtime_members = merge({
+  services_members = {
     publisher  = google_service_account.publisher.member
     subscriber = google_service_account.subscriber.member
-  }, local.dlq_replay_member)
+  }
+
+  # Spans and metrics: the services and the CLI jobs that export them (cli_jobs.tf).
+  runtime_members = merge(local.services_members, {
+    for name, member in local.cli_job_members : name => member if local.cli_jobs[name].exports_telemetry
+  })
+
+  # The delivery record: the services, every CLI job and the operators (`mailpipe status`, `dlq`).
+  # An operator is keyed by the member itself, the key its grant had before this map.
+  record_users = merge(local.services_members, local.cli_job_members, { for member in var.operators : member => member })
 
   # Firestore grants are limited to the mailpipe database with an IAM condition on its resource name
   # (Firestore "per-database access", cloud.google.com/firestore/docs/manage-databases).
@@ -58,10 +65,13 @@ locals {
 }
 
 # Read and write the delivery record: the publisher reserves idempotency keys, marks mails queued
-# and answers the status API; the subscriber claims attempts and records outcomes. roles/datastore.user
-# is the smallest predefined role with entity read/write (no index or database administration).
-resource "google_project_iam_member" "runtime_record_access" {
-  for_each = local.runtime_members
+# and answers the status API; the subscriber claims attempts and records outcomes; reconcile
+# rewrites stuck records and dlq-replay marks mails replayed or expired (both in transactions, like
+# the services); operators run `mailpipe status` and `dlq` with it. roles/datastore.user is the
+# smallest predefined role with entity read/write (no index or database administration), and only
+# on the mailpipe database.
+resource "google_project_iam_member" "record_access" {
+  for_each = local.record_users
 
   project = var.project_id
   role    = "roles/datastore.user"
@@ -72,6 +82,29 @@ resource "google_project_iam_member" "runtime_record_access" {
     description = "Only the mailpipe Firestore database."
     expression  = "resource.name == \"${local.firestore_database_name}\""
   }
+}
+
+# Addresses of the record grant when the services, the reconcile job and the operators each had
+# their own copy. The operators' keys are their members, so their whole resource moves at once.
+moved {
+  from = google_project_iam_member.operators_record_access
+  to   = google_project_iam_member.record_access
+}
+moved {
+  from = google_project_iam_member.runtime_record_access["publisher"]
+  to   = google_project_iam_member.record_access["publisher"]
+}
+moved {
+  from = google_project_iam_member.runtime_record_access["subscriber"]
+  to   = google_project_iam_member.record_access["subscriber"]
+}
+moved {
+  from = google_project_iam_member.runtime_record_access["dlq-replay"]
+  to   = google_project_iam_member.record_access["dlq-replay"]
+}
+moved {
+  from = google_project_iam_member.reconcile_record_access[0]
+  to   = google_project_iam_member.record_access["reconcile"]
 }
 
 # Write spans to Cloud Trace (MAILPIPE_TRACES=gcp). Project-level: the role has no narrower scope.
@@ -126,10 +159,7 @@ data "google_secret_manager_secret" "suppression_key" {
 # secretAccessor on that one secret, for the two services that key recipients with it: the
 # publisher (the /v1/suppressions API) and the subscriber (lookups before sending, auto-add).
 resource "google_secret_manager_secret_iam_member" "reads_suppression_key" {
-  for_each = local.suppression_key ? {
-    publisher  = google_service_account.publisher.member
-    subscriber = google_service_account.subscriber.member
-  } : {}
+  for_each = local.suppression_key ? local.services_members : {}
 
   project   = var.project_id
   secret_id = data.google_secret_manager_secret.suppression_key[0].secret_id
@@ -165,20 +195,4 @@ resource "google_pubsub_subscription_iam_member" "subscriber_pulls" {
   subscription = google_pubsub_subscription.subscription[each.key].name
   role         = "roles/pubsub.subscriber"
   member       = google_service_account.subscriber.member
-}
-
-# --- Operators (mailpipe status / dlq) -------------------------------------------------------------
-
-resource "google_project_iam_member" "operators_record_access" {
-  for_each = toset(var.operators)
-
-  project = var.project_id
-  role    = "roles/datastore.user"
-  member  = each.value
-
-  condition {
-    title       = "mailpipe-record-only"
-    description = "Only the mailpipe Firestore database."
-    expression  = "resource.name == \"${local.firestore_database_name}\""
-  }
 }

@@ -12,8 +12,9 @@
 #   registry.tf    the Artifact Registry repository for the images
 #   monitoring.tf  alert policies
 #   canary.tf      the canary job, its schedule and alert (optional)
-#   reconcile.tf   the scheduled `mailpipe reconcile --fix` job
-#   deliver_by.tf  the scheduled `mailpipe dlq replay --due` job (retries past Pub/Sub's, expiry)
+#   cli_jobs.tf    the scheduled CLI jobs: `mailpipe reconcile --fix`, `mailpipe dlq replay --due`
+#   schedules.tf   Cloud Scheduler starting the jobs
+#   events.tf      delivery events: publishers, integrators' webhooks and their dead-letter topic
 # The environment variables of both services are built here, once, and also exported as outputs.
 
 locals {

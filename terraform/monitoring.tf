@@ -1,8 +1,32 @@
 # Alert policies. Each one's documentation says what it means and what to do first.
 
 locals {
-  delivery_subscription_filter    = "resource.type = \"pubsub_subscription\" AND resource.labels.subscription_id = \"${local.delivery_subscription_name}\""
-  dead_letter_subscription_filter = "resource.type = \"pubsub_subscription\" AND resource.labels.subscription_id = \"${local.dead_letter_subscription_name}\""
+  delivery_subscription_filter = "resource.type = \"pubsub_subscription\" AND resource.labels.subscription_id = \"${local.delivery_subscription_name}\""
+
+  # The subscriptions where dead letters wait for an operator, one alert each: the mails' and, with
+  # webhooks, the delivery events' (events.tf) that no endpoint took.
+  dead_letter_alerts = merge({
+    mails = {
+      subscription = local.dead_letter_subscription_name
+      display_name = "mailpipe: mails in the dead-letter subscription"
+      runbook      = <<-EOT
+        At least one mail exhausted its delivery attempts and was dead-lettered to
+        `${local.dead_letter_topic_name}`. Inspect with `mailpipe dlq list`, fix the cause, then
+        `mailpipe dlq replay`.
+      EOT
+    }
+    }, local.event_webhooks_enabled ? {
+    event_webhooks = {
+      subscription = google_pubsub_subscription.event_webhook_dead_letter[0].name
+      display_name = "mailpipe: delivery events no webhook endpoint took"
+      runbook      = <<-EOT
+        A webhook's endpoint failed an event's every delivery attempt; the event waits on
+        `${google_pubsub_subscription.event_webhook_dead_letter[0].name}` for 7 days, then is gone.
+        `gcloud pubsub subscriptions pull` it (CloudPubSubDeadLetterSourceSubscription names the
+        webhook), fix the endpoint, and hand the events over (docs/events.md).
+      EOT
+    }
+  } : {})
 
   # The monitored-resource types the OpenTelemetry exporter writes mailpipe's metrics against
   # (opentelemetry-resourcedetector-gcp, get_monitored_resource): generic_task when the resource
@@ -73,12 +97,14 @@ resource "google_monitoring_alert_policy" "delivery_lag" {
 }
 
 resource "google_monitoring_alert_policy" "dead_letters" {
+  for_each = local.dead_letter_alerts
+
   project               = var.project_id
-  display_name          = "mailpipe: mails in the dead-letter subscription"
+  display_name          = each.value.display_name
   combiner              = "OR"
   notification_channels = var.notification_channels
   user_labels           = local.labels
-  # Mails that will not be delivered without an operator (dlq replay).
+  # Mails or events that will not arrive without an operator.
   severity = "ERROR"
 
   alert_strategy {
@@ -89,7 +115,7 @@ resource "google_monitoring_alert_policy" "dead_letters" {
     display_name = "undelivered messages on the dead-letter subscription > 0"
 
     condition_threshold {
-      filter          = "metric.type = \"pubsub.googleapis.com/subscription/num_undelivered_messages\" AND ${local.dead_letter_subscription_filter}"
+      filter          = "metric.type = \"pubsub.googleapis.com/subscription/num_undelivered_messages\" AND resource.type = \"pubsub_subscription\" AND resource.labels.subscription_id = \"${each.value.subscription}\""
       comparison      = "COMPARISON_GT"
       threshold_value = 0
       duration        = "0s"
@@ -103,14 +129,16 @@ resource "google_monitoring_alert_policy" "dead_letters" {
 
   documentation {
     mime_type = "text/markdown"
-    content   = <<-EOT
-      At least one mail exhausted its delivery attempts and was dead-lettered to
-      `${local.dead_letter_topic_name}`. Inspect with `mailpipe dlq list`, fix the cause, then
-      `mailpipe dlq replay`.
-    EOT
+    content   = each.value.runbook
   }
 
   depends_on = [google_project_service.enabled]
+}
+
+# Its address when it watched the mails' dead letters only.
+moved {
+  from = google_monitoring_alert_policy.dead_letters
+  to   = google_monitoring_alert_policy.dead_letters["mails"]
 }
 
 resource "google_monitoring_alert_policy" "delivery_error_ratio" {

@@ -54,12 +54,13 @@ output "subscriptions" {
 }
 
 output "service_accounts" {
-  description = "Emails of the service accounts: publisher, subscriber, push_invoker (MAILPIPE_PUSH_SERVICE_ACCOUNT; null in pull mode), reconcile (null when disabled)."
+  description = "Emails of the service accounts: publisher, subscriber, push_invoker (MAILPIPE_PUSH_SERVICE_ACCOUNT; null in pull mode), and each CLI job's: reconcile, dlq-replay (null when disabled)."
   value = {
     publisher    = google_service_account.publisher.email
     subscriber   = google_service_account.subscriber.email
     push_invoker = local.push_mode ? google_service_account.push_invoker[0].email : null
-    reconcile    = local.reconcile_enabled ? google_service_account.reconcile[0].email : null
+    reconcile    = try(google_service_account.cli_job["reconcile"].email, null)
+    dlq-replay   = try(google_service_account.cli_job["dlq-replay"].email, null)
   }
 }
 
@@ -74,17 +75,18 @@ output "firestore_database" {
 }
 
 output "alert_policies" {
-  description = "Alert policy IDs: delivery_lag, dead_letters, delivery_error_ratio."
+  description = "Alert policy IDs: delivery_lag, dead_letters, delivery_error_ratio, event_webhook_dead_letters (null without event_webhooks)."
   value = {
-    delivery_lag         = google_monitoring_alert_policy.delivery_lag.id
-    dead_letters         = google_monitoring_alert_policy.dead_letters.id
-    delivery_error_ratio = google_monitoring_alert_policy.delivery_error_ratio.id
+    delivery_lag               = google_monitoring_alert_policy.delivery_lag.id
+    dead_letters               = google_monitoring_alert_policy.dead_letters["mails"].id
+    delivery_error_ratio       = google_monitoring_alert_policy.delivery_error_ratio.id
+    event_webhook_dead_letters = try(google_monitoring_alert_policy.dead_letters["event_webhooks"].id, null)
   }
 }
 
 output "reconcile_job" {
   description = "Name of the reconcile job (run it now: gcloud run jobs execute NAME --region REGION), or null when disabled."
-  value       = local.reconcile_enabled ? google_cloud_run_v2_job.reconcile[0].name : null
+  value       = try(google_cloud_run_v2_job.cli_job["reconcile"].name, null)
 }
 
 output "canary_job" {

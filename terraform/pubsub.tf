@@ -96,24 +96,47 @@ resource "google_project_service_identity" "pubsub" {
 # (cloud.google.com/pubsub/docs/handling-failures): without these grants messages are never
 # forwarded and the subscription shows a dead-letter permission warning.
 
-# Publish the failed message to the subscription's dead-letter topic.
+locals {
+  # Every subscription with a dead-letter policy, keyed as its grant below: the declaration's by
+  # their key, the integrators' webhooks (events.tf) as "webhook NAME".
+  dead_letter_sources = merge(
+    { for key, sub in local.dead_letter_subscriptions : key => google_pubsub_subscription.subscription[key].name },
+    { for name, hook in var.event_webhooks : "webhook ${name}" => google_pubsub_subscription.event_webhook[name].name },
+  )
+
+  # The topics they forward to, keyed as their grant below: the declaration's by their key, and the
+  # webhooks' own (events.tf). One grant per topic, however many subscriptions forward to it.
+  dead_letter_topics = merge(
+    { for key in distinct([for sub in values(local.dead_letter_subscriptions) : sub.dead_letter.topic]) : key => google_pubsub_topic.topic[key].name },
+    local.event_webhooks_enabled ? { event_webhooks = google_pubsub_topic.event_webhook_dead_letter[0].name } : {},
+  )
+}
+
+# Publish the failed message to the dead-letter topic.
 resource "google_pubsub_topic_iam_member" "pubsub_agent_publishes_dead_letters" {
-  for_each = local.dead_letter_subscriptions
+  for_each = local.dead_letter_topics
 
   project = var.project_id
-  topic   = google_pubsub_topic.topic[each.value.dead_letter.topic].name
+  topic   = each.value
   role    = "roles/pubsub.publisher"
   member  = local.pubsub_service_agent
 }
 
 # Acknowledge the forwarded message on the source subscription.
 resource "google_pubsub_subscription_iam_member" "pubsub_agent_acks_dead_letters" {
-  for_each = local.dead_letter_subscriptions
+  for_each = local.dead_letter_sources
 
   project      = var.project_id
-  subscription = google_pubsub_subscription.subscription[each.key].name
+  subscription = each.value
   role         = "roles/pubsub.subscriber"
   member       = local.pubsub_service_agent
+}
+
+# The publish grant was keyed by the subscription that forwards (the delivery subscription); it is
+# keyed by its topic now, so several subscriptions forwarding to one topic share one grant.
+moved {
+  from = google_pubsub_topic_iam_member.pubsub_agent_publishes_dead_letters["delivery"]
+  to   = google_pubsub_topic_iam_member.pubsub_agent_publishes_dead_letters["dead_letter"]
 }
 
 # --- Operators: `mailpipe dlq list` pulls the dead-letter subscription, `dlq replay` republishes ---

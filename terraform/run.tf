@@ -101,7 +101,7 @@ resource "google_cloud_run_v2_service" "publisher" {
 
   depends_on = [
     google_project_service.enabled,
-    google_project_iam_member.runtime_record_access,
+    google_project_iam_member.record_access,
     google_pubsub_topic_iam_member.publisher_publishes_mail,
     google_secret_manager_secret_iam_member.reads_suppression_key,
   ]
@@ -236,7 +236,7 @@ resource "google_cloud_run_v2_service" "subscriber" {
 
   depends_on = [
     google_project_service.enabled,
-    google_project_iam_member.runtime_record_access,
+    google_project_iam_member.record_access,
     # Cloud Run resolves the secret at deploy time with the service's own identity.
     google_secret_manager_secret_iam_member.subscriber_reads_smtp_password,
     google_secret_manager_secret_iam_member.reads_suppression_key,
@@ -326,7 +326,7 @@ resource "google_cloud_run_v2_worker_pool" "subscriber" {
 
   depends_on = [
     google_project_service.enabled,
-    google_project_iam_member.runtime_record_access,
+    google_project_iam_member.record_access,
     # The first pull must not be refused.
     google_pubsub_subscription_iam_member.subscriber_pulls,
     google_secret_manager_secret_iam_member.subscriber_reads_smtp_password,

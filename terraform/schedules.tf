@@ -1,33 +1,29 @@
 # Cloud Scheduler starts the Cloud Run jobs (the canary, reconcile, dlq-replay): for each job a
 # scheduler job and a scheduler identity of its own, which may run that one job and nothing else.
-# The jobs themselves, with their own identities, are in canary.tf, reconcile.tf and deliver_by.tf.
+# The jobs themselves, with their own identities, are in canary.tf and cli_jobs.tf.
 #
-# To schedule another job: define the job (with count) in its own file, add an entry here, and add
-# its enabled flag to the cloudscheduler.googleapis.com condition in apis.tf.
+# To schedule another job that runs the mailpipe CLI: add it to local.cli_jobs (cli_jobs.tf). Any
+# other job: define it (with count) in its own file, add an entry here, and add its enabled flag to
+# the cloudscheduler.googleapis.com condition in apis.tf.
 
 locals {
   # name => the job to start. The name is the scheduler account's infix (mailpipe-NAME-scheduler,
   # 30 characters at most: lowercase letters, digits and hyphens, at most 11 of them).
-  scheduled_jobs = {
+  scheduled_jobs = merge({
     canary = {
       enabled     = local.canary_enabled
       job         = one(google_cloud_run_v2_job.canary[*].name)
       schedule    = try(local.canary.schedule, null)
       description = "Starts the mailpipe canary job."
     }
-    reconcile = {
-      enabled     = local.reconcile_enabled
-      job         = one(google_cloud_run_v2_job.reconcile[*].name)
-      schedule    = var.reconcile.schedule
-      description = "Starts the mailpipe reconcile job (mailpipe reconcile --fix)."
+    }, {
+    for name, job in local.cli_jobs : name => {
+      enabled     = true
+      job         = google_cloud_run_v2_job.cli_job[name].name
+      schedule    = job.schedule
+      description = "Starts the mailpipe ${name} job (mailpipe ${join(" ", job.args)})."
     }
-    dlq-replay = {
-      enabled     = local.dlq_replay_enabled
-      job         = one(google_cloud_run_v2_job.dlq_replay[*].name)
-      schedule    = "*/${var.dlq_replay.every_minutes} * * * *"
-      description = "Starts the mailpipe dlq-replay job (mailpipe dlq replay --due): docs/deliver-by.md."
-    }
-  }
+  })
 
   schedules = { for name, job in local.scheduled_jobs : name => job if job.enabled }
 }

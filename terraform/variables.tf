@@ -550,7 +550,7 @@ variable "canary_vpc_egress" {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Reconcile (reconcile.tf): `mailpipe reconcile --fix` on a schedule, for records stuck mid-way
+# Reconcile (cli_jobs.tf): `mailpipe reconcile --fix` on a schedule, for records stuck mid-way
 # ---------------------------------------------------------------------------------------------
 variable "reconcile" {
   type = object({
@@ -572,7 +572,7 @@ variable "reconcile" {
   }
 }
 
-# Retries beyond Pub/Sub's (deliver_by.tf): `mailpipe dlq replay --due` on a schedule
+# Retries beyond Pub/Sub's (cli_jobs.tf): `mailpipe dlq replay --due` on a schedule
 variable "dlq_replay" {
   type = object({
     enabled         = optional(bool, true)
@@ -601,8 +601,10 @@ variable "event_webhooks" {
     audience    = optional(string)
     no_wrapper  = optional(bool, false)
     event_types = optional(list(string), [])
+    # Delivery attempts before an event moves to the webhooks' dead-letter topic.
+    max_delivery_attempts = optional(number, 100)
   }))
-  description = "Integrators' HTTPS endpoints that receive the delivery events (docs/events.md) as Pub/Sub push requests, keyed by a name (the subscription is mailpipe-events-<name>). Each request carries a Google-signed OIDC token of the mailpipe-event-webhooks service account, for `audience` (default: the endpoint URL). no_wrapper = true sends the raw event JSON with the attributes (googclient_traceparent, event_type, mail_id) as HTTP headers instead of Pub/Sub's JSON envelope. event_types (default: all) keeps only those types, with a subscription filter."
+  description = "Integrators' HTTPS endpoints that receive the delivery events (docs/events.md) as Pub/Sub push requests, keyed by a name (the subscription is mailpipe-events-<name>). Each request carries a Google-signed OIDC token of the mailpipe-event-webhooks service account, for `audience` (default: the endpoint URL). no_wrapper = true sends the raw event JSON with the attributes (googclient_traceparent, event_type, mail_id) as HTTP headers instead of Pub/Sub's JSON envelope. event_types (default: all) keeps only those types, with a subscription filter. max_delivery_attempts (5..100, default 100: some 15 hours at the 600 s backoff) bounds the retries to an endpoint that keeps failing; the event then moves to the mailpipe-event-webhooks-dead-letter topic and subscription (7 days)."
   default     = {}
 
   validation {
@@ -620,6 +622,10 @@ variable "event_webhooks" {
   validation {
     condition     = alltrue(flatten([for hook in values(var.event_webhooks) : [for t in hook.event_types : contains(["accepted", "delivered", "deferred", "bounced", "suppressed", "dead_lettered", "expired", "replayed", "sandboxed"], t)]]))
     error_message = "event_webhooks event_types must be among accepted, delivered, deferred, bounced, suppressed, dead_lettered, expired, replayed, sandboxed (mailpipe.events.EventType)."
+  }
+  validation {
+    condition     = alltrue([for hook in values(var.event_webhooks) : hook.max_delivery_attempts >= 5 && hook.max_delivery_attempts <= 100 && floor(hook.max_delivery_attempts) == hook.max_delivery_attempts])
+    error_message = "event_webhooks max_delivery_attempts must be a whole number 5..100 (Pub/Sub's limits for a dead-letter policy)."
   }
 }
 

@@ -1,10 +1,6 @@
-"""The delivery record: what happened to every mail, keyed by its mail id.
-
-One interface (:class:`DeliveryRecord`), two backends: SQLite (the embedded default,
-``sqlite:///PATH``) and Firestore on GCP (``firestore://DATABASE``). Open one with
-:func:`open_record`. See :mod:`mailpipe.record.base` for the model, the rules and the error tree,
-:mod:`mailpipe.record.store` for what a backend implements.
-"""
+"""The delivery record: what happened to every mail, keyed by its mail id; :func:`open_record`
+opens SQLite (``sqlite:///PATH``) or Firestore (``firestore://DATABASE``). The model, rules and
+errors: :mod:`mailpipe.record.base`; what a backend implements: :mod:`mailpipe.record.store`."""
 
 from __future__ import annotations
 

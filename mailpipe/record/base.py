@@ -10,7 +10,6 @@ Errors::
 
     RecordError                 base of everything the record raises
     ├── RecordUnavailable       the backend cannot be reached or timed out (callers retry / nack)
-    ├── IdempotencyConflict     an idempotency key is held by a request still being published
     ├── MailNotFound            the operation needs a record that does not exist
     ├── AlreadyFinal            the mail was delivered or bounced: replaying it is refused
     └── InvalidMailId           (also a ValueError) no backend can key a record by this id
@@ -28,45 +27,30 @@ from typing import Any, TypeVar
 from mailpipe.record.store import (
     IDEMPOTENCY,
     MAILS,
-    Condition,
     Store,
     Transaction,
     decode,
     encode,
     id_problem,
     key_hash,
-    page_token,
-    parse_page_token,
     utc,
     utc_now,
 )
-from mailpipe.record.suppressions import (
-    Suppression,
-    SuppressionList,
-    SuppressionPolicy,
-    SuppressionReason,
-)
+from mailpipe.record.suppressions import SuppressionList, SuppressionPolicy, SuppressionReason
 
-__all__ = [
-    "DEFAULT_RESERVATION_SECONDS",
+__all__ = [  # what other packages import from mailpipe.record
     "AlreadyFinal",
     "Attempt",
-    "Claim",
     "ClaimResult",
     "DeliveryRecord",
-    "IdempotencyConflict",
     "InvalidMailId",
-    "LeaseRenewal",
     "MailNotFound",
     "MailRecord",
     "MailStatus",
-    "Page",
     "RecipientResult",
     "RecordError",
     "RecordUnavailable",
     "RenewalResult",
-    "Reservation",
-    "Suppression",
     "SuppressionList",
     "SuppressionPolicy",
     "SuppressionReason",
@@ -78,7 +62,6 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 # MAILPIPE_IDEMPOTENCY_RESERVATION_SECONDS); also the expiry of reservations written before
 # records carried ``reserved_until``.
 DEFAULT_RESERVATION_SECONDS = 300.0
-MAX_PAGE_SIZE = 1000
 
 
 class RecordError(Exception):
@@ -87,10 +70,6 @@ class RecordError(Exception):
 
 class RecordUnavailable(RecordError):
     """The record backend could not be reached; the operation may be retried."""
-
-
-class IdempotencyConflict(RecordError):
-    """The idempotency key belongs to a request whose publish is still in progress."""
 
 
 class MailNotFound(RecordError):
@@ -122,23 +101,11 @@ class MailStatus(enum.StrEnum):
 
     @property
     def final(self) -> bool:
-        return self in (
-            MailStatus.DELIVERED,
-            MailStatus.BOUNCED,
-            MailStatus.SANDBOXED,
-            MailStatus.SUPPRESSED,
-            MailStatus.EXPIRED,
-        )
+        return self in _FINAL
 
 
-# Replayed mails are back on the mail topic: until delivered they count toward the lag alert.
-# So do reservations (accepting): one left behind by a crash must not go unseen. Unconfirmed mails
-# do not (reconcile settled them as far as the record can; Pub/Sub's own backlog alert covers a
-# copy it still holds), nor do dead-lettered ones.
-UNDELIVERED = tuple(map(MailStatus, ("accepting", "queued", "sending", "deferred", "replayed")))
-_OUTCOMES = {
-    s: MailStatus(s) for s in ("delivered", "deferred", "bounced", "sandboxed", "suppressed")
-}
+_FINAL = frozenset(map(MailStatus, ("delivered", "bounced", "sandboxed", "suppressed", "expired")))
+_OUTCOMES = ("delivered", "deferred", "bounced", "sandboxed", "suppressed")
 
 
 @dataclass(frozen=True)
@@ -169,13 +136,6 @@ class Attempt:
     recipients: tuple[RecipientResult, ...] = ()  # the recipients not sent to, and why
 
 
-# The fields the status API shows, in its order (not the idempotency or lease bookkeeping).
-_SHOWN = (
-    "mail_id status accepted_at updated_at delivered_at trace_id message_id recipient_domains"
-    " last_error replays attempts deliver_by next_attempt_at"
-)
-
-
 @dataclass(frozen=True)
 class MailRecord:
     """Everything known about one mail (stored as the document of its mail id, field by field)."""
@@ -200,22 +160,11 @@ class MailRecord:
     deliver_by: dt.datetime | None = None  # the give-up time (docs/deliver-by.md)
     next_attempt_at: dt.datetime | None = None  # dead-lettered: when `dlq replay --due` retries
 
-    def to_json(self) -> dict[str, object]:
-        fields = encode(self, time=dt.datetime.isoformat)
-        return {name: fields[name] for name in _SHOWN.split()}
-
 
 class ClaimResult(enum.StrEnum):
     CLAIMED = "claimed"  # go ahead and send
     ALREADY_FINAL = "already_final"  # delivered or bounced before: ack without sending
     IN_PROGRESS = "in_progress"  # another delivery holds an unexpired lease: nack, retry later
-
-
-@dataclass(frozen=True)
-class Claim:
-    result: ClaimResult
-    attempt_number: int = 0
-    record: MailRecord | None = None
 
 
 class RenewalResult(enum.StrEnum):
@@ -225,10 +174,11 @@ class RenewalResult(enum.StrEnum):
 
 
 @dataclass(frozen=True)
-class LeaseRenewal:
-    """Answer of :meth:`DeliveryRecord.renew_lease`."""
+class Claim:
+    """Answer of :meth:`DeliveryRecord.claim` and of :meth:`DeliveryRecord.renew_lease`."""
 
-    result: RenewalResult
+    result: ClaimResult | RenewalResult
+    attempt_number: int = 0
     record: MailRecord | None = None
 
 
@@ -238,12 +188,6 @@ class Reservation:
 
     created: bool
     record: MailRecord
-
-
-@dataclass(frozen=True)
-class Page:
-    items: list[MailRecord]
-    next_page_token: str | None = None
 
 
 def check_mail_id(mail_id: str) -> None:
@@ -262,12 +206,9 @@ def _positive(seconds: float, name: str) -> dt.timedelta:
 
 def describe_error(attempt: Attempt) -> str:
     """``last_error`` for a failed attempt, e.g. ``"451 4.3.0 at rcpt to: try later"``."""
-    parts = [str(attempt.reply_code) if attempt.reply_code is not None else attempt.outcome or "?"]
-    if attempt.enhanced_status:
-        parts.append(attempt.enhanced_status)
-    if attempt.failed_step:
-        parts.append(f"at {attempt.failed_step}")
-    text = " ".join(parts)
+    code = str(attempt.reply_code) if attempt.reply_code is not None else attempt.outcome or "?"
+    step = attempt.failed_step and f"at {attempt.failed_step}"
+    text = " ".join(part for part in (code, attempt.enhanced_status, step) if part)
     return f"{text}: {attempt.reply_message}" if attempt.reply_message else text
 
 
@@ -275,11 +216,7 @@ def describe_error(attempt: Attempt) -> str:
 
 
 def reservation_expires_at(record: MailRecord) -> dt.datetime | None:
-    """When an ``accepting`` record's reservation expires; ``None`` for any other status.
-
-    Records written before reservations carried ``reserved_until`` expire
-    :data:`DEFAULT_RESERVATION_SECONDS` after their last write.
-    """
+    """When an ``accepting`` record's reservation expires; ``None`` for any other status."""
     if record.status is not MailStatus.ACCEPTING:
         return None
     if record.reserved_until is not None:
@@ -303,7 +240,7 @@ class DeliveryRecord:
     module docstring). :func:`open_record` opens one."""
 
     def __init__(self, store: Store, *, clock: Callable[[], dt.datetime] = utc_now) -> None:
-        self._store = store
+        self.store = store  # also for reads outside these rules (publisher/listing.py)
         self._clock = clock
 
     @staticmethod
@@ -324,16 +261,7 @@ class DeliveryRecord:
                 self._write(txn, new)
             return answer
 
-        return self._store.transact(operation, body)
-
-    def _forget(self, txn: Transaction, record: MailRecord) -> None:
-        """Delete a reservation, and its key document if the key still points at it."""
-        key = record.idempotency_key
-        key_id = None if key is None else key_hash(key, record.idempotency_scope)
-        held = None if key_id is None else txn.get(IDEMPOTENCY, key_id)  # reads before writes
-        txn.delete(MAILS, record.mail_id)
-        if key_id is not None and held is not None and held.get("mail_id") == record.mail_id:
-            txn.delete(IDEMPOTENCY, key_id)
+        return self.store.transact(operation, body)
 
     def reserve(
         self,
@@ -348,14 +276,9 @@ class DeliveryRecord:
         deliver_by: dt.datetime | None = None,
     ) -> Reservation:
         """Create the record ``accepting`` until now + ``reservation_seconds``, atomically
-        claiming ``idempotency_key`` within ``idempotency_scope``.
-
-        If the key is held, or ``mail_id`` exists, return ``created=False`` with that record and
-        create nothing (the holder may still be ``accepting``: raising
-        :class:`IdempotencyConflict` then is the caller's choice; so is refusing a different
-        ``request_hash``). A holder ``accepting`` past its ``reserved_until`` was left by a
-        crash: it is deleted and the key goes to this reserve.
-        """
+        claiming ``idempotency_key`` within ``idempotency_scope``. If the key is held (by an
+        unexpired reservation or a published mail) or ``mail_id`` exists: ``created=False`` with
+        that record, nothing created; what to answer (409, 422, a replay) is the caller's call."""
         check_mail_id(mail_id)
         hold = _positive(reservation_seconds, "reservation_seconds")
         key_id = None if idempotency_key is None else key_hash(idempotency_key, idempotency_scope)
@@ -388,7 +311,7 @@ class DeliveryRecord:
                 txn.put(IDEMPOTENCY, key_id, {"mail_id": mail_id}, record.accepted_at, not held)
             return Reservation(created=True, record=record)
 
-        return self._store.transact("reserve", body)
+        return self.store.transact("reserve", body)
 
     def mark_queued(
         self,
@@ -440,7 +363,7 @@ class DeliveryRecord:
             for mail, record in zip(mails, found, strict=True):
                 self._write(txn, queued(record, now, mail))
 
-        self._store.transact("mark_queued", body)
+        self.store.transact("mark_queued", body)
 
     def release(self, mail_id: str, *, expired_only: bool = False) -> MailRecord | None:
         """The publish failed: delete the record while still ``accepting`` (a claimed record
@@ -454,15 +377,19 @@ class DeliveryRecord:
             expires = None if record is None else reservation_expires_at(record)
             if record is None or expires is None or (expired_only and expires > self._clock()):
                 return None
-            self._forget(txn, record)
+            key = record.idempotency_key
+            key_id = None if key is None else key_hash(key, record.idempotency_scope)
+            held = None if key_id is None else txn.get(IDEMPOTENCY, key_id)  # reads before writes
+            txn.delete(MAILS, mail_id)
+            if key_id is not None and held is not None and held.get("mail_id") == mail_id:
+                txn.delete(IDEMPOTENCY, key_id)  # the key still points at this reservation
             return record
 
-        return self._store.transact("release", body)
+        return self.store.transact("release", body)
 
     def update(self, mail_id: str, change: Rule[R], operation: str = "update") -> R:
-        """For operations outside the core (ops' replay and reconcile): read the mail's record,
-        ``change`` it (``None``: there is none; see :data:`Rule`), write: one transaction.
-        :class:`InvalidMailId` if no record can have this id."""
+        """For operations outside the core (ops' replay and reconcile): :data:`Rule` ``change``
+        applied in one transaction. :class:`InvalidMailId` if no record can have this id."""
         check_mail_id(mail_id)
         return self._apply(operation, mail_id, change)
 
@@ -506,37 +433,32 @@ class DeliveryRecord:
 
         return self._apply("claim", mail_id, rule)
 
-    def renew_lease(
-        self, mail_id: str, *, attempt_number: int, lease_seconds: float
-    ) -> LeaseRenewal:
-        """The claimant's check just before it sends (after waiting for an SMTP connection):
-        ``RENEWED`` (the lease then ends ``lease_seconds`` from now, never earlier than it did)
-        while the mail is not final and ``attempt_number`` is still its latest claim, even if
-        that lease ran out; else ``LOST`` (a later claim, or no record) or ``FINAL``, and
-        nothing changes. The status is kept."""
+    def renew_lease(self, mail_id: str, *, attempt_number: int, lease_seconds: float) -> Claim:
+        """The claimant's check just before it sends: ``RENEWED`` (the lease then ends
+        ``lease_seconds`` from now, never earlier) while the mail is not final and
+        ``attempt_number`` is still its latest claim, even if that lease ran out; else ``LOST``
+        (a later claim, or no record) or ``FINAL``, and nothing changes."""
         lease = _positive(lease_seconds, "lease_seconds")
         if id_problem(mail_id):
-            return LeaseRenewal(RenewalResult.LOST)  # no record can have this id
+            return Claim(RenewalResult.LOST)  # no record can have this id
 
-        def rule(record: Found, now: dt.datetime) -> tuple[LeaseRenewal, Found]:
+        def rule(record: Found, now: dt.datetime) -> tuple[Claim, Found]:
             if record is None:
-                return LeaseRenewal(RenewalResult.LOST), None
+                return Claim(RenewalResult.LOST), None
             if record.status.final:
-                return LeaseRenewal(RenewalResult.FINAL, record), None
+                return Claim(RenewalResult.FINAL, record=record), None
             if record.attempt_count != attempt_number:
-                return LeaseRenewal(RenewalResult.LOST, record), None
+                return Claim(RenewalResult.LOST, record=record), None
             until = max(now + lease, record.lease_until or now)
             new = dataclasses.replace(record, lease_until=until, updated_at=now)
-            return LeaseRenewal(RenewalResult.RENEWED, new), new
+            return Claim(RenewalResult.RENEWED, attempt_number, new), new
 
         return self._apply("renew_lease", mail_id, rule)
 
     def finish(self, mail_id: str, attempt: Attempt) -> MailRecord:
-        """Record the attempt (``outcome`` delivered, deferred, bounced or suppressed, else
-        ValueError),
-        set the status, ``last_error`` and ``delivered_at`` from it and end the lease; creates
-        a missing record. A final status is kept, and so is a newer claim's lease over a stale
-        ``deferred`` (its lease expired and was taken over)."""
+        """Record the attempt (ValueError for an outcome not in ``_OUTCOMES``), set the status,
+        ``last_error`` and ``delivered_at`` from it and end the lease; creates a missing record.
+        A final status is kept, and so is a newer claim's lease over a stale ``deferred``."""
         check_mail_id(mail_id)
         if attempt.outcome not in _OUTCOMES:
             raise ValueError(
@@ -609,50 +531,15 @@ class DeliveryRecord:
     def get(self, mail_id: str) -> MailRecord | None:
         if id_problem(mail_id):
             return None  # no record can have this id (and Firestore would refuse the path)
-        doc = self._store.get(MAILS, mail_id)
+        doc = self.store.get_many(MAILS, [mail_id]).get(mail_id)
         return None if doc is None else decode(MailRecord, doc)
-
-    def get_by_idempotency_key(self, key: str, *, scope: str | None = None) -> MailRecord | None:
-        held = self._store.get(IDEMPOTENCY, key_hash(key, scope))
-        return None if held is None else self.get(held["mail_id"])
-
-    def list(
-        self,
-        *,
-        status: MailStatus | None = None,
-        since: dt.datetime | None = None,
-        limit: int = 100,
-        page_token: str | None = None,
-    ) -> Page:
-        """Records by ``(accepted_at, mail_id)``, optionally in ``status`` and accepted at or
-        after ``since``. ``next_page_token`` is an opaque cursor (stable under concurrent
-        inserts), ``None`` on the last page. ValueError: ``limit`` not in 1..1000, a malformed
-        ``page_token``."""
-        if not 1 <= limit <= MAX_PAGE_SIZE:
-            raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}, got {limit}")
-        where: list[Condition] = []
-        if status is not None:
-            where.append(("status", "==", str(MailStatus(status))))
-        if since is not None:
-            where.append(("accepted_at", ">=", utc(since)))
-        after = parse_page_token(page_token) if page_token is not None else None
-        # One more than asked tells whether there is a next page.
-        docs = self._store.query(MAILS, where, "accepted_at", after, limit + 1)
-        items = [decode(MailRecord, doc) for doc in docs[:limit]]
-        return Page(items, page_token_of(items[-1]) if len(docs) > limit else None)
-
-    def oldest_undelivered(self) -> MailRecord | None:
-        """The oldest mail in an :data:`UNDELIVERED` status (drives the lag alert)."""
-        where = [("status", "in", [str(s) for s in UNDELIVERED])]
-        docs = self._store.query(MAILS, where, "accepted_at", None, 1)
-        return decode(MailRecord, docs[0]) if docs else None
 
     def suppressions(self, policy: SuppressionPolicy) -> SuppressionList:
         """The suppression list kept in this record's store, keyed as ``policy`` says."""
-        return SuppressionList(self._store, policy, self._clock)
+        return SuppressionList(self.store, policy, self._clock)
 
     def close(self) -> None:
-        self._store.close()
+        self.store.close()
 
 
 def _new(
@@ -664,11 +551,6 @@ def _new(
 
 def _leased(record: MailRecord, now: dt.datetime) -> bool:
     return record.lease_until is not None and record.lease_until > now
-
-
-def page_token_of(record: MailRecord) -> str:
-    """An opaque cursor just after ``record`` in ``(accepted_at, mail_id)`` order."""
-    return page_token(record.accepted_at, record.mail_id)
 
 
 def open_record(url: str) -> DeliveryRecord:

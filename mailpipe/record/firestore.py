@@ -1,7 +1,7 @@
 """The Firestore delivery record (``MAILPIPE_RECORD=firestore://DATABASE``), for GCP.
 
 A collection per :class:`Kind` (``mailpipe_mails``, ``mailpipe_idempotency``), one document per
-record document, its fields plus ``expire_at`` = its ``retain_from`` + ``ttl_days`` (none when
+record document, its fields plus ``expire_at`` = its ``retain_from`` + :data:`TTL` (none when
 ``retain_from`` is None: ``mailpipe_suppressions``, whose TTL is on its own ``expires_at``).
 Terraform sets a TTL policy on ``expire_at`` and the composite indexes of the queries; the emulator
 enforces neither. A transaction is a ``@firestore.transactional`` function, tried again when
@@ -25,9 +25,11 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 
 from mailpipe.record import store as s
 from mailpipe.record.base import DeliveryRecord, RecordError, RecordUnavailable
-from mailpipe.record.store import Condition, Cursor, Document, Kind, Time
+from mailpipe.record.store import Condition, Cursor, Document, Kind
 
 T = TypeVar("T")
+TTL = dt.timedelta(days=30)  # how long Firestore keeps a record (docs/guarantees.md)
+MAX_TRIES = 10  # how often a transaction is tried while Firestore aborts it
 _BACKOFF_BASE = 0.05  # seconds; doubled per try, full jitter
 _BACKOFF_CAP = 2.0
 _TRANSIENT = (
@@ -75,10 +77,10 @@ class _Transaction:
         return snapshot.to_dict() if snapshot.exists else None
 
     def put(
-        self, kind: Kind, doc_id: str, doc: Document, retain_from: Time | None, new: bool
+        self, kind: Kind, doc_id: str, doc: Document, retain_from: dt.datetime | None, new: bool
     ) -> None:
         write = self.transaction.create if new else self.transaction.set
-        ttl = {} if retain_from is None else {"expire_at": retain_from + self.store.ttl}
+        ttl = {} if retain_from is None else {"expire_at": retain_from + TTL}
         write(self.store.ref(kind, doc_id), {**doc, **ttl})
 
     def delete(self, kind: Kind, doc_id: str) -> None:
@@ -86,18 +88,13 @@ class _Transaction:
 
 
 class FirestoreStore:
-    """Documents in Firestore: a collection per kind (``collections`` names them by kind name;
-    a kind not named there is kept in ``mailpipe_<kind name>``)."""
+    """Documents in Firestore: a collection per kind, ``collections`` names them by kind name."""
 
-    def __init__(
-        self, client: Any, collections: dict[str, str], ttl: dt.timedelta, tries: int, owns: bool
-    ) -> None:
-        self.client, self.ttl, self._owns_client = client, ttl, owns
+    def __init__(self, client: Any, collections: dict[str, str], owns_client: bool) -> None:
+        self.client, self._owns_client = client, owns_client
         self._collections = {
-            kind.name: client.collection(collections.get(kind.name, f"mailpipe_{kind.name}"))
-            for kind in s.KINDS
+            kind.name: client.collection(collections[kind.name]) for kind in s.KINDS
         }
-        self._max_attempts = tries  # how often a transaction is tried while Firestore aborts it
 
     def ref(self, kind: Kind, doc_id: str) -> Any:
         return self._collections[kind.name].document(doc_id)
@@ -105,7 +102,7 @@ class FirestoreStore:
     def transact(self, operation: str, body: Callable[[s.Transaction], T]) -> T:
         """Run ``body`` atomically, retrying contention; ``body`` may run again."""
         with _translate_errors(operation):
-            for attempt in range(1, self._max_attempts + 1):
+            for attempt in range(1, MAX_TRIES + 1):
                 # One try per transaction object, and our own backoff between tries: the client
                 # retries an aborted commit at once and never an aborted read, so contenders that
                 # aborted together (the emulator aborts every waiter after a ~2 s lock timeout)
@@ -116,15 +113,10 @@ class FirestoreStore:
                         transaction
                     )
                 except (gexc.Aborted, ValueError) as exc:
-                    if not _aborted(exc) or attempt == self._max_attempts:
+                    if not _aborted(exc) or attempt == MAX_TRIES:
                         raise
                 time.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt)))  # noqa: S311
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def get(self, kind: Kind, doc_id: str) -> Document | None:
-        with _translate_errors("get"):
-            snapshot = self.ref(kind, doc_id).get()
-        return snapshot.to_dict() if snapshot.exists else None
 
     def get_many(self, kind: Kind, doc_ids: Sequence[str]) -> dict[str, Document]:
         refs = [self.ref(kind, doc_id) for doc_id in doc_ids]
@@ -160,25 +152,14 @@ class FirestoreRecord(DeliveryRecord):
         project: str | None = None,
         collection: str = "mailpipe_mails",
         client: firestore.Client | None = None,
-        ttl_days: int = 30,
         idempotency_collection: str = "mailpipe_idempotency",
         suppressions_collection: str = "mailpipe_suppressions",
-        max_attempts: int = 10,
         clock: s.Clock = s.utc_now,
     ) -> None:
-        if ttl_days < 1:
-            raise ValueError("ttl_days must be at least 1")
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
         with _translate_errors("open"):
             own = client is None
             client = client or firestore.Client(project=project, database=database)
         self.collection, self.idempotency_collection = collection, idempotency_collection
         names = {s.MAILS.name: collection, s.IDEMPOTENCY.name: idempotency_collection}
         names[s.SUPPRESSIONS.name] = suppressions_collection
-        ttl = dt.timedelta(days=ttl_days)
-        store = FirestoreStore(client, names, ttl, max_attempts, own)
-        super().__init__(store, clock=clock)
-
-    def __repr__(self) -> str:
-        return f"FirestoreRecord(collection={self.collection!r})"
+        super().__init__(FirestoreStore(client, names, own), clock=clock)

@@ -25,17 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mailpipe.record.base import DeliveryRecord, RecordError, RecordUnavailable
-from mailpipe.record.store import (
-    KINDS,
-    Clock,
-    Condition,
-    Cursor,
-    Document,
-    Kind,
-    Time,
-    utc,
-    utc_now,
-)
+from mailpipe.record.store import KINDS, Clock, Condition, Cursor, Document, Kind, utc, utc_now
 
 SCHEMA_VERSION = 3
 T = TypeVar("T")
@@ -77,10 +67,9 @@ def _translate_errors(operation: str) -> Iterator[None]:
 
 def _column(value: Any) -> Any:
     """An indexed field's value as stored in its column (times as sortable microseconds)."""
-    if not isinstance(value, dt.datetime):
-        return value
-    delta = utc(value) - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    if isinstance(value, dt.datetime):
+        return (utc(value) - _EPOCH) // dt.timedelta(microseconds=1)
+    return value
 
 
 class _Connection:
@@ -97,7 +86,7 @@ class _Connection:
         return json.loads(row[0]) if row else None
 
     def put(
-        self, kind: Kind, doc_id: str, doc: Document, retain_from: Time | None, new: bool
+        self, kind: Kind, doc_id: str, doc: Document, retain_from: dt.datetime | None, new: bool
     ) -> None:
         body = json.dumps(doc, default=dt.datetime.isoformat, separators=(",", ":"))
         values = (doc_id, *(_column(doc.get(field)) for field in kind.indexed), body)
@@ -114,7 +103,7 @@ class SqliteStore:
 
     def __init__(self, path: Path, *, busy_timeout: float) -> None:
         self.path = path
-        self._busy_ms = int(busy_timeout * 1000)
+        self._busy_timeout = busy_timeout
         self._local = threading.local()
         self._lock = threading.Lock()
         self._holders: weakref.WeakSet[_Connection] = weakref.WeakSet()
@@ -131,11 +120,10 @@ class SqliteStore:
         if holder is None or holder.pid != os.getpid():
             conn = sqlite3.connect(
                 self.path,
-                timeout=self._busy_ms / 1000,
+                timeout=self._busy_timeout,
                 isolation_level=None,  # autocommit; transactions are explicit BEGIN IMMEDIATE
                 check_same_thread=False,  # only so close() may close it from another thread
             )
-            conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
             self._enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")  # durable across crashes in WAL mode
             holder = _Connection(conn)
@@ -151,7 +139,7 @@ class SqliteStore:
         is locked" at once instead of waiting on the busy handler: the publisher and the
         subscriber opening the same new record at the same moment hit it.
         """
-        deadline = time.monotonic() + self._busy_ms / 1000
+        deadline = time.monotonic() + self._busy_timeout
         while True:
             try:
                 conn.execute("PRAGMA journal_mode = WAL")
@@ -178,17 +166,8 @@ class SqliteStore:
         with _translate_errors(operation):
             connection = self._connection()
             connection.conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = body(connection)
-            except BaseException:
-                connection.conn.execute("ROLLBACK")
-                raise
-            connection.conn.execute("COMMIT")
-            return result
-
-    def get(self, kind: Kind, doc_id: str) -> Document | None:
-        with _translate_errors("get"):
-            return self._connection().get(kind, doc_id)
+            with connection.conn:  # COMMIT, or ROLLBACK on any exception (and a failed COMMIT)
+                return body(connection)
 
     def get_many(self, kind: Kind, doc_ids: Sequence[str]) -> dict[str, Document]:
         marks = ", ".join("?" for _ in doc_ids)
@@ -232,6 +211,3 @@ class SqliteRecord(DeliveryRecord):
     ) -> None:
         self.path = Path(path)
         super().__init__(SqliteStore(self.path, busy_timeout=busy_timeout), clock=clock)
-
-    def __repr__(self) -> str:
-        return f"SqliteRecord({str(self.path)!r})"

@@ -1,29 +1,20 @@
-"""The storage contract of the delivery record: the primitives a backend implements.
+"""The storage contract of the delivery record: the primitives a backend implements, over which
+:class:`mailpipe.record.base.DeliveryRecord` writes the rules once.
 
-The record's rules (:class:`mailpipe.record.base.DeliveryRecord`) are written once, over these:
-
-- A *document* is a dict of plain values (str, int, float, bool, None, datetime, and lists and
-  dicts of them) kept under a string id in a :class:`Kind` (a table, a collection).
-- :meth:`Store.transact` runs a function atomically with a :class:`Transaction` that can
-  ``get``, ``put`` and ``delete`` documents. The function reads everything before it writes
-  (Firestore's rule) and may run again when the backend retries contention.
-- :meth:`Store.get` and :meth:`Store.query` read outside any transaction; a query filters on a
-  kind's indexed fields and orders by one of them, then by id (stable pages).
-
-SQLite keeps a kind as a table of JSON documents with a column per indexed field; Firestore as a
-collection. A new kind of document is one :class:`Kind` in :data:`KINDS`; a new field is a field
+A *document* is a dict of plain values (str, int, float, bool, None, datetime, lists and dicts
+of them) under a string id in a :class:`Kind` (an SQLite table, a Firestore collection).
+:meth:`Store.transact` runs a function atomically with a :class:`Transaction`; the function reads
+everything before it writes (Firestore's rule) and may run again when the backend retries
+contention. A new kind of document is one :class:`Kind` in :data:`KINDS`; a new field is a field
 of its dataclass, which :func:`encode` and :func:`decode` follow by its type hints.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import datetime as dt
 import enum
 import hashlib
-import json
 import re
 import types
 import typing
@@ -35,7 +26,6 @@ Document = dict[str, Any]
 # (field, op, value), op one of "==", ">=", "in": Firestore's spelling, which SQLite translates.
 Condition = tuple[str, str, Any]
 Cursor = tuple[Any, str] | None  # (order field's value, id) of the last document seen
-Time = dt.datetime
 Clock = Callable[[], dt.datetime]
 
 
@@ -71,7 +61,7 @@ class Transaction(Protocol):
     def get(self, kind: Kind, doc_id: str) -> Document | None: ...
 
     def put(
-        self, kind: Kind, doc_id: str, doc: Document, retain_from: Time | None, new: bool
+        self, kind: Kind, doc_id: str, doc: Document, retain_from: dt.datetime | None, new: bool
     ) -> None: ...
 
     def delete(self, kind: Kind, doc_id: str) -> None: ...
@@ -79,16 +69,13 @@ class Transaction(Protocol):
 
 class Store(Protocol):
     """A backend. It raises :class:`mailpipe.record.RecordError` (``RecordUnavailable`` when a
-    retry may succeed), translated from its client's errors in one place. ``query`` returns the
-    documents matching every condition, ordered by ``(order, id)``, after the cursor ``after``."""
+    retry may succeed), translated from its client's errors in one place. ``get_many``: the
+    documents of those ids that exist, by id, in one round trip; ``query``: the documents
+    matching every condition, ordered by ``(order, id)``, after the cursor ``after``."""
 
     def transact(self, operation: str, body: Callable[[Transaction], T]) -> T: ...
 
-    def get(self, kind: Kind, doc_id: str) -> Document | None: ...
-
-    def get_many(self, kind: Kind, doc_ids: Sequence[str]) -> dict[str, Document]:
-        """The documents of those ids that exist, by id: one round trip."""
-        ...
+    def get_many(self, kind: Kind, doc_ids: Sequence[str]) -> dict[str, Document]: ...
 
     def query(
         self, kind: Kind, where: Sequence[Condition], order: str, after: Cursor, limit: int
@@ -148,7 +135,7 @@ def _converter(hint: Any) -> Callable[[Any], Any]:
     return typing.cast(Callable[[Any], Any], hint)  # str, int, enums
 
 
-# --- ids, keys and page tokens ------------------------------------------------------------------
+# --- ids and keys ---------------------------------------------------------------------------
 
 # Firestore's document-id rules (firebase.google.com/docs/firestore/quotas, "Collections,
 # documents, and fields"): the emulator and production refuse these ids, or (with "/") read them
@@ -184,22 +171,3 @@ def key_hash(idempotency_key: str, scope: str | None = None) -> str:
     """
     text = idempotency_key if scope is None else f"{len(scope)}:{scope}\n{idempotency_key}"
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def page_token(at: dt.datetime, doc_id: str) -> str:
-    """An opaque cursor just after the document ``doc_id`` ordered at time ``at``."""
-    raw = json.dumps([at.isoformat(), doc_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def parse_page_token(token: str) -> tuple[dt.datetime, str]:
-    """``(at, doc_id)`` of the last document of the previous page; ValueError if malformed."""
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        at, doc_id = json.loads(raw)
-        if id_problem(doc_id):  # a forged id must not reach a backend as a cursor
-            raise ValueError(doc_id)
-        # OverflowError: a time at the calendar's edge whose offset has no UTC equivalent.
-        return utc(dt.datetime.fromisoformat(at)), doc_id
-    except (binascii.Error, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise ValueError("malformed page token") from exc

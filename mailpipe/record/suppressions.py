@@ -20,20 +20,10 @@ from dataclasses import dataclass
 from typing import cast
 
 from mailpipe.config import AddressStyle, EnvReader
-from mailpipe.record.store import (
-    SUPPRESSIONS,
-    Clock,
-    Condition,
-    Store,
-    Transaction,
-    decode,
-    encode,
-    page_token,
-    parse_page_token,
-)
+from mailpipe.logs import register_secret
+from mailpipe.record.store import SUPPRESSIONS, Clock, Store, decode, encode
 
 KEY_PREFIX = "hmac-sha256:"
-_HEX = "0123456789abcdef"
 MIN_KEY_BYTES = 32  # RFC 2104 § 3: not shorter than the hash's output
 
 
@@ -60,9 +50,6 @@ class Suppression:
 
     def active(self, now: dt.datetime) -> bool:
         return self.expires_at is None or self.expires_at > now
-
-    def to_json(self) -> dict[str, object]:
-        return encode(self, time=dt.datetime.isoformat)
 
 
 @dataclass(frozen=True)
@@ -107,18 +94,12 @@ class SuppressionPolicy:
 
 
 class SuppressionList:
-    """The suppression list over a record's store; :meth:`DeliveryRecord.suppressions`."""
+    """The suppression list over a record's store (:meth:`DeliveryRecord.suppressions`): what
+    the subscriber needs; the API's listing and removal are in publisher/suppressions.py."""
 
     def __init__(self, store: Store, policy: SuppressionPolicy, clock: Clock) -> None:
-        self._store, self.policy, self._clock = store, policy, clock
-
-    def is_key(self, text: str) -> bool:
-        """Whether ``text`` is a hashed key as :meth:`Suppression.key` shows it."""
-        digest = text.removeprefix(KEY_PREFIX)
-        return text.startswith(KEY_PREFIX) and len(digest) == 64 and not digest.strip(_HEX)
-
-    def _key(self, address_or_key: str) -> str:
-        return address_or_key if self.is_key(address_or_key) else self.policy.key_of(address_or_key)
+        self.store, self.policy, self.clock = store, policy, clock
+        register_secret((policy.key or b"").decode())  # the key never shows in a log line
 
     def put(
         self,
@@ -136,79 +117,15 @@ class SuppressionList:
         shown = address.strip().lower() if self.policy.style == "full" else None
         domain = address.rpartition("@")[2].lower()
         details = (reply_code, enhanced_status, reply, mail_id, expires_at)
-        entry = Suppression(key, reason, self._clock(), domain, shown, *details)
+        entry = Suppression(key, reason, self.clock(), domain, shown, *details)
         doc = encode(entry)
-        self._store.transact("suppress", lambda t: t.put(SUPPRESSIONS, key, doc, None, False))
+        self.store.transact("suppress", lambda t: t.put(SUPPRESSIONS, key, doc, None, False))
         return entry
-
-    def get(self, address_or_key: str) -> Suppression | None:
-        """The active entry of an address (or of a key), or None."""
-        doc = self._store.get(SUPPRESSIONS, self._key(address_or_key))
-        entry = None if doc is None else decode(Suppression, doc)
-        return entry if entry is not None and entry.active(self._clock()) else None
-
-    def remove(self, address_or_key: str) -> bool:
-        """Delete the entry (reactivate the recipient); whether an active one was there."""
-        key = self._key(address_or_key)
-
-        def body(txn: Transaction) -> bool:
-            doc = txn.get(SUPPRESSIONS, key)
-            txn.delete(SUPPRESSIONS, key)
-            return doc is not None and decode(Suppression, doc).active(self._clock())
-
-        return self._store.transact("unsuppress", body)
-
-    def upsert(
-        self, address: str, reason: SuppressionReason, *, expires_at: dt.datetime | None = None
-    ) -> tuple[Suppression, bool]:
-        """:meth:`put` an operator's entry, and whether it replaced an active one: decided in the
-        write's own transaction, so of concurrent upserts of one address only one finds none."""
-        key, full = self.policy.key_of(address), self.policy.style == "full"
-        shown, domain = address.strip().lower() if full else None, address.rpartition("@")[2]
-        entry = Suppression(
-            key, reason, self._clock(), domain.lower(), shown, expires_at=expires_at
-        )
-
-        def body(txn: Transaction) -> bool:
-            held = txn.get(SUPPRESSIONS, key)  # reads before writes
-            txn.put(SUPPRESSIONS, key, encode(entry), None, False)
-            return held is not None and decode(Suppression, held).active(entry.created_at)
-
-        return entry, self._store.transact("suppress", body)
 
     def lookup(self, addresses: Iterable[str]) -> dict[str, Suppression]:
         """The suppressed ones of ``addresses`` (one batched read), by address."""
         keys = {address: self.policy.key_of(address) for address in addresses}
-        found = self._store.get_many(SUPPRESSIONS, sorted(set(keys.values()))) if keys else {}
-        now, entries = self._clock(), {key: decode(Suppression, doc) for key, doc in found.items()}
+        found = self.store.get_many(SUPPRESSIONS, sorted(set(keys.values()))) if keys else {}
+        now, entries = self.clock(), {key: decode(Suppression, doc) for key, doc in found.items()}
         active = {key for key, entry in entries.items() if entry.active(now)}
         return {address: entries[key] for address, key in keys.items() if key in active}
-
-    def list(
-        self,
-        *,
-        reason: SuppressionReason | None = None,
-        domain: str | None = None,
-        limit: int = 100,
-        page_token: str | None = None,
-    ) -> tuple[list[Suppression], str | None]:
-        """Active entries by ``(created_at, key)``, and the next page's token (None: last).
-        ValueError: a malformed ``page_token``."""
-        where: list[Condition] = [("reason", "==", str(reason))] if reason else []
-        where += [("domain", "==", domain.lower())] if domain else []
-        after = parse_page_token(page_token) if page_token else None
-        now, items = self._clock(), list[Suppression]()
-        while True:
-            docs = self._store.query(SUPPRESSIONS, where, "created_at", after, limit + 1)
-            for entry in (decode(Suppression, doc) for doc in docs):
-                if entry.active(now):
-                    if len(items) == limit:
-                        return items, _token(items[-1])
-                    items.append(entry)
-                after = (entry.created_at, entry.key)
-            if len(docs) <= limit:
-                return items, None
-
-
-def _token(entry: Suppression) -> str:
-    return page_token(entry.created_at, entry.key)

@@ -11,7 +11,7 @@ of the image's 0.0.0.0), against Google's Pub/Sub emulator, a real aiosmtpd serv
 canary, Dovecot, all on loopback:
 
 - publisher image: its CMD (``python -m publisher``); the reconcile job's command, read from
-  terraform/reconcile.tf (the job runs this image): reconcile releases a stuck reservation;
+  terraform/cli_jobs.tf (the job runs this image): reconcile releases a stuck reservation;
 - subscriber image: its CMD (``python -m subscriber push``); the pull-mode worker pool's command,
   read from terraform/run.tf; the functions-framework targets of subscriber/function.py;
 - canary image: its CMD (``python -m canary``), which is the canary job's command in
@@ -53,7 +53,7 @@ from mailpipe.record.sqlite import SqliteRecord
 from mailpipe.topology import Topology
 from tests.fixtures.imap import Dovecot
 from tests.fixtures.pipeline import pipeline_env
-from tests.fixtures.terraform import Module, container_command
+from tests.fixtures.terraform import Module, cli_job_command, container_command
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = ("publisher", "subscriber", "canary")
@@ -579,10 +579,13 @@ def test_canary_job_of_the_canary_image_finds_its_probe_in_the_mailbox(
 def test_reconcile_job_of_the_publisher_image_releases_a_stuck_reservation(
     images: Callable[[str], ImageEnvironment], terraform: Module, tmp_path: Path
 ) -> None:
-    job = terraform.resource("google_cloud_run_v2_job", "reconcile")
-    command = container_command(job)
+    job = terraform.resource("google_cloud_run_v2_job", "cli_job")
+    command = cli_job_command(terraform, "reconcile")
     assert job["template"][0]["template"][0]["containers"][0]["image"] == (
-        "${coalesce(var.reconcile.image, var.publisher_image)}"
+        "${coalesce(each.value.image, var.publisher_image)}"
+    )
+    assert (
+        terraform.locals["cli_job_declarations"]["reconcile"]["image"] == "${var.reconcile.image}"
     )
     # A publisher that died between reserving an idempotency key and publishing, an hour ago.
     url = f"sqlite:///{tmp_path / 'record.sqlite3'}"

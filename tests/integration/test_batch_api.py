@@ -15,6 +15,7 @@ from opentelemetry.trace import SpanKind
 from mailpipe.attributes import SPAN_LINK_KIND, SPAN_MAIL_ID
 from mailpipe.record import MailStatus
 from publisher.app import BATCH_LINK_KIND, BATCH_MAIL_SPAN, MAX_REQUEST_BYTES
+from publisher.listing import list_mails
 from publisher.openapi import MAX_BATCH_MAILS
 from publisher.pubsub import MAX_PUBSUB_DATA_BYTES
 from tests.fixtures.pipeline import Pipeline
@@ -38,7 +39,7 @@ def post_batch(pipeline: Pipeline, mails: Any, **kwargs: Any) -> httpx.Response:
 
 
 def assert_nothing_accepted(pipeline: Pipeline) -> None:
-    assert pipeline.record.list(limit=10).items == []
+    assert list_mails(pipeline.record, limit=10).items == []
     assert pipeline.smtp.messages == []
 
 
@@ -112,7 +113,7 @@ def test_a_mixed_batch_answers_207_per_item_and_delivers_only_the_accepted(
     delivered(pipeline, [first["mail_id"], last["mail_id"]])
     subjects = sorted(m.message["Subject"] for m in pipeline.smtp.messages)
     assert subjects == ["batch mail 0", "batch mail 4"]
-    records = pipeline.record.list(limit=10).items
+    records = list_mails(pipeline.record, limit=10).items
     assert sorted(r.mail_id for r in records) == sorted([first["mail_id"], last["mail_id"]])
 
 

@@ -42,6 +42,7 @@ from ops.cli import main as cli_main
 from ops.cli import reconcile as reconcile_cli
 from publisher.app import create_app
 from publisher.config import PublisherConfig
+from publisher.listing import list_mails
 from publisher.main import oldest_undelivered_age
 from publisher.metrics import PublisherMetrics
 from publisher.pubsub import PubSubMailPublisher
@@ -50,6 +51,7 @@ from subscriber.delivery import DeliveryService, Outcome, ReceivedMessage
 from subscriber.smtp import SmtpSender
 from tests.fixtures.http import serve_app
 from tests.fixtures.pipeline import pipeline_env
+from tests.fixtures.publishing import key_holder
 from tests.fixtures.smtp import make_smtp_config
 from tests.fixtures.telemetry import metric_points
 from tests.fixtures.topic import pull_acked
@@ -398,8 +400,8 @@ def test_any_failure_before_the_publish_releases_the_key(
 
     failed = service.post({**MAIL, "idempotency_key": key})
     assert_json_error(failed, 500, "internal")
-    assert service.record.get_by_idempotency_key(key) is None
-    assert service.record.list().items == []
+    assert key_holder(service.record, key) is None
+    assert list_mails(service.record).items == []
 
     retry = service.post({**MAIL, "idempotency_key": key})
     assert retry.status_code == 202, retry.text  # not a 409 for a request that never published
@@ -458,7 +460,7 @@ def test_a_crash_between_reserve_and_publish_is_seen_expires_and_is_released_by_
     key = f"invoice-{uuid.uuid4()}"
     crash_with_a_reserved_key(service, key)
 
-    held = service.record.get_by_idempotency_key(key)
+    held = key_holder(service.record, key)
     assert held is not None
     assert held.status is MailStatus.ACCEPTING
     assert_json_error(service.post({**MAIL, "idempotency_key": key}), 409, "idempotency_conflict")
@@ -505,7 +507,7 @@ def test_a_crash_between_reserve_and_publish_is_seen_expires_and_is_released_by_
 def test_a_crashed_reservation_is_taken_over_by_the_retry_once_expired(service: Service) -> None:
     key = f"invoice-{uuid.uuid4()}"
     crash_with_a_reserved_key(service, key)
-    held = service.record.get_by_idempotency_key(key)
+    held = key_holder(service.record, key)
     assert held is not None
 
     service.clock.advance(RESERVATION + 60)
@@ -701,8 +703,8 @@ def test_reconcile_exit_codes_for_failures_and_usage(
     assert "no delivery record" in capsys.readouterr().err
     assert cli_main(["reconcile", "--grace", "-1", "--record", str(missing)]) == 2
 
-    class Down:
-        def list(self, **_: Any) -> Any:
+    class DownStore:  # a backend that cannot be reached
+        def query(self, *_: Any) -> Any:
             raise RecordUnavailable("injected: the record is unreachable")
 
         def close(self) -> None:
@@ -710,8 +712,9 @@ def test_reconcile_exit_codes_for_failures_and_usage(
 
     parser = argparse.ArgumentParser()
     reconcile_cli.add_arguments(parser)
+    down = DeliveryRecord(DownStore())  # type: ignore[arg-type]
     code = reconcile_cli.run(
-        parser.parse_args(["--fix", "--json"]), record=Down(), environ=service.env
+        parser.parse_args(["--fix", "--json"]), record=down, environ=service.env
     )
     assert code == 1
     [line] = [json.loads(x) for x in capsys.readouterr().out.splitlines()]

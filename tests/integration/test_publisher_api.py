@@ -17,11 +17,12 @@ from mailpipe.record import MailStatus, open_record
 from mailpipe.telemetry import setup_telemetry
 from publisher.app import create_app
 from publisher.config import PublisherConfig
+from publisher.listing import list_mails
 from publisher.metrics import PublisherMetrics
 from publisher.pubsub import PubSubMailPublisher
 from tests.fixtures.http import serve_app
 from tests.fixtures.pipeline import pipeline_env
-from tests.fixtures.publishing import Publishing, publishing
+from tests.fixtures.publishing import Publishing, key_holder, publishing
 from tests.fixtures.topology import unique_topology
 
 VALID: dict[str, Any] = {
@@ -331,11 +332,11 @@ def test_publish_failure_is_503_and_frees_the_idempotency_key(
         response = http.post("/v1/messages", json={**VALID, "idempotency_key": "k1"})
         error = assert_json_error(response, 503, "publish_failed")
         assert "retry" in error["message"]
-        assert record.get_by_idempotency_key("k1") is None
-        assert record.list().items == []
+        assert key_holder(record, "k1") is None
+        assert list_mails(record).items == []
         keyless = http.post("/v1/messages", json=VALID)
         assert_json_error(keyless, 503, "publish_failed")
-        assert record.list().items == []  # nothing recorded for a mail that was never queued
+        assert list_mails(record).items == []  # nothing recorded for a mail that was never queued
     publisher.close()
     record.close()
     delete_topology(topology, project=pubsub_project, emulator_host=pubsub_emulator.host)

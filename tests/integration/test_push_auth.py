@@ -61,6 +61,7 @@ from subscriber.smtp import SmtpSender
 from tests.fixtures.cloud_run import CloudRunFront, cloud_run_front, strip_signature
 from tests.fixtures.http import QuietJsonHandler, serve_app
 from tests.fixtures.pipeline import pipeline_env
+from tests.fixtures.publishing import key_holder
 from tests.fixtures.smtp import make_smtp_config
 
 AUDIENCE = "https://mailpipe-subscriber-abc123-ew.a.run.app/"
@@ -736,7 +737,7 @@ def test_behind_cloud_run_the_publisher_scopes_idempotency_keys_to_the_verified_
             )
             assert refused.status_code == 401
             assert refused.json()["error"]["code"] == "unauthenticated"
-            assert record.get_by_idempotency_key("invoice-43", scope=OTHER_INVOKER) is None
+            assert key_holder(record, "invoice-43", scope=OTHER_INVOKER) is None
             # A batch with that token is refused whole (one 401), not mail by mail in a 207.
             batch = httpx.post(
                 f"{backend}/v1/messages:batch",
@@ -746,7 +747,7 @@ def test_behind_cloud_run_the_publisher_scopes_idempotency_keys_to_the_verified_
             )
             assert batch.status_code == 401, batch.text
             assert batch.json()["error"]["code"] == "unauthenticated"
-            assert record.get_by_idempotency_key("invoice-44", scope=OTHER_INVOKER) is None
+            assert key_holder(record, "invoice-44", scope=OTHER_INVOKER) is None
     finally:
         publisher.close()
         record.close()

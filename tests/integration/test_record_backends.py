@@ -36,7 +36,9 @@ from mailpipe.record.sqlite import SCHEMA_VERSION, SqliteRecord
 from mailpipe.record.store import key_hash
 from ops.reconcile import fix, mark_unconfirmed
 from ops.replay import mark_replayed
+from publisher.listing import list_mails, oldest_undelivered
 from publisher.reconcile import survey
+from tests.fixtures.publishing import key_holder
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 LEASE = 60.0
@@ -174,8 +176,8 @@ def test_reserve_creates_an_accepting_record(record: DeliveryRecord) -> None:
     assert stored.recipient_domains == ("example.org", "example.net")
     assert stored.idempotency_key == "order-1"
     assert stored.attempts == ()
-    assert record.get_by_idempotency_key("order-1") == stored
-    assert record.get_by_idempotency_key("order-2") is None
+    assert key_holder(record, "order-1") == stored
+    assert key_holder(record, "order-2") is None
     assert record.get("no-such-mail") is None
 
 
@@ -206,7 +208,7 @@ def test_reserve_without_key_and_of_an_existing_mail_id(record: DeliveryRecord) 
     )
     assert not again.created
     assert again.record.mail_id == a
-    assert record.get_by_idempotency_key("fresh-key") is None
+    assert key_holder(record, "fresh-key") is None
 
 
 def test_mark_queued_sets_status_and_ids(record: DeliveryRecord) -> None:
@@ -260,7 +262,7 @@ def test_mark_queued_creates_the_record_of_a_mail_published_without_reservation(
     )
     assert (stored.accepted_at, stored.recipient_domains) == (T0, ("example.org",))
     assert stored.idempotency_key is None
-    oldest = record.oldest_undelivered()
+    oldest = oldest_undelivered(record)
     assert oldest is not None
     assert oldest.mail_id == "keyless"  # counts toward the lag alert like any queued mail
 
@@ -315,7 +317,10 @@ def test_mark_queued_many_records_a_whole_batch_in_one_transaction(
     statuses = [r.status for r in stored if r]
     assert statuses == [MailStatus.QUEUED, MailStatus.SENDING] + [MailStatus.QUEUED] * 497
     assert stored[0] is not None and stored[0].reserved_until is None  # the key holds for good
-    assert record.get_by_idempotency_key("order-7") == stored[0]
+    again = record.reserve(
+        mail_id="retry", accepted_at=T0, recipient_domains=(), idempotency_key="order-7"
+    )
+    assert (again.created, again.record) == (False, stored[0])
     assert stored[1] is not None and stored[1].attempt_count == 1  # the claim's progress kept
     assert stored[2] is not None and stored[2].recipient_domains == ("example.org",)
 
@@ -336,9 +341,9 @@ def test_release_deletes_the_reservation_and_frees_the_key(record: DeliveryRecor
     record.release(first)
 
     assert record.get(first) is None
-    assert record.get_by_idempotency_key("order-1") is None
+    assert key_holder(record, "order-1") is None
     second = reserve(record, key="order-1")  # the client's retry now succeeds
-    holder = record.get_by_idempotency_key("order-1")
+    holder = key_holder(record, "order-1")
     assert holder is not None
     assert holder.mail_id == second
 
@@ -352,7 +357,7 @@ def test_release_leaves_a_queued_record_and_ignores_a_missing_one(record: Delive
     stored = record.get(mail_id)
     assert stored is not None
     assert stored.status is MailStatus.QUEUED
-    assert record.get_by_idempotency_key("order-1") == stored
+    assert key_holder(record, "order-1") == stored
 
 
 # --- idempotency scope, reservation expiry and reconcile -----------------------------------
@@ -366,13 +371,13 @@ def test_a_key_is_scoped_to_its_caller(record: DeliveryRecord) -> None:
     shared = reserve(record, key="order-1")  # no identity: the one shared scope
 
     assert len({alice, bob, shared}) == 3
-    held = record.get_by_idempotency_key("order-1", scope="alice@example.iam.gserviceaccount.com")
+    held = key_holder(record, "order-1", scope="alice@example.iam.gserviceaccount.com")
     assert held is not None
     assert held.mail_id == alice
-    unscoped = record.get_by_idempotency_key("order-1")
+    unscoped = key_holder(record, "order-1")
     assert unscoped is not None
     assert unscoped.mail_id == shared
-    assert record.get_by_idempotency_key("order-1", scope="carol") is None
+    assert key_holder(record, "order-1", scope="carol") is None
     again = record.reserve(
         mail_id="mail-again",
         accepted_at=T0,
@@ -428,7 +433,7 @@ def test_an_expired_reservation_is_taken_over_by_the_next_reserve_of_its_key(
     )
     assert retry.created
     assert record.get(crashed) is None
-    holder = record.get_by_idempotency_key("order-1")
+    holder = key_holder(record, "order-1")
     assert holder is not None
     assert holder.mail_id == "mail-retry"
 
@@ -456,7 +461,7 @@ def test_release_expired_reservation(record: DeliveryRecord, clock: FakeClock) -
     assert released is not None
     assert released.mail_id == mail_id
     assert record.get(mail_id) is None
-    assert record.get_by_idempotency_key("order-1") is None
+    assert key_holder(record, "order-1") is None
     assert record.release(mail_id, expired_only=True) is None  # once
     assert record.release("no-such-mail", expired_only=True) is None
     assert reserve(record, key="order-1")  # the key is free
@@ -496,7 +501,7 @@ def test_mark_unconfirmed_settles_a_stalled_delivery_and_keeps_it_claimable(
     assert "attempt 1 was never recorded" in marked.last_error
     assert record.get(mail_id) == marked
     assert mark_unconfirmed(record, mail_id, grace_seconds=0) is None  # once
-    oldest = record.oldest_undelivered()
+    oldest = oldest_undelivered(record)
     assert oldest is None  # settled: out of the lag gauge (Pub/Sub's backlog alert covers it)
     # A copy Pub/Sub still holds is delivered, not dropped as a duplicate.
     later = record.claim(mail_id, message_id="42", trace_id=None, lease_seconds=LEASE)
@@ -742,7 +747,7 @@ def test_claim_without_a_record_takes_the_mails_own_facts(record: DeliveryRecord
     stored = record.get("mail-unknown")
     assert stored is not None
     assert (stored.accepted_at, stored.recipient_domains) == (T0, ("example.org",))
-    oldest = record.oldest_undelivered()
+    oldest = oldest_undelivered(record)
     assert oldest is not None
     assert oldest.mail_id == "mail-unknown"
 
@@ -812,7 +817,7 @@ def test_list_is_oldest_first_and_pages_stably(record: DeliveryRecord) -> None:
     token: str | None = None
     pages = 0
     while True:
-        page = record.list(limit=3, page_token=token)
+        page = list_mails(record, limit=3, page_token=token)
         seen += [r.mail_id for r in page.items]
         pages += 1
         if pages == 1:
@@ -833,31 +838,31 @@ def test_list_filters_by_status_and_since(record: DeliveryRecord) -> None:
     record.mark_dead_lettered(dead, last_error="451")
 
     def ids(**kwargs: object) -> list[str]:
-        return [r.mail_id for r in record.list(**kwargs).items]  # type: ignore[arg-type]
+        return [r.mail_id for r in list_mails(record, **kwargs).items]  # type: ignore[arg-type]
 
     assert ids(status=MailStatus.QUEUED) == [old_queued, new_queued]
     assert ids(status=MailStatus.DEAD_LETTERED) == [dead]
     assert ids(since=T0 + dt.timedelta(minutes=10)) == [new_queued, accepting, dead]
     assert ids(status=MailStatus.QUEUED, since=T0 + dt.timedelta(minutes=5)) == [new_queued]
     assert ids(status=MailStatus.BOUNCED) == []
-    page = record.list(status=MailStatus.QUEUED, limit=1)
+    page = list_mails(record, status=MailStatus.QUEUED, limit=1)
     assert [r.mail_id for r in page.items] == [old_queued]
-    rest = record.list(status=MailStatus.QUEUED, limit=1, page_token=page.next_page_token)
+    rest = list_mails(record, status=MailStatus.QUEUED, limit=1, page_token=page.next_page_token)
     assert [r.mail_id for r in rest.items] == [new_queued]
     assert rest.next_page_token is None
 
 
 def test_list_rejects_bad_arguments(record: DeliveryRecord) -> None:
     with pytest.raises(ValueError, match="limit"):
-        record.list(limit=0)
+        list_mails(record, limit=0)
     with pytest.raises(ValueError, match="page token"):
-        record.list(page_token="not a token")
+        list_mails(record, page_token="not a token")
 
 
 def test_oldest_undelivered(record: DeliveryRecord) -> None:
-    assert record.oldest_undelivered() is None
+    assert oldest_undelivered(record) is None
     accepting = reserve(record, minutes=0)  # a publish in progress, or a reservation a crash left
-    oldest = record.oldest_undelivered()
+    oldest = oldest_undelivered(record)
     assert oldest is not None
     assert oldest.mail_id == accepting  # the lag alert sees it (a crash's is never released)
     record.release(accepting)
@@ -866,28 +871,28 @@ def test_oldest_undelivered(record: DeliveryRecord) -> None:
     record.finish(delivered, attempt(1, "delivered", 250))
     dead = queue(record, minutes=2)
     record.mark_dead_lettered(dead, last_error="451")
-    assert record.oldest_undelivered() is None
+    assert oldest_undelivered(record) is None
 
     newer = queue(record, minutes=4)
     deferred = queue(record, minutes=3)
     record.claim(deferred, message_id="2", trace_id=None, lease_seconds=LEASE)
     record.finish(deferred, attempt(1, "deferred", 451))
 
-    oldest = record.oldest_undelivered()
+    oldest = oldest_undelivered(record)
     assert oldest is not None
     assert oldest.mail_id == deferred
     record.claim(deferred, message_id="2", trace_id=None, lease_seconds=LEASE)
-    oldest = record.oldest_undelivered()
+    oldest = oldest_undelivered(record)
     assert oldest is not None
     assert oldest.mail_id == deferred  # sending still counts as undelivered
     record.finish(deferred, attempt(2, "delivered", 250))
-    oldest = record.oldest_undelivered()
+    oldest = oldest_undelivered(record)
     assert oldest is not None
     assert oldest.mail_id == newer
 
     # A replayed mail is back on the topic: it counts until delivered, so the lag alert sees it.
     mark_replayed(record, dead, trace_id=None)
-    oldest = record.oldest_undelivered()
+    oldest = oldest_undelivered(record)
     assert oldest is not None
     assert oldest.mail_id == dead
 
@@ -914,7 +919,7 @@ def test_concurrent_reserves_of_one_key_create_one_mail(
     assert len(created) == 1
     winner = created[0].record.mail_id  # type: ignore[union-attr]
     assert {r.record.mail_id for r in results} == {winner}  # type: ignore[union-attr]
-    assert [r.mail_id for r in records[0].list().items] == [winner]
+    assert [r.mail_id for r in list_mails(records[0]).items] == [winner]
 
 
 def test_concurrent_claims_of_one_mail_claim_it_once(
@@ -1052,10 +1057,12 @@ def test_sqlite_a_version_1_record_is_migrated_in_place(tmp_path: Path) -> None:
 
     record = SqliteRecord(path)
     try:
-        by_key = record.get_by_idempotency_key("order-1")
+        by_key = key_holder(record, "order-1")
         assert by_key is not None
         assert (by_key.mail_id, by_key.status, by_key.accepted_at) == ("m-1", MailStatus.QUEUED, T0)
-        assert [r.mail_id for r in record.list(status=MailStatus.QUEUED, since=T0).items] == ["m-1"]
+        assert [
+            r.mail_id for r in list_mails(record, status=MailStatus.QUEUED, since=T0).items
+        ] == ["m-1"]
         again = record.reserve(
             mail_id="m-2", accepted_at=T0, recipient_domains=(), idempotency_key="order-1"
         )

@@ -121,6 +121,8 @@ def test_identify_caller_names_the_verified_invoker() -> None:
         {"Authorization": f"Bearer {stripped(iss='https://evil.example.com')}"},
         {"Authorization": f"Bearer {stripped(email_verified=False)}"},
         {"Authorization": f"Bearer {stripped(email=None, sub=None)}"},
+        # Cloud Run strips only the signature of a Google ID token, which is RS256.
+        {"Authorization": f"Bearer {stripped({'alg': 'none'})}"},
         # The checked header wins even when Authorization would pass.
         {"X-Serverless-Authorization": "Bearer garbage", "Authorization": f"Bearer {stripped()}"},
     ],

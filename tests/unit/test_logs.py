@@ -14,8 +14,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from mailpipe import logs
-from mailpipe.config import TelemetryConfig
+from mailpipe.config import PubSubConfig, TelemetryConfig
 from mailpipe.logs import configure_logging, redact_address, redact_addresses, register_secret
+from subscriber.pull import make_subscriber_client
 
 CONFIG = TelemetryConfig(service_name="mailpipe-subscriber")
 
@@ -195,6 +196,9 @@ def test_hashed_style_hides_the_address_but_keeps_it_recognisable() -> None:
 def test_the_pubsub_clients_double_end_warning_is_not_logged() -> None:
     stream = io.StringIO()
     configure_logging(TelemetryConfig(service_name="t"), stream=stream)
+    # The subscriber's streaming-pull client is the one that ends its spans twice.
+    pubsub = PubSubConfig(project="p", topic="t", subscription="s", emulator_host="127.0.0.1:1")
+    make_subscriber_client(pubsub).close()
 
     logging.getLogger("opentelemetry.sdk.trace").warning("Calling end() on an ended span.")
     logging.getLogger("opentelemetry.sdk.trace").warning("a real warning")

@@ -131,6 +131,19 @@ def test_encoded_words_are_accepted_where_they_are_encoded_and_refused_in_file_n
     assert "encoded word" in refused(attachments=[attachment])["attachments.0.filename"]
 
 
+@pytest.mark.parametrize("filename", ["<>", "<report.pdf>", '"report.pdf"', " <a> "])
+def test_file_names_a_reader_would_unwrap_are_refused(filename: str) -> None:
+    # Python's email (email.utils.unquote) reads filename="<a>" as "a": refused, not mis-shown.
+    attachment = {"filename": filename, "content": "eA=="}
+    assert "mail programs strip them" in refused(attachments=[attachment])["attachments.0.filename"]
+
+
+def test_file_names_with_one_bracket_or_quote_inside_are_kept() -> None:
+    names = ["<a", "a>", 'a"b', "r<1>.pdf"]
+    attachments = [{"filename": name, "content": "eA=="} for name in names]
+    assert [a.filename for a in request(attachments=attachments).attachments] == names
+
+
 @pytest.mark.parametrize(
     ("headers", "says"),
     [

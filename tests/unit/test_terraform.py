@@ -40,7 +40,14 @@ from mailpipe.record.firestore import FirestoreRecord
 from mailpipe.serving import SERVER_THREADS
 from mailpipe.topology import Topology, default_topology_path, duration_seconds, load_topology
 from subscriber.config import SmtpConfig
-from tests.fixtures.terraform import Module, container_command, dynamic_block, parse_hcl, strings
+from tests.fixtures.terraform import (
+    Module,
+    cli_job_command,
+    container_command,
+    dynamic_block,
+    parse_hcl,
+    strings,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TERRAFORM = REPO / "terraform"
@@ -77,6 +84,23 @@ def topology() -> Topology:
 
 def _terraform() -> str | None:
     return shutil.which("terraform")
+
+
+def _run_terraform(
+    *args: str, cwd: Path | None = None, timeout: int = 120
+) -> subprocess.CompletedProcess[str]:
+    """`terraform ARGS` offline (the caller has skipped when the binary is missing)."""
+    terraform = _terraform()
+    assert terraform is not None
+    return subprocess.run(
+        [terraform, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=OFFLINE_ENV,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,16 +197,8 @@ def initialized_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("where", ["terraform", "terraform/examples/basic"])
 def test_terraform_validate_with_the_real_providers(initialized_copy: Path, where: str) -> None:
-    terraform = _terraform()
-    assert terraform is not None
-    result = subprocess.run(
-        [terraform, "validate", "-json", "-no-color"],
-        cwd=initialized_copy / where,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-        env=OFFLINE_ENV,
+    result = _run_terraform(
+        "validate", "-json", "-no-color", cwd=initialized_copy / where, timeout=180
     )
     report = json.loads(result.stdout)
     problems = [
@@ -300,9 +316,10 @@ def test_topics_and_subscriptions_are_for_each_over_the_declaration(
 ) -> None:
     topics = module.of_type("google_pubsub_topic")
     subscriptions = module.of_type("google_pubsub_subscription")
-    assert list(topics) == ["topic"], "one for_each topic resource, no hand-written extras"
-    # Beside the declaration's: only the integrators' webhooks (var.event_webhooks, events.tf).
-    assert sorted(subscriptions) == ["event_webhook", "subscription"]
+    # Beside the declaration's: only the integrators' webhooks (var.event_webhooks) and the
+    # dead-letter topic and subscription of those webhooks (events.tf).
+    assert sorted(topics) == ["event_webhook_dead_letter", "topic"]
+    assert sorted(subscriptions) == ["event_webhook", "event_webhook_dead_letter", "subscription"]
     assert topics["topic"]["for_each"] == "${local.topics}"
     assert topics["topic"]["name"] == "${each.value.name}"
     sub = subscriptions["subscription"]
@@ -393,8 +410,11 @@ def _hcl(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as HCL")
 
 
-def _needed_locals(module: Module, expressions: Mapping[str, str]) -> dict[str, Any]:
-    """The module's locals the expressions use, directly or through other locals."""
+def _needed_locals(
+    module: Module, expressions: Mapping[str, str], stubs: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The module's locals the expressions use, directly or through other locals; a local named
+    in ``stubs`` is that HCL expression instead (for a local that reads a resource)."""
     needed: dict[str, Any] = {}
     pending = [name for text in expressions.values() for name in LOCAL_REFERENCE.findall(text)]
     while pending:
@@ -402,7 +422,7 @@ def _needed_locals(module: Module, expressions: Mapping[str, str]) -> dict[str, 
         if name in needed or name == "probe":
             continue
         assert name in module.locals, f"local.{name} is not defined in terraform/"
-        needed[name] = module.locals[name]
+        needed[name] = "${" + stubs[name] + "}" if stubs and name in stubs else module.locals[name]
         pending.extend(LOCAL_REFERENCE.findall(json.dumps(needed[name])))
     return needed
 
@@ -412,11 +432,13 @@ def _evaluate(
     tmp_path: Path,
     expressions: Mapping[str, str],
     tfvars: Mapping[str, Any] | None = None,
+    stubs: Mapping[str, str] | None = None,
 ) -> tuple[bool, Any]:
     """Evaluate HCL expressions with a real `terraform console`, over variables.tf (its types,
     defaults and validations), topology.tf and the locals they use: ``(True, {name: value})``, or
     ``(False, terraform's error text)`` when a variable is refused or an expression fails.
-    The locals must not depend on resources (those need the providers)."""
+    The locals must not depend on resources (those need the providers): ``stubs`` stands in for
+    those that do (local name => HCL expression)."""
     terraform = _terraform()
     if terraform is None:
         pytest.skip("terraform binary not found: expressions not evaluated (HCL checks still ran)")
@@ -427,7 +449,9 @@ def _evaluate(
         shutil.copy(TERRAFORM / name, directory / "terraform" / name)
     topology_locals = set(module.by_file["topology.tf"]["locals"][0])
     needed = {
-        k: v for k, v in _needed_locals(module, expressions).items() if k not in topology_locals
+        k: v
+        for k, v in _needed_locals(module, expressions, stubs).items()
+        if k not in topology_locals
     }
     lines = [f"  {name} = {_hcl(value)}" for name, value in needed.items()]
     lines.append("  probe = {")
@@ -554,31 +578,78 @@ def test_the_pubsub_service_agent_comes_from_service_usage(module: Module) -> No
     assert providers == {"google", "google-beta"}
 
 
+def _dead_letter_topic_of(body: dict[str, Any]) -> str | None:
+    """The dead_letter_topic expression of a subscription's (static or dynamic) policy."""
+    for policy in body.get("dead_letter_policy", []):
+        return str(policy["dead_letter_topic"])
+    for entry in body.get("dynamic", []):
+        if "dead_letter_policy" in entry:
+            return str(entry["dead_letter_policy"]["content"][0]["dead_letter_topic"])
+    return None
+
+
 def test_every_dead_letter_subscription_has_the_service_agent_grants(module: Module) -> None:
+    """Pub/Sub forwards to a dead-letter topic only when its service agent may publish there and
+    acknowledge on the source subscription (cloud.google.com/pubsub/docs/handling-failures): one
+    pair of for_each grants covers every subscription that has a dead_letter_policy."""
     sub = module.resource("google_pubsub_subscription", "subscription")
     policy = _dynamic(sub, "dead_letter_policy")
     assert policy["for_each"] == "${each.value.dead_letter == null ? [] : [each.value.dead_letter]}"
-    # The grants iterate over exactly the subscriptions that get a dead_letter_policy...
+    assert policy["content"][0]["dead_letter_topic"] == (
+        "${google_pubsub_topic.topic[dead_letter_policy.value.topic].id}"
+    )
+    webhook = module.resource("google_pubsub_subscription", "event_webhook")
+    assert webhook["dead_letter_policy"][0]["dead_letter_topic"] == (
+        "${google_pubsub_topic.event_webhook_dead_letter[0].id}"
+    )
+
+    # Every subscription resource with a policy is among the sources, and its topic among the
+    # topics; nothing else is.
+    sources = module.locals["dead_letter_sources"]
+    topics = module.locals["dead_letter_topics"]
+    with_policy = {
+        name: _dead_letter_topic_of(body)
+        for name, body in module.of_type("google_pubsub_subscription").items()
+        if _dead_letter_topic_of(body)
+    }
+    assert sorted(with_policy) == ["event_webhook", "subscription"]
+    for needed in (
+        "for key, sub in local.dead_letter_subscriptions : key => "
+        "google_pubsub_subscription.subscription[key].name",
+        'for name, hook in var.event_webhooks : "webhook ${name}" => '
+        "google_pubsub_subscription.event_webhook[name].name",
+    ):
+        assert needed in sources, needed
     assert "sub.dead_letter != null" in module.locals["dead_letter_subscriptions"]
+    for needed in (
+        "for sub in values(local.dead_letter_subscriptions) : sub.dead_letter.topic",
+        "key => google_pubsub_topic.topic[key].name",
+        "local.event_webhooks_enabled ? {event_webhooks = "
+        "google_pubsub_topic.event_webhook_dead_letter[0].name}",
+    ):
+        assert needed in topics, needed
 
     publish = module.resource(
         "google_pubsub_topic_iam_member", "pubsub_agent_publishes_dead_letters"
     )
-    assert publish["for_each"] == "${local.dead_letter_subscriptions}"
+    assert publish["for_each"] == "${local.dead_letter_topics}"
+    assert publish["topic"] == "${each.value}"
     assert publish["role"] == "roles/pubsub.publisher"
     assert publish["member"] == "${local.pubsub_service_agent}"
-    # ...on the topic the policy forwards to...
-    assert publish["topic"] == "${google_pubsub_topic.topic[each.value.dead_letter.topic].name}"
-    assert policy["content"][0]["dead_letter_topic"] == (
-        "${google_pubsub_topic.topic[dead_letter_policy.value.topic].id}"
-    )
 
     ack = module.resource("google_pubsub_subscription_iam_member", "pubsub_agent_acks_dead_letters")
-    assert ack["for_each"] == "${local.dead_letter_subscriptions}"
+    assert ack["for_each"] == "${local.dead_letter_sources}"
+    assert ack["subscription"] == "${each.value}"
     assert ack["role"] == "roles/pubsub.subscriber"
     assert ack["member"] == "${local.pubsub_service_agent}"
-    # ...and on the source subscription itself.
-    assert ack["subscription"] == "${google_pubsub_subscription.subscription[each.key].name}"
+    # No second copy of either grant for the webhooks.
+    agent_grants = [key for key, body in module.resources.items() if "pubsub_agent" in key[1]]
+    assert sorted(name for _, name in agent_grants) == [
+        "pubsub_agent_acks_dead_letters",
+        "pubsub_agent_mints_event_webhook_tokens",
+        "pubsub_agent_mints_invoker_tokens",
+        "pubsub_agent_publishes_dead_letters",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -959,11 +1030,22 @@ def test_alert_policies_watch_lag_dead_letters_and_error_ratio(module: Module) -
     assert threshold["threshold_value"] == "${var.oldest_unacked_age_threshold_seconds}"
     assert module.variables["oldest_unacked_age_threshold_seconds"]["default"] == 600
 
+    # One policy per subscription where dead letters wait: the mails', and the webhooks' events'.
     dead = module.resource("google_monitoring_alert_policy", "dead_letters")
+    assert dead["for_each"] == "${local.dead_letter_alerts}"
     threshold = dead["conditions"][0]["condition_threshold"][0]
     assert "subscription/num_undelivered_messages" in threshold["filter"]
-    assert "local.dead_letter_subscription_filter" in threshold["filter"]
+    assert (
+        'resource.labels.subscription_id = \\"${each.value.subscription}\\"'
+        in (threshold["filter"])
+    )
     assert (threshold["comparison"], threshold["threshold_value"]) == ("COMPARISON_GT", 0)
+    watched = module.locals["dead_letter_alerts"]
+    assert "mails = {subscription = local.dead_letter_subscription_name" in watched
+    assert (
+        "local.event_webhooks_enabled ? {event_webhooks = {subscription = "
+        "google_pubsub_subscription.event_webhook_dead_letter[0].name"
+    ) in watched
 
     ratio = module.resource("google_monitoring_alert_policy", "delivery_error_ratio")
     promql = ratio["conditions"][0]["condition_prometheus_query_language"][0]
@@ -1294,7 +1376,6 @@ def test_the_canary_and_reconcile_schedules_keep_their_state(module: Module) -> 
     made before, so the scheduler accounts and jobs are not destroyed and created again."""
     moved = {(m["from"], m["to"]) for m in module.by_file["schedules.tf"]["moved"]}
     for job in ("canary", "reconcile"):
-        assert job in module.locals["scheduled_jobs"]
         assert (
             f"${{google_service_account.{job}_scheduler[0]}}",
             f'${{google_service_account.scheduler["{job}"]}}',
@@ -1307,117 +1388,311 @@ def test_the_canary_and_reconcile_schedules_keep_their_state(module: Module) -> 
             f"${{google_cloud_scheduler_job.{job}[0]}}",
             f'${{google_cloud_scheduler_job.schedule["{job}"]}}',
         ) in moved
-    assert module.locals["scheduled_jobs"]["canary"]["schedule"] == (
-        "${try(local.canary.schedule, null)}"
+    scheduled = module.locals["scheduled_jobs"]
+    assert "schedule = try(local.canary.schedule, null)" in scheduled
+    # The CLI jobs are scheduled under their own names (reconcile, dlq-replay: the keys above).
+    assert "for name, job in local.cli_jobs : name => " in scheduled
+    assert "job = google_cloud_run_v2_job.cli_job[name].name" in scheduled
+    assert "schedule = job.schedule" in scheduled
+
+
+# Stand-ins for the locals that read service accounts' members (resources need the providers).
+MEMBER_STUBS = {
+    "services_members": '{publisher = "serviceAccount:pub", subscriber = "serviceAccount:sub"}',
+    "cli_job_members": '{for name, job in local.cli_jobs : name => "serviceAccount:${name}"}',
+}
+
+
+def test_the_cli_jobs_are_one_for_each_keyed_by_job_name(module: Module) -> None:
+    """reconcile and dlq-replay (cli_jobs.tf): one job resource and one service account resource,
+    for_each over the enabled entries of local.cli_job_declarations; what differs is data."""
+    assert not [key for key in module.resources if key[1] in ("reconcile", "dlq_replay")], (
+        "a CLI job declared on its own again"
     )
-
-
-def test_reconcile_job_runs_on_a_schedule_with_least_privilege(module: Module) -> None:
+    declarations = module.locals["cli_job_declarations"]
+    assert set(declarations) == {"reconcile", "dlq-replay"}
+    assert module.locals["cli_jobs"] == (
+        "${{for name, job in local.cli_job_declarations : name => job if job.enabled}}"
+    )
+    account = module.resource("google_service_account", "cli_job")
+    assert account["for_each"] == "${local.cli_jobs}"
+    assert account["account_id"] == "mailpipe-${each.key}"
+    job = module.resource("google_cloud_run_v2_job", "cli_job")
+    assert job["for_each"] == "${local.cli_jobs}"
+    assert job["name"] == "mailpipe-${each.key}"
+    template = job["template"][0]["template"][0]
+    assert template["service_account"] == "${google_service_account.cli_job[each.key].email}"
+    assert template["timeout"] == "${each.value.timeout_seconds}s"
+    [container] = template["containers"]
+    # The publisher image carries the mailpipe CLI.
+    assert container["image"] == "${coalesce(each.value.image, var.publisher_image)}"
+    assert cli_job_command(module, "reconcile") == ["mailpipe", "reconcile", "--fix"]
+    assert cli_job_command(module, "dlq-replay") == ["mailpipe", "dlq", "replay", "--due", "--json"]
+    for name, variable in (("reconcile", "reconcile"), ("dlq-replay", "dlq_replay")):
+        entry = declarations[name]
+        assert entry["enabled"] == f"${{var.{variable}.enabled}}"
+        assert entry["image"] == f"${{var.{variable}.image}}"
+        assert entry["timeout_seconds"] == f"${{var.{variable}.timeout_seconds}}"
+    assert declarations["reconcile"]["schedule"] == "${var.reconcile.schedule}"
+    assert declarations["dlq-replay"]["schedule"] == "*/${var.dlq_replay.every_minutes} * * * *"
+    # reconcile exports nothing (so holds no Trace or Monitoring role); dlq-replay exports spans.
+    assert declarations["reconcile"]["exports_telemetry"] is False
+    assert declarations["dlq-replay"]["exports_telemetry"] is True
     variable = module.variables["reconcile"]
     assert 'schedule = optional(string, "*/10 * * * *")' in variable["type"].replace("\n", " ")
-    assert module.locals["reconcile_enabled"] == "${var.reconcile.enabled}"
-
-    job = module.resource("google_cloud_run_v2_job", "reconcile")
-    assert job["count"] == "${local.reconcile_enabled ? 1 : 0}"
-    assert container_command(job) == ["mailpipe", "reconcile", "--fix"]
-    template = job["template"][0]["template"][0]
-    # The publisher image carries the mailpipe CLI.
-    assert (
-        template["containers"][0]["image"]
-        == "${coalesce(var.reconcile.image, var.publisher_image)}"
-    )
-    assert template["service_account"] == "${google_service_account.reconcile[0].email}"
-    env = _dynamic(template["containers"][0], "env")
-    assert env["for_each"] == "${local.reconcile_env}"
-    # It reads the publisher's configuration, so it gets the publisher's environment (the same
-    # reservation expiry and grace); no telemetry export, hence no Trace/Monitoring role.
-    assert module.locals["reconcile_env"] == (
-        '${merge(local.publisher_env, {MAILPIPE_TRACES = "none"})}'
-    )
-    assert "${var.reconcile_grace_seconds > local.delivery_max_backoff_seconds}" in _conditions(job)
-
-    # Started by Cloud Scheduler (schedules.tf): its own scheduler identity, which may only run it.
-    schedule = module.locals["scheduled_jobs"]["reconcile"]
-    assert schedule["enabled"] == "${local.reconcile_enabled}"
-    assert schedule["job"] == "${one(google_cloud_run_v2_job.reconcile[*].name)}"
-    assert schedule["schedule"] == "${var.reconcile.schedule}"
+    assert "every_minutes = optional(number, 5)" in module.variables["dlq_replay"]["type"]
+    assert '"cloudscheduler.googleapis.com"' in module.locals["services"]
+    assert "length(local.cli_jobs) > 0" in module.locals["services"]
     _check_schedules(module)
 
-    # Least privilege: the job's account holds one role, Firestore user on the record database.
-    grants = _grants_to(module, "google_service_account.reconcile")
-    assert set(grants) == {"google_project_iam_member.reconcile_record_access"}
-    record = grants["google_project_iam_member.reconcile_record_access"]
-    assert record["role"] == "roles/datastore.user"
-    assert record["member"] == "${google_service_account.reconcile[0].member}"
-    assert "local.firestore_database_name" in record["condition"][0]["expression"]
-    assert '"cloudscheduler.googleapis.com"' in module.locals["services"]
-    assert "local.reconcile_enabled" in module.locals["services"]
+
+def _cli_job_expression(module: Module, text: str) -> str:
+    """A per-instance expression of the cli_job resource, as a map over local.cli_jobs."""
+    body = text[2:-1].replace("each.value", "job").replace("each.key", "name")
+    return f"{{for name, job in local.cli_jobs : name => ({body})}}"
 
 
-def test_dlq_replay_job_runs_every_n_minutes_with_least_privilege(module: Module) -> None:
-    """`mailpipe dlq replay --due` (deliver_by.tf): its own account, and only what it needs."""
-    assert "every_minutes = optional(number, 5)" in module.variables["dlq_replay"]["type"]
-    job = module.resource("google_cloud_run_v2_job", "dlq_replay")
-    assert container_command(job) == ["mailpipe", "dlq", "replay", "--due", "--json"]
-    template = job["template"][0]["template"][0]
-    assert template["service_account"] == "${google_service_account.dlq_replay[0].email}"
-    assert _dynamic(template["containers"][0], "env")["for_each"] == "${local.publisher_env}"
-    entry = module.locals["scheduled_jobs"]["dlq-replay"]
-    assert entry["schedule"] == "*/${var.dlq_replay.every_minutes} * * * *"
-    assert entry["job"] == "${one(google_cloud_run_v2_job.dlq_replay[*].name)}"
-    grants = {
-        f"{rtype}.{name}": (body["role"], body.get("subscription") or body.get("topic"))
-        for (rtype, name), body in module.resources.items()
-        if "_iam_" in rtype and body.get("for_each") == "${local.dlq_replay_member}"
-    }
-    assert grants == {
-        "google_pubsub_subscription_iam_member.dlq_replay_pulls_dead_letters": (
-            "roles/pubsub.subscriber",
-            '${google_pubsub_subscription.subscription["dead_letter"].name}',
-        ),
-        "google_pubsub_topic_iam_member.dlq_replay_publishes_mail": (
-            "roles/pubsub.publisher",
-            '${google_pubsub_topic.topic["mail"].name}',
-        ),
-    }
-    # Record access (the database only), Cloud Trace and Monitoring: the services' own grants;
-    # its replayed and expired events: a publisher of the events topic.
-    assert "local.dlq_replay_member" in module.locals["runtime_members"]
-    assert "local.dlq_replay_member" in module.locals["event_publishers"]
-    assert "local.dlq_replay_enabled" in module.locals["services"]
-
-
-RECONCILE_CASES = [
-    ("defaults", {}, True),
-    ("grace within the retry backoff", {"reconcile_grace_seconds": 600}, False),
-    ("grace past the retry backoff", {"reconcile_grace_seconds": 601}, True),
+CLI_JOB_CASES = [
+    ("defaults", {}, {"reconcile", "dlq-replay"}, True),
+    ("reconcile off", {"reconcile": {"enabled": False}}, {"dlq-replay"}, True),
+    ("dlq-replay off", {"dlq_replay": {"enabled": False}}, {"reconcile"}, True),
+    ("grace within the retry backoff", {"reconcile_grace_seconds": 600}, None, False),
+    ("grace past the retry backoff", {"reconcile_grace_seconds": 601}, None, True),
 ]
 
 
 @pytest.mark.parametrize(
-    ("case", "tfvars", "holds"), RECONCILE_CASES, ids=[c[0] for c in RECONCILE_CASES]
+    ("case", "tfvars", "jobs", "holds"), CLI_JOB_CASES, ids=[c[0] for c in CLI_JOB_CASES]
 )
-def test_reconcile_job_evaluated(
-    module: Module, tmp_path: Path, case: str, tfvars: dict[str, Any], holds: bool
+def test_cli_jobs_evaluated(
+    module: Module,
+    tmp_path: Path,
+    case: str,
+    tfvars: dict[str, Any],
+    jobs: set[str] | None,
+    holds: bool,
 ) -> None:
-    [condition] = _conditions(module.resource("google_cloud_run_v2_job", "reconcile"))
+    """The job resource's own expressions, evaluated per job by a real `terraform console`:
+    which jobs exist, their environment and precondition, and who holds which grant."""
+    job = module.resource("google_cloud_run_v2_job", "cli_job")
+    [condition] = _conditions(job)
+    env = _dynamic(job["template"][0]["template"][0]["containers"][0], "env")["for_each"]
     ok, result = _evaluate(
         module,
         tmp_path,
         {
-            "holds": condition[2:-1],
-            "env": "local.reconcile_env",
+            "jobs": "local.cli_jobs",
+            "holds": _cli_job_expression(module, condition),
+            "env": _cli_job_expression(module, env),
             "publisher": "local.publisher_env",
+            "telemetry": "local.runtime_members",
+            "record": "local.record_users",
+            "dlq_replay": "local.dlq_replay_member",
         },
-        tfvars,
+        {"operators": ["group:ops@example.com"], **tfvars},
+        MEMBER_STUBS,
     )
     assert ok, result
-    assert result["holds"] is holds, case
-    assert result["env"] == {**result["publisher"], "MAILPIPE_TRACES": "none"}
-    assert result["env"]["MAILPIPE_RECORD"] == "firestore://mailpipe"
-    assert result["env"]["MAILPIPE_RECONCILE_GRACE_SECONDS"] == str(
+    if jobs is not None:
+        assert set(result["jobs"]) == jobs, case
+    # The grace is checked where reconcile runs, and nowhere else.
+    assert result["holds"].get("reconcile", True) is holds, case
+    assert result["holds"].get("dlq-replay", True) is True
+    publisher = result["publisher"]
+    assert result["env"].get("reconcile", {**publisher, "MAILPIPE_TRACES": "none"}) == {
+        **publisher,
+        "MAILPIPE_TRACES": "none",
+    }
+    assert result["env"].get("dlq-replay", publisher) == publisher
+    assert publisher["MAILPIPE_RECORD"] == "firestore://mailpipe"
+    assert publisher["MAILPIPE_RECONCILE_GRACE_SECONDS"] == str(
         tfvars.get("reconcile_grace_seconds", 900)
     )
+    # Least privilege, one account per job: each job reads and writes the record; only the one
+    # that exports telemetry may write spans and metrics; only dlq-replay gets its Pub/Sub grants.
+    enabled = set(result["jobs"])
+    assert set(result["record"]) == {"publisher", "subscriber", "group:ops@example.com"} | enabled
+    assert set(result["telemetry"]) == {"publisher", "subscriber"} | (enabled & {"dlq-replay"})
+    assert set(result["dlq_replay"]) == enabled & {"dlq-replay"}
+    assert result["record"]["group:ops@example.com"] == "group:ops@example.com"
+
+
+def test_the_cli_jobs_accounts_hold_only_what_they_need(module: Module) -> None:
+    """No grant names a job's account directly: they reach it through the four maps
+    test_cli_jobs_evaluated evaluates, and these are every grant over those maps."""
+    assert _grants_to(module, "google_service_account.cli_job") == {}
+    by_map = {
+        f"{rtype}.{name}": body["for_each"]
+        for (rtype, name), body in module.resources.items()
+        if "_iam_" in rtype
+        and any(
+            f"local.{m}" in str(body.get("for_each"))
+            for m in ("record_users", "runtime_members", "dlq_replay_member", "event_publishers")
+        )
+    }
+    assert by_map == {
+        "google_project_iam_member.record_access": "${local.record_users}",
+        "google_project_iam_member.runtime_trace_writer": "${local.runtime_members}",
+        "google_project_iam_member.runtime_metric_writer": "${local.runtime_members}",
+        "google_pubsub_subscription_iam_member.dlq_replay_pulls_dead_letters": (
+            "${local.dlq_replay_member}"
+        ),
+        "google_pubsub_topic_iam_member.dlq_replay_publishes_mail": "${local.dlq_replay_member}",
+        "google_pubsub_topic_iam_member.emitters_publish_events": "${local.event_publishers}",
+    }
+    pulls = module.resource(
+        "google_pubsub_subscription_iam_member", "dlq_replay_pulls_dead_letters"
+    )
+    assert (pulls["role"], pulls["subscription"]) == (
+        "roles/pubsub.subscriber",
+        '${google_pubsub_subscription.subscription["dead_letter"].name}',
+    )
+    publishes = module.resource("google_pubsub_topic_iam_member", "dlq_replay_publishes_mail")
+    assert (publishes["role"], publishes["topic"]) == (
+        "roles/pubsub.publisher",
+        '${google_pubsub_topic.topic["mail"].name}',
+    )
+    # Its replayed and expired events.
+    assert "local.dlq_replay_member" in module.locals["event_publishers"]
+    # The record grant: one resource, on the mailpipe database only.
+    [record] = [
+        body
+        for body in module.of_type("google_project_iam_member").values()
+        if body["role"] == "roles/datastore.user"
+    ]
+    assert record["for_each"] == "${local.record_users}"
+    assert "local.firestore_database_name" in record["condition"][0]["expression"]
+
+
+# Every address a deployment made before the folds has, and where its object went: the CLI jobs
+# (cli_jobs.tf), the record grant (iam.tf), the dead-letter publish grant (keyed by topic now), the
+# dead-letter alert (one per dead-letter subscription now).
+RENAMED = {
+    "google_service_account.reconcile[0]": 'google_service_account.cli_job["reconcile"]',
+    "google_service_account.dlq_replay[0]": 'google_service_account.cli_job["dlq-replay"]',
+    "google_cloud_run_v2_job.reconcile[0]": 'google_cloud_run_v2_job.cli_job["reconcile"]',
+    "google_cloud_run_v2_job.dlq_replay[0]": 'google_cloud_run_v2_job.cli_job["dlq-replay"]',
+    **{
+        f'google_project_iam_member.runtime_record_access["{key}"]': (
+            f'google_project_iam_member.record_access["{key}"]'
+        )
+        for key in ("publisher", "subscriber", "dlq-replay")
+    },
+    "google_project_iam_member.reconcile_record_access[0]": (
+        'google_project_iam_member.record_access["reconcile"]'
+    ),
+    # Keyed by the member before and after: the whole resource moves.
+    "google_project_iam_member.operators_record_access": "google_project_iam_member.record_access",
+    'google_pubsub_topic_iam_member.pubsub_agent_publishes_dead_letters["delivery"]': (
+        'google_pubsub_topic_iam_member.pubsub_agent_publishes_dead_letters["dead_letter"]'
+    ),
+    # One alert per dead-letter subscription now.
+    "google_monitoring_alert_policy.dead_letters": (
+        'google_monitoring_alert_policy.dead_letters["mails"]'
+    ),
+}
+
+ADDRESS = re.compile(r"^([a-z0-9_]+)\.([a-z0-9_]+)(?:\[(.+)\])?$")
+
+
+def _moved(module: Module) -> dict[str, str]:
+    """Every `moved` block of the module: from => to, as addresses."""
+    return {
+        block["from"][2:-1]: block["to"][2:-1]
+        for doc in module.by_file.values()
+        for block in doc.get("moved", [])
+    }
+
+
+def test_every_renamed_address_has_a_moved_block(module: Module, topology: Topology) -> None:
+    """A deployment made before the folds keeps its objects: each old address moves to the one
+    that now holds it, whose resource exists (for_each) while the old resource does not."""
+    moved = _moved(module)
+    for old, new in RENAMED.items():
+        assert moved.get(old) == new, f"no moved block from {old} to {new}"
+    for old, new in moved.items():
+        old_match, new_match = ADDRESS.match(old), ADDRESS.match(new)
+        assert old_match and new_match, (old, new)
+        if old_match.group(1, 2) != new_match.group(1, 2):  # renamed, not only re-keyed
+            assert old_match.group(1, 2) not in module.resources, (
+                f"{old}'s resource is still declared"
+            )
+        target = module.resource(new_match[1], new_match[2])
+        assert "for_each" in target, f"{new}: moved into a resource without for_each"
+    # The keys moved into are keys the new resources have.
+    for name in ("reconcile", "dlq-replay"):
+        assert name in module.locals["cli_job_declarations"]
+    assert topology.subscriptions["delivery"].dead_letter is not None
+    assert topology.subscriptions["delivery"].dead_letter.topic == "dead_letter"
+    # (record_access's keys: test_cli_jobs_evaluated evaluates local.record_users.)
+
+
+def _stand_in(address: str) -> tuple[str, str | None]:
+    """A module address as a terraform_data address: (resource, instance key or None)."""
+    match = ADDRESS.match(address)
+    assert match, address
+    return f"terraform_data.{match[1]}__{match[2]}", match[3]
+
+
+def _stand_in_config(instances: dict[str, set[str]], moved: Mapping[str, str] | None = None) -> str:
+    """terraform_data resources with those instance keys ("0": count = 1; "": neither count nor
+    for_each), and moved blocks."""
+    lines = []
+    for resource, keys in sorted(instances.items()):
+        name = resource.split(".", 1)[1]
+        each = {
+            frozenset({"0"}): "count = 1",
+            frozenset({""}): "",
+        }.get(frozenset(keys), f"for_each = toset({json.dumps(sorted(keys))})")
+        lines.append(f'resource "terraform_data" "{name}" {{\n  {each}\n}}')
+    for old, new in (moved or {}).items():
+        lines.append(f"moved {{\n  from = {old}\n  to   = {new}\n}}")
+    return "\n".join(lines) + "\n"
+
+
+def test_the_moved_blocks_keep_every_object_in_a_real_plan(module: Module, tmp_path: Path) -> None:
+    """Terraform itself applies the module's moved blocks to a state that has every old address
+    (terraform_data stand-ins, no provider needed): the plan only moves, never creates or
+    destroys. A whole-resource move and instance moves into one resource (record_access) must be
+    ordered right, which only Terraform can say."""
+    if _terraform() is None:
+        pytest.skip("terraform binary not found: moved blocks not planned (HCL checks still ran)")
+    operators = {'"user:ops@example.com"', '"group:sre@example.com"'}
+    old: dict[str, set[str]] = {}
+    new: dict[str, set[str]] = {}
+    moves: dict[str, str] = {}
+    for source, target in _moved(module).items():
+        (old_resource, old_key), (new_resource, new_key) = _stand_in(source), _stand_in(target)
+        # No key on either side: the whole resource moves (the operators' grants, keyed by
+        # member); on the old side only: a single object without count or for_each.
+        old_keys = {old_key} if old_key else ({'""'} if new_key else operators)
+        new_keys = {new_key} if new_key else operators
+        old.setdefault(old_resource, set()).update(old_keys)
+        new.setdefault(new_resource, set()).update(new_keys)
+        moves[old_resource + (f"[{old_key}]" if old_key else "")] = new_resource + (
+            f"[{new_key}]" if new_key else ""
+        )
+
+    def unquoted(keys: dict[str, set[str]]) -> dict[str, set[str]]:
+        return {r: {k if k == "0" else json.loads(k) for k in ks} for r, ks in keys.items()}
+
+    def run(*args: str) -> str:
+        result = _run_terraform(*args, "-no-color", cwd=tmp_path)
+        assert result.returncode == 0, f"terraform {args[0]}:\n{result.stdout}{result.stderr}"
+        return result.stdout
+
+    config = tmp_path / "main.tf"
+    config.write_text(_stand_in_config(unquoted(old)))
+    run("init", "-input=false")
+    run("apply", "-auto-approve", "-input=false")
+    config.write_text(_stand_in_config(unquoted(new), moves))
+    run("plan", "-input=false", "-out=plan")
+    plan = json.loads(run("show", "-json", "plan"))
+    changes = plan["resource_changes"]
+    assert {tuple(c["change"]["actions"]) for c in changes} == {("no-op",)}, changes
+    moved_from = {c.get("previous_address") for c in changes}
+    expected = sum(len(keys) for keys in old.values())
+    assert len(changes) == expected and None not in moved_from, changes
 
 
 def test_every_role_grant_says_why(module: Module) -> None:
@@ -1576,17 +1851,9 @@ def test_variables_and_outputs_are_typed_and_described(module: Module) -> None:
 
 
 def test_terraform_fmt_is_clean() -> None:
-    terraform = _terraform()
-    if terraform is None:
+    if _terraform() is None:
         pytest.skip("terraform binary not found: `terraform fmt -check` not run")
-    result = subprocess.run(
-        [terraform, "fmt", "-check", "-recursive", "-diff", str(TERRAFORM)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=OFFLINE_ENV,
-    )
+    result = _run_terraform("fmt", "-check", "-recursive", "-diff", str(TERRAFORM), timeout=60)
     assert result.returncode == 0, f"run `terraform fmt -recursive terraform/`:\n{result.stdout}"
 
 
@@ -1632,7 +1899,7 @@ def test_dockerfile_is_slim_pinned_non_root_and_runs_the_service(
     ), "the build needs constraints.txt in the image's build stage"
     copies = " ".join(line for line in lines if line.startswith("COPY "))
     # The publisher image also carries the operator CLI, which includes the canary's command: the
-    # reconcile job runs from it (terraform/reconcile.tf). The CLI and the canary talk to the
+    # reconcile job runs from it (terraform/cli_jobs.tf). The CLI and the canary talk to the
     # publisher through client/; no service imports it.
     carried = {"publisher": {"canary", "client", "ops"}, "canary": {"client"}}.get(service, set())
     others = {"publisher", "subscriber", "canary", "client", "ops"} - {service} - carried
@@ -1748,6 +2015,37 @@ def test_event_webhooks_push_with_an_oidc_token_of_their_own_account(module: Mod
         assert module.resource(rtype, name)["count"] == "${local.event_webhooks_enabled ? 1 : 0}"
 
 
+def test_every_event_webhook_dead_letters_after_bounded_retries(module: Module) -> None:
+    """An endpoint that stays down must not lose events silently when the retention runs out:
+    each webhook subscription backs off within Pub/Sub's limits for a bounded number of attempts,
+    then forwards to the webhooks' dead-letter topic, whose subscription keeps them 7 days."""
+    subscription = module.resource("google_pubsub_subscription", "event_webhook")
+    assert subscription["retry_policy"] == [{"minimum_backoff": "10s", "maximum_backoff": "600s"}]
+    assert subscription["dead_letter_policy"] == [
+        {
+            "dead_letter_topic": "${google_pubsub_topic.event_webhook_dead_letter[0].id}",
+            "max_delivery_attempts": "${each.value.max_delivery_attempts}",
+        }
+    ]
+    assert "max_delivery_attempts = optional(number, 100)" in module.variables["event_webhooks"][
+        "type"
+    ].replace("\n", " ")
+
+    topic = module.resource("google_pubsub_topic", "event_webhook_dead_letter")
+    held = module.resource("google_pubsub_subscription", "event_webhook_dead_letter")
+    for body in (topic, held):
+        assert body["count"] == "${local.event_webhooks_enabled ? 1 : 0}"
+        assert body["name"] == "mailpipe-event-webhooks-dead-letter"
+        assert body["message_retention_duration"] == "604800s"
+    # Not a name a webhook's own subscription (mailpipe-events-NAME) can take.
+    assert not held["name"].startswith("mailpipe-events-")
+    assert held["topic"] == "${google_pubsub_topic.event_webhook_dead_letter[0].id}"
+    assert held["expiration_policy"] == [{"ttl": ""}]
+    assert "push_config" not in held, "dead letters wait for an operator; nothing pushes them"
+    # The agent's grants on both ends:
+    # test_every_dead_letter_subscription_has_the_service_agent_grants.
+
+
 EVENT_WEBHOOK_CASES = [
     ({"crm": {"endpoint": "https://hooks.example.com/mailpipe"}}, True),
     ({"crm": {"endpoint": "https://hooks.example.com", "no_wrapper": True}}, True),
@@ -1760,6 +2058,10 @@ EVENT_WEBHOOK_CASES = [
     ({"crm": {"endpoint": "https://h.example.com/x", "event_types": ["opened"]}}, False),
     ({"CRM_Hook": {"endpoint": "https://hooks.example.com/"}}, False),
     ({"crm": {"no_wrapper": True}}, False),
+    ({"crm": {"endpoint": "https://h.example.com/x", "max_delivery_attempts": 5}}, True),
+    ({"crm": {"endpoint": "https://h.example.com/x", "max_delivery_attempts": 4}}, False),
+    ({"crm": {"endpoint": "https://h.example.com/x", "max_delivery_attempts": 101}}, False),
+    ({"crm": {"endpoint": "https://h.example.com/x", "max_delivery_attempts": 7.5}}, False),
 ]
 
 
@@ -1800,6 +2102,13 @@ def test_event_webhook_filters_evaluated(module: Module, tmp_path: Path) -> None
     }
     ok, result = _evaluate(module, tmp_path, {"on": "local.event_webhooks_enabled"})
     assert ok and result["on"] is False, result
+    ok, result = _evaluate(
+        module,
+        tmp_path,
+        {"attempts": "{for name, hook in var.event_webhooks : name => hook.max_delivery_attempts}"},
+        {"event_webhooks": {"all": {"endpoint": "https://a.example.com/"}}},
+    )
+    assert ok and result["attempts"] == {"all": 100}, result
 
 
 def test_suppression_list_key_ttl_and_indexes_are_wired(module: Module) -> None:
@@ -1818,8 +2127,11 @@ def test_suppression_list_key_ttl_and_indexes_are_wired(module: Module) -> None:
     assert ref == {"secret": "${env.value.secret}", "version": "${env.value.version}"}
     readers = module.resource("google_secret_manager_secret_iam_member", "reads_suppression_key")
     assert readers["role"] == "roles/secretmanager.secretAccessor"
-    assert "google_service_account.publisher.member" in readers["for_each"]
-    assert "google_service_account.subscriber.member" in readers["for_each"]
+    assert readers["for_each"] == "${local.suppression_key ? local.services_members : {}}"
+    assert module.locals["services_members"] == {
+        "publisher": "${google_service_account.publisher.member}",
+        "subscriber": "${google_service_account.subscriber.member}",
+    }
     for rtype, name in (
         ("google_cloud_run_v2_service", "publisher"),
         ("google_cloud_run_v2_service", "subscriber"),
