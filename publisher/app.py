@@ -9,7 +9,8 @@ whatever the exception). Idempotency keys (scope, fingerprint, lifetime): publis
 from there; :func:`accept_mail` is ``POST /v1/messages`` without HTTP: validate, reserve the
 idempotency key, publish, record the mail queued, answer. :func:`accept_mails` is
 ``POST /v1/messages:batch`` without HTTP: the same steps for each mail (the same functions), all
-mails handed to Pub/Sub before waiting for any, each in its own trace linked to the request's.
+mails handed to Pub/Sub before waiting for any, each in its own trace linked to the request's,
+and the published mails recorded queued in one transaction.
 
 Errors are JSON: ``{"error": {"code": "...", "message": "...", "fields": {...}}}``.
 """
@@ -108,7 +109,11 @@ def _accepted_body(mail_id: str, message_id: str | None, trace_id: str | None) -
 
 
 def _current_trace_id() -> str | None:
-    context = trace.get_current_span().get_span_context()
+    return _trace_id(trace.get_current_span())
+
+
+def _trace_id(span: trace.Span) -> str | None:
+    context = span.get_span_context()
     return format(context.trace_id, "032x") if context.is_valid else None
 
 
@@ -422,21 +427,39 @@ def _guarded(services: ApiServices, admitted: _Admitted, step: Callable[[], _T])
 
 def _queued(services: ApiServices, admitted: _Admitted, message_id: str) -> Answer:
     """Record the published mail queued and answer 202."""
-    mail, mail_request = admitted.mail, admitted.request
-    trace_id = _current_trace_id()
+    _mark_queued(services, [(admitted, message_id, _current_trace_id())])
+    return _accepted(services, admitted, message_id)
+
+
+def _mark_queued(
+    services: ApiServices, published: Sequence[tuple[_Admitted, str, str | None]]
+) -> None:
+    """Record the published mails (with their message and trace ids) queued: one transaction."""
+    mails = [
+        {
+            "mail_id": admitted.mail.mail_id,
+            "message_id": message_id,
+            "trace_id": trace_id,
+            "accepted_at": admitted.mail.accepted_at,
+            "recipient_domains": admitted.request.recipient_domains,
+            "deliver_by": admitted.mail.deliver_by,
+        }
+        for admitted, message_id, trace_id in published
+    ]
     try:
-        services.record.mark_queued(
-            mail.mail_id,
-            message_id=message_id,
-            trace_id=trace_id,
-            accepted_at=mail.accepted_at,
-            recipient_domains=mail_request.recipient_domains,
-            deliver_by=mail.deliver_by,
-        )
+        if mails:
+            services.record.mark_queued_many(mails)
     except Exception:
-        # The mail IS on Pub/Sub: the subscriber's claim creates or completes the record, so
-        # answering 202 is right. Failing here would make the client send it twice.
-        log.warning("could not mark mail %s queued; the subscriber will", mail.mail_id)
+        # The mails ARE on Pub/Sub: the subscriber's claim creates or completes each record, so
+        # answering 202 is right. Failing here would make the client send them twice.
+        for mail in mails:
+            log.warning("could not mark mail %s queued; the subscriber will", mail["mail_id"])
+
+
+def _accepted(services: ApiServices, admitted: _Admitted, message_id: str) -> Answer:
+    """The 202 of a published mail recorded queued (inside its span: the log line's trace)."""
+    mail = admitted.mail
+    trace_id = _current_trace_id()
     if services.metrics is not None:
         services.metrics.accepted()
     log.info(
@@ -530,8 +553,9 @@ def accept_mails(
     Every mail is validated and (with its own ``idempotency_key``) reserved, and handed to the
     Pub/Sub client without waiting, before any publish is waited for: the client sends them in
     its batches. Each mail then waits for its own confirmation, so a mail answered 202 is on
-    Pub/Sub, and is recorded queued. Each mail has its own trace, rooted in a
-    :data:`BATCH_MAIL_SPAN` span linked to the request's span (the current span).
+    Pub/Sub; the published mails are recorded queued in one transaction. Each mail has its own
+    trace, rooted in a :data:`BATCH_MAIL_SPAN` span linked to the request's span (the current
+    span).
     """
     tracer = services.tracer or trace.get_tracer(__name__)
     request_span = trace.get_current_span().get_span_context()
@@ -562,10 +586,21 @@ def accept_mails(
             except Exception as exc:  # one mail's failure is that mail's answer, not the batch's
                 outcomes[index] = _item_error(exc, span)
         span.end()
+    published: list[tuple[int, trace.Span, _Admitted, str]] = []
     for index, span, admitted, wait in started:
+        with trace.use_span(span, end_on_exit=False):
+            try:
+                published.append((index, span, admitted, _guarded(services, admitted, wait)))
+                continue
+            except Exception as exc:  # as above
+                outcomes[index] = _item_error(exc, span)
+        span.end()
+    # The published mails recorded queued together: one record transaction per request.
+    _mark_queued(services, [(a, message_id, _trace_id(s)) for _, s, a, message_id in published])
+    for index, span, admitted, message_id in published:
         with trace.use_span(span, end_on_exit=True):
             try:
-                outcomes[index] = _queued(services, admitted, _guarded(services, admitted, wait))
+                outcomes[index] = _accepted(services, admitted, message_id)
             except Exception as exc:  # as above
                 outcomes[index] = _item_error(exc, span)
     return [outcome for outcome in outcomes if outcome is not None]

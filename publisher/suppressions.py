@@ -16,6 +16,7 @@ traced (the address is in the URL).
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from typing import Any, cast
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -96,13 +97,39 @@ def get_entry(suppressions: SuppressionList, address_or_key: str) -> Suppression
 def remove_entry(suppressions: SuppressionList, address_or_key: str) -> bool:
     """Delete the entry (reactivate the recipient); whether an active one was there."""
     key = _key(suppressions, address_or_key)
+    return _change(suppressions, key, "unsuppress", lambda txn: txn.delete(SUPPRESSIONS, key))
+
+
+def put_entry(
+    suppressions: SuppressionList,
+    address: str,
+    reason: SuppressionReason,
+    expires_at: dt.datetime | None,
+) -> tuple[Suppression, bool]:
+    """Add an operator's entry for ``address`` (a validated addr-spec), or replace its entry;
+    whether an active one was replaced."""
+    style, now = suppressions.policy.style, suppressions.clock()
+    shown, domain = address.strip().lower() if style == "full" else None, address.rpartition("@")[2]
+    key = suppressions.policy.key_of(address)
+    entry = Suppression(key, reason, now, domain.lower(), shown, expires_at=expires_at)
+    doc = encode(entry)
+    return entry, _change(
+        suppressions, key, "suppress", lambda t: t.put(SUPPRESSIONS, key, doc, None, False)
+    )
+
+
+def _change(
+    suppressions: SuppressionList, key: str, operation: str, write: Callable[[Transaction], None]
+) -> bool:
+    """``write`` the entry of ``key`` in a transaction that reads it first; whether it was active.
+    Decided inside the write, so of concurrent PUTs of one address only one finds none (201)."""
 
     def body(txn: Transaction) -> bool:
-        doc = txn.get(SUPPRESSIONS, key)
-        txn.delete(SUPPRESSIONS, key)
+        doc = txn.get(SUPPRESSIONS, key)  # reads before writes
+        write(txn)
         return doc is not None and decode(Suppression, doc).active(suppressions.clock())
 
-    return suppressions.store.transact("unsuppress", body)
+    return suppressions.store.transact(operation, body)
 
 
 def list_entries(
@@ -240,9 +267,8 @@ def put_suppression(address: str) -> tuple[Response, int]:
             400, "invalid_request", f"fix the fields listed ({fixes})", **unknown
         )
     expires_at = _expiry(body.get("expires_at"), dt.datetime.now(dt.UTC))
-    existed = get_entry(suppressions, recipient) is not None
-    entry = suppressions.put(recipient, SuppressionReason(reason), expires_at=expires_at)
-    return jsonify(_json(entry)), 200 if existed else 201
+    entry, replaced = put_entry(suppressions, recipient, SuppressionReason(reason), expires_at)
+    return jsonify(_json(entry)), 200 if replaced else 201
 
 
 @suppressions_api.delete("/v1/suppressions/<anytext:address>")

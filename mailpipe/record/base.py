@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -329,26 +329,41 @@ class DeliveryRecord:
         without :meth:`reserve`, which only a mail with an idempotency key needs), else
         :class:`MailNotFound`.
         """
-        check_mail_id(mail_id)
+        mail: dict[str, Any] = {"mail_id": mail_id, "message_id": message_id, "trace_id": trace_id}
+        mail |= {"accepted_at": accepted_at, "recipient_domains": recipient_domains}
+        self.mark_queued_many([{**mail, "deliver_by": deliver_by}])
 
-        def rule(record: Found, now: dt.datetime) -> tuple[None, Found]:
+    def mark_queued_many(self, mails: Sequence[Mapping[str, Any]]) -> None:
+        """:meth:`mark_queued` of each of ``mails`` (its arguments by name) in one transaction,
+        so at most 500 (Firestore's writes per transaction)."""
+        for mail in mails:
+            check_mail_id(mail["mail_id"])
+
+        def queued(record: Found, now: dt.datetime, mail: Mapping[str, Any]) -> MailRecord:
             if record is None:
-                if accepted_at is None:
-                    raise MailNotFound(f"no record for mail {mail_id}")
-                record = _new(mail_id, MailStatus.ACCEPTING, accepted_at, now, recipient_domains)
-            return None, dataclasses.replace(
+                if mail.get("accepted_at") is None:
+                    raise MailNotFound(f"no record for mail {mail['mail_id']}")
+                at, domains = mail["accepted_at"], mail.get("recipient_domains", ())
+                record = _new(mail["mail_id"], MailStatus.ACCEPTING, at, now, domains)
+            return dataclasses.replace(
                 record,
                 status=MailStatus.QUEUED
                 if record.status is MailStatus.ACCEPTING
                 else record.status,
                 reserved_until=None,  # the reservation's work is done: the key now holds for good
-                message_id=record.message_id or message_id,
-                trace_id=record.trace_id or trace_id,
-                deliver_by=record.deliver_by or deliver_by,
+                message_id=record.message_id or mail["message_id"],
+                trace_id=record.trace_id or mail.get("trace_id"),
+                deliver_by=record.deliver_by or mail.get("deliver_by"),
                 updated_at=now,
             )
 
-        self._apply("mark_queued", mail_id, rule)
+        def body(txn: Transaction) -> None:
+            found = [self._read(txn, mail["mail_id"]) for mail in mails]  # reads before writes
+            now = self._clock()
+            for mail, record in zip(mails, found, strict=True):
+                self._write(txn, queued(record, now, mail))
+
+        self.store.transact("mark_queued", body)
 
     def release(self, mail_id: str, *, expired_only: bool = False) -> MailRecord | None:
         """The publish failed: delete the record while still ``accepting`` (a claimed record

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +16,8 @@ import pytest
 from emulator import RunningEmulator
 from mailpipe.mail import QueuedMail
 from mailpipe.record import DeliveryRecord, MailStatus
-from publisher.app import ApiError, ApiServices, accept_mail
+from mailpipe.record.sqlite import SqliteRecord
+from publisher.app import Answer, ApiError, ApiServices, accept_mail, accept_mails
 from tests.fixtures.publishing import Publishing, publishing
 
 MAIL: dict[str, Any] = {
@@ -116,3 +120,38 @@ def test_header_and_body_keys_must_agree(accepting: Accepting) -> None:
 
     assert info.value.status == 400
     assert info.value.fields == {"idempotency_key": "differs from the Idempotency-Key header"}
+
+
+def test_a_batch_is_recorded_queued_in_one_write_and_accepted_even_when_that_write_fails(
+    accepting: Accepting, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    answers = accept_mails(accepting.services, [dict(MAIL), {"to": []}, dict(MAIL)])
+    assert [getattr(a, "status", None) for a in answers] == [202, 400, 202]
+    for answer in (answers[0], answers[2]):
+        assert isinstance(answer, Answer)
+        found = accepting.record.get(answer.body["mail_id"])
+        assert found is not None and found.status is MailStatus.QUEUED
+        assert (found.message_id, found.trace_id) == (
+            answer.body["message_id"],
+            answer.body["trace_id"],
+        )
+    assert len(accepting.published(expect=2)) == 2
+
+    # The record's write lock held elsewhere past its busy timeout: the mails are on Pub/Sub,
+    # so they are accepted all the same (the subscriber's claim records them).
+    locked = SqliteRecord(tmp_path / "record.sqlite3", busy_timeout=0.1)
+    holder = sqlite3.connect(tmp_path / "record.sqlite3", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        services = dataclasses.replace(accepting.services, record=locked)
+        answers = accept_mails(services, [dict(MAIL), dict(MAIL)])
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    mail_ids = [a.body["mail_id"] for a in answers if isinstance(a, Answer) and a.status == 202]
+    assert len(mail_ids) == 2
+    assert sorted(m.mail_id for m in accepting.published(expect=2)) == sorted(mail_ids)
+    warned = [r.getMessage() for r in caplog.records if "could not mark" in r.getMessage()]
+    assert warned == [f"could not mark mail {m} queued; the subscriber will" for m in mail_ids]
+    assert [locked.get(m) for m in mail_ids] == [None, None]
+    locked.close()

@@ -15,6 +15,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.cloud import firestore
@@ -290,6 +291,48 @@ def test_mark_queued_of_an_unreserved_mail_the_subscriber_claimed_first_keeps_it
 def test_mark_queued_without_record_raises(record: DeliveryRecord) -> None:
     with pytest.raises(MailNotFound):
         record.mark_queued("no-such-mail", message_id="1", trace_id=None)
+
+
+def test_mark_queued_many_records_a_whole_batch_in_one_transaction(
+    record: DeliveryRecord,
+) -> None:
+    reserved = reserve(record, key="order-7")
+    claimed = "claimed-first"
+    record.claim(claimed, message_id=None, trace_id=None, lease_seconds=LEASE, accepted_at=T0)
+    # A batch request's size limit (500) is Firestore's limit of writes per transaction.
+    keyless = [f"keyless-{i}" for i in range(497)]
+    mails: list[dict[str, Any]] = [
+        {"mail_id": mail_id, "message_id": f"m-{mail_id}", "trace_id": f"t-{mail_id}"}
+        for mail_id in [reserved, claimed, *keyless]
+    ]
+    for mail in mails[1:]:
+        mail |= {"accepted_at": T0, "recipient_domains": ("example.org",)}
+
+    record.mark_queued_many(mails)
+
+    stored = [record.get(mail["mail_id"]) for mail in mails]
+    assert [(r.message_id, r.trace_id) for r in stored if r] == [
+        (mail["message_id"], mail["trace_id"]) for mail in mails
+    ]
+    statuses = [r.status for r in stored if r]
+    assert statuses == [MailStatus.QUEUED, MailStatus.SENDING] + [MailStatus.QUEUED] * 497
+    assert stored[0] is not None and stored[0].reserved_until is None  # the key holds for good
+    again = record.reserve(
+        mail_id="retry", accepted_at=T0, recipient_domains=(), idempotency_key="order-7"
+    )
+    assert (again.created, again.record) == (False, stored[0])
+    assert stored[1] is not None and stored[1].attempt_count == 1  # the claim's progress kept
+    assert stored[2] is not None and stored[2].recipient_domains == ("example.org",)
+
+
+def test_mark_queued_many_writes_nothing_when_one_mail_cannot_be_recorded(
+    record: DeliveryRecord,
+) -> None:
+    good = {"mail_id": "good", "message_id": "1", "trace_id": None, "accepted_at": T0}
+    missing = {"mail_id": "no-such-mail", "message_id": "2", "trace_id": None}
+    with pytest.raises(MailNotFound):
+        record.mark_queued_many([good, missing])
+    assert record.get("good") is None
 
 
 def test_release_deletes_the_reservation_and_frees_the_key(record: DeliveryRecord) -> None:

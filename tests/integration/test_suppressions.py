@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+import threading
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -19,11 +22,13 @@ from mailpipe.config import ConfigError, EnvReader
 from mailpipe.logs import redact_secrets
 from mailpipe.record import (
     DeliveryRecord,
+    SuppressionList,
     SuppressionPolicy,
     SuppressionReason,
 )
 from mailpipe.record.firestore import FirestoreRecord
 from mailpipe.record.sqlite import SqliteRecord
+from mailpipe.record.store import utc_now
 from publisher.app import create_app
 from publisher.config import PublisherConfig
 from publisher.suppressions import get_entry, list_entries, remove_entry
@@ -158,8 +163,11 @@ class NoPublisher:
         pass
 
 
+NO_PUBSUB = {"PUBSUB_EMULATOR_HOST": "127.0.0.1:1"}
+
+
 def api(record: DeliveryRecord, style: str, key: str | None) -> Any:
-    env = {"MAILPIPE_LOG_ADDRESSES": style, "PUBSUB_EMULATOR_HOST": "127.0.0.1:1"}
+    env = {"MAILPIPE_LOG_ADDRESSES": style, **NO_PUBSUB}
     if key:
         env["MAILPIPE_SUPPRESSION_KEY"] = key
     config = PublisherConfig.from_env(env)
@@ -206,6 +214,48 @@ def test_api_crud_in_hashed_mode_never_echoes_the_address(
         assert http.delete(path(ADDRESS)).status_code == 404
     with sqlite3.connect(tmp_path / "record.sqlite3") as conn:
         assert "lovelace" not in repr(conn.execute("SELECT * FROM suppressions").fetchall())
+
+
+class SlowReads:
+    """The record's store with reads that take a while, as Firestore's do over the network: wide
+    enough that concurrent requests overlap between a read and a write."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def get_many(self, kind: Any, doc_ids: Any) -> Any:
+        found = self._store.get_many(kind, doc_ids)
+        time.sleep(0.2)  # the answer's way back
+        return found
+
+
+def test_concurrent_puts_of_one_address_answer_201_once(
+    backend: tuple[DeliveryRecord, Any],
+) -> None:
+    record, _ = backend
+    config = PublisherConfig.from_env({"MAILPIPE_LOG_ADDRESSES": "full", **NO_PUBSUB})
+    store = SlowReads(record.store)
+    suppressions = SuppressionList(store, config.suppressions, utc_now)
+    app = create_app(
+        config,
+        publisher=NoPublisher(),  # type: ignore[arg-type]
+        record=record,
+        suppressions=suppressions,
+    )
+    start = threading.Barrier(4)
+
+    def put(http: httpx.Client) -> int:
+        start.wait(timeout=10)
+        return http.put(path(ADDRESS), json={"reason": "complaint"}, timeout=30).status_code
+
+    with serve_app(app) as url, httpx.Client(base_url=url) as http:
+        with ThreadPoolExecutor(4) as pool:
+            statuses = sorted(pool.map(put, [http] * 4))
+        assert statuses == [200, 200, 200, 201]  # one added it; the others replaced it
+        assert http.get(path(ADDRESS)).json()["reason"] == "complaint"
 
 
 def test_a_wrong_method_or_path_does_not_echo_the_address(sqlite_record: DeliveryRecord) -> None:
