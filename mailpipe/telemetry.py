@@ -40,17 +40,15 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SimpleSpanProcessor,
     SpanExporter,
-    SpanExportResult,
 )
 from opentelemetry.sdk.trace.sampling import (
     Decision,
     ParentBased,
-    Sampler,
     SamplingResult,
     TraceIdRatioBased,
 )
@@ -84,10 +82,14 @@ class Telemetry:
     _on_shutdown: list[Callable[[], None]] = field(default_factory=list, repr=False)
     _closed: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # The SDK's get_tracer registers a warnings filter on every call (docs/benchmarks.md).
+    _tracers: dict[str, Tracer] = field(default_factory=dict, repr=False)
 
     def tracer(self, name: str) -> Tracer:
         """A tracer from this service's provider (not the global one)."""
-        return self.tracer_provider.get_tracer(name)
+        if (tracer := self._tracers.get(name)) is None:
+            tracer = self._tracers.setdefault(name, self.tracer_provider.get_tracer(name))
+        return tracer
 
     def force_flush(self, timeout_millis: int = 5000) -> bool:
         """Export buffered **spans** now; metrics keep to their period (docs/observability.md)."""
@@ -125,19 +127,15 @@ def setup_telemetry(
     ``google.auth.default()`` (tests pass recording clients: Google's APIs are unreachable here).
     """
     resource = build_resource(config, resource_attributes)
-    sampler: Sampler = ParentBased(TraceIdRatioBased(config.sample_ratio))
     on_shutdown: list[Callable[[], None]] = []
     processor: SpanProcessor | None = None
-    exporter: SpanExporter | None = span_exporter
     try:
         if span_exporter is not None:
-            processor = SimpleSpanProcessor(_Borrowed(span_exporter))
-        else:
-            exporter = _span_exporter_for(config, project_id, cloud_trace_client)
-            if exporter is not None:
-                # The local viewer polls the file: export every 200 ms there, not every 5 s.
-                delay = FILE_SCHEDULE_DELAY_MILLIS if config.traces == "file" else None
-                processor = BatchSpanProcessor(exporter, schedule_delay_millis=delay)
+            processor = _Borrowed(span_exporter)
+        elif (exporter := _span_exporter_for(config, project_id, cloud_trace_client)) is not None:
+            # The local viewer polls the file: export every 200 ms there, not every 5 s.
+            delay = FILE_SCHEDULE_DELAY_MILLIS if config.traces == "file" else None
+            processor = BatchSpanProcessor(exporter, schedule_delay_millis=delay)
         readers = list(metric_readers) or _metric_readers_for(
             config, project_id, cloud_monitoring_client
         )
@@ -150,23 +148,32 @@ def setup_telemetry(
             processor.shutdown()  # its worker thread, its exporter
         raise _translate(exc, config) from exc
 
-    tracer_provider = TracerProvider(resource=resource, sampler=sampler)
+    tracer_provider = TracerProvider(resource=resource, sampler=_Sampler(config.sample_ratio))
     if processor is not None:
         tracer_provider.add_span_processor(processor)
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
-    if set_global:
-        set_global_textmap(TraceContextTextMapPropagator())
-        target = _ROUTER.register(processor, exporter, sampler=sampler, resource=resource)
-        on_shutdown.insert(0, lambda: _ROUTER.unregister(target))
-        if not isinstance(metrics_api.get_meter_provider(), MeterProvider):
-            metrics_api.set_meter_provider(meter_provider)
-
-    return Telemetry(
+    telemetry = Telemetry(
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
         meter=meter_provider.get_meter(METER_NAME),
         _on_shutdown=on_shutdown,
     )
+    if set_global:
+        set_global_textmap(TraceContextTextMapPropagator())
+        current = trace_api.get_tracer_provider()
+        if isinstance(current, trace_api.ProxyTracerProvider):
+            trace_api.set_tracer_provider(_GLOBAL_TRACERS)
+        elif current is not _GLOBAL_TRACERS:
+            _log.warning(
+                "the global tracer provider was already set (%s): the Pub/Sub client's spans go "
+                "to it, not to mailpipe's exporter",
+                type(current).__name__,
+            )
+        _GLOBAL_TRACERS.start(telemetry)
+        on_shutdown.insert(0, lambda: _GLOBAL_TRACERS.stop(telemetry))
+        if not isinstance(metrics_api.get_meter_provider(), MeterProvider):
+            metrics_api.set_meter_provider(meter_provider)
+    return telemetry
 
 
 def _translate(exc: Exception, config: TelemetryConfig) -> TelemetryError:
@@ -462,147 +469,18 @@ def _start_prometheus(port: int, on_shutdown: list[Callable[[], None]]) -> Metri
     return reader
 
 
-class _Borrowed(SpanExporter):
-    """A caller's exporter, used but not shut down (its owner does that)."""
-
-    def __init__(self, exporter: SpanExporter) -> None:
-        self.exporter = exporter
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        return self.exporter.export(spans)
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.exporter.force_flush(timeout_millis)
-
-
-# --- the global provider -------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Target:
-    processor: SpanProcessor | None  # None: this Telemetry exports nothing (MAILPIPE_TRACES=none)
-    skip: bool  # the global provider already exports to this target's exporter
-
-
-class _LibrarySpanRouter(SpanProcessor):
-    """Hands spans made with the global provider to the newest running Telemetry's processor.
-
-    The Pub/Sub client makes its spans with the *global* provider, set once per process, while a
-    process may build several Telemetry objects (tests; ``mailpipe up`` runs both services in
-    one). So each Telemetry has its own provider, and the global slot gets a hub provider (never
-    shut down) with this one processor: one exporter, no duplicates. An SDK provider mailpipe did
-    not make (tests/fixtures/telemetry.py) gets the router attached instead.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._targets: list[_Target] = []
-        self._attached_to: trace_api.TracerProvider | None = None
-        self._warned = False
-
-    def register(
-        self,
-        processor: SpanProcessor | None,
-        exporter: SpanExporter | None,
-        *,
-        sampler: Sampler,
-        resource: Resource,
-    ) -> _Target:
-        with self._lock:
-            provider = self._ensure_attached(sampler, resource)
-            skip = exporter is not None and exporter in _exporters_of(provider)
-            target = _Target(processor, skip)
-            self._targets = [*self._targets, target]
-            return target
-
-    def unregister(self, target: _Target) -> None:
-        with self._lock:
-            self._targets = [t for t in self._targets if t is not target]
-
-    def _ensure_attached(self, sampler: Sampler, resource: Resource) -> trace_api.TracerProvider:
-        current = trace_api.get_tracer_provider()
-        if current is self._attached_to:
-            return current
-        if isinstance(current, TracerProvider):
-            # Someone else (the test fixture) set an SDK provider first: route through it.
-            if not self._warned:
-                _log.warning(
-                    "a global tracer provider is already set; the Pub/Sub client's spans are "
-                    "also routed to mailpipe's exporter through it"
-                )
-                self._warned = True
-            current.add_span_processor(self)
-        elif isinstance(current, trace_api.ProxyTracerProvider):
-            current = _HubProvider(
-                sampler=_WithoutLibraryHelpers(sampler), resource=resource, shutdown_on_exit=False
-            )
-            current.add_span_processor(self)
-            trace_api.set_tracer_provider(current)
-        else:
-            _log.warning(
-                "the global tracer provider is %r, not an SDK provider: the Pub/Sub client's "
-                "spans are not exported by mailpipe",
-                type(current).__name__,
-            )
-        self._attached_to = current
-        return current
-
-    def _current(self) -> _Target | None:
-        targets = self._targets  # replaced, never changed in place: read without the lock
-        return targets[-1] if targets else None
-
-    def _exporting(self) -> SpanProcessor | None:
-        target = self._current()
-        return None if target is None or target.skip else target.processor
-
-    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        if (processor := self._exporting()) is not None:
-            processor.on_start(span, parent_context)
-
-    def on_end(self, span: ReadableSpan) -> None:
-        # The global provider's spans (the Pub/Sub client's) on their way out. The helper spans
-        # are never made by our hub (its sampler); a provider not ours made them: not exported.
-        if _library_helper(span.name, span.kind):
-            return
-        if (processor := self._exporting()) is not None:
-            processor.on_end(span)
+class _Borrowed(SimpleSpanProcessor):
+    """Feeds a caller's exporter as each span ends; its owner shuts it down."""
 
     def shutdown(self) -> None:
-        """The hub outlives every Telemetry; each one shuts its own processor down."""
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        target = self._current()
-        if target is None or target.processor is None:
-            return True
-        return target.processor.force_flush(timeout_millis)
+        pass
 
 
-class _HubProvider(TracerProvider):
-    """The global provider mailpipe makes. The Pub/Sub client asks it for a tracer for every
-    span, and the SDK's ``get_tracer`` registers a warnings filter each time: tracers cached."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._cached: dict[tuple[str, str | None, str | None], Tracer] = {}
-
-    def get_tracer(
-        self,
-        instrumenting_module_name: str,
-        instrumenting_library_version: str | None = None,
-        schema_url: str | None = None,
-        attributes: Any = None,
-    ) -> Tracer:
-        key = (instrumenting_module_name, instrumenting_library_version, schema_url)
-        if attributes is not None:
-            return super().get_tracer(*key, attributes)
-        if (tracer := self._cached.get(key)) is None:
-            tracer = self._cached.setdefault(key, super().get_tracer(*key))
-        return tracer
-
+# --- the global provider and the Pub/Sub client's spans ------------------------------------------
 
 # The Pub/Sub client's INTERNAL helper spans: each is current only inside a `with` that just
 # stores it (google/cloud/pubsub_v1/open_telemetry), so no span can have one as its parent.
-# Dropping them (4 of a mail's 13 spans, 2 more per event) orphans nothing (issue 18).
+# Not recording them (4 of a mail's 13 spans, 2 more per event) orphans nothing (issue 18).
 LIBRARY_HELPER_SPANS = frozenset(
     {
         "publisher flow control",
@@ -613,16 +491,12 @@ LIBRARY_HELPER_SPANS = frozenset(
 )
 
 
-def _library_helper(name: str, kind: SpanKind | None) -> bool:
-    return kind is SpanKind.INTERNAL and name in LIBRARY_HELPER_SPANS
+class _Sampler(ParentBased):
+    """``ParentBased(TraceIdRatioBased(ratio))`` that never records the library's helper spans
+    (cheaper than recording and then dropping them: a non-recording span does no work)."""
 
-
-class _WithoutLibraryHelpers(Sampler):
-    """``sampler``, except that the library's helper spans are never recorded (cheaper than
-    recording and then dropping them: a non-recording span does no work)."""
-
-    def __init__(self, sampler: Sampler) -> None:
-        self._sampler = sampler
+    def __init__(self, ratio: float) -> None:
+        super().__init__(TraceIdRatioBased(ratio))
 
     def should_sample(
         self,
@@ -630,27 +504,47 @@ class _WithoutLibraryHelpers(Sampler):
         trace_id: int,
         name: str,
         kind: SpanKind | None = None,
-        attributes: Any = None,
-        links: Any = None,
-        trace_state: Any = None,
+        *args: Any,
+        **kwargs: Any,
     ) -> SamplingResult:
-        if _library_helper(name, kind):
+        if kind is SpanKind.INTERNAL and name in LIBRARY_HELPER_SPANS:
             parent = trace_api.get_current_span(parent_context).get_span_context()
             return SamplingResult(Decision.DROP, trace_state=parent.trace_state)
-        return self._sampler.should_sample(
-            parent_context, trace_id, name, kind, attributes, links, trace_state
-        )
-
-    def get_description(self) -> str:
-        return f"WithoutLibraryHelpers{{{self._sampler.get_description()}}}"
+        return super().should_sample(parent_context, trace_id, name, kind, *args, **kwargs)
 
 
-def _exporters_of(provider: trace_api.TracerProvider) -> list[object]:
-    """Exporters an SDK provider's processors feed (private SDK attributes; [] if they moved)."""
-    multi = getattr(provider, "_active_span_processor", None)
-    processors = getattr(multi, "_span_processors", ())
-    exporters = [getattr(p, "span_exporter", None) for p in processors]
-    return [getattr(e, "exporter", e) for e in exporters]  # see through _Borrowed
+class _NewestTelemetryTracers(trace_api.TracerProvider):
+    """The global tracer provider: its spans start with the newest running Telemetry's tracer.
+
+    The Pub/Sub client makes its spans with the *global* provider, set once per process, while a
+    process may run several Telemetry objects (tests; both apps in one): so the client's spans
+    go through the provider, exporter and resource of the Telemetry started last; none running:
+    not recorded.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.running: list[Telemetry] = []  # replaced, never changed in place: read without lock
+
+    def start(self, telemetry: Telemetry) -> None:
+        with self._lock:
+            self.running = [*self.running, telemetry]
+
+    def stop(self, telemetry: Telemetry) -> None:
+        with self._lock:
+            self.running = [t for t in self.running if t is not telemetry]
+
+    def get_tracer(self, name: str, *rest: Any) -> Tracer:
+        return _NewestTracer(name)  # the client passes a name only
 
 
-_ROUTER = _LibrarySpanRouter()
+class _NewestTracer(trace_api.ProxyTracer):
+    """Chooses the Telemetry as each span starts (a caller may keep the tracer across them)."""
+
+    @property
+    def _tracer(self) -> Tracer:
+        running = _GLOBAL_TRACERS.running
+        return running[-1].tracer(self._instrumenting_module_name) if running else self._noop_tracer
+
+
+_GLOBAL_TRACERS = _NewestTelemetryTracers()
