@@ -1,12 +1,10 @@
 """One telemetry set-up for both services: traces, metrics and the W3C propagator.
 
-``setup_telemetry(config)`` builds a tracer and a meter provider for ``MAILPIPE_TRACES`` (``gcp``,
-``otlp``, ``file``: mailpipe/tracefile.py, or ``none``: spans still get ids), sampling
-``ParentBased(TraceIdRatioBased(MAILPIPE_TRACE_SAMPLE_RATIO))``, plus a Prometheus endpoint with
-``MAILPIPE_METRICS_PORT``. Nothing happens at import time. How spans (:class:`IdleSpanFlush`) and
-metrics (:class:`SpacedMetricExporter`) get out of Cloud Run: docs/deploy.md ("CPU and
-telemetry"), docs/observability.md. Errors, translated in ``_translate`` (exporting itself never
-raises: the SDK logs a failed export and drops the batch)::
+``setup_telemetry(config)`` builds the tracer and meter providers for ``MAILPIPE_TRACES`` (``gcp``,
+``otlp``, ``file``: mailpipe/tracefile.py, or ``none``: spans still get ids) and a Prometheus
+endpoint with ``MAILPIPE_METRICS_PORT``; nothing happens at import time. Getting spans and metrics
+out of Cloud Run: docs/deploy.md ("CPU and telemetry"), docs/observability.md. Errors, translated
+in ``_translate`` (an export never raises: the SDK logs a failed one and drops the batch)::
 
     TelemetryError
     ├── the Prometheus port cannot be bound (OSError)
@@ -21,7 +19,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,18 +38,8 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    SimpleSpanProcessor,
-    SpanExporter,
-)
-from opentelemetry.sdk.trace.sampling import (
-    Decision,
-    ParentBased,
-    SamplingResult,
-    TraceIdRatioBased,
-)
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider, sampling
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.trace import SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -80,8 +68,7 @@ class Telemetry:
     meter_provider: MeterProvider
     meter: Meter  # the services' instruments: publisher/metrics.py, subscriber/metrics.py
     _on_shutdown: list[Callable[[], None]] = field(default_factory=list, repr=False)
-    _closed: bool = field(default=False, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _open: threading.Lock = field(default_factory=threading.Lock, repr=False)  # held once closed
     # The SDK's get_tracer registers a warnings filter on every call (docs/benchmarks.md).
     _tracers: dict[str, Tracer] = field(default_factory=dict, repr=False)
 
@@ -97,10 +84,8 @@ class Telemetry:
 
     def shutdown(self) -> None:
         """Flush and stop exporting spans and metrics; stop the Prometheus endpoint. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        if not self._open.acquire(blocking=False):
+            return
         for hook in self._on_shutdown:
             hook()
         self.tracer_provider.shutdown()
@@ -118,14 +103,10 @@ def setup_telemetry(
     cloud_trace_client: Any = None,
     cloud_monitoring_client: Any = None,
 ) -> Telemetry:
-    """Build the providers for ``config.traces`` and return them as a :class:`Telemetry`.
-
-    ``span_exporter`` replaces the mode's exporter, fed synchronously so a test sees a span as
-    soon as it ends, and stays the caller's (not shut down with the Telemetry). ``metric_readers``
-    replace the mode's metric exporter (shut down with the meter provider). ``project_id`` and
-    the ``*_client`` arguments reach the Google exporters; without them the exporters use
-    ``google.auth.default()`` (tests pass recording clients: Google's APIs are unreachable here).
-    """
+    """The providers for ``config.traces``. ``span_exporter`` (tests) replaces the mode's exporter:
+    fed as each span ends, and left to its owner at shutdown. ``metric_readers`` replace the mode's
+    metric exporter. ``project_id`` and the ``*_client`` arguments reach Google's exporters
+    (default: ``google.auth.default()``; tests pass recording clients)."""
     resource = build_resource(config, resource_attributes)
     on_shutdown: list[Callable[[], None]] = []
     processor: SpanProcessor | None = None
@@ -162,15 +143,15 @@ def setup_telemetry(
         set_global_textmap(TraceContextTextMapPropagator())
         current = trace_api.get_tracer_provider()
         if isinstance(current, trace_api.ProxyTracerProvider):
-            trace_api.set_tracer_provider(_GLOBAL_TRACERS)
-        elif current is not _GLOBAL_TRACERS:
+            trace_api.set_tracer_provider(_NewestTelemetryTracers())
+        elif not isinstance(current, _NewestTelemetryTracers):
             _log.warning(
                 "the global tracer provider was already set (%s): the Pub/Sub client's spans go "
                 "to it, not to mailpipe's exporter",
                 type(current).__name__,
             )
-        _GLOBAL_TRACERS.start(telemetry)
-        on_shutdown.insert(0, lambda: _GLOBAL_TRACERS.stop(telemetry))
+        _RUNNING.append(telemetry)
+        on_shutdown.insert(0, lambda: _RUNNING.remove(telemetry))
         if not isinstance(metrics_api.get_meter_provider(), MeterProvider):
             metrics_api.set_meter_provider(meter_provider)
     return telemetry
@@ -192,41 +173,34 @@ def _translate(exc: Exception, config: TelemetryConfig) -> TelemetryError:
 
 # --- getting spans out before Cloud Run throttles the CPU -----------------------------------------
 
-REMOTE_TRACE_MODES = ("gcp", "otlp")
 SPAN_FLUSH_TIMEOUT_SECONDS = 2.0
-
-WsgiApp = Callable[..., Iterable[bytes]]
 
 
 class IdleSpanFlush:
-    """Exports spans when the last request in flight on this process finishes, before it answers.
-
-    Each request runs inside :meth:`request`; the one that leaves the process idle flushes every
-    queued span before its response is sent, because Cloud Run (request-based billing) throttles
-    the CPU from then on. While other requests are in flight the batch processor works as usual.
-    Requests going idle during a flush share the next one. A flush is waited for at most
-    ``timeout_seconds`` (a slow backend must not hold the answer), then goes on in the background.
-    """
+    """Exports spans when the last request in flight on this process finishes, before it answers:
+    Cloud Run (request-based billing) throttles the CPU from then on. Requests going idle during a
+    flush share the next one; a flush is waited for at most ``timeout_seconds`` (a slow backend
+    must not hold the answer), then goes on in the background."""
 
     def __init__(
         self, flush: Callable[[], object], *, timeout_seconds: float = SPAN_FLUSH_TIMEOUT_SECONDS
     ) -> None:
         self._flush = flush
         self._timeout = timeout_seconds
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._flushing = threading.Lock()  # one flush at a time
         self._in_flight = 0
         self._next_round: threading.Event | None = None  # the flush not yet started
-        self._worker: threading.Thread | None = None
 
     @contextmanager
     def request(self) -> Iterator[None]:
         """Count one request in flight; flush on the way out if it was the last one."""
-        with self._cond:
+        with self._lock:
             self._in_flight += 1
         try:
             yield
         finally:
-            with self._cond:
+            with self._lock:
                 self._in_flight -= 1
                 idle = self._in_flight == 0
             if idle:
@@ -234,16 +208,11 @@ class IdleSpanFlush:
 
     def flush(self) -> bool:
         """Export the queued spans now; True if that finished within the timeout."""
-        with self._cond:
-            if self._next_round is None:
-                self._next_round = threading.Event()
-                self._cond.notify()
-            done = self._next_round
-            if self._worker is None or not self._worker.is_alive():  # lazily, after any fork
-                self._worker = threading.Thread(
-                    target=self._run, name="mailpipe-span-flush", daemon=True
-                )
-                self._worker.start()
+        with self._lock:
+            if (done := self._next_round) is None:
+                self._next_round = done = threading.Event()
+                flusher = threading.Thread(target=self._flush_round, args=(done,), daemon=True)
+                flusher.start()
         if done.wait(self._timeout):
             return True
         _log.warning(
@@ -252,35 +221,21 @@ class IdleSpanFlush:
         )
         return False
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._next_round is None:
-                    self._cond.wait()
-                this_round, self._next_round = self._next_round, None
+    def _flush_round(self, this_round: threading.Event) -> None:
+        with self._flushing:
+            with self._lock:
+                self._next_round = None  # it starts now: a request going idle needs the next one
             try:
                 self._flush()
-            except Exception:  # an exporter failure must not kill the flushing thread
+            except Exception:  # an exporter failure is logged, never raised into a request
                 _log.exception("span flush failed")
             finally:
                 this_round.set()
 
-    def wsgi(self, app: WsgiApp) -> WsgiApp:
-        """``app`` wrapped so each request counts. Wrap the outermost app (outside the Flask
-        instrumentation): the server span ends inside ``app(...)``, so it is flushed too."""
-
-        def middleware(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-            with self.request():
-                return app(environ, start_response)
-
-        return middleware
-
 
 def idle_span_flush(config: TelemetryConfig, telemetry: Telemetry) -> IdleSpanFlush | None:
     """The services' span flush; None in ``file``/``none`` mode (nothing throttles a local run)."""
-    if config.traces not in REMOTE_TRACE_MODES:
-        return None
-    return IdleSpanFlush(telemetry.force_flush)
+    return IdleSpanFlush(telemetry.force_flush) if config.traces in ("gcp", "otlp") else None
 
 
 # --- metrics never written faster than Cloud Monitoring accepts ----------------------------------
@@ -294,12 +249,10 @@ MAX_METRIC_EXPORT_DELAY_SECONDS = 4.0
 
 
 class SpacedMetricExporter(MetricExporter):
-    """Wraps a metric exporter so two exports are never closer than ``min_spacing_seconds``.
-
-    Each export writes one point per series. One that comes too soon (the final one at shutdown,
-    a ``force_flush``) waits if that takes at most ``max_delay_seconds``, else is skipped: the
-    data is cumulative, so the previous export already holds all but the last few seconds.
-    """
+    """Wraps a metric exporter so two exports (one point per series each) are never closer than
+    ``min_spacing_seconds``. One that comes too soon (the final one at shutdown, a ``force_flush``)
+    waits up to ``max_delay_seconds``, else is skipped: the data is cumulative, so the previous
+    export holds all but its last few seconds."""
 
     def __init__(
         self,
@@ -371,10 +324,9 @@ def detect_gcp_resource(*, timeout: float = GCP_DETECTION_TIMEOUT_SECONDS) -> Re
 
     The detector asks the metadata server with unbounded name resolution, and returns an *empty*
     resource when it cannot reach it, even on Cloud Run. So it runs in a daemon thread waited for
-    at most ``timeout`` (the SDK's ``get_aggregated_resources`` joins a hung detector), and
-    Cloud Run's ``K_*`` variables give the service and revision when it finds nothing (region and
-    instance need the metadata server).
-    """
+    at most ``timeout`` (the SDK's ``get_aggregated_resources`` joins a hung detector), and Cloud
+    Run's ``K_*`` variables give the service and revision when it finds nothing (region and
+    instance need the metadata server)."""
     from opentelemetry.resourcedetector.gcp_resource_detector import GoogleCloudResourceDetector
 
     found: list[Resource] = []
@@ -491,12 +443,12 @@ LIBRARY_HELPER_SPANS = frozenset(
 )
 
 
-class _Sampler(ParentBased):
+class _Sampler(sampling.ParentBased):
     """``ParentBased(TraceIdRatioBased(ratio))`` that never records the library's helper spans
     (cheaper than recording and then dropping them: a non-recording span does no work)."""
 
     def __init__(self, ratio: float) -> None:
-        super().__init__(TraceIdRatioBased(ratio))
+        super().__init__(sampling.TraceIdRatioBased(ratio))
 
     def should_sample(
         self,
@@ -506,33 +458,17 @@ class _Sampler(ParentBased):
         kind: SpanKind | None = None,
         *args: Any,
         **kwargs: Any,
-    ) -> SamplingResult:
+    ) -> sampling.SamplingResult:
         if kind is SpanKind.INTERNAL and name in LIBRARY_HELPER_SPANS:
             parent = trace_api.get_current_span(parent_context).get_span_context()
-            return SamplingResult(Decision.DROP, trace_state=parent.trace_state)
+            return sampling.SamplingResult(sampling.Decision.DROP, trace_state=parent.trace_state)
         return super().should_sample(parent_context, trace_id, name, kind, *args, **kwargs)
 
 
 class _NewestTelemetryTracers(trace_api.TracerProvider):
-    """The global tracer provider: its spans start with the newest running Telemetry's tracer.
-
-    The Pub/Sub client makes its spans with the *global* provider, set once per process, while a
-    process may run several Telemetry objects (tests; both apps in one): so the client's spans
-    go through the provider, exporter and resource of the Telemetry started last; none running:
-    not recorded.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.running: list[Telemetry] = []  # replaced, never changed in place: read without lock
-
-    def start(self, telemetry: Telemetry) -> None:
-        with self._lock:
-            self.running = [*self.running, telemetry]
-
-    def stop(self, telemetry: Telemetry) -> None:
-        with self._lock:
-            self.running = [t for t in self.running if t is not telemetry]
+    """The global tracer provider, through which the Pub/Sub client makes its spans. It is set
+    once per process, which may run several Telemetry objects (tests; both apps in one): the
+    client's spans go to the provider of the newest one still running (none: not recorded)."""
 
     def get_tracer(self, name: str, *rest: Any) -> Tracer:
         return _NewestTracer(name)  # the client passes a name only
@@ -543,8 +479,8 @@ class _NewestTracer(trace_api.ProxyTracer):
 
     @property
     def _tracer(self) -> Tracer:
-        running = _GLOBAL_TRACERS.running
-        return running[-1].tracer(self._instrumenting_module_name) if running else self._noop_tracer
+        newest = _RUNNING[-1:]  # a copy: another thread may stop a Telemetry meanwhile
+        return newest[0].tracer(self._instrumenting_module_name) if newest else self._noop_tracer
 
 
-_GLOBAL_TRACERS = _NewestTelemetryTracers()
+_RUNNING: list[Telemetry] = []  # the Telemetry objects built with set_global, oldest first
