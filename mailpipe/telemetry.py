@@ -15,6 +15,7 @@ in ``_translate`` (an export never raises: the SDK logs a failed one and drops t
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -48,12 +49,6 @@ from mailpipe.config import TelemetryConfig
 _log = logging.getLogger(__name__)
 
 METER_NAME = "mailpipe"
-FILE_SCHEDULE_DELAY_MILLIS = 200
-GCP_DETECTION_TIMEOUT_SECONDS = 3.0
-# Resource attributes copied onto every Cloud Trace span as labels (Cloud Trace keeps 32 per span).
-CLOUD_TRACE_RESOURCE_REGEX = (
-    r"^(service\.name|cloud\.(platform|region)|faas\.(name|version|instance))$"
-)
 
 
 class TelemetryError(RuntimeError):
@@ -115,7 +110,7 @@ def setup_telemetry(
             processor = _Borrowed(span_exporter)
         elif (exporter := _span_exporter_for(config, project_id, cloud_trace_client)) is not None:
             # The local viewer polls the file: export every 200 ms there, not every 5 s.
-            delay = FILE_SCHEDULE_DELAY_MILLIS if config.traces == "file" else None
+            delay = 200 if config.traces == "file" else None
             processor = BatchSpanProcessor(exporter, schedule_delay_millis=delay)
         readers = list(metric_readers) or _metric_readers_for(
             config, project_id, cloud_monitoring_client
@@ -173,8 +168,6 @@ def _translate(exc: Exception, config: TelemetryConfig) -> TelemetryError:
 
 # --- getting spans out before Cloud Run throttles the CPU -----------------------------------------
 
-SPAN_FLUSH_TIMEOUT_SECONDS = 2.0
-
 
 class IdleSpanFlush:
     """Exports spans when the last request in flight on this process finishes, before it answers:
@@ -182,9 +175,7 @@ class IdleSpanFlush:
     flush share the next one; a flush is waited for at most ``timeout_seconds`` (a slow backend
     must not hold the answer), then goes on in the background."""
 
-    def __init__(
-        self, flush: Callable[[], object], *, timeout_seconds: float = SPAN_FLUSH_TIMEOUT_SECONDS
-    ) -> None:
+    def __init__(self, flush: Callable[[], object], *, timeout_seconds: float = 2.0) -> None:
         self._flush = flush
         self._timeout = timeout_seconds
         self._lock = threading.Lock()
@@ -240,13 +231,6 @@ def idle_span_flush(config: TelemetryConfig, telemetry: Telemetry) -> IdleSpanFl
 
 # --- metrics never written faster than Cloud Monitoring accepts ----------------------------------
 
-# One point per series per minute, as Cloud Monitoring's guidance and the exporter's examples use.
-GCP_METRIC_EXPORT_INTERVAL_MILLIS = 60_000
-# Cloud Monitoring accepts one point per series every 5-10 s (the exporter's WRITE_INTERVAL is 10).
-MIN_METRIC_WRITE_SPACING_SECONDS = 10.0
-# How long an early export may wait; Cloud Run gives a stopping instance 10 s after SIGTERM.
-MAX_METRIC_EXPORT_DELAY_SECONDS = 4.0
-
 
 class SpacedMetricExporter(MetricExporter):
     """Wraps a metric exporter so two exports (one point per series each) are never closer than
@@ -258,8 +242,10 @@ class SpacedMetricExporter(MetricExporter):
         self,
         exporter: MetricExporter,
         *,
-        min_spacing_seconds: float = MIN_METRIC_WRITE_SPACING_SECONDS,
-        max_delay_seconds: float = MAX_METRIC_EXPORT_DELAY_SECONDS,
+        # Cloud Monitoring takes one point per series every 5-10 s (its exporter's WRITE_INTERVAL).
+        min_spacing_seconds: float = 10.0,
+        # How long an early export may wait; Cloud Run gives a stopping instance 10 s after SIGTERM.
+        max_delay_seconds: float = 4.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -272,25 +258,24 @@ class SpacedMetricExporter(MetricExporter):
         self._max_delay = max_delay_seconds
         self._clock = clock
         self._sleep = sleep
-        self._last_export: float | None = None
+        self._last_export = -math.inf
         self._lock = threading.Lock()
 
     def export(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> MetricExportResult:
         with self._lock:
-            if self._last_export is not None:
-                wait = self._last_export + self._min_spacing - self._clock()
-                if wait > self._max_delay:
-                    _log.info(
-                        "metric export skipped: the previous one was %.1f s ago and Cloud "
-                        "Monitoring accepts one point per series every %.0f s",
-                        self._min_spacing - wait,
-                        self._min_spacing,
-                    )
-                    return MetricExportResult.SUCCESS
-                if wait > 0:
-                    self._sleep(wait)
+            wait = self._last_export + self._min_spacing - self._clock()
+            if wait > self._max_delay:
+                _log.info(
+                    "metric export skipped: the previous one was %.1f s ago and Cloud "
+                    "Monitoring accepts one point per series every %.0f s",
+                    self._min_spacing - wait,
+                    self._min_spacing,
+                )
+                return MetricExportResult.SUCCESS
+            if wait > 0:
+                self._sleep(wait)
             self._last_export = self._clock()
             return self.exporter.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
 
@@ -319,7 +304,7 @@ def build_resource(
     return detected.merge(Resource({SERVICE_INSTANCE_ID: str(instance or uuid.uuid4())}))
 
 
-def detect_gcp_resource(*, timeout: float = GCP_DETECTION_TIMEOUT_SECONDS) -> Resource:
+def detect_gcp_resource(*, timeout: float = 3.0) -> Resource:
     """The GCP resource (Cloud Run: ``cloud.platform``, ``faas.name``, ``faas.version``...).
 
     The detector asks the metadata server with unbounded name resolution, and returns an *empty*
@@ -362,9 +347,9 @@ def _span_exporter_for(
         # Google's exporters (1.15) warn they are deprecated for its OTLP endpoint; they work.
         from opentelemetry.exporter.cloud_trace import CloudTraceSpanExporter
 
-        return CloudTraceSpanExporter(
-            project_id=project_id, client=client, resource_regex=CLOUD_TRACE_RESOURCE_REGEX
-        )
+        # Resource attributes copied onto every span as labels (Cloud Trace keeps 32 per span).
+        labels = r"^(service\.name|cloud\.(platform|region)|faas\.(name|version|instance))$"
+        return CloudTraceSpanExporter(project_id=project_id, client=client, resource_regex=labels)
     if config.traces == "otlp":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -387,7 +372,8 @@ def _metric_readers_for(
         exporter: MetricExporter = SpacedMetricExporter(
             CloudMonitoringMetricsExporter(project_id=project_id, client=client)
         )
-        return [PeriodicExportingMetricReader(exporter, GCP_METRIC_EXPORT_INTERVAL_MILLIS)]
+        # One point per series per minute, as Cloud Monitoring's guidance and examples use.
+        return [PeriodicExportingMetricReader(exporter, 60_000)]
     if config.traces == "otlp":
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
@@ -475,7 +461,8 @@ class _NewestTelemetryTracers(trace_api.TracerProvider):
 
 
 class _NewestTracer(trace_api.ProxyTracer):
-    """Chooses the Telemetry as each span starts (a caller may keep the tracer across them)."""
+    """A ProxyTracer whose ``_tracer``, asked for each span, is the newest running Telemetry's (a
+    caller may keep this tracer while Telemetry objects come and go)."""
 
     @property
     def _tracer(self) -> Tracer:
