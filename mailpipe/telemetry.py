@@ -63,7 +63,7 @@ class Telemetry:
     meter_provider: MeterProvider
     meter: Meter  # the services' instruments: publisher/metrics.py, subscriber/metrics.py
     _on_shutdown: list[Callable[[], None]] = field(default_factory=list, repr=False)
-    _open: threading.Lock = field(default_factory=threading.Lock, repr=False)  # held once closed
+    _first_shutdown: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # The SDK's get_tracer registers a warnings filter on every call (docs/benchmarks.md).
     _tracers: dict[str, Tracer] = field(default_factory=dict, repr=False)
 
@@ -79,7 +79,7 @@ class Telemetry:
 
     def shutdown(self) -> None:
         """Flush and stop exporting spans and metrics; stop the Prometheus endpoint. Idempotent."""
-        if not self._open.acquire(blocking=False):
+        if not self._first_shutdown.acquire(blocking=False):  # never released: once only
             return
         for hook in self._on_shutdown:
             hook()

@@ -62,6 +62,7 @@ class JsonLinesSpanExporter(SpanExporter):
                     return self._fd
             # The file was deleted or replaced (a developer cleared old traces): start a new one.
             os.close(self._fd)
+            self._fd = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         return self._fd
