@@ -1,12 +1,10 @@
 """One telemetry set-up for both services: traces, metrics and the W3C propagator.
 
-``setup_telemetry(config)`` builds a tracer and a meter provider for ``MAILPIPE_TRACES`` (``gcp``,
-``otlp``, ``file``: mailpipe/tracefile.py, or ``none``: spans still get ids), sampling
-``ParentBased(TraceIdRatioBased(MAILPIPE_TRACE_SAMPLE_RATIO))``, plus a Prometheus endpoint with
-``MAILPIPE_METRICS_PORT``. Nothing happens at import time. How spans (:class:`IdleSpanFlush`) and
-metrics (:class:`SpacedMetricExporter`) get out of Cloud Run: docs/deploy.md ("CPU and
-telemetry"), docs/observability.md. Errors, translated in ``_translate`` (exporting itself never
-raises: the SDK logs a failed export and drops the batch)::
+``setup_telemetry(config)`` builds the tracer and meter providers for ``MAILPIPE_TRACES`` (``gcp``,
+``otlp``, ``file``: mailpipe/tracefile.py, or ``none``: spans still get ids) and a Prometheus
+endpoint with ``MAILPIPE_METRICS_PORT``; nothing happens at import time. Getting spans and metrics
+out of Cloud Run: docs/deploy.md ("CPU and telemetry"), docs/observability.md. Errors, translated
+in ``_translate`` (an export never raises: the SDK logs a failed one and drops the batch)::
 
     TelemetryError
     ├── the Prometheus port cannot be bound (OSError)
@@ -17,11 +15,12 @@ raises: the SDK logs a failed export and drops the batch)::
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,20 +39,8 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    SimpleSpanProcessor,
-    SpanExporter,
-    SpanExportResult,
-)
-from opentelemetry.sdk.trace.sampling import (
-    Decision,
-    ParentBased,
-    Sampler,
-    SamplingResult,
-    TraceIdRatioBased,
-)
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider, sampling
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.trace import SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -62,12 +49,6 @@ from mailpipe.config import TelemetryConfig
 _log = logging.getLogger(__name__)
 
 METER_NAME = "mailpipe"
-FILE_SCHEDULE_DELAY_MILLIS = 200
-GCP_DETECTION_TIMEOUT_SECONDS = 3.0
-# Resource attributes copied onto every Cloud Trace span as labels (Cloud Trace keeps 32 per span).
-CLOUD_TRACE_RESOURCE_REGEX = (
-    r"^(service\.name|cloud\.(platform|region)|faas\.(name|version|instance))$"
-)
 
 
 class TelemetryError(RuntimeError):
@@ -82,12 +63,15 @@ class Telemetry:
     meter_provider: MeterProvider
     meter: Meter  # the services' instruments: publisher/metrics.py, subscriber/metrics.py
     _on_shutdown: list[Callable[[], None]] = field(default_factory=list, repr=False)
-    _closed: bool = field(default=False, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _first_shutdown: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # The SDK's get_tracer registers a warnings filter on every call (docs/benchmarks.md).
+    _tracers: dict[str, Tracer] = field(default_factory=dict, repr=False)
 
     def tracer(self, name: str) -> Tracer:
         """A tracer from this service's provider (not the global one)."""
-        return self.tracer_provider.get_tracer(name)
+        if (tracer := self._tracers.get(name)) is None:
+            tracer = self._tracers.setdefault(name, self.tracer_provider.get_tracer(name))
+        return tracer
 
     def force_flush(self, timeout_millis: int = 5000) -> bool:
         """Export buffered **spans** now; metrics keep to their period (docs/observability.md)."""
@@ -95,10 +79,8 @@ class Telemetry:
 
     def shutdown(self) -> None:
         """Flush and stop exporting spans and metrics; stop the Prometheus endpoint. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        if not self._first_shutdown.acquire(blocking=False):  # never released: once only
+            return
         for hook in self._on_shutdown:
             hook()
         self.tracer_provider.shutdown()
@@ -116,28 +98,20 @@ def setup_telemetry(
     cloud_trace_client: Any = None,
     cloud_monitoring_client: Any = None,
 ) -> Telemetry:
-    """Build the providers for ``config.traces`` and return them as a :class:`Telemetry`.
-
-    ``span_exporter`` replaces the mode's exporter, fed synchronously so a test sees a span as
-    soon as it ends, and stays the caller's (not shut down with the Telemetry). ``metric_readers``
-    replace the mode's metric exporter (shut down with the meter provider). ``project_id`` and
-    the ``*_client`` arguments reach the Google exporters; without them the exporters use
-    ``google.auth.default()`` (tests pass recording clients: Google's APIs are unreachable here).
-    """
+    """The providers for ``config.traces``. ``span_exporter`` (tests) replaces the mode's exporter:
+    fed as each span ends, and left to its owner at shutdown. ``metric_readers`` replace the mode's
+    metric exporter. ``project_id`` and the ``*_client`` arguments reach Google's exporters
+    (default: ``google.auth.default()``; tests pass recording clients)."""
     resource = build_resource(config, resource_attributes)
-    sampler: Sampler = ParentBased(TraceIdRatioBased(config.sample_ratio))
     on_shutdown: list[Callable[[], None]] = []
     processor: SpanProcessor | None = None
-    exporter: SpanExporter | None = span_exporter
     try:
         if span_exporter is not None:
-            processor = SimpleSpanProcessor(_Borrowed(span_exporter))
-        else:
-            exporter = _span_exporter_for(config, project_id, cloud_trace_client)
-            if exporter is not None:
-                # The local viewer polls the file: export every 200 ms there, not every 5 s.
-                delay = FILE_SCHEDULE_DELAY_MILLIS if config.traces == "file" else None
-                processor = BatchSpanProcessor(exporter, schedule_delay_millis=delay)
+            processor = _Borrowed(span_exporter)
+        elif (exporter := _span_exporter_for(config, project_id, cloud_trace_client)) is not None:
+            # The local viewer polls the file: export every 200 ms there, not every 5 s.
+            delay = 200 if config.traces == "file" else None
+            processor = BatchSpanProcessor(exporter, schedule_delay_millis=delay)
         readers = list(metric_readers) or _metric_readers_for(
             config, project_id, cloud_monitoring_client
         )
@@ -150,23 +124,32 @@ def setup_telemetry(
             processor.shutdown()  # its worker thread, its exporter
         raise _translate(exc, config) from exc
 
-    tracer_provider = TracerProvider(resource=resource, sampler=sampler)
+    tracer_provider = TracerProvider(resource=resource, sampler=_Sampler(config.sample_ratio))
     if processor is not None:
         tracer_provider.add_span_processor(processor)
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
-    if set_global:
-        set_global_textmap(TraceContextTextMapPropagator())
-        target = _ROUTER.register(processor, exporter, sampler=sampler, resource=resource)
-        on_shutdown.insert(0, lambda: _ROUTER.unregister(target))
-        if not isinstance(metrics_api.get_meter_provider(), MeterProvider):
-            metrics_api.set_meter_provider(meter_provider)
-
-    return Telemetry(
+    telemetry = Telemetry(
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
         meter=meter_provider.get_meter(METER_NAME),
         _on_shutdown=on_shutdown,
     )
+    if set_global:
+        set_global_textmap(TraceContextTextMapPropagator())
+        current = trace_api.get_tracer_provider()
+        if isinstance(current, trace_api.ProxyTracerProvider):
+            trace_api.set_tracer_provider(_NewestTelemetryTracers())
+        elif not isinstance(current, _NewestTelemetryTracers):
+            _log.warning(
+                "the global tracer provider was already set (%s): the Pub/Sub client's spans go "
+                "to it, not to mailpipe's exporter",
+                type(current).__name__,
+            )
+        _RUNNING.append(telemetry)
+        on_shutdown.insert(0, lambda: _RUNNING.remove(telemetry))
+        if not isinstance(metrics_api.get_meter_provider(), MeterProvider):
+            metrics_api.set_meter_provider(meter_provider)
+    return telemetry
 
 
 def _translate(exc: Exception, config: TelemetryConfig) -> TelemetryError:
@@ -185,41 +168,30 @@ def _translate(exc: Exception, config: TelemetryConfig) -> TelemetryError:
 
 # --- getting spans out before Cloud Run throttles the CPU -----------------------------------------
 
-REMOTE_TRACE_MODES = ("gcp", "otlp")
-SPAN_FLUSH_TIMEOUT_SECONDS = 2.0
-
-WsgiApp = Callable[..., Iterable[bytes]]
-
 
 class IdleSpanFlush:
-    """Exports spans when the last request in flight on this process finishes, before it answers.
+    """Exports spans when the last request in flight on this process finishes, before it answers:
+    Cloud Run (request-based billing) throttles the CPU from then on. Requests going idle during a
+    flush share the next one; a flush is waited for at most ``timeout_seconds`` (a slow backend
+    must not hold the answer), then goes on in the background."""
 
-    Each request runs inside :meth:`request`; the one that leaves the process idle flushes every
-    queued span before its response is sent, because Cloud Run (request-based billing) throttles
-    the CPU from then on. While other requests are in flight the batch processor works as usual.
-    Requests going idle during a flush share the next one. A flush is waited for at most
-    ``timeout_seconds`` (a slow backend must not hold the answer), then goes on in the background.
-    """
-
-    def __init__(
-        self, flush: Callable[[], object], *, timeout_seconds: float = SPAN_FLUSH_TIMEOUT_SECONDS
-    ) -> None:
+    def __init__(self, flush: Callable[[], object], *, timeout_seconds: float = 2.0) -> None:
         self._flush = flush
         self._timeout = timeout_seconds
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._flushing = threading.Lock()  # one flush at a time
         self._in_flight = 0
         self._next_round: threading.Event | None = None  # the flush not yet started
-        self._worker: threading.Thread | None = None
 
     @contextmanager
     def request(self) -> Iterator[None]:
         """Count one request in flight; flush on the way out if it was the last one."""
-        with self._cond:
+        with self._lock:
             self._in_flight += 1
         try:
             yield
         finally:
-            with self._cond:
+            with self._lock:
                 self._in_flight -= 1
                 idle = self._in_flight == 0
             if idle:
@@ -227,16 +199,11 @@ class IdleSpanFlush:
 
     def flush(self) -> bool:
         """Export the queued spans now; True if that finished within the timeout."""
-        with self._cond:
-            if self._next_round is None:
-                self._next_round = threading.Event()
-                self._cond.notify()
-            done = self._next_round
-            if self._worker is None or not self._worker.is_alive():  # lazily, after any fork
-                self._worker = threading.Thread(
-                    target=self._run, name="mailpipe-span-flush", daemon=True
-                )
-                self._worker.start()
+        with self._lock:
+            if (done := self._next_round) is None:
+                self._next_round = done = threading.Event()
+                flusher = threading.Thread(target=self._flush_round, args=(done,), daemon=True)
+                flusher.start()
         if done.wait(self._timeout):
             return True
         _log.warning(
@@ -245,61 +212,40 @@ class IdleSpanFlush:
         )
         return False
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._next_round is None:
-                    self._cond.wait()
-                this_round, self._next_round = self._next_round, None
+    def _flush_round(self, this_round: threading.Event) -> None:
+        with self._flushing:
+            with self._lock:
+                self._next_round = None  # it starts now: a request going idle needs the next one
             try:
                 self._flush()
-            except Exception:  # an exporter failure must not kill the flushing thread
+            except Exception:  # an exporter failure is logged, never raised into a request
                 _log.exception("span flush failed")
             finally:
                 this_round.set()
 
-    def wsgi(self, app: WsgiApp) -> WsgiApp:
-        """``app`` wrapped so each request counts. Wrap the outermost app (outside the Flask
-        instrumentation): the server span ends inside ``app(...)``, so it is flushed too."""
-
-        def middleware(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-            with self.request():
-                return app(environ, start_response)
-
-        return middleware
-
 
 def idle_span_flush(config: TelemetryConfig, telemetry: Telemetry) -> IdleSpanFlush | None:
     """The services' span flush; None in ``file``/``none`` mode (nothing throttles a local run)."""
-    if config.traces not in REMOTE_TRACE_MODES:
-        return None
-    return IdleSpanFlush(telemetry.force_flush)
+    return IdleSpanFlush(telemetry.force_flush) if config.traces in ("gcp", "otlp") else None
 
 
 # --- metrics never written faster than Cloud Monitoring accepts ----------------------------------
 
-# One point per series per minute, as Cloud Monitoring's guidance and the exporter's examples use.
-GCP_METRIC_EXPORT_INTERVAL_MILLIS = 60_000
-# Cloud Monitoring accepts one point per series every 5-10 s (the exporter's WRITE_INTERVAL is 10).
-MIN_METRIC_WRITE_SPACING_SECONDS = 10.0
-# How long an early export may wait; Cloud Run gives a stopping instance 10 s after SIGTERM.
-MAX_METRIC_EXPORT_DELAY_SECONDS = 4.0
-
 
 class SpacedMetricExporter(MetricExporter):
-    """Wraps a metric exporter so two exports are never closer than ``min_spacing_seconds``.
-
-    Each export writes one point per series. One that comes too soon (the final one at shutdown,
-    a ``force_flush``) waits if that takes at most ``max_delay_seconds``, else is skipped: the
-    data is cumulative, so the previous export already holds all but the last few seconds.
-    """
+    """Wraps a metric exporter so two exports (one point per series each) are never closer than
+    ``min_spacing_seconds``. One that comes too soon (the final one at shutdown, a ``force_flush``)
+    waits up to ``max_delay_seconds``, else is skipped: the data is cumulative, so the previous
+    export holds all but its last few seconds."""
 
     def __init__(
         self,
         exporter: MetricExporter,
         *,
-        min_spacing_seconds: float = MIN_METRIC_WRITE_SPACING_SECONDS,
-        max_delay_seconds: float = MAX_METRIC_EXPORT_DELAY_SECONDS,
+        # Cloud Monitoring takes one point per series every 5-10 s (its exporter's WRITE_INTERVAL).
+        min_spacing_seconds: float = 10.0,
+        # How long an early export may wait; Cloud Run gives a stopping instance 10 s after SIGTERM.
+        max_delay_seconds: float = 4.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -312,25 +258,24 @@ class SpacedMetricExporter(MetricExporter):
         self._max_delay = max_delay_seconds
         self._clock = clock
         self._sleep = sleep
-        self._last_export: float | None = None
+        self._last_export = -math.inf
         self._lock = threading.Lock()
 
     def export(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> MetricExportResult:
         with self._lock:
-            if self._last_export is not None:
-                wait = self._last_export + self._min_spacing - self._clock()
-                if wait > self._max_delay:
-                    _log.info(
-                        "metric export skipped: the previous one was %.1f s ago and Cloud "
-                        "Monitoring accepts one point per series every %.0f s",
-                        self._min_spacing - wait,
-                        self._min_spacing,
-                    )
-                    return MetricExportResult.SUCCESS
-                if wait > 0:
-                    self._sleep(wait)
+            wait = self._last_export + self._min_spacing - self._clock()
+            if wait > self._max_delay:
+                _log.info(
+                    "metric export skipped: the previous one was %.1f s ago and Cloud "
+                    "Monitoring accepts one point per series every %.0f s",
+                    self._min_spacing - wait,
+                    self._min_spacing,
+                )
+                return MetricExportResult.SUCCESS
+            if wait > 0:
+                self._sleep(wait)
             self._last_export = self._clock()
             return self.exporter.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
 
@@ -359,15 +304,14 @@ def build_resource(
     return detected.merge(Resource({SERVICE_INSTANCE_ID: str(instance or uuid.uuid4())}))
 
 
-def detect_gcp_resource(*, timeout: float = GCP_DETECTION_TIMEOUT_SECONDS) -> Resource:
+def detect_gcp_resource(*, timeout: float = 3.0) -> Resource:
     """The GCP resource (Cloud Run: ``cloud.platform``, ``faas.name``, ``faas.version``...).
 
     The detector asks the metadata server with unbounded name resolution, and returns an *empty*
     resource when it cannot reach it, even on Cloud Run. So it runs in a daemon thread waited for
-    at most ``timeout`` (the SDK's ``get_aggregated_resources`` joins a hung detector), and
-    Cloud Run's ``K_*`` variables give the service and revision when it finds nothing (region and
-    instance need the metadata server).
-    """
+    at most ``timeout`` (the SDK's ``get_aggregated_resources`` joins a hung detector), and Cloud
+    Run's ``K_*`` variables give the service and revision when it finds nothing (region and
+    instance need the metadata server)."""
     from opentelemetry.resourcedetector.gcp_resource_detector import GoogleCloudResourceDetector
 
     found: list[Resource] = []
@@ -403,9 +347,9 @@ def _span_exporter_for(
         # Google's exporters (1.15) warn they are deprecated for its OTLP endpoint; they work.
         from opentelemetry.exporter.cloud_trace import CloudTraceSpanExporter
 
-        return CloudTraceSpanExporter(
-            project_id=project_id, client=client, resource_regex=CLOUD_TRACE_RESOURCE_REGEX
-        )
+        # Resource attributes copied onto every span as labels (Cloud Trace keeps 32 per span).
+        labels = r"^(service\.name|cloud\.(platform|region)|faas\.(name|version|instance))$"
+        return CloudTraceSpanExporter(project_id=project_id, client=client, resource_regex=labels)
     if config.traces == "otlp":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -428,7 +372,8 @@ def _metric_readers_for(
         exporter: MetricExporter = SpacedMetricExporter(
             CloudMonitoringMetricsExporter(project_id=project_id, client=client)
         )
-        return [PeriodicExportingMetricReader(exporter, GCP_METRIC_EXPORT_INTERVAL_MILLIS)]
+        # One point per series per minute, as Cloud Monitoring's guidance and examples use.
+        return [PeriodicExportingMetricReader(exporter, 60_000)]
     if config.traces == "otlp":
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
@@ -462,147 +407,18 @@ def _start_prometheus(port: int, on_shutdown: list[Callable[[], None]]) -> Metri
     return reader
 
 
-class _Borrowed(SpanExporter):
-    """A caller's exporter, used but not shut down (its owner does that)."""
-
-    def __init__(self, exporter: SpanExporter) -> None:
-        self.exporter = exporter
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        return self.exporter.export(spans)
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.exporter.force_flush(timeout_millis)
-
-
-# --- the global provider -------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Target:
-    processor: SpanProcessor | None  # None: this Telemetry exports nothing (MAILPIPE_TRACES=none)
-    skip: bool  # the global provider already exports to this target's exporter
-
-
-class _LibrarySpanRouter(SpanProcessor):
-    """Hands spans made with the global provider to the newest running Telemetry's processor.
-
-    The Pub/Sub client makes its spans with the *global* provider, set once per process, while a
-    process may build several Telemetry objects (tests; ``mailpipe up`` runs both services in
-    one). So each Telemetry has its own provider, and the global slot gets a hub provider (never
-    shut down) with this one processor: one exporter, no duplicates. An SDK provider mailpipe did
-    not make (tests/fixtures/telemetry.py) gets the router attached instead.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._targets: list[_Target] = []
-        self._attached_to: trace_api.TracerProvider | None = None
-        self._warned = False
-
-    def register(
-        self,
-        processor: SpanProcessor | None,
-        exporter: SpanExporter | None,
-        *,
-        sampler: Sampler,
-        resource: Resource,
-    ) -> _Target:
-        with self._lock:
-            provider = self._ensure_attached(sampler, resource)
-            skip = exporter is not None and exporter in _exporters_of(provider)
-            target = _Target(processor, skip)
-            self._targets = [*self._targets, target]
-            return target
-
-    def unregister(self, target: _Target) -> None:
-        with self._lock:
-            self._targets = [t for t in self._targets if t is not target]
-
-    def _ensure_attached(self, sampler: Sampler, resource: Resource) -> trace_api.TracerProvider:
-        current = trace_api.get_tracer_provider()
-        if current is self._attached_to:
-            return current
-        if isinstance(current, TracerProvider):
-            # Someone else (the test fixture) set an SDK provider first: route through it.
-            if not self._warned:
-                _log.warning(
-                    "a global tracer provider is already set; the Pub/Sub client's spans are "
-                    "also routed to mailpipe's exporter through it"
-                )
-                self._warned = True
-            current.add_span_processor(self)
-        elif isinstance(current, trace_api.ProxyTracerProvider):
-            current = _HubProvider(
-                sampler=_WithoutLibraryHelpers(sampler), resource=resource, shutdown_on_exit=False
-            )
-            current.add_span_processor(self)
-            trace_api.set_tracer_provider(current)
-        else:
-            _log.warning(
-                "the global tracer provider is %r, not an SDK provider: the Pub/Sub client's "
-                "spans are not exported by mailpipe",
-                type(current).__name__,
-            )
-        self._attached_to = current
-        return current
-
-    def _current(self) -> _Target | None:
-        targets = self._targets  # replaced, never changed in place: read without the lock
-        return targets[-1] if targets else None
-
-    def _exporting(self) -> SpanProcessor | None:
-        target = self._current()
-        return None if target is None or target.skip else target.processor
-
-    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        if (processor := self._exporting()) is not None:
-            processor.on_start(span, parent_context)
-
-    def on_end(self, span: ReadableSpan) -> None:
-        # The global provider's spans (the Pub/Sub client's) on their way out. The helper spans
-        # are never made by our hub (its sampler); a provider not ours made them: not exported.
-        if _library_helper(span.name, span.kind):
-            return
-        if (processor := self._exporting()) is not None:
-            processor.on_end(span)
+class _Borrowed(SimpleSpanProcessor):
+    """Feeds a caller's exporter as each span ends; its owner shuts it down."""
 
     def shutdown(self) -> None:
-        """The hub outlives every Telemetry; each one shuts its own processor down."""
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        target = self._current()
-        if target is None or target.processor is None:
-            return True
-        return target.processor.force_flush(timeout_millis)
+        pass
 
 
-class _HubProvider(TracerProvider):
-    """The global provider mailpipe makes. The Pub/Sub client asks it for a tracer for every
-    span, and the SDK's ``get_tracer`` registers a warnings filter each time: tracers cached."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._cached: dict[tuple[str, str | None, str | None], Tracer] = {}
-
-    def get_tracer(
-        self,
-        instrumenting_module_name: str,
-        instrumenting_library_version: str | None = None,
-        schema_url: str | None = None,
-        attributes: Any = None,
-    ) -> Tracer:
-        key = (instrumenting_module_name, instrumenting_library_version, schema_url)
-        if attributes is not None:
-            return super().get_tracer(*key, attributes)
-        if (tracer := self._cached.get(key)) is None:
-            tracer = self._cached.setdefault(key, super().get_tracer(*key))
-        return tracer
-
+# --- the global provider and the Pub/Sub client's spans ------------------------------------------
 
 # The Pub/Sub client's INTERNAL helper spans: each is current only inside a `with` that just
 # stores it (google/cloud/pubsub_v1/open_telemetry), so no span can have one as its parent.
-# Dropping them (4 of a mail's 13 spans, 2 more per event) orphans nothing (issue 18).
+# Not recording them (4 of a mail's 13 spans, 2 more per event) orphans nothing (issue 18).
 LIBRARY_HELPER_SPANS = frozenset(
     {
         "publisher flow control",
@@ -613,16 +429,12 @@ LIBRARY_HELPER_SPANS = frozenset(
 )
 
 
-def _library_helper(name: str, kind: SpanKind | None) -> bool:
-    return kind is SpanKind.INTERNAL and name in LIBRARY_HELPER_SPANS
+class _Sampler(sampling.ParentBased):
+    """``ParentBased(TraceIdRatioBased(ratio))`` that never records the library's helper spans
+    (cheaper than recording and then dropping them: a non-recording span does no work)."""
 
-
-class _WithoutLibraryHelpers(Sampler):
-    """``sampler``, except that the library's helper spans are never recorded (cheaper than
-    recording and then dropping them: a non-recording span does no work)."""
-
-    def __init__(self, sampler: Sampler) -> None:
-        self._sampler = sampler
+    def __init__(self, ratio: float) -> None:
+        super().__init__(sampling.TraceIdRatioBased(ratio))
 
     def should_sample(
         self,
@@ -630,27 +442,32 @@ class _WithoutLibraryHelpers(Sampler):
         trace_id: int,
         name: str,
         kind: SpanKind | None = None,
-        attributes: Any = None,
-        links: Any = None,
-        trace_state: Any = None,
-    ) -> SamplingResult:
-        if _library_helper(name, kind):
+        *args: Any,
+        **kwargs: Any,
+    ) -> sampling.SamplingResult:
+        if kind is SpanKind.INTERNAL and name in LIBRARY_HELPER_SPANS:
             parent = trace_api.get_current_span(parent_context).get_span_context()
-            return SamplingResult(Decision.DROP, trace_state=parent.trace_state)
-        return self._sampler.should_sample(
-            parent_context, trace_id, name, kind, attributes, links, trace_state
-        )
-
-    def get_description(self) -> str:
-        return f"WithoutLibraryHelpers{{{self._sampler.get_description()}}}"
+            return sampling.SamplingResult(sampling.Decision.DROP, trace_state=parent.trace_state)
+        return super().should_sample(parent_context, trace_id, name, kind, *args, **kwargs)
 
 
-def _exporters_of(provider: trace_api.TracerProvider) -> list[object]:
-    """Exporters an SDK provider's processors feed (private SDK attributes; [] if they moved)."""
-    multi = getattr(provider, "_active_span_processor", None)
-    processors = getattr(multi, "_span_processors", ())
-    exporters = [getattr(p, "span_exporter", None) for p in processors]
-    return [getattr(e, "exporter", e) for e in exporters]  # see through _Borrowed
+class _NewestTelemetryTracers(trace_api.TracerProvider):
+    """The global tracer provider, through which the Pub/Sub client makes its spans. It is set
+    once per process, which may run several Telemetry objects (tests; both apps in one): the
+    client's spans go to the provider of the newest one still running (none: not recorded)."""
+
+    def get_tracer(self, name: str, *rest: Any) -> Tracer:
+        return _NewestTracer(name)  # the client passes a name only
 
 
-_ROUTER = _LibrarySpanRouter()
+class _NewestTracer(trace_api.ProxyTracer):
+    """A ProxyTracer whose ``_tracer``, asked for each span, is the newest running Telemetry's (a
+    caller may keep this tracer while Telemetry objects come and go)."""
+
+    @property
+    def _tracer(self) -> Tracer:
+        newest = _RUNNING[-1:]  # a copy: another thread may stop a Telemetry meanwhile
+        return newest[0].tracer(self._instrumenting_module_name) if newest else self._noop_tracer
+
+
+_RUNNING: list[Telemetry] = []  # the Telemetry objects built with set_global, oldest first

@@ -1,9 +1,6 @@
-"""The local trace store's writer: spans as JSON lines in one file (``MAILPIPE_TRACES=file``).
-
-The publisher and the subscriber can share the file: each line is one ``write()`` on a file
-opened with ``O_APPEND``. ``mailpipe trace`` reads it back (ops/trace_view.py); a line is
-:func:`span_to_dict` of one span.
-"""
+"""The local trace store's writer: spans as JSON lines in one file (``MAILPIPE_TRACES=file``),
+read back by ``mailpipe trace`` (ops/trace_view.py). The publisher and the subscriber can share
+the file: each line is one ``write()`` on a file opened with ``O_APPEND``."""
 
 from __future__ import annotations
 
@@ -11,6 +8,7 @@ import json
 import os
 import threading
 from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +17,8 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 
 def _attributes(attributes: Any) -> dict[str, Any]:
-    """A plain dict of span or event attributes (values: str, bool, int, float or tuples of
-    them; json writes anything else with ``str``). The SDK's BoundedAttributes reads each item
-    under a lock; its inner dict, read-only once the span ended, copies at C speed."""
+    """A plain dict of span or event attributes. The SDK's BoundedAttributes reads each item under
+    a lock; its inner dict, read-only once the span ended, copies at C speed."""
     return dict(getattr(attributes, "_dict", None) or attributes or {})
 
 
@@ -59,20 +56,16 @@ class JsonLinesSpanExporter(SpanExporter):
         self._fd: int | None = None
 
     def _open(self) -> int:
-        if self._fd is not None and not self._still_at_path(self._fd):
+        if self._fd is not None:
+            with suppress(FileNotFoundError):
+                if os.path.samestat(os.stat(self.path), os.fstat(self._fd)):
+                    return self._fd
             # The file was deleted or replaced (a developer cleared old traces): start a new one.
             os.close(self._fd)
             self._fd = None
-        if self._fd is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         return self._fd
-
-    def _still_at_path(self, fd: int) -> bool:
-        try:
-            return os.path.samestat(os.stat(self.path), os.fstat(fd))
-        except FileNotFoundError:
-            return False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         lines = [

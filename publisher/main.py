@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Callable, Mapping
-from typing import cast
+from typing import Any, cast
 
 import flask
 from flask import Flask
@@ -110,7 +110,13 @@ def build_app(
         # Outside the Flask instrumentation: the request's server span has ended (Flask's
         # teardown) when the flush runs, and the flush runs before the server writes the answer,
         # so the root span is exported before Cloud Run can throttle an idle instance.
-        app.wsgi_app = span_flush.wsgi(app.wsgi_app)  # type: ignore[method-assign]
+        flask_app = app.wsgi_app
+
+        def flushing_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+            with span_flush.request():
+                return flask_app(environ, start_response)
+
+        app.wsgi_app = flushing_app  # type: ignore[method-assign]
 
     def close() -> None:
         publisher.close()

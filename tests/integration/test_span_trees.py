@@ -4,11 +4,11 @@ Real parts: the publisher app over HTTP, Google's Pub/Sub emulator over gRPC, th
 worker and a real aiosmtpd server with scripted replies (``tests/fixtures/pipeline.py``). Each test
 asserts every span of the mail's trace: name, kind, parent, and mailpipe's attributes exactly.
 
-In this in-process pipeline both services share one Telemetry, so mailpipe's spans all carry the
-service name ``mailpipe-publisher`` and the Pub/Sub client's spans the test provider's
-``mailpipe-tests``. ``test_file_exporter_across_processes`` runs the services as real processes
-(as ``mailpipe up`` does) and reads the trees back from the JSON-lines trace file, where each span
-names its own service.
+In this in-process pipeline both services share one Telemetry, so mailpipe's spans and the Pub/Sub
+client's all carry the service name ``mailpipe-publisher``, and the client's helper spans are not
+recorded, as in the services. ``test_file_exporter_across_processes`` runs the services as real
+processes (as ``mailpipe up`` does) and reads the trees back from the JSON-lines trace file, where
+each span names its own service.
 """
 
 from __future__ import annotations
@@ -268,9 +268,11 @@ def test_delivered_mail(pipeline: Pipeline) -> None:
     pipeline.wait_for_record(mail_id, lambda r: r.status == "delivered")
     subscription = pipeline.topology.delivery_subscription.name
 
-    expected = published(
-        pipeline,
-        subscribe(subscription, deliver("connect", "ehlo", "mail from", "rcpt to", "data")),
+    expected = exported(
+        published(
+            pipeline,
+            subscribe(subscription, deliver("connect", "ehlo", "mail from", "rcpt to", "data")),
+        )
     )
     assert wait_for_tree(pipeline, trace_id, expected) == expected
 
@@ -315,10 +317,12 @@ def test_deferred_then_delivered_mail(pipeline: Pipeline) -> None:
     # span, so the library opens a second `subscribe` span under `create` and the second
     # `mail deliver` hangs below it: two sibling subscribe chains, not a link between traces.
     # The second attempt reuses the pooled connection (RSET kept it healthy): no connect/ehlo.
-    expected = published(
-        pipeline,
-        subscribe(subscription, deliver("connect", "ehlo", "mail from", "rcpt to", "rset")),
-        subscribe(subscription, deliver("mail from", "rcpt to", "data")),
+    expected = exported(
+        published(
+            pipeline,
+            subscribe(subscription, deliver("connect", "ehlo", "mail from", "rcpt to", "rset")),
+            subscribe(subscription, deliver("mail from", "rcpt to", "data")),
+        )
     )
     assert wait_for_tree(pipeline, trace_id, expected) == expected
 
@@ -360,9 +364,11 @@ def test_bounced_mail(pipeline: Pipeline) -> None:
     pipeline.wait_for_record(mail_id, lambda r: r.status == "bounced")
     subscription = pipeline.topology.delivery_subscription.name
 
-    expected = published(
-        pipeline,
-        subscribe(subscription, deliver("connect", "ehlo", "mail from", "rcpt to", "rset")),
+    expected = exported(
+        published(
+            pipeline,
+            subscribe(subscription, deliver("connect", "ehlo", "mail from", "rcpt to", "rset")),
+        )
     )
     assert wait_for_tree(pipeline, trace_id, expected) == expected
 
@@ -399,11 +405,13 @@ def test_dead_lettered_mail(pipeline: Pipeline) -> None:
     first = deliver("connect", "ehlo", "mail from", "rcpt to", "rset")
     retry = deliver("mail from", "rcpt to", "rset")
     dead_letter = node("mail dead-letter", SpanKind.CONSUMER)
-    expected = published(
-        pipeline,
-        subscribe(delivery_sub, first),
-        *[subscribe(delivery_sub, retry) for _ in range(4)],
-        subscribe(record_sub, dead_letter),
+    expected = exported(
+        published(
+            pipeline,
+            subscribe(delivery_sub, first),
+            *[subscribe(delivery_sub, retry) for _ in range(4)],
+            subscribe(record_sub, dead_letter),
+        )
     )
     assert wait_for_tree(pipeline, trace_id, expected) == expected
 
