@@ -212,13 +212,16 @@ def _demo(
     received = [m for m in pipeline.smtp.messages if mail_id in str(m.message["Message-ID"])]
     spans: list[Any] = []
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # the services export spans in batches
+    # The services export spans in batches (every 200 ms), the events' publish spans last: the
+    # trace is shown once both ends are in and a poll 0.5 s later finds no new span.
+    while time.monotonic() < deadline:
+        seen = len(spans)
         spans = find_trace(read_spans(pipeline.trace_file), accepted.trace_id)
-        if any(s.name == "smtp data" for s in spans) and any(
-            s.name.startswith("POST") for s in spans
-        ):
+        names = {s.name for s in spans}
+        ends = "smtp data" in names and any(name.startswith("POST") for name in names)
+        if ends and len(spans) == seen:
             break
-        time.sleep(0.2)
+        time.sleep(0.5)
     if args.json:
         print(
             json.dumps(
