@@ -68,6 +68,17 @@ def redact_address(address: str, style: AddressStyle) -> str:
 _ADDRESS_IN_TEXT = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
 
 
+# In a JSON line: an escape (``\\n``, ``\\u0009``) is skipped whole, so an address right after one
+# is redacted without taking the escape's last character with it (the line stays valid JSON).
+_ESCAPE_OR_ADDRESS = re.compile(r"(\\(?:u[0-9a-fA-F]{4}|.))|" + _ADDRESS_IN_TEXT.pattern)
+
+
+def _jsonable(value: Any) -> Any:
+    """What json.dumps writes for a value it cannot: a set as a list (its items then escaped like
+    any string, so a registered secret's JSON form is found), anything else as its ``str``."""
+    return list(value) if isinstance(value, set | frozenset) else str(value)
+
+
 def redact_addresses(text: str, style: AddressStyle) -> str:
     """``text`` with every address in it shown as ``style`` allows (see :func:`redact_address`)."""
     if style == "full" or "@" not in text:
@@ -118,8 +129,11 @@ class CloudLoggingFormatter(logging.Formatter):
         if isinstance(fields, Mapping):
             for key, value in fields.items():
                 payload.setdefault(str(key), value)
-        line = json.dumps(payload, default=str, ensure_ascii=False)
-        return redact_addresses(redact_secrets(line), self.address_style)
+        line = redact_secrets(json.dumps(payload, default=_jsonable, ensure_ascii=False))
+        if self.address_style == "full" or "@" not in line:
+            return line
+        style = self.address_style
+        return _ESCAPE_OR_ADDRESS.sub(lambda m: m[1] or redact_address(m[0], style), line)
 
     def _trace_fields(self) -> dict[str, Any]:
         context = trace.get_current_span().get_span_context()

@@ -201,6 +201,7 @@ class BufferingThreadWorker(ThreadWorker):
         ours, theirs = socket.socketpair()  # gunicorn writes its HTML page here, to be read back
         with ours, theirs:
             super().handle_error(req, ours, addr, exc)
+            ours.shutdown(socket.SHUT_WR)  # a page gunicorn failed to write reads as b"", no hang
             page = theirs.recv(1 << 20).decode("latin-1")
         match = re.match(r"HTTP/1\.1 (\d{3}) ([^\r\n]*)", page)
         status, reason = (int(match[1]), match[2]) if match else (500, "Internal Server Error")

@@ -203,7 +203,12 @@ class IdleSpanFlush:
             if (done := self._next_round) is None:
                 self._next_round = done = threading.Event()
                 flusher = threading.Thread(target=self._flush_round, args=(done,), daemon=True)
-                flusher.start()
+                try:
+                    flusher.start()
+                except RuntimeError:  # no thread to be had: the next request that idles retries
+                    self._next_round = None
+                    _log.warning("could not start a thread to export spans", exc_info=True)
+                    return False
         if done.wait(self._timeout):
             return True
         _log.warning(

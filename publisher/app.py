@@ -431,10 +431,13 @@ def _queued(services: ApiServices, admitted: _Admitted, message_id: str) -> Answ
     return _accepted(services, admitted, message_id)
 
 
+MARK_QUEUED_GROUP = 100  # mails recorded queued per transaction (a batch has up to 500)
+
+
 def _mark_queued(
     services: ApiServices, published: Sequence[tuple[_Admitted, str, str | None]]
 ) -> None:
-    """Record the published mails (with their message and trace ids) queued: one transaction."""
+    """Record the published mails (with their message and trace ids) queued, a group at a time."""
     mails = [
         {
             "mail_id": admitted.mail.mail_id,
@@ -446,14 +449,17 @@ def _mark_queued(
         }
         for admitted, message_id, trace_id in published
     ]
-    try:
-        if mails:
-            services.record.mark_queued_many(mails)
-    except Exception:
-        # The mails ARE on Pub/Sub: the subscriber's claim creates or completes each record, so
-        # answering 202 is right. Failing here would make the client send them twice.
-        for mail in mails:
-            log.warning("could not mark mail %s queued; the subscriber will", mail["mail_id"])
+    # In groups: a Firestore transaction reads its documents one by one while the subscriber
+    # claims the same mails, so a failed (contended) write costs one group, not the request.
+    for start in range(0, len(mails), MARK_QUEUED_GROUP):
+        group = mails[start : start + MARK_QUEUED_GROUP]
+        try:
+            services.record.mark_queued_many(group)
+        except Exception:
+            # The mails ARE on Pub/Sub: the subscriber's claim creates or completes each record,
+            # so answering 202 is right. Failing here would make the client send them twice.
+            for mail in group:
+                log.warning("could not mark mail %s queued; the subscriber will", mail["mail_id"])
 
 
 def _accepted(services: ApiServices, admitted: _Admitted, message_id: str) -> Answer:

@@ -155,3 +155,28 @@ def test_a_batch_is_recorded_queued_in_one_write_and_accepted_even_when_that_wri
     assert warned == [f"could not mark mail {m} queued; the subscriber will" for m in mail_ids]
     assert [locked.get(m) for m in mail_ids] == [None, None]
     locked.close()
+
+
+class _GroupsSeen(DeliveryRecord):
+    """The real record, noting the size of each `mark_queued_many` call."""
+
+    groups: list[int]
+
+    def mark_queued_many(self, mails: Any) -> Any:
+        self.groups.append(len(mails))
+        return super().mark_queued_many(mails)
+
+
+def test_a_large_batch_is_recorded_a_group_at_a_time(accepting: Accepting) -> None:
+    # One contended Firestore transaction must not cost a whole 500-mail request its record.
+    record = _GroupsSeen(accepting.record.store)
+    record.groups = []
+    services = dataclasses.replace(accepting.services, record=record)
+
+    answers = accept_mails(services, [dict(MAIL) for _ in range(250)])
+
+    assert [getattr(a, "status", None) for a in answers] == [202] * 250
+    assert record.groups == [100, 100, 50]
+    statuses = {record.get(a.body["mail_id"]).status for a in answers if isinstance(a, Answer)}
+    assert statuses == {MailStatus.QUEUED}
+    assert len(accepting.published(expect=250)) == 250

@@ -124,6 +124,27 @@ def test_registered_secrets_never_reach_a_line(stream: io.StringIO) -> None:
     assert "Traceback" in lines[2]["message"]
 
 
+def test_a_secret_in_a_set_field_is_redacted_too(stream: io.StringIO) -> None:
+    # A set is written as a list: its items are escaped like any string, so the secret's
+    # registered JSON form matches even with a quote, a backslash and a tab in it.
+    secret = 'pa\\ss"w\tord'
+    register_secret(secret)
+    formatter = logs.CloudLoggingFormatter(project=None)
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "login", None, None)
+    record.json_fields = {"tried": {secret}}
+
+    assert json.loads(formatter.format(record))["tried"] == ["[REDACTED]"]
+
+
+@pytest.mark.parametrize("before", ["\n", "\t", "\x01", "\\", '"'])
+def test_an_address_right_after_an_escaped_character_leaves_valid_json(before: str) -> None:
+    formatter = logs.CloudLoggingFormatter(project=None, address_style="domain")
+    text = f"refused:{before}bob@example.com"
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, text, None, None)
+
+    assert json.loads(formatter.format(record))["message"] == f"refused:{before}@example.com"
+
+
 def test_secrets_are_redacted_for_handlers_installed_before_ours() -> None:
     earlier = io.StringIO()
     other = logging.StreamHandler(earlier)  # e.g. gunicorn's, added before configure_logging
