@@ -51,7 +51,14 @@ def _push_handler() -> PushHandler:
     with _lock:
         if _handler is None:
             config = SubscriberConfig.from_env(os.environ, push=True)
-            _handler = build_push_handler(config, build_services(config))
+            services = build_services(config)
+            try:
+                _handler = build_push_handler(config, services)
+            except BaseException:
+                # Each request tries again: without this, each would leave a Telemetry (its
+                # exporter threads), a record and an SMTP pool behind.
+                services.close()
+                raise
         return _handler
 
 

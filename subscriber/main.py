@@ -10,6 +10,7 @@ Both build the same :class:`~subscriber.delivery.DeliveryService` from the confi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -65,8 +66,23 @@ def build_services(
     telemetry: Telemetry | None = None,
     events: EventsConfig | None = None,
 ) -> Services:
-    """``events`` turns the delivery events on (docs/events.md)."""
-    telemetry = telemetry or setup_telemetry(config.telemetry)
+    """``events`` turns the delivery events on (docs/events.md). If a part fails to start, the
+    parts built before it are closed: a FaaS host retries the start on every request."""
+    with contextlib.ExitStack() as built:
+        if telemetry is None:
+            telemetry = setup_telemetry(config.telemetry)
+            built.callback(telemetry.shutdown)
+        services = _build_services(config, telemetry, events, built)
+        built.pop_all()
+    return services
+
+
+def _build_services(
+    config: SubscriberConfig,
+    telemetry: Telemetry,
+    events: EventsConfig | None,
+    built: contextlib.ExitStack,
+) -> Services:
     configure_logging(config.telemetry, project=config.pubsub.project)
     # The password in every form AUTH gives it, so no log line can show one.
     for form in credential_forms(config.smtp.username, config.smtp.password):
@@ -79,7 +95,9 @@ def build_services(
         address_style=config.telemetry.address_style,
         metrics=metrics,
     )
+    built.callback(sender.close)
     record = open_record(config.record)
+    built.callback(record.close)
     screen = None
     if config.suppressions.enabled:
         screen = RecipientScreen(
@@ -88,6 +106,8 @@ def build_services(
     else:
         log.warning("%s: every recipient is sent to", config.suppressions.disabled_reason)
     emitter = build_emitter(events, config.pubsub, config.telemetry, telemetry.meter_provider)
+    if emitter is not None:
+        built.callback(emitter.close)
     delivery = DeliveryService(
         sender=sender,
         record=record,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,35 @@ def test_a_failure_to_start_the_handler_is_a_json_500(
     with serve_app(app) as url:
         response = httpx.post(f"{url}/", json={"message": {}}, timeout=30)
     assert json_error(response, 500)["code"] == "internal"
+
+
+def test_a_handler_that_fails_to_start_leaves_nothing_running(
+    pubsub_emulator: RunningEmulator,
+    pubsub_project: str,
+    mail_topology: Topology,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The host retries the start on every push: a record that cannot be opened must not leave
+    a Telemetry (its span exporter's thread) and an SMTP pool behind each time."""
+    env = pipeline_env(pubsub_emulator, pubsub_project, mail_topology, tmp_path / "r.sqlite3", 25)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("MAILPIPE_RECORD", f"sqlite:///{tmp_path / 'not-a-dir' / 'r.sqlite3'}")
+    monkeypatch.setenv("MAILPIPE_TRACES", "file")
+    monkeypatch.setenv("MAILPIPE_TRACE_FILE", str(tmp_path / "spans.jsonl"))
+    for name in ("FUNCTION_TARGET", "FUNCTION_NAME"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    app = functions_framework.create_app(target="deliver", source=str(SOURCE))
+    with serve_app(app) as url:
+        assert httpx.post(f"{url}/", json={"message": {}}, timeout=30).status_code == 500
+        threads = _threads_besides_requests()
+        for _ in range(3):
+            assert httpx.post(f"{url}/", json={"message": {}}, timeout=30).status_code == 500
+        assert _threads_besides_requests() == threads
+
+
+def _threads_besides_requests() -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if "process_request" not in t.name)
