@@ -10,7 +10,7 @@ from there; :func:`accept_mail` is ``POST /v1/messages`` without HTTP: validate,
 idempotency key, publish, record the mail queued, answer. :func:`accept_mails` is
 ``POST /v1/messages:batch`` without HTTP: the same steps for each mail (the same functions), all
 mails handed to Pub/Sub before waiting for any, each in its own trace linked to the request's,
-and the published mails recorded queued in one transaction.
+and the published mails recorded queued a hundred to a transaction.
 
 Errors are JSON: ``{"error": {"code": "...", "message": "...", "fields": {...}}}``.
 """
@@ -559,7 +559,7 @@ def accept_mails(
     Every mail is validated and (with its own ``idempotency_key``) reserved, and handed to the
     Pub/Sub client without waiting, before any publish is waited for: the client sends them in
     its batches. Each mail then waits for its own confirmation, so a mail answered 202 is on
-    Pub/Sub; the published mails are recorded queued in one transaction. Each mail has its own
+    Pub/Sub; the published mails are recorded queued, 100 to a transaction. Each mail has its own
     trace, rooted in a :data:`BATCH_MAIL_SPAN` span linked to the request's span (the current
     span).
     """

@@ -108,13 +108,13 @@ def put_entry(
 ) -> tuple[Suppression, bool]:
     """Add an operator's entry for ``address`` (a validated addr-spec), or replace its entry;
     whether an active one was replaced."""
-    style, now = suppressions.policy.style, suppressions.clock()
-    shown, domain = address.strip().lower() if style == "full" else None, address.rpartition("@")[2]
-    key = suppressions.policy.key_of(address)
-    entry = Suppression(key, reason, now, domain.lower(), shown, expires_at=expires_at)
+    entry = suppressions.entry(address, reason, expires_at=expires_at)
     doc = encode(entry)
     return entry, _change(
-        suppressions, key, "suppress", lambda t: t.put(SUPPRESSIONS, key, doc, None, False)
+        suppressions,
+        entry.key,
+        "suppress",
+        lambda t: t.put(SUPPRESSIONS, entry.key, doc, None, False),
     )
 
 

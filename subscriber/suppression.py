@@ -23,7 +23,7 @@ from mailpipe.record import (
     SuppressionList,
     SuppressionReason,
 )
-from mailpipe.record.suppressions import Entry
+from mailpipe.record.suppressions import Suppression
 from subscriber.errors import TransientDeliveryError, parse_enhanced_status
 from subscriber.message import ascii_address
 
@@ -77,20 +77,25 @@ class RecipientScreen:
     ) -> tuple[RecipientResult, ...]:
         """Suppress each refused recipient whose mailbox is gone; every refusal as a result."""
         originals = {ascii_address(address): address for address in mail.request.recipients}
-        results, gone = [], list[Entry]()
+        results, gone = [], list[tuple[Suppression, str]]()
         for rcpt, (code, text) in refused.items():
             enhanced = parse_enhanced_status(text)
             shown = redact_address(rcpt, self._style)
             results.append(RecipientResult(shown, "refused", code, enhanced))
             if mailbox_gone(code, enhanced):
-                address, reply = originals.get(rcpt, rcpt), f"{code} {text}"
-                gone.append(
-                    (address, SuppressionReason.BOUNCE, code, enhanced, reply, mail.mail_id, None)
+                entry = self._list.entry(
+                    originals.get(rcpt, rcpt),
+                    SuppressionReason.BOUNCE,
+                    reply_code=code,
+                    enhanced_status=enhanced,
+                    reply=f"{code} {text}",
+                    mail_id=mail.mail_id,
                 )
+                gone.append((entry, shown))
         if gone:
             try:
-                self._list.put_many(gone)  # one write for all of this attempt's refusals
+                self._list.put(*(entry for entry, _ in gone))  # one write for all the refusals
             except RecordError as exc:
-                shown = ", ".join(redact_address(entry[0], self._style) for entry in gone)
+                shown = ", ".join(address for _, address in gone)
                 log.error("could not suppress %s after their refusals: %s", shown, exc)
         return tuple(results)

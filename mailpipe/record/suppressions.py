@@ -93,12 +93,6 @@ class SuppressionPolicy:
         return cls(cast(AddressStyle, style), raw.encode() if raw else None)
 
 
-# put_many's entry: address, reason, reply_code, enhanced_status, reply, mail_id, expires_at.
-Entry = tuple[
-    str, SuppressionReason, int | None, str | None, str | None, str | None, dt.datetime | None
-]
-
-
 class SuppressionList:
     """The suppression list over a record's store (:meth:`DeliveryRecord.suppressions`): what
     the subscriber needs; the API's listing and removal are in publisher/suppressions.py."""
@@ -107,7 +101,7 @@ class SuppressionList:
         self.store, self.policy, self.clock = store, policy, clock
         register_secret((policy.key or b"").decode())  # the key never shows in a log line
 
-    def put(
+    def entry(
         self,
         address: str,
         reason: SuppressionReason,
@@ -118,25 +112,21 @@ class SuppressionList:
         mail_id: str | None = None,
         expires_at: dt.datetime | None = None,
     ) -> Suppression:
-        """Add ``address`` (a validated addr-spec), or replace its entry."""
+        """The entry of ``address`` (a validated addr-spec), keyed and shown as the policy says."""
+        shown = address.strip().lower() if self.policy.style == "full" else None
+        domain = address.rpartition("@")[2].lower()
+        key, now = self.policy.key_of(address), self.clock()
         details = (reply_code, enhanced_status, reply, mail_id, expires_at)
-        return self.put_many([(address, reason, *details)])[0]
+        return Suppression(key, reason, now, domain, shown, *details)
 
-    def put_many(self, entries: Iterable[Entry]) -> list[Suppression]:
-        """:meth:`put` of each ``(address, reason, reply_code, enhanced_status, reply, mail_id,
-        expires_at)``, all in one transaction."""
-        now, full, made = self.clock(), self.policy.style == "full", list[Suppression]()
-        for address, reason, code, status, reply, mail_id, expires_at in entries:
-            shown, domain = address.strip().lower() if full else None, address.rpartition("@")[2]
-            key, details = self.policy.key_of(address), (code, status, reply, mail_id, expires_at)
-            made.append(Suppression(key, reason, now, domain.lower(), shown, *details))
+    def put(self, *entries: Suppression) -> None:
+        """Add ``entries`` (from :meth:`entry`), or replace theirs, all in one transaction."""
 
         def body(txn: Transaction) -> None:
-            for entry in made:
+            for entry in entries:
                 txn.put(SUPPRESSIONS, entry.key, encode(entry), None, False)
 
         self.store.transact("suppress", body)
-        return made
 
     def lookup(self, addresses: Iterable[str]) -> dict[str, Suppression]:
         """The suppressed ones of ``addresses`` (one batched read), by address."""

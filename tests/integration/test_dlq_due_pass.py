@@ -29,8 +29,6 @@ from mailpipe.topology import Topology
 from ops.replay import DeadLetterReplayer, Selection
 from tests.integration.test_delivery_events import EventReader
 
-NOW = dt.datetime.now(dt.UTC)
-
 
 @pytest.fixture
 def record(tmp_path: Path) -> Iterator[SqliteRecord]:
@@ -59,8 +57,9 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.mark.parametrize(
     ("deliver_by", "next_attempt_at", "status", "event"),
     [
-        (NOW - dt.timedelta(seconds=1), None, "expired", EventType.EXPIRED),
-        (NOW + dt.timedelta(hours=1), NOW - dt.timedelta(seconds=1), "replayed", "replayed"),
+        # Offsets from the test's start (not collection's: a full run can take over an hour).
+        (-dt.timedelta(seconds=1), None, "expired", EventType.EXPIRED),
+        (dt.timedelta(hours=1), -dt.timedelta(seconds=1), "replayed", "replayed"),
     ],
     ids=["expired", "replayed"],
 )
@@ -70,17 +69,18 @@ def test_a_due_pass_decodes_each_copy_once(
     pubsub_project: str,
     record: SqliteRecord,
     decodes: list[str],
-    deliver_by: dt.datetime,
-    next_attempt_at: dt.datetime | None,
+    deliver_by: dt.timedelta,
+    next_attempt_at: dt.timedelta | None,
     status: str,
     event: str,
 ) -> None:
+    now = dt.datetime.now(dt.UTC)
     topology: Topology = apply_mail_topology()
     mail = QueuedMail.accept(
         MailRequest.model_validate(
             {"from": "a@example.com", "to": ["erin@example.org"], "text": "t"}
         )
-    ).model_copy(update={"deliver_by": deliver_by})
+    ).model_copy(update={"deliver_by": now + deliver_by})
     record.reserve(
         mail_id=mail.mail_id,
         accepted_at=mail.accepted_at,
@@ -88,7 +88,8 @@ def test_a_due_pass_decodes_each_copy_once(
         idempotency_key=None,
     )
     record.mark_queued(mail.mail_id, message_id="1", trace_id=None)
-    record.mark_dead_lettered(mail.mail_id, last_error="451", next_attempt_at=next_attempt_at)
+    due = None if next_attempt_at is None else now + next_attempt_at
+    record.mark_dead_lettered(mail.mail_id, last_error="451", next_attempt_at=due)
     assert record.get(mail.mail_id).deliver_by is None  # type: ignore[union-attr]
     data, attributes = mail.to_pubsub()
     copies = publisher_client(pubsub_emulator.host)

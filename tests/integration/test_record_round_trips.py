@@ -37,10 +37,6 @@ class CountingStore:
         self.calls.append(("transact", operation))
         return self.store.transact(operation, body)
 
-    def get(self, kind: Kind, doc_id: str) -> Document | None:
-        self.calls.append(("get", kind.name))
-        return self.store.get(kind, doc_id)
-
     def get_many(self, kind: Kind, doc_ids: Sequence[str]) -> dict[str, Document]:
         self.calls.append(("get_many", kind.name))
         return self.store.get_many(kind, doc_ids)

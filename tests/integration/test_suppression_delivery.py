@@ -86,7 +86,7 @@ def test_a_suppressed_recipient_never_reaches_rcpt(
     services: Services, relay: LocalSmtpServer
 ) -> None:
     listing = services.record.suppressions(POLICY)  # what the API would open
-    listing.put("Gone@Example.org", SuppressionReason.MANUAL)
+    listing.put(listing.entry("Gone@Example.org", SuppressionReason.MANUAL))
 
     mail, outcome = deliver(services, "gone@example.org", "ok@example.org")
     assert outcome is Outcome.DELIVERED
