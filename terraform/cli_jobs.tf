@@ -23,6 +23,8 @@ locals {
       image           = var.reconcile.image
       timeout_seconds = var.reconcile.timeout_seconds
       schedule        = var.reconcile.schedule
+      # A repair is idempotent: a failed run may be retried once.
+      max_retries = 1
       # Reads the publisher's configuration (ops/cli/reconcile.py: the record, the reservation
       # expiry, the grace), so both always agree on what "stuck" means. Its JSON lines go to Cloud
       # Logging from stdout; it exports no spans or metrics, so it gets no Trace or Monitoring role.
@@ -35,6 +37,9 @@ locals {
       image           = var.dlq_replay.image
       timeout_seconds = var.dlq_replay.timeout_seconds
       schedule        = "*/${var.dlq_replay.every_minutes} * * * *"
+      # None: Cloud Run's timeout is per attempt, so a retry could run into the next scheduled
+      # pass (timeout_seconds <= every_minutes * 60 holds for one attempt); that pass is the retry.
+      max_retries = 0
       # Reads the publisher's configuration (topics, dead-letter subscription, record) and exports
       # its replay spans and metrics as the services do.
       exports_telemetry = true
@@ -80,9 +85,7 @@ resource "google_cloud_run_v2_job" "cli_job" {
     template {
       service_account = google_service_account.cli_job[each.key].email
       timeout         = "${each.value.timeout_seconds}s"
-      # A repair is idempotent and a replay pass acks only what it handled: a failed run may be
-      # retried once; the next scheduled run comes anyway.
-      max_retries = 1
+      max_retries     = each.value.max_retries
 
       containers {
         name = each.key

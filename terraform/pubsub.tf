@@ -140,11 +140,19 @@ moved {
 }
 
 # --- Operators: `mailpipe dlq list` pulls the dead-letter subscription, `dlq replay` republishes ---
+# ...and the webhook dead letters, which their alert's runbook has them pull (docs/events.md).
+locals {
+  operator_subscriptions = merge(
+    { for key, _ in local.pull_subscriptions : key => google_pubsub_subscription.subscription[key].name },
+    local.event_webhooks_enabled ? { event-webhooks-dead-letter = google_pubsub_subscription.event_webhook_dead_letter[0].name } : {},
+  )
+}
+
 resource "google_pubsub_subscription_iam_member" "operators_pull" {
-  for_each = { for pair in setproduct(keys(local.pull_subscriptions), var.operators) : "${pair[0]} ${pair[1]}" => { subscription = pair[0], member = pair[1] } }
+  for_each = { for pair in setproduct(keys(local.operator_subscriptions), var.operators) : "${pair[0]} ${pair[1]}" => { subscription = pair[0], member = pair[1] } }
 
   project      = var.project_id
-  subscription = google_pubsub_subscription.subscription[each.value.subscription].name
+  subscription = local.operator_subscriptions[each.value.subscription]
   role         = "roles/pubsub.subscriber"
   member       = each.value.member
 }

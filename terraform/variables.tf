@@ -336,7 +336,7 @@ variable "publisher_invokers" {
 
 variable "operators" {
   type        = list(string)
-  description = "IAM members who run `mailpipe status` / `mailpipe dlq list|replay` against this deployment: read and write the delivery record, pull the dead-letter subscription, republish to the mail topic."
+  description = "IAM members who run `mailpipe status` / `mailpipe dlq list|replay` against this deployment: read and write the delivery record, pull the dead-letter subscription (and the event webhooks' dead letters), republish to the mail topic."
   default     = []
 
   validation {

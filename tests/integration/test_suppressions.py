@@ -325,3 +325,14 @@ def test_an_address_with_a_slash_is_one_entry_in_full_mode(sqlite_record: Delive
         assert created.status_code == 201 and created.json()["address"] == "o/k@example.org"
         assert http.get("/v1/suppressions/o/k@example.org").json()["key"] == "o%2Fk@example.org"
         assert http.delete(path("o/k@example.org")).status_code == 204
+
+
+def test_without_a_key_the_api_says_the_list_is_off(sqlite_record: DeliveryRecord) -> None:
+    # `hashed` keeps no address, so without MAILPIPE_SUPPRESSION_KEY there is no way to key one.
+    with api(sqlite_record, "hashed", None) as url, httpx.Client(base_url=url) as http:
+        listed = http.get("/v1/suppressions")
+        put = http.put(path(ADDRESS), json={"reason": "manual"})
+    for answer in (listed, put):
+        error = answer.json()["error"]
+        assert (answer.status_code, error["code"]) == (503, "suppressions_disabled"), answer.text
+        assert "MAILPIPE_SUPPRESSION_KEY" in error["message"]

@@ -1438,6 +1438,10 @@ def test_the_cli_jobs_are_one_for_each_keyed_by_job_name(module: Module) -> None
     # reconcile exports nothing (so holds no Trace or Monitoring role); dlq-replay exports spans.
     assert declarations["reconcile"]["exports_telemetry"] is False
     assert declarations["dlq-replay"]["exports_telemetry"] is True
+    # Cloud Run's timeout is per attempt: a retried replay pass could run into the next one.
+    assert template["max_retries"] == "${each.value.max_retries}"
+    retries = {name: entry["max_retries"] for name, entry in declarations.items()}
+    assert retries == {"reconcile": 1, "dlq-replay": 0}
     variable = module.variables["reconcile"]
     assert 'schedule = optional(string, "*/10 * * * *")' in variable["type"].replace("\n", " ")
     assert "every_minutes = optional(number, 5)" in module.variables["dlq_replay"]["type"]
@@ -2148,3 +2152,16 @@ def test_suppression_list_key_ttl_and_indexes_are_wired(module: Module) -> None:
     assert indexes["for_each"] == '${toset(["reason", "domain"])}'
     for name in ("log_addresses", "suppression_key_secret"):
         assert module.variables[name].get("validation"), f"{name} must be validated"
+
+
+def test_operators_may_pull_the_webhook_dead_letters_their_alert_points_at(module: Module) -> None:
+    """The webhook dead-letter alert's runbook (docs/events.md) has an operator pull and ack
+    mailpipe-event-webhooks-dead-letter: var.operators hold the subscriber role on it too."""
+    subscriptions = module.locals["operator_subscriptions"]
+    assert "local.event_webhooks_enabled ?" in subscriptions
+    assert "google_pubsub_subscription.event_webhook_dead_letter[0].name" in subscriptions
+    assert "for key, _ in local.pull_subscriptions" in subscriptions  # and every pull one
+    grant = module.resource("google_pubsub_subscription_iam_member", "operators_pull")
+    assert "keys(local.operator_subscriptions), var.operators" in grant["for_each"]
+    assert grant["subscription"] == "${local.operator_subscriptions[each.value.subscription]}"
+    assert grant["role"] == "roles/pubsub.subscriber"
