@@ -110,14 +110,14 @@ def _build_mail(args: argparse.Namespace) -> dict[str, Any]:
     return mail
 
 
-def _print_error(console: Console, exc: ApiError) -> None:
+def print_error(console: Console, exc: ApiError) -> None:
     """What went wrong, with the fields the publisher named (its text is never markup)."""
     console.print(f"[red]error:[/] {escape(str(exc))}")
     for name, problem in (exc.fields if isinstance(exc, ApiHttpError) else {}).items():
         console.print(f"  [bold]{escape(name)}[/]: {escape(problem)}")
 
 
-def _exit_code(exc: ApiError) -> int:
+def exit_code(exc: ApiError) -> int:
     """A mail the publisher refused (4xx) is the caller's to fix; anything else failed."""
     if isinstance(exc, ApiHttpError) and 400 <= exc.status < 500:
         return EXIT_USAGE
@@ -140,8 +140,8 @@ def run_send(args: argparse.Namespace) -> int:
     except ApiError as exc:
         if args.json and isinstance(exc, ApiHttpError) and exc.body is not None:
             print(json.dumps(exc.body))  # the API's JSON error, for scripts
-        _print_error(console, exc)
-        return _exit_code(exc)
+        print_error(console, exc)
+        return exit_code(exc)
     if args.json and not args.wait:
         print(json.dumps(accepted.body))
     elif not args.json:
@@ -153,7 +153,7 @@ def run_send(args: argparse.Namespace) -> int:
     try:
         record = api.wait(accepted.mail_id, timeout=args.wait)
     except ApiError as exc:
-        _print_error(console, exc)
+        print_error(console, exc)
         return EXIT_FAILED
     if args.json:
         print(json.dumps(record or accepted.body))
@@ -172,7 +172,7 @@ def run_status(args: argparse.Namespace) -> int:
     try:
         record = PublisherApi(args.url).record(args.mail_id, missing_ok=False)
     except ApiError as exc:
-        _print_error(Console(stderr=True), exc)
+        print_error(Console(stderr=True), exc)
         return EXIT_FAILED
     assert record is not None  # missing_ok=False: a 404 raised
     if args.json:
@@ -242,7 +242,7 @@ def _run_overview(args: argparse.Namespace) -> int:
     try:
         stats = PublisherApi(args.url).stats()
     except ApiError as exc:
-        _print_error(Console(stderr=True), exc)
+        print_error(Console(stderr=True), exc)
         return EXIT_FAILED
     stuck = stats.get("stuck") or {}
     if not isinstance(stuck, dict):

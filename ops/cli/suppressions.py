@@ -14,12 +14,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from client.api import DEFAULT_URL, ApiError, PublisherApi
-from ops.cli import EXIT_FAILED, EXIT_OK
-from ops.cli.send import _exit_code, _print_error
+from ops.cli import EXIT_FAILED, EXIT_OK, add_command
+from ops.cli.send import exit_code, print_error
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("suppressions", help="list, add or remove suppressed recipients")
+    parser = add_command(
+        subparsers, "suppressions", "list, add or remove suppressed recipients", __doc__
+    )
     parser.add_argument("--url", default=os.environ.get("MAILPIPE_URL", DEFAULT_URL))
     parser.add_argument("--json", action="store_true")
     commands = parser.add_subparsers(dest="suppressions_command", metavar="COMMAND", required=True)
@@ -49,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
             Console(stderr=True).print("[red]not suppressed[/]")
             return EXIT_FAILED
     except ApiError as exc:
-        _print_error(Console(stderr=True), exc)
-        return _exit_code(exc)
+        print_error(Console(stderr=True), exc)
+        return exit_code(exc)
     return EXIT_OK
 
 
