@@ -73,6 +73,12 @@ variable "suppression_key_secret_id" {
   default     = null
 }
 
+variable "suppression_key_secret_version" {
+  type        = string
+  description = "Version of the suppression key secret: pin a number (a new key orphans every hashed entry; docs/suppressions.md)."
+  default     = "1"
+}
+
 variable "message_id_domain" {
   type        = string
   description = "Domain of the Message-ID of delivered mail."
@@ -124,7 +130,7 @@ module "mailpipe" {
   smtp_username                = var.smtp_username
   smtp_password_secret_id      = var.smtp_password_secret_id
   smtp_password_secret_version = var.smtp_password_secret_version
-  suppression_key_secret       = var.suppression_key_secret_id == null ? null : { id = var.suppression_key_secret_id }
+  suppression_key_secret       = var.suppression_key_secret_id == null ? null : { id = var.suppression_key_secret_id, version = var.suppression_key_secret_version }
   message_id_domain            = var.message_id_domain
   allowed_sender_domains       = var.allowed_sender_domains
   subscriber_mode              = var.subscriber_mode
