@@ -21,7 +21,7 @@ import datetime as dt
 import functools
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -46,6 +46,7 @@ from mailpipe.record import (
 from mailpipe.record.store import encode
 from publisher.config import PublisherConfig
 from publisher.deliver_by import DeliverByError, resolve_deliver_by
+from publisher.errors import ApiError, utc_time
 from publisher.idempotency import (
     IDEMPOTENCY_HEADER,
     CallerIdentity,
@@ -79,19 +80,6 @@ _T = TypeVar("_T")
 
 # The API's routes; create_app registers them on each app it builds.
 api = Blueprint("api", __name__)
-
-
-class ApiError(Exception):
-    """An error answered to the client as JSON with ``status``."""
-
-    def __init__(
-        self, status: int, code: str, message: str, fields: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.fields = dict(fields or {})
 
 
 def _field_errors(exc: ValidationError) -> dict[str, str]:
@@ -129,22 +117,6 @@ def _parse_json_body() -> Any:
         return parse_json(request.get_data(cache=False))
     except JsonBodyError as exc:
         raise ApiError(400, exc.code, exc.message, exc.fields) from exc
-
-
-def _since(text: str) -> dt.datetime:
-    """``since`` as an aware UTC time; ValueError names what is wrong."""
-    try:
-        since = dt.datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise ValueError("must be an ISO 8601 time such as 2026-11-23T10:00:00Z") from exc
-    try:
-        # Naive times are UTC; an offset at the calendar's edge (0001-01-01T00:00+01:00) has
-        # no UTC equivalent.
-        return since.replace(tzinfo=dt.UTC) if since.tzinfo is None else since.astimezone(dt.UTC)
-    except OverflowError as exc:
-        raise ValueError(
-            "is outside the times the record holds (0001-01-01 to 9999-12-31 in UTC)"
-        ) from exc
 
 
 @dataclass(frozen=True)
@@ -701,7 +673,7 @@ def list_messages() -> Response:
     since = None
     if request.args.get("since"):
         try:
-            since = _since(request.args["since"])
+            since = utc_time(request.args["since"])
         except ValueError as exc:
             fields["since"] = str(exc)
     try:

@@ -29,6 +29,7 @@ from mailpipe.mail import addr_spec
 from mailpipe.record import RecordUnavailable, SuppressionList, SuppressionReason
 from mailpipe.record.store import SUPPRESSIONS, Condition, Transaction, decode, encode
 from mailpipe.record.suppressions import KEY_PREFIX, Suppression
+from publisher.errors import ApiError, utc_time
 from publisher.listing import parse_page_token, token_after
 
 EXTENSION = "mailpipe.suppressions"  # the app's SuppressionList (None: none configured)
@@ -50,17 +51,6 @@ def _converter(state: BlueprintSetupState) -> None:  # before the routes below u
     state.app.url_map.converters["anytext"] = _AnyText
 
 
-class SuppressionApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, **fields: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.fields = status, code, message, fields
-
-
-@suppressions_api.errorhandler(SuppressionApiError)
-def _error(exc: SuppressionApiError) -> Response:
-    return error_response(exc.status, exc.code, exc.message, exc.fields)
-
-
 @suppressions_api.errorhandler(RecordUnavailable)
 def _unavailable(_: RecordUnavailable) -> Response:
     return error_response(503, "record_unavailable", "the delivery record is unavailable; retry")
@@ -70,7 +60,7 @@ def _list() -> SuppressionList:
     found = cast(SuppressionList | None, current_app.extensions.get(EXTENSION))
     if found is None or not found.policy.enabled:
         reason = found.policy.disabled_reason if found else "no suppression list is configured"
-        raise SuppressionApiError(503, "suppressions_disabled", reason)
+        raise ApiError(503, "suppressions_disabled", reason)
     return found
 
 
@@ -171,12 +161,12 @@ def _address(suppressions: SuppressionList, text: str, *, key_allowed: bool) -> 
     except ValueError as exc:
         why = redact_addresses(str(exc), suppressions.policy.style)
         hint = " or the key of an entry (hmac-sha256:...)" if key_allowed else ""
-        raise SuppressionApiError(
+        raise ApiError(
             400,
             "invalid_address",
             f"the path must end in an email address such as user@example.com{hint}: "
             "percent-encode it",
-            address=why,
+            {"address": why},
         ) from exc
 
 
@@ -186,21 +176,20 @@ def _expiry(value: object, now: dt.datetime) -> dt.datetime | None:
     try:
         if not isinstance(value, str):
             raise TypeError
-        when = dt.datetime.fromisoformat(value)
-        when = when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise SuppressionApiError(
+        when = utc_time(value)
+    except (TypeError, ValueError) as exc:
+        raise ApiError(
             400,
             "invalid_request",
             "expires_at must be an ISO 8601 time such as 2027-01-31T00:00:00Z, or null",
-            expires_at="is not an ISO 8601 time",
+            {"expires_at": "is not an ISO 8601 time"},
         ) from exc
     if when <= now:
-        raise SuppressionApiError(
+        raise ApiError(
             400,
             "invalid_request",
             "expires_at must be in the future (omit it for an entry that never expires)",
-            expires_at=f"{when.isoformat()} has passed",
+            {"expires_at": f"{when.isoformat()} has passed"},
         )
     return when
 
@@ -219,7 +208,7 @@ def list_suppressions() -> Response:
     except ValueError:
         fields["limit"] = "must be an integer from 1 to 1000"
     if fields:
-        raise SuppressionApiError(400, "invalid_query", "fix the fields listed", **fields)
+        raise ApiError(400, "invalid_query", "fix the fields listed", fields)
     try:
         items, token = list_entries(
             suppressions,
@@ -229,11 +218,11 @@ def list_suppressions() -> Response:
             page_token=args.get("page_token") or None,
         )
     except ValueError as exc:
-        raise SuppressionApiError(
+        raise ApiError(
             400,
             "invalid_query",
             "fix the fields listed",
-            page_token="was not issued by the API",  # noqa: S106
+            {"page_token": "was not issued by the API"},
         ) from exc
     return jsonify({"items": [_json(item) for item in items], "next_page_token": token})
 
@@ -243,7 +232,7 @@ def get_suppression(address: str) -> Response:
     suppressions = _list()
     entry = get_entry(suppressions, _address(suppressions, address, key_allowed=True))
     if entry is None:
-        raise SuppressionApiError(404, "not_found", "this recipient is not suppressed")
+        raise ApiError(404, "not_found", "this recipient is not suppressed")
     return jsonify(_json(entry))
 
 
@@ -254,18 +243,16 @@ def put_suppression(address: str) -> tuple[Response, int]:
     try:
         body: Any = parse_json(request.get_data(cache=False) or b"{}")
     except JsonBodyError as exc:
-        raise SuppressionApiError(400, exc.code, exc.message, **exc.fields) from exc
+        raise ApiError(400, exc.code, exc.message, exc.fields) from exc
     if not isinstance(body, dict):
-        raise SuppressionApiError(400, "invalid_request", 'send {"reason": "manual"} or {}')
+        raise ApiError(400, "invalid_request", 'send {"reason": "manual"} or {}')
     unknown = {str(k)[:80]: "is not a field" for k in body if k not in _PUT_FIELDS}
     reason = body.get("reason", "manual")
     if reason not in set(_SETTABLE):
         unknown["reason"] = "must be manual or complaint (bounces are added by the subscriber)"
     if unknown:
         fixes = f"fields: {', '.join(_PUT_FIELDS)}"
-        raise SuppressionApiError(
-            400, "invalid_request", f"fix the fields listed ({fixes})", **unknown
-        )
+        raise ApiError(400, "invalid_request", f"fix the fields listed ({fixes})", unknown)
     expires_at = _expiry(body.get("expires_at"), dt.datetime.now(dt.UTC))
     entry, replaced = put_entry(suppressions, recipient, SuppressionReason(reason), expires_at)
     return jsonify(_json(entry)), 200 if replaced else 201
@@ -275,5 +262,5 @@ def put_suppression(address: str) -> tuple[Response, int]:
 def delete_suppression(address: str) -> tuple[str, int]:
     suppressions = _list()
     if not remove_entry(suppressions, _address(suppressions, address, key_allowed=True)):
-        raise SuppressionApiError(404, "not_found", "this recipient is not suppressed")
+        raise ApiError(404, "not_found", "this recipient is not suppressed")
     return "", 204
